@@ -1,0 +1,681 @@
+"""Bytes to disk: the streaming-form-data targets, and the form reader that drives them.
+
+Nothing here knows ASGI. `FormReader` takes the request body chunk by chunk and
+leaves behind partial files under `<upload dir>/.partial/`; `commit_files` moves them
+into the upload dir with a JSON sidecar each, `abort` removes them.
+
+streaming-form-data 2.x does the per-byte work (finding where each part's body ends)
+but misses some of the structure around it, so a `Framer` reads that structure
+first with `bytes.find` (cheap next to SHA-256: ~14 GB/s against ~2 GB/s here):
+
+- it rejects any preamble before the first boundary (RFC 2046 allows one);
+- it drops a part's Content-Type that comes before its Content-Disposition;
+- it buffers a header line until it sees CRLF, without bound;
+- it has no end-of-input check, so a truncated body looks like a short one;
+- it hands `MultipleTargets` the content type where the filename belongs.
+
+The framer therefore parses every part's headers itself, feeds the parser only what
+it has understood, and keeps a queue of `PartInfo` that `PartRouter`, the one
+target registered with the parser, pops as each part starts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import unicodedata
+from collections import deque
+from dataclasses import dataclass
+from email.parser import Parser
+from email.policy import HTTP
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import unquote
+
+from streaming_form_data import ParseFailedException, StreamingFormDataParser
+from streaming_form_data.targets import BaseTarget
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# RFC 2046 §5.1.1 allows a preamble before the first boundary; nothing real sends
+# more than a line, so 64 KiB is generous and keeps a hostile one from costing time.
+MAX_PREAMBLE = 64 * KiB
+# Browsers send two or three header lines of well under 1 KiB per part; h11 allows
+# 16 KiB for a whole request head by default, so we allow the same per part.
+MAX_PART_HEADER_BYTES = 16 * KiB
+MAX_PART_HEADER_LINES = 32
+# A display name longer than any filesystem's NAME_MAX (255) is not a real filename.
+MAX_FILENAME_CHARS = 255
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+PARTIAL_DIR_NAME = ".partial"
+
+CRLF = b"\r\n"
+# The parser reads each header line with the email package; we read them the same
+# way so that the two always agree on which parts exist.
+_HEADER_LINE_PARSER = Parser(policy=HTTP)
+
+
+class FormError(Exception):
+    """The body is not multipart/form-data we can read (400)."""
+
+
+class LimitExceeded(Exception):
+    """A configured limit was passed while streaming (413)."""
+
+    def __init__(self, limit: str, maximum: int, detail: str) -> None:
+        super().__init__(detail)
+        self.limit = limit
+        self.maximum = maximum
+
+
+# -- small pure helpers ----------------------------------------------------------
+
+
+def parse_header_params(value: str) -> tuple[str, dict[str, str]]:
+    """Split `type; a=b; c="d"` into its first token and parameters (first one wins).
+
+    Inside a quoted string only `\\"` and `\\\\` are escapes: a Windows path such as
+    `C:\\Users\\a.txt`, which old browsers sent unescaped, keeps its separators.
+    """
+    head, _, rest = value.partition(";")
+    params: dict[str, str] = {}
+    i, n = 0, len(rest)
+    while i < n:
+        while i < n and rest[i] in " \t;":
+            i += 1
+        start = i
+        while i < n and rest[i] not in "=;":
+            i += 1
+        key = rest[start:i].strip().lower()
+        if i >= n or rest[i] == ";":
+            if key:
+                params.setdefault(key, "")
+            continue
+        i += 1  # the "="
+        while i < n and rest[i] in " \t":
+            i += 1
+        if i < n and rest[i] == '"':
+            i += 1
+            chars = []
+            while i < n and rest[i] != '"':
+                if rest[i] == "\\" and i + 1 < n and rest[i + 1] in '"\\':
+                    i += 1
+                chars.append(rest[i])
+                i += 1
+            i += 1  # the closing quote, if any
+            param = "".join(chars)
+            while i < n and rest[i] != ";":
+                i += 1
+        else:
+            start = i
+            while i < n and rest[i] != ";":
+                i += 1
+            param = rest[start:i].strip()
+        if key:
+            params.setdefault(key, param)
+    return head.strip().lower(), params
+
+
+def decode_ext_value(value: str) -> str:
+    """Decode an RFC 5987 `charset'language'percent-encoded` value."""
+    charset, _, rest = value.partition("'")
+    _, _, encoded = rest.partition("'")
+    try:
+        return unquote(encoded, encoding=charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return unquote(encoded, encoding="utf-8", errors="replace")
+
+
+def clean_filename(raw: str) -> str:
+    """Keep the last path component of a client's filename, for display only."""
+    name = raw.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c) != "Cc").strip()
+    if name in (".", ".."):
+        name = ""
+    return name[:MAX_FILENAME_CHARS] or "unnamed"
+
+
+def new_file_id() -> str:
+    """Return a fresh stored-file id: 128 random bits, safe as a file name."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """What a part's headers say about it."""
+
+    name: str
+    filename: str | None  # None for a text field; "" for an empty file input
+    content_type: str
+
+
+def read_part_headers(block: bytes) -> PartInfo | None:
+    """Parse one part's header block (without its final blank line).
+
+    Returns None for a part the parser will skip (no Content-Disposition, or no
+    name). Raises FormError for what the parser would choke on.
+    """
+    lines = block.split(CRLF)
+    if len(lines) > MAX_PART_HEADER_LINES:
+        raise FormError(f"a part has more than {MAX_PART_HEADER_LINES} header lines")
+    disposition = content_type = None
+    for raw_line in lines:
+        if b"\r" in raw_line or b"\n" in raw_line or raw_line[:1] in (b" ", b"\t"):
+            raise FormError("a part header line is malformed (bare CR/LF or folded)")
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormError("a part header is not valid UTF-8") from None
+        message = _HEADER_LINE_PARSER.parsestr(line + "\r\n")
+        value = line.partition(":")[2].strip()
+        if "content-disposition" in message:
+            if disposition is not None:
+                raise FormError("a part has two Content-Disposition headers")
+            if message.get_content_disposition() != "form-data":
+                raise FormError("a part's Content-Disposition is not form-data")
+            parser_sees_name = bool(message["content-disposition"].params.get("name"))
+            disposition = value
+        elif "content-type" in message and content_type is None:
+            content_type = value
+    if disposition is None:
+        return None
+    _, params = parse_header_params(disposition)
+    name = params.get("name", "")
+    if bool(name) != parser_sees_name:
+        raise FormError("a part's name cannot be read unambiguously")
+    if not name:
+        return None
+    if "filename" in params:  # RFC 7578 §4.2: filename* is not for form data
+        filename: str | None = params["filename"]
+    elif "filename*" in params:
+        filename = decode_ext_value(params["filename*"])
+    else:
+        filename = None
+    content_type = "".join(c for c in content_type or "" if c.isprintable()).strip()
+    return PartInfo(name, filename, content_type or DEFAULT_CONTENT_TYPE)
+
+
+# -- framing ------------------------------------------------------------------
+
+
+class Framer:
+    """Read the multipart structure around the parts' bodies.
+
+    `feed(data)` yields the pieces of `data` the parser may have, in order: the
+    preamble and epilogue are cut away, and a header block is held back until it
+    is complete and parsed, so that its `PartInfo` is queued before the parser
+    starts that part. Body bytes go through whole (no copy).
+    """
+
+    PREAMBLE, HEADERS, BODY, EPILOGUE = range(4)
+
+    def __init__(self, boundary: bytes, max_parts: int) -> None:
+        self.marker = b"\r\n--" + boundary
+        self.max_parts = max_parts
+        self.parts: deque[PartInfo] = deque()
+        self.part_count = 0
+        self.state = self.PREAMBLE
+        # The stream is read as if it began with CRLF, so the first boundary is
+        # found like every other; the parser never sees that CRLF.
+        self._held = CRLF
+        self._carry = b""  # the last bytes of body seen, for a marker split over chunks
+        self._preamble_bytes = -len(CRLF)
+
+    @property
+    def complete(self) -> bool:
+        """True once the closing boundary has been read."""
+        return self.state == self.EPILOGUE
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        if self.state == self.EPILOGUE:
+            return
+        if self._held:
+            data, self._held = self._held + data, b""
+        fed = pos = 0
+        while True:
+            if self.state == self.BODY:
+                found = self._find_body_end(data, pos)
+                if found is None:
+                    self._remember_tail(data)
+                    break
+                pos, closing = found
+                self._carry = b""
+                self.state = self.EPILOGUE if closing else self.HEADERS
+                if closing:
+                    yield data[fed:pos]
+                    return
+            elif self.state == self.HEADERS:
+                end = self._find_headers_end(data, pos)
+                if end < 0:
+                    if pos > fed:
+                        yield data[fed:pos]
+                    self._held = data[pos:]
+                    return
+                self._read_headers(data[pos:end])
+                pos = end + 4
+                self.state = self.BODY
+            else:  # PREAMBLE
+                start = self._skip_preamble(data)
+                if start < 0:
+                    return
+                fed = start
+                pos = start + len(self.marker) - 2  # past "--boundary"
+                if data[pos : pos + 2] == b"--":
+                    self.state = self.EPILOGUE  # an empty form
+                    return
+                pos += 2
+                self.state = self.HEADERS
+        if len(data) > fed:
+            yield data if fed == 0 else data[fed:]
+
+    def _find_body_end(self, data: bytes, start: int) -> tuple[int, bool] | None:
+        """Find the next delimiter or close delimiter; return where it ends."""
+        marker = self.marker
+        n = len(marker)
+        if start == 0 and self._carry:
+            window = self._carry + data[: n + 2]
+            i = window.find(marker)
+            while 0 <= i < len(self._carry):
+                after = window[i + n : i + n + 2]
+                if len(after) < 2:
+                    return None
+                if after in (CRLF, b"--"):
+                    return i + n + 2 - len(self._carry), after == b"--"
+                i = window.find(marker, i + 1)
+        i = data.find(marker, start)
+        while i >= 0:
+            after = data[i + n : i + n + 2]
+            if len(after) < 2:
+                return None  # decided on the next chunk, through the carry
+            if after in (CRLF, b"--"):
+                return i + n + 2, after == b"--"
+            i = data.find(marker, i + 1)
+        return None
+
+    def _remember_tail(self, data: bytes) -> None:
+        keep = len(self.marker) + 1
+        self._carry = (self._carry + data)[-keep:] if len(data) < keep else data[-keep:]
+
+    def _find_headers_end(self, data: bytes, start: int) -> int:
+        if len(data) - start >= 2 and data[start : start + 2] == CRLF:
+            raise FormError("a part has no headers")
+        end = data.find(b"\r\n\r\n", start, start + MAX_PART_HEADER_BYTES + 4)
+        if end < 0 and len(data) - start > MAX_PART_HEADER_BYTES:
+            raise FormError(f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
+        return end
+
+    def _read_headers(self, block: bytes) -> None:
+        self.part_count += 1
+        if self.part_count > self.max_parts:
+            raise LimitExceeded(
+                "parts", self.max_parts, f"the form has more than {self.max_parts} parts"
+            )
+        info = read_part_headers(block)
+        if info is not None:
+            self.parts.append(info)
+
+    def _skip_preamble(self, data: bytes) -> int:
+        """Return where the first boundary starts, or -1 and hold a tail."""
+        marker, n = self.marker, len(self.marker)
+        i = data.find(marker)
+        while i >= 0:
+            after = data[i + n : i + n + 2]
+            if len(after) < 2:
+                break
+            if after in (CRLF, b"--"):
+                self._count_preamble(i)
+                return i + 2
+            i = data.find(marker, i + 1)
+        keep = len(data) - i if i >= 0 else min(len(data), n + 1)
+        self._count_preamble(len(data) - keep)
+        self._held = data[len(data) - keep :]
+        return -1
+
+    def _count_preamble(self, size: int) -> None:
+        self._preamble_bytes += size
+        if self._preamble_bytes > MAX_PREAMBLE:
+            raise FormError(f"more than {MAX_PREAMBLE} bytes before the first boundary")
+
+
+# -- targets ------------------------------------------------------------------
+
+
+class UploadFileTarget(BaseTarget):
+    """Stream one file part into `.partial/<id>`, hashing and counting on the way."""
+
+    def __init__(self, partial_dir: Path, info: PartInfo, max_size: int) -> None:
+        super().__init__()
+        self.id = new_file_id()
+        self.path = partial_dir / self.id
+        self.filename = clean_filename(info.filename or "")
+        self.content_type = info.content_type
+        self.max_size = max_size
+        self.size = 0
+        self.finished = False
+        self._hash = hashlib.sha256()
+        self._fd: int | None = None
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def on_start(self) -> None:
+        self._fd = create_locked(self.path)
+
+    def on_data_received(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_size:
+            raise LimitExceeded(
+                "file_size",
+                self.max_size,
+                f"file {self.filename!r} is larger than {self.max_size} bytes",
+            )
+        self._hash.update(chunk)
+        write_all(self._fd, chunk)
+
+    def on_finish(self) -> None:
+        self.finished = True
+
+    def sync_and_close(self, fsync: bool) -> None:
+        """Flush to the device (if asked) and close; the file stays in `.partial/`."""
+        if self._fd is None:
+            return
+        try:
+            if fsync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def abort(self) -> None:
+        """Close and remove the partial file; safe to call more than once."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        remove_quietly(self.path)
+
+
+class FieldTarget(BaseTarget):
+    """Keep a text field in memory, up to `max_size` bytes."""
+
+    def __init__(self, name: str, max_size: int) -> None:
+        super().__init__()
+        self.name = name
+        self.max_size = max_size
+        self.finished = False
+        self._value = bytearray()
+
+    def on_data_received(self, chunk: bytes) -> None:
+        if len(self._value) + len(chunk) > self.max_size:
+            raise LimitExceeded(
+                "field_size",
+                self.max_size,
+                f"field {self.name!r} is larger than {self.max_size} bytes",
+            )
+        self._value += chunk
+
+    def on_finish(self) -> None:
+        self.finished = True
+
+    @property
+    def value(self) -> str:
+        try:
+            return self._value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FormError(f"field {self.name!r} is not valid UTF-8") from None
+
+
+class SkippedPartTarget(BaseTarget):
+    """Count and drop a part nobody asked for, bounded like a text field."""
+
+    def __init__(self, name: str, max_size: int) -> None:
+        super().__init__()
+        self.name = name
+        self.max_size = max_size
+        self.size = 0
+        self.finished = False
+
+    def on_data_received(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_size:
+            raise LimitExceeded(
+                "field_size",
+                self.max_size,
+                f"unexpected part {self.name!r} is larger than {self.max_size} bytes",
+            )
+
+    def on_finish(self) -> None:
+        self.finished = True
+
+
+class PartRouter(BaseTarget):
+    """The one target the parser knows: each part goes to the target its headers chose.
+
+    The parser calls `start` for every part that has a name; the framer has queued
+    that part's `PartInfo` just before, so the two stay in step.
+    """
+
+    def __init__(self, parts: deque[PartInfo], open_target: Callable[[PartInfo], BaseTarget]):
+        super().__init__()
+        self._parts = parts
+        self._open_target = open_target
+        self.current: BaseTarget | None = None
+
+    def on_start(self) -> None:
+        if not self._parts or self.current is not None:
+            raise FormError("the parts of the form cannot be told apart")
+        self.current = self._open_target(self._parts.popleft())
+        self.current.start()
+
+    def on_data_received(self, chunk: bytes) -> None:
+        self.current.data_received(chunk)
+
+    def on_finish(self) -> None:
+        if self.current is not None:
+            self.current.finish()
+            self.current = None
+
+
+# -- the form reader ----------------------------------------------------------
+
+
+@dataclass
+class FormLimits:
+    max_file_size: int
+    max_field_size: int
+    max_files: int
+    max_parts: int
+
+
+class FormReader:
+    """Read one multipart/form-data body into partial files and text fields.
+
+    `file_field` names the file parts; `text_fields` the fields kept in memory;
+    every other part is read and dropped. Call `feed` per chunk, `close` at the end
+    of the body (raises FormError if it was cut short), `abort` on any failure.
+    """
+
+    def __init__(
+        self,
+        boundary: bytes,
+        partial_dir: Path,
+        limits: FormLimits,
+        file_field: str,
+        text_fields: tuple[str, ...],
+    ) -> None:
+        self.files: list[UploadFileTarget] = []
+        self.fields: dict[str, FieldTarget] = {}
+        self._partial_dir = partial_dir
+        self._limits = limits
+        self._file_field = file_field
+        self._text_fields = text_fields
+        self._framer = Framer(boundary, limits.max_parts)
+        self._router = PartRouter(self._framer.parts, self._open_target)
+        self._opened: list[BaseTarget] = []
+        self._parser = StreamingFormDataParser(
+            headers={"Content-Type": f'multipart/form-data; boundary="{boundary.decode()}"'}
+        )
+        self._parser.register("*", self._router, matches=lambda _registered, _name: True)
+
+    def feed(self, chunk: bytes) -> None:
+        for piece in self._framer.feed(chunk):
+            try:
+                self._parser.data_received(piece)
+            except ParseFailedException as exc:
+                raise FormError(f"malformed multipart body ({exc})") from None
+            except UnicodeDecodeError:
+                raise FormError("a part header is not valid UTF-8") from None
+
+    def close(self) -> None:
+        """Check that the body was whole: closing boundary read, every part ended."""
+        if not self._framer.complete:
+            raise FormError("the body ended before the closing boundary")
+        if self._framer.parts or not all(t.finished for t in self._opened):
+            raise FormError("the parts of the form cannot be told apart")
+
+    def abort(self) -> None:
+        for target in self.files:
+            target.abort()
+
+    def field(self, name: str) -> str | None:
+        target = self.fields.get(name)
+        return None if target is None else target.value
+
+    def _open_target(self, info: PartInfo) -> BaseTarget:
+        limits = self._limits
+        target: BaseTarget
+        if info.name == self._file_field and info.filename:
+            if len(self.files) >= limits.max_files:
+                raise LimitExceeded(
+                    "files", limits.max_files, f"the form has more than {limits.max_files} files"
+                )
+            target = UploadFileTarget(self._partial_dir, info, limits.max_file_size)
+            self.files.append(target)
+        elif info.name in self._text_fields and info.filename is None:
+            target = FieldTarget(info.name, limits.max_field_size)
+            self.fields[info.name] = target
+        else:  # an empty file input, or a part nobody asked for
+            target = SkippedPartTarget(info.name, limits.max_field_size)
+        self._opened.append(target)
+        return target
+
+
+# -- disk ------------------------------------------------------------------------
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a short write is legal)."""
+    written = os.write(fd, data)
+    if written < len(data):
+        view = memoryview(data)
+        while written < len(data):
+            written += os.write(fd, view[written:])
+
+
+def create_locked(path: Path) -> int:
+    """Create `path` and hold an exclusive flock on it while it is being written.
+
+    The lock tells a starting worker's sweep that the file is alive: a lock is
+    released when its process dies, so an unlocked partial file is stale.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if os.fstat(fd).st_nlink == 0:  # a sweep removed it before we locked it
+        os.close(fd)
+        return create_locked(path)
+    return fd
+
+
+def remove_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def prepare_upload_dir(upload_dir: Path) -> Path:
+    """Create the upload dir and its `.partial/`, sweep stale partial files, return it."""
+    partial_dir = upload_dir / PARTIAL_DIR_NAME
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_partials(partial_dir)
+    return partial_dir
+
+
+def sweep_stale_partials(partial_dir: Path) -> int:
+    """Remove partial files no live process holds a lock on; return how many."""
+    removed = 0
+    for entry in os.scandir(partial_dir):
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # another worker is writing it
+        else:
+            remove_quietly(Path(entry.path))
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
+def sidecar_path(upload_dir: Path, file_id: str) -> Path:
+    return upload_dir / f"{file_id}.json"
+
+
+def commit_files(
+    upload_dir: Path, partial_dir: Path, files: list[tuple[UploadFileTarget, dict[str, Any]]], fsync: bool
+) -> None:
+    """Move every finished partial file into the upload dir with its sidecar: all or none.
+
+    Blocking (fsync): run it off the event loop.
+    """
+    for target, _ in files:
+        target.sync_and_close(fsync)
+    moved: list[Path] = []
+    try:
+        for target, record in files:
+            final = upload_dir / target.id
+            os.rename(target.path, final)
+            moved.append(final)
+            sidecar = sidecar_path(upload_dir, target.id)
+            write_sidecar(partial_dir / f"{target.id}.json", sidecar, record, fsync)
+            moved.append(sidecar)
+        if fsync:
+            sync_dir(upload_dir)
+    except BaseException:
+        for path in moved:
+            remove_quietly(path)
+        for target, _ in files:
+            target.abort()
+        raise
+
+
+def write_sidecar(tmp: Path, final: Path, record: dict[str, Any], fsync: bool) -> None:
+    """Write the record as JSON beside the stored file, atomically (temp + rename)."""
+    body = json.dumps(record, ensure_ascii=False, indent=1).encode()
+    fd = create_locked(tmp)
+    try:
+        write_all(fd, body)
+        if fsync:
+            os.fsync(fd)
+        os.rename(tmp, final)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    finally:
+        os.close(fd)
+
+
+def sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,284 @@
+"""Helpers shared by the tests: multipart bodies, ASGI calls fed by hand, disk checks, a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BOUNDARY = "----upload-asgi-test-boundary-7MA4YWxkTrZu0gW"
+
+
+# -- multipart bodies -------------------------------------------------------------
+
+
+@dataclass
+class Part:
+    """One part of a multipart/form-data body; `headers` replaces the usual ones."""
+
+    name: str
+    data: bytes = b""
+    filename: str | None = None
+    content_type: str | None = None
+    headers: list[bytes] | None = None
+
+    def head(self) -> bytes:
+        if self.headers is not None:
+            return b"\r\n".join(self.headers)
+        disposition = f'form-data; name="{self.name}"'
+        if self.filename is not None:
+            disposition += f'; filename="{self.filename}"'
+        lines = [b"Content-Disposition: " + disposition.encode()]
+        if self.content_type is not None:
+            lines.append(b"Content-Type: " + self.content_type.encode())
+        return b"\r\n".join(lines)
+
+
+def file_part(data: bytes, filename: str = "data.bin", name: str = "file", content_type: str | None = None) -> Part:
+    return Part(name, data, filename=filename, content_type=content_type)
+
+
+def field_part(name: str, value: str | bytes) -> Part:
+    return Part(name, value.encode() if isinstance(value, str) else value)
+
+
+def form_body(parts: Iterable[Part], boundary: str = BOUNDARY, preamble: bytes = b"", epilogue: bytes = b"") -> bytes:
+    b = boundary.encode()
+    out = [preamble]
+    for part in parts:
+        out += [b"--", b, b"\r\n", part.head(), b"\r\n\r\n", part.data, b"\r\n"]
+    out += [b"--", b, b"--\r\n", epilogue]
+    return b"".join(out)
+
+
+def form_content_type(boundary: str = BOUNDARY) -> str:
+    return f"multipart/form-data; boundary={boundary}"
+
+
+def split_at(data: bytes, points: Iterable[int]) -> list[bytes]:
+    """Cut `data` at the given offsets (sorted, deduplicated, clipped)."""
+    cuts = sorted({p for p in points if 0 < p < len(data)})
+    bounds = [0, *cuts, len(data)]
+    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def chunks_of(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
+
+
+# -- the ASGI app called by hand ---------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    messages: list[dict[str, Any]] = field(default_factory=list)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def check_length(self) -> None:
+        assert int(self.headers["content-length"]) == len(self.body)
+
+
+def http_scope(
+    path: str = "/upload",
+    method: str = "POST",
+    headers: Iterable[tuple[str, str]] = (),
+    root_path: str = "",
+    content_type: str | None = None,
+) -> dict[str, Any]:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers]
+    if content_type is not None:
+        raw.append((b"content-type", content_type.encode()))
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": root_path,
+        "query_string": b"",
+        "headers": raw,
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def call_app(app: Any, scope: dict[str, Any], chunks: Iterable[bytes] = (), disconnect_after: bool = False) -> Reply:
+    """Run one request: each chunk is an http.request event, then more_body=False.
+
+    With `disconnect_after`, the last event is http.disconnect instead of the end
+    of the body (a client that left mid-upload).
+    """
+    events: list[dict[str, Any]] = [
+        {"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks
+    ]
+    if disconnect_after:
+        events.append({"type": "http.disconnect"})
+    else:
+        events.append({"type": "http.request", "body": b"", "more_body": False})
+    queue = iter(events)
+    reply = Reply()
+
+    async def receive() -> dict[str, Any]:
+        try:
+            return next(queue)
+        except StopIteration:
+            return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        reply.messages.append(message)
+        if message["type"] == "http.response.start":
+            reply.status = message["status"]
+            reply.headers = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            reply.body += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return reply
+
+
+# -- disk checks -----------------------------------------------------------------
+
+
+def stored_ids(upload_dir: Path) -> list[str]:
+    """Ids of stored files (data files, not sidecars, not .partial)."""
+    return sorted(p.name for p in upload_dir.iterdir() if p.is_file() and not p.name.endswith(".json"))
+
+
+def assert_nothing_stored(upload_dir: Path) -> None:
+    """The upload dir holds no file and no sidecar, and .partial/ is empty."""
+    if not upload_dir.exists():
+        return
+    leftovers = [p.name for p in upload_dir.iterdir() if p.name != ".partial"]
+    partial = upload_dir / ".partial"
+    if partial.exists():
+        leftovers += [f".partial/{p.name}" for p in partial.iterdir()]
+    assert leftovers == [], leftovers
+
+
+def assert_stored(upload_dir: Path, record: dict[str, Any], data: bytes) -> None:
+    """The record's file holds exactly `data` and its sidecar holds the record."""
+    import hashlib
+
+    assert (upload_dir / record["id"]).read_bytes() == data
+    assert record["size"] == len(data)
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    assert json.loads((upload_dir / f"{record['id']}.json").read_text()) == record
+
+
+# -- a real hypercorn ------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`hypercorn <app>` in a subprocess on a free loopback port, stopped by its PID."""
+
+    def __init__(
+        self,
+        upload_dir: Path,
+        app: str = "upload_asgi:app",
+        env: dict[str, str] | None = None,
+        args: Iterable[str] = (),
+        scheme: str = "http",
+    ) -> None:
+        self.upload_dir = upload_dir
+        self.port = free_port()
+        self.scheme = scheme
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.cmd = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{self.port}", *args, app]
+        self.env = {
+            **os.environ,
+            "UPLOAD_DIR": str(upload_dir),
+            "PYTHONPATH": str(ROOT) + os.pathsep + str(ROOT / "tests"),
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = upload_dir.parent / f"hypercorn-{self.port}.log"
+
+    def start(self, timeout: float = 20.0) -> "Server":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"hypercorn exited {self.proc.returncode}: {self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"hypercorn did not listen in {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def pids(self) -> list[int]:
+        """The server process and its children (the workers, with -w N)."""
+        assert self.proc is not None
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        return [self.proc.pid, *(int(p) for p in out.stdout.split())]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
+        self.proc = None
+
+    def kill(self) -> None:
+        """kill -9 the server and its workers: a crash, not a shutdown."""
+        self.stop(signal.SIGKILL)
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def read_vmhwm_kib(pid: int) -> int:
+    """Peak resident set size of a process (VmHWM), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")

@@ -1,0 +1,814 @@
+"""upload-asgi: a raw ASGI app that streams multipart/form-data uploads to disk.
+
+Routes, relative to `scope["root_path"]`:
+
+    GET  /                 the upload page (HTML)
+    GET  /health           200 {"status": "ok", "free_bytes": N, "uploads_in_flight": N, ...}
+    GET  /metrics          Prometheus text
+    POST /upload           one file part "file", optional "description" and "sha256"
+                           -> 201 record
+    POST /upload-multiple  file parts "files", optional "description"
+                           -> 201 {"files": [record, ...], "count": N, "total_size": N}
+
+A record is {"id", "filename", "content_type", "size", "sha256", "description"};
+`id` names the stored file `<upload dir>/<id>` (sidecar `<id>.json`).
+
+Errors are {"error": code, "detail": text}:
+
+    400 malformed body or no boundary       401 token missing or wrong
+    405 other method on a known path        404 unknown path
+    408 client idle too long                413 a limit passed
+    415 not multipart/form-data             422 no file, or sha256 mismatch
+    500 unexpected (logged)                 503 too many uploads at once
+    507 no space left on the device
+
+A failed request leaves nothing on disk; a client that disconnects gets no answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hmac
+import html
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping, MutableMapping
+
+from targets import (
+    FormError,
+    FormLimits,
+    FormReader,
+    LimitExceeded,
+    commit_files,
+    parse_header_params,
+    prepare_upload_dir,
+)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Record = dict[str, Any]
+UploadCallback = Callable[[Record], Any]
+
+logger = logging.getLogger("upload_asgi")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# Defaults: generous for real files, bounded for everything that lives in memory.
+DEFAULT_MAX_FILE_SIZE = 10 * GiB  # an ISO or a disk image; not "any size you like"
+DEFAULT_MAX_REQUEST_SIZE = 10 * GiB + 1 * MiB  # one maximal file plus its form around it
+DEFAULT_MAX_FILES = 100
+DEFAULT_MAX_PARTS = 200  # files and fields together
+DEFAULT_MAX_FIELD_SIZE = 64 * KiB  # text fields are held in memory
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds; a browser on a bad link stalls for less
+DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and ~1 MiB of buffers
+# After an early error answer, how much of the rest of the body we read and drop
+# so that the server can still deliver the answer (SPEC §8), and for how long.
+DRAIN_LIMIT_BYTES = 16 * MiB
+DRAIN_LIMIT_SECONDS = 2.0
+RETRY_AFTER_SECONDS = 1
+
+# RFC 2046 §5.1.1: 1-70 characters from bchars, not ending in a space.
+BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+
+
+# -- errors -------------------------------------------------------------------
+
+
+class UploadError(Exception):
+    status = 400
+    code = "bad_request"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class MalformedBody(UploadError):
+    status, code = 400, "malformed_multipart"
+
+
+class MissingBoundary(UploadError):
+    status, code = 400, "missing_boundary"
+
+
+class Unauthorized(UploadError):
+    status, code = 401, "unauthorized"
+    headers = ((b"www-authenticate", b'Bearer realm="upload"'),)
+
+
+class NotFound(UploadError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(UploadError):
+    status, code = 405, "method_not_allowed"
+
+
+class RequestTimeout(UploadError):
+    status, code = 408, "request_timeout"
+
+
+class PayloadTooLarge(UploadError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(UploadError):
+    status, code = 415, "unsupported_media_type"
+
+
+class NoFile(UploadError):
+    status, code = 422, "no_file"
+
+
+class InvalidField(UploadError):
+    status, code = 422, "invalid_field"
+
+
+class ChecksumMismatch(UploadError):
+    status, code = 422, "sha256_mismatch"
+
+
+class ServiceUnavailable(UploadError):
+    status, code = 503, "too_many_uploads"
+    headers = ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),)
+
+
+class InsufficientStorage(UploadError):
+    status, code = 507, "insufficient_storage"
+
+
+class InternalError(UploadError):
+    status, code = 500, "internal_error"
+
+
+class ClientGone(Exception):
+    """The client left: clean up, send nothing."""
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names its environment variable."""
+
+
+def as_upload_error(exc: BaseException) -> UploadError:
+    """Translate any exception from the upload path into the error the client sees."""
+    if isinstance(exc, UploadError):
+        return exc
+    if isinstance(exc, LimitExceeded):
+        return PayloadTooLarge(str(exc), limit=exc.limit, max=exc.maximum)
+    if isinstance(exc, FormError):
+        return MalformedBody(str(exc))
+    if isinstance(exc, TimeoutError):
+        return RequestTimeout("the client sent nothing for too long")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("no space left on the upload device")
+    return InternalError("the server failed to store the upload")
+
+
+# -- configuration --------------------------------------------------------------
+
+SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """Parse `123`, `64K`, `500M`, `10G` (binary units: 1M = 2**20 bytes)."""
+    match = SIZE_RE.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 1048576, 64K, 500M or 10G")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not 1 or 0")
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def parse_count(text: str) -> int:
+    return int(text.strip())
+
+
+@dataclass(frozen=True)
+class Config:
+    upload_dir: Path = Path("uploads")
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
+    max_files: int = DEFAULT_MAX_FILES
+    max_parts: int = DEFAULT_MAX_PARTS
+    max_field_size: int = DEFAULT_MAX_FIELD_SIZE
+    token: str | None = None
+    fsync: bool = True
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "upload_dir", Path(self.upload_dir))
+        for name in ENV_VARS:
+            value = getattr(self, name)
+            if name in POSITIVE_SETTINGS and not value > 0:
+                raise ConfigError(f"{ENV_VARS[name]}: must be positive, got {value!r}")
+        if self.token == "":
+            object.__setattr__(self, "token", None)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Read every setting from its environment variable; unset means default."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, variable in ENV_VARS.items():
+            text = environ.get(variable)
+            if text is None:
+                continue
+            try:
+                values[name] = ENV_PARSERS[name](text)
+            except ValueError as exc:
+                raise ConfigError(f"{variable}: {exc}") from None
+        return cls(**values)
+
+    @property
+    def limits(self) -> FormLimits:
+        return FormLimits(
+            max_file_size=self.max_file_size,
+            max_field_size=self.max_field_size,
+            max_files=self.max_files,
+            max_parts=self.max_parts,
+        )
+
+
+ENV_VARS = {
+    "upload_dir": "UPLOAD_DIR",
+    "max_file_size": "UPLOAD_MAX_FILE_SIZE",
+    "max_request_size": "UPLOAD_MAX_REQUEST_SIZE",
+    "max_files": "UPLOAD_MAX_FILES",
+    "max_parts": "UPLOAD_MAX_PARTS",
+    "max_field_size": "UPLOAD_MAX_FIELD_SIZE",
+    "token": "UPLOAD_TOKEN",
+    "fsync": "UPLOAD_FSYNC",
+    "idle_timeout": "UPLOAD_IDLE_TIMEOUT",
+    "max_concurrent": "UPLOAD_MAX_CONCURRENT",
+}
+ENV_PARSERS: dict[str, Callable[[str], Any]] = {
+    "upload_dir": Path,
+    "max_file_size": parse_size,
+    "max_request_size": parse_size,
+    "max_files": parse_count,
+    "max_parts": parse_count,
+    "max_field_size": parse_size,
+    "token": str,
+    "fsync": parse_bool,
+    "idle_timeout": parse_seconds,
+    "max_concurrent": parse_count,
+}
+POSITIVE_SETTINGS = {
+    "max_file_size", "max_request_size", "max_files", "max_parts",
+    "max_field_size", "idle_timeout", "max_concurrent",
+}
+
+
+# -- small pure helpers -----------------------------------------------------------
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """Return the first value of a request header (names are lowercase in ASGI)."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def route_path(scope: Scope) -> str:
+    """Return the path relative to the mount point.
+
+    Servers disagree on whether `path` includes `root_path` (hypercorn's
+    DispatcherMiddleware strips it, Starlette's Mount keeps it), so strip it only
+    when it is there, at a `/` boundary.
+    """
+    path = scope.get("path") or "/"
+    root = scope.get("root_path") or ""
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        path = path[len(root.rstrip("/")):]
+    return path or "/"
+
+
+def boundary_of(content_type: str | None) -> bytes:
+    """Return the multipart boundary of a request Content-Type, or raise the error."""
+    if not content_type:
+        raise UnsupportedMediaType("Content-Type must be multipart/form-data")
+    media_type, params = parse_header_params(content_type)
+    if media_type != "multipart/form-data":
+        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data, not {media_type!r}")
+    boundary = params.get("boundary")
+    if not boundary:
+        raise MissingBoundary("the multipart/form-data Content-Type has no boundary")
+    if not BOUNDARY_RE.fullmatch(boundary):
+        raise MissingBoundary("the multipart boundary is not valid (RFC 2046 §5.1.1)")
+    return boundary.encode("ascii")
+
+
+def declared_length(scope: Scope) -> int | None:
+    text = header(scope, b"content-length")
+    return int(text) if text is not None and text.strip().isdigit() else None
+
+
+def bearer_token_matches(scope: Scope, token: str) -> bool:
+    """Compare the request's bearer token with ours in constant time."""
+    scheme, _, given = (header(scope, b"authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def error_payload(error: UploadError) -> dict[str, Any]:
+    return {"error": error.code, "detail": error.detail, **error.extra}
+
+
+def make_record(target: Any, description: str | None) -> Record:
+    return {
+        "id": target.id,
+        "filename": target.filename,
+        "content_type": target.content_type,
+        "size": target.size,
+        "sha256": target.sha256,
+        "description": description,
+    }
+
+
+# -- responses ------------------------------------------------------------------
+
+
+async def send_body(
+    send: Send, status: int, body: bytes, content_type: bytes, headers=(), head_only=False
+) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+            *headers,
+        ],
+    })
+    await send({"type": "http.response.body", "body": b"" if head_only else body})
+
+
+async def send_json(send: Send, status: int, payload: Any, headers=(), head_only=False) -> None:
+    await send_body(send, status, json_bytes(payload), b"application/json", headers, head_only)
+
+
+async def send_error(send: Send, error: UploadError, headers=(), head_only=False) -> None:
+    await send_json(send, error.status, error_payload(error), (*error.headers, *headers), head_only)
+
+
+# -- metrics --------------------------------------------------------------------
+
+
+@dataclass
+class Metrics:
+    """Counters for /metrics; one set per app (per worker process)."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    bytes_received: int = 0
+    bytes_stored: int = 0
+    files_stored: int = 0
+    in_flight: int = 0
+    duration_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
+    duration_sum: float = 0.0
+    duration_count: int = 0
+
+    def observe(self, outcome: str, seconds: float) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.duration_sum += seconds
+        self.duration_count += 1
+        for i, bound in enumerate(DURATION_BUCKETS):
+            if seconds <= bound:
+                self.duration_counts[i] += 1
+
+    def exposition(self) -> str:
+        lines = [
+            "# HELP upload_asgi_uploads_total Upload requests by outcome.",
+            "# TYPE upload_asgi_uploads_total counter",
+        ]
+        for outcome in sorted(set(self.outcomes) | {"stored", "rejected", "failed", "disconnected"}):
+            lines.append(f'upload_asgi_uploads_total{{outcome="{outcome}"}} {self.outcomes.get(outcome, 0)}')
+        lines += [
+            "# HELP upload_asgi_received_bytes_total Request body bytes received by upload routes.",
+            "# TYPE upload_asgi_received_bytes_total counter",
+            f"upload_asgi_received_bytes_total {self.bytes_received}",
+            "# HELP upload_asgi_stored_bytes_total Bytes of files stored.",
+            "# TYPE upload_asgi_stored_bytes_total counter",
+            f"upload_asgi_stored_bytes_total {self.bytes_stored}",
+            "# HELP upload_asgi_stored_files_total Files stored.",
+            "# TYPE upload_asgi_stored_files_total counter",
+            f"upload_asgi_stored_files_total {self.files_stored}",
+            "# HELP upload_asgi_uploads_in_flight Uploads being received now.",
+            "# TYPE upload_asgi_uploads_in_flight gauge",
+            f"upload_asgi_uploads_in_flight {self.in_flight}",
+            "# HELP upload_asgi_upload_duration_seconds Time from request start to answer.",
+            "# TYPE upload_asgi_upload_duration_seconds histogram",
+        ]
+        for bound, count in zip(DURATION_BUCKETS, self.duration_counts):
+            lines.append(f'upload_asgi_upload_duration_seconds_bucket{{le="{bound}"}} {count}')
+        lines += [
+            f'upload_asgi_upload_duration_seconds_bucket{{le="+Inf"}} {self.duration_count}',
+            f"upload_asgi_upload_duration_seconds_sum {self.duration_sum:.6f}",
+            f"upload_asgi_upload_duration_seconds_count {self.duration_count}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def outcome_of(error: BaseException | None) -> str:
+    if error is None:
+        return "stored"
+    if isinstance(error, ClientGone):
+        return "disconnected"
+    return "failed" if as_upload_error(error).status >= 500 else "rejected"
+
+
+# -- the application -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadRoute:
+    """What an upload endpoint reads: its file field, how many files, its text fields."""
+
+    file_field: str
+    single: bool
+    text_fields: tuple[str, ...]
+
+
+UPLOAD_ROUTE = UploadRoute("file", single=True, text_fields=("description", "sha256"))
+UPLOAD_MULTIPLE_ROUTE = UploadRoute("files", single=False, text_fields=("description",))
+
+
+class UploadApp:
+    """The ASGI callable. Build it with `create_app`."""
+
+    def __init__(
+        self,
+        config: Config | None,
+        on_upload: UploadCallback | None = None,
+        config_error: str | None = None,
+    ) -> None:
+        self.config = config
+        self.on_upload = on_upload
+        self.config_error = config_error
+        self.metrics = Metrics()
+        self.partial_dir: Path | None = None
+        self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
+            "/": {"GET": self.handle_page},
+            "/health": {"GET": self.handle_health},
+            "/metrics": {"GET": self.handle_metrics},
+            "/upload": {"POST": self.handle_upload},
+            "/upload-multiple": {"POST": self.handle_upload_multiple},
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle_http(scope, receive, send)
+        elif kind == "lifespan":
+            await self.handle_lifespan(receive, send)
+        elif kind == "websocket":
+            # asgiref www.rst: closing before accept makes the server answer 403.
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1003, "reason": "upload-asgi speaks HTTP only"})
+
+    async def handle_lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.prepare()
+                except (ConfigError, OSError) as exc:
+                    logger.error("upload-asgi cannot start: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def prepare(self) -> Path:
+        """Create the upload dirs and sweep stale partial files (once per process).
+
+        Called at lifespan startup, or on first use when a host does not forward
+        lifespan to a mounted app.
+        """
+        if self.config is None:
+            raise ConfigError(self.config_error or "no configuration")
+        if self.partial_dir is None:
+            self.partial_dir = prepare_upload_dir(self.config.upload_dir)
+        return self.partial_dir
+
+    async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        methods = self.routes.get(path)
+        method = scope["method"]
+        head_only = method == "HEAD"
+        if methods is None:
+            await send_error(send, NotFound(f"no route for {path}"), head_only=head_only)
+            return
+        handler = methods.get("GET" if head_only else method)
+        if handler is None:
+            allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
+            await send_error(
+                send,
+                MethodNotAllowed(f"{method} is not allowed on {path}"),
+                headers=[(b"allow", ", ".join(allowed).encode())],
+                head_only=head_only,
+            )
+            return
+        if self.config is None:
+            logger.error("upload-asgi is misconfigured: %s", self.config_error)
+            await send_error(send, InternalError("the server is misconfigured"), head_only=head_only)
+            return
+        await handler(scope, receive, send, head_only=head_only)
+
+    async def handle_page(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+        body = render_page(scope.get("root_path") or "", self.config.token is not None)
+        await send_body(send, 200, body, b"text/html; charset=utf-8", head_only=head_only)
+
+    async def handle_health(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+        try:
+            free = shutil.disk_usage(self.prepare()).free
+        except OSError:
+            free = None
+        payload = {
+            "status": "ok",
+            "free_bytes": free,
+            "uploads_in_flight": self.metrics.in_flight,
+            "max_concurrent": self.config.max_concurrent,
+            "max_file_size": self.config.max_file_size,
+            "max_request_size": self.config.max_request_size,
+            "token_required": self.config.token is not None,
+        }
+        await send_json(send, 200, payload, head_only=head_only)
+
+    async def handle_metrics(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+        body = self.metrics.exposition().encode()
+        await send_body(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8", head_only=head_only)
+
+    async def handle_upload(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+        await self.receive_upload(scope, receive, send, UPLOAD_ROUTE)
+
+    async def handle_upload_multiple(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+        await self.receive_upload(scope, receive, send, UPLOAD_MULTIPLE_ROUTE)
+
+    async def receive_upload(self, scope: Scope, receive: Receive, send: Send, route: UploadRoute) -> None:
+        """Check the request, stream its body to disk, commit, answer; or clean up and say why."""
+        started = time.monotonic()
+        progress = BodyProgress()
+        error: BaseException | None = None
+        self.metrics.in_flight += 1
+        try:
+            self.check_request(scope)
+            stored = await self.store_form(scope, receive, route, progress)
+            await send_json(send, 201, self.answer(stored, route))
+        except ClientGone as exc:
+            error = exc
+        except BaseException as exc:
+            error = exc
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            await self.answer_error(receive, send, exc, progress)
+        finally:
+            self.metrics.in_flight -= 1
+            self.metrics.bytes_received += progress.received
+            self.metrics.observe(outcome_of(error), time.monotonic() - started)
+            self.log_outcome(error, progress, time.monotonic() - started)
+
+    def check_request(self, scope: Scope) -> None:
+        """Refuse what the headers alone already tell: no body byte is read yet."""
+        config = self.config
+        if config.token is not None and not bearer_token_matches(scope, config.token):
+            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+        boundary_of(header(scope, b"content-type"))
+        length = declared_length(scope)
+        if length is not None and length > config.max_request_size:
+            raise PayloadTooLarge(
+                f"the request body is larger than {config.max_request_size} bytes",
+                limit="request_size", max=config.max_request_size,
+            )
+        if self.metrics.in_flight > config.max_concurrent:
+            raise ServiceUnavailable(f"more than {config.max_concurrent} uploads in flight; retry soon")
+
+    async def store_form(
+        self, scope: Scope, receive: Receive, route: UploadRoute, progress: BodyProgress
+    ) -> list[Record]:
+        config = self.config
+        partial_dir = self.prepare()
+        limits = config.limits
+        if route.single:
+            limits = replace(limits, max_files=1)
+        reader = FormReader(
+            boundary_of(header(scope, b"content-type")),
+            partial_dir,
+            limits,
+            file_field=route.file_field,
+            text_fields=route.text_fields,
+        )
+        try:
+            await self.read_body(receive, reader, progress)
+            reader.close()
+            records = self.check_form(reader, route)
+            pairs = list(zip(reader.files, records))
+            await asyncio.to_thread(commit_files, config.upload_dir, partial_dir, pairs, config.fsync)
+        except BaseException:
+            reader.abort()
+            raise
+        self.metrics.files_stored += len(records)
+        self.metrics.bytes_stored += sum(r["size"] for r in records)
+        await self.notify(records)
+        return records
+
+    async def read_body(self, receive: Receive, reader: FormReader, progress: BodyProgress) -> None:
+        """Feed every http.request body chunk to the reader, within the limits."""
+        limit = self.config.max_request_size
+        idle = self.config.idle_timeout
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(idle) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                progress.received += len(chunk)
+                if progress.received > limit:
+                    raise PayloadTooLarge(
+                        f"the request body is larger than {limit} bytes",
+                        limit="request_size", max=limit,
+                    )
+                if chunk:
+                    reader.feed(chunk)
+                # www.rst: more_body defaults to False.
+                if not message.get("more_body", False):
+                    progress.complete = True
+                    return
+                deadline.reschedule(loop.time() + idle)
+
+    def check_form(self, reader: FormReader, route: UploadRoute) -> list[Record]:
+        """Validate a complete form and build the records of its files."""
+        if not reader.files:
+            raise NoFile(f"the form has no file part named {route.file_field!r} with a filename")
+        description = reader.field("description")
+        records = [make_record(target, description) for target in reader.files]
+        expected = reader.field("sha256") if "sha256" in route.text_fields else None
+        if expected is not None:
+            expected = expected.strip()
+            if not SHA256_RE.fullmatch(expected):
+                raise InvalidField("the sha256 field must be 64 hexadecimal digits")
+            if expected.lower() != records[0]["sha256"]:
+                raise ChecksumMismatch(
+                    f"the file's SHA-256 is {records[0]['sha256']}, not {expected.lower()}",
+                    sha256=records[0]["sha256"],
+                )
+        return records
+
+    async def notify(self, records: list[Record]) -> None:
+        """Give each stored record to the embedding app's callback, if any."""
+        if self.on_upload is None:
+            return
+        for record in records:
+            try:
+                result = self.on_upload(dict(record))
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("on_upload callback failed for stored file %s", record["id"])
+                raise InternalError(
+                    "the files were stored but the server's upload hook failed",
+                    ids=[r["id"] for r in records],
+                ) from None
+
+    def answer(self, records: list[Record], route: UploadRoute) -> Any:
+        if route.single:
+            return records[0]
+        return {"files": records, "count": len(records), "total_size": sum(r["size"] for r in records)}
+
+    async def answer_error(
+        self, receive: Receive, send: Send, exc: BaseException, progress: BodyProgress
+    ) -> None:
+        """Answer an error; if the body was not read to its end, close the connection."""
+        error = as_upload_error(exc)
+        if error.status >= 500:
+            logger.error("upload failed: %s", error.detail, exc_info=exc if error is not exc else None)
+        headers = () if progress.complete else ((b"connection", b"close"),)
+        await send_error(send, error, headers=headers)
+        if not progress.complete:
+            await drain_body(receive)
+
+    def log_outcome(self, error: BaseException | None, progress: BodyProgress, seconds: float) -> None:
+        if error is None:
+            rate = progress.received / seconds / 1e6 if seconds > 0 else 0.0
+            logger.info("upload stored: %d bytes in %.3f s (%.1f MB/s)", progress.received, seconds, rate)
+        elif isinstance(error, ClientGone):
+            logger.info("upload abandoned by the client after %d bytes", progress.received)
+        else:
+            failure = as_upload_error(error)
+            logger.info(
+                "upload refused: %d %s after %d bytes: %s",
+                failure.status, failure.code, progress.received, failure.detail,
+            )
+
+
+@dataclass
+class BodyProgress:
+    received: int = 0
+    complete: bool = False
+
+
+async def drain_body(receive: Receive) -> None:
+    """Read and drop what is left of a body, within bounds (SPEC §8).
+
+    Hypercorn 0.18 stops reading a connection whose app returned while its receive
+    queue was full; draining lets it deliver our answer and then close.
+    """
+    drained = 0
+    try:
+        async with asyncio.timeout(DRAIN_LIMIT_SECONDS):
+            while drained < DRAIN_LIMIT_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
+    except TimeoutError:
+        pass
+
+
+def create_app(config: Config | None = None, on_upload: UploadCallback | None = None) -> UploadApp:
+    """Return an independent upload app; with no config, read it from the environment.
+
+    A bad environment does not raise here (that would only show as an import
+    traceback); the app logs it, fails lifespan startup with the message, and
+    answers 500 if a host never runs lifespan.
+    """
+    if config is None:
+        try:
+            config = Config.from_env()
+        except ConfigError as exc:
+            logger.error("upload-asgi configuration error: %s", exc)
+            return UploadApp(None, on_upload, config_error=str(exc))
+    return UploadApp(config, on_upload)
+
+
+# -- the upload page ------------------------------------------------------------------
+
+
+def render_page(root_path: str, token_required: bool) -> bytes:
+    """Return the upload page, with its URLs under `root_path`."""
+    settings = json_bytes({"root": root_path.rstrip("/"), "tokenRequired": token_required}).decode()
+    # Keep "</script>" in a value from closing the inline script.
+    settings = settings.replace("<", "\\u003c")
+    return PAGE_HTML.replace("__SETTINGS__", settings).replace(
+        "__ROOT__", html.escape(root_path.rstrip("/"), quote=True)
+    ).encode()
+
+
+# --- page start (the upload page; edited as one block) ---
+PAGE_HTML = """<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Upload</title></head>
+<body>
+<h1>Upload a file</h1>
+<form method="post" action="__ROOT__/upload" enctype="multipart/form-data">
+<p><label>File <input type="file" name="file" required></label></p>
+<p><label>Description <input type="text" name="description"></label></p>
+<p><button type="submit">Upload</button></p>
+</form>
+<script>const SETTINGS = __SETTINGS__;</script>
+</body>
+</html>
+"""
+# --- page end ---
+
+
+app = create_app()
