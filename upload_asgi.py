@@ -589,8 +589,8 @@ class UploadApp:
         error: BaseException | None = None
         self.metrics.in_flight += 1
         try:
-            self.check_request(scope)
-            stored = await self.store_form(scope, receive, route, progress)
+            boundary = self.check_request(scope)
+            stored = await self.store_form(boundary, receive, route, progress)
             await send_json(send, 201, self.answer(stored, route))
         except ClientGone as exc:
             error = exc
@@ -605,12 +605,12 @@ class UploadApp:
             self.metrics.observe(outcome_of(error), time.monotonic() - started)
             self.log_outcome(error, progress, time.monotonic() - started)
 
-    def check_request(self, scope: Scope) -> None:
-        """Refuse what the headers alone already tell: no body byte is read yet."""
+    def check_request(self, scope: Scope) -> bytes:
+        """Refuse what the headers alone already tell, before any body byte; return the boundary."""
         config = self.config
         if config.token is not None and not bearer_token_matches(scope, config.token):
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
-        boundary_of(header(scope, b"content-type"))
+        boundary = boundary_of(header(scope, b"content-type"))
         length = declared_length(scope)
         if length is not None and length > config.max_request_size:
             raise PayloadTooLarge(
@@ -619,9 +619,10 @@ class UploadApp:
             )
         if self.metrics.in_flight > config.max_concurrent:
             raise ServiceUnavailable(f"more than {config.max_concurrent} uploads in flight; retry soon")
+        return boundary
 
     async def store_form(
-        self, scope: Scope, receive: Receive, route: UploadRoute, progress: BodyProgress
+        self, boundary: bytes, receive: Receive, route: UploadRoute, progress: BodyProgress
     ) -> list[Record]:
         config = self.config
         partial_dir = self.prepare()
@@ -629,7 +630,7 @@ class UploadApp:
         if route.single:
             limits = replace(limits, max_files=1)
         reader = FormReader(
-            boundary_of(header(scope, b"content-type")),
+            boundary,
             partial_dir,
             limits,
             file_field=route.file_field,
