@@ -214,6 +214,20 @@ def parse_count(text: str) -> int:
     return int(text.strip())
 
 
+def parse_dir(text: str) -> Path:
+    # An empty UPLOAD_DIR would silently mean the working directory.
+    if not text.strip() or "\0" in text:
+        raise ValueError(f"{text!r} is not a directory path")
+    return Path(text)
+
+
+def parse_token(text: str) -> str:
+    # RFC 6750 §2.1: a bearer token is visible ASCII; anything else could never match a header.
+    if any(not "!" <= c <= "~" for c in text):
+        raise ValueError("the token must be visible ASCII characters without spaces")
+    return text
+
+
 @dataclass(frozen=True)
 class Config:
     upload_dir: Path = Path("uploads")
@@ -274,13 +288,13 @@ ENV_VARS = {
     "max_concurrent": "UPLOAD_MAX_CONCURRENT",
 }
 ENV_PARSERS: dict[str, Callable[[str], Any]] = {
-    "upload_dir": Path,
+    "upload_dir": parse_dir,
     "max_file_size": parse_size,
     "max_request_size": parse_size,
     "max_files": parse_count,
     "max_parts": parse_count,
     "max_field_size": parse_size,
-    "token": str,
+    "token": parse_token,
     "fsync": parse_bool,
     "idle_timeout": parse_seconds,
     "max_concurrent": parse_count,
@@ -508,8 +522,11 @@ class UploadApp:
                 try:
                     self.prepare()
                 except (ConfigError, OSError) as exc:
-                    logger.error("upload-asgi cannot start: %s", exc)
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    reason = str(exc)
+                    if isinstance(exc, OSError):  # only the upload dir is touched here
+                        reason = f"UPLOAD_DIR: cannot use {self.config.upload_dir}: {exc.strerror or exc}"
+                    logger.error("upload-asgi cannot start: %s", reason)
+                    await send({"type": "lifespan.startup.failed", "message": reason})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -587,6 +604,7 @@ class UploadApp:
         started = time.monotonic()
         progress = BodyProgress()
         error: BaseException | None = None
+        stored: list[Record] = []
         self.metrics.in_flight += 1
         try:
             boundary = self.check_request(scope)
@@ -603,7 +621,7 @@ class UploadApp:
             self.metrics.in_flight -= 1
             self.metrics.bytes_received += progress.received
             self.metrics.observe(outcome_of(error), time.monotonic() - started)
-            self.log_outcome(error, progress, time.monotonic() - started)
+            self.log_outcome(error, progress, time.monotonic() - started, stored)
 
     def check_request(self, scope: Scope) -> bytes:
         """Refuse what the headers alone already tell, before any body byte; return the boundary."""
@@ -721,15 +739,36 @@ class UploadApp:
         error = as_upload_error(exc)
         if error.status >= 500:
             logger.error("upload failed: %s", error.detail, exc_info=exc if error is not exc else None)
-        headers = () if progress.complete else ((b"connection", b"close"),)
-        await send_error(send, error, headers=headers)
-        if not progress.complete:
+        if progress.complete:
+            await send_error(send, error)
+            return
+        # Keep receiving while we answer: hypercorn 0.18 puts http.disconnect into the
+        # receive queue inside our final send and blocks there while that queue (10
+        # messages) is full (SPEC §8), as it is whenever something awaited between our
+        # last receive() and this answer (a middleware's send, say). Once the answer is
+        # out, read a bounded rest so that the server can deliver it and close.
+        reading = asyncio.ensure_future(read_to_end(receive))
+        try:
+            await send_error(send, error, headers=((b"connection", b"close"),))
+        finally:
+            reading.cancel()  # nothing if it saw the end already
+        await asyncio.wait([reading])
+        if reading.cancelled():
             await drain_body(receive)
+        elif reading.exception() is not None:
+            logger.debug("reading the rest of a refused body failed", exc_info=reading.exception())
 
-    def log_outcome(self, error: BaseException | None, progress: BodyProgress, seconds: float) -> None:
+    def log_outcome(
+        self, error: BaseException | None, progress: BodyProgress, seconds: float, stored: list[Record]
+    ) -> None:
+        """Log one line per stored file, or one line for a request that stored nothing."""
         if error is None:
             rate = progress.received / seconds / 1e6 if seconds > 0 else 0.0
-            logger.info("upload stored: %d bytes in %.3f s (%.1f MB/s)", progress.received, seconds, rate)
+            for record in stored:
+                logger.info(
+                    "upload stored: id=%s size=%d sha256=%s in %.3f s (%.1f MB/s)",
+                    record["id"], record["size"], record["sha256"], seconds, rate,
+                )
         elif isinstance(error, ClientGone):
             logger.info("upload abandoned by the client after %d bytes", progress.received)
         else:
@@ -744,6 +783,14 @@ class UploadApp:
 class BodyProgress:
     received: int = 0
     complete: bool = False
+
+
+async def read_to_end(receive: Receive) -> None:
+    """Read and drop body messages until the body ends or the client leaves."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 async def drain_body(receive: Receive) -> None:
