@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import httpx
 
@@ -282,3 +283,129 @@ def read_vmhwm_kib(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     raise RuntimeError("no VmHWM")
+
+
+# -- raw HTTP/1.1 clients and the serving process (issue 3) -------------------------
+
+
+@dataclass
+class RawReply:
+    """What a raw-socket client saw: the answer, and whether the server then closed."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    closed: bool  # the server closed the connection after its answer
+    sent: int  # body bytes the client got into the socket
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def chunked(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Frame chunks with HTTP/1.1 chunked transfer coding (no Content-Length sent)."""
+    for chunk in chunks:
+        if chunk:
+            yield b"%x\r\n" % len(chunk) + chunk + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+def request_head(
+    path: str, headers: Iterable[tuple[str, str]], method: str = "POST", host: str = "127.0.0.1"
+) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers)]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def raw_request(
+    port: int, head: bytes, body: Iterable[bytes] = (), timeout: float = 30.0, close_wait: float = 10.0
+) -> RawReply:
+    """Send `head` and then `body` from a thread while this thread reads the answer.
+
+    The sender keeps going after an answer arrives (a client that ignores an early
+    413) and stops at the first send error. Raises TimeoutError when no complete
+    answer arrives within `timeout`; `closed` says whether the server closed the
+    connection within `close_wait` seconds after answering.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    stop = threading.Event()
+    sent = 0
+
+    def pump() -> None:
+        nonlocal sent
+        try:
+            sock.sendall(head)
+            for chunk in body:
+                if stop.is_set():
+                    return
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=pump, daemon=True)
+    sender.start()
+    buf = bytearray()
+    deadline = time.monotonic() + timeout
+
+    def read_more(until: float) -> bool:
+        """Read once; False at end of stream (or reset)."""
+        sock.settimeout(max(0.01, until - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            raise TimeoutError("no complete answer in time") from None
+        except ConnectionResetError:
+            return False
+        buf.extend(data)
+        return bool(data)
+
+    try:
+        while True:  # skip 1xx answers
+            while b"\r\n\r\n" not in buf:
+                if not read_more(deadline):
+                    raise ConnectionError(f"closed before an answer: {bytes(buf)!r}")
+            head_end = buf.index(b"\r\n\r\n")
+            lines = bytes(buf[:head_end]).decode("latin-1").split("\r\n")
+            status = int(lines[0].split()[1])
+            del buf[: head_end + 4]
+            if status >= 200:
+                break
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(buf) < length:
+            if not read_more(deadline):
+                raise ConnectionError("closed in the middle of the answer")
+        body_bytes = bytes(buf[:length])
+        del buf[:length]
+        closed = False
+        close_deadline = time.monotonic() + close_wait
+        try:
+            while read_more(close_deadline):
+                del buf[:]
+            closed = True
+        except TimeoutError:
+            pass
+        return RawReply(status, headers, body_bytes, closed, sent)
+    finally:
+        stop.set()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        sender.join(timeout=10)
+
+
+def serving_pid(server: "Server") -> int:
+    """The process that runs the app: hypercorn's spawned worker with -w N >= 1
+    (the started process only supervises), or the started process with -w 0."""
+    for pid in server.pids()[1:]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline:
+            return pid
+    assert server.proc is not None
+    return server.proc.pid

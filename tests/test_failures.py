@@ -1,0 +1,670 @@
+"""Failure handling (SPEC §3, §4): token, concurrency cap, idle clients, full disks, I/O errors,
+crashes, and the log line each upload leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+import targets
+import upload_asgi
+from support import (
+    Reply,
+    Server,
+    assert_nothing_stored,
+    assert_stored,
+    call_app,
+    chunks_of,
+    field_part,
+    file_part,
+    form_body,
+    form_content_type,
+    http_scope,
+    raw_request,
+    request_head,
+    stored_ids,
+)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def upload_scope(path: str = "/upload", token: str | None = None, length: int | None = None) -> dict[str, Any]:
+    headers = []
+    if token is not None:
+        headers.append(("authorization", token))
+    if length is not None:
+        headers.append(("content-length", str(length)))
+    return http_scope(path, headers=headers, content_type=form_content_type())
+
+
+def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
+    assert reply.status == status, reply.body
+    reply.check_length()
+    assert reply.headers["content-type"] == "application/json"
+    payload = reply.json()
+    assert payload["error"] == code
+    assert payload["detail"]
+    return payload
+
+
+@pytest.fixture
+def short_drain(monkeypatch):
+    """After an early answer the app drains for up to 2 s; a silent test client would wait that long."""
+    monkeypatch.setattr(upload_asgi, "DRAIN_LIMIT_SECONDS", 0.2)
+
+
+# -- 401: the bearer token ----------------------------------------------------------
+
+TOKEN = "s3cr3t-token"
+
+
+@pytest.fixture
+def token_app(config):
+    return upload_asgi.create_app(replace(config, token=TOKEN, fsync=False))
+
+
+@pytest.mark.parametrize("path", ["/upload", "/upload-multiple"])
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        pytest.param(None, id="missing"),
+        pytest.param("Bearer wrong-token", id="wrong"),
+        pytest.param(f"Bearer {TOKEN}x", id="longer"),
+        pytest.param(f"Bearer {TOKEN[:-1]}", id="prefix"),
+        pytest.param(f"Basic {TOKEN}", id="other-scheme"),
+        pytest.param(TOKEN, id="no-scheme"),
+        pytest.param("Bearer ", id="empty"),
+    ],
+)
+async def test_token_missing_or_wrong_is_401(token_app, upload_dir, path, authorization):
+    body = form_body([file_part(b"secret data", name="files" if path != "/upload" else "file")])
+    received = []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    reply = Reply()
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            reply.status = message["status"]
+            reply.headers = {k.decode(): v.decode() for k, v in message["headers"]}
+            assert not received, "the body was read before the 401"
+        else:
+            reply.body += message.get("body", b"")
+
+    await token_app(upload_scope(path, token=authorization), receive, send)
+    assert_error(reply, 401, "unauthorized")
+    assert reply.headers["www-authenticate"].startswith("Bearer")
+    assert_nothing_stored(upload_dir)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
+async def test_right_token_uploads(token_app, upload_dir, scheme):
+    data = b"authorised"
+    reply = await call_app(token_app, upload_scope(token=f"{scheme} {TOKEN}"), [form_body([file_part(data)])])
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/metrics"])
+async def test_reads_stay_open_with_a_token(token_app, path):
+    reply = await call_app(token_app, http_scope(path, "GET"))
+    assert reply.status == 200
+    reply.check_length()
+
+
+async def test_token_is_compared_in_constant_time(token_app, monkeypatch):
+    calls = []
+    real = upload_asgi.hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(upload_asgi.hmac, "compare_digest", spy)
+    reply = await call_app(token_app, upload_scope(token="Bearer guess"), [b""])
+    assert reply.status == 401
+    assert calls == [(b"guess", TOKEN.encode())]
+
+
+def test_token_through_hypercorn(tmp_path):
+    upload_dir = tmp_path / "uploads"
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_TOKEN": TOKEN}) as server:
+        with server.client() as http:
+            assert http.get("/health").status_code == 200
+            assert http.get("/").status_code == 200
+            refused = http.post("/upload", files={"file": ("a", b"data")})
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            assert_nothing_stored(upload_dir)
+            ok = http.post(
+                "/upload", files={"file": ("a", b"data")}, headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            assert ok.status_code == 201
+            assert_stored(upload_dir, ok.json(), b"data")
+
+
+# -- 503: the concurrency cap ---------------------------------------------------------
+
+
+class HeldUpload:
+    """An upload whose second half waits for `release`: it holds its slot until then."""
+
+    def __init__(self, app: Any, data: bytes, path: str = "/upload") -> None:
+        body = form_body([file_part(data, name="file" if path == "/upload" else "files")])
+        self.halves = [body[: len(body) // 2], body[len(body) // 2 :]]
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.reply = Reply()
+        self.task = asyncio.create_task(app(upload_scope(path), self.receive, self.send))
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.started.is_set():
+            self.started.set()
+            return {"type": "http.request", "body": self.halves[0], "more_body": True}
+        await self.release.wait()
+        return {"type": "http.request", "body": self.halves[1], "more_body": False}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.reply.status = message["status"]
+            self.reply.headers = {k.decode(): v.decode() for k, v in message["headers"]}
+        else:
+            self.reply.body += message.get("body", b"")
+
+    async def finish(self) -> Reply:
+        self.release.set()
+        await asyncio.wait_for(self.task, 10)
+        return self.reply
+
+
+async def test_concurrency_cap_answers_503(config, upload_dir):
+    app = upload_asgi.create_app(replace(config, max_concurrent=2, fsync=False))
+    held = [HeldUpload(app, os.urandom(10 * KiB)), HeldUpload(app, os.urandom(20 * KiB), "/upload-multiple")]
+    await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in held)), 5)
+    assert app.metrics.in_flight == 2
+
+    for path in ("/upload", "/upload-multiple"):
+        body = form_body([file_part(b"third", name="file" if path == "/upload" else "files")])
+        reply = await asyncio.wait_for(call_app(app, upload_scope(path), [body]), 5)
+        assert_error(reply, 503, "too_many_uploads")
+        assert int(reply.headers["retry-after"]) >= 1
+    health = await call_app(app, http_scope("/health", "GET"))
+    assert health.json()["uploads_in_flight"] == 2
+
+    for h in held:
+        reply = await h.finish()
+        assert reply.status == 201, reply.body
+    # The slots are free again.
+    data = b"fourth"
+    reply = await call_app(app, upload_scope(), [form_body([file_part(data)])])
+    assert reply.status == 201
+    assert_stored(upload_dir, reply.json(), data)
+    assert len(stored_ids(upload_dir)) == 3
+
+
+def test_concurrency_cap_through_hypercorn(tmp_path):
+    """Two slow clients hold both slots; a third upload gets 503 with Retry-After."""
+    upload_dir = tmp_path / "uploads"
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_MAX_CONCURRENT": "2"}
+    with Server(upload_dir, env=env) as server:
+        data = os.urandom(64 * KiB)
+        body = form_body([file_part(data)])
+        head = request_head("/upload", [("Content-Type", form_content_type()), ("Content-Length", str(len(body)))])
+        import socket
+
+        slow = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        try:
+            for sock in slow:
+                sock.sendall(head + body[:1000])
+            with server.client() as http:
+                deadline = time.monotonic() + 10
+                while http.get("/health").json()["uploads_in_flight"] < 2:
+                    assert time.monotonic() < deadline, "the slow uploads never started"
+                    time.sleep(0.02)
+                refused = http.post("/upload", files={"file": ("third", b"x")})
+                assert refused.status_code == 503
+                assert refused.json()["error"] == "too_many_uploads"
+                assert int(refused.headers["retry-after"]) >= 1
+            for sock in slow:
+                sock.sendall(body[1000:])
+                answer = sock.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 201 ")
+        finally:
+            for sock in slow:
+                sock.close()
+    assert len(stored_ids(upload_dir)) == 2
+
+
+# -- 408: a client that goes silent ----------------------------------------------------
+
+
+async def test_stalled_client_gets_408_and_its_partial_file_is_removed(config, upload_dir, short_drain):
+    app = upload_asgi.create_app(replace(config, idle_timeout=0.2, fsync=False))
+    body = form_body([file_part(b"a" * (20 * KiB), name="files"), file_part(b"b" * (20 * KiB), name="files")])
+    chunks = chunks_of(body[: 30 * KiB], 4096)  # the first file and part of the second
+    partials_seen = []
+    never = asyncio.Event()
+
+    async def receive():
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
+        partials_seen.extend((upload_dir / ".partial").iterdir())
+        await never.wait()  # the client says nothing more
+
+    reply = Reply()
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            reply.status = message["status"]
+            reply.headers = {k.decode(): v.decode() for k, v in message["headers"]}
+        else:
+            reply.body += message.get("body", b"")
+
+    await asyncio.wait_for(app(upload_scope("/upload-multiple"), receive, send), 10)
+    assert_error(reply, 408, "request_timeout")
+    assert reply.headers["connection"] == "close"
+    assert len(partials_seen) == 2  # both files were on disk while it waited...
+    assert_nothing_stored(upload_dir)  # ...and are gone
+
+
+async def test_idle_timeout_is_per_chunk_not_per_upload(config, upload_dir):
+    """A slow but steady client is not cut off: the timer restarts with each chunk."""
+    app = upload_asgi.create_app(replace(config, idle_timeout=1.0, fsync=False))
+    data = os.urandom(40 * KiB)
+    chunks = chunks_of(form_body([file_part(data)]), 2048)  # ~21 chunks, 0.05 s apart: > 1 s in all
+
+    async def receive():
+        await asyncio.sleep(0.05)
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    reply = Reply()
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            reply.status = message["status"]
+        else:
+            reply.body += message.get("body", b"")
+
+    await asyncio.wait_for(app(upload_scope(), receive, send), 20)
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
+
+
+def test_stalled_client_through_hypercorn(tmp_path):
+    upload_dir = tmp_path / "uploads"
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_IDLE_TIMEOUT": "0.5"}) as server:
+        body = form_body([file_part(os.urandom(256 * KiB))])
+
+        def stalling() -> Iterator[bytes]:
+            yield body[: len(body) // 2]
+            for _ in range(2000):  # then nothing for up to 20 s (stops when the client is done)
+                time.sleep(0.01)
+                yield b""
+
+        head = request_head("/upload", [("Content-Type", form_content_type()), ("Content-Length", str(len(body)))])
+        reply = raw_request(server.port, head, stalling(), timeout=15, close_wait=10)
+        assert reply.status == 408
+        assert reply.json()["error"] == "request_timeout"
+        assert reply.closed
+        assert_nothing_stored(upload_dir)
+        with server.client() as http:
+            assert http.get("/health").json()["uploads_in_flight"] == 0
+
+
+# -- 507 and 500: the disk fails ------------------------------------------------------------
+
+
+class FailingWrites:
+    """Make os.write fail with `code` for files under `root` whose name matches, after `after` bytes.
+
+    Every other write (logging, pipes, sockets) goes to the real os.write.
+    """
+
+    def __init__(self, root: Path, code: int, after: int = 0, name: str = r"[0-9a-f]{32}") -> None:
+        self.root = str(root)
+        self.code = code
+        self.after = after
+        self.name = re.compile(name)
+        self.written = 0
+        self.failures = 0
+        self.real = os.write
+
+    def __call__(self, fd: int, data: Any) -> int:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        if path.startswith(self.root) and self.name.fullmatch(os.path.basename(path)):
+            if self.written + len(data) > self.after:
+                self.failures += 1
+                raise OSError(self.code, os.strerror(self.code), path)
+            self.written += len(data)
+        return self.real(fd, data)
+
+
+@pytest.mark.parametrize(
+    "where, name, after",
+    [
+        pytest.param("first-write", r"[0-9a-f]{32}", 0, id="first-write"),
+        pytest.param("mid-file", r"[0-9a-f]{32}", 100 * KiB, id="mid-file"),
+        pytest.param("sidecar", r"[0-9a-f]{32}\.json", 0, id="sidecar"),
+    ],
+)
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+async def test_disk_full_answers_507_and_keeps_serving(config, upload_dir, monkeypatch, where, name, after, code):
+    app = upload_asgi.create_app(replace(config, fsync=False))
+    failing = FailingWrites(upload_dir, code, after=after, name=name)
+    monkeypatch.setattr(targets.os, "write", failing)
+    body = form_body([file_part(os.urandom(300 * KiB), name="files"), file_part(b"second", name="files")])
+    reply = await call_app(app, upload_scope("/upload-multiple"), chunks_of(body, 64 * KiB))
+    assert_error(reply, 507, "insufficient_storage")
+    assert failing.failures >= 1
+    assert str(upload_dir) not in reply.body.decode()
+    assert_nothing_stored(upload_dir)
+    # Space comes back: the same app stores the next upload.
+    monkeypatch.setattr(targets.os, "write", failing.real)
+    data = os.urandom(10 * KiB)
+    reply = await call_app(app, upload_scope(), [form_body([file_part(data)])])
+    assert reply.status == 201
+    assert_stored(upload_dir, reply.json(), data)
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EACCES, errno.EROFS, errno.EFBIG], ids=errno.errorcode.get)
+async def test_other_disk_errors_answer_500_without_details(config, upload_dir, monkeypatch, caplog, code):
+    app = upload_asgi.create_app(replace(config, fsync=False))
+    failing = FailingWrites(upload_dir, code, after=1000)
+    monkeypatch.setattr(targets.os, "write", failing)
+    body = form_body([file_part(os.urandom(100 * KiB))])
+    with caplog.at_level(logging.ERROR, logger="upload_asgi"):
+        reply = await call_app(app, upload_scope(), chunks_of(body, 8192))
+    assert_error(reply, 500, "internal_error")
+    text = reply.body.decode()
+    for secret in (str(upload_dir), "Traceback", "Errno", os.strerror(code), ".partial"):
+        assert secret not in text
+    assert_nothing_stored(upload_dir)
+    # The server log has what the client does not.
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert logged and logged[0].exc_info is not None
+    assert logged[0].exc_info[1].errno == code
+
+
+async def test_partial_dir_removed_under_the_app_answers_500(config, upload_dir, caplog):
+    app = upload_asgi.create_app(replace(config, fsync=False))
+    assert (await call_app(app, http_scope("/health", "GET"))).status == 200
+    (upload_dir / ".partial").rmdir()
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"data")])])
+    assert_error(reply, 500, "internal_error")
+    assert str(upload_dir) not in reply.body.decode()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> Iterator[Path]:
+    """A 4 MiB tmpfs mounted for the test (needs CAP_SYS_ADMIN; skipped otherwise)."""
+    mount_point = tmp_path / "small-fs"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+async def test_real_full_filesystem_in_process(small_tmpfs):
+    upload_dir = small_tmpfs / "uploads"
+    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir))
+    body = form_body([file_part(os.urandom(6 * MiB))])
+    reply = await call_app(app, upload_scope(), chunks_of(body, 64 * KiB))
+    assert_error(reply, 507, "insufficient_storage")
+    assert_nothing_stored(upload_dir)
+    data = os.urandom(MiB)
+    reply = await call_app(app, upload_scope(), [form_body([file_part(data)])])
+    assert reply.status == 201
+    assert_stored(upload_dir, reply.json(), data)
+
+
+def test_real_full_filesystem_through_hypercorn(small_tmpfs, tmp_path):
+    upload_dir = small_tmpfs / "uploads"
+    server = Server(upload_dir, env={"UPLOAD_FSYNC": "1"})
+    server.log_path = tmp_path / "hypercorn.log"  # not on the small filesystem
+    with server:
+        with server.client() as http:
+            free = http.get("/health").json()["free_bytes"]
+            assert 0 < free <= 4 * MiB
+            refused = http.post("/upload", files={"file": ("big", os.urandom(2 * MiB) * 3)})
+            assert refused.status_code == 507
+            assert refused.json()["error"] == "insufficient_storage"
+            assert_nothing_stored(upload_dir)
+            data = os.urandom(3 * MiB)
+            stored = http.post("/upload", files={"file": ("fits", data)})
+            assert stored.status_code == 201
+            assert_stored(upload_dir, stored.json(), data)
+            # Full again, with a file already stored: that file stays intact.
+            refused = http.post("/upload", files={"file": ("big", os.urandom(2 * MiB))})
+            assert refused.status_code == 507
+            assert stored_ids(upload_dir) == [stored.json()["id"]]
+            assert os.listdir(upload_dir / ".partial") == []
+            assert http.get("/health").status_code == 200
+
+
+# -- crashes ------------------------------------------------------------------------------
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def start_half_upload(server: Server, data: bytes):
+    """Open a raw connection and send the headers and half the body of an upload of `data`."""
+    import socket
+
+    body = form_body([file_part(data, filename="interrupted.bin")])
+    head = request_head("/upload", [("Content-Type", form_content_type()), ("Content-Length", str(len(body)))])
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(head + body[: len(body) // 2])
+    return sock, body
+
+
+def partial_files(upload_dir: Path) -> list[Path]:
+    return sorted((upload_dir / ".partial").iterdir())
+
+
+@pytest.mark.slow
+def test_kill_9_mid_upload_leaves_nothing_visible_and_restart_sweeps(tmp_path):
+    upload_dir = tmp_path / "uploads"
+    env = {"UPLOAD_FSYNC": "1"}
+    earlier = os.urandom(300 * KiB)
+    with Server(upload_dir, env=env) as server:
+        with server.client() as http:
+            first = http.post("/upload", files={"file": ("earlier.bin", earlier)}, data={"description": "kept"})
+        assert first.status_code == 201
+        record = first.json()
+
+        sock, _ = start_half_upload(server, os.urandom(8 * MiB))
+        try:
+            wait_for(lambda: any(p.stat().st_size > MiB for p in partial_files(upload_dir)), what="partial data")
+            server.kill()
+        finally:
+            sock.close()
+
+    # After the crash: the earlier upload and its sidecar only; the interrupted one left a
+    # partial file, which nobody reading the upload dir sees as a file.
+    assert sorted(p.name for p in upload_dir.iterdir() if p.name != ".partial") == sorted(
+        [record["id"], f"{record['id']}.json"]
+    )
+    assert len(partial_files(upload_dir)) == 1
+
+    with Server(upload_dir, env=env) as server:
+        with server.client() as http:
+            assert http.get("/health").status_code == 200  # lifespan startup has run
+            assert partial_files(upload_dir) == []  # swept
+            assert_stored(upload_dir, record, earlier)
+            again = http.post("/upload", files={"file": ("after.bin", b"after the crash")})
+            assert again.status_code == 201
+            assert_stored(upload_dir, again.json(), b"after the crash")
+
+
+@pytest.mark.slow
+def test_a_second_server_starting_does_not_sweep_a_live_upload(tmp_path):
+    """SPEC §8: a worker starting on the same upload dir leaves in-flight files alone."""
+    upload_dir = tmp_path / "uploads"
+    data = os.urandom(4 * MiB)
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as first:
+        sock, body = start_half_upload(first, data)
+        try:
+            wait_for(lambda: partial_files(upload_dir), what="the partial file")
+            with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as second:
+                with second.client() as http:
+                    assert http.get("/health").status_code == 200  # its startup sweep has run
+            assert len(partial_files(upload_dir)) == 1
+            sock.sendall(body[len(body) // 2 :])
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                more = sock.recv(65536)
+                assert more, answer
+                answer += more
+        finally:
+            sock.close()
+    assert answer.startswith(b"HTTP/1.1 201 ")
+    record = httpx.Response(201, content=answer.split(b"\r\n\r\n", 1)[1]).json()
+    assert_stored(upload_dir, record, data)
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sweep_keeps_a_file_another_process_is_writing(tmp_path):
+    partial_dir = targets.prepare_upload_dir(tmp_path / "uploads")
+    live = partial_dir / targets.new_file_id()
+    stale = partial_dir / targets.new_file_id()
+    stale.write_bytes(b"left by a crashed process")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        assert targets.sweep_stale_partials(partial_dir) == 1
+        assert partial_files(tmp_path / "uploads") == [live]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    # Its process is gone, so is its lock: now the file is stale.
+    assert targets.sweep_stale_partials(partial_dir) == 1
+    assert partial_files(tmp_path / "uploads") == []
+
+
+def test_sweep_keeps_a_file_this_process_is_writing(tmp_path):
+    """flock belongs to the open file: a sweep in the same process (another app) sees it too."""
+    partial_dir = targets.prepare_upload_dir(tmp_path / "uploads")
+    path = partial_dir / targets.new_file_id()
+    fd = targets.create_locked(path)
+    try:
+        os.write(fd, b"in flight")
+        assert targets.sweep_stale_partials(partial_dir) == 0
+        assert path.read_bytes() == b"in flight"
+        # A second app on the same dir prepares it at its startup: the file stays.
+        other = upload_asgi.create_app(upload_asgi.Config(upload_dir=tmp_path / "uploads"))
+        other.prepare()
+        assert path.exists()
+    finally:
+        os.close(fd)
+    assert targets.sweep_stale_partials(partial_dir) == 1
+
+
+def test_sweep_ignores_what_it_cannot_open(tmp_path):
+    partial_dir = targets.prepare_upload_dir(tmp_path / "uploads")
+    (partial_dir / "dangling").symlink_to(tmp_path / "nowhere")
+    assert targets.sweep_stale_partials(partial_dir) == 0
+
+
+# -- the log: one line per upload -------------------------------------------------------
+
+
+async def test_log_line_per_stored_file(config, upload_dir, caplog):
+    app = upload_asgi.create_app(replace(config, fsync=False))
+    datas = [os.urandom(5000), os.urandom(7000)]
+    body = form_body([file_part(d, name="files", filename=f"f{i}") for i, d in enumerate(datas)])
+    with caplog.at_level(logging.INFO, logger="upload_asgi"):
+        reply = await call_app(app, upload_scope("/upload-multiple"), [body])
+    assert reply.status == 201
+    lines = [r.getMessage() for r in caplog.records if r.name == "upload_asgi"]
+    assert len(lines) == 2
+    for line, record, data in zip(lines, reply.json()["files"], datas):
+        match = re.fullmatch(
+            r"upload stored: id=(\w+) size=(\d+) sha256=(\w+) in ([\d.]+) s \(([\d.]+) MB/s\)", line
+        )
+        assert match, line
+        assert match[1] == record["id"]
+        assert int(match[2]) == len(data)
+        assert match[3] == hashlib.sha256(data).hexdigest()
+        assert float(match[4]) >= 0 and float(match[5]) >= 0
+
+
+@pytest.mark.parametrize(
+    "limits, status, code",
+    [
+        ({"max_file_size": 1000}, 413, "payload_too_large"),
+        ({}, 400, "malformed_multipart"),
+    ],
+)
+async def test_log_line_per_failed_upload(config, upload_dir, caplog, limits, status, code):
+    app = upload_asgi.create_app(replace(config, fsync=False, **limits))
+    body = form_body([file_part(os.urandom(3000))])
+    if not limits:
+        body = body[:-10]  # cut short
+    with caplog.at_level(logging.INFO, logger="upload_asgi"):
+        reply = await call_app(app, upload_scope(), chunks_of(body, 1024))
+    assert reply.status == status
+    lines = [r.getMessage() for r in caplog.records if r.name == "upload_asgi"]
+    assert len(lines) == 1
+    match = re.match(r"upload refused: (\d+) (\w+) after (\d+) bytes: ", lines[0])
+    assert match, lines[0]
+    assert (int(match[1]), match[2]) == (status, code)
+    assert 0 < int(match[3]) <= len(body)
+
+
+async def test_log_line_for_a_client_that_left(config, upload_dir, caplog):
+    app = upload_asgi.create_app(replace(config, fsync=False))
+    body = form_body([file_part(os.urandom(3000))])
+    with caplog.at_level(logging.INFO, logger="upload_asgi"):
+        reply = await call_app(app, upload_scope(), [body[:2000]], disconnect_after=True)
+    assert reply.status is None
+    lines = [r.getMessage() for r in caplog.records if r.name == "upload_asgi"]
+    assert lines == ["upload abandoned by the client after 2000 bytes"]
+    assert_nothing_stored(upload_dir)

@@ -1,0 +1,422 @@
+"""Limits (SPEC §3, §5): each one answers 413 naming it, stops reading there and leaves nothing on disk.
+
+In process, with a traced receive/send to see when the answer goes out; then the file and
+request limits through a real hypercorn, with a raw client that keeps sending after the
+413 (SPEC §8: it must get the answer and see the connection closed, not hang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+import pytest
+
+import upload_asgi
+from support import (
+    BOUNDARY,
+    Part,
+    Reply,
+    Server,
+    assert_nothing_stored,
+    assert_stored,
+    chunked,
+    chunks_of,
+    field_part,
+    file_part,
+    form_body,
+    form_content_type,
+    http_scope,
+    raw_request,
+    request_head,
+)
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass
+class Trace:
+    """One request fed by hand, with the order of every receive() and send()."""
+
+    reply: Reply
+    events: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def body_read_before_answer(self) -> int:
+        """Body bytes the app had received when it started its answer."""
+        total = 0
+        for kind, value in self.events:
+            if kind == "send" and value == "http.response.start":
+                return total
+            if kind == "receive":
+                total += value
+        raise AssertionError("no answer")
+
+    @property
+    def receives_before_answer(self) -> int:
+        return self.events.index(("send", "http.response.start")) if self.reply.status else -1
+
+    @property
+    def body_read(self) -> int:
+        return sum(v for k, v in self.events if k == "receive")
+
+
+async def call_traced(app: Any, scope: dict[str, Any], chunks: Iterable[bytes]) -> Trace:
+    """Like support.call_app, but record when each body chunk is taken and the answer sent."""
+    queue = iter([*({"type": "http.request", "body": c, "more_body": True} for c in chunks),
+                  {"type": "http.request", "body": b"", "more_body": False}])
+    trace = Trace(Reply())
+
+    async def receive() -> dict[str, Any]:
+        message = next(queue, {"type": "http.disconnect"})
+        trace.events.append(("receive", len(message.get("body", b""))))
+        return message
+
+    async def send(message: dict[str, Any]) -> None:
+        trace.events.append(("send", message["type"]))
+        reply = trace.reply
+        if message["type"] == "http.response.start":
+            reply.status = message["status"]
+            reply.headers = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            reply.body += message.get("body", b"")
+
+    await app(scope, receive, send)
+    return trace
+
+
+def upload_scope(path: str = "/upload", length: int | None = None, headers=()) -> dict[str, Any]:
+    extra = list(headers)
+    if length is not None:
+        extra.append(("content-length", str(length)))
+    return http_scope(path, headers=extra, content_type=form_content_type())
+
+
+def make_app(config: upload_asgi.Config, **limits: int) -> upload_asgi.UploadApp:
+    return upload_asgi.create_app(replace(config, fsync=False, **limits))
+
+
+def assert_limit(trace: Trace, limit: str, maximum: int) -> None:
+    reply = trace.reply
+    assert reply.status == 413, reply.body
+    reply.check_length()
+    assert reply.headers["content-type"] == "application/json"
+    payload = reply.json()
+    assert payload["error"] == "payload_too_large"
+    assert payload["limit"] == limit
+    assert payload["max"] == maximum
+    assert isinstance(payload["detail"], str) and payload["detail"]
+    # The body was not read to its end: the answer says the connection closes.
+    assert reply.headers.get("connection") == "close"
+
+
+def noise(size: int) -> bytes:
+    return os.urandom(size)
+
+
+# -- in process: one test per limit --------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 65536], ids=["1000B", "4K", "64K"])
+async def test_file_over_its_limit(config, upload_dir, chunk):
+    app = make_app(config, max_file_size=50 * KiB)
+    body = form_body([file_part(noise(2 * MiB))])
+    trace = await call_traced(app, upload_scope(length=len(body)), chunks_of(body, chunk))
+    assert_limit(trace, "file_size", 50 * KiB)
+    # It stopped at the limit (plus at most the chunk that crossed it), not at the end.
+    assert trace.body_read_before_answer <= 50 * KiB + 200 + chunk
+    assert_nothing_stored(upload_dir)
+
+
+async def test_file_at_its_limit_is_stored(config, upload_dir):
+    data = noise(50 * KiB)
+    app = make_app(config, max_file_size=50 * KiB)
+    body = form_body([file_part(data)])
+    trace = await call_traced(app, upload_scope(length=len(body)), chunks_of(body, 3000))
+    assert trace.reply.status == 201, trace.reply.body
+    assert_stored(upload_dir, trace.reply.json(), data)
+
+
+async def test_second_file_over_its_limit_removes_the_first(config, upload_dir):
+    app = make_app(config, max_file_size=50 * KiB)
+    body = form_body([file_part(noise(10 * KiB), name="files"), file_part(noise(60 * KiB), name="files")])
+    trace = await call_traced(app, upload_scope("/upload-multiple"), chunks_of(body, 4096))
+    assert_limit(trace, "file_size", 50 * KiB)
+    assert_nothing_stored(upload_dir)
+
+
+@pytest.mark.parametrize("name", ["description", "sha256"])
+async def test_text_field_over_its_limit(config, upload_dir, name):
+    app = make_app(config, max_field_size=1 * KiB)
+    body = form_body([file_part(b"x" * 100), field_part(name, "d" * (64 * KiB))])
+    trace = await call_traced(app, upload_scope(), chunks_of(body, 512))
+    assert_limit(trace, "field_size", 1 * KiB)
+    assert trace.body_read_before_answer <= 1 * KiB + 600 + 512
+    assert_nothing_stored(upload_dir)
+
+
+async def test_text_field_at_its_limit_is_kept(config, upload_dir):
+    data = b"payload"
+    app = make_app(config, max_field_size=1 * KiB)
+    body = form_body([file_part(data), field_part("description", "d" * KiB)])
+    trace = await call_traced(app, upload_scope(), chunks_of(body, 100))
+    assert trace.reply.status == 201, trace.reply.body
+    assert trace.reply.json()["description"] == "d" * KiB
+    assert_stored(upload_dir, trace.reply.json(), data)
+
+
+async def test_unregistered_field_is_bounded_like_a_text_field(config, upload_dir):
+    app = make_app(config, max_field_size=1 * KiB)
+    body = form_body([field_part("junk", b"j" * (MiB)), file_part(b"x")])
+    trace = await call_traced(app, upload_scope(), chunks_of(body, 4096))
+    assert_limit(trace, "field_size", 1 * KiB)
+    assert trace.body_read_before_answer <= KiB + 300 + 4096
+
+
+@pytest.mark.parametrize("path, name, allowed", [("/upload-multiple", "files", 3), ("/upload", "file", 1)])
+async def test_more_files_than_allowed(config, upload_dir, path, name, allowed):
+    app = make_app(config, max_files=3)
+    parts = [file_part(noise(20 * KiB), filename=f"f{i}", name=name) for i in range(allowed + 1)]
+    parts.append(file_part(noise(MiB), filename="never-read", name=name))
+    body = form_body(parts)
+    trace = await call_traced(app, upload_scope(path), chunks_of(body, 8192))
+    assert_limit(trace, "files", allowed)
+    # The answer came when the extra part started, not after the last file.
+    assert trace.body_read_before_answer < (allowed + 1) * 21 * KiB + 8192
+    assert_nothing_stored(upload_dir)
+
+
+async def test_files_at_their_limit_are_stored(config, upload_dir):
+    app = make_app(config, max_files=3)
+    datas = [noise(1000 + i) for i in range(3)]
+    body = form_body([file_part(d, filename=f"f{i}", name="files") for i, d in enumerate(datas)])
+    trace = await call_traced(app, upload_scope("/upload-multiple"), chunks_of(body, 777))
+    assert trace.reply.status == 201, trace.reply.body
+    for record, data in zip(trace.reply.json()["files"], datas):
+        assert_stored(upload_dir, record, data)
+
+
+async def test_more_parts_than_allowed(config, upload_dir):
+    app = make_app(config, max_parts=5)
+    parts = [file_part(b"data")] + [field_part(f"extra{i}", "x") for i in range(10_000)]
+    body = form_body(parts)
+    trace = await call_traced(app, upload_scope(), chunks_of(body, 1024))
+    assert_limit(trace, "parts", 5)
+    assert trace.body_read_before_answer < 6 * 100 + 1024
+    assert_nothing_stored(upload_dir)
+
+
+async def test_empty_parts_count_too(config, upload_dir):
+    """Parts the app ignores (no name, empty file input) still count towards max_parts."""
+    app = make_app(config, max_parts=3)
+    nameless = Part("", headers=[b"Content-Disposition: form-data"])
+    empty_file = file_part(b"", filename="")
+    body = form_body([file_part(b"data"), nameless, empty_file, nameless, empty_file])
+    trace = await call_traced(app, upload_scope(), [body])
+    assert_limit(trace, "parts", 3)
+    assert_nothing_stored(upload_dir)
+
+
+async def test_request_over_its_limit_without_content_length(config, upload_dir):
+    app = make_app(config, max_request_size=100 * KiB)
+    body = form_body([file_part(noise(MiB))])
+    trace = await call_traced(app, upload_scope(length=None), chunks_of(body, 4096))
+    assert_limit(trace, "request_size", 100 * KiB)
+    assert trace.body_read_before_answer <= 100 * KiB + 4096
+    assert_nothing_stored(upload_dir)
+
+
+async def test_request_over_its_limit_with_a_lying_content_length(config, upload_dir):
+    app = make_app(config, max_request_size=100 * KiB)
+    body = form_body([file_part(noise(MiB))])
+    trace = await call_traced(app, upload_scope(length=1000), chunks_of(body, 4096))
+    assert_limit(trace, "request_size", 100 * KiB)
+    assert trace.body_read_before_answer <= 100 * KiB + 4096
+    assert_nothing_stored(upload_dir)
+
+
+async def test_request_at_its_limit_is_stored(config, upload_dir):
+    data = noise(10 * KiB)
+    body = form_body([file_part(data)])
+    app = make_app(config, max_request_size=len(body))
+    trace = await call_traced(app, upload_scope(length=len(body)), chunks_of(body, 1500))
+    assert trace.reply.status == 201, trace.reply.body
+    assert_stored(upload_dir, trace.reply.json(), data)
+
+
+@pytest.mark.parametrize("path", ["/upload", "/upload-multiple"])
+async def test_declared_length_over_the_limit_is_refused_before_the_body(config, upload_dir, path):
+    app = make_app(config, max_request_size=100 * KiB)
+    chunks = itertools.repeat(b"z" * 65536, 64)  # 4 MiB the client would send
+    trace = await call_traced(app, upload_scope(path, length=100 * KiB + 1), chunks)
+    assert_limit(trace, "request_size", 100 * KiB)
+    # The answer went out before the first receive(): no body byte was asked for.
+    assert trace.events[:2] == [("send", "http.response.start"), ("send", "http.response.body")]
+    # Afterwards it drains a bounded amount so that a server can deliver the answer (SPEC §8).
+    assert trace.body_read <= upload_asgi.DRAIN_LIMIT_BYTES + 65536
+    assert_nothing_stored(upload_dir)
+
+
+async def test_declared_length_at_the_limit_is_read(config, upload_dir):
+    data = b"q" * 1000
+    body = form_body([file_part(data)])
+    app = make_app(config, max_request_size=len(body))
+    trace = await call_traced(app, upload_scope(length=len(body)), [body])
+    assert trace.reply.status == 201
+    assert_stored(upload_dir, trace.reply.json(), data)
+
+
+async def test_limits_are_independent_per_request(config, upload_dir):
+    """A refused request leaves the app fully usable for the next one."""
+    app = make_app(config, max_file_size=10 * KiB)
+    body = form_body([file_part(noise(20 * KiB))])
+    assert (await call_traced(app, upload_scope(), [body])).reply.status == 413
+    data = noise(10 * KiB)
+    trace = await call_traced(app, upload_scope(), [form_body([file_part(data)])])
+    assert trace.reply.status == 201
+    assert_stored(upload_dir, trace.reply.json(), data)
+
+
+# -- through a real hypercorn -----------------------------------------------------------
+
+SERVER_LIMITS = {
+    "UPLOAD_FSYNC": "0",
+    "UPLOAD_MAX_FILE_SIZE": "1M",
+    "UPLOAD_MAX_REQUEST_SIZE": "4M",
+    "UPLOAD_MAX_FIELD_SIZE": "4K",
+}
+BLOCK = b"\xa5" * MiB
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory):
+    upload_dir = tmp_path_factory.mktemp("limits") / "uploads"
+    with Server(upload_dir, env=SERVER_LIMITS) as server:
+        yield server
+
+
+def file_start(name: str = "file") -> bytes:
+    """The body up to the first byte of a file part's data."""
+    return b"--" + BOUNDARY.encode() + b"\r\n" + file_part(b"", name=name).head() + b"\r\n\r\n"
+
+
+def endless(first: bytes, megabytes: int) -> Iterable[bytes]:
+    """`first`, then `megabytes` MiB: a client that keeps sending whatever it hears."""
+    return itertools.chain([first], itertools.repeat(BLOCK, megabytes))
+
+
+def headers_for(length: int | None) -> list[tuple[str, str]]:
+    headers = [("Content-Type", form_content_type())]
+    headers.append(("Content-Length", str(length)) if length is not None else ("Transfer-Encoding", "chunked"))
+    return headers
+
+
+HOSTILE_CASES = [
+    pytest.param(
+        "/upload", headers_for(200 * MiB), endless(file_start(), 200), "request_size", 4 * MiB,
+        id="declared-length",
+    ),
+    pytest.param(
+        "/upload", headers_for(None), chunked(endless(file_start(), 200)), "file_size", 1 * MiB,
+        id="file-chunked",
+    ),
+    pytest.param(
+        "/upload-multiple", headers_for(3 * MiB + 500), endless(file_start("files"), 3), "file_size", 1 * MiB,
+        id="file-content-length",
+    ),
+    pytest.param(
+        "/upload-multiple",
+        headers_for(None),
+        chunked(endless(form_body([file_part(b"f" * (MiB - 1000), name="files")] * 5), 200)),
+        "request_size", 4 * MiB,
+        id="request-chunked",
+    ),
+    pytest.param(
+        "/upload",
+        headers_for(None),
+        chunked(itertools.chain([b"--" + BOUNDARY.encode() + b"\r\n" + field_part("description", b"").head() + b"\r\n\r\n"], itertools.repeat(BLOCK, 200))),
+        "field_size", 4 * KiB,
+        id="field-chunked",
+    ),
+]
+
+
+@pytest.mark.parametrize("path, headers, body, limit, maximum", HOSTILE_CASES)
+def test_server_answers_413_and_closes_while_the_client_keeps_sending(
+    limited_server, path, headers, body, limit, maximum
+):
+    """SPEC §8: the client gets the 413 and then sees the connection closed, within bounds."""
+    reply = raw_request(limited_server.port, request_head(path, headers), body, timeout=30, close_wait=15)
+    assert reply.status == 413
+    assert int(reply.headers["content-length"]) == len(reply.body)
+    payload = reply.json()
+    assert (payload["error"], payload["limit"], payload["max"]) == ("payload_too_large", limit, maximum)
+    assert reply.headers.get("connection") == "close"
+    assert reply.closed, "the server kept the connection open after its early answer"
+    # The client stopped far short of what it meant to send: the server quit reading.
+    assert reply.sent < 100 * MiB
+    assert_nothing_stored(limited_server.upload_dir)
+
+
+def test_server_keeps_serving_after_refusals(limited_server):
+    data = os.urandom(MiB)  # exactly the file limit
+    body = form_body([file_part(data + b"!")])
+    for _ in range(3):
+        refused = raw_request(limited_server.port, request_head("/upload", headers_for(len(body))), [body])
+        assert refused.status == 413
+        assert refused.json()["limit"] == "file_size"
+    with limited_server.client() as http:
+        assert http.get("/health").json()["uploads_in_flight"] == 0
+        stored = http.post("/upload", files={"file": ("ok", data)})
+    assert stored.status_code == 201, stored.text
+    record = stored.json()
+    assert_stored(limited_server.upload_dir, record, data)
+    os.unlink(limited_server.upload_dir / record["id"])
+    os.unlink(limited_server.upload_dir / f"{record['id']}.json")
+
+
+class AwaitingSend:
+    """A middleware whose send awaits before passing each message on (as one that logs or
+    compresses asynchronously would): the app yields between its last receive() and its answer."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def awaiting_send(message: dict[str, Any]) -> None:
+            await asyncio.sleep(0.05)
+            await send(message)
+
+        await self.app(scope, receive, awaiting_send if scope["type"] == "http" else send)
+
+
+def awaiting_app() -> AwaitingSend:
+    """`hypercorn 'test_limits:awaiting_app()'`: the upload app behind AwaitingSend."""
+    return AwaitingSend(upload_asgi.create_app())
+
+
+def test_early_answer_behind_an_awaiting_middleware_still_closes(tmp_path):
+    """SPEC §8 with the receive queue full when the answer goes out.
+
+    While the middleware awaits, hypercorn fills its 10-message receive queue; it then
+    puts http.disconnect into that queue inside the app's final send. Unless the app
+    keeps receiving while it answers, that send never returns: the connection hangs
+    and the upload's slot is never given back.
+    """
+    upload_dir = tmp_path / "uploads"
+    with Server(upload_dir, app="test_limits:awaiting_app()", env=SERVER_LIMITS) as server:
+        for _ in range(3):
+            reply = raw_request(
+                server.port, request_head("/upload", headers_for(None)), chunked(endless(file_start(), 100)),
+                timeout=30, close_wait=15,
+            )
+            assert reply.status == 413
+            assert reply.json()["limit"] == "file_size"
+            assert reply.closed, "the connection hung after the early answer"
+        with server.client() as http:
+            assert http.get("/health").json()["uploads_in_flight"] == 0
+    assert_nothing_stored(upload_dir)
