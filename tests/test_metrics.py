@@ -1,0 +1,469 @@
+"""GET /metrics (Prometheus text format 0.0.4) and GET /health, checked by a strict parser."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+import pytest
+
+import upload_asgi
+from support import (
+    Reply,
+    Server,
+    assert_nothing_stored,
+    call_app,
+    field_part,
+    file_part,
+    form_body,
+    form_content_type,
+    http_scope,
+)
+
+# -- a strict parser for the Prometheus text exposition format ---------------------------------
+# https://prometheus.io/docs/instrumenting/exposition_formats/#text-based-format
+
+METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
+LABEL_VALUE = r'"(?:[^"\\\n]|\\[\\"n])*"'
+LABEL = rf"({LABEL_NAME})=({LABEL_VALUE})"
+VALUE = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]Inf|NaN"
+SAMPLE_RE = re.compile(
+    rf"(?P<name>{METRIC_NAME})"
+    rf"(?:\{{(?P<labels>(?:{LABEL_NAME}={LABEL_VALUE}(?:,{LABEL_NAME}={LABEL_VALUE})*,?)?)\}})?"
+    rf" (?P<value>{VALUE})(?: (?P<timestamp>-?\d+))?"
+)
+TYPES = {"counter", "gauge", "histogram", "summary", "untyped"}
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+class ExpositionError(AssertionError):
+    pass
+
+
+@dataclass
+class Family:
+    name: str
+    type: str | None = None
+    help: str | None = None
+    samples: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
+
+    def value(self, name: str | None = None, **labels: str) -> float:
+        """The value of the one sample with this name and exactly these labels."""
+        name = name or self.name
+        found = [v for n, l, v in self.samples if n == name and l == labels]
+        if len(found) != 1:
+            raise KeyError(f"{name}{labels}: {len(found)} samples")
+        return found[0]
+
+
+def unescape_label(quoted: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), quoted[1:-1])
+
+
+def parse_labels(text: str | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for match in re.finditer(LABEL, text or ""):
+        if match.group(1) in labels:
+            raise ExpositionError(f"label {match.group(1)} given twice")
+        labels[match.group(1)] = unescape_label(match.group(2))
+    return labels
+
+
+def parse_exposition(text: str) -> dict[str, Family]:
+    """Parse Prometheus text format, refusing anything a scraper could misread."""
+    if not text.endswith("\n"):
+        raise ExpositionError("the exposition must end with a line feed")
+    families: dict[str, Family] = {}
+    finished: set[str] = set()
+    current: str | None = None
+    series: set[tuple[str, frozenset]] = set()
+
+    def enter(name: str) -> Family:
+        nonlocal current
+        if name != current:
+            if name in finished:
+                raise ExpositionError(f"the lines of {name} are not one group")
+            if current is not None:
+                finished.add(current)
+            current = name
+        return families.setdefault(name, Family(name))
+
+    def family_of(sample: str) -> Family:
+        if sample in families and families[sample].type != "histogram":
+            return families[sample]
+        for suffix in HISTOGRAM_SUFFIXES:
+            base = sample[: -len(suffix)]
+            if sample.endswith(suffix) and families.get(base) and families[base].type == "histogram":
+                return families[base]
+        raise ExpositionError(f"sample {sample} has no TYPE line before it")
+
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                if len(parts) != 4 or not re.fullmatch(METRIC_NAME, parts[2]):
+                    raise ExpositionError(f"line {number}: bad {parts[1]} line {line!r}")
+                family = enter(parts[2])
+                if parts[1] == "TYPE":
+                    if family.type is not None or family.samples:
+                        raise ExpositionError(f"line {number}: TYPE of {family.name} again or after samples")
+                    if parts[3] not in TYPES:
+                        raise ExpositionError(f"line {number}: unknown type {parts[3]!r}")
+                    family.type = parts[3]
+                else:
+                    if family.help is not None:
+                        raise ExpositionError(f"line {number}: second HELP for {family.name}")
+                    if re.search(r"\\[^\\n]", parts[3]):
+                        raise ExpositionError(f"line {number}: bad escape in HELP")
+                    family.help = parts[3]
+            continue  # any other comment
+        if not line.strip():
+            continue
+        match = SAMPLE_RE.fullmatch(line)
+        if not match:
+            raise ExpositionError(f"line {number}: not a sample line: {line!r}")
+        name, labels = match.group("name"), parse_labels(match.group("labels"))
+        family = family_of(name)
+        enter(family.name)
+        key = (name, frozenset(labels.items()))
+        if key in series:
+            raise ExpositionError(f"line {number}: series {name}{labels} twice")
+        series.add(key)
+        value = float(match.group("value"))
+        if family.type == "counter" and not value >= 0:
+            raise ExpositionError(f"line {number}: counter {name} is {value}")
+        if family.type == "histogram" and (name.endswith("_bucket") != ("le" in labels)):
+            raise ExpositionError(f"line {number}: le belongs on _bucket samples only")
+        family.samples.append((name, labels, value))
+
+    for family in families.values():
+        if family.type is None or family.help is None:
+            raise ExpositionError(f"{family.name} lacks TYPE or HELP")
+        if not family.samples:
+            raise ExpositionError(f"{family.name} has no samples")
+        if family.type == "histogram":
+            check_histogram(family)
+    return families
+
+
+def check_histogram(family: Family) -> None:
+    groups: dict[frozenset, dict[str, Any]] = {}
+    for name, labels, value in family.samples:
+        rest = frozenset((k, v) for k, v in labels.items() if k != "le")
+        group = groups.setdefault(rest, {"buckets": [], "sum": None, "count": None})
+        if name.endswith("_bucket"):
+            group["buckets"].append((float(labels["le"]), value))
+        else:
+            group[name.rsplit("_", 1)[1]] = value
+    for rest, group in groups.items():
+        bounds = [b for b, _ in group["buckets"]]
+        counts = [c for _, c in group["buckets"]]
+        where = f"{family.name}{dict(rest)}"
+        if not bounds or bounds[-1] != math.inf:
+            raise ExpositionError(f"{where}: no +Inf bucket last")
+        if any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise ExpositionError(f"{where}: bucket bounds not increasing: {bounds}")
+        if any(a > b for a, b in zip(counts, counts[1:])):
+            raise ExpositionError(f"{where}: bucket counts not cumulative: {counts}")
+        if group["count"] is None or group["sum"] is None:
+            raise ExpositionError(f"{where}: _sum or _count missing")
+        if counts[-1] != group["count"]:
+            raise ExpositionError(f"{where}: +Inf bucket {counts[-1]} != _count {group['count']}")
+        if any(c != int(c) for c in counts):
+            raise ExpositionError(f"{where}: fractional bucket count")
+
+
+GOOD = """\
+# HELP a_total Things.
+# TYPE a_total counter
+a_total{kind="x"} 1
+a_total{kind="y\\"\\\\\\n"} 2.5e3
+# some other comment
+# HELP h Durations.
+# TYPE h histogram
+h_bucket{le="0.1"} 1
+h_bucket{le="1"} 3
+h_bucket{le="+Inf"} 4
+h_sum 7.25
+h_count 4
+"""
+
+
+def test_parser_accepts_a_good_exposition():
+    families = parse_exposition(GOOD)
+    assert families["a_total"].value(kind='y"\\\n') == 2500
+    assert families["h"].value("h_count") == 4
+
+
+@pytest.mark.parametrize(
+    ("broken", "why"),
+    [
+        pytest.param(GOOD[:-1], "end with a line feed", id="no-final-newline"),
+        pytest.param(GOOD.replace('h_bucket{le="1"} 3', 'h_bucket{le="1"} 0'), "cumulative", id="bucket-decreases"),
+        pytest.param(GOOD.replace("h_count 4", "h_count 5"), "!= _count", id="inf-not-count"),
+        pytest.param(GOOD.replace('h_bucket{le="+Inf"} 4\n', ""), "+Inf", id="no-inf-bucket"),
+        pytest.param(GOOD.replace("h_sum 7.25\n", ""), "_sum", id="no-sum"),
+        pytest.param(GOOD.replace('le="0.1"', 'le="2"'), "increasing", id="bounds-out-of-order"),
+        pytest.param(GOOD.replace("# TYPE a_total counter\n", ""), "TYPE", id="no-type"),
+        pytest.param(GOOD.replace("# HELP a_total Things.\n", ""), "HELP", id="no-help"),
+        pytest.param(GOOD + 'a_total{kind="z"} 1\n', "one group", id="family-split"),
+        pytest.param(GOOD.replace('a_total{kind="x"} 1', 'a_total{kind="y\\"\\\\\\n"} 1'), "twice", id="dup-series"),
+        pytest.param(GOOD.replace('{kind="x"}', "{kind=x}"), "not a sample", id="unquoted-label"),
+        pytest.param(GOOD.replace('{kind="x"}', '{kind="\\q"}'), "not a sample", id="bad-escape"),
+        pytest.param(GOOD.replace("a_total{kind=\"x\"} 1", "a_total{kind=\"x\"} one"), "not a sample", id="bad-value"),
+        pytest.param(GOOD.replace("a_total{kind=\"x\"} 1", "a_total{kind=\"x\"} -1"), "counter", id="negative-counter"),
+        pytest.param(GOOD.replace("counter", "countr"), "unknown type", id="bad-type"),
+        pytest.param(GOOD.replace("h_sum 7.25", 'h_sum{le="1"} 7.25'), "le belongs", id="le-on-sum"),
+    ],
+)
+def test_parser_refuses_broken_expositions(broken, why):
+    with pytest.raises(ExpositionError, match=re.escape(why)):
+        parse_exposition(broken)
+
+
+# -- /metrics and /health of the app --------------------------------------------------------
+
+
+async def scrape(app: Any) -> dict[str, Family]:
+    reply = await call_app(app, http_scope("/metrics", method="GET"))
+    assert reply.status == 200
+    reply.check_length()
+    assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    return parse_exposition(reply.body.decode("utf-8"))
+
+
+def snapshot(families: dict[str, Family]) -> dict[str, float]:
+    """The numbers the tests follow, flattened."""
+    uploads = families["upload_asgi_uploads_total"]
+    duration = families["upload_asgi_upload_duration_seconds"]
+    values = {
+        f"uploads.{labels['outcome']}": value for _, labels, value in uploads.samples
+    }
+    values.update({
+        "received": families["upload_asgi_received_bytes_total"].value(),
+        "stored_bytes": families["upload_asgi_stored_bytes_total"].value(),
+        "stored_files": families["upload_asgi_stored_files_total"].value(),
+        "in_flight": families["upload_asgi_uploads_in_flight"].value(),
+        "duration_count": duration.value("upload_asgi_upload_duration_seconds_count"),
+    })
+    return values
+
+
+def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+
+
+async def test_metrics_of_a_fresh_app(app):
+    families = await scrape(app)
+    types = {name: family.type for name, family in families.items()}
+    assert types == {
+        "upload_asgi_uploads_total": "counter",
+        "upload_asgi_received_bytes_total": "counter",
+        "upload_asgi_stored_bytes_total": "counter",
+        "upload_asgi_stored_files_total": "counter",
+        "upload_asgi_uploads_in_flight": "gauge",
+        "upload_asgi_upload_duration_seconds": "histogram",
+    }
+    values = snapshot(families)
+    assert {k for k in values if k.startswith("uploads.")} >= {
+        "uploads.stored", "uploads.rejected", "uploads.failed", "uploads.disconnected"
+    }
+    assert all(v == 0 for v in values.values())
+    head = await call_app(app, http_scope("/metrics", method="HEAD"))
+    assert head.status == 200 and head.body == b"" and int(head.headers["content-length"]) > 0
+
+
+async def test_counters_move_with_each_outcome(config, upload_dir):
+    def failing_hook(record: dict) -> None:
+        if record["filename"] == "hook-fails.bin":
+            raise RuntimeError("hook down")
+
+    app = upload_asgi.create_app(replace(config, max_file_size=64 * 1024), on_upload=failing_hook)
+    upload = http_scope("/upload", content_type=form_content_type())
+
+    async def step(chunks: list[bytes], scope: dict = upload, disconnect: bool = False) -> tuple[Reply, dict]:
+        before = snapshot(await scrape(app))
+        reply = await call_app(app, scope, chunks, disconnect_after=disconnect)
+        return reply, moved(before, snapshot(await scrape(app)))
+
+    data = os.urandom(10_000)
+    body = form_body([field_part("description", "d"), file_part(data)])
+    reply, delta = await step([body[:5000], body[5000:]])
+    assert reply.status == 201
+    assert delta == {"uploads.stored": 1, "received": len(body), "stored_bytes": len(data),
+                     "stored_files": 1, "duration_count": 1}
+
+    several = form_body([file_part(b"a" * 100, name="files"), file_part(b"b" * 200, name="files")])
+    multiple = http_scope("/upload-multiple", content_type=form_content_type())
+    reply, delta = await step([several], multiple)
+    assert reply.status == 201
+    assert delta == {"uploads.stored": 1, "received": len(several), "stored_bytes": 300,
+                     "stored_files": 2, "duration_count": 1}
+
+    too_big = form_body([file_part(os.urandom(200_000))])
+    reply, delta = await step([too_big[i : i + 16384] for i in range(0, len(too_big), 16384)])
+    assert reply.status == 413
+    received = delta.pop("received")
+    assert 64 * 1024 < received < len(too_big)  # stopped soon after the limit
+    assert delta == {"uploads.rejected": 1, "duration_count": 1}
+
+    declared = http_scope("/upload", content_type=form_content_type(),
+                          headers=[("content-length", str(config.max_request_size + 1))])
+    reply, delta = await step([b"never read"], declared)
+    assert reply.status == 413
+    assert delta == {"uploads.rejected": 1, "duration_count": 1}  # not a byte received
+
+    no_file = form_body([field_part("description", "only text")])
+    reply, delta = await step([no_file])
+    assert reply.status == 422
+    assert delta == {"uploads.rejected": 1, "received": len(no_file), "duration_count": 1}
+
+    mismatch = form_body([file_part(b"abc"), field_part("sha256", "f" * 64)])
+    reply, delta = await step([mismatch])
+    assert reply.status == 422
+    assert delta == {"uploads.rejected": 1, "received": len(mismatch), "duration_count": 1}
+
+    half = body[: len(body) // 2]
+    reply, delta = await step([half], disconnect=True)
+    assert reply.status is None
+    assert delta == {"uploads.disconnected": 1, "received": len(half), "duration_count": 1}
+
+    hooked = form_body([file_part(b"stored, then the hook fails", "hook-fails.bin")])
+    reply, delta = await step([hooked])
+    assert reply.status == 500
+    assert delta == {"uploads.failed": 1, "received": len(hooked), "stored_bytes": 27,
+                     "stored_files": 1, "duration_count": 1}
+
+    final = await scrape(app)
+    duration = final["upload_asgi_upload_duration_seconds"]
+    assert duration.value("upload_asgi_upload_duration_seconds_count") == 8
+    assert duration.value("upload_asgi_upload_duration_seconds_sum") > 0
+    assert snapshot(final)["in_flight"] == 0
+
+
+class HeldInProcess:
+    """An upload fed to the app by hand: its first chunk, then held until released."""
+
+    def __init__(self, app: Any, body: bytes, first: int, disconnect: bool = False) -> None:
+        self.release = asyncio.Event()
+        self.waiting = asyncio.Event()  # the app asked for the second chunk
+        self.reply = Reply()
+        chunks = [{"type": "http.request", "body": body[:first], "more_body": True}]
+
+        async def receive() -> dict:
+            if chunks:
+                return chunks.pop()
+            self.waiting.set()
+            await self.release.wait()
+            if disconnect:
+                return {"type": "http.disconnect"}
+            return {"type": "http.request", "body": body[first:], "more_body": False}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.reply.status = message["status"]
+            elif message["type"] == "http.response.body":
+                self.reply.body += message.get("body", b"")
+
+        self.task = asyncio.create_task(app(http_scope("/upload", content_type=form_content_type()), receive, send))
+
+    async def finish(self) -> Reply:
+        self.release.set()
+        await asyncio.wait_for(self.task, 10)
+        return self.reply
+
+
+async def test_health_and_metrics_count_uploads_in_flight(app, upload_dir):
+    async def health() -> dict:
+        reply = await call_app(app, http_scope("/health", method="GET"))
+        assert reply.status == 200
+        reply.check_length()
+        return reply.json()
+
+    idle = await health()
+    assert idle["status"] == "ok" and idle["uploads_in_flight"] == 0
+    assert 0 < idle["free_bytes"] <= shutil.disk_usage(upload_dir).total
+
+    body = form_body([file_part(os.urandom(300_000))])
+    first = HeldInProcess(app, body, 1000)
+    second = HeldInProcess(app, body, 150_000, disconnect=True)
+    await asyncio.wait_for(first.waiting.wait(), 10)
+    await asyncio.wait_for(second.waiting.wait(), 10)
+    assert (await health())["uploads_in_flight"] == 2
+    assert snapshot(await scrape(app))["in_flight"] == 2
+
+    assert (await first.finish()).status == 201
+    assert (await health())["uploads_in_flight"] == 1
+    assert (await second.finish()).status is None  # disconnected: no answer
+    assert (await health())["uploads_in_flight"] == 0
+    values = snapshot(await scrape(app))
+    assert (values["uploads.stored"], values["uploads.disconnected"], values["in_flight"]) == (1, 1, 0)
+
+
+# -- through hypercorn ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_health_and_metrics_through_hypercorn_with_an_upload_held_open(upload_dir):
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_MAX_REQUEST_SIZE": "8M"}
+    with Server(upload_dir, env=env) as server, server.client() as client:
+
+        def values() -> dict[str, float]:
+            response = client.get("/metrics")
+            assert response.status_code == 200
+            return snapshot(parse_exposition(response.text))
+
+        start = values()
+        data = os.urandom(2_000_000)
+        body = form_body([file_part(data)])
+        head = (
+            "POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: {form_content_type()}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        try:
+            sock.sendall(head + body[:500_000])
+            deadline = time.monotonic() + 20
+            while client.get("/health").json()["uploads_in_flight"] != 1:
+                assert time.monotonic() < deadline, "the held upload never showed as in flight"
+                time.sleep(0.05)
+            health = client.get("/health").json()
+            assert health["status"] == "ok"
+            assert 0 < health["free_bytes"] <= shutil.disk_usage(upload_dir).total
+            assert values()["in_flight"] == 1
+            assert any((upload_dir / ".partial").iterdir())  # it is being written
+        finally:
+            sock.close()  # the client goes away mid-upload
+
+        deadline = time.monotonic() + 20
+        while (now := values())["in_flight"] != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert_nothing_stored(upload_dir)
+
+        stored = client.post("/upload", files={"file": ("ok.bin", data)})
+        assert stored.status_code == 201
+        too_large = client.post("/upload", files={"file": ("big.bin", os.urandom(9 * 1024 * 1024))})
+        assert too_large.status_code == 413
+        end = values()
+
+    delta = moved(start, end)
+    received_disconnect = moved(start, now)["received"]
+    assert 0 < received_disconnect <= len(body)
+    assert delta.pop("uploads.stored") == 1
+    assert delta.pop("uploads.disconnected") == 1
+    assert delta.pop("uploads.rejected") == 1  # the 413, refused by its Content-Length
+    assert delta.pop("stored_files") == 1
+    assert delta.pop("stored_bytes") == len(data)
+    assert delta.pop("duration_count") == 3
+    assert delta.pop("received") > len(data)
+    assert delta == {}
