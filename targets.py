@@ -380,6 +380,11 @@ class UploadFileTarget(BaseTarget):
     def on_finish(self) -> None:
         self.finished = True
 
+    def sync(self, fsync: bool) -> None:
+        """Flush to the device (if asked); the file stays open and locked in `.partial/`."""
+        if fsync and self._fd is not None:
+            os.fsync(self._fd)
+
     def sync_and_close(self, fsync: bool) -> None:
         """Flush to the device (if asked) and close; the file stays in `.partial/`."""
         if self._fd is None:
@@ -583,7 +588,9 @@ def create_locked(path: Path) -> int:
     released when its process dies, so an unlocked partial file is stale.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # Blocking: a sweep that opened the file before we locked it holds the lock only
+    # to unlink it (LOCK_NB would fail this upload with EWOULDBLOCK).
+    fcntl.flock(fd, fcntl.LOCK_EX)
     if os.fstat(fd).st_nlink == 0:  # a sweep removed it before we locked it
         os.close(fd)
         return create_locked(path)
@@ -636,8 +643,10 @@ def commit_files(
 
     Blocking (fsync): run it off the event loop.
     """
+    # Each file stays open, and so locked, until it has left .partial/: closed there,
+    # a worker starting now would sweep it as stale (SPEC §8).
     for target, _ in files:
-        target.sync_and_close(fsync)
+        target.sync(fsync)
     moved: list[Path] = []
     try:
         for target, record in files:
@@ -655,6 +664,8 @@ def commit_files(
         for target, _ in files:
             target.abort()
         raise
+    for target, _ in files:
+        target.sync_and_close(fsync=False)
 
 
 def write_sidecar(tmp: Path, final: Path, record: dict[str, Any], fsync: bool) -> None:
