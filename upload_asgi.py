@@ -319,9 +319,10 @@ def header(scope: Scope, name: bytes) -> str | None:
 def route_path(scope: Scope) -> str:
     """Return the path relative to the mount point.
 
-    Servers disagree on whether `path` includes `root_path` (hypercorn's
-    DispatcherMiddleware strips it, Starlette's Mount keeps it), so strip it only
-    when it is there, at a `/` boundary.
+    Hosts disagree on whether `path` includes `root_path` (Starlette's Mount and
+    hypercorn's DispatcherMiddleware keep it, `hypercorn --root-path` behind a
+    prefix-stripping proxy does not), so strip it only when it is there, at a `/`
+    boundary.
     """
     path = scope.get("path") or "/"
     root = scope.get("root_path") or ""
