@@ -380,8 +380,9 @@ def make_record(target: Any, description: str | None) -> Record:
 
 
 async def send_body(
-    send: Send, status: int, body: bytes, content_type: bytes, headers=(), head_only=False
+    send: Send, status: int, body: bytes, content_type: bytes, headers=(), head_only=False, more_body=False
 ) -> None:
+    """Answer with an exact content-length; `more_body` leaves the response open."""
     await send({
         "type": "http.response.start",
         "status": status,
@@ -391,15 +392,17 @@ async def send_body(
             *headers,
         ],
     })
-    await send({"type": "http.response.body", "body": b"" if head_only else body})
+    await send({"type": "http.response.body", "body": b"" if head_only else body, "more_body": more_body})
 
 
 async def send_json(send: Send, status: int, payload: Any, headers=(), head_only=False) -> None:
     await send_body(send, status, json_bytes(payload), b"application/json", headers, head_only)
 
 
-async def send_error(send: Send, error: UploadError, headers=(), head_only=False) -> None:
-    await send_json(send, error.status, error_payload(error), (*error.headers, *headers), head_only)
+async def send_error(send: Send, error: UploadError, headers=(), head_only=False, more_body=False) -> None:
+    body = json_bytes(error_payload(error))
+    headers = (*error.headers, *headers)
+    await send_body(send, error.status, body, b"application/json", headers, head_only, more_body)
 
 
 # -- metrics --------------------------------------------------------------------
@@ -617,7 +620,7 @@ class UploadApp:
             error = exc
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            await self.answer_error(receive, send, exc, progress)
+            await self.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"))
         finally:
             self.metrics.in_flight -= 1
             self.metrics.bytes_received += progress.received
@@ -734,7 +737,7 @@ class UploadApp:
         return {"files": records, "count": len(records), "total_size": sum(r["size"] for r in records)}
 
     async def answer_error(
-        self, receive: Receive, send: Send, exc: BaseException, progress: BodyProgress
+        self, receive: Receive, send: Send, exc: BaseException, progress: BodyProgress, http_version: str
     ) -> None:
         """Answer an error; if the body was not read to its end, close the connection."""
         error = as_upload_error(exc)
@@ -742,6 +745,15 @@ class UploadApp:
             logger.error("upload failed: %s", error.detail, exc_info=exc if error is not exc else None)
         if progress.complete:
             await send_error(send, error)
+            return
+        if http_version == "2":
+            # Hypercorn 0.18 forgets an HTTP/2 stream as soon as its response ends, and
+            # a DATA frame the client still had in flight then raises KeyError in its
+            # h2 protocol and drops the whole connection, other uploads included. So
+            # the answer stays open while we read a bounded rest of the body.
+            await send_error(send, error, more_body=True)
+            await drain_body(receive)
+            await send({"type": "http.response.body", "body": b""})
             return
         # Keep receiving while we answer: hypercorn 0.18 puts http.disconnect into the
         # receive queue inside our final send and blocks there while that queue (10
