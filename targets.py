@@ -224,6 +224,11 @@ class Framer:
         self._held = CRLF
         self._carry = b""  # the last bytes of body seen, for a marker split over chunks
         self._preamble_bytes = -len(CRLF)
+        # Body sizes of the queued parts, as the framing says: FormReader checks that
+        # the parser handed out exactly these (see `close`).
+        self.body_sizes: list[int] = []
+        self._body_size = 0
+        self._queued = False
 
     @property
     def complete(self) -> bool:
@@ -238,11 +243,18 @@ class Framer:
         fed = pos = 0
         while True:
             if self.state == self.BODY:
+                start = pos
                 found = self._find_body_end(data, pos)
                 if found is None:
+                    self._body_size += len(data) - start
                     self._remember_tail(data)
                     break
                 pos, closing = found
+                # The delimiter may have begun in the last chunk (then this is negative).
+                self._body_size += pos - len(self.marker) - 2 - start
+                if self._queued:
+                    self.body_sizes.append(self._body_size)
+                self._body_size = 0
                 self._carry = b""
                 self.state = self.EPILOGUE if closing else self.HEADERS
                 if closing:
@@ -250,6 +262,15 @@ class Framer:
                     return
             elif self.state == self.HEADERS:
                 end = self._find_headers_end(data, pos)
+                # Hold the block until a few body bytes follow it (a body is always
+                # followed by a delimiter, so they come). streaming-form-data keeps
+                # the "\r\n" of the previous delimiter in its close-delimiter finder;
+                # fed a body that starts with "-" at the very end of a chunk, it
+                # underflows and fails (or ends the form early). With these bytes
+                # in the same chunk it skips ahead and resets that state. It also
+                # keeps header bytes out of the carry of `_remember_tail`.
+                if end >= 0 and len(data) - (end + 4) < len(self.marker) + 2:
+                    end = -1
                 if end < 0:
                     if pos > fed:
                         yield data[fed:pos]
@@ -315,6 +336,7 @@ class Framer:
                 "parts", self.max_parts, f"the form has more than {self.max_parts} parts"
             )
         info = read_part_headers(block)
+        self._queued = info is not None
         if info is not None:
             self.parts.append(info)
 
@@ -469,14 +491,17 @@ class PartRouter(BaseTarget):
         self._parts = parts
         self._open_target = open_target
         self.current: BaseTarget | None = None
+        self.sizes: list[int] = []  # bytes the parser gave each part
 
     def on_start(self) -> None:
         if not self._parts or self.current is not None:
             raise FormError("the parts of the form cannot be told apart")
         self.current = self._open_target(self._parts.popleft())
+        self.sizes.append(0)
         self.current.start()
 
     def on_data_received(self, chunk: bytes) -> None:
+        self.sizes[-1] += len(chunk)
         self.current.data_received(chunk)
 
     def on_finish(self) -> None:
@@ -540,6 +565,11 @@ class FormReader:
         if not self._framer.complete:
             raise FormError("the body ended before the closing boundary")
         if self._framer.parts or not all(t.finished for t in self._opened):
+            raise FormError("the parts of the form cannot be told apart")
+        # streaming-form-data can drop body bytes next to a "\r\n--boundary" that is
+        # not a delimiter (RFC 2046 forbids it in a body, but it must not give a short
+        # file and a 201): every part must have got exactly what the framing says.
+        if self._router.sizes != self._framer.body_sizes:
             raise FormError("the parts of the form cannot be told apart")
 
     def abort(self) -> None:
