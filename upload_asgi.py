@@ -845,27 +845,537 @@ def create_app(config: Config | None = None, on_upload: UploadCallback | None = 
 
 def render_page(root_path: str, token_required: bool) -> bytes:
     """Return the upload page, with its URLs under `root_path`."""
-    settings = json_bytes({"root": root_path.rstrip("/"), "tokenRequired": token_required}).decode()
-    # Keep "</script>" in a value from closing the inline script.
-    settings = settings.replace("<", "\\u003c")
-    return PAGE_HTML.replace("__SETTINGS__", settings).replace(
-        "__ROOT__", html.escape(root_path.rstrip("/"), quote=True)
-    ).encode()
+    root = root_path.rstrip("/")
+    settings = json_bytes({"root": root, "tokenRequired": token_required}).decode()
+    # Keep "</script>" or "<!--" in a value from ending the inline script; \u003c is
+    # the same character to JSON. U+2028/9 are escaped for engines older than ES2019.
+    settings = settings.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    slots = {"__SETTINGS__": settings, "__ROOT__": html.escape(root, quote=True)}
+    # One pass, so a root_path containing "__ROOT__" is not substituted twice.
+    return re.sub("__SETTINGS__|__ROOT__", lambda m: slots[m.group()], PAGE_HTML).encode()
 
 
 # --- page start (the upload page; edited as one block) ---
-PAGE_HTML = """<!doctype html>
+PAGE_HTML = r"""<!doctype html>
 <html lang="en">
-<head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Upload</title></head>
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<link rel="icon" href="data:,">
+<title>Upload files</title>
+<style>
+:root {
+  --bg: #ffffff; --fg: #1b1c1f; --muted: #4d5059; --line: #c4c7cf; --zone: #f2f5fb;
+  --accent: #0b57d0; --on-accent: #ffffff; --error: #a8201a; --ok: #12652a; --focus: #0b57d0;
+  --mono: ui-monospace, "SFMono-Regular", "DejaVu Sans Mono", Menlo, Consolas, monospace;
+}
+@media (prefers-color-scheme: dark) {
+  :root {
+    --bg: #131417; --fg: #e8e8ec; --muted: #b6b8c0; --line: #4a4d55; --zone: #1d2029;
+    --accent: #a8c7fa; --on-accent: #0a2a5e; --error: #ffb4ab; --ok: #7ddc97; --focus: #a8c7fa;
+  }
+}
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 16px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; }
+main { max-width: 76rem; margin: 0 auto; padding: 1.5rem 1rem 3rem; }
+h1 { font-size: 1.6rem; margin: 0 0 .25rem; }
+h2 { font-size: 1.2rem; margin: 0; }
+p { margin: 0; }
+code { font-family: var(--mono); font-size: .875rem; }
+.lead, .help { color: var(--muted); }
+.help { font-size: .875rem; }
+.fields { display: flex; flex-wrap: wrap; gap: 1rem; margin: 1.25rem 0 1rem; }
+.field { flex: 1 1 18rem; max-width: 40rem; display: flex; flex-direction: column; gap: .25rem; }
+.field[hidden] { display: none; }
+label { font-weight: 600; }
+.optional { font-weight: 400; color: var(--muted); }
+input[type=text], input[type=password] { font: inherit; color: inherit; background: var(--bg);
+  border: 1px solid var(--muted); border-radius: .375rem; padding: .5rem .625rem; width: 100%; }
+button { font: inherit; font-size: .875rem; cursor: pointer; border-radius: .375rem; padding: .3rem .75rem;
+  border: 1px solid var(--accent); background: var(--bg); color: var(--fg); }
+button.primary { background: var(--accent); color: var(--on-accent); }
+:focus-visible { outline: 3px solid var(--focus); outline-offset: 2px; }
+.zone { position: relative; border: 2px dashed var(--muted); border-radius: .75rem; background: var(--zone);
+  text-align: center; padding: 2.25rem 1rem; }
+.zone:focus-within { outline: 3px solid var(--focus); outline-offset: 3px; }
+.zone.over { border-style: solid; border-color: var(--accent); }
+.zone label { display: block; font-size: 1.15rem; }
+.zone .link { color: var(--accent); text-decoration: underline; }
+/* The real file input covers the zone: a click anywhere opens the picker, and it
+   keeps the keyboard (Tab, then Enter or Space) and screen readers working. */
+.picker { position: absolute; inset: 0; width: 100%; height: 100%; opacity: 0; cursor: pointer; }
+.status { min-height: 1.5rem; margin: .75rem 0; font-weight: 600; }
+.results[hidden] { display: none; }
+.results header { display: flex; align-items: center; justify-content: space-between; gap: 1rem; margin: 1rem 0 .5rem; }
+table { width: 100%; border-collapse: collapse; }
+th, td { text-align: left; vertical-align: top; padding: .6rem .5rem; border-bottom: 1px solid var(--line); }
+thead th { font-size: .875rem; color: var(--muted); border-bottom: 2px solid var(--line); }
+tbody th { font-weight: 600; overflow-wrap: anywhere; min-width: 6rem; }
+td.size { white-space: nowrap; }
+td.state { min-width: 12rem; }
+td.sha, td.id { overflow-wrap: anywhere; }
+/* Two even lines each: 64 hex digits as 2 x 32, a 32-digit id as 2 x 16. */
+td.sha code { display: block; width: 32ch; }
+td.id code { display: block; width: 16ch; }
+progress { width: 100%; height: .75rem; accent-color: var(--accent); vertical-align: middle; }
+.bar { display: flex; align-items: center; gap: .5rem; }
+.bar progress { flex: 1; }
+.pct { font-variant-numeric: tabular-nums; min-width: 3.5em; text-align: right; font-size: .875rem; }
+.stats { font-size: .875rem; color: var(--muted); font-variant-numeric: tabular-nums; }
+.msg { font-size: .9rem; }
+tr[data-state=error] .msg { color: var(--error); font-weight: 600; }
+tr[data-state=done] .msg { color: var(--ok); font-weight: 600; }
+.actions { margin-top: .35rem; display: flex; gap: .5rem; flex-wrap: wrap; }
+.actions button[hidden], .copy[hidden] { display: none; }
+.copy { margin-top: .35rem; }
+.visually-hidden { position: absolute; width: 1px; height: 1px; margin: -1px; padding: 0; overflow: hidden;
+  clip: rect(0 0 0 0); white-space: nowrap; border: 0; }
+/* Narrow windows: each upload becomes a block, each cell says what it is. */
+@media (max-width: 56rem) {
+  thead { position: absolute; width: 1px; height: 1px; overflow: hidden; clip: rect(0 0 0 0); }
+  table, tbody, tr, th, td { display: block; }
+  tr { border: 1px solid var(--line); border-radius: .5rem; margin-bottom: .75rem; padding: .25rem .5rem; }
+  th, td { border: 0; padding: .3rem 0; min-width: 0; }
+  td.state { min-width: 0; }
+  td[data-label]::before { content: attr(data-label); display: block; font-size: .8rem; font-weight: 600; color: var(--muted); }
+  td.sha code, td.id code { width: auto; }
+  tr:not([data-state=done]) td.sha, tr:not([data-state=done]) td.id { display: none; }
+}
+</style>
+</head>
 <body>
-<h1>Upload a file</h1>
-<form method="post" action="__ROOT__/upload" enctype="multipart/form-data">
-<p><label>File <input type="file" name="file" required></label></p>
-<p><label>Description <input type="text" name="description"></label></p>
-<p><button type="submit">Upload</button></p>
+<main>
+<h1>Upload files</h1>
+<p class="lead">Each file is streamed to the server and stored with its SHA-256.</p>
+<form id="form" method="post" action="__ROOT__/upload" enctype="multipart/form-data">
+  <div class="fields">
+    <div class="field" id="token-field" hidden>
+      <label for="token">Upload token</label>
+      <input id="token" type="password" autocomplete="off" spellcheck="false" aria-describedby="token-help">
+      <p id="token-help" class="help">This server asks for a token; it is sent as an <code>Authorization: Bearer</code> header.</p>
+    </div>
+    <div class="field">
+      <label for="description">Description <span class="optional">(optional)</span></label>
+      <input id="description" name="description" type="text" aria-describedby="description-help">
+      <p id="description-help" class="help">Stored with every file you add after typing it.</p>
+    </div>
+  </div>
+  <div class="zone" id="zone">
+    <input class="picker" id="picker" type="file" name="file" aria-describedby="zone-help">
+    <label for="picker"><span aria-hidden="true">&#x2B06;&#xFE0E; </span>Drop files here or <span class="link">choose files</span></label>
+    <p class="help" id="zone-help">One file or many. Uploads start as soon as you add them.</p>
+  </div>
+  <noscript><p class="status">Without JavaScript: one file at a time, no progress, and the answer is JSON.
+    <button type="submit" class="primary">Upload</button></p></noscript>
 </form>
-<script>const SETTINGS = __SETTINGS__;</script>
+<p class="status" id="status" role="status" aria-live="polite"></p>
+<section class="results" id="results" aria-labelledby="results-title" hidden>
+  <header><h2 id="results-title">Uploads</h2><button type="button" id="clear">Clear finished</button></header>
+  <table role="table">
+    <thead role="rowgroup"><tr role="row">
+      <th role="columnheader" scope="col">File</th><th role="columnheader" scope="col">Size</th>
+      <th role="columnheader" scope="col">Status</th><th role="columnheader" scope="col">SHA-256</th>
+      <th role="columnheader" scope="col">ID</th>
+    </tr></thead>
+    <tbody role="rowgroup" id="rows"></tbody>
+  </table>
+</section>
+</main>
+<script>
+(function () {
+  "use strict";
+  // {"root": root_path without its trailing slash, "tokenRequired": bool}
+  var SETTINGS = __SETTINGS__;
+  // Two uploads at a time: the link stays busy between requests and a small file
+  // need not wait behind a big one, without splitting the bandwidth many ways.
+  var PARALLEL = 2;
+  var STATUS_WORDS = {
+    400: "The server could not read the upload", 401: "Not authorized", 403: "Forbidden",
+    404: "No upload service at this address", 405: "Not allowed", 408: "Timed out",
+    413: "Too large", 415: "Not accepted", 422: "Refused", 500: "Server error",
+    502: "Bad gateway", 503: "The server is busy; retry in a moment", 504: "Gateway timeout",
+    507: "The server's disk is full"
+  };
+
+  function $(id) { return document.getElementById(id); }
+  var picker = $("picker"), zone = $("zone"), rows = $("rows"), results = $("results");
+  var statusLine = $("status"), tokenField = $("token-field"), tokenInput = $("token");
+  var descriptionInput = $("description"), clearButton = $("clear");
+  var uploads = [], waiting = [], running = 0, limits = null, baseTitle = document.title;
+  var batch = { stored: 0, failed: 0, cancelled: 0 };
+
+  picker.multiple = true;  // without JavaScript the form posts one file to /upload
+  if (SETTINGS.tokenRequired) { tokenField.hidden = false; }
+
+  function url(path) { return SETTINGS.root + path; }
+
+  function formatBytes(n) {
+    if (n < 1024) { return Math.round(n) + " B"; }
+    var units = ["KiB", "MiB", "GiB", "TiB", "PiB"], value = n / 1024, i = 0;
+    while (value >= 1024 && i < units.length - 1) { value /= 1024; i += 1; }
+    return (value >= 100 ? value.toFixed(0) : value.toFixed(1)) + " " + units[i];
+  }
+
+  function formatDuration(seconds) {
+    if (!isFinite(seconds) || seconds < 0) { return "\u2013"; }
+    if (seconds < 0.1) { return "under 0.1 s"; }
+    if (seconds < 10) { return seconds.toFixed(1) + " s"; }
+    seconds = Math.ceil(seconds);
+    if (seconds < 60) { return seconds + " s"; }
+    var minutes = Math.floor(seconds / 60);
+    if (minutes < 60) { return minutes + " min " + (seconds % 60) + " s"; }
+    return Math.floor(minutes / 60) + " h " + (minutes % 60) + " min";
+  }
+
+  function say(text) { statusLine.textContent = text; }
+
+  function element(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) { node.className = className; }
+    if (text !== undefined) { node.textContent = text; }
+    return node;
+  }
+
+  function cell(label, className) {
+    var td = element("td", className);
+    td.setAttribute("role", "cell");
+    td.setAttribute("data-label", label);
+    return td;
+  }
+
+  function makeRow(item) {
+    var tr = element("tr");
+    tr.setAttribute("role", "row");
+    var name = element("th", "name", item.name);
+    name.setAttribute("role", "rowheader");
+    name.setAttribute("scope", "row");
+    var size = cell("Size", "size");
+    size.textContent = formatBytes(item.size);
+    size.title = item.size.toLocaleString("en") + " bytes";
+    var state = cell("Status", "state");
+    var bar = element("div", "bar");
+    var progress = element("progress");
+    progress.max = 100;
+    progress.value = 0;
+    progress.setAttribute("aria-label", "Upload progress of " + item.name);
+    var pct = element("span", "pct", "0%");
+    bar.append(progress, pct);
+    var stats = element("div", "stats", "Waiting\u2026");
+    var msg = element("div", "msg");
+    var actions = element("div", "actions");
+    var cancel = element("button", "cancel", "Cancel");
+    cancel.type = "button";
+    cancel.setAttribute("aria-label", "Cancel upload of " + item.name);
+    var retry = element("button", "retry", "Retry");
+    retry.type = "button";
+    retry.hidden = true;
+    retry.setAttribute("aria-label", "Retry upload of " + item.name);
+    actions.append(cancel, retry);
+    state.append(bar, stats, msg, actions);
+    var sha = cell("SHA-256", "sha");
+    var shaCode = element("code");
+    var copy = element("button", "copy", "Copy");
+    copy.type = "button";
+    copy.hidden = true;
+    copy.setAttribute("aria-label", "Copy the SHA-256 of " + item.name);
+    sha.append(shaCode, copy);
+    var id = cell("ID", "id");
+    var idCode = element("code");
+    id.append(idCode);
+    tr.append(name, size, state, sha, id);
+    cancel.addEventListener("click", function () { cancelUpload(item); });
+    retry.addEventListener("click", function () { enqueue(item); });
+    copy.addEventListener("click", function () { copyText(shaCode.textContent, copy, shaCode); });
+    item.ui = { row: tr, size: size, progress: progress, pct: pct, stats: stats, msg: msg,
+                cancel: cancel, retry: retry, sha: shaCode, copy: copy, id: idCode };
+    return tr;
+  }
+
+  function setState(item, state, message) {
+    item.state = state;
+    item.ui.row.setAttribute("data-state", state);
+    item.ui.msg.textContent = message || "";
+    var finished = state === "done" || state === "error" || state === "cancelled";
+    item.ui.cancel.hidden = finished;
+    item.ui.retry.hidden = !(state === "error" || state === "cancelled");
+  }
+
+  function addFiles(files) {
+    var description = descriptionInput.value;
+    var added = 0;
+    for (var i = 0; i < files.length; i += 1) {
+      var file = files[i];
+      var item = { file: file, name: file.name, size: file.size, description: description };
+      uploads.push(item);
+      rows.append(makeRow(item));
+      added += 1;
+      var refusal = tooLarge(file.size);
+      if (refusal) {
+        setState(item, "error", refusal);
+        item.ui.stats.textContent = "Not sent.";
+        batch.failed += 1;
+      } else {
+        enqueue(item);
+      }
+    }
+    if (added) {
+      results.hidden = false;
+      if (running || waiting.length) { say("Uploading " + (running + waiting.length) + " file(s)\u2026"); }
+      else { summarize(); }
+    }
+  }
+
+  function maxSize() {
+    if (!limits || typeof limits.max_file_size !== "number") { return null; }
+    var request = typeof limits.max_request_size === "number" ? limits.max_request_size : Infinity;
+    return Math.min(limits.max_file_size, request);
+  }
+
+  function tooLarge(size) {
+    var max = maxSize();
+    if (max === null || size <= max) { return null; }
+    return "Too large: the server takes files up to " + formatBytes(max) + " (" +
+      max.toLocaleString("en") + " bytes).";
+  }
+
+  function enqueue(item) {
+    item.loaded = 0;
+    item.ui.progress.value = 0;
+    item.ui.pct.textContent = "0%";
+    item.ui.stats.textContent = "Waiting\u2026";
+    setState(item, "queued");
+    waiting.push(item);
+    pump();
+  }
+
+  function pump() {
+    while (running < PARALLEL && waiting.length) { send(waiting.shift()); }
+    updateTitle();
+  }
+
+  function send(item) {
+    var xhr = new XMLHttpRequest();
+    var form = new FormData();
+    if (item.description) { form.append("description", item.description); }
+    form.append("file", item.file, item.file.name);
+    item.xhr = xhr;
+    item.started = performance.now();
+    item.samples = [[item.started, 0]];
+    item.shown = 0;
+    setState(item, "uploading");
+    item.ui.stats.textContent = "Starting\u2026";
+    xhr.upload.onprogress = function (event) { showProgress(item, event.loaded, event.total); };
+    xhr.upload.onload = function () {
+      showProgress(item, 1, 1);
+      if (item.state === "uploading") { item.ui.stats.textContent = "All sent; the server is storing the file\u2026"; }
+    };
+    xhr.onload = function () { answered(item, xhr); };
+    xhr.onerror = function () {
+      failed(item, "The connection failed before the server answered (the network, or the server closed it).");
+    };
+    xhr.onabort = function () {
+      setState(item, "cancelled", "Cancelled; the server discards what it received.");
+      batch.cancelled += 1;
+    };
+    xhr.onloadend = function () { item.xhr = null; running -= 1; pump(); summarize(); };
+    try {
+      xhr.open("POST", url("/upload"));
+      xhr.setRequestHeader("Accept", "application/json");
+      var token = tokenInput.value.trim();
+      if (token) { xhr.setRequestHeader("Authorization", "Bearer " + token); }
+      xhr.send(form);
+    } catch (err) {
+      failed(item, "Not sent: " + (token ? "the token has characters a header cannot carry." : err.message));
+      item.xhr = null;
+      updateTitle();
+      return;
+    }
+    running += 1;
+  }
+
+  function showProgress(item, loaded, total) {
+    var fraction = total > 0 ? Math.min(1, loaded / total) : 0;
+    var sent = Math.round(fraction * item.size);
+    item.loaded = sent;
+    item.ui.progress.value = fraction * 100;
+    item.ui.pct.textContent = Math.floor(fraction * 100) + "%";
+    var now = performance.now();
+    item.samples.push([now, sent]);
+    while (item.samples.length > 2 && now - item.samples[0][0] > 3000) { item.samples.shift(); }
+    // Four text updates a second are readable; the bar follows every event.
+    if (fraction < 1 && now - item.shown < 250) { return; }
+    item.shown = now;
+    var first = item.samples[0], span = (now - first[0]) / 1000;
+    var text = formatBytes(sent) + " of " + formatBytes(item.size);
+    if (span >= 0.3 && sent > first[1]) {
+      var speed = (sent - first[1]) / span;
+      text += " \u00b7 " + formatBytes(speed) + "/s \u00b7 " + formatDuration((item.size - sent) / speed) + " left";
+    }
+    item.ui.stats.textContent = text;
+    updateTitle();
+  }
+
+  function answered(item, xhr) {
+    var payload = null;
+    try { payload = JSON.parse(xhr.responseText); } catch (err) { payload = null; }
+    if (xhr.status === 201 && payload && typeof payload.sha256 === "string") {
+      var seconds = (performance.now() - item.started) / 1000;
+      item.ui.progress.value = 100;
+      item.ui.pct.textContent = "100%";
+      item.ui.sha.textContent = payload.sha256;
+      item.ui.id.textContent = String(payload.id);
+      item.ui.copy.hidden = false;
+      if (typeof payload.size === "number") {
+        item.ui.size.textContent = formatBytes(payload.size);
+        item.ui.size.title = payload.size.toLocaleString("en") + " bytes";
+      }
+      item.ui.stats.textContent = formatBytes(item.size) + " in " + formatDuration(seconds) +
+        (seconds >= 0.1 ? " \u00b7 " + formatBytes(item.size / seconds) + "/s" : "");
+      // The server keeps a cleaned name (last path component, no control characters;
+      // browsers send " as %22): say so when it differs from the name picked.
+      var stored = typeof payload.filename === "string" ? payload.filename : item.name;
+      setState(item, "done", "\u2713 Stored" + (stored === item.name ? "" : " as \u201c" + stored + "\u201d"));
+      batch.stored += 1;
+      return;
+    }
+    var detail = payload && typeof payload.detail === "string" ? payload.detail : "";
+    var words = STATUS_WORDS[xhr.status] || "The server answered";
+    var message = words + " (" + xhr.status + ")" + (detail ? ": " + detail : ".");
+    if (xhr.status === 401) {
+      tokenField.hidden = false;
+      message += " Enter the token above, then Retry.";
+    }
+    failed(item, message);
+  }
+
+  function failed(item, message) {
+    setState(item, "error", message);
+    item.ui.stats.textContent = "Not stored.";
+    batch.failed += 1;
+    say(item.name + ": " + message);
+  }
+
+  function cancelUpload(item) {
+    if (item.xhr) { item.xhr.abort(); return; }  // onabort and onloadend do the rest
+    var at = waiting.indexOf(item);
+    if (at >= 0) {
+      waiting.splice(at, 1);
+      setState(item, "cancelled", "Cancelled before it started.");
+      item.ui.stats.textContent = "Not sent.";
+      batch.cancelled += 1;
+      summarize();
+    }
+  }
+
+  function summarize() {
+    updateTitle();
+    if (running || waiting.length) { return; }
+    var parts = [];
+    if (batch.stored) { parts.push(batch.stored + " stored"); }
+    if (batch.failed) { parts.push(batch.failed + " failed"); }
+    if (batch.cancelled) { parts.push(batch.cancelled + " cancelled"); }
+    if (parts.length) { say("Finished: " + parts.join(", ") + "."); }
+    batch = { stored: 0, failed: 0, cancelled: 0 };
+  }
+
+  function updateTitle() {
+    var total = 0, sent = 0;
+    uploads.forEach(function (item) {
+      if (item.state === "queued" || item.state === "uploading") { total += item.size; sent += item.loaded || 0; }
+    });
+    document.title = total > 0 ? Math.floor(sent / total * 100) + "% \u00b7 " + baseTitle : baseTitle;
+  }
+
+  function copyText(text, button, source) {
+    function copied() {
+      button.textContent = "Copied";
+      say("SHA-256 copied.");
+      setTimeout(function () { button.textContent = "Copy"; }, 1500);
+    }
+    function fallback() {
+      var range = document.createRange();
+      range.selectNodeContents(source);
+      var selection = window.getSelection();
+      selection.removeAllRanges();
+      selection.addRange(range);
+      var ok = false;
+      try { ok = document.execCommand("copy"); } catch (err) { ok = false; }
+      if (ok) { copied(); } else { say("Selected: press Ctrl+C (or \u2318C) to copy."); }
+    }
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(text).then(copied, fallback);
+    } else {
+      fallback();
+    }
+  }
+
+  picker.addEventListener("change", function () {
+    addFiles(Array.prototype.slice.call(picker.files));
+    picker.value = "";  // choosing the same file again still fires "change"
+  });
+
+  function carriesFiles(event) {
+    return event.dataTransfer && Array.prototype.indexOf.call(event.dataTransfer.types, "Files") >= 0;
+  }
+  // A drop anywhere on the page counts, so a near miss never navigates away to the file.
+  window.addEventListener("dragover", function (event) {
+    if (!carriesFiles(event)) { return; }
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    zone.classList.add("over");
+  });
+  window.addEventListener("dragleave", function (event) {
+    if (!event.relatedTarget) { zone.classList.remove("over"); }
+  });
+  window.addEventListener("drop", function (event) {
+    if (!carriesFiles(event)) { return; }
+    event.preventDefault();
+    zone.classList.remove("over");
+    var files = [], folders = [], items = event.dataTransfer.items;
+    for (var i = 0; items && i < items.length; i += 1) {
+      if (items[i].kind !== "file") { continue; }
+      var entry = items[i].webkitGetAsEntry ? items[i].webkitGetAsEntry() : null;
+      var file = items[i].getAsFile();
+      if (entry && entry.isDirectory) { folders.push(entry.name); } else if (file) { files.push(file); }
+    }
+    if (!items) { files = Array.prototype.slice.call(event.dataTransfer.files); }
+    addFiles(files);
+    if (folders.length) { say("Folders are not uploaded (" + folders.join(", ") + "): open them and pick their files."); }
+  });
+
+  clearButton.addEventListener("click", function () {
+    uploads = uploads.filter(function (item) {
+      var keep = item.state === "queued" || item.state === "uploading";
+      if (!keep) { item.ui.row.remove(); }
+      return keep;
+    });
+    if (!uploads.length) { results.hidden = true; }
+    say("");
+  });
+
+  window.addEventListener("beforeunload", function (event) {
+    if (running || waiting.length) { event.preventDefault(); event.returnValue = ""; }
+  });
+
+  // The server's limits, so a file it would refuse is not sent at all; without
+  // them (an old server, a proxy in the way) the server's answer says it.
+  var health = new XMLHttpRequest();
+  health.open("GET", url("/health"));
+  health.onload = function () {
+    try {
+      var facts = JSON.parse(health.responseText);
+      if (health.status === 200 && facts && typeof facts.max_file_size === "number") {
+        limits = facts;
+        $("zone-help").textContent = "One file or many, up to " + formatBytes(maxSize()) +
+          " each. Uploads start as soon as you add them.";
+      }
+    } catch (err) { limits = null; }
+  };
+  health.send();
+})();
+</script>
 </body>
 </html>
 """
