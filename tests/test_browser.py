@@ -1,0 +1,366 @@
+"""The upload page in a real headless Chromium against a real hypercorn (issue 5).
+
+Debian's `chromium` package driven by Playwright for Python: Playwright's own browser
+download is never used (`executable_path` points at the system Chromium). Where either
+is missing, every test here skips and says how to install it.
+
+Uploads are throttled through the DevTools protocol where a test needs to see them in
+flight (progress, speed, cancel): on loopback a 20 MiB upload is otherwise over before
+the page can show anything between 0 and 100%.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from support import ROOT, Server, assert_nothing_stored, assert_stored, stored_ids
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+MiB = 1024 * 1024
+TIMEOUT_MS = 30_000
+XSS_NAMES = ["<img src=x onerror=alert(1)>.txt", '"><svg onload=alert(2)>.txt']
+
+# Records what the page shows while it works: every value the progress bars take and
+# every text the stats lines show, in order.
+RECORDER = """() => {
+  window.__seen = {progress: [], stats: []};
+  new MutationObserver((mutations) => {
+    for (const m of mutations) {
+      if (m.type === "attributes" && m.target.tagName === "PROGRESS") {
+        window.__seen.progress.push(Number(m.target.getAttribute("value")));
+      }
+      const stats = (m.target.nodeType === 1 ? m.target : m.target.parentElement).closest(".stats");
+      if (stats) { window.__seen.stats.push(stats.textContent); }
+    }
+  }).observe(document.getElementById("rows"),
+             {subtree: true, childList: true, characterData: true, attributes: true, attributeFilter: ["value"]});
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium: `apt-get install chromium` to run the browser tests")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api",
+        reason="no Playwright: `pip install playwright` (no `playwright install`: the system Chromium is used)",
+    )
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def expect(browser: Any) -> Callable[..., Any]:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=TIMEOUT_MS)
+    return expect
+
+
+@dataclass
+class Tab:
+    """One page in its own browser context, with what it did recorded."""
+
+    page: Any
+    context: Any
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    posts: list[Any] = field(default_factory=list)  # playwright Request objects
+
+    def row(self, name: str) -> Any:
+        return self.page.locator("#rows tr").filter(has=self.page.get_by_role("rowheader", name=name, exact=True))
+
+    def seen(self) -> dict[str, list[Any]]:
+        return self.page.evaluate("window.__seen")
+
+    def throttle(self, bytes_per_second: int) -> None:
+        cdp = self.context.new_cdp_session(self.page)
+        cdp.send("Network.enable")
+        cdp.send("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": bytes_per_second,
+        })
+
+    def screenshot(self, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture
+def open_tab(browser: Any) -> Iterator[Callable[..., Tab]]:
+    """open_tab(url, width=..., block_health=...) -> a loaded upload page; closed after the test."""
+    tabs: list[Tab] = []
+
+    def open_tab(url: str, width: int = 1200, height: int = 900, block_health: bool = False) -> Tab:
+        context = browser.new_context(viewport={"width": width, "height": height})
+        context.set_default_timeout(TIMEOUT_MS)
+        page = context.new_page()
+        tab = Tab(page, context)
+        tabs.append(tab)
+        page.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("pageerror", lambda error: tab.errors.append(str(error)))
+        page.on("request", lambda request: tab.posts.append(request) if request.method == "POST" else None)
+        if block_health:
+            # What an old server or a proxy in the way looks like: no limits known up front.
+            page.route("**/health", lambda route: route.abort())
+        page.goto(url)
+        if not block_health:
+            page.wait_for_function("document.getElementById('zone-help').textContent.includes('up to')")
+        page.evaluate(RECORDER)
+        return tab
+
+    yield open_tab
+    for tab in tabs:
+        tab.context.close()
+    assert [tab.errors for tab in tabs if tab.errors] == []  # no JavaScript error on any page
+
+
+def write_file(directory: Path, name: str, data: bytes) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_bytes(data)
+    return path
+
+
+def stored_record(upload_dir: Path, file_id: str) -> dict[str, Any]:
+    return json.loads((upload_dir / f"{file_id}.json").read_text())
+
+
+def wait_until(check: Callable[[], None], timeout: float = 10.0) -> None:
+    """Retry an assertion until it holds (the server cleans up after the browser has moved on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_big_file_progress_speed_and_sha256(open_tab, expect, tmp_path, upload_dir):
+    data = os.urandom(20 * MiB)
+    path = write_file(tmp_path / "files", "big.bin", data)
+    digest = hashlib.sha256(data).hexdigest()
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
+        tab = open_tab(server.url + "/")
+        page = tab.page
+        expect(page.get_by_label("Upload token")).to_be_hidden()  # no token configured
+        tab.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+        page.get_by_label("Description").fill("release build")
+        tab.throttle(20_000_000)  # ~1 s for 20 MiB: long enough to be seen in flight
+        page.set_input_files("#picker", str(path))
+        row = tab.row("big.bin")
+        expect(row).to_have_attribute("data-state", "done")
+
+        seen = tab.seen()
+        progress = seen["progress"]
+        assert progress[-1] == 100
+        assert progress == sorted(progress), "the bar never moves back"
+        assert any(0 < value < 100 for value in progress), progress  # it moved while sending
+        live = [text for text in seen["stats"] if text.endswith("left")]
+        assert live, seen["stats"]
+        assert re.fullmatch(r"[\d.]+ (B|KiB|MiB) of 20\.0 MiB · [\d.]+ (KiB|MiB)/s · (under )?[\d.]+ s left", live[-1]), live
+
+        expect(row.get_by_role("progressbar")).to_have_attribute("value", "100")
+        expect(row.locator(".pct")).to_have_text("100%")
+        expect(row.locator("td.size")).to_have_text("20.0 MiB")
+        expect(row.locator("td.sha code")).to_have_text(digest)
+        expect(row.locator(".msg")).to_have_text("✓ Stored")
+        expect(page.locator("#status")).to_have_text("Finished: 1 stored.")
+        file_id = row.locator("td.id code").text_content()
+        record = stored_record(upload_dir, file_id)
+        assert record["sha256"] == digest and record["description"] == "release build"
+        assert_stored(upload_dir, record, data)
+
+        row.get_by_role("button", name="Copy the SHA-256 of big.bin").click()
+        expect(row.get_by_role("button", name="Copy the SHA-256 of big.bin")).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == digest
+        tab.screenshot("page-desktop.png")
+    assert tab.posts and all(post.url == server.url + "/upload" for post in tab.posts)
+
+
+def test_three_files_at_once(open_tab, expect, tmp_path, upload_dir):
+    contents = {"one.bin": os.urandom(3 * MiB + 17), "two.txt": b"two\r\n" * 20_000, "empty.dat": b""}
+    paths = [str(write_file(tmp_path / "files", name, data)) for name, data in contents.items()]
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
+        tab = open_tab(server.url + "/")
+        tab.page.set_input_files("#picker", paths)
+        for name, data in contents.items():
+            row = tab.row(name)
+            expect(row).to_have_attribute("data-state", "done")
+            expect(row.locator("td.sha code")).to_have_text(hashlib.sha256(data).hexdigest())
+            assert_stored(upload_dir, stored_record(upload_dir, row.locator("td.id code").text_content()), data)
+        expect(tab.row("empty.dat").locator("td.size")).to_have_text("0 B")
+        expect(tab.row("two.txt").locator("td.size")).to_have_text("97.7 KiB")
+        expect(tab.page.locator("#status")).to_have_text("Finished: 3 stored.")
+        tab.page.get_by_role("button", name="Clear finished").click()
+        expect(tab.page.locator("#rows tr")).to_have_count(0)
+        expect(tab.page.get_by_role("heading", name="Uploads")).to_be_hidden()
+    assert len(stored_ids(upload_dir)) == 3
+    assert len(tab.posts) == 3  # one request per file
+
+
+def test_over_limit_file_shows_the_servers_413(open_tab, expect, tmp_path, upload_dir):
+    big = write_file(tmp_path / "files", "too-big.bin", os.urandom(4 * MiB))
+    small_data = b"fits" * 100
+    small = write_file(tmp_path / "files", "small.txt", small_data)
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_MAX_FILE_SIZE": "64K"}) as server:
+        with server.client() as http:  # what the server itself says about such a file
+            refusal = http.post("/upload", files={"file": ("too-big.bin", b"x" * (65 * 1024))})
+        assert refusal.status_code == 413
+        detail = refusal.json()["detail"]
+        assert_nothing_stored(upload_dir)
+
+        # Without /health the page cannot know the limit: the server's 413 says it.
+        tab = open_tab(server.url + "/", block_health=True)
+        tab.page.set_input_files("#picker", [str(big), str(small)])
+        row = tab.row("too-big.bin")
+        expect(row).to_have_attribute("data-state", "error")
+        expect(row.locator(".msg")).to_have_text(f"Too large (413): {detail}")
+        expect(row.get_by_role("button", name="Retry upload of too-big.bin")).to_be_visible()
+        expect(tab.row("small.txt")).to_have_attribute("data-state", "done")  # errors are per file
+        expect(tab.page.locator("#status")).to_have_text("Finished: 1 stored, 1 failed.")
+        tab.screenshot("page-413.png")
+        (only,) = stored_ids(upload_dir)
+        assert_stored(upload_dir, stored_record(upload_dir, only), small_data)
+
+        # With /health the page refuses the file itself, before sending a byte.
+        tab = open_tab(server.url + "/")
+        expect(tab.page.locator("#zone-help")).to_contain_text("up to 64.0 KiB each")
+        tab.page.set_input_files("#picker", str(big))
+        row = tab.row("too-big.bin")
+        expect(row).to_have_attribute("data-state", "error")
+        expect(row.locator(".msg")).to_have_text("Too large: the server takes files up to 64.0 KiB (65,536 bytes).")
+        assert tab.posts == []
+    assert stored_ids(upload_dir) == [only]
+
+
+def test_hostile_filenames_render_as_text(open_tab, expect, tmp_path, upload_dir):
+    paths = [str(write_file(tmp_path / "files", name, name.encode())) for name in XSS_NAMES]
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
+        tab = open_tab(server.url + "/")
+        tab.page.set_input_files("#picker", paths)
+        for name in XSS_NAMES:
+            row = tab.row(name)
+            expect(row).to_have_attribute("data-state", "done")
+            expect(row.get_by_role("rowheader")).to_have_text(name)
+            # Chromium sends '"' in a filename as %22 (HTML's multipart/form-data encoding);
+            # the server keeps what it got, and the page says so next to the file.
+            sent = name.replace('"', "%22")
+            record = stored_record(upload_dir, row.locator("td.id code").text_content())
+            assert record["filename"] == sent
+            stored_as = "✓ Stored" if sent == name else f"✓ Stored as “{sent}”"
+            expect(row.locator(".msg")).to_have_text(stored_as)
+        tab.page.wait_for_timeout(300)  # an onerror/onload handler would have fired by now
+        assert tab.page.locator("#rows img, #rows svg, #rows script").count() == 0
+        assert tab.dialogs == []
+        tab.screenshot("page-hostile-names.png")
+
+
+def test_mounted_under_a_prefix(open_tab, expect, tmp_path, upload_dir):
+    data = os.urandom(256 * 1024)
+    path = write_file(tmp_path / "files", "mounted.bin", data)
+    with Server(upload_dir, app="mounted_app:app", env={"UPLOAD_FSYNC": "0"}) as server:
+        assert httpx.get(server.url + "/upload").status_code == 404  # nothing outside the mount
+        tab = open_tab(server.url + "/files")  # no trailing slash: the page must not rely on one
+        tab.page.set_input_files("#picker", str(path))
+        row = tab.row("mounted.bin")
+        expect(row).to_have_attribute("data-state", "done")
+        expect(row.locator("td.sha code")).to_have_text(hashlib.sha256(data).hexdigest())
+        assert_stored(upload_dir, stored_record(upload_dir, row.locator("td.id code").text_content()), data)
+    assert [post.url for post in tab.posts] == [server.url + "/files/upload"]
+
+
+def test_token_field_sends_a_bearer_token(open_tab, expect, tmp_path, upload_dir):
+    data = b"secret stuff\n" * 1000
+    path = write_file(tmp_path / "files", "secret.txt", data)
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_TOKEN": "s3cret-token"}) as server:
+        tab = open_tab(server.url + "/")
+        token = tab.page.get_by_label("Upload token")
+        expect(token).to_be_visible()
+        token.fill("wrong")
+        tab.page.set_input_files("#picker", str(path))
+        row = tab.row("secret.txt")
+        expect(row).to_have_attribute("data-state", "error")
+        expect(row.locator(".msg")).to_contain_text("Not authorized (401): ")
+        assert_nothing_stored(upload_dir)
+
+        token.fill("s3cret-token")
+        row.get_by_role("button", name="Retry upload of secret.txt").click()
+        expect(row).to_have_attribute("data-state", "done")
+        assert_stored(upload_dir, stored_record(upload_dir, row.locator("td.id code").text_content()), data)
+    assert [post.header_value("authorization") for post in tab.posts] == ["Bearer wrong", "Bearer s3cret-token"]
+
+
+def test_cancel_aborts_the_upload_and_the_server_drops_it(open_tab, expect, tmp_path, upload_dir):
+    path = write_file(tmp_path / "files", "slow.bin", os.urandom(16 * MiB))
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
+        tab = open_tab(server.url + "/")
+        tab.throttle(1_000_000)  # ~17 s if nobody cancels
+        tab.page.set_input_files("#picker", str(path))
+        row = tab.row("slow.bin")
+        tab.page.wait_for_function("Number(document.querySelector('#rows progress').value) > 2")
+        row.get_by_role("button", name="Cancel upload of slow.bin").click()
+        expect(row).to_have_attribute("data-state", "cancelled")
+        expect(row.locator(".msg")).to_have_text("Cancelled; the server discards what it received.")
+        expect(row.get_by_role("button", name="Retry upload of slow.bin")).to_be_visible()
+        expect(tab.page.locator("#status")).to_have_text("Finished: 1 cancelled.")
+        wait_until(lambda: assert_nothing_stored(upload_dir))
+        with server.client() as http:  # the server saw the client go, not a stuck upload
+            assert http.get("/health").json()["uploads_in_flight"] == 0
+
+
+def test_keyboard_only_in_a_narrow_window(open_tab, expect, tmp_path, upload_dir):
+    data = b"typed with a keyboard\n"
+    path = write_file(tmp_path / "files", "keyboard notes with a long name.txt", data)
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
+        tab = open_tab(server.url + "/", width=360, height=740)
+        page = tab.page
+        # Listen before any key is pressed: Playwright turns file-chooser interception on
+        # when the first listener comes, and a chooser opened before that is lost.
+        choosers: list[Any] = []
+        page.on("filechooser", lambda chooser: choosers.append(chooser))
+        page.keyboard.press("Tab")
+        expect(page.get_by_label("Description")).to_be_focused()
+        page.keyboard.type("from the keyboard")
+        page.keyboard.press("Tab")
+        picker = page.get_by_label("Drop files here or choose files")
+        expect(picker).to_be_focused()
+        assert page.eval_on_selector("#zone", "zone => getComputedStyle(zone).outlineStyle") == "solid"
+        page.keyboard.press("Space")
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        while not choosers and time.monotonic() < deadline:
+            page.wait_for_timeout(50)
+        (chooser,) = choosers
+        chooser.set_files(str(path))
+        row = tab.row(path.name)
+        expect(row).to_have_attribute("data-state", "done")
+        expect(page.get_by_role("progressbar", name=f"Upload progress of {path.name}")).to_have_attribute("value", "100")
+        record = stored_record(upload_dir, row.locator("td.id code").text_content())
+        assert record["description"] == "from the keyboard"
+        assert_stored(upload_dir, record, data)
+        # Nothing sticks out sideways: no horizontal scrolling at 360 px.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        tab.screenshot("page-narrow.png")
