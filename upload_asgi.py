@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, MutableMapping
@@ -72,7 +73,10 @@ DEFAULT_MAX_FILES = 100
 DEFAULT_MAX_PARTS = 200  # files and fields together
 DEFAULT_MAX_FIELD_SIZE = 64 * KiB  # text fields are held in memory
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds; a browser on a bad link stalls for less
-DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and ~1 MiB of buffers
+DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and ~2 MiB of buffers (two write blocks)
+# Threads that hash and write files (targets.WRITE_BLOCK_SIZE blocks), per app: the
+# event loop parses while they work. Each runs mostly without the GIL.
+WRITE_THREADS = 4
 # After an early error answer, how much of the rest of the body we read and drop
 # so that the server can still deliver the answer (SPEC §8), and for how long.
 DRAIN_LIMIT_BYTES = 16 * MiB
@@ -500,6 +504,7 @@ class UploadApp:
         self.config_error = config_error
         self.metrics = Metrics()
         self.partial_dir: Path | None = None
+        self.writer: ThreadPoolExecutor | None = None  # started on the first upload
         self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "/": {"GET": self.handle_page},
             "/health": {"GET": self.handle_health},
@@ -534,6 +539,9 @@ class UploadApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.writer is not None:
+                    self.writer.shutdown(wait=False)
+                    self.writer = None
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -575,7 +583,8 @@ class UploadApp:
 
     async def handle_page(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
         body = render_page(scope.get("root_path") or "", self.config.token is not None)
-        await send_body(send, 200, body, b"text/html; charset=utf-8", head_only=head_only)
+        headers = ((b"content-security-policy", PAGE_CSP), (b"x-content-type-options", b"nosniff"))
+        await send_body(send, 200, body, b"text/html; charset=utf-8", headers, head_only)
 
     async def handle_health(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
         try:
@@ -657,10 +666,14 @@ class UploadApp:
             limits,
             file_field=route.file_field,
             text_fields=route.text_fields,
+            executor=self.write_executor(),
         )
         try:
             await self.read_body(receive, reader, progress)
             reader.close()
+            for target in reader.files:  # the last block of each file
+                if target.job is not None:
+                    await asyncio.wrap_future(target.job)
             records = self.check_form(reader, route)
             pairs = list(zip(reader.files, records))
             await asyncio.to_thread(commit_files, config.upload_dir, partial_dir, pairs, config.fsync)
@@ -671,6 +684,11 @@ class UploadApp:
         self.metrics.bytes_stored += sum(r["size"] for r in records)
         await self.notify(records)
         return records
+
+    def write_executor(self) -> ThreadPoolExecutor:
+        if self.writer is None:
+            self.writer = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="upload-asgi-write")
+        return self.writer
 
     async def read_body(self, receive: Receive, reader: FormReader, progress: BodyProgress) -> None:
         """Feed every http.request body chunk to the reader, within the limits."""
@@ -691,6 +709,8 @@ class UploadApp:
                     )
                 if chunk:
                     reader.feed(chunk)
+                    while (job := reader.write_backlog()) is not None:
+                        await asyncio.wrap_future(job)  # backpressure: the disk is behind
                 # www.rst: more_body defaults to False.
                 if not message.get("more_body", False):
                     progress.complete = True
@@ -841,6 +861,15 @@ def create_app(config: Config | None = None, on_upload: UploadCallback | None = 
 
 
 # -- the upload page ------------------------------------------------------------------
+
+
+# The page is self-contained: it may only talk to this server and post its form here.
+# Inline script and style are its own (it puts client data in the DOM with textContent
+# only); the policy keeps anything else from loading or sending data elsewhere.
+PAGE_CSP = (
+    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    b"img-src data:; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 def render_page(root_path: str, token_required: bool) -> bytes:
