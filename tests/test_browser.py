@@ -125,7 +125,7 @@ def open_tab(browser: Any) -> Iterator[Callable[..., Tab]]:
             page.route("**/health", lambda route: route.abort())
         page.goto(url)
         if not block_health:
-            page.wait_for_function("document.getElementById('zone-help').textContent.includes('up to')")
+            wait_for_page(page, "document.getElementById('zone-help').textContent.includes('up to')")
         page.evaluate(RECORDER)
         return tab
 
@@ -133,6 +133,15 @@ def open_tab(browser: Any) -> Iterator[Callable[..., Tab]]:
     for tab in tabs:
         tab.context.close()
     assert [tab.errors for tab in tabs if tab.errors] == []  # no JavaScript error on any page
+
+
+def wait_for_page(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll a page expression from here: Playwright's wait_for_function polls with
+    eval inside the page, which the page's Content-Security-Policy forbids."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        assert time.monotonic() < deadline, f"timed out waiting for {expression}"
+        time.sleep(0.05)
 
 
 def write_file(directory: Path, name: str, data: bytes) -> Path:
@@ -321,7 +330,7 @@ def test_cancel_aborts_the_upload_and_the_server_drops_it(open_tab, expect, tmp_
         tab.throttle(1_000_000)  # ~17 s if nobody cancels
         tab.page.set_input_files("#picker", str(path))
         row = tab.row("slow.bin")
-        tab.page.wait_for_function("Number(document.querySelector('#rows progress').value) > 2")
+        wait_for_page(tab.page, "Number(document.querySelector('#rows progress').value) > 2")
         row.get_by_role("button", name="Cancel upload of slow.bin").click()
         expect(row).to_have_attribute("data-state", "cancelled")
         expect(row.locator(".msg")).to_have_text("Cancelled; the server discards what it received.")

@@ -144,3 +144,11 @@ def test_every_control_is_labelled():
         assert attrs.get("id") in labelled or attrs.get("aria-label"), attrs
     assert any(attrs.get("role") == "status" and attrs.get("aria-live") == "polite" for _, attrs in elements.tags)
     assert ("html", {"lang": "en"}) in elements.tags
+
+
+async def test_page_is_served_with_a_strict_content_security_policy(app):
+    reply = await call_app(app, http_scope("/", "GET"))
+    policy = reply.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert "form-action 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert reply.headers["x-content-type-options"] == "nosniff"
