@@ -177,8 +177,6 @@ def as_upload_error(exc: BaseException) -> UploadError:
         return PayloadTooLarge(str(exc), limit=exc.limit, max=exc.maximum)
     if isinstance(exc, FormError):
         return MalformedBody(str(exc))
-    if isinstance(exc, TimeoutError):
-        return RequestTimeout("the client sent nothing for too long")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorage("no space left on the upload device")
     return InternalError("the server failed to store the upload")
@@ -695,27 +693,35 @@ class UploadApp:
         limit = self.config.max_request_size
         idle = self.config.idle_timeout
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(idle) as deadline:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientGone()
-                chunk = message.get("body", b"")
-                progress.received += len(chunk)
-                if progress.received > limit:
-                    raise PayloadTooLarge(
-                        f"the request body is larger than {limit} bytes",
-                        limit="request_size", max=limit,
-                    )
-                if chunk:
-                    reader.feed(chunk)
-                    while (job := reader.write_backlog()) is not None:
-                        await asyncio.wrap_future(job)  # backpressure: the disk is behind
-                # www.rst: more_body defaults to False.
-                if not message.get("more_body", False):
-                    progress.complete = True
-                    return
-                deadline.reschedule(loop.time() + idle)
+        try:
+            async with asyncio.timeout(idle) as deadline:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone()
+                    chunk = message.get("body", b"")
+                    progress.received += len(chunk)
+                    if progress.received > limit:
+                        raise PayloadTooLarge(
+                            f"the request body is larger than {limit} bytes",
+                            limit="request_size", max=limit,
+                        )
+                    if chunk:
+                        reader.feed(chunk)
+                        if (job := reader.write_backlog()) is not None:
+                            deadline.reschedule(None)  # a slow disk is not an idle client
+                            while job is not None:  # backpressure: the disk is behind
+                                await asyncio.wrap_future(job)
+                                job = reader.write_backlog()
+                    # www.rst: more_body defaults to False.
+                    if not message.get("more_body", False):
+                        progress.complete = True
+                        return
+                    deadline.reschedule(loop.time() + idle)
+        except TimeoutError:
+            if deadline.expired():  # ours, not an OSError with ETIMEDOUT from below
+                raise RequestTimeout(f"the client sent no body bytes for {idle:g} seconds") from None
+            raise
 
     def check_form(self, reader: FormReader, route: UploadRoute) -> list[Record]:
         """Validate a complete form and build the records of its files."""
