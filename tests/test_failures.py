@@ -285,6 +285,24 @@ async def test_stalled_client_gets_408_and_its_partial_file_is_removed(config, u
     assert_nothing_stored(upload_dir)  # ...and are gone
 
 
+async def test_a_slow_disk_is_not_an_idle_client(config, upload_dir, monkeypatch):
+    """Waiting for the disk (backpressure) does not count against the client's idle timeout."""
+    app = upload_asgi.create_app(replace(config, idle_timeout=0.2, fsync=False))
+    real_write = targets.os.write
+
+    def slow_write(fd, data):
+        time.sleep(0.3)  # longer than the idle timeout, on the writer thread
+        return real_write(fd, data)
+
+    monkeypatch.setattr(targets.os, "write", slow_write)
+    data = os.urandom(3 * 1024 * KiB + 5)
+    reply = await asyncio.wait_for(
+        call_app(app, upload_scope(), chunks_of(form_body([file_part(data)]), 64 * KiB)), 30
+    )
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
+
+
 async def test_idle_timeout_is_per_chunk_not_per_upload(config, upload_dir):
     """A slow but steady client is not cut off: the timer restarts with each chunk."""
     app = upload_asgi.create_app(replace(config, idle_timeout=1.0, fsync=False))
@@ -389,7 +407,12 @@ async def test_disk_full_answers_507_and_keeps_serving(config, upload_dir, monke
     assert_stored(upload_dir, reply.json(), data)
 
 
-@pytest.mark.parametrize("code", [errno.EIO, errno.EACCES, errno.EROFS, errno.EFBIG], ids=errno.errorcode.get)
+@pytest.mark.parametrize(
+    "code",
+    # ETIMEDOUT: Python raises it as TimeoutError, which must not pass for the idle timeout (408).
+    [errno.EIO, errno.EACCES, errno.EROFS, errno.EFBIG, errno.ETIMEDOUT],
+    ids=errno.errorcode.get,
+)
 async def test_other_disk_errors_answer_500_without_details(config, upload_dir, monkeypatch, caplog, code):
     app = upload_asgi.create_app(replace(config, fsync=False))
     failing = FailingWrites(upload_dir, code, after=1000)
