@@ -428,8 +428,8 @@ class UploadFileTarget(BaseTarget):
             self.hand_off()
 
     def hand_off(self) -> None:
-        """Give the collected chunks to the executor, unless it still has our last block."""
-        if not self._chunks or (self.job is not None and not self.job.done()):
+        """Give a full block (or the last one) to the executor, unless it still has our last block."""
+        if not self._block_ready or (self.job is not None and not self.job.done()):
             return
         if self.job is not None:
             self.job.result()  # a failed write (ENOSPC) raises here, on the parser's side
@@ -439,9 +439,11 @@ class UploadFileTarget(BaseTarget):
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""
         self.hand_off()
-        if self._buffered >= WRITE_BLOCK_SIZE or (self.finished and self._chunks):
-            return self.job
-        return None
+        return self.job if self._block_ready else None
+
+    @property
+    def _block_ready(self) -> bool:
+        return self._buffered >= WRITE_BLOCK_SIZE or (self.finished and bool(self._chunks))
 
     @property
     def handed_off(self) -> bool:
