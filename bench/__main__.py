@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small bodies and few runs (well under a minute)")
     parser.add_argument("--json", type=Path, default=report.RESULTS, help="where to write the figures (JSON)")
     parser.add_argument("--only", choices=("inprocess", "server"), help="run one half only")
+    server.add_server_options(parser)
     args = parser.parse_args(argv)
+    env = server.server_env(args.server_env)
 
     started = time.monotonic()
     load_at_start = os.getloadavg()
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "inprocess"):
             figures += inprocess.run(args.quick, Path(tmp))
         if args.only in (None, "server"):
-            figures += server.run(args.quick, Path(tmp))
+            figures += server.run(args.quick, Path(tmp), env, tuple(args.server_arg))
     checks = check_targets(figures)
     seconds = time.monotonic() - started
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'ok    ' if c['ok'] else 'MISSED'} {c['target']}: {c['value']}")
     print(f"\n{len(figures)} figures in {seconds:.0f} s; MB/s with 1 MB = 10^6 bytes; written to {args.json}")
     report.write_json(args.json, figures, checks,
-                      {"quick": args.quick, "only": args.only, "seconds": round(seconds, 1)}, load_at_start)
+                      {"quick": args.quick, "only": args.only, "seconds": round(seconds, 1),
+                       "server_env": env, "server_args": args.server_arg}, load_at_start)
     return 0
 
 

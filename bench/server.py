@@ -255,10 +255,11 @@ def empty_dir(directory: Path) -> None:
 class Subject:
     """The upload app under hypercorn, its upload dir emptied after each run."""
 
-    def __init__(self, workdir: Path, name: str, workers: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, name: str, workers: int = 1, env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.upload_dir = workdir / f"uploads-{name}"
         self.server = Hypercorn(
-            "upload_asgi:app", workdir, workers=workers,
+            "upload_asgi:app", workdir, workers=workers, args=args,
             env={"UPLOAD_DIR": str(self.upload_dir), "UPLOAD_FSYNC": "0", **(env or {})},
         )
 
@@ -288,12 +289,13 @@ def timed(server: Hypercorn, send: Any, nbytes: int) -> tuple[Answer, Usage]:
 # -- scenario 3 and 5: one upload at a time ----------------------------------------------
 
 
-def bench_single(sizes: dict[str, int], repeats: dict[str, int], workdir: Path, env: dict[str, str]) -> list[Figure]:
+def bench_single(sizes: dict[str, int], repeats: dict[str, int], workdir: Path, env: dict[str, str],
+                 args: tuple[str, ...]) -> list[Figure]:
     starlette_tmp = workdir / "starlette-tmp"
     starlette_tmp.mkdir()
-    subject = Subject(workdir, "single", env=env)
-    drain = Hypercorn("bench.apps:drain_app", workdir, env=env)
-    starlette = Hypercorn("bench.apps:starlette_app", workdir, env={**env, "TMPDIR": str(starlette_tmp)})
+    subject = Subject(workdir, "single", env=env, args=args)
+    drain = Hypercorn("bench.apps:drain_app", workdir, env=env, args=args)
+    starlette = Hypercorn("bench.apps:starlette_app", workdir, env={**env, "TMPDIR": str(starlette_tmp)}, args=args)
     figures = []
     with subject.server, drain, starlette:
         subject.upload(payloads.upload(1 * MiB))
@@ -376,12 +378,12 @@ def bench_size(role: str, upload: Upload, repeats: int, subject: Subject, drain:
 
 
 def bench_concurrency(size: int, counts: tuple[int, ...], repeats: int, workdir: Path,
-                      env: dict[str, str]) -> list[Figure]:
+                      env: dict[str, str], args: tuple[str, ...]) -> list[Figure]:
     upload = payloads.upload(size, payloads.random_bytes(payloads.BLOCK_SIZE, seed=payloads.SEED + 1))
     upload.sha256
     figures = []
     for workers in (1, 2):
-        subject = Subject(workdir, f"w{workers}", workers=workers, env=env)
+        subject = Subject(workdir, f"w{workers}", workers=workers, env=env, args=args)
         with subject.server:
             subject.upload(payloads.upload(1 * MiB))
             for count in counts:
@@ -438,21 +440,40 @@ FULL = {"sizes": {"medium": 100 * MiB, "large": 1024 * MiB}, "repeats": {"medium
         "concurrent_size": 50 * MiB, "concurrent_repeats": 3}
 
 
-def run(quick: bool, workdir: Path, env: dict[str, str] | None = None) -> list[Figure]:
+def run(quick: bool, workdir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> list[Figure]:
+    """Run scenarios 3 to 5; `env` and `args` go to every server alike (subject and references)."""
     plan = QUICK if quick else FULL
     env = env or {}
-    figures = bench_single(plan["sizes"], plan["repeats"], workdir, env)
-    figures += bench_concurrency(plan["concurrent_size"], (8, 32), plan["concurrent_repeats"], workdir, env)
+    figures = bench_single(plan["sizes"], plan["repeats"], workdir, env, args)
+    figures += bench_concurrency(plan["concurrent_size"], (8, 32), plan["concurrent_repeats"], workdir, env, args)
     return figures
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for every server, e.g. MALLOC_TOP_PAD_=67108864 (repeatable)")
+    parser.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                        help="a hypercorn option for every server, e.g. --server-arg=--backlog=200 (repeatable)")
+
+
+def server_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--server-env wants NAME=VALUE, not {pair!r}")
+        env[name] = value
+    return env
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small bodies, few runs")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    add_server_options(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="upload-asgi-bench-") as tmp:
-        figures = run(args.quick, Path(tmp))
+        figures = run(args.quick, Path(tmp), server_env(args.server_env), tuple(args.server_arg))
     print(report.table(figures))
     if args.json:
         report.write_json(args.json, figures, [], vars(args) | {"json": str(args.json)})
