@@ -471,25 +471,16 @@ class UploadFileTarget(BaseTarget):
         if fsync and self._fd is not None:
             os.fsync(self._fd)
 
-    def sync_and_close(self, fsync: bool) -> None:
-        """Flush to the device (if asked) and close; the file stays in `.partial/`."""
-        if self._fd is None:
-            return
-        if self.job is not None:
-            self.job.result()  # done by now (the reader awaited it); raises a failed write
-        try:
-            if fsync:
-                os.fsync(self._fd)
-        finally:
+    def close(self) -> None:
+        """Close the file (and so drop its lock); safe to call more than once."""
+        if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
     def abort(self) -> None:
         """Close and remove the partial file; safe to call more than once."""
         self._wait_for_job()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self.close()
         remove_quietly(self.path)
 
 
@@ -781,7 +772,7 @@ def commit_files(
             target.abort()
         raise
     for target, _ in files:
-        target.sync_and_close(fsync=False)
+        target.close()
 
 
 def write_sidecar(tmp: Path, final: Path, record: dict[str, Any], fsync: bool) -> None:

@@ -314,7 +314,8 @@ def test_file_target_writes_hashes_counts(partial_dir):
     assert target.filename == "report.pdf"
     assert target.content_type == "application/pdf"
     assert target.path.parent == partial_dir and target.path.name == target.id
-    target.sync_and_close(fsync=True)
+    target.sync(fsync=True)
+    target.close()
     assert target.path.read_bytes() == data
 
 
@@ -377,7 +378,7 @@ def test_form_reader_reads_every_file(partial_dir, step):
     got = [(t.filename, t.content_type, t.size, t.sha256, t.finished) for t in reader.files]
     assert got == [(n, c, len(d), hashlib.sha256(d).hexdigest(), True) for n, c, d in files]
     for target, (_, _, data) in zip(reader.files, files):
-        target.sync_and_close(fsync=False)
+        target.close()
         assert target.path.read_bytes() == data
 
 
