@@ -231,6 +231,32 @@ def test_three_files_at_once(open_tab, expect, tmp_path, upload_dir):
     assert len(tab.posts) == 3  # one request per file
 
 
+def test_dropped_files_upload(open_tab, expect, upload_dir):
+    """Files dropped on the zone go the same way as picked ones (a synthetic drop: the
+    page builds the DataTransfer, since Playwright cannot drag from the desktop)."""
+    contents = {"dropped-a.txt": b"first dropped file\r\n" * 500, "dropped-b.bin": bytes(range(256)) * 40}
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
+        tab = open_tab(server.url + "/")
+        transfer = tab.page.evaluate_handle(
+            """(files) => {
+                const transfer = new DataTransfer();
+                for (const [name, bytes] of files) {
+                    transfer.items.add(new File([new Uint8Array(bytes)], name));
+                }
+                return transfer;
+            }""",
+            [[name, list(data)] for name, data in contents.items()],
+        )
+        tab.page.dispatch_event("#picker", "dragover", {"dataTransfer": transfer})
+        tab.page.dispatch_event("#picker", "drop", {"dataTransfer": transfer})
+        for name, data in contents.items():
+            row = tab.row(name)
+            expect(row).to_have_attribute("data-state", "done")
+            expect(row.locator("td.sha code")).to_have_text(hashlib.sha256(data).hexdigest())
+            assert_stored(upload_dir, stored_record(upload_dir, row.locator("td.id code").text_content()), data)
+    assert len(stored_ids(upload_dir)) == 2
+
+
 def test_over_limit_file_shows_the_servers_413(open_tab, expect, tmp_path, upload_dir):
     big = write_file(tmp_path / "files", "too-big.bin", os.urandom(4 * MiB))
     small_data = b"fits" * 100
