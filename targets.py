@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import unquote
 
 from streaming_form_data import ParseFailedException, StreamingFormDataParser
+from streaming_form_data.parser import parse_content_boundary
 from streaming_form_data.targets import BaseTarget
 
 KiB = 1024
@@ -55,7 +56,7 @@ MAX_FILENAME_CHARS = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # With an executor, a file's bytes are hashed and written in blocks of this size, one
 # block at a time: one thread handoff per MiB instead of one per 64 KiB read (bench/
-# measured 256 KiB to 4 MiB), and at most two blocks per upload in memory.
+# measured 256 KiB to 4 MiB), and at most ~3 blocks per upload in memory (FormReader).
 WRITE_BLOCK_SIZE = 1 * MiB
 PARTIAL_DIR_NAME = ".partial"
 
@@ -130,10 +131,10 @@ def decode_ext_value(value: str) -> str:
     """Decode an RFC 5987 `charset'language'percent-encoded` value."""
     charset, _, rest = value.partition("'")
     _, _, encoded = rest.partition("'")
-    try:
-        return unquote(encoded, encoding=charset or "utf-8", errors="replace")
-    except LookupError:  # a charset Python does not know
-        return unquote(encoded, encoding="utf-8", errors="replace")
+    # RFC 5987 §3.2.1 names these two; any other (or none) is read as UTF-8, never
+    # handed to a codec of the client's choosing (idna, punycode... raise on bad input).
+    encoding = "iso-8859-1" if charset.strip().lower() == "iso-8859-1" else "utf-8"
+    return unquote(encoded, encoding=encoding, errors="replace")
 
 
 def clean_filename(raw: str) -> str:
@@ -169,6 +170,7 @@ def read_part_headers(block: bytes) -> PartInfo | None:
     if len(lines) > MAX_PART_HEADER_LINES:
         raise FormError(f"a part has more than {MAX_PART_HEADER_LINES} header lines")
     disposition = content_type = None
+    parser_sees_name = False
     for raw_line in lines:
         if b"\r" in raw_line or b"\n" in raw_line or raw_line[:1] in (b" ", b"\t"):
             raise FormError("a part header line is malformed (bare CR/LF or folded)")
@@ -181,9 +183,13 @@ def read_part_headers(block: bytes) -> PartInfo | None:
         if "content-disposition" in message:
             if disposition is not None:
                 raise FormError("a part has two Content-Disposition headers")
-            if message.get_content_disposition() != "form-data":
+            try:
+                kind = message.get_content_disposition()
+                parser_sees_name = bool(message["content-disposition"].params.get("name"))
+            except (UnicodeError, LookupError):  # RFC 2231 values in a charset it cannot decode
+                raise FormError("a part's Content-Disposition cannot be decoded") from None
+            if kind != "form-data":
                 raise FormError("a part's Content-Disposition is not form-data")
-            parser_sees_name = bool(message["content-disposition"].params.get("name"))
             disposition = value
         elif "content-type" in message and content_type is None:
             content_type = value
@@ -206,6 +212,18 @@ def read_part_headers(block: bytes) -> PartInfo | None:
 
 
 # -- framing ------------------------------------------------------------------
+
+
+def refuse_padding(after_marker: bytes) -> None:
+    """Refuse "--boundary" followed by spaces or tabs.
+
+    RFC 2046 §5.1.1 lets a sender pad a boundary line with white space, but
+    streaming-form-data reads such a line as body bytes, which would make one file of
+    two parts. Where it is not padding, it is the delimiter inside content, which the
+    RFC forbids too. Nothing real sends either.
+    """
+    if after_marker[:1] in (b" ", b"\t"):
+        raise FormError("a boundary line has white space after the boundary (transport padding)")
 
 
 class Framer:
@@ -308,6 +326,7 @@ class Framer:
             i = window.find(marker)
             while 0 <= i < len(self._carry):
                 after = window[i + n : i + n + 2]
+                refuse_padding(after)
                 if len(after) < 2:
                     return None
                 if after in (CRLF, b"--"):
@@ -316,6 +335,7 @@ class Framer:
         i = data.find(marker, start)
         while i >= 0:
             after = data[i + n : i + n + 2]
+            refuse_padding(after)
             if len(after) < 2:
                 return None  # decided on the next chunk, through the carry
             if after in (CRLF, b"--"):
@@ -352,6 +372,7 @@ class Framer:
         i = data.find(marker)
         while i >= 0:
             after = data[i + n : i + n + 2]
+            refuse_padding(after)
             if len(after) < 2:
                 break
             if after in (CRLF, b"--"):
@@ -446,9 +467,9 @@ class UploadFileTarget(BaseTarget):
         return self._buffered >= WRITE_BLOCK_SIZE or (self.finished and bool(self._chunks))
 
     @property
-    def handed_off(self) -> bool:
-        """Every byte received so far is hashed and written, or with the executor."""
-        return not self._chunks
+    def written(self) -> bool:
+        """The part has ended and every byte of it is hashed and written."""
+        return self.finished and not self._chunks and (self.job is None or self.job.done())
 
     def _store(self, chunks: list[bytes]) -> None:
         """Hash and write chunks, in order (on an executor thread, or inline)."""
@@ -602,7 +623,7 @@ class FormReader:
     ) -> None:
         self.files: list[UploadFileTarget] = []
         self._executor = executor
-        self._writing: list[UploadFileTarget] = []  # files with bytes not yet handed off
+        self._writing: list[UploadFileTarget] = []  # files not yet fully written
         self.fields: dict[str, FieldTarget] = {}
         self._partial_dir = partial_dir
         self._limits = limits
@@ -611,9 +632,12 @@ class FormReader:
         self._framer = Framer(boundary, limits.max_parts)
         self._router = PartRouter(self._framer.parts, self._open_target)
         self._opened: list[BaseTarget] = []
-        self._parser = StreamingFormDataParser(
-            headers={"Content-Type": f'multipart/form-data; boundary="{boundary.decode()}"'}
-        )
+        headers = {"Content-Type": f'multipart/form-data; boundary="{boundary.decode()}"'}
+        # The parser reads the boundary with the email package, which decodes RFC 2047
+        # words: a legal boundary such as "=?utf-8?q?x?=" would become "x" there.
+        if parse_content_boundary(headers) != boundary:
+            raise FormError("this multipart boundary cannot be read unambiguously; use another")
+        self._parser = StreamingFormDataParser(headers=headers)
         self._parser.register("*", self._router, matches=lambda _registered, _name: True)
 
     def feed(self, chunk: bytes) -> None:
@@ -622,8 +646,8 @@ class FormReader:
                 self._parser.data_received(piece)
             except ParseFailedException as exc:
                 raise FormError(f"malformed multipart body ({exc})") from None
-            except UnicodeDecodeError:
-                raise FormError("a part header is not valid UTF-8") from None
+            except UnicodeError:
+                raise FormError("a part header cannot be decoded") from None
 
     def close(self) -> None:
         """Check that the body was whole: closing boundary read, every part ended."""
@@ -638,14 +662,20 @@ class FormReader:
             raise FormError("the parts of the form cannot be told apart")
 
     def write_backlog(self) -> Future[None] | None:
-        """A write job to wait for before feeding more, or None."""
+        """A write job to wait for before feeding more, or None.
+
+        Each file has at most one block with the executor and one collected; and
+        while an ended file's last block is still with the executor, the next file
+        to end waits for it: so a form of many files holds at most ~3 blocks,
+        however slow the disk.
+        """
         for target in self._writing:
             job = target.write_backlog()
             if job is not None:
                 return job
-        if len(self._writing) > 1 or (self._writing and self._writing[0].finished):
-            self._writing = [t for t in self._writing if not (t.finished and t.handed_off)]
-        return None
+        self._writing = [t for t in self._writing if not t.written]
+        ended = [t for t in self._writing if t.finished]
+        return ended[0].job if len(ended) > 1 else None
 
     def abort(self) -> None:
         for target in self.files:
@@ -668,6 +698,8 @@ class FormReader:
             if self._executor is not None:
                 self._writing.append(target)
         elif info.name in self._text_fields and info.filename is None:
+            if info.name in self.fields:  # each would be held in memory
+                raise FormError(f"field {info.name!r} is given more than once")
             target = FieldTarget(info.name, limits.max_field_size)
             self.fields[info.name] = target
         else:  # an empty file input, or a part nobody asked for
@@ -773,6 +805,13 @@ def commit_files(
         raise
     for target, _ in files:
         target.close()
+
+
+def uncommit_files(upload_dir: Path, files: list[UploadFileTarget]) -> None:
+    """Remove files that `commit_files` stored, and their sidecars."""
+    for target in files:
+        remove_quietly(upload_dir / target.id)
+        remove_quietly(sidecar_path(upload_dir, target.id))
 
 
 def write_sidecar(tmp: Path, final: Path, record: dict[str, Any], fsync: bool) -> None:

@@ -48,9 +48,11 @@ from targets import (
     FormLimits,
     FormReader,
     LimitExceeded,
+    UploadFileTarget,
     commit_files,
     parse_header_params,
     prepare_upload_dir,
+    uncommit_files,
 )
 
 Scope = MutableMapping[str, Any]
@@ -73,7 +75,7 @@ DEFAULT_MAX_FILES = 100
 DEFAULT_MAX_PARTS = 200  # files and fields together
 DEFAULT_MAX_FIELD_SIZE = 64 * KiB  # text fields are held in memory
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds; a browser on a bad link stalls for less
-DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and ~2 MiB of buffers (two write blocks)
+DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write blocks
 # Threads that hash and write files (targets.WRITE_BLOCK_SIZE blocks), per app: the
 # event loop parses while they work, mostly without the GIL. No more than the cores:
 # on 2 cores, 32 uploads at once went 744 MB/s with 2 threads, 628 with 4 (bench/).
@@ -351,7 +353,8 @@ def boundary_of(content_type: str | None) -> bytes:
 
 def declared_length(scope: Scope) -> int | None:
     text = header(scope, b"content-length")
-    return int(text) if text is not None and text.strip().isdigit() else None
+    text = (text or "").strip()
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def bearer_token_matches(scope: Scope, token: str) -> bool:
@@ -468,7 +471,7 @@ class Metrics:
 def outcome_of(error: BaseException | None) -> str:
     if error is None:
         return "stored"
-    if isinstance(error, ClientGone):
+    if isinstance(error, (ClientGone, asyncio.CancelledError)):  # cancelled: the server let go
         return "disconnected"
     return "failed" if as_upload_error(error).status >= 500 else "rejected"
 
@@ -538,9 +541,8 @@ class UploadApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self.writer is not None:
-                    self.writer.shutdown(wait=False)
-                    self.writer = None
+                # The writer threads stay: an upload still running may need them, and
+                # idle threads cost nothing (they are joined at interpreter exit).
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -675,7 +677,7 @@ class UploadApp:
                     await asyncio.wrap_future(target.job)
             records = self.check_form(reader, route)
             pairs = list(zip(reader.files, records))
-            await asyncio.to_thread(commit_files, config.upload_dir, partial_dir, pairs, config.fsync)
+            await commit_in_thread(config.upload_dir, partial_dir, pairs, config.fsync)
         except BaseException:
             reader.abort()
             raise
@@ -811,12 +813,33 @@ class UploadApp:
                 )
         elif isinstance(error, ClientGone):
             logger.info("upload abandoned by the client after %d bytes", progress.received)
+        elif isinstance(error, asyncio.CancelledError):
+            logger.info("upload cancelled by the server after %d bytes", progress.received)
         else:
             failure = as_upload_error(error)
             logger.info(
                 "upload refused: %d %s after %d bytes: %s",
                 failure.status, failure.code, progress.received, failure.detail,
             )
+
+
+async def commit_in_thread(
+    upload_dir: Path, partial_dir: Path, pairs: list[tuple[UploadFileTarget, Record]], fsync: bool
+) -> None:
+    """Run `commit_files` on a thread (it fsyncs); if cancelled meanwhile, undo it.
+
+    A thread cannot be stopped: cleaning up on the loop while it still renames and
+    closes the same files would race it. So wait for it, then remove what it stored
+    (a request stores all its files or none).
+    """
+    commit = asyncio.ensure_future(asyncio.to_thread(commit_files, upload_dir, partial_dir, pairs, fsync))
+    try:
+        await asyncio.shield(commit)
+    except asyncio.CancelledError:
+        await asyncio.wait([commit])
+        if not commit.cancelled() and commit.exception() is None:
+            uncommit_files(upload_dir, [target for target, _ in pairs])
+        raise
 
 
 @dataclass

@@ -235,7 +235,7 @@ def test_a_restarted_worker_sweeps_stale_files_but_not_a_live_upload(upload_dir)
         # run their startup sweep and listen ("Running on" follows lifespan startup).
         wait_for(lambda: server.log().count("Running on") == 2)
         first_workers = set(server.pids()[1:])
-        held = HeldUpload(server.port, body, first=MiB)
+        held = HeldUpload(server.port, body, first=2 * MiB)  # > one 1 MiB write block
         try:
             wait_for(lambda: partial_dir.is_dir() and any(p.stat().st_size > 0 for p in partial_dir.iterdir()))
             [live] = list(partial_dir.iterdir())

@@ -1,0 +1,200 @@
+"""Edge cases found in review: each was a 500, a wrong 201, a leftover file or unbounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import targets
+import upload_asgi
+from support import (
+    BOUNDARY,
+    Part,
+    assert_nothing_stored,
+    assert_stored,
+    call_app,
+    chunks_of,
+    field_part,
+    file_part,
+    form_body,
+    form_content_type,
+    http_scope,
+)
+
+MiB = 1024 * 1024
+B = BOUNDARY.encode()
+
+
+@pytest.fixture
+def config(upload_dir: Path) -> upload_asgi.Config:
+    return upload_asgi.Config(upload_dir=upload_dir, fsync=False)
+
+
+def upload_scope(path: str = "/upload", boundary: str = BOUNDARY, headers=()) -> dict:
+    return http_scope(path, headers=headers, content_type=form_content_type(boundary))
+
+
+def check_error(reply, status: int, code: str) -> None:
+    assert reply.status == status, reply.body
+    reply.check_length()
+    assert reply.json()["error"] == code
+
+
+@pytest.mark.parametrize(
+    "charset, status",
+    [("utf-8", 201), ("utf-16", 201), ("", 201), ("idna", 400), ("punycode", 400), ("undefined", 400)],
+)
+async def test_filename_star_in_any_charset_is_a_record_or_a_400(app, upload_dir, charset, status):
+    """Codecs such as idna raise on bad input inside the email package too: 400, never 500."""
+    data = b"named oddly"
+    disposition = f"Content-Disposition: form-data; name=\"file\"; filename*={charset}''%ffname%E2%82%AC.txt"
+    body = form_body([Part("file", data, headers=[disposition.encode()])])
+    reply = await call_app(app, upload_scope(), [body])
+    assert reply.status == status, reply.body
+    reply.check_length()
+    if status == 400:
+        assert_nothing_stored(upload_dir)
+        return
+    record = reply.json()
+    assert record["filename"].endswith("name€.txt")  # read as UTF-8 (%ff is not UTF-8)
+    assert_stored(upload_dir, record, data)
+
+
+def test_filename_star_latin1_is_decoded():
+    assert targets.decode_ext_value("ISO-8859-1'fr'%E9t%E9.txt") == "été.txt"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            form_body([file_part(b"abcd"), field_part("description", "x")]).replace(
+                b"\r\n--" + B + b"\r\nContent-Disposition: form-data; name=\"description\"",
+                b"\r\n--" + B + b" \t\r\nContent-Disposition: form-data; name=\"description\"",
+            ),
+            id="between-parts",
+        ),
+        pytest.param(
+            form_body([file_part(b"abcd")]).replace(b"--" + B + b"\r\n", b"--" + B + b"  \r\n", 1),
+            id="first-boundary",
+        ),
+        pytest.param(form_body([file_part(b"abcd")]).replace(b"--" + B + b"--", b"--" + B + b" --"), id="close"),
+    ],
+)
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+async def test_transport_padding_is_refused_never_misread(app, upload_dir, body, chunk):
+    """RFC 2046 padding after a boundary: the parser would read it as body (one file of two
+    parts, 201): refused instead."""
+    reply = await call_app(app, upload_scope(), chunks_of(body, chunk))
+    check_error(reply, 400, "malformed_multipart")
+    assert_nothing_stored(upload_dir)
+
+
+async def test_a_repeated_text_field_is_refused(app, upload_dir):
+    """Each text field lives in memory: 200 copies of one would hold 200 x the field limit."""
+    parts = [field_part("description", "x" * 1000) for _ in range(3)] + [file_part(b"data")]
+    reply = await call_app(app, upload_scope(), [form_body(parts)])
+    check_error(reply, 400, "malformed_multipart")
+    assert "more than once" in reply.json()["detail"]
+    assert_nothing_stored(upload_dir)
+
+
+async def test_a_boundary_the_parser_would_decode_is_refused_clearly(app, upload_dir):
+    boundary = "=?utf-8?q?x?="  # legal (RFC 2046 bchars), but an RFC 2047 word to the email package
+    body = form_body([file_part(b"data")], boundary=boundary)
+    reply = await call_app(app, upload_scope(boundary=f'"{boundary}"'), [body])
+    check_error(reply, 400, "malformed_multipart")
+    assert "boundary" in reply.json()["detail"]
+    assert_nothing_stored(upload_dir)
+
+
+@pytest.mark.parametrize("length", ["²", "-5", "1e3", " 12 "])
+async def test_an_odd_content_length_is_not_a_500(app, upload_dir, length):
+    data = b"content"
+    reply = await call_app(app, upload_scope(headers=[("content-length", length)]), [form_body([file_part(data)])])
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
+
+
+async def test_cancelled_during_commit_stores_nothing(config, upload_dir, monkeypatch):
+    """A request cancelled while its files are being committed (on a thread that cannot be
+    stopped) ends with nothing stored: the commit finishes, then is undone."""
+    app = upload_asgi.create_app(config)
+    committing = threading.Event()
+    real_write_sidecar = targets.write_sidecar
+
+    def slow_write_sidecar(*args, **kwargs):
+        committing.set()
+        time.sleep(0.3)
+        return real_write_sidecar(*args, **kwargs)
+
+    monkeypatch.setattr(targets, "write_sidecar", slow_write_sidecar)
+    body = form_body([file_part(b"one", name="files"), file_part(b"two", name="files")])
+    task = asyncio.ensure_future(call_app(app, upload_scope("/upload-multiple"), [body]))
+    while not committing.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_nothing_stored(upload_dir)
+    assert app.metrics.outcomes == {"disconnected": 1}
+    assert app.metrics.in_flight == 0
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """Counts write jobs submitted and not yet finished."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.outstanding = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args, **kwargs):
+        with self._lock:
+            self.outstanding += 1
+            self.most = max(self.most, self.outstanding)
+        future = super().submit(fn, *args, **kwargs)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future) -> None:
+        with self._lock:
+            self.outstanding -= 1
+
+
+def test_many_files_on_a_slow_disk_hold_a_bounded_number_of_blocks(tmp_path, monkeypatch):
+    """Each ended file's last block used to go to the executor without backpressure: a form of
+    60 files on a slow disk queued ~60 MiB. Now the reader waits, as read_body does."""
+    real_write = targets.os.write
+
+    def slow_write(fd, data):
+        time.sleep(0.005)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(targets.os, "write", slow_write)
+    files = [os.urandom(MiB - 1 - i) for i in range(24)]
+    body = form_body([file_part(data, f"{i}.bin", name="files") for i, data in enumerate(files)])
+    partial_dir = targets.prepare_upload_dir(tmp_path / "uploads")
+    limits = targets.FormLimits(max_file_size=1 << 30, max_field_size=1 << 16, max_files=100, max_parts=200)
+    with CountingExecutor() as executor:
+        reader = targets.FormReader(B, partial_dir, limits, "files", ("description",), executor=executor)
+        for chunk in chunks_of(body, 64 * 1024):
+            reader.feed(chunk)
+            while (job := reader.write_backlog()) is not None:
+                job.result()
+        reader.close()
+        for target in reader.files:
+            if target.job is not None:
+                target.job.result()
+        assert executor.most <= 3
+    assert [t.size for t in reader.files] == [len(d) for d in files]
+    for target, data in zip(reader.files, files):
+        target.close()
+        assert target.path.read_bytes() == data
