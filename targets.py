@@ -565,7 +565,7 @@ class PartRouter(BaseTarget):
     that part's `PartInfo` just before, so the two stay in step.
     """
 
-    def __init__(self, parts: deque[PartInfo], open_target: Callable[[PartInfo], BaseTarget]):
+    def __init__(self, parts: deque[PartInfo], open_target: Callable[[PartInfo], BaseTarget]) -> None:
         super().__init__()
         self._parts = parts
         self._open_target = open_target

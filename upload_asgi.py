@@ -41,7 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, MutableMapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping
 
 from targets import (
     FormError,
@@ -371,7 +371,7 @@ def error_payload(error: UploadError) -> dict[str, Any]:
     return {"error": error.code, "detail": error.detail, **error.extra}
 
 
-def make_record(target: Any, description: str | None) -> Record:
+def make_record(target: UploadFileTarget, description: str | None) -> Record:
     return {
         "id": target.id,
         "filename": target.filename,
@@ -385,8 +385,17 @@ def make_record(target: Any, description: str | None) -> Record:
 # -- responses ------------------------------------------------------------------
 
 
+Headers = Iterable[tuple[bytes, bytes]]
+
+
 async def send_body(
-    send: Send, status: int, body: bytes, content_type: bytes, headers=(), head_only=False, more_body=False
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: Headers = (),
+    head_only: bool = False,
+    more_body: bool = False,
 ) -> None:
     """Answer with an exact content-length; `more_body` leaves the response open."""
     await send({
@@ -401,11 +410,13 @@ async def send_body(
     await send({"type": "http.response.body", "body": b"" if head_only else body, "more_body": more_body})
 
 
-async def send_json(send: Send, status: int, payload: Any, headers=(), head_only=False) -> None:
+async def send_json(send: Send, status: int, payload: Any, headers: Headers = (), head_only: bool = False) -> None:
     await send_body(send, status, json_bytes(payload), b"application/json", headers, head_only)
 
 
-async def send_error(send: Send, error: UploadError, headers=(), head_only=False, more_body=False) -> None:
+async def send_error(
+    send: Send, error: UploadError, headers: Headers = (), head_only: bool = False, more_body: bool = False
+) -> None:
     body = json_bytes(error_payload(error))
     headers = (*error.headers, *headers)
     await send_body(send, error.status, body, b"application/json", headers, head_only, more_body)
@@ -582,12 +593,12 @@ class UploadApp:
             return
         await handler(scope, receive, send, head_only=head_only)
 
-    async def handle_page(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+    async def handle_page(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         body = render_page(scope.get("root_path") or "", self.config.token is not None)
         headers = ((b"content-security-policy", PAGE_CSP), (b"x-content-type-options", b"nosniff"))
         await send_body(send, 200, body, b"text/html; charset=utf-8", headers, head_only)
 
-    async def handle_health(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+    async def handle_health(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         try:
             free = shutil.disk_usage(self.prepare()).free
         except OSError:
@@ -603,14 +614,14 @@ class UploadApp:
         }
         await send_json(send, 200, payload, head_only=head_only)
 
-    async def handle_metrics(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+    async def handle_metrics(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         body = self.metrics.exposition().encode()
         await send_body(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8", head_only=head_only)
 
-    async def handle_upload(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+    async def handle_upload(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         await self.receive_upload(scope, receive, send, UPLOAD_ROUTE)
 
-    async def handle_upload_multiple(self, scope: Scope, receive: Receive, send: Send, head_only=False) -> None:
+    async def handle_upload_multiple(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         await self.receive_upload(scope, receive, send, UPLOAD_MULTIPLE_ROUTE)
 
     async def receive_upload(self, scope: Scope, receive: Receive, send: Send, route: UploadRoute) -> None:
