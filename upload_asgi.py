@@ -38,7 +38,6 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, MutableMapping
@@ -49,6 +48,7 @@ from targets import (
     FormReader,
     LimitExceeded,
     UploadFileTarget,
+    WriterPool,
     commit_files,
     parse_header_params,
     prepare_upload_dir,
@@ -517,7 +517,7 @@ class UploadApp:
         self.config_error = config_error
         self.metrics = Metrics()
         self.partial_dir: Path | None = None
-        self.writer: ThreadPoolExecutor | None = None  # started on the first upload
+        self.writer: WriterPool | None = None  # started on the first upload
         self.routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "/": {"GET": self.handle_page},
             "/health": {"GET": self.handle_health},
@@ -697,9 +697,9 @@ class UploadApp:
         await self.notify(records)
         return records
 
-    def write_executor(self) -> ThreadPoolExecutor:
+    def write_executor(self) -> WriterPool:
         if self.writer is None:
-            self.writer = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="upload-asgi-write")
+            self.writer = WriterPool(WRITE_THREADS)
         return self.writer
 
     async def read_body(self, receive: Receive, reader: FormReader, progress: BodyProgress) -> None:
