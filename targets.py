@@ -227,6 +227,26 @@ def refuse_padding(after_marker: bytes) -> None:
         raise FormError("a boundary line has white space after the boundary (transport padding)")
 
 
+def find_boundary_line(data: bytes, marker: bytes, start: int = 0) -> tuple[int, bytes]:
+    """Find the first `marker` ("\r\n--boundary") at or after `start` that begins a
+    boundary line: followed by CRLF (a delimiter) or "--" (the close delimiter).
+
+    Return (index, those two bytes); (index, b"") when `data` ends before they can be
+    told; (-1, b"") when there is none. A marker followed by anything else is content.
+    """
+    n = len(marker)
+    i = data.find(marker, start)
+    while i >= 0:
+        after = data[i + n : i + n + 2]
+        refuse_padding(after)
+        if len(after) < 2:
+            return i, b""
+        if after in (CRLF, b"--"):
+            return i, after
+        i = data.find(marker, i + 1)
+    return -1, b""
+
+
 class Framer:
     """Read the multipart structure around the parts' bodies.
 
@@ -320,29 +340,16 @@ class Framer:
 
     def _find_body_end(self, data: bytes, start: int) -> tuple[int, bool] | None:
         """Find the next delimiter or close delimiter; return where it ends."""
-        marker = self.marker
-        n = len(marker)
-        if start == 0 and self._carry:
+        n = len(self.marker)
+        if start == 0 and self._carry:  # a boundary line that began in the last chunk
             window = self._carry + data[: n + 2]
-            i = window.find(marker)
-            while 0 <= i < len(self._carry):
-                after = window[i + n : i + n + 2]
-                refuse_padding(after)
-                if len(after) < 2:
-                    return None
-                if after in (CRLF, b"--"):
-                    return i + n + 2 - len(self._carry), after == b"--"
-                i = window.find(marker, i + 1)
-        i = data.find(marker, start)
-        while i >= 0:
-            after = data[i + n : i + n + 2]
-            refuse_padding(after)
-            if len(after) < 2:
-                return None  # decided on the next chunk, through the carry
-            if after in (CRLF, b"--"):
-                return i + n + 2, after == b"--"
-            i = data.find(marker, i + 1)
-        return None
+            i, after = find_boundary_line(window, self.marker)
+            if 0 <= i < len(self._carry):
+                return (i + n + 2 - len(self._carry), after == b"--") if after else None
+        i, after = find_boundary_line(data, self.marker, start)
+        if not after:
+            return None  # none, or decided on the next chunk through the carry
+        return i + n + 2, after == b"--"
 
     def _remember_tail(self, data: bytes) -> None:
         keep = len(self.marker) + 1
@@ -369,18 +376,11 @@ class Framer:
 
     def _skip_preamble(self, data: bytes) -> int:
         """Return where the first boundary starts, or -1 and hold a tail."""
-        marker, n = self.marker, len(self.marker)
-        i = data.find(marker)
-        while i >= 0:
-            after = data[i + n : i + n + 2]
-            refuse_padding(after)
-            if len(after) < 2:
-                break
-            if after in (CRLF, b"--"):
-                self._count_preamble(i)
-                return i + 2
-            i = data.find(marker, i + 1)
-        keep = len(data) - i if i >= 0 else min(len(data), n + 1)
+        i, after = find_boundary_line(data, self.marker)
+        if after:
+            self._count_preamble(i)
+            return i + 2
+        keep = len(data) - i if i >= 0 else min(len(data), len(self.marker) + 1)
         self._count_preamble(len(data) - keep)
         self._held = data[len(data) - keep :]
         return -1
