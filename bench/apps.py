@@ -2,17 +2,28 @@
 
 - `drain_app`: reads every `http.request` and answers `200 {"received": N}`; what
   hypercorn itself delivers, the ceiling for any app.
+- `store_app`: the work every upload endpoint must do and nothing more: SHA-256
+  and a file write of the whole body, in 1 MiB blocks on one thread (one block in
+  flight) while the loop reads on, with no multipart parsing; the file goes in
+  `$STORE_DIR` and is removed once answered. Against `drain_app` it shows what
+  hashing and storing cost under this hypercorn; against upload-asgi, what the
+  multipart reading and the rest of the service cost on top.
 - `starlette_app`: `await request.form()` (python-multipart, `UploadFile`), then
   SHA-256 of the file: the common way to take an upload in Python today.
 
     hypercorn bench.apps:drain_app
+    STORE_DIR=/tmp hypercorn bench.apps:store_app
     hypercorn bench.apps:starlette_app     # needs pip install -e '.[bench]'
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 Scope = dict[str, Any]
@@ -29,6 +40,16 @@ async def answer_lifespan(receive: Any, send: Any) -> None:
             return
 
 
+async def answer_json(send: Any, record: dict[str, Any]) -> None:
+    body = json.dumps(record).encode()
+    await send({
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
 async def drain_app(scope: Scope, receive: Any, send: Any) -> None:
     """Read the whole body, keep nothing, answer how many bytes came."""
     if scope["type"] == "lifespan":
@@ -42,13 +63,55 @@ async def drain_app(scope: Scope, receive: Any, send: Any) -> None:
         received += len(message.get("body", b""))
         if not message.get("more_body", False):
             break
-    body = json.dumps({"received": received}).encode()
-    await send({
-        "type": "http.response.start",
-        "status": 200,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    })
-    await send({"type": "http.response.body", "body": body})
+    await answer_json(send, {"received": received})
+
+
+STORE_BLOCK = 1 << 20
+_store_thread = ThreadPoolExecutor(1)
+
+
+def store_block(fd: int, digest: Any, chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    digest.update(data)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def store_app(scope: Scope, receive: Any, send: Any) -> None:
+    """Hash and write the whole body (no parsing), answer its size and SHA-256."""
+    if scope["type"] == "lifespan":
+        await answer_lifespan(receive, send)
+        return
+    loop = asyncio.get_running_loop()
+    fd, path = tempfile.mkstemp(dir=os.environ.get("STORE_DIR"))
+    digest = hashlib.sha256()
+    received = 0
+    chunks: list[bytes] = []
+    buffered = 0
+    job: asyncio.Future[None] | None = None
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            chunks.append(chunk)
+            buffered += len(chunk)
+            more = message.get("more_body", False)
+            if buffered >= STORE_BLOCK or not more:
+                if job is not None:
+                    await job
+                job = loop.run_in_executor(_store_thread, store_block, fd, digest, chunks)
+                chunks, buffered = [], 0
+            if not more:
+                break
+        await job
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    await answer_json(send, {"received": received, "sha256": digest.hexdigest()})
 
 
 def make_starlette_app() -> Any:

@@ -4,7 +4,9 @@ Scenario 3: one upload at a time, `Content-Length` and chunked, of a medium and 
 large body (100 MiB and 1 GiB; `--quick`: 8 and 32 MiB), to `hypercorn upload_asgi:app`,
 against a drain-only app under the same hypercorn in the same run. The server's peak
 RSS (VmHWM of the worker process) after a 1 MiB upload and after the large ones,
-and its CPU seconds per GB (utime + stime of the worker, before and after).
+and its CPU seconds per GB (utime + stime of the worker, before and after). With
+`Content-Length`, also a store-only app (SHA-256 + write of the body, no parsing):
+what hashing and storing cost, and so what is left for the multipart reading.
 
 Scenario 4: 8 and 32 simultaneous 50 MiB uploads, aggregate MB/s, every stored
 SHA-256 checked, against one upload of the same size on the same server; with one
@@ -295,9 +297,12 @@ def bench_single(sizes: dict[str, int], repeats: dict[str, int], workdir: Path, 
     starlette_tmp.mkdir()
     subject = Subject(workdir, "single", env=env, args=args)
     drain = Hypercorn("bench.apps:drain_app", workdir, env=env, args=args)
+    store_dir = workdir / "store-only"
+    store_dir.mkdir()
+    store = Hypercorn("bench.apps:store_app", workdir, env={**env, "STORE_DIR": str(store_dir)}, args=args)
     starlette = Hypercorn("bench.apps:starlette_app", workdir, env={**env, "TMPDIR": str(starlette_tmp)}, args=args)
     figures = []
-    with subject.server, drain, starlette:
+    with subject.server, drain, store, starlette:
         subject.upload(payloads.upload(1 * MiB))
         rss_small = subject.server.peak_rss_mib()
         block = payloads.random_bytes(payloads.BLOCK_SIZE)
@@ -307,8 +312,9 @@ def bench_single(sizes: dict[str, int], repeats: dict[str, int], workdir: Path, 
             if role == "medium":  # warm every server up, unmeasured
                 subject.upload(upload)
                 send_upload(drain.port, upload)
+                send_upload(store.port, upload)
                 send_upload(starlette.port, upload)
-            figures += bench_size(role, upload, repeats[role], subject, drain, starlette)
+            figures += bench_size(role, upload, repeats[role], subject, drain, store, starlette)
         rss_large = subject.server.peak_rss_mib()
         large = next(f for f in figures if f.name == "e2e.large.content-length")
         large.extra["peak_rss_mib"] = round(rss_large, 1)
@@ -321,7 +327,7 @@ def bench_single(sizes: dict[str, int], repeats: dict[str, int], workdir: Path, 
 
 
 def bench_size(role: str, upload: Upload, repeats: int, subject: Subject, drain: Hypercorn,
-               starlette: Hypercorn) -> list[Figure]:
+               store: Hypercorn, starlette: Hypercorn) -> list[Figure]:
     size = report.size_text(upload.size)
     figures = {
         framing: Figure(f"e2e.{role}.{framing}", f"upload-asgi under hypercorn, {framing}, {size}",
@@ -330,24 +336,33 @@ def bench_size(role: str, upload: Upload, repeats: int, subject: Subject, drain:
     }
     starlette_figure = Figure(f"e2e.{role}.starlette", f"Starlette request.form() + SHA-256, content-length, {size}",
                               "drain-only app", upload.body_length)
+    store_figure = Figure(f"e2e.{role}.store-only", f"store-only app (SHA-256 + write, no parsing), content-length, {size}",
+                          "drain-only app", upload.body_length)
+    versus_store = Figure(f"e2e.{role}.vs_store", f"upload-asgi against the store-only app, {size}",
+                          "store-only app", upload.body_length)
     versus = Figure(f"e2e.{role}.vs_starlette", f"upload-asgi against Starlette request.form(), {size}",
                     "Starlette", upload.body_length, target=4.0)
-    usage: dict[str, list[Usage]] = {"subject": [], "drain": [], "starlette": []}
+    usage: dict[str, list[Usage]] = {"subject": [], "drain": [], "store": [], "starlette": []}
     for run in range(repeats):
         for framing, figure in figures.items():
             chunked = framing == "chunked"
             runs = [("drain", drain, lambda: send_upload(drain.port, upload, chunked)),
                     ("subject", subject.server, lambda: subject.upload(upload, chunked))]
+            if not chunked:
+                runs.insert(1, ("store", store, lambda: send_upload(store.port, upload)))
             if run % 2:
                 runs.reverse()
             for who, server, send in runs:
                 answer, cost = timed(server, send, upload.body_length)
-                if who == "drain":
-                    if not check_drained(answer, upload):
-                        raise RuntimeError(f"the drain app answered {answer.status} {answer.body[:200]!r}")
-                    figure.add(ceiling_mbps=mbps(upload.body_length, answer.seconds))
+                seen = mbps(upload.body_length, answer.seconds)
+                if who == "subject":
+                    figure.add(subject_mbps=seen)
+                elif not check_drained(answer, upload):
+                    raise RuntimeError(f"the {who} app answered {answer.status} {answer.body[:200]!r}")
+                elif who == "drain":
+                    figure.add(ceiling_mbps=seen)
                 else:
-                    figure.add(subject_mbps=mbps(upload.body_length, answer.seconds))
+                    store_figure.add(subject_mbps=seen)
                 if not chunked:
                     usage[who].append(cost)
         answer, cost = timed(starlette, lambda: send_upload(starlette.port, upload), upload.body_length)
@@ -355,11 +370,14 @@ def bench_size(role: str, upload: Upload, repeats: int, subject: Subject, drain:
             raise RuntimeError(f"the Starlette app answered {answer.status} {answer.body[:200]!r}")
         usage["starlette"].append(cost)
         starlette_figure.add(mbps(upload.body_length, answer.seconds), figures["content-length"].ceiling[-1])
-        versus.add(figures["content-length"].subject[-1], starlette_figure.subject[-1])
         cl, ch = figures["content-length"], figures["chunked"]
+        versus.add(cl.subject[-1], starlette_figure.subject[-1])
+        store_figure.add(ceiling_mbps=cl.ceiling[-1])
+        versus_store.add(cl.subject[-1], store_figure.subject[-1])
         progress(
             f"e2e {role} {size} run {run + 1}/{repeats}: upload-asgi {cl.subject[-1]:.0f} MB/s "
             f"(chunked {ch.subject[-1]:.0f}), drain-only {cl.ceiling[-1]:.0f} (chunked {ch.ceiling[-1]:.0f}), "
+            f"store-only {store_figure.subject[-1]:.0f}, "
             f"Starlette {starlette_figure.subject[-1]:.0f}"
         )
     def median(who: str, what: str) -> float:
@@ -370,8 +388,9 @@ def bench_size(role: str, upload: Upload, repeats: int, subject: Subject, drain:
     content_length.extra["ceiling_cpu_s_per_gb"] = median("drain", "cpu")
     content_length.extra["runqueue_wait_s_per_s"] = median("subject", "waiting")
     content_length.extra["ceiling_runqueue_wait_s_per_s"] = median("drain", "waiting")
+    store_figure.extra["cpu_s_per_gb"] = median("store", "cpu")
     starlette_figure.extra["cpu_s_per_gb"] = median("starlette", "cpu")
-    return [*figures.values(), starlette_figure, versus]
+    return [*figures.values(), store_figure, versus_store, starlette_figure, versus]
 
 
 # -- scenario 4: many at once -------------------------------------------------------------

@@ -26,11 +26,12 @@ FIGURES = {
     "parser.near_boundary",
     "parser.many_fields",
     "parser.file_and_fields",
-    # scenario 3 and 5: through hypercorn, against the drain-only app, and Starlette
+    # scenario 3 and 5: through hypercorn, against the drain-only app, the store-only
+    # app and Starlette
     *(
         f"e2e.{size}.{kind}"
         for size in ("medium", "large")
-        for kind in ("content-length", "chunked", "starlette", "vs_starlette")
+        for kind in ("content-length", "chunked", "store-only", "vs_store", "starlette", "vs_starlette")
     ),
     # scenario 4: many uploads at once, against one
     *(f"concurrency.{count}.w{workers}" for count in (8, 32) for workers in (1, 2)),
@@ -74,6 +75,7 @@ def test_server_costs_and_memory_are_reported(quick_run) -> None:
         assert isinstance(large[key], (int, float)), key
     assert large["peak_rss_mib"] > 0 and large["ceiling_cpu_s_per_gb"] > 0
     assert figures["e2e.medium.starlette"]["cpu_s_per_gb"] > 0
+    assert figures["e2e.medium.store-only"]["cpu_s_per_gb"] > 0
     for name in ("e2e.medium.content-length", "e2e.large.content-length", "e2e.large.vs_starlette"):
         assert figures[name]["target"] is not None, name
 
