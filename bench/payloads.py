@@ -133,6 +133,7 @@ class Upload:
     head: bytes = part_head("file", "data.bin", "application/octet-stream")
     tail: bytes = b"\r\n" + CLOSE
     _sha256: str | None = field(default=None, repr=False)
+    _body_sha256: str | None = field(default=None, repr=False)
 
     @property
     def repeats(self) -> int:
@@ -152,6 +153,17 @@ class Upload:
                 digest.update(self.block)
             self._sha256 = digest.hexdigest()
         return self._sha256
+
+    @property
+    def body_sha256(self) -> str:
+        """SHA-256 of the whole body, framing included (computed once)."""
+        if self._body_sha256 is None:
+            digest = hashlib.sha256(self.head)
+            for _ in range(self.repeats):
+                digest.update(self.block)
+            digest.update(self.tail)
+            self._body_sha256 = digest.hexdigest()
+        return self._body_sha256
 
 
 def upload(size: int, block: bytes | None = None) -> Upload:

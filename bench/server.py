@@ -132,8 +132,12 @@ def check_stored(answer: Answer, upload: Upload) -> bool:
     return record["size"] == upload.size and record["sha256"] == upload.sha256
 
 
-def check_drained(answer: Answer, upload: Upload) -> bool:
-    return answer.status == 200 and answer.json()["received"] == upload.body_length
+def check_drained(answer: Answer, upload: Upload, hashed: bool = False) -> bool:
+    """The drain-only (or, `hashed`, the store-only) app read the whole body."""
+    if answer.status != 200:
+        return False
+    record = answer.json()
+    return record["received"] == upload.body_length and (not hashed or record["sha256"] == upload.body_sha256)
 
 
 # -- the server -------------------------------------------------------------------
@@ -308,7 +312,7 @@ def bench_single(sizes: dict[str, int], repeats: dict[str, int], workdir: Path, 
         block = payloads.random_bytes(payloads.BLOCK_SIZE)
         for role, size in sizes.items():
             upload = payloads.upload(size, block)
-            upload.sha256  # computed before any clock starts
+            upload.sha256, upload.body_sha256  # computed before any clock starts
             if role == "medium":  # warm every server up, unmeasured
                 subject.upload(upload)
                 send_upload(drain.port, upload)
@@ -357,7 +361,7 @@ def bench_size(role: str, upload: Upload, repeats: int, subject: Subject, drain:
                 seen = mbps(upload.body_length, answer.seconds)
                 if who == "subject":
                     figure.add(subject_mbps=seen)
-                elif not check_drained(answer, upload):
+                elif not check_drained(answer, upload, hashed=who == "store"):
                     raise RuntimeError(f"the {who} app answered {answer.status} {answer.body[:200]!r}")
                 elif who == "drain":
                     figure.add(ceiling_mbps=seen)
