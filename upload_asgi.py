@@ -247,13 +247,12 @@ class Config:
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "upload_dir", Path(self.upload_dir))
-        for name in ENV_VARS:
-            value = getattr(self, name)
-            if name in POSITIVE_SETTINGS and not value > 0:
-                raise ConfigError(f"{ENV_VARS[name]}: must be positive, got {value!r}")
-        if self.token == "":
-            object.__setattr__(self, "token", None)
+        # Values given in code are held to the same rules as the environment's.
+        for name, variable in ENV_VARS.items():
+            try:
+                object.__setattr__(self, name, SETTING_CHECKS[name](getattr(self, name)))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{variable}: {exc}") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -307,6 +306,56 @@ ENV_PARSERS: dict[str, Callable[[str], Any]] = {
 POSITIVE_SETTINGS = {
     "max_file_size", "max_request_size", "max_files", "max_parts",
     "max_field_size", "idle_timeout", "max_concurrent",
+}
+
+
+def check_dir(value: Any) -> Path:
+    if isinstance(value, str):
+        return parse_dir(value)
+    if not isinstance(value, os.PathLike):
+        raise TypeError(f"{value!r} is not a directory path")
+    path = Path(value)
+    if "\0" in str(path):
+        raise ValueError(f"{value!r} is not a directory path")
+    return path
+
+
+def check_whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not a whole number")
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return value
+
+
+def check_seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{value!r} is not a number of seconds")
+    if not 0 < value < float("inf"):  # NaN fails both
+        raise ValueError(f"must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{value!r} is not True or False")
+    return value
+
+
+def check_token(value: Any) -> str | None:
+    if value is None or value == "":  # no token
+        return None
+    if not isinstance(value, str):
+        raise TypeError("the token must be a string")
+    return parse_token(value)
+
+
+SETTING_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "upload_dir": check_dir,
+    "token": check_token,
+    "fsync": check_flag,
+    "idle_timeout": check_seconds,
+    **{name: check_whole for name in POSITIVE_SETTINGS - {"idle_timeout"}},
 }
 
 

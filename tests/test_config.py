@@ -139,6 +139,40 @@ def test_config_object_refuses_non_positive(setting, tmp_path):
         Config(upload_dir=tmp_path, **{setting: 0})
 
 
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        pytest.param("upload_dir", "", id="dir-empty"),
+        pytest.param("upload_dir", "  ", id="dir-blank"),
+        pytest.param("upload_dir", 42, id="dir-number"),
+        pytest.param("token", "two words", id="token-space"),
+        pytest.param("token", "jeton-é", id="token-non-ascii"),
+        pytest.param("token", 1234, id="token-number"),
+        pytest.param("fsync", "0", id="fsync-string"),
+        pytest.param("fsync", 0, id="fsync-int"),
+        pytest.param("max_files", 1.5, id="files-fraction"),
+        pytest.param("max_file_size", "10G", id="size-string"),
+        pytest.param("max_concurrent", True, id="concurrent-bool"),
+        pytest.param("idle_timeout", float("nan"), id="idle-nan"),
+        pytest.param("idle_timeout", float("inf"), id="idle-inf"),
+        pytest.param("idle_timeout", "60", id="idle-string"),
+    ],
+)
+def test_config_object_refuses_what_the_environment_would(setting, value, tmp_path):
+    """Config(...) in code is held to the environment's rules (README: raises at once)."""
+    values = {"upload_dir": tmp_path, setting: value}
+    with pytest.raises(ConfigError, match=upload_asgi.ENV_VARS[setting]):
+        Config(**values)
+
+
+def test_config_object_takes_good_values(tmp_path):
+    config = Config(upload_dir=str(tmp_path), token="", idle_timeout=5, max_files=3, fsync=False)
+    assert config.upload_dir == tmp_path and isinstance(config.upload_dir, Path)
+    assert config.token is None
+    assert config.idle_timeout == 5.0 and isinstance(config.idle_timeout, float)
+    assert (config.max_files, config.fsync) == (3, False)
+
+
 # -- a bad environment stops startup -------------------------------------------------
 
 
