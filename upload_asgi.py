@@ -3,7 +3,7 @@
 Routes, relative to `scope["root_path"]`:
 
     GET  /                 the upload page (HTML)
-    GET  /health           200 {"status": "ok", "free_bytes": N, "uploads_in_flight": N, ...}
+    GET  /health           200 {"status": "ok", "free_bytes": N, "uploads_in_flight": N, ...}; 503 if the upload dir is unusable
     GET  /metrics          Prometheus text
     POST /upload           one file part "file", optional "description" and "sha256"
                            -> 201 record
@@ -471,6 +471,10 @@ async def send_error(
     await send_body(send, error.status, body, b"application/json", headers, head_only, more_body)
 
 
+def upload_dir_problem(upload_dir: Path, exc: OSError) -> str:
+    return f"UPLOAD_DIR: cannot use {upload_dir}: {exc.strerror or exc}"
+
+
 # -- metrics --------------------------------------------------------------------
 
 
@@ -595,7 +599,7 @@ class UploadApp:
                 except (ConfigError, OSError) as exc:
                     reason = str(exc)
                     if isinstance(exc, OSError):  # only the upload dir is touched here
-                        reason = f"UPLOAD_DIR: cannot use {self.config.upload_dir}: {exc.strerror or exc}"
+                        reason = upload_dir_problem(self.config.upload_dir, exc)
                     logger.error("upload-asgi cannot start: %s", reason)
                     await send({"type": "lifespan.startup.failed", "message": reason})
                     return
@@ -648,12 +652,15 @@ class UploadApp:
         await send_body(send, 200, body, b"text/html; charset=utf-8", headers, head_only)
 
     async def handle_health(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
+        # A load balancer reads the status: an upload dir that cannot be used (not
+        # creatable, removed since) would fail every upload, so it is a 503.
         try:
             free = shutil.disk_usage(self.prepare()).free
-        except OSError:
+        except OSError as exc:
+            logger.warning("upload-asgi is unavailable: %s", upload_dir_problem(self.config.upload_dir, exc))
             free = None
         payload = {
-            "status": "ok",
+            "status": "ok" if free is not None else "unavailable",
             "free_bytes": free,
             "uploads_in_flight": self.metrics.in_flight,
             "max_concurrent": self.config.max_concurrent,
@@ -661,7 +668,7 @@ class UploadApp:
             "max_request_size": self.config.max_request_size,
             "token_required": self.config.token is not None,
         }
-        await send_json(send, 200, payload, head_only=head_only)
+        await send_json(send, 200 if free is not None else 503, payload, head_only=head_only)
 
     async def handle_metrics(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         body = self.metrics.exposition().encode()

@@ -304,6 +304,25 @@ async def test_health(app):
     assert payload["free_bytes"] > 0
 
 
+async def test_health_is_503_while_the_upload_dir_cannot_be_used(tmp_path, caplog):
+    """A load balancer must not send uploads to an app whose upload dir is unusable."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=blocker / "uploads", fsync=False))
+    reply = await call_app(app, http_scope("/health", "GET"))
+    payload = check_json(reply, 503)
+    assert payload["status"] == "unavailable" and payload["free_bytes"] is None
+    assert f"UPLOAD_DIR: cannot use {blocker / 'uploads'}" in caplog.text
+    head = await call_app(app, http_scope("/health", "HEAD"))
+    assert (head.status, head.body) == (503, b"")
+
+    blocker.unlink()  # fixed: the next check prepares the dir and reports ok
+    blocker.mkdir()
+    payload = check_json(await call_app(app, http_scope("/health", "GET")), 200)
+    assert payload["status"] == "ok" and payload["free_bytes"] > 0
+    assert (blocker / "uploads" / ".partial").is_dir()
+
+
 async def test_websocket_closed_politely(app):
     sent: list[dict[str, Any]] = []
     events = iter([{"type": "websocket.connect"}])
