@@ -422,17 +422,26 @@ class WriterPool:
             self._busy += 1
         started = threading.Event()
         future = self._executor.submit(self._run, fn, args, started)
+        # Done or cancelled before it ran (an aborted upload): either way, no longer busy.
+        future.add_done_callback(self._job_over)
         if idle:
             started.wait(self.HANDSHAKE_SECONDS)
         return future
+
+    @property
+    def busy(self) -> int:
+        """Jobs submitted and not yet over (running or queued)."""
+        return self._busy
 
     def _run(self, fn: Callable[..., None], args: tuple[Any, ...], started: threading.Event) -> None:
         try:
             fn(*args, started=started)
         finally:
             started.set()
-            with self._lock:
-                self._busy -= 1
+
+    def _job_over(self, _future: Future[None]) -> None:
+        with self._lock:
+            self._busy -= 1
 
 
 
@@ -539,9 +548,9 @@ class UploadFileTarget(BaseTarget):
 
     def close(self) -> None:
         """Close the file (and so drop its lock); safe to call more than once."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # the number is freed even if this raises: never close it twice
 
     def abort(self) -> None:
         """Close and remove the partial file; safe to call more than once."""
@@ -772,10 +781,16 @@ def create_locked(path: Path) -> int:
     released when its process dies, so an unlocked partial file is stale.
     """
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    # Blocking: a sweep that opened the file before we locked it holds the lock only
-    # to unlink it (LOCK_NB would fail this upload with EWOULDBLOCK).
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    if os.fstat(fd).st_nlink == 0:  # a sweep removed it before we locked it
+    try:
+        # Blocking: a sweep that opened the file before we locked it holds the lock only
+        # to unlink it (LOCK_NB would fail this upload with EWOULDBLOCK).
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        removed = os.fstat(fd).st_nlink == 0  # a sweep removed it before we locked it
+    except BaseException:
+        os.close(fd)
+        remove_quietly(path)
+        raise
+    if removed:
         os.close(fd)
         return create_locked(path)
     return fd
@@ -842,14 +857,14 @@ def commit_files(
             moved.append(sidecar)
         if fsync:
             sync_dir(upload_dir)
+        for target, _ in files:
+            target.close()  # a close can report a write error (NFS): then store none
     except BaseException:
         for path in moved:
             remove_quietly(path)
         for target, _ in files:
             target.abort()
         raise
-    for target, _ in files:
-        target.close()
 
 
 def uncommit_files(upload_dir: Path, files: list[UploadFileTarget]) -> None:

@@ -9,6 +9,7 @@ import fcntl
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from targets import (
     LimitExceeded,
     PartInfo,
     UploadFileTarget,
+    WriterPool,
     clean_filename,
     commit_files,
     decode_ext_value,
@@ -495,3 +497,22 @@ def test_split_helper_sanity():
     body = form_body([file_part(b"x" * 50)])
     for points in ([], [1], [5, 5, 3], [0, len(body)], list(range(0, len(body), 7))):
         assert b"".join(split_at(body, points)) == body
+
+
+def test_writer_pool_forgets_a_job_cancelled_before_it_ran():
+    """A queued block cancelled by an aborted upload is no longer counted as busy (else
+    the pool would think itself busy for good and skip the handshake)."""
+    pool = WriterPool(1)
+    gate = threading.Event()
+
+    def hold(started):
+        started.set()
+        gate.wait(5)
+
+    running = pool.submit(hold)
+    queued = pool.submit(lambda started: None)
+    assert pool.busy == 2
+    assert queued.cancel()
+    gate.set()
+    running.result(5)
+    assert pool.busy == 0
