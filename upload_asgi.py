@@ -537,7 +537,12 @@ def outcome_of(error: BaseException | None) -> str:
         return "stored"
     if isinstance(error, (ClientGone, asyncio.CancelledError)):  # cancelled: the server let go
         return "disconnected"
-    return "failed" if as_upload_error(error).status >= 500 else "rejected"
+    return "failed" if is_server_fault(as_upload_error(error)) else "rejected"
+
+
+def is_server_fault(error: UploadError) -> bool:
+    """A 5xx for something that went wrong here; too_many_uploads is load shed on purpose."""
+    return error.status >= 500 and not isinstance(error, ServiceUnavailable)
 
 
 # -- the application -----------------------------------------------------------------
@@ -686,20 +691,26 @@ class UploadApp:
         progress = BodyProgress()
         error: BaseException | None = None
         stored: list[Record] = []
-        self.metrics.in_flight += 1
         try:
             boundary = self.check_request(scope)
-            stored = await self.store_form(boundary, receive, route, progress)
+            # Only uploads that are being stored count against UPLOAD_MAX_CONCURRENT:
+            # a refused request (a missing token, say) answered and drained for up to
+            # 2 s must not take an uploader's place.
+            self.metrics.in_flight += 1
+            try:
+                stored = await self.store_form(boundary, receive, route, progress)
+            finally:
+                self.metrics.in_flight -= 1
             await send_json(send, 201, self.answer(stored, route))
         except ClientGone as exc:
             error = exc
-        except BaseException as exc:
+        except Exception as exc:
             error = exc
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             await self.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"))
+        except BaseException as exc:  # cancelled, or the process is stopping
+            error = exc
+            raise
         finally:
-            self.metrics.in_flight -= 1
             self.metrics.bytes_received += progress.received
             self.metrics.observe(outcome_of(error), time.monotonic() - started)
             self.log_outcome(error, progress, time.monotonic() - started, stored)
@@ -716,7 +727,7 @@ class UploadApp:
                 f"the request body is larger than {config.max_request_size} bytes",
                 limit="request_size", max=config.max_request_size,
             )
-        if self.metrics.in_flight > config.max_concurrent:
+        if self.metrics.in_flight >= config.max_concurrent:
             raise ServiceUnavailable(f"more than {config.max_concurrent} uploads in flight; retry soon")
         return boundary
 
@@ -745,8 +756,12 @@ class UploadApp:
             records = self.check_form(reader, route)
             pairs = list(zip(reader.files, records))
             await commit_in_thread(config.upload_dir, partial_dir, pairs, config.fsync)
-        except BaseException:
-            reader.abort()
+        except BaseException as exc:
+            # Off the loop: abort waits for a writer thread's block (a slow disk must
+            # not stall every other request), and is waited for even if cancelled again.
+            aborting = asyncio.get_running_loop().run_in_executor(None, reader.abort)
+            if await wait_through_cancel(aborting) and not isinstance(exc, asyncio.CancelledError):
+                raise asyncio.CancelledError from exc
             raise
         self.metrics.files_stored += len(records)
         self.metrics.bytes_stored += sum(r["size"] for r in records)
@@ -837,7 +852,7 @@ class UploadApp:
     ) -> None:
         """Answer an error; if the body was not read to its end, close the connection."""
         error = as_upload_error(exc)
-        if error.status >= 500:
+        if is_server_fault(error):
             logger.error("upload failed: %s", error.detail, exc_info=exc if error is not exc else None)
         if progress.complete:
             await send_error(send, error)
@@ -896,17 +911,31 @@ async def commit_in_thread(
     """Run `commit_files` on a thread (it fsyncs); if cancelled meanwhile, undo it.
 
     A thread cannot be stopped: cleaning up on the loop while it still renames and
-    closes the same files would race it. So wait for it, then remove what it stored
-    (a request stores all its files or none).
+    closes the same files would race it. So wait for it, however often this task is
+    cancelled meanwhile, then remove what it stored (a request stores all its files
+    or none). A plain executor future, not a task: a server shutting down cancels
+    every task, and a cancelled task would no longer say whether the commit happened.
     """
-    commit = asyncio.ensure_future(asyncio.to_thread(commit_files, upload_dir, partial_dir, pairs, fsync))
-    try:
-        await asyncio.shield(commit)
-    except asyncio.CancelledError:
-        await asyncio.wait([commit])
-        if not commit.cancelled() and commit.exception() is None:
-            uncommit_files(upload_dir, [target for target, _ in pairs])
-        raise
+    loop = asyncio.get_running_loop()
+    commit = loop.run_in_executor(None, commit_files, upload_dir, partial_dir, pairs, fsync)
+    if await wait_through_cancel(commit):
+        if commit.exception() is None:
+            undo = loop.run_in_executor(None, uncommit_files, upload_dir, [target for target, _ in pairs])
+            await wait_through_cancel(undo)
+        raise asyncio.CancelledError
+    commit.result()  # a failed commit (ENOSPC) raises here
+
+
+async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
+    """Wait until `future` (work on a thread, which cannot be stopped) is done, even if
+    this task is cancelled meanwhile; return whether it was, for the caller to re-raise."""
+    cancelled = False
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
 
 
 @dataclass

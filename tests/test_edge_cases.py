@@ -147,6 +147,82 @@ async def test_cancelled_during_commit_stores_nothing(config, upload_dir, monkey
     assert app.metrics.in_flight == 0
 
 
+async def test_cancelled_again_during_commit_still_stores_nothing(config, upload_dir, monkeypatch):
+    """A second cancel (a server shutting down cancels everything again) must not cut the
+    wait for the commit short: cleaning up beside the running commit left files stored."""
+    app = upload_asgi.create_app(config)
+    committing = threading.Event()
+    real_write_sidecar = targets.write_sidecar
+
+    def slow_write_sidecar(*args, **kwargs):
+        committing.set()
+        time.sleep(0.3)
+        return real_write_sidecar(*args, **kwargs)
+
+    monkeypatch.setattr(targets, "write_sidecar", slow_write_sidecar)
+    body = form_body([file_part(b"one", name="files"), file_part(b"two", name="files")])
+    task = asyncio.ensure_future(call_app(app, upload_scope("/upload-multiple"), [body]))
+    while not committing.is_set():
+        await asyncio.sleep(0.01)
+    for _ in range(3):
+        task.cancel()
+        await asyncio.sleep(0.02)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_nothing_stored(upload_dir)
+    assert app.metrics.outcomes == {"disconnected": 1}
+
+
+async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, upload_dir, monkeypatch):
+    """A client that leaves while a block is being written: the cleanup waits for that
+    write off the event loop, so every other request goes on meanwhile."""
+    app = upload_asgi.create_app(config)
+    real_write_all = targets.write_all
+
+    def slow_write_all(fd, data):
+        time.sleep(0.5)
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(targets, "write_all", slow_write_all)
+    gaps = []
+
+    async def tick():
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    body = form_body([file_part(os.urandom(3 * MiB))])
+    try:
+        reply = await call_app(app, upload_scope(), chunks_of(body[: 2 * MiB], 64 * 1024), disconnect_after=True)
+    finally:
+        ticker.cancel()
+    assert reply.status is None  # the client left: no answer
+    assert_nothing_stored(upload_dir)
+    assert max(gaps) < 0.25, f"the event loop stalled for {max(gaps):.2f} s"
+
+
+async def test_a_process_stopping_is_not_answered_as_a_500(config, upload_dir):
+    """KeyboardInterrupt or SystemExit from below goes up, it is not turned into an answer."""
+    app = upload_asgi.create_app(config)
+    sent = []
+
+    async def receive():
+        raise SystemExit(3)
+
+    async def send(message):
+        sent.append(message)
+
+    with pytest.raises(SystemExit):
+        await app(upload_scope(), receive, send)
+    assert sent == []
+    assert app.metrics.in_flight == 0
+    assert_nothing_stored(upload_dir)
+
+
 class CountingExecutor(ThreadPoolExecutor):
     """Counts write jobs submitted and not yet finished."""
 

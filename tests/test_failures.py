@@ -208,6 +208,8 @@ async def test_concurrency_cap_answers_503(config, upload_dir):
         assert int(reply.headers["retry-after"]) >= 1
     health = await call_app(app, http_scope("/health", "GET"))
     assert health.json()["uploads_in_flight"] == 2
+    # Load shed on purpose: counted as rejected, not as a failure of the server.
+    assert app.metrics.outcomes == {"rejected": 2}
 
     for h in held:
         reply = await h.finish()
@@ -218,6 +220,30 @@ async def test_concurrency_cap_answers_503(config, upload_dir):
     assert reply.status == 201
     assert_stored(upload_dir, reply.json(), data)
     assert len(stored_ids(upload_dir)) == 3
+
+
+async def test_refused_requests_hold_no_place_under_the_cap(config, upload_dir, short_drain):
+    """Requests refused before their body (here: no token) are answered and drained, but
+    never counted as uploads: a few of them must not lock uploaders out with 503."""
+    app = upload_asgi.create_app(replace(config, max_concurrent=1, token=TOKEN, fsync=False))
+    silent = asyncio.Event()  # never set: these clients say nothing after their headers
+
+    async def silent_receive():
+        await silent.wait()
+
+    async def ignore(message):
+        pass
+
+    refused = [asyncio.ensure_future(app(upload_scope(), silent_receive, ignore)) for _ in range(3)]
+    await asyncio.sleep(0.05)  # answered 401, now draining
+    assert app.metrics.in_flight == 0
+    data = b"let me in"
+    scope = upload_scope(token=f"Bearer {TOKEN}")
+    reply = await asyncio.wait_for(call_app(app, scope, [form_body([file_part(data)])]), 5)
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
+    await asyncio.wait_for(asyncio.gather(*refused), 5)  # the bounded drain ends
+    assert app.metrics.outcomes == {"rejected": 3, "stored": 1}
 
 
 def test_concurrency_cap_through_hypercorn(tmp_path):
