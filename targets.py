@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import unicodedata
 from collections import deque
@@ -65,6 +66,19 @@ CRLF = b"\r\n"
 # The parser reads each header line with the email package; we read them the same
 # way so that the two always agree on which parts exist.
 _HEADER_LINE_PARSER = Parser(policy=HTTP)
+# The email package parses Content-Type and Content-Disposition in time quadratic in
+# the separators outside quoted strings (16 K of ";" in one 16 KiB line: ~2 s for us
+# and as long again for the parser, per part), and nested comments recursively. A real
+# part header has a handful: more than this many is refused before either parses it.
+# White space inside quoted strings costs too (a 16 KiB filename of "a a a ...": 0.13 s
+# a part), so a quoted value may hold more runs of it than a 255-character name can.
+# "(" is counted quoted or not: inside a comment a quote does not hide the next "(".
+MAX_HEADER_SEPARATORS = 64
+MAX_HEADER_SPACE_RUNS = 2 * MAX_FILENAME_CHARS
+_STRUCTURED_HEADERS = (b"content-type", b"content-disposition")
+_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"?')
+_SEPARATOR_RE = re.compile(r"[;,]|\s+")
+_SPACE_RUN_RE = re.compile(r"\s+")
 
 
 class FormError(Exception):
@@ -179,6 +193,8 @@ def read_part_headers(block: bytes) -> PartInfo | None:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError:
             raise FormError("a part header is not valid UTF-8") from None
+        if raw_line.partition(b":")[0].strip().lower() in _STRUCTURED_HEADERS:
+            refuse_costly_value(line.partition(":")[2])
         message = _HEADER_LINE_PARSER.parsestr(line + "\r\n")
         value = line.partition(":")[2].strip()
         if "content-disposition" in message:
@@ -210,6 +226,17 @@ def read_part_headers(block: bytes) -> PartInfo | None:
         filename = None
     content_type = "".join(c for c in content_type or "" if c.isprintable()).strip()
     return PartInfo(name, filename, content_type or DEFAULT_CONTENT_TYPE)
+
+
+def refuse_costly_value(value: str) -> None:
+    """Refuse a structured header value the email package would take long to parse."""
+    unquoted = _QUOTED_RE.sub('""', value)
+    if (
+        len(_SEPARATOR_RE.findall(unquoted)) > MAX_HEADER_SEPARATORS
+        or value.count("(") > MAX_HEADER_SEPARATORS
+        or len(_SPACE_RUN_RE.findall(value)) > MAX_HEADER_SPACE_RUNS
+    ):
+        raise FormError("a part's Content-Type or Content-Disposition is too intricate to read")
 
 
 # -- framing ------------------------------------------------------------------
@@ -695,13 +722,15 @@ class FormReader:
         self._parser.register("*", self._router, matches=lambda _registered, _name: True)
 
     def feed(self, chunk: bytes) -> None:
-        for piece in self._framer.feed(chunk):
-            try:
+        try:
+            for piece in self._framer.feed(chunk):
                 self._parser.data_received(piece)
-            except ParseFailedException as exc:
-                raise FormError(f"malformed multipart body ({exc})") from None
-            except UnicodeError:
-                raise FormError("a part header cannot be decoded") from None
+        except ParseFailedException as exc:
+            raise FormError(f"malformed multipart body ({exc})") from None
+        except UnicodeError:
+            raise FormError("a part header cannot be decoded") from None
+        except RecursionError:  # the email package on nested comments (a backstop: see refuse_costly_value)
+            raise FormError("a part header is nested too deeply to read") from None
 
     def close(self) -> None:
         """Check that the body was whole: closing boundary read, every part ended."""

@@ -223,6 +223,38 @@ async def test_a_process_stopping_is_not_answered_as_a_500(config, upload_dir):
     assert_nothing_stored(upload_dir)
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(b"Content-Type: text/plain " + b"(" * 1200, id="nested-comments"),
+        pytest.param(b'Content-Type: text/plain ("' + b"(" * 1200, id="comments-behind-a-quote"),
+        pytest.param(b'Content-Disposition: form-data; name="file"; filename="a" ' + b"(" * 1200, id="in-disposition"),
+        pytest.param(b"Content-Type: text/plain" + b";" * 16000, id="separators"),
+        pytest.param(b"Content-Type: text/plain;" + b" ;" * 8000, id="spaced-separators"),
+        pytest.param(b'Content-Disposition: form-data; name="file"; filename="' + b"a " * 8000 + b'"', id="quoted-spaces"),
+    ],
+)
+async def test_a_header_the_email_package_chokes_on_is_a_quick_400(app, upload_dir, header):
+    """Nested comments made the email package recurse (RecursionError: a 500); thousands of
+    separators made it take seconds per part, and the parser as long again (a worker stalled
+    for minutes by one request of 200 such parts)."""
+    disposition = b'Content-Disposition: form-data; name="file"; filename="a.txt"'
+    headers = [header] if header.startswith(b"Content-Disposition") else [disposition, header]
+    parts = [Part("file", b"data", headers=headers) for _ in range(5)]
+    started = time.monotonic()
+    reply = await call_app(app, upload_scope("/upload-multiple"), [form_body(parts)])
+    assert time.monotonic() - started < 1.0
+    check_error(reply, 400, "malformed_multipart")
+    assert_nothing_stored(upload_dir)
+
+
+async def test_a_long_filename_with_spaces_is_still_read(app, upload_dir):
+    filename = " ".join(["word"] * 50) + ".txt"  # 49 spaces, 249 characters
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"data", filename=filename)])])
+    assert reply.status == 201, reply.body
+    assert reply.json()["filename"] == filename
+
+
 class CountingExecutor(ThreadPoolExecutor):
     """Counts write jobs submitted and not yet finished."""
 
