@@ -780,7 +780,7 @@ class FormReader:
             self.files.append(target)
             if self._executor is not None:
                 self._writing.append(target)
-        elif info.name in self._text_fields and info.filename is None:
+        elif info.name in self._text_fields:  # with a filename too (curl -F sha256=@digest.txt)
             if info.name in self.fields:  # each would be held in memory
                 raise FormError(f"field {info.name!r} is given more than once")
             target = FieldTarget(info.name, limits.max_field_size)

@@ -255,6 +255,32 @@ async def test_a_long_filename_with_spaces_is_still_read(app, upload_dir):
     assert reply.json()["filename"] == filename
 
 
+@pytest.mark.parametrize("digest_file", [b"%s", b"%s\n", b"  %s\r\n"])
+async def test_a_sha256_sent_as_a_file_part_is_still_checked(app, upload_dir, digest_file):
+    """`curl -F sha256=@digest.txt` sends the digest with a filename: it was silently
+    ignored, so a wrong digest still gave 201."""
+    import hashlib
+
+    data = b"checked content"
+    right = hashlib.sha256(data).hexdigest().encode()
+    digest = file_part(digest_file % right, filename="digest.txt", name="sha256", content_type="text/plain")
+    reply = await call_app(app, upload_scope(), [form_body([file_part(data), digest])])
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
+
+    wrong = file_part(digest_file % (b"0" * 64), filename="digest.txt", name="sha256")
+    reply = await call_app(app, upload_scope(), [form_body([file_part(data), wrong])])
+    check_error(reply, 422, "sha256_mismatch")
+    assert len(list(upload_dir.glob("*.json"))) == 1  # only the first upload
+
+
+async def test_a_description_sent_as_a_file_part_is_read(app, upload_dir):
+    note = file_part("a note from a file".encode(), filename="note.txt", name="description")
+    reply = await call_app(app, upload_scope(), [form_body([note, file_part(b"data")])])
+    assert reply.status == 201, reply.body
+    assert reply.json()["description"] == "a note from a file"
+
+
 class CountingExecutor(ThreadPoolExecutor):
     """Counts write jobs submitted and not yet finished."""
 
