@@ -859,11 +859,14 @@ class UploadApp:
             return
         if http_version == "2":
             # Hypercorn 0.18 forgets an HTTP/2 stream as soon as its response ends, and
-            # a DATA frame the client still had in flight then raises KeyError in its
-            # h2 protocol and drops the whole connection, other uploads included. So
-            # the answer stays open while we read a bounded rest of the body.
+            # a DATA frame the client still sends then raises KeyError in its h2
+            # protocol and drops the whole connection, other uploads included (a
+            # browser's parallel uploads, or every client behind an HTTP/2 proxy). So
+            # the answer stays open while we read and drop the rest of the body, up to
+            # what a valid request may send, for as long as it keeps coming; a client
+            # that stopped when it saw the answer gets the end of it 2 s later.
             await send_error(send, error, more_body=True)
-            await drain_body(receive)
+            await drain_stream(receive, self.config.max_request_size, DRAIN_LIMIT_SECONDS)
             await send({"type": "http.response.body", "body": b""})
             return
         # Keep receiving while we answer: hypercorn 0.18 puts http.disconnect into the
@@ -968,6 +971,21 @@ async def drain_body(receive: Receive) -> None:
                 drained += len(message.get("body", b""))
     except TimeoutError:
         pass
+
+
+async def drain_stream(receive: Receive, max_bytes: int, idle: float) -> None:
+    """Read and drop an HTTP/2 request's body until it ends, pauses for `idle` seconds,
+    or passes `max_bytes` (see answer_error)."""
+    drained = 0
+    while drained <= max_bytes:
+        try:
+            async with asyncio.timeout(idle):
+                message = await receive()
+        except TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        drained += len(message.get("body", b""))
 
 
 def create_app(config: Config | None = None, on_upload: UploadCallback | None = None) -> UploadApp:

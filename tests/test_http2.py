@@ -288,6 +288,62 @@ def test_http2_early_413_reaches_a_client_that_reads_while_sending(h2c_server, u
     assert (upload_dir / file_id).read_bytes() == data
 
 
+@pytest.mark.slow
+def test_http2_early_413_to_a_client_that_keeps_sending_spares_the_connection(h2c_server, upload_dir):
+    """A client that goes on sending after the 413, for longer than the HTTP/1.1 drain
+    bound (2 s): the answer stays open until its body ends, so hypercorn never sees a
+    DATA frame for a forgotten stream and the connection's next upload goes through."""
+    body = form_body([file_part(os.urandom(20 * MiB), "too-big.bin")])  # limit is 16 MiB
+    client = RawH2(h2c_server.port)
+    conn = client.conn
+    stream_id = conn.get_next_available_stream_id()
+    fields = [(":method", "POST"), (":path", "/upload"), (":scheme", "http"), (":authority", "127.0.0.1")]
+    conn.send_headers(stream_id, fields + list(upload_headers(body).items()))
+    client.flush()
+    client.sock.settimeout(0.005)
+    sent, status, ended, answered_at = 0, None, False, None
+    deadline = time.monotonic() + 60
+    try:
+        # Send the whole body whatever the server says or does (even if it ends the stream).
+        while not (ended and sent == len(body)):
+            assert time.monotonic() < deadline, "the too-big upload never ended"
+            while sent < len(body):
+                window = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                step = min(window, len(body) - sent)
+                conn.send_data(stream_id, body[sent : sent + step], end_stream=sent + step == len(body))
+                sent += step
+                client.flush()
+                if status is not None:
+                    time.sleep(0.01)  # after the answer: ~16 KiB every 10 ms, 4 MiB in > 2.5 s
+                    break
+            try:
+                events = client.events()
+            except socket.timeout:
+                continue
+            for event in events:
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                    answered_at = time.monotonic()
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ended = True
+            client.flush()
+        assert status == 413
+        assert time.monotonic() - answered_at > 2.5  # kept sending past the HTTP/1.1 drain bound
+        client.sock.settimeout(20)
+        data = os.urandom(300_000)
+        second = form_body([file_part(data, "after-413.bin")])
+        status, answer, how = client.request("/upload", second, upload_headers(second))
+        assert (status, how) == (201, "ended"), answer
+    finally:
+        client.close()
+    [file_id] = stored_ids(upload_dir)
+    assert (upload_dir / file_id).read_bytes() == data
+
+
 def test_http2_stream_reset_mid_upload_leaves_nothing(h2c_server, upload_dir):
     body = form_body([file_part(os.urandom(4 * MiB))])
     client = RawH2(h2c_server.port)
