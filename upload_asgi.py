@@ -694,8 +694,8 @@ class UploadApp:
         try:
             boundary = self.check_request(scope)
             # Only uploads that are being stored count against UPLOAD_MAX_CONCURRENT:
-            # a refused request (a missing token, say) answered and drained for up to
-            # 2 s must not take an uploader's place.
+            # a refused request (a missing token, say), answered while the rest of its
+            # body is drained, must not take an uploader's place.
             self.metrics.in_flight += 1
             try:
                 stored = await self.store_form(boundary, receive, route, progress)
@@ -760,7 +760,10 @@ class UploadApp:
             # Off the loop: abort waits for a writer thread's block (a slow disk must
             # not stall every other request), and is waited for even if cancelled again.
             aborting = asyncio.get_running_loop().run_in_executor(None, reader.abort)
-            if await wait_through_cancel(aborting) and not isinstance(exc, asyncio.CancelledError):
+            cancelled = await wait_through_cancel(aborting)
+            if aborting.exception() is not None:  # a close that failed; the upload failed anyway
+                logger.warning("cleaning up a failed upload failed", exc_info=aborting.exception())
+            if cancelled and not isinstance(exc, asyncio.CancelledError):
                 raise asyncio.CancelledError from exc
             raise
         self.metrics.files_stored += len(records)
