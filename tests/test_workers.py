@@ -155,6 +155,12 @@ def test_two_workers_take_16_concurrent_uploads(upload_dir):
     args = ["-w", "2", "--access-logfile", "-", "--access-logformat", "%(p)s %(m)s %(U)s %(s)s"]
     blobs = [os.urandom(2 * MiB + i * 4099) for i in range(16)]
     with Server(upload_dir, env={"UPLOAD_FSYNC": "1"}, args=args) as server:
+        # The port answers as soon as one worker listens; on a busy machine the second
+        # may start after all 16 uploads are done. Wait for both, so that both can serve.
+        deadline = time.monotonic() + 30
+        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log()))) < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
         barrier = threading.Barrier(16)
 
         def upload(i: int) -> httpx.Response:
