@@ -171,7 +171,7 @@ def test_two_workers_take_16_concurrent_uploads(upload_dir):
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(upload, range(16)))
-        log = server.log()
+    log = server.log()  # once stopped: a worker writes its access line after the answer is out
 
     assert [r.status_code for r in responses] == [201] * 16, [r.text for r in responses]
     records = [r.json() for r in responses]
