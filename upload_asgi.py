@@ -75,6 +75,11 @@ DEFAULT_MAX_FILES = 100
 DEFAULT_MAX_PARTS = 200  # files and fields together
 DEFAULT_MAX_FIELD_SIZE = 64 * KiB  # text fields are held in memory
 DEFAULT_IDLE_TIMEOUT = 60.0  # seconds; a browser on a bad link stalls for less
+# Bytes per second a body must average once its first idle-timeout has passed: a client
+# trickling a byte a minute would otherwise hold an upload slot for ever, and
+# UPLOAD_MAX_CONCURRENT of them would shut everyone else out. 1 KiB/s is far below any
+# real link; 0 turns the check off.
+DEFAULT_MIN_RATE = 1 * KiB
 DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write blocks
 # Threads that hash and write files (targets.WRITE_BLOCK_SIZE blocks), per app: the
 # event loop parses while they work, mostly without the GIL. No more than the cores:
@@ -245,6 +250,7 @@ class Config:
     fsync: bool = True
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    min_rate: int = DEFAULT_MIN_RATE
 
     def __post_init__(self) -> None:
         # Values given in code are held to the same rules as the environment's.
@@ -290,6 +296,7 @@ ENV_VARS = {
     "fsync": "UPLOAD_FSYNC",
     "idle_timeout": "UPLOAD_IDLE_TIMEOUT",
     "max_concurrent": "UPLOAD_MAX_CONCURRENT",
+    "min_rate": "UPLOAD_MIN_RATE",
 }
 ENV_PARSERS: dict[str, Callable[[str], Any]] = {
     "upload_dir": parse_dir,
@@ -302,6 +309,7 @@ ENV_PARSERS: dict[str, Callable[[str], Any]] = {
     "fsync": parse_bool,
     "idle_timeout": parse_seconds,
     "max_concurrent": parse_count,
+    "min_rate": parse_size,
 }
 POSITIVE_SETTINGS = {
     "max_file_size", "max_request_size", "max_files", "max_parts",
@@ -325,6 +333,14 @@ def check_whole(value: Any) -> int:
         raise TypeError(f"{value!r} is not a whole number")
     if value <= 0:
         raise ValueError(f"must be positive, got {value!r}")
+    return value
+
+
+def check_rate(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not a whole number")
+    if value < 0:
+        raise ValueError(f"must be 0 (off) or more, got {value!r}")
     return value
 
 
@@ -355,6 +371,7 @@ SETTING_CHECKS: dict[str, Callable[[Any], Any]] = {
     "token": check_token,
     "fsync": check_flag,
     "idle_timeout": check_seconds,
+    "min_rate": check_rate,
     **{name: check_whole for name in POSITIVE_SETTINGS - {"idle_timeout"}},
 }
 
@@ -781,6 +798,7 @@ class UploadApp:
         limit = self.config.max_request_size
         idle = self.config.idle_timeout
         loop = asyncio.get_running_loop()
+        floor = RateFloor(self.config.min_rate, grace=idle, started=loop.time())
         try:
             async with asyncio.timeout(idle) as deadline:
                 while True:
@@ -798,14 +816,18 @@ class UploadApp:
                         reader.feed(chunk)
                         if (job := reader.write_backlog()) is not None:
                             deadline.reschedule(None)  # a slow disk is not an idle client
+                            waiting_since = loop.time()
                             while job is not None:  # backpressure: the disk is behind
                                 await asyncio.wrap_future(job)
                                 job = reader.write_backlog()
+                            floor.paused += loop.time() - waiting_since  # nor a slow one
                     # www.rst: more_body defaults to False.
                     if not message.get("more_body", False):
                         progress.complete = True
                         return
-                    deadline.reschedule(loop.time() + idle)
+                    now = loop.time()
+                    floor.check(progress.received, now)
+                    deadline.reschedule(now + idle)
         except TimeoutError:
             if deadline.expired():  # ours, not an OSError with ETIMEDOUT from below
                 raise RequestTimeout(f"the client sent no body bytes for {idle:g} seconds") from None
@@ -942,6 +964,25 @@ async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
         except asyncio.CancelledError:
             cancelled = True
     return cancelled
+
+
+@dataclass
+class RateFloor:
+    """UPLOAD_MIN_RATE: once `grace` seconds have passed, a body must have averaged
+    `rate` bytes a second since `started`, not counting the time we made it wait."""
+
+    rate: int
+    grace: float
+    started: float
+    paused: float = 0.0
+
+    def check(self, received: int, now: float) -> None:
+        elapsed = now - self.started - self.paused
+        if self.rate and elapsed > self.grace and received < self.rate * (elapsed - self.grace):
+            raise RequestTimeout(
+                f"the client sent {received} bytes in {elapsed:.0f} s, slower than {self.rate} bytes"
+                f" a second after the first {self.grace:g} s"
+            )
 
 
 @dataclass

@@ -33,6 +33,8 @@ from support import ROOT, free_port
         pytest.param("UPLOAD_FSYNC", "off", "fsync", False, id="fsync-off"),
         pytest.param("UPLOAD_IDLE_TIMEOUT", "2.5", "idle_timeout", 2.5, id="idle"),
         pytest.param("UPLOAD_MAX_CONCURRENT", "3", "max_concurrent", 3, id="concurrent"),
+        pytest.param("UPLOAD_MIN_RATE", "16K", "min_rate", 16 * KiB, id="rate"),
+        pytest.param("UPLOAD_MIN_RATE", "0", "min_rate", 0, id="rate-off"),
     ],
 )
 def test_each_variable_is_read(variable, text, setting, value):
@@ -50,7 +52,7 @@ def test_every_setting_has_a_variable():
     assert set(upload_asgi.ENV_VARS.values()) == {
         "UPLOAD_DIR", "UPLOAD_MAX_FILE_SIZE", "UPLOAD_MAX_REQUEST_SIZE", "UPLOAD_MAX_FILES",
         "UPLOAD_MAX_PARTS", "UPLOAD_MAX_FIELD_SIZE", "UPLOAD_TOKEN", "UPLOAD_FSYNC",
-        "UPLOAD_IDLE_TIMEOUT", "UPLOAD_MAX_CONCURRENT",
+        "UPLOAD_IDLE_TIMEOUT", "UPLOAD_MAX_CONCURRENT", "UPLOAD_MIN_RATE",
     }
 
 
@@ -67,6 +69,7 @@ def test_defaults():
     assert config.fsync is True
     assert config.idle_timeout == 60.0
     assert config.max_concurrent == 64
+    assert config.min_rate == 1024
 
 
 def test_from_env_reads_os_environ(monkeypatch, tmp_path):
@@ -118,6 +121,8 @@ BAD_VALUES = [
     pytest.param("UPLOAD_IDLE_TIMEOUT", "inf", id="idle-inf"),
     pytest.param("UPLOAD_MAX_CONCURRENT", "0", id="concurrent-zero"),
     pytest.param("UPLOAD_MAX_CONCURRENT", "4.5", id="concurrent-fraction"),
+    pytest.param("UPLOAD_MIN_RATE", "-1", id="rate-negative"),
+    pytest.param("UPLOAD_MIN_RATE", "fast", id="rate-word"),
 ]
 
 
@@ -156,6 +161,8 @@ def test_config_object_refuses_non_positive(setting, tmp_path):
         pytest.param("idle_timeout", float("nan"), id="idle-nan"),
         pytest.param("idle_timeout", float("inf"), id="idle-inf"),
         pytest.param("idle_timeout", "60", id="idle-string"),
+        pytest.param("min_rate", -1, id="rate-negative"),
+        pytest.param("min_rate", 0.5, id="rate-fraction"),
     ],
 )
 def test_config_object_refuses_what_the_environment_would(setting, value, tmp_path):

@@ -354,6 +354,58 @@ async def test_idle_timeout_is_per_chunk_not_per_upload(config, upload_dir):
     assert_stored(upload_dir, reply.json(), data)
 
 
+def trickle(body: bytes, size: int, every: float):
+    """A receive() that sends `size` bytes every `every` seconds."""
+    chunks = chunks_of(body, size)
+
+    async def receive():
+        await asyncio.sleep(every)
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def test_a_trickling_client_is_cut_off_below_the_minimum_rate(config, upload_dir, short_drain):
+    """A byte now and then resets the idle timer every time: without a floor on the
+    average rate such a client would hold its upload slot for ever."""
+    app = upload_asgi.create_app(replace(config, idle_timeout=0.2, min_rate=10_000, fsync=False))
+    body = form_body([file_part(os.urandom(8 * KiB))])  # 100 B every 20 ms: 5 KB/s, ~1.7 s
+    reply = Reply()
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            reply.status = message["status"]
+            reply.headers = {k.decode(): v.decode() for k, v in message["headers"]}
+        else:
+            reply.body += message.get("body", b"")
+
+    started = time.monotonic()
+    await asyncio.wait_for(app(upload_scope(), trickle(body, 100, 0.02), send), 10)
+    assert time.monotonic() - started < 1.0  # cut off, not read to the end
+    assert_error(reply, 408, "request_timeout")
+    assert "bytes a second" in reply.json()["detail"]
+    assert_nothing_stored(upload_dir)
+
+
+async def test_a_slow_client_above_the_minimum_rate_gets_through(config, upload_dir):
+    app = upload_asgi.create_app(replace(config, idle_timeout=0.2, min_rate=1_000, fsync=False))
+    data = os.urandom(8 * KiB)
+    body = form_body([file_part(data)])  # 5 KB/s against a floor of 1 KB/s
+    reply = Reply()
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            reply.status = message["status"]
+        else:
+            reply.body += message.get("body", b"")
+
+    await asyncio.wait_for(app(upload_scope(), trickle(body, 100, 0.02), send), 10)
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
+
+
 def test_stalled_client_through_hypercorn(tmp_path):
     upload_dir = tmp_path / "uploads"
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_IDLE_TIMEOUT": "0.5"}) as server:
