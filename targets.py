@@ -67,17 +67,19 @@ CRLF = b"\r\n"
 # way so that the two always agree on which parts exist.
 _HEADER_LINE_PARSER = Parser(policy=HTTP)
 # The email package parses Content-Type and Content-Disposition in time quadratic in
-# the separators outside quoted strings (16 K of ";" in one 16 KiB line: ~2 s for us
-# and as long again for the parser, per part), and nested comments recursively. A real
-# part header has a handful: more than this many is refused before either parses it.
-# White space inside quoted strings costs too (a 16 KiB filename of "a a a ...": 0.13 s
-# a part), so a quoted value may hold more runs of it than a 255-character name can.
-# "(" is counted quoted or not: inside a comment a quote does not hide the next "(".
-MAX_HEADER_SEPARATORS = 64
+# the special characters and runs of white space outside quoted strings, quotes
+# included (16 K of ";" or of '"' in one 16 KiB line: ~2 s for us and as long again
+# for the parser, per part), and nested comments recursively. A real part header has
+# a handful: more than this many is refused before either parses it. White space
+# inside quoted strings costs too (a 16 KiB filename of "a a a ...": 0.13 s a part),
+# so a quoted value may hold more runs of it than a 255-character name can. "(" is
+# counted quoted or not: inside a comment a quote does not hide the next "("; and so
+# are RFC 2047 encoded words ("=?", decoded even inside quotes: 56 ms a part).
+MAX_HEADER_SPECIALS = 64
 MAX_HEADER_SPACE_RUNS = 2 * MAX_FILENAME_CHARS
 _STRUCTURED_HEADERS = (b"content-type", b"content-disposition")
 _QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"?')
-_SEPARATOR_RE = re.compile(r"[;,]|\s+")
+_SPECIAL_RE = re.compile(r'[;,:<>@\[\]\\()"]|\s+')  # RFC 5322 specials, quotes, white space
 _SPACE_RUN_RE = re.compile(r"\s+")
 
 
@@ -230,10 +232,11 @@ def read_part_headers(block: bytes) -> PartInfo | None:
 
 def refuse_costly_value(value: str) -> None:
     """Refuse a structured header value the email package would take long to parse."""
-    unquoted = _QUOTED_RE.sub('""', value)
+    unquoted = _QUOTED_RE.sub('""', value)  # each quoted string counts as its two quotes
     if (
-        len(_SEPARATOR_RE.findall(unquoted)) > MAX_HEADER_SEPARATORS
-        or value.count("(") > MAX_HEADER_SEPARATORS
+        len(_SPECIAL_RE.findall(unquoted)) > MAX_HEADER_SPECIALS
+        or value.count("(") > MAX_HEADER_SPECIALS
+        or value.count("=?") > MAX_HEADER_SPECIALS
         or len(_SPACE_RUN_RE.findall(value)) > MAX_HEADER_SPACE_RUNS
     ):
         raise FormError("a part's Content-Type or Content-Disposition is too intricate to read")

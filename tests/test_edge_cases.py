@@ -232,6 +232,12 @@ async def test_a_process_stopping_is_not_answered_as_a_500(config, upload_dir):
         pytest.param(b"Content-Type: text/plain" + b";" * 16000, id="separators"),
         pytest.param(b"Content-Type: text/plain;" + b" ;" * 8000, id="spaced-separators"),
         pytest.param(b'Content-Disposition: form-data; name="file"; filename="' + b"a " * 8000 + b'"', id="quoted-spaces"),
+        pytest.param(b"Content-Type: text/plain; a=" + b'""' * 7000, id="empty-quoted-strings"),
+        pytest.param(b"Content-Type: text/plain; a=" + b"@" * 15000, id="specials"),
+        pytest.param(
+            b'Content-Disposition: form-data; name="file"; filename="' + b"=?utf-8?q?a?=" * 1100 + b'"',
+            id="encoded-words",
+        ),
     ],
 )
 async def test_a_header_the_email_package_chokes_on_is_a_quick_400(app, upload_dir, header):
