@@ -887,11 +887,17 @@ class UploadApp:
             # a DATA frame the client still sends then raises KeyError in its h2
             # protocol and drops the whole connection, other uploads included (a
             # browser's parallel uploads, or every client behind an HTTP/2 proxy). So
-            # the answer stays open while we read and drop the rest of the body, up to
-            # what a valid request may send, for as long as it keeps coming; a client
+            # the answer stays open while we read and drop the rest of the body for as
+            # long as it keeps coming, within what a valid request may send and one
+            # idle timeout (a refused client must not hold a stream for ever); a client
             # that stopped when it saw the answer gets the end of it 2 s later.
             await send_error(send, error, more_body=True)
-            await drain_stream(receive, self.config.max_request_size, DRAIN_LIMIT_SECONDS)
+            await drain_stream(
+                receive,
+                max_bytes=max(self.config.max_request_size - progress.received, 0),
+                pause=DRAIN_LIMIT_SECONDS,
+                total=max(self.config.idle_timeout, DRAIN_LIMIT_SECONDS),
+            )
             await send({"type": "http.response.body", "body": b""})
             return
         # Keep receiving while we answer: hypercorn 0.18 puts http.disconnect into the
@@ -1017,19 +1023,20 @@ async def drain_body(receive: Receive) -> None:
         pass
 
 
-async def drain_stream(receive: Receive, max_bytes: int, idle: float) -> None:
-    """Read and drop an HTTP/2 request's body until it ends, pauses for `idle` seconds,
-    or passes `max_bytes` (see answer_error)."""
+async def drain_stream(receive: Receive, max_bytes: int, pause: float, total: float) -> None:
+    """Read and drop an HTTP/2 request's body until it ends, pauses for `pause` seconds,
+    passes `max_bytes`, or `total` seconds have gone by (see answer_error)."""
     drained = 0
-    while drained <= max_bytes:
-        try:
-            async with asyncio.timeout(idle):
-                message = await receive()
-        except TimeoutError:
-            return
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
-        drained += len(message.get("body", b""))
+    try:
+        async with asyncio.timeout(total):
+            while drained <= max_bytes:
+                async with asyncio.timeout(pause):
+                    message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
+    except TimeoutError:
+        pass
 
 
 def create_app(config: Config | None = None, on_upload: UploadCallback | None = None) -> UploadApp:

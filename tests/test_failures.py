@@ -246,6 +246,27 @@ async def test_refused_requests_hold_no_place_under_the_cap(config, upload_dir, 
     assert app.metrics.outcomes == {"rejected": 3, "stored": 1}
 
 
+async def test_http2_refused_stream_that_trickles_is_let_go_after_the_idle_timeout(config, upload_dir):
+    """Over HTTP/2 the app drains a refused body while it keeps coming (hypercorn would
+    drop the connection otherwise), but not for ever: at most one idle timeout."""
+    app = upload_asgi.create_app(replace(config, token=TOKEN, idle_timeout=0.5, fsync=False))
+    scope = {**upload_scope(), "http_version": "2"}
+    sent = []
+
+    async def trickling_receive():
+        await asyncio.sleep(0.05)  # a byte every 50 ms: never a 2 s pause, never the end
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    started = time.monotonic()
+    await asyncio.wait_for(app(scope, trickling_receive, send), 10)
+    assert time.monotonic() - started < 3.5  # max(idle timeout, the 2 s drain bound)
+    assert sent[0]["status"] == 401
+    assert sent[-1] == {"type": "http.response.body", "body": b""}  # the answer was ended
+
+
 def test_concurrency_cap_through_hypercorn(tmp_path):
     """Two slow clients hold both slots; a third upload gets 503 with Retry-After."""
     upload_dir = tmp_path / "uploads"
