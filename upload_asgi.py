@@ -328,17 +328,23 @@ def check_dir(value: Any) -> Path:
     return path
 
 
-def check_whole(value: Any) -> int:
+def as_whole(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():  # 2e9 in code means 2000000000
+        return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{value!r} is not a whole number")
+    return value
+
+
+def check_whole(value: Any) -> int:
+    value = as_whole(value)
     if value <= 0:
         raise ValueError(f"must be positive, got {value!r}")
     return value
 
 
 def check_rate(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{value!r} is not a whole number")
+    value = as_whole(value)
     if value < 0:
         raise ValueError(f"must be 0 (off) or more, got {value!r}")
     return value
@@ -633,14 +639,14 @@ class UploadApp:
                 return
 
     def prepare(self) -> Path:
-        """Create the upload dirs and sweep stale partial files (once per process).
+        """Create the upload dirs and sweep stale partial files; again if they were removed.
 
         Called at lifespan startup, or on first use when a host does not forward
-        lifespan to a mounted app.
+        lifespan to a mounted app; then checked (one stat) on every upload and /health.
         """
         if self.config is None:
             raise ConfigError(self.config_error or "no configuration")
-        if self.partial_dir is None:
+        if self.partial_dir is None or not self.partial_dir.is_dir():
             self.partial_dir = prepare_upload_dir(self.config.upload_dir)
         return self.partial_dir
 
@@ -677,7 +683,10 @@ class UploadApp:
         # A load balancer reads the status: an upload dir that cannot be used (not
         # creatable, removed since) would fail every upload, so it is a 503.
         try:
-            free = shutil.disk_usage(self.prepare()).free
+            partial_dir = self.prepare()
+            if not os.access(partial_dir, os.W_OK):  # a read-only mount, a chmod
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+            free = shutil.disk_usage(partial_dir).free
         except OSError as exc:
             logger.warning("upload-asgi is unavailable: %s", upload_dir_problem(self.config.upload_dir, exc))
             free = None
@@ -841,7 +850,8 @@ class UploadApp:
         records = [make_record(target, description) for target in reader.files]
         expected = reader.field("sha256") if "sha256" in route.text_fields else None
         if expected is not None:
-            expected = expected.strip()
+            # The field, or a digest file's first word (`sha256sum` writes "<hex>  <name>").
+            expected = (expected.split() or [""])[0]
             if not SHA256_RE.fullmatch(expected):
                 raise InvalidField("the sha256 field must be 64 hexadecimal digits")
             if expected.lower() != records[0]["sha256"]:
@@ -956,6 +966,8 @@ async def commit_in_thread(
         if commit.exception() is None:
             undo = loop.run_in_executor(None, uncommit_files, upload_dir, [target for target, _ in pairs])
             await wait_through_cancel(undo)
+            if undo.exception() is not None:
+                logger.error("a cancelled upload stays stored: undoing its commit failed", exc_info=undo.exception())
         raise asyncio.CancelledError
     commit.result()  # a failed commit (ENOSPC) raises here
 
@@ -986,7 +998,7 @@ class RateFloor:
         elapsed = now - self.started - self.paused
         if self.rate and elapsed > self.grace and received < self.rate * (elapsed - self.grace):
             raise RequestTimeout(
-                f"the client sent {received} bytes in {elapsed:.0f} s, slower than {self.rate} bytes"
+                f"the client sent {received} bytes in {elapsed:.1f} s, slower than {self.rate} bytes"
                 f" a second after the first {self.grace:g} s"
             )
 

@@ -172,6 +172,12 @@ def test_config_object_refuses_what_the_environment_would(setting, value, tmp_pa
         Config(**values)
 
 
+def test_config_object_takes_whole_floats(tmp_path):
+    config = Config(upload_dir=tmp_path, max_request_size=2e9, min_rate=0.0)
+    assert config.max_request_size == 2_000_000_000 and isinstance(config.max_request_size, int)
+    assert config.min_rate == 0 and isinstance(config.min_rate, int)
+
+
 def test_config_object_takes_good_values(tmp_path):
     config = Config(upload_dir=str(tmp_path), token="", idle_timeout=5, max_files=3, fsync=False)
     assert config.upload_dir == tmp_path and isinstance(config.upload_dir, Path)

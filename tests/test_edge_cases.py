@@ -261,7 +261,7 @@ async def test_a_long_filename_with_spaces_is_still_read(app, upload_dir):
     assert reply.json()["filename"] == filename
 
 
-@pytest.mark.parametrize("digest_file", [b"%s", b"%s\n", b"  %s\r\n"])
+@pytest.mark.parametrize("digest_file", [b"%s", b"%s\n", b"  %s\r\n", b"%s  data.bin\n"])  # last: sha256sum
 async def test_a_sha256_sent_as_a_file_part_is_still_checked(app, upload_dir, digest_file):
     """`curl -F sha256=@digest.txt` sends the digest with a filename: it was silently
     ignored, so a wrong digest still gave 201."""

@@ -427,6 +427,25 @@ async def test_a_slow_client_above_the_minimum_rate_gets_through(config, upload_
     assert_stored(upload_dir, reply.json(), data)
 
 
+async def test_time_spent_waiting_for_a_slow_disk_does_not_count_against_the_rate(config, upload_dir, monkeypatch):
+    """The client sends at once, our disk takes 0.4 s a block: that wait is ours, so a
+    floor far above what the disk allows still lets the upload through."""
+    app = upload_asgi.create_app(replace(config, idle_timeout=0.3, min_rate=20_000_000, fsync=False))
+    real_write_all = targets.write_all
+
+    def slow_write_all(fd, data):
+        time.sleep(0.4)
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(targets, "write_all", slow_write_all)
+    data = os.urandom(3 * MiB)
+    reply = await asyncio.wait_for(
+        call_app(app, upload_scope(), chunks_of(form_body([file_part(data)]), 64 * KiB)), 30
+    )
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
+
+
 def test_stalled_client_through_hypercorn(tmp_path):
     upload_dir = tmp_path / "uploads"
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_IDLE_TIMEOUT": "0.5"}) as server:
@@ -530,13 +549,27 @@ async def test_other_disk_errors_answer_500_without_details(config, upload_dir, 
     assert logged[0].exc_info[1].errno == code
 
 
-async def test_partial_dir_removed_under_the_app_answers_500(config, upload_dir, caplog):
+async def test_partial_dir_removed_under_the_app_is_made_again(config, upload_dir):
     app = upload_asgi.create_app(replace(config, fsync=False))
     assert (await call_app(app, http_scope("/health", "GET"))).status == 200
     (upload_dir / ".partial").rmdir()
     reply = await call_app(app, upload_scope(), [form_body([file_part(b"data")])])
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), b"data")
+
+
+async def test_upload_dir_unusable_under_the_app_answers_500_and_health_503(config, upload_dir, caplog):
+    import shutil
+
+    app = upload_asgi.create_app(replace(config, fsync=False))
+    assert (await call_app(app, http_scope("/health", "GET"))).status == 200
+    shutil.rmtree(upload_dir)
+    upload_dir.write_text("a file where the upload dir was")
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"data")])])
     assert_error(reply, 500, "internal_error")
     assert str(upload_dir) not in reply.body.decode()
+    health = await call_app(app, http_scope("/health", "GET"))
+    assert health.status == 503 and health.json()["status"] == "unavailable"
 
 
 @pytest.fixture
