@@ -3,7 +3,8 @@
 Routes, relative to `scope["root_path"]`:
 
     GET  /                 the upload page (HTML)
-    GET  /health           200 {"status": "ok", "free_bytes": N, "uploads_in_flight": N, ...}; 503 if the upload dir is unusable
+    GET  /health           200 {"status": "ok", "free_bytes": N, "uploads_in_flight": N, ...}
+                           (503 {"status": "unavailable", ...} if the upload dir is unusable)
     GET  /metrics          Prometheus text
     POST /upload           one file part "file", optional "description" and "sha256"
                            -> 201 record
@@ -17,7 +18,7 @@ Errors are {"error": code, "detail": text}:
 
     400 malformed body or no boundary       401 token missing or wrong
     405 other method on a known path        404 unknown path
-    408 client idle too long                413 a limit passed
+    408 client idle or too slow             413 a limit passed
     415 not multipart/form-data             422 no file, or sha256 mismatch
     500 unexpected (logged)                 503 too many uploads at once
     507 no space left on the device
