@@ -903,11 +903,11 @@ class UploadApp:
             # idle timeout (a refused client must not hold a stream for ever); a client
             # that stopped when it saw the answer gets the end of it 2 s later.
             await send_error(send, error, more_body=True)
-            await drain_stream(
+            await drain_body(
                 receive,
                 max_bytes=max(self.config.max_request_size - progress.received, 0),
+                seconds=max(self.config.idle_timeout, DRAIN_LIMIT_SECONDS),
                 pause=DRAIN_LIMIT_SECONDS,
-                total=max(self.config.idle_timeout, DRAIN_LIMIT_SECONDS),
             )
             await send({"type": "http.response.body", "body": b""})
             return
@@ -923,7 +923,7 @@ class UploadApp:
             reading.cancel()  # nothing if it saw the end already
         await asyncio.wait([reading])
         if reading.cancelled():
-            await drain_body(receive)
+            await drain_body(receive, DRAIN_LIMIT_BYTES, DRAIN_LIMIT_SECONDS)
         elif reading.exception() is not None:
             logger.debug("reading the rest of a refused body failed", exc_info=reading.exception())
 
@@ -1018,32 +1018,19 @@ async def read_to_end(receive: Receive) -> None:
             return
 
 
-async def drain_body(receive: Receive) -> None:
-    """Read and drop what is left of a body, within bounds (SPEC §8).
+async def drain_body(receive: Receive, max_bytes: int, seconds: float, pause: float | None = None) -> None:
+    """Read and drop what is left of a body until it ends, passes `max_bytes`, `seconds`
+    have gone by, or (with `pause`) it stops coming for that long (SPEC §8).
 
     Hypercorn 0.18 stops reading a connection whose app returned while its receive
-    queue was full; draining lets it deliver our answer and then close.
+    queue was full; draining lets it deliver our answer and then close. Over HTTP/2
+    it also keeps hypercorn from dropping the connection (see answer_error).
     """
     drained = 0
     try:
-        async with asyncio.timeout(DRAIN_LIMIT_SECONDS):
-            while drained < DRAIN_LIMIT_BYTES:
-                message = await receive()
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    return
-                drained += len(message.get("body", b""))
-    except TimeoutError:
-        pass
-
-
-async def drain_stream(receive: Receive, max_bytes: int, pause: float, total: float) -> None:
-    """Read and drop an HTTP/2 request's body until it ends, pauses for `pause` seconds,
-    passes `max_bytes`, or `total` seconds have gone by (see answer_error)."""
-    drained = 0
-    try:
-        async with asyncio.timeout(total):
-            while drained <= max_bytes:
-                async with asyncio.timeout(pause):
+        async with asyncio.timeout(seconds):
+            while drained < max_bytes:
+                async with asyncio.timeout(pause):  # None: no bound per message
                     message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):
                     return
