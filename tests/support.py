@@ -93,6 +93,15 @@ class Reply:
     def check_length(self) -> None:
         assert int(self.headers["content-length"]) == len(self.body)
 
+    async def record(self, message: dict[str, Any]) -> None:
+        """An ASGI `send` that keeps what the app answered."""
+        self.messages.append(message)
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = {k.decode().lower(): v.decode() for k, v in message["headers"]}
+        elif message["type"] == "http.response.body":
+            self.body += message.get("body", b"")
+
 
 def http_scope(
     path: str = "/upload",
@@ -142,15 +151,7 @@ async def call_app(app: Any, scope: dict[str, Any], chunks: Iterable[bytes] = ()
         except StopIteration:
             return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
-        reply.messages.append(message)
-        if message["type"] == "http.response.start":
-            reply.status = message["status"]
-            reply.headers = {k.decode().lower(): v.decode() for k, v in message["headers"]}
-        elif message["type"] == "http.response.body":
-            reply.body += message.get("body", b"")
-
-    await app(scope, receive, send)
+    await app(scope, receive, reply.record)
     return reply
 
 

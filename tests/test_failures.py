@@ -317,13 +317,7 @@ async def test_stalled_client_gets_408_and_its_partial_file_is_removed(config, u
         await never.wait()  # the client says nothing more
 
     reply = Reply()
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            reply.status = message["status"]
-            reply.headers = {k.decode(): v.decode() for k, v in message["headers"]}
-        else:
-            reply.body += message.get("body", b"")
+    send = reply.record
 
     await asyncio.wait_for(app(upload_scope("/upload-multiple"), receive, send), 10)
     assert_error(reply, 408, "request_timeout")
@@ -363,12 +357,7 @@ async def test_idle_timeout_is_per_chunk_not_per_upload(config, upload_dir):
         return {"type": "http.disconnect"}
 
     reply = Reply()
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            reply.status = message["status"]
-        else:
-            reply.body += message.get("body", b"")
+    send = reply.record
 
     await asyncio.wait_for(app(upload_scope(), receive, send), 20)
     assert reply.status == 201, reply.body
@@ -394,13 +383,7 @@ async def test_a_trickling_client_is_cut_off_below_the_minimum_rate(config, uplo
     app = upload_asgi.create_app(replace(config, idle_timeout=0.2, min_rate=10_000, fsync=False))
     body = form_body([file_part(os.urandom(8 * KiB))])  # 100 B every 20 ms: 5 KB/s, ~1.7 s
     reply = Reply()
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            reply.status = message["status"]
-            reply.headers = {k.decode(): v.decode() for k, v in message["headers"]}
-        else:
-            reply.body += message.get("body", b"")
+    send = reply.record
 
     started = time.monotonic()
     await asyncio.wait_for(app(upload_scope(), trickle(body, 100, 0.02), send), 10)
@@ -415,12 +398,7 @@ async def test_a_slow_client_above_the_minimum_rate_gets_through(config, upload_
     data = os.urandom(8 * KiB)
     body = form_body([file_part(data)])  # 5 KB/s against a floor of 1 KB/s
     reply = Reply()
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            reply.status = message["status"]
-        else:
-            reply.body += message.get("body", b"")
+    send = reply.record
 
     await asyncio.wait_for(app(upload_scope(), trickle(body, 100, 0.02), send), 10)
     assert reply.status == 201, reply.body
