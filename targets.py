@@ -77,7 +77,7 @@ _HEADER_LINE_PARSER = Parser(policy=HTTP)
 # are RFC 2047 encoded words ("=?", decoded even inside quotes: 56 ms a part).
 MAX_HEADER_SPECIALS = 64
 MAX_HEADER_SPACE_RUNS = 2 * MAX_FILENAME_CHARS
-_STRUCTURED_HEADERS = (b"content-type", b"content-disposition")
+_STRUCTURED_HEADERS = ("content-type", "content-disposition")
 _QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"?')
 _SPECIAL_RE = re.compile(r'[;,:<>@\[\]\\()"]|\s+')  # RFC 5322 specials, quotes, white space
 _SPACE_RUN_RE = re.compile(r"\s+")
@@ -195,10 +195,11 @@ def read_part_headers(block: bytes) -> PartInfo | None:
             line = raw_line.decode("utf-8")
         except UnicodeDecodeError:
             raise FormError("a part header is not valid UTF-8") from None
-        if raw_line.partition(b":")[0].strip().lower() in _STRUCTURED_HEADERS:
-            refuse_costly_value(line.partition(":")[2])
+        header_name, _, raw_value = line.partition(":")
+        if header_name.strip().lower() in _STRUCTURED_HEADERS:
+            refuse_costly_value(raw_value)
         message = _HEADER_LINE_PARSER.parsestr(line + "\r\n")
-        value = line.partition(":")[2].strip()
+        value = raw_value.strip()
         if "content-disposition" in message:
             if disposition is not None:
                 raise FormError("a part has two Content-Disposition headers")
