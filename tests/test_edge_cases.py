@@ -159,7 +159,7 @@ async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, up
     real_write_all = targets.write_all
 
     def slow_write_all(fd, data):
-        time.sleep(0.5)
+        time.sleep(1.0)
         real_write_all(fd, data)
 
     monkeypatch.setattr(targets, "write_all", slow_write_all)
@@ -181,7 +181,9 @@ async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, up
         ticker.cancel()
     assert reply.status is None  # the client left: no answer
     assert_nothing_stored(upload_dir)
-    assert max(gaps) < 0.25, f"the event loop stalled for {max(gaps):.2f} s"
+    # Waiting on the loop for the block being written stalled it for up to the write's 1 s;
+    # 0.4 s leaves room for a busy machine's scheduling.
+    assert max(gaps) < 0.4, f"the event loop stalled for {max(gaps):.2f} s"
 
 
 async def test_a_process_stopping_is_not_answered_as_a_500(config, upload_dir):
