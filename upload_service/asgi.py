@@ -92,4 +92,4 @@ async def send_error(
 ) -> None:
     body = json_bytes(error_payload(error))
     headers = (*error.headers, *headers)
-    await send_body(send, error.status, body, b"application/json", headers, head_only, more_body)
+    await send_body(send, error.status, body, error.content_type, headers, head_only, more_body)

@@ -17,6 +17,7 @@ class UploadError(Exception):
     status = 400
     code = "bad_request"
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    content_type = b"application/json"
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)

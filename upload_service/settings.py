@@ -29,6 +29,9 @@ DEFAULT_IDLE_TIMEOUT = 60.0  # seconds; a browser on a bad link stalls for less
 # real link; 0 turns the check off.
 DEFAULT_MIN_RATE = 1 * KiB
 DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write blocks
+# An incomplete resumable upload untouched this long is swept (tus expiration). A day
+# covers a laptop closed overnight; each PATCH starts the time again.
+DEFAULT_RESUMABLE_EXPIRY = 24 * 3600.0
 
 
 # -- parsers (environment text -> value) -------------------------------------------
@@ -189,6 +192,10 @@ class Config:
     )
     min_rate: int = setting(
         "UPLOAD_MIN_RATE", parse_size, check_rate, DEFAULT_MIN_RATE, "bytes/s a body must average (0: off)"
+    )
+    resumable_expiry: float = setting(
+        "UPLOAD_RESUMABLE_EXPIRY", parse_duration, check_seconds, DEFAULT_RESUMABLE_EXPIRY,
+        "an incomplete resumable upload idle this long is removed (3600, 30m, 24h, 7d)",
     )
 
     def __post_init__(self) -> None:

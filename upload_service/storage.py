@@ -12,11 +12,13 @@ records all or none, and undoes itself if cancelled.
 
 from __future__ import annotations
 
-import secrets
+import hashlib
 import re
+import secrets
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 Record = dict[str, Any]
 
@@ -116,3 +118,162 @@ class Store(ABC):
     def describe_problem(self, exc: OSError) -> str:
         """Say what is wrong with the store, naming the setting to fix."""
         return str(exc)
+
+
+# -- resumable uploads (an optional ability, like tusd's LengthDeferrer or Locker) -----
+
+
+class UploadBusy(Exception):
+    """Another request (in any worker) is writing this upload now."""
+
+
+@dataclass
+class UploadInfo:
+    """What a resumable upload is, besides its bytes.
+
+    `metadata` holds tus Upload-Metadata as sent (key -> base64 value, "" for a bare
+    key): the protocol decodes it, the store only keeps it. `length` None means
+    deferred (tus creation-defer-length, or a draft upload of unknown length).
+    """
+
+    id: str
+    length: int | None
+    offset: int
+    metadata: dict[str, str]
+    expires: float  # POSIX seconds
+    sha256: str | None = None  # the whole-file digest the client declared (hex), checked before finish
+
+    @property
+    def complete(self) -> bool:
+        return self.length is not None and self.offset == self.length
+
+
+class ResumableUpload(ABC):
+    """One resumable upload held for writing: this request is its only writer until `release`.
+
+    Every method blocks; call them off the event loop (`append` on a writer thread, in
+    order). The SHA-256 of everything before `info.offset` is kept here: handed over
+    by the store when this process wrote those bytes last, else re-read once, on the
+    first `append` or `sha256()`, from what is stored (`rehashed_bytes` says how much).
+    """
+
+    def __init__(self, info: UploadInfo, digest: Any | None) -> None:
+        self.info = info
+        self._hash = digest  # hashlib.sha256 of bytes [0, info.offset), or None: re-read them
+        self._mark: tuple[int, Any] | None = None
+        self.rehashed_bytes = 0
+        self.rehash_seconds = 0.0
+
+    def append(self, data: bytes) -> None:
+        """Write `data` at `info.offset` and count it into the whole-file SHA-256."""
+        self._ensure_hash()
+        try:
+            self._write(data)
+        except BaseException:
+            self._hash = None  # how much was written is unknown: re-read it when needed
+            raise
+        self._hash.update(data)
+        self.info.offset += len(data)
+
+    def mark(self, durable: bool = False) -> None:
+        """Begin a piece that `discard` can take back (a chunk with a checksum, a body that may overflow).
+
+        `durable`: a crash before `keep` or `discard` discards it too (an unverified chunk
+        must never count as received).
+        """
+        self._ensure_hash()
+        self._mark = (self.info.offset, self._hash.copy())
+        if durable:
+            self._save_mark(self.info.offset)
+
+    def keep(self) -> None:
+        """The piece since `mark` is good: it stays."""
+        if self._mark is not None:
+            self._mark = None
+            self._save_mark(None)
+
+    def discard(self) -> None:
+        """Take back every byte since `mark`; the offset is where it was."""
+        if self._mark is None:
+            return
+        offset, digest = self._mark
+        self._truncate(offset)
+        self.info.offset, self._hash, self._mark = offset, digest, None
+        self._save_mark(None)
+
+    def sha256(self) -> str:
+        """The hex SHA-256 of the bytes so far."""
+        self._ensure_hash()
+        return self._hash.hexdigest()
+
+    def _ensure_hash(self) -> None:
+        if self._hash is None:
+            started = time.monotonic()
+            digest = hashlib.sha256()
+            for block in self._read(0, self.info.offset):
+                digest.update(block)
+            self.rehashed_bytes = self.info.offset
+            self.rehash_seconds = time.monotonic() - started
+            self._hash = digest
+
+    @property
+    def digest_state(self) -> Any | None:
+        """The hash object of bytes [0, offset), if known (a store keeps it between requests)."""
+        return self._hash
+
+    # -- what a backend provides --
+
+    @abstractmethod
+    def _write(self, data: bytes) -> None:
+        """Append `data` after `info.offset` bytes."""
+
+    @abstractmethod
+    def _read(self, start: int, stop: int) -> Iterator[bytes]:
+        """Yield the stored bytes `start` to `stop` in bounded blocks (to re-hash them)."""
+
+    @abstractmethod
+    def _truncate(self, offset: int) -> None:
+        """Drop every byte from `offset` on."""
+
+    @abstractmethod
+    def _save_mark(self, offset: int | None) -> None:
+        """Remember durably that bytes from `offset` on are unverified (None: forget it)."""
+
+    @abstractmethod
+    def save_info(self) -> None:
+        """Store `info` as it is now (a declared length, a new expiry)."""
+
+    @abstractmethod
+    def finish(self, record: Record) -> None:
+        """Make the complete upload a stored file with `record`, atomically; the upload is gone."""
+
+    @abstractmethod
+    def terminate(self) -> None:
+        """Remove the upload and its bytes."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Let go of the upload (another request may write it now); safe more than once."""
+
+
+class ResumableStore(ABC):
+    """Resumable uploads of a `Store`: staged until complete, then stored like a form's file.
+
+    Every method blocks; call them off the event loop.
+    """
+
+    @abstractmethod
+    def create(self, length: int | None, metadata: dict[str, str], expires: float, sha256: str | None) -> ResumableUpload:
+        """A new upload with a fresh id, already held for writing."""
+
+    @abstractmethod
+    def acquire(self, upload_id: str) -> ResumableUpload | None:
+        """Hold an upload for writing, or None if there is none; raise UploadBusy if held elsewhere."""
+
+    @abstractmethod
+    def peek(self, upload_id: str) -> UploadInfo | None:
+        """The info of an upload as it is now, without holding it; None if there is none."""
+
+    @abstractmethod
+    def sweep(self, now: float) -> int:
+        """Remove uploads that expired before `now` (and a crash's leftovers); return how many."""

@@ -1,0 +1,253 @@
+"""Resumable upload protocols, sans-IO: tus 1.0.0 and the IETF draft's headers, parsed and formatted.
+
+Pure functions and the errors they raise, no ASGI: `resumable.py` drives them.
+tus 1.0.0: https://tus.io/protocols/resumable-upload. The IETF draft:
+draft-ietf-httpbis-resumable-upload (interop versions 6, from drafts -04/-05, and
+8, the latest this server speaks); both use `Upload-Offset`, `Upload-Complete` as a
+structured boolean, `Upload-Length`, `Upload-Limit`, `application/partial-upload`
+for appends and RFC 9457 problem details on a mismatch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import hashlib
+import re
+from typing import Any
+
+from upload_service.errors import UploadError
+from upload_service.framing import parse_header_params
+
+TUS_VERSION = "1.0.0"
+TUS_EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
+CHECKSUM_ALGORITHMS = ("sha1", "sha256")  # Upload-Checksum: what hashlib does without a second thought
+DRAFT_VERSIONS = ("6", "8")
+TUS_CONTENT_TYPE = "application/offset+octet-stream"
+DRAFT_CONTENT_TYPE = "application/partial-upload"
+PROBLEM_BASE = "https://iana.org/assignments/http-problem-types#"
+
+# Upload-Metadata bounds: the record needs a filename and a type; a header of many
+# kilobytes or hundreds of keys is not metadata but an attempt to make us store it.
+MAX_METADATA_BYTES = 8 * 1024
+MAX_METADATA_PAIRS = 32
+# A length or offset: digits only, at most 2**63 - 1 (what a signed 64-bit file offset holds).
+NUMBER_RE = re.compile(r"[0-9]{1,19}")
+MAX_NUMBER = 2**63 - 1
+KEY_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token: no space, no comma
+SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+class InvalidHeader(UploadError):
+    status, code = 400, "invalid_header"
+
+
+class UnsupportedVersion(UploadError):
+    status, code = 412, "unsupported_version"
+    headers = ((b"tus-version", TUS_VERSION.encode()),)
+
+
+class OffsetMismatch(UploadError):
+    status, code = 409, "offset_mismatch"
+
+
+class UploadLocked(UploadError):
+    status, code = 423, "upload_locked"
+
+
+class UploadExpired(UploadError):
+    status, code = 410, "upload_expired"
+
+
+class UploadIncomplete(UploadError):
+    status, code = 409, "upload_incomplete"
+
+
+class UploadComplete(UploadError):
+    status, code = 409, "upload_complete"
+
+
+class ChunkChecksumMismatch(UploadError):
+    """tus checksum extension: the chunk does not match its Upload-Checksum."""
+
+    status, code = 460, "checksum_mismatch"
+
+
+class DigestMismatch(UploadError):
+    """The whole file does not match the digest the client declared (tus: 460)."""
+
+    status, code = 460, "sha256_mismatch"
+
+
+class Problem(UploadError):
+    """An RFC 9457 problem of the IETF draft: `type` and `title` join our error and detail."""
+
+    content_type = b"application/problem+json"
+
+    def __init__(self, status: int, kind: str, title: str, **extra: Any) -> None:
+        super().__init__(title, type=PROBLEM_BASE + kind, title=title, **extra)
+        self.status = status
+        self.code = kind
+
+
+# -- headers -------------------------------------------------------------------------
+
+
+def parse_number(text: str | None, name: str) -> int:
+    """A non-negative integer header (Upload-Length, Upload-Offset), or 400."""
+    value = (text or "").strip()
+    if not NUMBER_RE.fullmatch(value) or int(value) > MAX_NUMBER:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise InvalidHeader(f"{name} must be a non-negative integer below 2^63, not {shown!r}")
+    return int(value)
+
+
+def check_tus_resumable(text: str | None) -> None:
+    """Every tus request but OPTIONS names the protocol version; we speak 1.0.0 only (412)."""
+    if text is None or text.strip() != TUS_VERSION:
+        raise UnsupportedVersion(f"Tus-Resumable must be {TUS_VERSION}, not {text!r}")
+
+
+def parse_metadata(text: str | None) -> dict[str, str]:
+    """Upload-Metadata: `key base64value, key2, ...` -> {key: base64value ("" for none)}.
+
+    Values stay base64 (they may be binary); `metadata_text` decodes one.
+    """
+    if text is None or not text.strip():
+        return {}
+    if len(text) > MAX_METADATA_BYTES:
+        raise InvalidHeader(f"Upload-Metadata is longer than {MAX_METADATA_BYTES} bytes")
+    pairs = text.split(",")
+    if len(pairs) > MAX_METADATA_PAIRS:
+        raise InvalidHeader(f"Upload-Metadata has more than {MAX_METADATA_PAIRS} keys")
+    metadata: dict[str, str] = {}
+    for pair in pairs:
+        key, _, value = pair.strip().partition(" ")
+        value = value.strip()
+        if not KEY_RE.fullmatch(key):
+            raise InvalidHeader(f"Upload-Metadata key {key[:40]!r} is not a token")
+        if key in metadata:
+            raise InvalidHeader(f"Upload-Metadata key {key!r} is given twice")
+        try:
+            base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidHeader(f"Upload-Metadata value of {key!r} is not base64") from None
+        metadata[key] = value
+    return metadata
+
+
+def metadata_text(metadata: dict[str, str], key: str) -> str | None:
+    """A metadata value as text (invalid UTF-8 replaced), or None if absent."""
+    value = metadata.get(key)
+    if value is None:
+        return None
+    return base64.b64decode(value).decode("utf-8", errors="replace")
+
+
+def format_metadata(metadata: dict[str, str]) -> str:
+    return ",".join(f"{key} {value}" if value else key for key, value in metadata.items())
+
+
+def encode_metadata(values: dict[str, str]) -> dict[str, str]:
+    """Text values -> the stored form (base64), for the draft's Content-Type and filename."""
+    return {key: base64.b64encode(value.encode()).decode("ascii") for key, value in values.items()}
+
+
+def declared_sha256(metadata: dict[str, str], repr_digest: str | None) -> str | None:
+    """The whole-file SHA-256 (hex) the client declared: `sha256` metadata or Repr-Digest."""
+    from_metadata = metadata_text(metadata, "sha256")
+    if from_metadata is not None and not SHA256_HEX_RE.fullmatch(from_metadata.strip()):
+        raise InvalidHeader("the sha256 metadata must be 64 hexadecimal digits")
+    from_digest = parse_repr_digest(repr_digest)
+    if from_metadata is not None and from_digest is not None and from_metadata.strip().lower() != from_digest:
+        raise InvalidHeader("the sha256 metadata and Repr-Digest disagree")
+    return from_digest or (from_metadata.strip().lower() if from_metadata is not None else None)
+
+
+def parse_repr_digest(text: str | None) -> str | None:
+    """RFC 9530 Repr-Digest, a structured dictionary: the `sha-256` member as hex, if any."""
+    if text is None or not text.strip():
+        return None
+    for member in text.split(","):
+        key, _, value = member.strip().partition("=")
+        if key.strip().lower() != "sha-256":
+            continue  # another algorithm: not one we check
+        value = value.strip()
+        try:
+            if len(value) < 2 or value[0] != ":" or value[-1] != ":":
+                raise ValueError
+            raw = base64.b64decode(value[1:-1], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidHeader("Repr-Digest sha-256 must be a byte sequence, :base64:") from None
+        if len(raw) != 32:
+            raise InvalidHeader("Repr-Digest sha-256 must be 32 bytes")
+        return raw.hex()
+    return None
+
+
+def parse_checksum(text: str | None) -> tuple[str, bytes] | None:
+    """Upload-Checksum: `<algorithm> <base64 digest>` -> (algorithm, digest); None if absent."""
+    if text is None:
+        return None
+    algorithm, _, value = text.strip().partition(" ")
+    if algorithm not in CHECKSUM_ALGORITHMS:
+        raise InvalidHeader(f"Upload-Checksum algorithm {algorithm[:20]!r} is not one of {', '.join(CHECKSUM_ALGORITHMS)}")
+    try:
+        digest = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidHeader("Upload-Checksum digest is not base64") from None
+    if len(digest) != hashlib.new(algorithm).digest_size:
+        raise InvalidHeader(f"Upload-Checksum digest is not a {algorithm} digest")
+    return algorithm, digest
+
+
+def parse_boolean(text: str | None, name: str) -> bool:
+    """A structured-field boolean (RFC 8941): `?1` or `?0`."""
+    value = (text or "").strip()
+    if value == "?1":
+        return True
+    if value == "?0":
+        return False
+    raise InvalidHeader(f"{name} must be ?1 or ?0")
+
+
+def format_boolean(value: bool) -> bytes:
+    return b"?1" if value else b"?0"
+
+
+def draft_version(text: str | None) -> str | None:
+    """The IETF draft interop version a request speaks, if one we accept; else None (tus)."""
+    value = (text or "").strip()
+    return value if value in DRAFT_VERSIONS else None
+
+
+def format_expires(timestamp: float) -> str:
+    """Upload-Expires: an RFC 9110 HTTP-date."""
+    return email.utils.formatdate(timestamp, usegmt=True)
+
+
+def format_limit(max_size: int, expires_in: float | None = None) -> str:
+    """Upload-Limit, a structured dictionary of the server's limits."""
+    limit = f"max-size={max_size}"
+    if expires_in is not None:
+        limit += f", expires={max(0, int(expires_in))}"
+    return limit
+
+
+def filename_of(content_disposition: str | None) -> str | None:
+    """The filename of a Content-Disposition (the draft's creation request), if any."""
+    if not content_disposition:
+        return None
+    _, params = parse_header_params(content_disposition)
+    return params.get("filename")
+
+
+def media_type_of(content_type: str | None) -> str | None:
+    if not content_type:
+        return None
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type or None
