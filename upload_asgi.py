@@ -30,6 +30,7 @@ requests to them and turns every error into its answer.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -61,9 +62,11 @@ from upload_service.errors import (
     as_upload_error,
 )
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
+from upload_service.localresumable import LocalResumableStore
 from upload_service.localstore import LocalStore
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, outcome_of
 from upload_service.page import PAGE_CSP, render_page
+from upload_service.resumable import ResumableHandlers
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
 from upload_service.threads import WRITE_THREADS, WriterPool
@@ -91,12 +94,25 @@ class UploadApp:
         self.metrics = Metrics()
         self.store: Store | None = None if config is None else LocalStore(config.upload_dir, config.fsync)
         self.writer: WriterPool | None = None  # started on the first upload
+        self.resumable: ResumableHandlers | None = None
+        if self.store is not None:
+            self.resumable = ResumableHandlers(self, LocalResumableStore(self.store))
+        resumable = self.resumable or ResumableHandlers(self, None)  # misconfigured: routes exist, answer 500
         self.routes: dict[str, dict[str, Handler]] = {
             "/": {"GET": self.handle_page},
             "/health": {"GET": self.handle_health},
             "/metrics": {"GET": self.handle_metrics},
             "/upload": {"POST": self.handle_upload},
             "/upload-multiple": {"POST": self.handle_upload_multiple},
+            "/files": {"OPTIONS": resumable.handle_options, "POST": resumable.handle_create},
+        }
+        # /files/<id>: the handler gets the id; a malformed one is a 404 there.
+        self.file_routes: dict[str, Handler] = {
+            "GET": resumable.handle_get,
+            "HEAD": resumable.handle_head,
+            "PATCH": resumable.handle_patch,
+            "DELETE": resumable.handle_delete,
+            "OPTIONS": resumable.handle_options,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,6 +132,7 @@ class UploadApp:
             if message["type"] == "lifespan.startup":
                 try:
                     self.prepare()
+                    self.resumable.sweep()
                 except (ConfigError, OSError) as exc:
                     reason = str(exc)
                     if isinstance(exc, OSError):
@@ -140,12 +157,15 @@ class UploadApp:
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
         methods = self.routes.get(path)
+        if methods is None and path.startswith("/files/"):
+            file_id = path[len("/files/"):]
+            methods = {m: functools.partial(h, file_id=file_id) for m, h in self.file_routes.items()}
         method = scope["method"]
         head_only = method == "HEAD"
         if methods is None:
             await send_error(send, NotFound(f"no route for {path}"), head_only=head_only)
             return
-        handler = methods.get("GET" if head_only else method)
+        handler = methods.get(method) or (methods.get("GET") if head_only else None)
         if handler is None:
             allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
             await send_error(
@@ -269,17 +289,20 @@ class UploadApp:
                 ) from None
 
     async def answer_error(
-        self, receive: Receive, send: Send, exc: BaseException, progress: BodyProgress, http_version: str
+        self, receive: Receive, send: Send, exc: BaseException, progress: BodyProgress, http_version: str,
+        headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
     ) -> None:
         """The error-to-response boundary: answer any error; drain a body not read to its end."""
         error = as_upload_error(exc)
         if is_server_fault(error):
             logger.error("upload failed: %s", error.detail, exc_info=exc if error is not exc else None)
         if progress.complete:
-            await send_error(send, error)
+            await send_error(send, error, headers=headers)
             return
         remaining = self.config.max_request_size - progress.received
-        await answer_before_body_end(receive, send, error, http_version, remaining, self.config.idle_timeout)
+        await answer_before_body_end(
+            receive, send, error, http_version, remaining, self.config.idle_timeout, tuple(headers)
+        )
 
 
 def create_app(config: Config | None = None, on_upload: UploadCallback | None = None) -> UploadApp:

@@ -164,13 +164,14 @@ def stored_ids(upload_dir: Path) -> list[str]:
 
 
 def assert_nothing_stored(upload_dir: Path) -> None:
-    """The upload dir holds no file and no sidecar, and .partial/ is empty."""
+    """The upload dir holds no file and no sidecar, and .partial/ and .resumable/ are empty."""
     if not upload_dir.exists():
         return
-    leftovers = [p.name for p in upload_dir.iterdir() if p.name != ".partial"]
-    partial = upload_dir / ".partial"
-    if partial.exists():
-        leftovers += [f".partial/{p.name}" for p in partial.iterdir()]
+    staging = (".partial", ".resumable")
+    leftovers = [p.name for p in upload_dir.iterdir() if p.name not in staging]
+    for name in staging:
+        if (upload_dir / name).exists():
+            leftovers += [f"{name}/{p.name}" for p in (upload_dir / name).iterdir()]
     assert leftovers == [], leftovers
 
 

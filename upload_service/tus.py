@@ -88,8 +88,8 @@ class Problem(UploadError):
 
     content_type = b"application/problem+json"
 
-    def __init__(self, status: int, kind: str, title: str, **extra: Any) -> None:
-        super().__init__(title, type=PROBLEM_BASE + kind, title=title, **extra)
+    def __init__(self, status: int, kind: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail, type=PROBLEM_BASE + kind, title=kind.replace("-", " ").capitalize(), **extra)
         self.status = status
         self.code = kind
 

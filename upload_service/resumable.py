@@ -1,0 +1,655 @@
+"""Resumable uploads on `/files`: tus 1.0.0 and the IETF draft, one request path for both.
+
+    OPTIONS /files[/<id>]  what the server speaks (Tus-Version, Tus-Extension, Tus-Max-Size)
+    POST    /files         create an upload (tus creation, creation-with-upload,
+                           creation-defer-length; the draft's creation with its first bytes)
+    HEAD    /files/<id>    where it stands (Upload-Offset, Upload-Length, Upload-Expires)
+    PATCH   /files/<id>    append at Upload-Offset (tus: application/offset+octet-stream,
+                           the draft: application/partial-upload)
+    DELETE  /files/<id>    terminate it (or delete the stored file)
+    GET     /files/<id>    409 upload_incomplete while it is one
+
+A request carrying `Upload-Draft-Interop-Version: 6` or `8` speaks the draft; any
+other, tus (and so needs `Tus-Resumable: 1.0.0`). The bytes go through the same
+body reader as a form (limits, idle timeout, rate floor, backpressure) into a
+`ResumableUpload` held for this request alone; once all of them are there, the
+upload is checked against any digest the client declared and stored like a
+form's file (same ids, records, `/files/<id>`, metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import threading
+import time
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+from upload_service import tus
+from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, declared_length, header, json_bytes
+from upload_service.body import BodyProgress, read_body
+from upload_service.errors import (
+    ClientGone,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from upload_service.framing import clean_filename
+from upload_service.metrics import log_outcome, outcome_of
+from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
+from upload_service.threads import wait_through_cancel
+from upload_service.units import MiB
+
+if TYPE_CHECKING:
+    from upload_asgi import UploadApp
+
+logger = logging.getLogger("upload_asgi")
+
+T = TypeVar("T")
+Headers = list[tuple[bytes, bytes]]
+
+APPEND_BLOCK_SIZE = 1 * MiB  # as targets.WRITE_BLOCK_SIZE: one thread handoff per MiB
+SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, when /files is used
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """Which protocol a request speaks: tus (draft None) or the IETF draft's interop version."""
+
+    draft: str | None
+
+    @classmethod
+    def of(cls, scope: Scope) -> Dialect:
+        return cls(tus.draft_version(header(scope, b"upload-draft-interop-version")))
+
+    def headers(self) -> Headers:
+        if self.draft is not None:
+            return [(b"upload-draft-interop-version", self.draft.encode())]
+        return [(b"tus-resumable", tus.TUS_VERSION.encode())]
+
+
+class AppendBody:
+    """A `BodyConsumer` that appends a request body to an upload, in blocks, on a writer thread.
+
+    Like `targets.UploadFileTarget`: chunks gather into blocks of APPEND_BLOCK_SIZE;
+    one block at a time is hashed (the per-chunk checksum, if any) and appended
+    (which counts it into the whole-file SHA-256) while the loop reads on.
+    """
+
+    def __init__(self, upload: ResumableUpload, executor: Executor, checksum: str | None) -> None:
+        self.upload = upload
+        self.executor = executor
+        self.checksum = hashlib.new(checksum) if checksum else None
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self.job: Future[None] | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= APPEND_BLOCK_SIZE:
+            self.hand_off()
+
+    def write_backlog(self) -> Future[None] | None:
+        self.hand_off()
+        return self.job if self._buffered >= APPEND_BLOCK_SIZE else None
+
+    def hand_off(self) -> None:
+        if not self._chunks or (self.job is not None and not self.job.done()):
+            return
+        if self.job is not None:
+            self.job.result()  # a failed write raises here
+        chunks, self._chunks, self._buffered = self._chunks, [], 0
+        self.job = self.executor.submit(self._append, chunks)
+
+    async def flush(self) -> None:
+        """Write every byte received so far; wait for it even if cancelled meanwhile."""
+        while True:
+            if self.job is not None:
+                cancelled = await wait_through_cancel(asyncio.wrap_future(self.job))
+                if cancelled:
+                    self._chunks, self._buffered = [], 0
+                    raise asyncio.CancelledError
+                self.job.result()
+            if not self._chunks:
+                return
+            self.hand_off()
+
+    async def settle(self) -> None:
+        """After a failure: drop what is not yet handed off, wait for the block being written."""
+        self._chunks, self._buffered = [], 0
+        if self.job is not None:
+            cancelled = await wait_through_cancel(asyncio.wrap_future(self.job))
+            if cancelled:
+                raise asyncio.CancelledError
+
+    def _append(self, chunks: list[bytes], started: threading.Event | None = None) -> None:
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if started is not None:
+            started.set()  # WriterPool: we let go of the GIL now
+        if self.checksum is not None:
+            self.checksum.update(data)
+        self.upload.append(data)
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run store work on a thread; if cancelled meanwhile, let it finish first (it holds a lock)."""
+    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    if await wait_through_cancel(future):
+        raise asyncio.CancelledError
+    return future.result()
+
+
+def says_body(scope: Scope) -> bool:
+    """Whether the request says it carries a body: a Content-Length above 0, or chunked coding."""
+    length = declared_length(scope)
+    if length is not None:
+        return length > 0
+    return header(scope, b"transfer-encoding") is not None
+
+
+def body_known_empty(scope: Scope) -> bool:
+    """Whether the request has no body at all (HTTP/2 may send one without a Content-Length)."""
+    if declared_length(scope) == 0:
+        return True
+    return scope.get("http_version") != "2" and not says_body(scope)
+
+
+def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
+    """The stored file's record: tus `filename`/`filetype` metadata (or the draft's headers)."""
+    filename = tus.metadata_text(info.metadata, "filename")
+    content_type = tus.metadata_text(info.metadata, "filetype")
+    description = tus.metadata_text(info.metadata, "description")
+    return {
+        "id": info.id,
+        "filename": clean_filename(filename) if filename is not None else "unnamed",
+        "content_type": (content_type or "").strip()[:255] or "application/octet-stream",
+        "size": size,
+        "sha256": sha256,
+        "description": description,
+    }
+
+
+class ResumableHandlers:
+    """The handlers of `/files` for resumable uploads, on an app's store, config and metrics."""
+
+    def __init__(self, app: UploadApp, store: ResumableStore) -> None:
+        self.app = app
+        self.store = store
+        self._last_sweep = float("-inf")
+
+    @property
+    def config(self):
+        return self.app.config
+
+    # -- the expiry sweep --
+
+    def sweep(self) -> int:
+        """Remove expired uploads now (blocking; at startup)."""
+        self._last_sweep = time.monotonic()
+        removed = self.store.sweep(time.time())
+        if removed:
+            logger.info("swept %d expired resumable upload(s)", removed)
+        return removed
+
+    def maybe_sweep(self) -> None:
+        """Sweep in the background when the last sweep is SWEEP_INTERVAL_SECONDS old."""
+        if time.monotonic() - self._last_sweep < SWEEP_INTERVAL_SECONDS:
+            return
+        self._last_sweep = time.monotonic()
+        future = asyncio.get_running_loop().run_in_executor(None, self.sweep)
+        future.add_done_callback(log_sweep_failure)
+
+    # -- the handlers --
+
+    async def handle_options(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, **_: Any) -> None:
+        config = self.config
+        headers = [
+            (b"tus-resumable", tus.TUS_VERSION.encode()),
+            (b"tus-version", tus.TUS_VERSION.encode()),
+            (b"tus-extension", tus.TUS_EXTENSIONS.encode()),
+            (b"tus-max-size", str(config.max_file_size).encode()),
+            (b"tus-checksum-algorithm", ",".join(tus.CHECKSUM_ALGORITHMS).encode()),
+        ]
+        dialect = Dialect.of(scope)
+        if dialect.draft is not None:
+            headers.append((b"upload-draft-interop-version", dialect.draft.encode()))
+            headers.append((b"upload-limit", tus.format_limit(config.max_file_size, config.resumable_expiry).encode()))
+        await send_empty(send, 204, headers)
+
+    async def handle_create(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
+        dialect = Dialect.of(scope)
+        await self.run(scope, receive, send, dialect, self.create, dialect)
+
+    async def handle_head(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
+        dialect = Dialect.of(scope)
+        await self.run(scope, receive, send, dialect, self.head, dialect, file_id, counted=False)
+
+    async def handle_patch(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
+        dialect = Dialect.of(scope)
+        await self.run(scope, receive, send, dialect, self.patch, dialect, file_id)
+
+    async def handle_delete(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
+        dialect = Dialect.of(scope)
+        await self.run(scope, receive, send, dialect, self.delete, dialect, file_id, counted=False)
+
+    async def handle_get(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
+        dialect = Dialect.of(scope)
+        await self.run(scope, receive, send, dialect, self.get, file_id, head_only, counted=False)
+
+    async def check_incomplete(self, file_id: str) -> None:
+        """Raise 409 upload_incomplete if `file_id` is a resumable upload still under way."""
+        if await run_blocking(self.store.peek, file_id) is not None:
+            raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset")
+
+    async def get(
+        self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
+        file_id: str, head_only: bool,
+    ) -> None:
+        """GET /files/<id>: the stored bytes, or 409 while it is an upload under way."""
+        stored = await self.app.store.open(file_id)
+        if stored is None:
+            await self.check_incomplete(file_id)
+            raise NotFound(f"no file {file_id}")
+        try:
+            record = stored.record
+            await send({
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", str(record["content_type"]).encode("latin-1", "replace")),
+                    (b"content-length", str(stored.size).encode()),
+                    (b"etag", f'"{record["sha256"]}"'.encode()),
+                ],
+            })
+            if not head_only:
+                async for chunk in stored.chunks():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            await stored.close()
+
+    # -- one request: check, run, count, answer or say why --
+
+    async def run(
+        self, scope: Scope, receive: Receive, send: Send, dialect: Dialect, step: Callable[..., Any], *args: Any,
+        counted: bool = True,
+    ) -> None:
+        started = time.monotonic()
+        progress = BodyProgress(complete=body_known_empty(scope))
+        error: BaseException | None = None
+        outcome = Outcome()
+        try:
+            self.maybe_sweep()
+            await step(scope, receive, send, progress, outcome, *args)
+        except ClientGone as exc:
+            error = exc
+        except Exception as exc:
+            error = exc
+            await self.app.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"), dialect.headers())
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if counted and (outcome.received or error is not None or outcome.stored):
+                metrics = self.app.metrics
+                metrics.bytes_received += progress.received
+                seconds = time.monotonic() - started
+                name = outcome_of(error) if error is not None or outcome.stored else "partial"
+                metrics.observe(name, seconds)
+                log_outcome(error, progress.received, seconds, [outcome.stored] if outcome.stored else [])
+
+    def check_writer(self, scope: Scope, dialect: Dialect) -> None:
+        """What every write (create, PATCH, DELETE) must show: the token, the protocol version."""
+        token = self.config.token
+        if token is not None and not bearer_token_matches(scope, token):
+            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+        if dialect.draft is None:
+            tus.check_tus_resumable(header(scope, b"tus-resumable"))
+
+    def check_length(self, length: int) -> None:
+        if length > self.config.max_file_size:
+            raise PayloadTooLarge(
+                f"Upload-Length {length} is larger than the file limit of {self.config.max_file_size} bytes",
+                limit="file_size", max=self.config.max_file_size,
+            )
+
+    async def create(
+        self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome, dialect: Dialect
+    ) -> None:
+        self.check_writer(scope, dialect)
+        repr_digest = header(scope, b"repr-digest")
+        if dialect.draft is None:
+            length, metadata, with_upload = self.tus_creation(scope)
+            will_complete = None
+        else:
+            length, metadata, will_complete = self.draft_creation(scope)
+            with_upload = True
+        sha256 = tus.declared_sha256(metadata, repr_digest)
+        self.check_capacity()
+        expires = time.time() + self.config.resumable_expiry
+        self.app.prepare()
+        upload = await run_blocking(self.store.create, length, metadata, expires, sha256)
+        location = f"{scope.get('root_path', '').rstrip('/')}/files/{upload.info.id}".encode()
+        try:
+            if with_upload and not progress.complete:
+                await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
+            elif will_complete and upload.info.length is None:
+                upload.info.length = 0
+            if upload.info.complete:
+                await self.finish(upload, outcome, dialect)
+        except BaseException:
+            # Nobody knows its Location yet: an upload whose creation failed is no one's.
+            await run_blocking(upload.terminate)
+            raise
+        finally:
+            await run_blocking(upload.release)
+        headers = [*dialect.headers(), (b"location", location), *self.state_headers(upload.info, dialect)]
+        if outcome.stored and dialect.draft is not None:
+            await send_record(send, 201, outcome.stored, headers)
+        else:
+            await send_empty(send, 201, headers)
+
+    def tus_creation(self, scope: Scope) -> tuple[int | None, dict[str, str], bool]:
+        length_text = header(scope, b"upload-length")
+        defer = header(scope, b"upload-defer-length")
+        if (length_text is None) == (defer is None):
+            raise tus.InvalidHeader("give exactly one of Upload-Length and Upload-Defer-Length: 1")
+        if defer is not None and defer.strip() != "1":
+            raise tus.InvalidHeader("Upload-Defer-Length must be 1")
+        length = None if length_text is None else tus.parse_number(length_text, "Upload-Length")
+        if length is not None:
+            self.check_length(length)
+        metadata = tus.parse_metadata(header(scope, b"upload-metadata"))
+        with_upload = tus.media_type_of(header(scope, b"content-type")) == tus.TUS_CONTENT_TYPE
+        if says_body(scope) and not with_upload:
+            raise UnsupportedMediaType(f"a creation request's body must be {tus.TUS_CONTENT_TYPE}")
+        return length, metadata, with_upload
+
+    def draft_creation(self, scope: Scope) -> tuple[int | None, dict[str, str], bool]:
+        will_complete = tus.parse_boolean(header(scope, b"upload-complete"), "Upload-Complete")
+        length_text = header(scope, b"upload-length")
+        length = None if length_text is None else tus.parse_number(length_text, "Upload-Length")
+        body_length = declared_length(scope)
+        if will_complete and body_length is not None:
+            if length is not None and length != body_length:
+                raise inconsistent_length("Upload-Length and the Content-Length of a complete upload differ")
+            length = body_length
+        if length is not None:
+            self.check_length(length)
+        values = {}
+        filename = tus.filename_of(header(scope, b"content-disposition"))
+        if filename:
+            values["filename"] = filename
+        media_type = tus.media_type_of(header(scope, b"content-type"))
+        if media_type:
+            values["filetype"] = media_type
+        return length, tus.encode_metadata(values), will_complete
+
+    def check_capacity(self) -> None:
+        if self.app.metrics.in_flight >= self.config.max_concurrent:
+            raise ServiceUnavailable(f"more than {self.config.max_concurrent} uploads in flight; retry soon")
+
+    async def head(
+        self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
+        dialect: Dialect, file_id: str,
+    ) -> None:
+        if dialect.draft is None and header(scope, b"tus-resumable") is not None:
+            tus.check_tus_resumable(header(scope, b"tus-resumable"))
+        info = await run_blocking(self.store.peek, file_id)
+        if info is not None and info.expires <= time.time():
+            await self.expire(file_id)
+        if info is not None:
+            headers = [*dialect.headers(), (b"cache-control", b"no-store"), *self.state_headers(info, dialect)]
+            if dialect.draft is None and info.metadata:
+                headers.append((b"upload-metadata", tus.format_metadata(info.metadata).encode()))
+            await send_empty(send, 200 if dialect.draft is None else 204, headers)
+            return
+        record = await self.app.store.record(file_id) if self.app.store is not None else None
+        if record is None:
+            raise NotFound(f"no upload or file {file_id}")
+        size = str(record["size"]).encode()
+        headers = [*dialect.headers(), (b"cache-control", b"no-store"), (b"upload-offset", size), (b"upload-length", size)]
+        if dialect.draft is not None:
+            headers.append((b"upload-complete", b"?1"))
+            await send_empty(send, 204, headers)
+            return
+        headers += [(b"content-type", str(record["content_type"]).encode("latin-1", "replace")), (b"etag", f'"{record["sha256"]}"'.encode())]
+        await send_empty(send, 200, headers, length=record["size"])
+
+    async def patch(
+        self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
+        dialect: Dialect, file_id: str,
+    ) -> None:
+        self.check_writer(scope, dialect)
+        media_type = tus.media_type_of(header(scope, b"content-type"))
+        wanted = tus.TUS_CONTENT_TYPE if dialect.draft is None else tus.DRAFT_CONTENT_TYPE
+        if media_type != wanted:
+            raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {media_type!r}")
+        will_complete = None
+        if dialect.draft is not None:
+            will_complete = tus.parse_boolean(header(scope, b"upload-complete"), "Upload-Complete")
+        offset = tus.parse_number(header(scope, b"upload-offset"), "Upload-Offset")
+        new_length = header(scope, b"upload-length")
+        self.check_capacity()
+        upload = await self.acquire(file_id, dialect, offset, progress)
+        try:
+            if upload.info.expires <= time.time():
+                await run_blocking(upload.terminate)
+                raise tus.UploadExpired(f"upload {file_id} expired and was removed")
+            if offset != upload.info.offset:
+                raise offset_mismatch(dialect, upload.info.offset, offset)
+            if new_length is not None:
+                self.declare_length(upload.info, tus.parse_number(new_length, "Upload-Length"))
+            await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
+            if upload.info.complete:
+                await self.finish(upload, outcome, dialect)
+            else:
+                upload.info.expires = time.time() + self.config.resumable_expiry
+                await run_blocking(upload.save_info)
+        finally:
+            await run_blocking(upload.release)
+        headers = [*dialect.headers(), *self.state_headers(upload.info, dialect)]
+        if outcome.stored and dialect.draft is not None:
+            await send_record(send, 200, outcome.stored, headers)
+        else:
+            await send_empty(send, 204, headers)
+
+    async def acquire(self, file_id: str, dialect: Dialect, offset: int, progress: BodyProgress) -> ResumableUpload:
+        """Hold the upload for this request, or say why not (busy, complete, unknown)."""
+        try:
+            upload = await run_blocking(self.store.acquire, file_id)
+        except UploadBusy:
+            raise tus.UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
+        if upload is not None:
+            return upload
+        record = await self.app.store.record(file_id)
+        if record is None:
+            raise NotFound(f"no upload {file_id}")
+        if dialect.draft is not None:
+            raise tus.Problem(400, "completed-upload", "the upload is already complete")
+        raise tus.UploadComplete(f"upload {file_id} is complete ({record['size']} bytes)", offset=record["size"])
+
+    def declare_length(self, info: UploadInfo, length: int) -> None:
+        """tus creation-defer-length: a PATCH names the length once."""
+        if info.length is not None and info.length != length:
+            raise tus.InvalidHeader(f"Upload-Length is already {info.length}")
+        if length < info.offset:
+            raise tus.InvalidHeader(f"Upload-Length {length} is below the offset {info.offset}")
+        self.check_length(length)
+        info.length = length
+
+    async def append(
+        self, scope: Scope, receive: Receive, upload: ResumableUpload, progress: BodyProgress, outcome: Outcome,
+        dialect: Dialect, will_complete: bool | None,
+    ) -> None:
+        """Read this request's body onto the end of the upload; take all of it back if it is wrong."""
+        info = upload.info
+        limit = (info.length if info.length is not None else self.config.max_file_size) - info.offset
+        body_length = declared_length(scope)
+        if body_length is not None and body_length > limit:
+            raise past_length(dialect, info, limit)
+        checksum = tus.parse_checksum(header(scope, b"upload-checksum")) if dialect.draft is None else None
+        await run_blocking(upload.mark, checksum is not None)
+        consumer = AppendBody(upload, self.app.write_executor(), checksum[0] if checksum else None)
+        config = self.config
+        self.app.metrics.in_flight += 1
+        try:
+            try:
+                await read_body(receive, consumer, progress, min(limit, config.max_request_size),
+                                config.idle_timeout, config.min_rate)
+                await consumer.flush()
+            except (ClientGone, RequestTimeout):
+                if checksum is None:  # tus: what arrived before the client left stays
+                    await consumer.flush()
+                    await run_blocking(upload.keep)
+                    outcome.received = True
+                raise
+            except PayloadTooLarge:
+                if progress.received > limit:
+                    raise past_length(dialect, info, limit) from None
+                raise
+            if checksum is not None and consumer.checksum.digest() != checksum[1]:
+                raise tus.ChunkChecksumMismatch(f"the chunk does not match its Upload-Checksum ({checksum[0]})")
+            if will_complete and info.length is None:
+                info.length = info.offset
+            if will_complete and not info.complete:
+                raise inconsistent_length(f"Upload-Complete ?1 at offset {info.offset} of {info.length}")
+            await run_blocking(upload.keep)
+            outcome.received = True
+        except BaseException:
+            await consumer.settle()
+            await run_blocking(upload.discard)  # nothing (after a keep) or this request's bytes
+            raise
+        finally:
+            self.app.metrics.in_flight -= 1
+
+    async def finish(self, upload: ResumableUpload, outcome: Outcome, dialect: Dialect) -> None:
+        """All bytes are there: check the declared digest, store the file like a form's."""
+        info = upload.info
+        started = time.monotonic()
+        sha256 = await run_blocking(upload.sha256)
+        if upload.rehashed_bytes:
+            logger.info(
+                "resumable upload %s: re-read %d bytes to hash in %.3f s",
+                info.id, upload.rehashed_bytes, upload.rehash_seconds,
+            )
+        if info.sha256 is not None and info.sha256 != sha256:
+            await run_blocking(upload.terminate)
+            detail = f"the file's SHA-256 is {sha256}, not {info.sha256}; the upload was removed"
+            if dialect.draft is not None:
+                raise tus.Problem(422, "digest-mismatch", detail, sha256=sha256)
+            raise tus.DigestMismatch(detail, sha256=sha256)
+        record = record_of(info, info.offset, sha256)
+        await run_blocking(upload.finish, record)
+        outcome.stored = record
+        self.app.metrics.files_stored += 1
+        self.app.metrics.bytes_stored += record["size"]
+        logger.debug("resumable upload %s stored in %.3f s", info.id, time.monotonic() - started)
+        await self.app.notify([record])
+
+    async def delete(
+        self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
+        dialect: Dialect, file_id: str,
+    ) -> None:
+        self.check_writer(scope, dialect)
+        try:
+            upload = await run_blocking(self.store.acquire, file_id)
+        except UploadBusy:
+            raise tus.UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
+        if upload is not None:
+            try:
+                await run_blocking(upload.terminate)
+            finally:
+                await run_blocking(upload.release)
+        elif not await self.app.store.delete(file_id):
+            raise NotFound(f"no upload or file {file_id}")
+        await send_empty(send, 204, dialect.headers())
+
+    async def expire(self, file_id: str) -> None:
+        """An expired upload was touched: remove it (unless a request holds it) and say so."""
+        try:
+            upload = await run_blocking(self.store.acquire, file_id)
+        except UploadBusy:
+            return
+        if upload is not None:
+            try:
+                await run_blocking(upload.terminate)
+            finally:
+                await run_blocking(upload.release)
+        raise tus.UploadExpired(f"upload {file_id} expired and was removed")
+
+    def state_headers(self, info: UploadInfo, dialect: Dialect) -> Headers:
+        """Where an upload stands: its offset, length, expiry (or the draft's completeness, limits)."""
+        headers = [(b"upload-offset", str(info.offset).encode())]
+        if info.length is not None:
+            headers.append((b"upload-length", str(info.length).encode()))
+        elif dialect.draft is None:
+            headers.append((b"upload-defer-length", b"1"))
+        if dialect.draft is not None:
+            headers.append((b"upload-complete", tus.format_boolean(info.complete)))
+            limit = tus.format_limit(self.config.max_file_size, info.expires - time.time())
+            headers.append((b"upload-limit", limit.encode()))
+        elif not info.complete:
+            headers.append((b"upload-expires", tus.format_expires(info.expires).encode()))
+        return headers
+
+
+def log_sweep_failure(future: asyncio.Future[int]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("sweeping expired resumable uploads failed", exc_info=future.exception())
+
+
+@dataclass
+class Outcome:
+    """What a request did, for metrics and the log: bytes appended, a file stored."""
+
+    received: bool = False
+    stored: Record | None = None
+
+
+def offset_mismatch(dialect: Dialect, expected: int, given: int) -> Exception:
+    detail = f"Upload-Offset is {given}, the upload is at {expected}"
+    if dialect.draft is not None:
+        return tus.Problem(409, "mismatching-upload-offset", detail, **{"expected-offset": expected, "provided-offset": given})
+    return tus.OffsetMismatch(detail, offset=expected)
+
+
+def inconsistent_length(detail: str) -> Exception:
+    return tus.Problem(400, "inconsistent-upload-length", detail)
+
+
+def past_length(dialect: Dialect, info: UploadInfo, limit: int) -> Exception:
+    if info.length is None:
+        detail = f"the body would take the upload past the file limit; {limit} more bytes fit"
+    else:
+        detail = f"the body would take the upload past its Upload-Length {info.length}; {limit} more bytes fit"
+    if dialect.draft is not None:
+        return tus.Problem(400, "inconsistent-upload-length", detail)
+    return PayloadTooLarge(detail, limit="upload_length", max=limit)
+
+
+async def send_empty(send: Send, status: int, headers: Any, length: int | None = 0) -> None:
+    """An answer without a body (RFC 9110: a 204 has no Content-Length; a HEAD may give the GET's)."""
+    headers = list(headers)
+    if status != 204 and length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def send_record(send: Send, status: int, record: Record, headers: Headers) -> None:
+    body = json_bytes(record)
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
