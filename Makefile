@@ -15,6 +15,7 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,bench]'
+	npm ci --no-audit --no-fund --silent  # tus-js-client for tests/test_resumable.py (package-lock.json)
 
 run: install
 	$(BIN)/hypercorn --bind $(HOST):$(PORT) upload_asgi:app
@@ -29,4 +30,4 @@ bench: install-test
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) uploads .pytest_cache
+	rm -rf $(VENV) uploads .pytest_cache node_modules

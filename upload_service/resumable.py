@@ -384,14 +384,17 @@ class ResumableHandlers:
             length = body_length
         if length is not None:
             self.check_length(length)
+        # The representation's own headers name it; tus-js-client's draft mode sends
+        # Upload-Metadata instead (and the append type as the Content-Type).
         values = {}
         filename = tus.filename_of(header(scope, b"content-disposition"))
         if filename:
             values["filename"] = filename
         media_type = tus.media_type_of(header(scope, b"content-type"))
-        if media_type:
+        if media_type and media_type != tus.DRAFT_CONTENT_TYPE:
             values["filetype"] = media_type
-        return length, tus.encode_metadata(values), will_complete
+        metadata = tus.parse_metadata(header(scope, b"upload-metadata"))
+        return length, {**metadata, **tus.encode_metadata(values)}, will_complete
 
     def check_capacity(self) -> None:
         if self.app.metrics.in_flight >= self.config.max_concurrent:

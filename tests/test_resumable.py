@@ -1,0 +1,798 @@
+"""Resumable uploads (SPEC §10): tus 1.0.0 and the IETF draft on /files.
+
+Raw requests in process for every status; the store driven directly; then real
+servers with independent clients (tuspy, tus-js-client in Node), a restart and a
+cut connection mid-upload, and two PATCHes racing on one upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import upload_asgi
+from support import ROOT, Server, assert_nothing_stored, assert_stored, stored_ids
+from upload_service import tus
+from upload_service.localresumable import LocalResumableStore
+from upload_service.localstore import LocalStore
+from upload_service.storage import UploadBusy
+from upload_service.units import MiB
+
+TUS = {"Tus-Resumable": "1.0.0"}
+OCTETS = {**TUS, "Content-Type": "application/offset+octet-stream"}
+
+
+def b64(text: str | bytes) -> str:
+    return base64.b64encode(text.encode() if isinstance(text, str) else text).decode()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    """`size` bytes that differ at every offset (a misplaced chunk changes the digest)."""
+    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(size)
+
+
+def check_error(reply: httpx.Response, status: int, code: str) -> dict[str, Any] | None:
+    assert reply.status_code == status, reply.text
+    if reply.request.method == "HEAD":  # the GET's length, no body
+        return None
+    assert int(reply.headers["content-length"]) == len(reply.content)
+    body = reply.json()
+    assert body["error"] == code, body
+    assert body["detail"]
+    return body
+
+
+def check_tus(reply: httpx.Response) -> None:
+    assert reply.headers["tus-resumable"] == "1.0.0"
+
+
+def resumable_files(upload_dir: Path) -> list[str]:
+    staging = upload_dir / ".resumable"
+    return sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+
+
+@pytest.fixture
+def config(upload_dir: Path) -> upload_asgi.Config:
+    return upload_asgi.Config(upload_dir=upload_dir, fsync=False, max_file_size=10_000_000)
+
+
+async def create(client: httpx.AsyncClient, length: int | None, metadata: str | None = None, **headers: str) -> str:
+    sent = {**TUS, **headers}
+    if length is None:
+        sent["Upload-Defer-Length"] = "1"
+    else:
+        sent["Upload-Length"] = str(length)
+    if metadata is not None:
+        sent["Upload-Metadata"] = metadata
+    reply = await client.post("/files", headers=sent)
+    assert reply.status_code == 201, reply.text
+    check_tus(reply)
+    location = reply.headers["location"]
+    assert location.startswith("/files/") and len(location) == len("/files/") + 32
+    return location
+
+
+async def patch(client: httpx.AsyncClient, location: str, offset: int, data: bytes, **headers: str) -> httpx.Response:
+    sent = {**OCTETS, "Upload-Offset": str(offset), **headers}
+    return await client.patch(location, content=data, headers=sent)
+
+
+async def offset_of(client: httpx.AsyncClient, location: str) -> int:
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200
+    return int(reply.headers["upload-offset"])
+
+
+def stored_record(upload_dir: Path, location: str) -> dict[str, Any]:
+    return json.loads((upload_dir / f"{location.rsplit('/', 1)[1]}.json").read_text())
+
+
+# -- the pure helpers ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "-1", "1e3", "0x10", " 12 3", "9" * 20, str(2**63), "١٢"])
+def test_absurd_numbers_are_400(text: str) -> None:
+    with pytest.raises(tus.InvalidHeader):
+        tus.parse_number(text, "Upload-Length")
+
+
+def test_numbers() -> None:
+    assert tus.parse_number(" 0 ", "Upload-Offset") == 0
+    assert tus.parse_number(str(2**63 - 1), "Upload-Offset") == 2**63 - 1
+
+
+def test_metadata_parsing() -> None:
+    parsed = tus.parse_metadata(f"filename {b64('a b.txt')},is_confidential, filetype {b64('text/plain')}")
+    assert parsed == {"filename": b64("a b.txt"), "is_confidential": "", "filetype": b64("text/plain")}
+    assert tus.metadata_text(parsed, "filename") == "a b.txt"
+    assert tus.metadata_text(parsed, "missing") is None
+    assert tus.parse_metadata(tus.format_metadata(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("filename not*base64", id="bad-base64"),
+        pytest.param(f"a {b64('x')},a {b64('y')}", id="duplicate"),
+        pytest.param(f"k\x01ey {b64('x')}", id="bad-key"),
+        pytest.param(",", id="empty-key"),
+        pytest.param("k " + "A" * 9000, id="too-long"),
+        pytest.param(",".join(f"k{i}" for i in range(40)), id="too-many"),
+    ],
+)
+def test_absurd_metadata_is_400(text: str) -> None:
+    with pytest.raises(tus.InvalidHeader):
+        tus.parse_metadata(text)
+
+
+def test_checksum_parsing() -> None:
+    assert tus.parse_checksum(None) is None
+    digest = hashlib.sha1(b"x").digest()
+    assert tus.parse_checksum(f"sha1 {b64(digest)}") == ("sha1", digest)
+    for bad in ("md5 " + b64(hashlib.md5(b"x").digest()), "sha1 ???", "sha256 " + b64(digest), "sha1"):
+        with pytest.raises(tus.InvalidHeader):
+            tus.parse_checksum(bad)
+
+
+def test_repr_digest_parsing() -> None:
+    digest = hashlib.sha256(b"x").digest()
+    assert tus.parse_repr_digest(f"sha-512=:{b64(b'0' * 64)}:, sha-256=:{b64(digest)}:") == digest.hex()
+    assert tus.parse_repr_digest(f"sha-512=:{b64(b'0' * 64)}:") is None
+    for bad in ("sha-256=abc", f"sha-256=:{b64(b'short')}:", "sha-256=:!!:"):
+        with pytest.raises(tus.InvalidHeader):
+            tus.parse_repr_digest(bad)
+
+
+def test_expires_is_an_http_date() -> None:
+    assert tus.format_expires(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+# -- the store, driven directly -------------------------------------------------------------
+
+
+@pytest.fixture
+def rstore(upload_dir: Path) -> LocalResumableStore:
+    store = LocalStore(upload_dir, fsync=True)
+    store.prepare()
+    return LocalResumableStore(store)
+
+
+def test_store_keeps_the_hash_state_while_offsets_match(rstore: LocalResumableStore, upload_dir: Path) -> None:
+    data = payload(3_000_001)
+    upload = rstore.create(len(data), {}, time.time() + 60, None)
+    upload.append(data[:1_000_000])
+    upload.release()
+    again = rstore.acquire(upload.info.id)
+    assert again.info.offset == 1_000_000
+    again.append(data[1_000_000:])
+    assert again.sha256() == sha(data)
+    assert again.rehashed_bytes == 0  # the state was kept in this process
+    again.finish({"id": upload.info.id, "size": len(data), "sha256": sha(data)})
+    assert (upload_dir / upload.info.id).read_bytes() == data
+    assert resumable_files(upload_dir) == []
+
+
+def test_store_rehashes_from_disk_in_another_process(rstore: LocalResumableStore, upload_dir: Path) -> None:
+    data = payload(2_500_000)
+    upload = rstore.create(len(data), {}, time.time() + 60, None)
+    upload.append(data[:2_000_000])
+    upload.release()
+    elsewhere = LocalResumableStore(LocalStore(upload_dir))  # a restarted or other worker
+    again = elsewhere.acquire(upload.info.id)
+    again.append(data[2_000_000:])
+    assert again.sha256() == sha(data)
+    assert again.rehashed_bytes == 2_000_000
+
+
+def test_store_one_writer_at_a_time(rstore: LocalResumableStore) -> None:
+    upload = rstore.create(10, {}, time.time() + 60, None)
+    with pytest.raises(UploadBusy):
+        rstore.acquire(upload.info.id)
+    with pytest.raises(UploadBusy):
+        LocalResumableStore(LocalStore(rstore.upload_dir)).acquire(upload.info.id)
+    upload.release()
+    rstore.acquire(upload.info.id).release()
+
+
+def test_store_discard_takes_back_a_piece(rstore: LocalResumableStore) -> None:
+    upload = rstore.create(None, {}, time.time() + 60, None)
+    upload.append(b"kept")
+    upload.mark(durable=True)
+    upload.append(b"unverified")
+    upload.discard()
+    assert upload.info.offset == 4
+    assert upload.sha256() == sha(b"kept")
+    assert rstore.data_path(upload.info.id).read_bytes() == b"kept"
+
+
+def test_store_unverified_bytes_of_a_dead_writer_are_dropped(rstore: LocalResumableStore) -> None:
+    upload = rstore.create(None, {}, time.time() + 60, None)
+    upload.append(b"kept")
+    upload.mark(durable=True)
+    upload.append(b"unverified")
+    upload.release()  # as if its process died here: neither keep nor discard
+    elsewhere = LocalResumableStore(LocalStore(rstore.upload_dir))
+    assert elsewhere.peek(upload.info.id).offset == 4
+    again = elsewhere.acquire(upload.info.id)
+    assert again.info.offset == 4
+    assert again.sha256() == sha(b"kept")
+
+
+def test_store_sweep(rstore: LocalResumableStore, upload_dir: Path) -> None:
+    expired = rstore.create(None, {}, time.time() - 1, None)
+    expired.append(b"old")
+    expired.release()
+    held = rstore.create(None, {}, time.time() - 1, None)  # expired but being written: stays
+    alive = rstore.create(None, {}, time.time() + 60, None)
+    alive.release()
+    orphan = upload_dir / ".resumable" / ("ab" * 16)  # a crash between data file and info
+    orphan.write_bytes(b"x")
+    assert rstore.sweep(time.time()) == 2
+    assert resumable_files(upload_dir) == sorted(
+        [held.info.id, f"{held.info.id}.info", alive.info.id, f"{alive.info.id}.info"]
+    )
+    held.release()
+    assert rstore.sweep(time.time()) == 1
+
+
+# -- tus over HTTP, in process ------------------------------------------------------------
+
+
+async def test_options(client: httpx.AsyncClient) -> None:
+    for path in ("/files", "/files/" + "0" * 32):
+        reply = await client.options(path)
+        assert reply.status_code == 204
+        check_tus(reply)
+        assert reply.headers["tus-version"] == "1.0.0"
+        assert reply.headers["tus-extension"] == (
+            "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
+        )
+        assert reply.headers["tus-max-size"] == "10000000"
+        assert reply.headers["tus-checksum-algorithm"] == "sha1,sha256"
+
+
+async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    data = payload(2_345_679)
+    metadata = f"filename {b64('../dir/report é.pdf')},filetype {b64('application/pdf')},description {b64('Q3')}"
+    location = await create(client, len(data), metadata)
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200
+    check_tus(reply)
+    assert reply.headers["upload-offset"] == "0"
+    assert reply.headers["upload-length"] == str(len(data))
+    assert reply.headers["cache-control"] == "no-store"
+    assert reply.headers["upload-metadata"] == metadata
+    assert "GMT" in reply.headers["upload-expires"]
+    offset = 0
+    for size in (1, 65_536, 1_048_577, 7):
+        reply = await patch(client, location, offset, data[offset : offset + size])
+        assert reply.status_code == 204, reply.text
+        check_tus(reply)
+        offset += size
+        assert reply.headers["upload-offset"] == str(offset)
+        assert await offset_of(client, location) == offset
+    reply = await client.get(location)
+    check_error(reply, 409, "upload_incomplete")
+    reply = await patch(client, location, offset, data[offset:])
+    assert reply.status_code == 204
+    assert reply.headers["upload-offset"] == str(len(data))
+    assert "upload-expires" not in reply.headers
+    record = stored_record(upload_dir, location)
+    assert record == {
+        "id": location.rsplit("/", 1)[1],
+        "filename": "report é.pdf",
+        "content_type": "application/pdf",
+        "size": len(data),
+        "sha256": sha(data),
+        "description": "Q3",
+    }
+    assert_stored(upload_dir, record, data)
+    assert resumable_files(upload_dir) == []
+    reply = await client.get(location)
+    assert reply.status_code == 200
+    assert reply.content == data
+    reply = await client.head(location, headers=TUS)  # a finished upload still says where it stands
+    assert reply.headers["upload-offset"] == reply.headers["upload-length"] == str(len(data))
+    metrics = (await client.get("/metrics")).text
+    assert 'upload_asgi_uploads_total{outcome="stored"} 1' in metrics
+    assert 'upload_asgi_uploads_total{outcome="partial"} 4' in metrics
+    assert f"upload_asgi_stored_bytes_total {len(data)}" in metrics
+    assert "upload_asgi_stored_files_total 1" in metrics
+
+
+async def test_creation_with_upload_and_deferred_length(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    data = payload(100_000)
+    reply = await client.post(
+        "/files", content=data[:40_000], headers={**OCTETS, "Upload-Defer-Length": "1"}
+    )
+    assert reply.status_code == 201
+    assert reply.headers["upload-offset"] == "40000"
+    assert reply.headers["upload-defer-length"] == "1"
+    location = reply.headers["location"]
+    reply = await client.head(location, headers=TUS)
+    assert reply.headers["upload-defer-length"] == "1"
+    assert "upload-length" not in reply.headers
+    check_error(await patch(client, location, 40_000, b"", **{"Upload-Length": "39999"}), 400, "invalid_header")
+    check_error(await patch(client, location, 40_000, b"", **{"Upload-Length": "10000001"}), 413, "payload_too_large")
+    reply = await patch(client, location, 40_000, data[40_000:], **{"Upload-Length": str(len(data))})
+    assert reply.status_code == 204
+    assert_stored(upload_dir, stored_record(upload_dir, location), data)
+    assert stored_record(upload_dir, location)["filename"] == "unnamed"
+
+
+async def test_creation_with_the_whole_file_and_an_empty_one(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    data = payload(5000)
+    reply = await client.post("/files", content=data, headers={**OCTETS, "Upload-Length": "5000"})
+    assert reply.status_code == 201
+    assert reply.headers["upload-offset"] == "5000"
+    assert_stored(upload_dir, stored_record(upload_dir, reply.headers["location"]), data)
+    location = await create(client, 0)
+    assert_stored(upload_dir, stored_record(upload_dir, location), b"")
+    assert resumable_files(upload_dir) == []
+
+
+@pytest.mark.parametrize(
+    "headers, status, code",
+    [
+        pytest.param({"Upload-Length": "10"}, 412, "unsupported_version", id="no-tus-resumable"),
+        pytest.param({**TUS, "Tus-Resumable": "0.2.2", "Upload-Length": "10"}, 412, "unsupported_version", id="old-version"),
+        pytest.param(TUS, 400, "invalid_header", id="no-length"),
+        pytest.param({**TUS, "Upload-Length": "10", "Upload-Defer-Length": "1"}, 400, "invalid_header", id="both-lengths"),
+        pytest.param({**TUS, "Upload-Defer-Length": "2"}, 400, "invalid_header", id="defer-not-1"),
+        pytest.param({**TUS, "Upload-Length": "-5"}, 400, "invalid_header", id="negative-length"),
+        pytest.param({**TUS, "Upload-Length": "9" * 40}, 400, "invalid_header", id="absurd-length"),
+        pytest.param({**TUS, "Upload-Length": "10000001"}, 413, "payload_too_large", id="over-the-file-limit"),
+        pytest.param({**TUS, "Upload-Length": "10", "Upload-Metadata": "filename ***"}, 400, "invalid_header", id="bad-metadata"),
+        pytest.param({**TUS, "Upload-Length": "10", "Upload-Metadata": f"sha256 {b64('abc')}"}, 400, "invalid_header", id="bad-sha256"),
+        pytest.param({**TUS, "Upload-Length": "10", "Repr-Digest": "sha-256=:nope:"}, 400, "invalid_header", id="bad-repr-digest"),
+    ],
+)
+async def test_creation_refused(
+    client: httpx.AsyncClient, upload_dir: Path, headers: dict[str, str], status: int, code: str
+) -> None:
+    reply = await client.post("/files", headers=headers)
+    check_error(reply, status, code)
+    check_tus(reply)
+    if status == 412:
+        assert reply.headers["tus-version"] == "1.0.0"
+    assert_nothing_stored(upload_dir)
+
+
+async def test_creation_body_of_another_type_is_415(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    reply = await client.post("/files", content=b"abc", headers={**TUS, "Upload-Length": "3", "Content-Type": "text/plain"})
+    check_error(reply, 415, "unsupported_media_type")
+    assert_nothing_stored(upload_dir)
+
+
+async def test_patch_refused_and_nothing_moves(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    location = await create(client, 100)
+    assert (await patch(client, location, 0, b"0123456789")).status_code == 204
+    cases = [
+        ({"Content-Type": "application/octet-stream"}, 10, 415, "unsupported_media_type"),
+        ({"Tus-Resumable": "2.0.0"}, 10, 412, "unsupported_version"),
+        ({}, 0, 409, "offset_mismatch"),
+        ({}, 11, 409, "offset_mismatch"),
+        ({"Upload-Offset": "ten"}, 10, 400, "invalid_header"),
+        ({"Upload-Offset": "9" * 30}, 10, 400, "invalid_header"),
+        ({"Upload-Checksum": "md5 " + b64(hashlib.md5(b"x").digest())}, 10, 400, "invalid_header"),
+        ({"Upload-Checksum": "sha1 " + b64(hashlib.sha1(b"other").digest())}, 10, 460, "checksum_mismatch"),
+        ({"Upload-Checksum": "sha256 " + b64(hashlib.sha256(b"other").digest())}, 10, 460, "checksum_mismatch"),
+        ({"Upload-Length": "50"}, 10, 400, "invalid_header"),  # the length is set already
+    ]
+    for headers, offset, status, code in cases:
+        reply = await patch(client, location, offset, b"abcdef", **headers)
+        body = check_error(reply, status, code)
+        check_tus(reply)
+        if code == "offset_mismatch":
+            assert body["offset"] == 10
+        assert await offset_of(client, location) == 10, code
+    assert (upload_dir / ".resumable" / location.rsplit("/", 1)[1]).read_bytes() == b"0123456789"
+    check_error(await patch(client, "/files/" + "f" * 32, 0, b"x"), 404, "not_found")
+    check_error(await patch(client, "/files/../../etc/passwd", 0, b"x"), 404, "not_found")
+    check_error(await client.head("/files/" + "f" * 32, headers=TUS), 404, "not_found")
+
+
+async def test_checksummed_chunks(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    data = payload(3_000_000)
+    location = await create(client, len(data))
+    first, rest = data[:1_500_000], data[1_500_000:]
+    reply = await patch(client, location, 0, first, **{"Upload-Checksum": "sha1 " + b64(hashlib.sha1(first).digest())})
+    assert reply.status_code == 204
+    corrupt = rest[:-1] + b"\0"
+    reply = await patch(client, location, len(first), corrupt, **{"Upload-Checksum": "sha256 " + b64(hashlib.sha256(rest).digest())})
+    check_error(reply, 460, "checksum_mismatch")
+    assert await offset_of(client, location) == len(first)  # the chunk was discarded
+    reply = await patch(client, location, len(first), rest, **{"Upload-Checksum": "sha256 " + b64(hashlib.sha256(rest).digest())})
+    assert reply.status_code == 204
+    assert_stored(upload_dir, stored_record(upload_dir, location), data)
+
+
+async def test_patch_past_the_length_stores_nothing_of_it(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    location = await create(client, 10)
+    assert (await patch(client, location, 0, b"01234")).status_code == 204
+    check_error(await patch(client, location, 5, b"5678901"), 413, "payload_too_large")  # Content-Length says so
+
+    async def chunks():  # no Content-Length: found while streaming
+        yield b"567"
+        yield b"8901"
+
+    reply = await client.patch(location, content=chunks(), headers={**OCTETS, "Upload-Offset": "5"})
+    check_error(reply, 413, "payload_too_large")
+    assert await offset_of(client, location) == 5
+    assert (upload_dir / ".resumable" / location.rsplit("/", 1)[1]).read_bytes() == b"01234"
+    assert (await patch(client, location, 5, b"56789")).status_code == 204
+    assert_stored(upload_dir, stored_record(upload_dir, location), b"0123456789")
+
+
+async def test_deferred_length_stops_at_the_file_limit(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    location = await create(client, None)
+    check_error(await patch(client, location, 0, b"x" * 10_000_001), 413, "payload_too_large")
+    assert await offset_of(client, location) == 0
+
+
+@pytest.mark.parametrize("how", ["metadata", "repr-digest"])
+async def test_declared_digest_checked_before_commit(client: httpx.AsyncClient, upload_dir: Path, how: str) -> None:
+    data = payload(70_000)
+    declared = hashlib.sha256(b"something else").digest()
+    headers = {"Repr-Digest": f"sha-256=:{b64(declared)}:"} if how == "repr-digest" else {}
+    metadata = f"sha256 {b64(declared.hex())}" if how == "metadata" else None
+    location = await create(client, len(data), metadata, **headers)
+    assert (await patch(client, location, 0, data[:1000])).status_code == 204
+    body = check_error(await patch(client, location, 1000, data[1000:]), 460, "sha256_mismatch")
+    assert body["sha256"] == sha(data)
+    assert_nothing_stored(upload_dir)
+    check_error(await client.head(location, headers=TUS), 404, "not_found")
+    # And the right digest stores it.
+    good = {"Repr-Digest": f"sha-256=:{b64(hashlib.sha256(data).digest())}:"} if how == "repr-digest" else {}
+    location = await create(client, len(data), f"sha256 {b64(sha(data).upper())}" if how == "metadata" else None, **good)
+    assert (await patch(client, location, 0, data)).status_code == 204
+    assert_stored(upload_dir, stored_record(upload_dir, location), data)
+
+
+async def test_termination(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    location = await create(client, 100)
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    reply = await client.delete(location)
+    check_error(reply, 412, "unsupported_version")
+    reply = await client.delete(location, headers=TUS)
+    assert reply.status_code == 204
+    check_tus(reply)
+    check_error(await client.head(location, headers=TUS), 404, "not_found")
+    check_error(await patch(client, location, 3, b"d"), 404, "not_found")
+    check_error(await client.delete(location, headers=TUS), 404, "not_found")
+    assert_nothing_stored(upload_dir)
+
+
+async def test_expiry(upload_dir: Path) -> None:
+    config = upload_asgi.Config(upload_dir=upload_dir, fsync=False, resumable_expiry=0.5)
+    app = upload_asgi.create_app(config)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        touched = await create(client, 100)
+        untouched = await create(client, 100)
+        assert (await patch(client, touched, 0, b"abc")).status_code == 204
+        await asyncio.sleep(0.6)
+        check_error(await client.head(touched, headers=TUS), 410, "upload_expired")
+        check_error(await client.head(touched, headers=TUS), 404, "not_found")
+        check_error(await patch(client, untouched, 0, b"abc"), 410, "upload_expired")
+    assert_nothing_stored(upload_dir)
+    # A sweep (at startup, then every minute when /files is used) removes what nobody touches.
+    app = upload_asgi.create_app(config)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        await create(client, 100)
+        await asyncio.sleep(0.6)
+        assert app.resumable.sweep() == 1
+    assert_nothing_stored(upload_dir)
+
+
+async def test_token_guards_writes_not_reads(upload_dir: Path) -> None:
+    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False, token="s3cret"))
+    auth = {"Authorization": "Bearer s3cret"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        reply = await client.post("/files", headers={**TUS, "Upload-Length": "3"})
+        check_error(reply, 401, "unauthorized")
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+        location = await create(client, 3, **auth)
+        check_error(await patch(client, location, 0, b"abc"), 401, "unauthorized")
+        check_error(await client.delete(location, headers=TUS), 401, "unauthorized")
+        assert (await client.head(location, headers=TUS)).status_code == 200
+        assert (await client.options("/files")).status_code == 204
+        assert (await patch(client, location, 0, b"abc", **auth)).status_code == 204
+    assert stored_ids(upload_dir) == [location.rsplit("/", 1)[1]]
+
+
+async def test_other_methods_are_405(client: httpx.AsyncClient) -> None:
+    reply = await client.put("/files")
+    check_error(reply, 405, "method_not_allowed")
+    assert reply.headers["allow"] == "OPTIONS, POST"
+    reply = await client.post("/files/" + "0" * 32)
+    check_error(reply, 405, "method_not_allowed")
+
+
+# -- the IETF draft, in process -----------------------------------------------------------
+
+
+def draft(version: str, **headers: str) -> dict[str, str]:
+    return {"Upload-Draft-Interop-Version": version, **{k.replace("_", "-"): v for k, v in headers.items()}}
+
+
+def check_problem(reply: httpx.Response, status: int, kind: str, version: str) -> dict[str, Any]:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert reply.headers["upload-draft-interop-version"] == version
+    assert int(reply.headers["content-length"]) == len(reply.content)
+    body = reply.json()
+    assert body["type"] == "https://iana.org/assignments/http-problem-types#" + kind
+    assert body["title"]
+    return body
+
+
+@pytest.mark.parametrize("version", ["6", "8"])
+async def test_draft_upload_in_pieces(client: httpx.AsyncClient, upload_dir: Path, version: str) -> None:
+    data = payload(1_234_567)
+    reply = await client.post(
+        "/files", content=data[:1000],
+        headers=draft(version, Upload_Complete="?0", Content_Type="text/csv",
+                      Content_Disposition='attachment; filename="rows.csv"', Upload_Length=str(len(data))),
+    )
+    assert reply.status_code == 201, reply.text
+    assert reply.headers["upload-draft-interop-version"] == version
+    assert "tus-resumable" not in reply.headers
+    assert reply.headers["upload-complete"] == "?0"
+    assert reply.headers["upload-offset"] == "1000"
+    assert reply.headers["upload-limit"].startswith("max-size=10000000")
+    location = reply.headers["location"]
+    reply = await client.head(location, headers=draft(version))
+    assert reply.status_code == 204
+    assert reply.headers["upload-offset"] == "1000"
+    assert reply.headers["upload-complete"] == "?0"
+    assert reply.headers["upload-length"] == str(len(data))
+    assert reply.headers["cache-control"] == "no-store"
+    append = draft(version, Content_Type="application/partial-upload", Upload_Complete="?0")
+    reply = await client.patch(location, content=data[1000:5000], headers={**append, "Upload-Offset": "1000"})
+    assert reply.status_code == 204
+    assert reply.headers["upload-offset"] == "5000"
+    body = check_problem(
+        await client.patch(location, content=b"x", headers={**append, "Upload-Offset": "4000"}),
+        409, "mismatching-upload-offset", version,
+    )
+    assert body["expected-offset"] == 5000 and body["provided-offset"] == 4000
+    reply = await client.patch(location, content=b"x", headers={**append, "Upload-Offset": "5000", "Content-Type": "application/offset+octet-stream"})
+    check_error(reply, 415, "unsupported_media_type")
+    complete = {**append, "Upload-Complete": "?1", "Upload-Offset": "5000"}
+    check_problem(await client.patch(location, content=data[5000:-1], headers=complete), 400, "inconsistent-upload-length", version)
+    assert int((await client.head(location, headers=draft(version))).headers["upload-offset"]) == 5000
+    reply = await client.patch(location, content=data[5000:], headers=complete)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["upload-complete"] == "?1"
+    record = reply.json()
+    assert record["filename"] == "rows.csv" and record["content_type"] == "text/csv"
+    assert_stored(upload_dir, record, data)
+    check_problem(await client.patch(location, content=b"x", headers={**complete, "Upload-Offset": str(len(data))}),
+                  400, "completed-upload", version)
+    reply = await client.head(location, headers=draft(version))
+    assert reply.status_code == 204 and reply.headers["upload-complete"] == "?1"
+
+
+@pytest.mark.parametrize("version", ["6", "8"])
+async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, upload_dir: Path, version: str) -> None:
+    data = payload(300_000)
+    reply = await client.post("/files", content=data, headers=draft(version, Upload_Complete="?1"))
+    assert reply.status_code == 201
+    assert reply.headers["location"] == f"/files/{reply.json()['id']}"
+    assert_stored(upload_dir, reply.json(), data)
+    reply = await client.post("/files", content=data[:10], headers=draft(version, Upload_Complete="?0"))
+    location = reply.headers["location"]
+    assert "upload-length" not in (await client.head(location, headers=draft(version))).headers
+    append = draft(version, Content_Type="application/partial-upload", Upload_Complete="?1", Upload_Offset="10")
+    reply = await client.patch(location, content=data[10:], headers=append)
+    assert reply.status_code == 200
+    assert_stored(upload_dir, reply.json(), data)
+
+
+async def test_draft_refusals(client: httpx.AsyncClient, upload_dir: Path) -> None:
+    check_error(await client.post("/files", content=b"abc", headers=draft("8")), 400, "invalid_header")
+    check_error(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="yes")), 400, "invalid_header")
+    check_error(await client.post("/files", headers=draft("8", Upload_Complete="?0", Upload_Length="10000001")), 413, "payload_too_large")
+    check_problem(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?1", Upload_Length="4")),
+                  400, "inconsistent-upload-length", "8")
+    wrong = f"sha-256=:{b64(hashlib.sha256(b'other').digest())}:"
+    body = check_problem(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?1", Repr_Digest=wrong)),
+                         422, "digest-mismatch", "8")
+    assert body["sha256"] == sha(b"abc")
+    reply = await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?0"))
+    location = reply.headers["location"]
+    append = draft("8", Content_Type="application/partial-upload", Upload_Offset="3")
+    check_error(await client.patch(location, content=b"d", headers=append), 400, "invalid_header")  # no Upload-Complete
+    reply = await client.delete(location, headers=draft("8"))
+    assert reply.status_code == 204
+    assert reply.headers["upload-draft-interop-version"] == "8"
+    assert_nothing_stored(upload_dir)
+    # An interop version we do not speak is tus, which wants its own header.
+    check_error(await client.post("/files", headers={"Upload-Draft-Interop-Version": "5", "Upload-Complete": "?1"}),
+                412, "unsupported_version")
+
+
+# -- real servers and independent clients -------------------------------------------------------
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> tuple[Path, bytes]:
+    data = payload(5_000_003, seed=7)
+    path = tmp_path / "source.bin"
+    path.write_bytes(data)
+    return path, data
+
+
+def test_tuspy_upload_and_resume_after_a_cut(server: Server, data_file: tuple[Path, bytes]) -> None:
+    from tusclient import client as tusclient
+
+    path, data = data_file
+    tus_client = tusclient.TusClient(f"{server.url}/files")
+    first = tus_client.uploader(
+        file_path=str(path), chunk_size=1_000_000, metadata={"filename": "source.bin", "filetype": "application/x-demo"},
+        upload_checksum=True,
+    )
+    first.upload(stop_at=2_000_000)  # then the client goes away
+    assert first.offset == 2_000_000
+    resumed = tus_client.uploader(file_path=str(path), chunk_size=1_500_000, url=first.url, upload_checksum=True)
+    assert resumed.offset == 2_000_000  # it asked the server (HEAD) where to go on
+    resumed.upload()
+    with server.client() as http:
+        reply = http.get(first.url)
+        assert reply.status_code == 200
+        assert reply.content == data
+    record = stored_record(server.upload_dir, first.url)
+    assert record["sha256"] == sha(data)
+    assert record["filename"] == "source.bin" and record["content_type"] == "application/x-demo"
+
+
+def node_upload(endpoint: str, path: Path, **options: Any) -> dict[str, Any]:
+    script = ROOT / "tests" / "tus_node_client.mjs"
+    done = subprocess.run(
+        ["node", str(script), endpoint, str(path), json.dumps(options)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+needs_node = pytest.mark.skipif(
+    shutil.which("node") is None or not (ROOT / "node_modules" / "tus-js-client").exists(),
+    reason="tus-js-client is not installed (make install-test runs npm ci)",
+)
+
+
+@needs_node
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"chunkSize": 1_000_000, "abortAfter": 2_000_000}, id="tus-abort-and-resume"),
+        pytest.param({"uploadDataDuringCreation": True, "chunkSize": 2_000_000}, id="tus-creation-with-upload"),
+        pytest.param({"uploadLengthDeferred": True, "chunkSize": 1_700_000}, id="tus-deferred-length"),
+        pytest.param({"protocol": "ietf-draft-05", "chunkSize": 1_000_000, "abortAfter": 3_000_000}, id="draft-6-abort-and-resume"),
+        pytest.param({"protocol": "ietf-draft-05", "uploadDataDuringCreation": True}, id="draft-6-one-request"),
+    ],
+)
+def test_tus_js_client_in_node(server: Server, data_file: tuple[Path, bytes], options: dict[str, Any]) -> None:
+    path, data = data_file
+    result = node_upload(f"{server.url}/files", path, metadata={"filename": "node.bin", "filetype": "image/png"}, **options)
+    if "abortAfter" in options:
+        assert result["resumedFrom"] == options["abortAfter"]  # nothing sent twice
+        assert result["abortedAt"] == result["url"]
+    record = stored_record(server.upload_dir, result["url"])
+    assert record["sha256"] == sha(data)
+    assert record["filename"] == "node.bin" and record["content_type"] == "image/png"
+    assert (server.upload_dir / record["id"]).read_bytes() == data
+    assert resumable_files(server.upload_dir) == []
+    with server.client() as http:
+        metrics = http.get("/metrics").text
+    assert f"upload_asgi_received_bytes_total {len(data)}" in metrics
+
+
+def send_partial_patch(port: int, location: str, offset: int, body: bytes, declared: int) -> socket.socket:
+    """Start a PATCH that declares `declared` body bytes and send only `body`; return the socket."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        f"PATCH {location} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+        f"Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n"
+        f"Content-Length: {declared}\r\n\r\n"
+    ).encode()
+    sock.sendall(head + body)
+    return sock
+
+
+def wait_for_offset(http: httpx.Client, location: str, offset: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if int(http.head(location, headers=TUS).headers["upload-offset"]) >= offset:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the upload never reached {offset}")
+
+
+@pytest.mark.slow
+def test_restart_mid_upload(tmp_path: Path, data_file: tuple[Path, bytes]) -> None:
+    _, data = data_file
+    upload_dir = tmp_path / "uploads"
+    first = Server(upload_dir, env={"UPLOAD_FSYNC": "0"}).start()
+    try:
+        with first.client() as http:
+            location = http.post("/files", headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+            sock = send_partial_patch(first.port, location, 0, data[:3_000_000], len(data))
+            wait_for_offset(http, location, 2 * MiB)  # written in 1 MiB blocks
+    finally:
+        first.kill()  # kill -9 mid-PATCH: a crash, not a shutdown
+        sock.close()
+    second = Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_LOG_LEVEL": "info"}).start()
+    try:
+        with second.client() as http:
+            reply = http.head(location, headers=TUS)
+            assert reply.status_code == 200
+            offset = int(reply.headers["upload-offset"])
+            # Every block written survived; the last part of a block still in memory did not.
+            assert 2 * MiB <= offset <= 3_000_000
+            reply = http.patch(location, content=data[offset:], headers={**OCTETS, "Upload-Offset": str(offset)})
+            assert reply.status_code == 204, reply.text
+            assert http.get(location).content == data
+    finally:
+        second.stop()
+    record = stored_record(upload_dir, location)
+    assert record["sha256"] == sha(data)  # re-read from disk: this worker never saw the first bytes
+    assert resumable_files(upload_dir) == []
+
+
+def test_cut_connection_keeps_what_arrived(server: Server) -> None:
+    data = payload(3_000_000)
+    with server.client() as http:
+        location = http.post("/files", headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+        sock = send_partial_patch(server.port, location, 0, data[:1_200_000], len(data))
+        wait_for_offset(http, location, MiB)
+        sock.close()
+        wait_for_offset(http, location, 1_200_000)  # the rest of a block is written when the client leaves
+        deadline = time.monotonic() + 10
+        while True:  # the lock goes once the server has seen the client leave
+            reply = http.patch(location, content=data[1_200_000:], headers={**OCTETS, "Upload-Offset": "1200000"})
+            if reply.status_code != 423 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert reply.status_code == 204, reply.text
+        assert http.get(location).content == data
+    assert stored_record(server.upload_dir, location)["sha256"] == sha(data)
+
+
+def test_two_patches_racing_on_one_upload(server: Server) -> None:
+    data = payload(2_000_000)
+    with server.client() as http:
+        location = http.post("/files", headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+        sock = send_partial_patch(server.port, location, 0, data[:1_500_000], len(data))
+        wait_for_offset(http, location, MiB)
+        # The same offset from a second client while the first is still sending: refused, never interleaved.
+        reply = http.patch(location, content=data, headers={**OCTETS, "Upload-Offset": "0"})
+        check_error(reply, 423, "upload_locked")
+        check_tus(reply)
+        reply = http.delete(location, headers=TUS)
+        check_error(reply, 423, "upload_locked")
+        sock.sendall(data[1_500_000:])
+        answer = sock.recv(65536)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 204"), answer
+        reply = http.patch(location, content=b"", headers={**OCTETS, "Upload-Offset": "0"})
+        check_error(reply, 409, "upload_complete")
+        assert http.get(location).content == data
+    assert stored_record(server.upload_dir, location)["sha256"] == sha(data)
