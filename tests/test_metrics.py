@@ -270,6 +270,7 @@ async def test_metrics_of_a_fresh_app(app):
         "upload_asgi_received_bytes_total": "counter",
         "upload_asgi_stored_bytes_total": "counter",
         "upload_asgi_stored_files_total": "counter",
+        "upload_asgi_resumable_rehashed_bytes_total": "counter",
         "upload_asgi_uploads_in_flight": "gauge",
         "upload_asgi_upload_duration_seconds": "histogram",
     }

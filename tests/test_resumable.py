@@ -611,6 +611,12 @@ async def test_draft_refusals(client: httpx.AsyncClient, upload_dir: Path) -> No
     check_error(await client.post("/files", headers=draft("8", Upload_Complete="?0", Upload_Length="10000001")), 413, "payload_too_large")
     check_problem(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?1", Upload_Length="4")),
                   400, "inconsistent-upload-length", "8")
+    check_problem(await client.post("/files", headers=draft("8", Upload_Complete="?1", Upload_Length="4")),
+                  400, "inconsistent-upload-length", "8")
+    reply = await client.post("/files", headers=draft("8", Upload_Complete="?1"))  # an empty file, complete
+    assert reply.status_code == 201 and reply.json()["size"] == 0
+    (upload_dir / reply.json()["id"]).unlink()
+    (upload_dir / f"{reply.json()['id']}.json").unlink()
     wrong = f"sha-256=:{b64(hashlib.sha256(b'other').digest())}:"
     body = check_problem(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?1", Repr_Digest=wrong)),
                          422, "digest-mismatch", "8")
@@ -703,6 +709,7 @@ def test_tus_js_client_in_node(server: Server, data_file: tuple[Path, bytes], op
     with server.client() as http:
         metrics = http.get("/metrics").text
     assert f"upload_asgi_received_bytes_total {len(data)}" in metrics
+    assert "upload_asgi_resumable_rehashed_bytes_total 0" in metrics  # the same worker throughout
 
 
 def send_partial_patch(port: int, location: str, offset: int, body: bytes, declared: int) -> socket.socket:
@@ -717,7 +724,7 @@ def send_partial_patch(port: int, location: str, offset: int, body: bytes, decla
     return sock
 
 
-def wait_for_offset(http: httpx.Client, location: str, offset: int, timeout: float = 10.0) -> None:
+def wait_for_offset(http: httpx.Client, location: str, offset: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if int(http.head(location, headers=TUS).headers["upload-offset"]) >= offset:
@@ -750,6 +757,8 @@ def test_restart_mid_upload(tmp_path: Path, data_file: tuple[Path, bytes]) -> No
             reply = http.patch(location, content=data[offset:], headers={**OCTETS, "Upload-Offset": str(offset)})
             assert reply.status_code == 204, reply.text
             assert http.get(location).content == data
+            # This worker never saw the first bytes: it re-read them, once, to hash them.
+            assert f"upload_asgi_resumable_rehashed_bytes_total {offset}" in http.get("/metrics").text
     finally:
         second.stop()
     record = stored_record(upload_dir, location)
@@ -774,6 +783,23 @@ def test_cut_connection_keeps_what_arrived(server: Server) -> None:
         assert reply.status_code == 204, reply.text
         assert http.get(location).content == data
     assert stored_record(server.upload_dir, location)["sha256"] == sha(data)
+
+
+@pytest.mark.slow
+def test_patches_through_two_workers(tmp_path: Path) -> None:
+    """With -w 2 each PATCH may land in either worker: one that did not write the bytes before re-reads them."""
+    data = payload(6_000_000, seed=3)
+    upload_dir = tmp_path / "uploads"
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=["-w", "2"]) as server:
+        with server.client() as http:
+            location = http.post("/files", headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+        for offset in range(0, len(data), 500_000):
+            with server.client() as http:  # a new connection each time
+                reply = http.patch(location, content=data[offset : offset + 500_000], headers={**OCTETS, "Upload-Offset": str(offset)})
+                assert reply.status_code == 204, reply.text
+        with server.client() as http:
+            assert http.get(location).content == data
+    assert stored_record(upload_dir, location)["sha256"] == sha(data)
 
 
 def test_two_patches_racing_on_one_upload(server: Server) -> None:

@@ -23,6 +23,7 @@ class Metrics:
     bytes_stored: int = 0
     files_stored: int = 0
     in_flight: int = 0
+    rehashed_bytes: int = 0  # resumable uploads: bytes re-read to hash because another process wrote them
     duration_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
     duration_sum: float = 0.0
     duration_count: int = 0
@@ -52,6 +53,9 @@ class Metrics:
             "# HELP upload_asgi_stored_files_total Files stored.",
             "# TYPE upload_asgi_stored_files_total counter",
             f"upload_asgi_stored_files_total {self.files_stored}",
+            "# HELP upload_asgi_resumable_rehashed_bytes_total Bytes of resumable uploads re-read from storage to hash.",
+            "# TYPE upload_asgi_resumable_rehashed_bytes_total counter",
+            f"upload_asgi_resumable_rehashed_bytes_total {self.rehashed_bytes}",
             "# HELP upload_asgi_uploads_in_flight Uploads being received now.",
             "# TYPE upload_asgi_uploads_in_flight gauge",
             f"upload_asgi_uploads_in_flight {self.in_flight}",

@@ -341,8 +341,11 @@ class ResumableHandlers:
         try:
             if with_upload and not progress.complete:
                 await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
-            elif will_complete and upload.info.length is None:
-                upload.info.length = 0
+            elif will_complete:  # the draft's complete upload with an empty body
+                if upload.info.length is None:
+                    upload.info.length = 0
+                if not upload.info.complete:
+                    raise inconsistent_length(f"Upload-Complete ?1 with no body, Upload-Length {upload.info.length}")
             if upload.info.complete:
                 await self.finish(upload, outcome, dialect)
         except BaseException:
@@ -533,17 +536,14 @@ class ResumableHandlers:
             raise
         finally:
             self.app.metrics.in_flight -= 1
+            self.count_rehash(upload)
 
     async def finish(self, upload: ResumableUpload, outcome: Outcome, dialect: Dialect) -> None:
         """All bytes are there: check the declared digest, store the file like a form's."""
         info = upload.info
         started = time.monotonic()
         sha256 = await run_blocking(upload.sha256)
-        if upload.rehashed_bytes:
-            logger.info(
-                "resumable upload %s: re-read %d bytes to hash in %.3f s",
-                info.id, upload.rehashed_bytes, upload.rehash_seconds,
-            )
+        self.count_rehash(upload)
         if info.sha256 is not None and info.sha256 != sha256:
             await run_blocking(upload.terminate)
             detail = f"the file's SHA-256 is {sha256}, not {info.sha256}; the upload was removed"
@@ -557,6 +557,16 @@ class ResumableHandlers:
         self.app.metrics.bytes_stored += record["size"]
         logger.debug("resumable upload %s stored in %.3f s", info.id, time.monotonic() - started)
         await self.app.notify([record])
+
+    def count_rehash(self, upload: ResumableUpload) -> None:
+        """Count (once) the bytes this request re-read to rebuild the upload's SHA-256."""
+        if upload.rehashed_bytes:
+            logger.info(
+                "resumable upload %s: re-read %d bytes to hash in %.3f s",
+                upload.info.id, upload.rehashed_bytes, upload.rehash_seconds,
+            )
+            self.app.metrics.rehashed_bytes += upload.rehashed_bytes
+            upload.rehashed_bytes = 0
 
     async def delete(
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
