@@ -822,3 +822,40 @@ def test_two_patches_racing_on_one_upload(server: Server) -> None:
         check_error(reply, 409, "upload_complete")
         assert http.get(location).content == data
     assert stored_record(server.upload_dir, location)["sha256"] == sha(data)
+
+
+def test_over_http2(tmp_path: Path) -> None:
+    """Over HTTP/2 (TLS): streamed PATCH bodies without a Content-Length, and a refused one."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    data = payload(3_000_000, seed=9)
+
+    def stream(body: bytes):
+        for i in range(0, len(body), 65_536):
+            yield body[i : i + 65_536]
+
+    upload_dir = tmp_path / "uploads"
+    args = ["--certfile", str(pem), "--keyfile", str(pem)]
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args, scheme="https") as server:
+        with httpx.Client(base_url=server.url, http2=True, verify=context, timeout=60) as http:
+            reply = http.post("/files", headers={**TUS, "Upload-Defer-Length": "1"})
+            assert reply.http_version == "HTTP/2" and reply.status_code == 201
+            location = reply.headers["location"]
+            reply = http.patch(location, content=stream(data[:2_000_000]), headers={**OCTETS, "Upload-Offset": "0"})
+            assert reply.status_code == 204 and reply.headers["upload-offset"] == "2000000"
+            reply = http.patch(location, content=stream(data[2_000_000:]), headers={**OCTETS, "Upload-Offset": "5"})
+            check_error(reply, 409, "offset_mismatch")
+            reply = http.patch(
+                location, content=stream(data[2_000_000:]),
+                headers={**OCTETS, "Upload-Offset": "2000000", "Upload-Length": str(len(data))},
+            )
+            assert reply.status_code == 204, reply.text
+            assert http.get(location).content == data
+    assert stored_record(upload_dir, location)["sha256"] == sha(data)
