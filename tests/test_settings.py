@@ -38,6 +38,8 @@ from support import ROOT, free_port
         pytest.param("UPLOAD_MAX_CONCURRENT", "3", "max_concurrent", 3, id="concurrent"),
         pytest.param("UPLOAD_MIN_RATE", "16K", "min_rate", 16 * KiB, id="rate"),
         pytest.param("UPLOAD_MIN_RATE", "0", "min_rate", 0, id="rate-off"),
+        pytest.param("UPLOAD_RESUMABLE_EXPIRY", "30m", "resumable_expiry", 1800.0, id="expiry-30m"),
+        pytest.param("UPLOAD_RESUMABLE_EXPIRY", "90", "resumable_expiry", 90.0, id="expiry-seconds"),
     ],
 )
 def test_each_variable_is_read(variable, text, setting, value):
@@ -55,7 +57,7 @@ def test_every_setting_has_a_variable():
     assert set(settings.variables().values()) == {
         "UPLOAD_DIR", "UPLOAD_MAX_FILE_SIZE", "UPLOAD_MAX_REQUEST_SIZE", "UPLOAD_MAX_FILES",
         "UPLOAD_MAX_PARTS", "UPLOAD_MAX_FIELD_SIZE", "UPLOAD_TOKEN", "UPLOAD_FSYNC",
-        "UPLOAD_IDLE_TIMEOUT", "UPLOAD_MAX_CONCURRENT", "UPLOAD_MIN_RATE",
+        "UPLOAD_IDLE_TIMEOUT", "UPLOAD_MAX_CONCURRENT", "UPLOAD_MIN_RATE", "UPLOAD_RESUMABLE_EXPIRY",
     }
 
 
@@ -126,6 +128,8 @@ BAD_VALUES = [
     pytest.param("UPLOAD_MAX_CONCURRENT", "4.5", id="concurrent-fraction"),
     pytest.param("UPLOAD_MIN_RATE", "-1", id="rate-negative"),
     pytest.param("UPLOAD_MIN_RATE", "fast", id="rate-word"),
+    pytest.param("UPLOAD_RESUMABLE_EXPIRY", "0", id="expiry-zero"),
+    pytest.param("UPLOAD_RESUMABLE_EXPIRY", "a day", id="expiry-words"),
 ]
 
 
