@@ -477,6 +477,12 @@ async def test_termination(client: httpx.AsyncClient, upload_dir: Path) -> None:
     check_error(await patch(client, location, 3, b"d"), 404, "not_found")
     check_error(await client.delete(location, headers=TUS), 404, "not_found")
     assert_nothing_stored(upload_dir)
+    # A finished upload is a stored file: deleted like one (no tus header needed).
+    location = await create(client, 3)
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    assert (await client.delete(location)).status_code == 204
+    check_error(await client.get(location), 404, "not_found")
+    assert_nothing_stored(upload_dir)
 
 
 async def test_expiry(upload_dir: Path) -> None:

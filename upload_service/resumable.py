@@ -572,17 +572,29 @@ class ResumableHandlers:
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
         dialect: Dialect, file_id: str,
     ) -> None:
+        """tus termination of an upload under way; a stored file is deleted as the files resource does."""
+        if await run_blocking(self.store.peek, file_id) is None:
+            await self.delete_stored(scope, send, dialect, file_id)
+            return
         self.check_writer(scope, dialect)
         try:
             upload = await run_blocking(self.store.acquire, file_id)
         except UploadBusy:
             raise tus.UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
-        if upload is not None:
-            try:
-                await run_blocking(upload.terminate)
-            finally:
-                await run_blocking(upload.release)
-        elif not await self.app.store.delete(file_id):
+        if upload is None:  # finished or terminated meanwhile
+            await self.delete_stored(scope, send, dialect, file_id)
+            return
+        try:
+            await run_blocking(upload.terminate)
+        finally:
+            await run_blocking(upload.release)
+        await send_empty(send, 204, dialect.headers())
+
+    async def delete_stored(self, scope: Scope, send: Send, dialect: Dialect, file_id: str) -> None:
+        token = self.config.token
+        if token is not None and not bearer_token_matches(scope, token):
+            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+        if not await self.app.store.delete(file_id):
             raise NotFound(f"no upload or file {file_id}")
         await send_empty(send, 204, dialect.headers())
 
