@@ -865,3 +865,41 @@ def test_over_http2(tmp_path: Path) -> None:
             assert reply.status_code == 204, reply.text
             assert http.get(location).content == data
     assert stored_record(upload_dir, location)["sha256"] == sha(data)
+
+
+@pytest.mark.browser
+@needs_node
+def test_tus_js_client_in_chromium(server: Server) -> None:
+    """tus-js-client's browser build, in headless Chromium at the server's origin, uploads a Blob."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("no /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    size = 3_000_001
+    expected = bytes((i * 31 + 7) & 255 for i in range(size))
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.add_script_tag(path=str(ROOT / "node_modules" / "tus-js-client" / "dist" / "tus.min.js"))
+            url = page.evaluate(
+                """(size) => {
+                  const data = new Uint8Array(size);
+                  for (let i = 0; i < size; i++) data[i] = (i * 31 + 7) & 255;
+                  return new Promise((resolve, reject) => {
+                    const upload = new tus.Upload(new Blob([data]), {
+                      endpoint: "/files", chunkSize: 1000000, retryDelays: [0, 500],
+                      metadata: {filename: "browser.bin", filetype: "application/x-browser"},
+                      onSuccess: () => resolve(upload.url), onError: (error) => reject(String(error)),
+                    });
+                    upload.start();
+                  });
+                }""",
+                size,
+            )
+        finally:
+            browser.close()
+    record = stored_record(server.upload_dir, url)
+    assert record["sha256"] == sha(expected)
+    assert record["filename"] == "browser.bin" and record["content_type"] == "application/x-browser"
