@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -903,3 +904,116 @@ def test_tus_js_client_in_chromium(server: Server) -> None:
     record = stored_record(server.upload_dir, url)
     assert record["sha256"] == sha(expected)
     assert record["filename"] == "browser.bin" and record["content_type"] == "application/x-browser"
+
+
+# -- the page: large files go resumably ------------------------------------------------
+
+
+@pytest.fixture
+def chromium_page() -> Any:
+    """open(url) -> a Playwright page in headless Chromium (the system one), uploads throttled."""
+    chromium = Path("/usr/bin/chromium")
+    if not chromium.exists():
+        pytest.skip("no /usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
+        errors: list[str] = []
+
+        def open_page(url: str, upload_bytes_per_second: int) -> Any:
+            context = browser.new_context()
+            page = context.new_page()
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            cdp = context.new_cdp_session(page)
+            cdp.send("Network.enable")
+            cdp.send("Network.emulateNetworkConditions", {
+                "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": upload_bytes_per_second,
+            })
+            page.goto(url)
+            return page
+
+        try:
+            yield open_page
+        finally:
+            browser.close()
+        assert errors == []
+
+
+def wait_for(check: Any, timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+    return result
+
+
+def staged_size(upload_dir: Path) -> int:
+    staging = upload_dir / ".resumable"
+    sizes = [p.stat().st_size for p in staging.iterdir() if is_hex_id(p.name)] if staging.exists() else []
+    return max(sizes, default=0)
+
+
+def is_hex_id(name: str) -> bool:
+    return len(name) == 32 and all(c in "0123456789abcdef" for c in name)
+
+
+def row_state(page: Any) -> str | None:
+    return page.evaluate("(document.querySelector('#rows tr') || {getAttribute: () => null}).getAttribute('data-state')")
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_resumes_after_a_server_restart(tmp_path: Path, chromium_page: Any) -> None:
+    data = payload(40 * MiB, seed=11)
+    path = tmp_path / "files" / "big.iso"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    upload_dir = tmp_path / "uploads"
+    first = Server(upload_dir, env={"UPLOAD_FSYNC": "0"}).start()
+    second = Server(upload_dir, env={"UPLOAD_FSYNC": "0"})
+    second.port, second.url, second.cmd = first.port, first.url, first.cmd  # the same address
+    try:
+        page = chromium_page(first.url + "/", 8_000_000)
+        page.set_input_files("#picker", str(path))
+        wait_for(lambda: staged_size(upload_dir) >= 17 * MiB)
+        first.kill()  # the server dies mid-upload
+        time.sleep(1.0)
+        second.start()
+        wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
+        assert row_state(page) == "done", page.evaluate("document.querySelector('#rows tr .msg').textContent")
+        shown = page.evaluate("document.querySelector('#rows tr td.sha code').textContent")
+        assert shown == sha(data)
+        with second.client() as http:
+            metrics = http.get("/metrics").text
+        received = int(re.search(r"upload_asgi_received_bytes_total (\d+)", metrics).group(1))
+        assert received <= len(data) - 16 * MiB  # it went on from the server's offset
+    finally:
+        first.stop()
+        second.stop()
+    [file_id] = stored_ids(upload_dir)
+    assert (upload_dir / file_id).read_bytes() == data
+    assert stored_record(upload_dir, f"/files/{file_id}")["filename"] == "big.iso"
+    assert resumable_files(upload_dir) == []
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_resumes_after_a_reload(tmp_path: Path, server: Server, chromium_page: Any) -> None:
+    data = payload(40 * MiB, seed=12)
+    path = tmp_path / "files" / "disk.img"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    page = chromium_page(server.url + "/", 8_000_000)
+    page.set_input_files("#picker", str(path))
+    wait_for(lambda: staged_size(server.upload_dir) >= 17 * MiB)
+    page.reload()
+    page.set_input_files("#picker", str(path))  # the same file picked again
+    wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
+    assert row_state(page) == "done", page.evaluate("document.querySelector('#rows tr .msg').textContent")
+    with server.client() as http:
+        metrics = http.get("/metrics").text
+    received = int(re.search(r"upload_asgi_received_bytes_total (\d+)", metrics).group(1))
+    assert received < len(data) + 16 * MiB  # no second upload from byte 0
+    [file_id] = stored_ids(server.upload_dir)
+    assert stored_record(server.upload_dir, f"/files/{file_id}")["sha256"] == sha(data)
+    assert resumable_files(server.upload_dir) == []
