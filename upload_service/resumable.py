@@ -20,13 +20,10 @@ form's file (same ids, records, `/files/<id>`, metrics).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import threading
 import time
-from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable
 
 from upload_service import tus
 from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, declared_length, header, json_bytes
@@ -43,18 +40,15 @@ from upload_service.errors import (
 from upload_service.framing import clean_filename
 from upload_service.metrics import log_outcome, outcome_of
 from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
-from upload_service.threads import wait_through_cancel
-from upload_service.units import MiB
+from upload_service.appending import AppendBody, run_blocking
 
 if TYPE_CHECKING:
     from upload_asgi import UploadApp
 
 logger = logging.getLogger("upload_asgi")
 
-T = TypeVar("T")
 Headers = list[tuple[bytes, bytes]]
 
-APPEND_BLOCK_SIZE = 1 * MiB  # as targets.WRITE_BLOCK_SIZE: one thread handoff per MiB
 SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, when /files is used
 
 
@@ -72,79 +66,6 @@ class Dialect:
         if self.draft is not None:
             return [(b"upload-draft-interop-version", self.draft.encode())]
         return [(b"tus-resumable", tus.TUS_VERSION.encode())]
-
-
-class AppendBody:
-    """A `BodyConsumer` that appends a request body to an upload, in blocks, on a writer thread.
-
-    Like `targets.UploadFileTarget`: chunks gather into blocks of APPEND_BLOCK_SIZE;
-    one block at a time is hashed (the per-chunk checksum, if any) and appended
-    (which counts it into the whole-file SHA-256) while the loop reads on.
-    """
-
-    def __init__(self, upload: ResumableUpload, executor: Executor, checksum: str | None) -> None:
-        self.upload = upload
-        self.executor = executor
-        self.checksum = hashlib.new(checksum) if checksum else None
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self.job: Future[None] | None = None
-
-    def feed(self, chunk: bytes) -> None:
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered >= APPEND_BLOCK_SIZE:
-            self.hand_off()
-
-    def write_backlog(self) -> Future[None] | None:
-        self.hand_off()
-        return self.job if self._buffered >= APPEND_BLOCK_SIZE else None
-
-    def hand_off(self) -> None:
-        if not self._chunks or (self.job is not None and not self.job.done()):
-            return
-        if self.job is not None:
-            self.job.result()  # a failed write raises here
-        chunks, self._chunks, self._buffered = self._chunks, [], 0
-        self.job = self.executor.submit(self._append, chunks)
-
-    async def flush(self) -> None:
-        """Write every byte received so far; wait for it even if cancelled meanwhile."""
-        while True:
-            if self.job is not None:
-                cancelled = await wait_through_cancel(asyncio.wrap_future(self.job))
-                if cancelled:
-                    self._chunks, self._buffered = [], 0
-                    raise asyncio.CancelledError
-                self.job.result()
-            if not self._chunks:
-                return
-            self.hand_off()
-
-    async def settle(self) -> None:
-        """After a failure: drop what is not yet handed off, wait for the block being written."""
-        self._chunks, self._buffered = [], 0
-        if self.job is not None:
-            cancelled = await wait_through_cancel(asyncio.wrap_future(self.job))
-            if cancelled:
-                raise asyncio.CancelledError
-
-    def _append(self, chunks: list[bytes], started: threading.Event | None = None) -> None:
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        if started is not None:
-            started.set()  # WriterPool: we let go of the GIL now
-        if self.checksum is not None:
-            self.checksum.update(data)
-        self.upload.append(data)
-
-
-async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
-    """Run store work on a thread; if cancelled meanwhile, let it finish first (it holds a lock)."""
-    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    if await wait_through_cancel(future):
-        raise asyncio.CancelledError
-    return future.result()
 
 
 def says_body(scope: Scope) -> bool:
@@ -345,7 +266,7 @@ class ResumableHandlers:
                 if upload.info.length is None:
                     upload.info.length = 0
                 if not upload.info.complete:
-                    raise inconsistent_length(f"Upload-Complete ?1 with no body, Upload-Length {upload.info.length}")
+                    raise tus.inconsistent_length(f"Upload-Complete ?1 with no body, Upload-Length {upload.info.length}")
             if upload.info.complete:
                 await self.finish(upload, outcome, dialect)
         except BaseException:
@@ -383,7 +304,7 @@ class ResumableHandlers:
         body_length = declared_length(scope)
         if will_complete and body_length is not None:
             if length is not None and length != body_length:
-                raise inconsistent_length("Upload-Length and the Content-Length of a complete upload differ")
+                raise tus.inconsistent_length("Upload-Length and the Content-Length of a complete upload differ")
             length = body_length
         if length is not None:
             self.check_length(length)
@@ -451,7 +372,7 @@ class ResumableHandlers:
                 await run_blocking(upload.terminate)
                 raise tus.UploadExpired(f"upload {file_id} expired and was removed")
             if offset != upload.info.offset:
-                raise offset_mismatch(dialect, upload.info.offset, offset)
+                raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
             if new_length is not None:
                 self.declare_length(upload.info, tus.parse_number(new_length, "Upload-Length"))
             await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
@@ -501,7 +422,7 @@ class ResumableHandlers:
         limit = (info.length if info.length is not None else self.config.max_file_size) - info.offset
         body_length = declared_length(scope)
         if body_length is not None and body_length > limit:
-            raise past_length(dialect, info, limit)
+            raise tus.past_length(dialect.draft is not None, info.length, limit)
         checksum = tus.parse_checksum(header(scope, b"upload-checksum")) if dialect.draft is None else None
         await run_blocking(upload.mark, checksum is not None)
         consumer = AppendBody(upload, self.app.write_executor(), checksum[0] if checksum else None)
@@ -520,14 +441,14 @@ class ResumableHandlers:
                 raise
             except PayloadTooLarge:
                 if progress.received > limit:
-                    raise past_length(dialect, info, limit) from None
+                    raise tus.past_length(dialect.draft is not None, info.length, limit) from None
                 raise
             if checksum is not None and consumer.checksum.digest() != checksum[1]:
                 raise tus.ChunkChecksumMismatch(f"the chunk does not match its Upload-Checksum ({checksum[0]})")
             if will_complete and info.length is None:
                 info.length = info.offset
             if will_complete and not info.complete:
-                raise inconsistent_length(f"Upload-Complete ?1 at offset {info.offset} of {info.length}")
+                raise tus.inconsistent_length(f"Upload-Complete ?1 at offset {info.offset} of {info.length}")
             await run_blocking(upload.keep)
             outcome.received = True
         except BaseException:
@@ -638,27 +559,6 @@ class Outcome:
 
     received: bool = False
     stored: Record | None = None
-
-
-def offset_mismatch(dialect: Dialect, expected: int, given: int) -> Exception:
-    detail = f"Upload-Offset is {given}, the upload is at {expected}"
-    if dialect.draft is not None:
-        return tus.Problem(409, "mismatching-upload-offset", detail, **{"expected-offset": expected, "provided-offset": given})
-    return tus.OffsetMismatch(detail, offset=expected)
-
-
-def inconsistent_length(detail: str) -> Exception:
-    return tus.Problem(400, "inconsistent-upload-length", detail)
-
-
-def past_length(dialect: Dialect, info: UploadInfo, limit: int) -> Exception:
-    if info.length is None:
-        detail = f"the body would take the upload past the file limit; {limit} more bytes fit"
-    else:
-        detail = f"the body would take the upload past its Upload-Length {info.length}; {limit} more bytes fit"
-    if dialect.draft is not None:
-        return tus.Problem(400, "inconsistent-upload-length", detail)
-    return PayloadTooLarge(detail, limit="upload_length", max=limit)
 
 
 async def send_empty(send: Send, status: int, headers: Any, length: int | None = 0) -> None:

@@ -17,7 +17,7 @@ import hashlib
 import re
 from typing import Any
 
-from upload_service.errors import UploadError
+from upload_service.errors import PayloadTooLarge, UploadError
 from upload_service.framing import parse_header_params
 
 TUS_VERSION = "1.0.0"
@@ -92,6 +92,31 @@ class Problem(UploadError):
         super().__init__(detail, type=PROBLEM_BASE + kind, title=kind.replace("-", " ").capitalize(), **extra)
         self.status = status
         self.code = kind
+
+
+# -- the errors of a mismatch, in either protocol -------------------------------------
+
+
+def offset_mismatch(draft: bool, expected: int, given: int) -> UploadError:
+    detail = f"Upload-Offset is {given}, the upload is at {expected}"
+    if draft:
+        return Problem(409, "mismatching-upload-offset", detail, **{"expected-offset": expected, "provided-offset": given})
+    return OffsetMismatch(detail, offset=expected)
+
+
+def inconsistent_length(detail: str) -> UploadError:
+    return Problem(400, "inconsistent-upload-length", detail)
+
+
+def past_length(draft: bool, length: int | None, limit: int) -> UploadError:
+    if length is None:
+        detail = f"the body would take the upload past the file limit; {limit} more bytes fit"
+    else:
+        detail = f"the body would take the upload past its Upload-Length {length}; {limit} more bytes fit"
+    if draft:
+        return Problem(400, "inconsistent-upload-length", detail)
+    return PayloadTooLarge(detail, limit="upload_length", max=limit)
+
 
 
 # -- headers -------------------------------------------------------------------------
