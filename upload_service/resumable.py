@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from upload_service import tus
+from upload_service.appending import AppendBody, run_blocking
 from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, declared_length, header, json_bytes
 from upload_service.body import BodyProgress, read_body
 from upload_service.errors import (
@@ -40,7 +41,6 @@ from upload_service.errors import (
 from upload_service.framing import clean_filename
 from upload_service.metrics import log_outcome, outcome_of
 from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
-from upload_service.appending import AppendBody, run_blocking
 
 if TYPE_CHECKING:
     from upload_asgi import UploadApp
