@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import deque
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +24,7 @@ from streaming_form_data.targets import BaseTarget
 from upload_service.errors import FormError, LimitExceeded
 from upload_service.framing import Framer, PartInfo, clean_filename
 from upload_service.storage import FileSink, Store
+from upload_service.threads import WriterPool
 from upload_service.units import MiB
 
 # With an executor, a file's bytes are hashed and written in blocks of this size, one
@@ -45,7 +46,7 @@ class UploadFileTarget(BaseTarget):
     wait for before feeding more.
     """
 
-    def __init__(self, sink: FileSink, info: PartInfo, max_size: int, executor: Executor | None = None) -> None:
+    def __init__(self, sink: FileSink, info: PartInfo, max_size: int, executor: WriterPool | None = None) -> None:
         super().__init__()
         self.sink = sink
         self.id = sink.id
@@ -96,7 +97,7 @@ class UploadFileTarget(BaseTarget):
         if self.job is not None:
             self.job.result()  # a failed write (ENOSPC) raises here, on the parser's side
         chunks, self._chunks, self._buffered = self._chunks, [], 0
-        self.job = self._executor.submit(self._store, chunks)
+        self.job = self._executor.submit(self._store, chunks, handshake=not self.finished)
 
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""
@@ -262,7 +263,7 @@ class FormReader:
         limits: FormLimits,
         file_field: str,
         text_fields: tuple[str, ...],
-        executor: Executor | None = None,
+        executor: WriterPool | None = None,
     ) -> None:
         self.files: list[UploadFileTarget] = []
         self._executor = executor
