@@ -1016,3 +1016,16 @@ def test_page_resumes_after_a_reload(tmp_path: Path, server: Server, chromium_pa
     [file_id] = stored_ids(server.upload_dir)
     assert stored_record(server.upload_dir, f"/files/{file_id}")["sha256"] == sha(data)
     assert resumable_files(server.upload_dir) == []
+
+
+@pytest.mark.slow
+def test_startup_sweeps_expired_uploads(tmp_path: Path) -> None:
+    upload_dir = tmp_path / "uploads"
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_RESUMABLE_EXPIRY": "1"}
+    with Server(upload_dir, env=env) as server, server.client() as http:
+        location = http.post("/files", headers={**TUS, "Upload-Length": "10"}).headers["location"]
+        assert http.patch(location, content=b"abc", headers={**OCTETS, "Upload-Offset": "0"}).status_code == 204
+    assert len(resumable_files(upload_dir)) == 2
+    time.sleep(1.2)
+    with Server(upload_dir, env=env):
+        assert resumable_files(upload_dir) == []  # gone at startup, before any request
