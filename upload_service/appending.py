@@ -22,11 +22,15 @@ APPEND_BLOCK_SIZE = 1 * MiB  # as targets.WRITE_BLOCK_SIZE: one thread handoff p
 
 
 class AppendBody:
-    """A `BodyConsumer` that appends a request body to an upload, in blocks, on a writer thread.
+    """A `BodyConsumer` that appends a request body to an upload, on a writer thread.
 
-    Like `targets.UploadFileTarget`: chunks gather into blocks of APPEND_BLOCK_SIZE;
-    one block at a time is hashed (the per-chunk checksum, if any) and appended
-    (which counts it into the whole-file SHA-256) while the loop reads on.
+    Like `targets.UploadFileTarget`, one job at a time is hashed (the per-chunk
+    checksum, if any) and appended (which counts it into the whole-file SHA-256)
+    while the loop reads on; what arrives meanwhile waits in memory, at most
+    APPEND_BLOCK_SIZE before the loop waits for the writer. Unlike a form's file,
+    what waits is handed off as soon as the writer is free, not when more arrives:
+    a client that pauses mid-`PATCH` has its bytes on disk, counted in the offset
+    a `HEAD` reports and kept if the server dies.
     """
 
     def __init__(self, upload: ResumableUpload, executor: Executor, checksum: str | None) -> None:
@@ -35,46 +39,62 @@ class AppendBody:
         self.checksum = hashlib.new(checksum) if checksum else None
         self._chunks: list[bytes] = []
         self._buffered = 0
+        self._loop = asyncio.get_running_loop()
         self.job: Future[None] | None = None
 
     def feed(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self._buffered += len(chunk)
-        if self._buffered >= APPEND_BLOCK_SIZE:
-            self.hand_off()
+        self.hand_off()
 
     def write_backlog(self) -> Future[None] | None:
         self.hand_off()
         return self.job if self._buffered >= APPEND_BLOCK_SIZE else None
 
     def hand_off(self) -> None:
-        if not self._chunks or (self.job is not None and not self.job.done()):
+        """Give what waits to the writer, unless it is still busy with the last job."""
+        job = self.job
+        if not self._chunks or (job is not None and not job.done()):
             return
-        if self.job is not None:
-            self.job.result()  # a failed write raises here
+        if job is not None:
+            job.result()  # a failed write raises here
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         self.job = self.executor.submit(self._append, chunks)
+        self.job.add_done_callback(self._written)
+
+    def _written(self, job: Future[None]) -> None:
+        """On the writer thread: a job is over; the loop hands off what arrived meanwhile."""
+        if not job.cancelled() and job.exception() is None:
+            self._loop.call_soon_threadsafe(self._hand_off_waiting, job)
+
+    def _hand_off_waiting(self, job: Future[None]) -> None:
+        if self.job is job:  # nobody handed off since (feed, flush, settle)
+            self.hand_off()
 
     async def flush(self) -> None:
         """Write every byte received so far; wait for it even if cancelled meanwhile."""
         while True:
-            if self.job is not None:
-                cancelled = await wait_through_cancel(asyncio.wrap_future(self.job))
-                if cancelled:
+            job = self.job
+            if job is not None:
+                if await wait_through_cancel(asyncio.wrap_future(job)):
                     self._chunks, self._buffered = [], 0
+                    await self.settle()
                     raise asyncio.CancelledError
-                self.job.result()
+                job.result()
+            if self.job is not job:
+                continue  # the writer's callback handed off more meanwhile
             if not self._chunks:
                 return
             self.hand_off()
 
     async def settle(self) -> None:
-        """After a failure: drop what is not yet handed off, wait for the block being written."""
+        """After a failure: drop what is not yet handed off, wait for what is being written."""
         self._chunks, self._buffered = [], 0
-        if self.job is not None:
-            cancelled = await wait_through_cancel(asyncio.wrap_future(self.job))
-            if cancelled:
-                raise asyncio.CancelledError
+        cancelled = False
+        while self.job is not None and not self.job.done():
+            cancelled = await wait_through_cancel(asyncio.wrap_future(self.job)) or cancelled
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _append(self, chunks: list[bytes], started: threading.Event | None = None) -> None:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
