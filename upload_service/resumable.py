@@ -27,7 +27,17 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from upload_service import tus
 from upload_service.appending import AppendBody, run_blocking
-from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, declared_length, header, json_bytes
+from upload_service.asgi import (
+    Receive,
+    Scope,
+    Send,
+    bearer_token_matches,
+    declared_length,
+    header,
+    json_bytes,
+    route_path,
+    send_error,
+)
 from upload_service.body import BodyProgress, read_body
 from upload_service.errors import (
     ClientGone,
@@ -37,9 +47,10 @@ from upload_service.errors import (
     ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
+    as_upload_error,
 )
 from upload_service.framing import clean_filename
-from upload_service.metrics import log_outcome, outcome_of
+from upload_service.metrics import is_server_fault, log_outcome, outcome_of
 from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
 
 if TYPE_CHECKING:
@@ -214,7 +225,13 @@ class ResumableHandlers:
             error = exc
         except Exception as exc:
             error = exc
-            await self.app.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"), dialect.headers())
+            if scope["method"] == "HEAD":  # the error's status and headers, no body
+                answer = as_upload_error(exc)
+                if is_server_fault(answer):
+                    logger.error("HEAD %s failed: %s", route_path(scope), answer.detail, exc_info=exc)
+                await send_error(send, answer, headers=dialect.headers(), head_only=True)
+            else:
+                await self.app.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"), dialect.headers())
         except BaseException as exc:
             error = exc
             raise
