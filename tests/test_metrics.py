@@ -431,7 +431,7 @@ def test_health_and_metrics_through_hypercorn_with_an_upload_held_open(upload_di
         ).encode()
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         try:
-            sock.sendall(head + body[:500_000])
+            sock.sendall(head + body[:1_500_000])  # more than one 1 MiB block
             deadline = time.monotonic() + 20
             while client.get("/health").json()["uploads_in_flight"] != 1:
                 assert time.monotonic() < deadline, "the held upload never showed as in flight"
@@ -440,7 +440,9 @@ def test_health_and_metrics_through_hypercorn_with_an_upload_held_open(upload_di
             assert health["status"] == "ok"
             assert 0 < health["free_bytes"] <= shutil.disk_usage(upload_dir).total
             assert values()["in_flight"] == 1
-            assert any((upload_dir / ".partial").iterdir())  # it is being written
+            while not any((upload_dir / ".partial").iterdir()):  # it is being written
+                assert time.monotonic() < deadline, "the held upload's first block never reached the disk"
+                time.sleep(0.05)
         finally:
             sock.close()  # the client goes away mid-upload
 
