@@ -62,6 +62,7 @@ from upload_service.errors import (
 )
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
 from upload_service.localstore import LocalStore
+from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, outcome_of
 from upload_service.page import PAGE_CSP, render_page
 from upload_service.settings import Config
@@ -293,8 +294,10 @@ def create_app(config: Config | None = None, on_upload: UploadCallback | None = 
         try:
             config = Config.from_env()
         except ConfigError as exc:
+            set_up_logging("info")
             logger.error("upload-asgi configuration error: %s", exc)
             return UploadApp(None, on_upload, config_error=str(exc))
+    set_up_logging(config.log_level)
     return UploadApp(config, on_upload)
 
 

@@ -82,21 +82,30 @@ def is_server_fault(error: UploadError) -> bool:
 
 
 def log_outcome(error: BaseException | None, received: int, seconds: float, stored: list[Record]) -> None:
-    """Log one line per stored file, or one line for a request that stored nothing."""
+    """Log one line per stored file, or one line for a request that stored nothing.
+
+    Each line also carries its facts as `extra={"upload": {...}}` for a structured
+    formatter (`upload_service.logs.JsonFormatter`).
+    """
+    facts: dict[str, object] = {"outcome": outcome_of(error), "received_bytes": received, "seconds": round(seconds, 6)}
     if error is None:
         rate = received / seconds / 1e6 if seconds > 0 else 0.0
         for record in stored:
             logger.info(
                 "upload stored: id=%s size=%d sha256=%s in %.3f s (%.1f MB/s)",
                 record["id"], record["size"], record["sha256"], seconds, rate,
+                extra={"upload": {**facts, "status": 201, "id": record["id"], "size": record["size"],
+                                  "sha256": record["sha256"]}},
             )
     elif isinstance(error, ClientGone):
-        logger.info("upload abandoned by the client after %d bytes", received)
+        logger.info("upload abandoned by the client after %d bytes", received, extra={"upload": facts})
     elif isinstance(error, asyncio.CancelledError):
-        logger.info("upload cancelled by the server after %d bytes", received)
+        logger.info("upload cancelled by the server after %d bytes", received, extra={"upload": facts})
     else:
         failure = as_upload_error(error)
         logger.info(
-            "upload refused: %d %s after %d bytes: %s",
+            "upload %s: %d %s after %d bytes: %s",
+            facts["outcome"] if facts["outcome"] == "failed" else "refused",
             failure.status, failure.code, received, failure.detail,
+            extra={"upload": {**facts, "status": failure.status, "error": failure.code}},
         )
