@@ -63,7 +63,7 @@ from upload_service.errors import (
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
 from upload_service.localstore import LocalStore
 from upload_service.logs import set_up_logging
-from upload_service.metrics import Metrics, is_server_fault, log_outcome, outcome_of
+from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
@@ -89,7 +89,7 @@ class UploadApp:
         self.config = config
         self.on_upload = on_upload
         self.config_error = config_error
-        self.metrics = Metrics()
+        self.metrics = Metrics(multiprocess_dir())
         self.store: Store | None = None if config is None else LocalStore(config.upload_dir, config.fsync)
         self.writer: WriterPool | None = None  # started on the first upload
         self.routes: dict[str, dict[str, Handler]] = {
@@ -204,33 +204,40 @@ class UploadApp:
         error: BaseException | None = None
         stored: list[Record] = []
         try:
-            boundary = self.check_request(scope)
-            # Only uploads that are being stored count against UPLOAD_MAX_CONCURRENT:
-            # a refused request (a missing token, say), answered while the rest of its
-            # body is drained, must not take an uploader's place.
-            self.metrics.in_flight += 1
             try:
-                stored = await store_form(
-                    self.config, self.prepare(), self.write_executor(), boundary, receive, route, progress
-                )
+                boundary = self.check_request(scope)
+                # Only uploads that are being stored count against UPLOAD_MAX_CONCURRENT:
+                # a refused request (a missing token, say), answered while the rest of its
+                # body is drained, must not take an uploader's place.
+                self.metrics.in_flight += 1
+                try:
+                    stored = await store_form(
+                        self.config, self.prepare(), self.write_executor(), boundary, receive, route, progress
+                    )
+                finally:
+                    self.metrics.in_flight -= 1
+                self.metrics.files_stored += len(stored)
+                self.metrics.bytes_stored += sum(r["size"] for r in stored)
+                await self.notify(stored)
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
-                self.metrics.in_flight -= 1
-            self.metrics.files_stored += len(stored)
-            self.metrics.bytes_stored += sum(r["size"] for r in stored)
-            await self.notify(stored)
+                # Counted and logged before the answer: a scrape that follows it sees it.
+                self.record_outcome(error, started, progress, stored)
             await send_json(send, 201, form_answer(stored, route))
-        except ClientGone as exc:
-            error = exc
+        except ClientGone:
+            pass
         except Exception as exc:
-            error = exc
             await self.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"))
-        except BaseException as exc:  # cancelled, or the process is stopping
-            error = exc
-            raise
-        finally:
-            self.metrics.bytes_received += progress.received
-            self.metrics.observe(outcome_of(error), time.monotonic() - started)
-            log_outcome(error, progress.received, time.monotonic() - started, stored)
+
+    def record_outcome(
+        self, error: BaseException | None, started: float, progress: BodyProgress, stored: list[Record]
+    ) -> None:
+        seconds = time.monotonic() - started
+        self.metrics.bytes_received += progress.received
+        self.metrics.observe(outcome_of(error), seconds)
+        log_outcome(error, progress.received, seconds, stored)
 
     def check_request(self, scope: Scope) -> bytes:
         """Refuse what the headers alone already tell, before any body byte; return the boundary."""

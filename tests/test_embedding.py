@@ -339,7 +339,7 @@ def test_mounted_under_files_through_hypercorn(tmp_path, host):
         health = client.get("/files/health").json()
         assert health["status"] == "ok" and health["free_bytes"] > 0 and health["uploads_in_flight"] == 0
         metrics = client.get("/files/metrics").text
-        assert 'upload_asgi_uploads_total{outcome="stored"} 1' in metrics.splitlines()
+        assert 'upload_asgi_uploads_total{outcome="stored"} 1.0' in metrics.splitlines()
 
         several = client.post(
             "/files/upload-multiple", files=[("files", ("a.txt", b"a")), ("files", ("b.txt", b"bb"))]
