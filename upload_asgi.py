@@ -61,6 +61,7 @@ from upload_service.errors import (
     as_upload_error,
 )
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
+from upload_service.lifespan import fail_startup
 from upload_service.localstore import LocalStore
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
@@ -122,7 +123,7 @@ class UploadApp:
                     if isinstance(exc, OSError):
                         reason = self.store.describe_problem(exc)
                     logger.error("upload-asgi cannot start: %s", reason)
-                    await send({"type": "lifespan.startup.failed", "message": reason})
+                    await fail_startup(send, reason)
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
