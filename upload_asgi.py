@@ -310,3 +310,9 @@ def create_app(config: Config | None = None, on_upload: UploadCallback | None = 
 
 
 app = create_app()
+
+
+if __name__ == "__main__":  # python -m upload_asgi: run hypercorn with the README's defaults
+    from upload_service.cli import main
+
+    raise SystemExit(main())
