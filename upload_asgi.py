@@ -23,6 +23,9 @@ Errors are {"error": code, "detail": text}:
     500 unexpected (logged)                 503 too many uploads at once
     507 no space left on the device
 
+An embedding app's `before_upload` hook may refuse a request with any 4xx/5xx
+(`UploadRefused`) before a body byte is read.
+
 A failed request leaves nothing stored; a client that disconnects gets no answer.
 The concerns live in `upload_service/` (README "Architecture"); this module routes
 requests to them and turns every error into its answer.
@@ -30,10 +33,9 @@ requests to them and turns every error into its answer.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from upload_service.asgi import (
     Receive,
@@ -58,21 +60,24 @@ from upload_service.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
+    UploadError,
+    UploadRefused,
     as_upload_error,
 )
+from upload_service import hooks
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
 from upload_service.lifespan import fail_startup
 from upload_service.localstore import LocalStore
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
+from upload_service.hooks import BeforeUpload, UploadCallback
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
 from upload_service.threads import WRITE_THREADS, WriterPool
 
-__all__ = ["Config", "ConfigError", "UploadApp", "app", "create_app"]
+__all__ = ["Config", "ConfigError", "UploadApp", "UploadError", "UploadRefused", "app", "create_app"]
 
-UploadCallback = Callable[[Record], Any]
 Handler = Callable[..., Awaitable[None]]
 
 logger = logging.getLogger("upload_asgi")
@@ -86,9 +91,12 @@ class UploadApp:
         config: Config | None,
         on_upload: UploadCallback | None = None,
         config_error: str | None = None,
+        before_upload: BeforeUpload | None = None,
     ) -> None:
         self.config = config
         self.on_upload = on_upload
+        self.on_upload_takes_scope = on_upload is not None and hooks.takes_scope(on_upload)
+        self.before_upload = before_upload
         self.config_error = config_error
         self.metrics = Metrics(multiprocess_dir())
         self.store: Store | None = None if config is None else LocalStore(config.upload_dir, config.fsync)
@@ -207,6 +215,8 @@ class UploadApp:
         try:
             try:
                 boundary = self.check_request(scope)
+                await self.ask_before_upload(scope)
+                self.check_capacity()
                 # Only uploads that are being stored count against UPLOAD_MAX_CONCURRENT:
                 # a refused request (a missing token, say), answered while the rest of its
                 # body is drained, must not take an uploader's place.
@@ -219,7 +229,7 @@ class UploadApp:
                     self.metrics.in_flight -= 1
                 self.metrics.files_stored += len(stored)
                 self.metrics.bytes_stored += sum(r["size"] for r in stored)
-                await self.notify(stored)
+                await self.notify(stored, scope)
             except BaseException as exc:
                 error = exc
                 raise
@@ -252,24 +262,34 @@ class UploadApp:
                 f"the request body is larger than {config.max_request_size} bytes",
                 limit="request_size", max=config.max_request_size,
             )
-        if self.metrics.in_flight >= config.max_concurrent:
-            raise ServiceUnavailable(f"more than {config.max_concurrent} uploads in flight; retry soon")
         return boundary
+
+    async def ask_before_upload(self, scope: Scope) -> None:
+        """Let the embedding app refuse the request (UploadRefused) before any body byte."""
+        try:
+            await hooks.before_upload(self.before_upload, scope)
+        except UploadError:
+            raise
+        except Exception:
+            logger.exception("before_upload hook failed")
+            raise InternalError("the server's before_upload hook failed") from None
+
+    def check_capacity(self) -> None:
+        if self.metrics.in_flight >= self.config.max_concurrent:
+            raise ServiceUnavailable(f"more than {self.config.max_concurrent} uploads in flight; retry soon")
 
     def write_executor(self) -> WriterPool:
         if self.writer is None:
             self.writer = WriterPool(WRITE_THREADS)
         return self.writer
 
-    async def notify(self, records: list[Record]) -> None:
-        """Give each stored record to the embedding app's callback, if any."""
+    async def notify(self, records: list[Record], scope: Scope) -> None:
+        """Give each stored record (and the request's scope) to the embedding app's callback, if any."""
         if self.on_upload is None:
             return
         for record in records:
             try:
-                result = self.on_upload(dict(record))
-                if inspect.isawaitable(result):
-                    await result
+                await hooks.on_upload(self.on_upload, self.on_upload_takes_scope, record, scope)
             except Exception:
                 logger.exception("on_upload callback failed for stored file %s", record["id"])
                 raise InternalError(
@@ -291,8 +311,16 @@ class UploadApp:
         await answer_before_body_end(receive, send, error, http_version, remaining, self.config.idle_timeout)
 
 
-def create_app(config: Config | None = None, on_upload: UploadCallback | None = None) -> UploadApp:
+def create_app(
+    config: Config | None = None,
+    on_upload: UploadCallback | None = None,
+    before_upload: BeforeUpload | None = None,
+) -> UploadApp:
     """Return an independent upload app; with no config, read it from the environment.
+
+    `before_upload(scope, headers)` may refuse a request by raising `UploadRefused`;
+    `on_upload(record)` or `on_upload(record, scope)` is called for each stored file
+    (README "Embedding").
 
     A bad environment does not raise here (that would only show as an import
     traceback); the app logs it, fails lifespan startup with the message, and
@@ -304,9 +332,9 @@ def create_app(config: Config | None = None, on_upload: UploadCallback | None = 
         except ConfigError as exc:
             set_up_logging("info")
             logger.error("upload-asgi configuration error: %s", exc)
-            return UploadApp(None, on_upload, config_error=str(exc))
+            return UploadApp(None, on_upload, config_error=str(exc), before_upload=before_upload)
     set_up_logging(config.log_level)
-    return UploadApp(config, on_upload)
+    return UploadApp(config, on_upload, before_upload=before_upload)
 
 
 app = create_app()

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from upload_service.errors import ClientGone, ServiceUnavailable, UploadError, as_upload_error
+from upload_service.errors import ClientGone, ServiceUnavailable, UploadError, UploadRefused, as_upload_error
 from upload_service.storage import Record
 
 logger = logging.getLogger("upload_asgi")
@@ -244,8 +244,9 @@ def outcome_of(error: BaseException | None) -> str:
 
 
 def is_server_fault(error: UploadError) -> bool:
-    """A 5xx for something that went wrong here; too_many_uploads is load shed on purpose."""
-    return error.status >= 500 and not isinstance(error, ServiceUnavailable)
+    """A 5xx for something that went wrong here; too_many_uploads is load shed on purpose,
+    and a refusal by the embedding app's before_upload hook is its decision."""
+    return error.status >= 500 and not isinstance(error, (ServiceUnavailable, UploadRefused))
 
 
 def log_outcome(error: BaseException | None, received: int, seconds: float, stored: list[Record]) -> None:
