@@ -50,6 +50,7 @@ from upload_service.asgi import (
     send_json,
 )
 from upload_service.body import BodyProgress
+from upload_service.cors import Cors, is_preflight
 from upload_service.early_answer import answer_before_body_end
 from upload_service.errors import (
     ClientGone,
@@ -97,6 +98,7 @@ class UploadApp:
         self.on_upload = on_upload
         self.on_upload_takes_scope = on_upload is not None and hooks.takes_scope(on_upload)
         self.before_upload = before_upload
+        self.cors = Cors(config.cors_origins) if config is not None and config.cors_origins else None
         self.config_error = config_error
         self.metrics = Metrics(multiprocess_dir())
         self.store: Store | None = None if config is None else LocalStore(config.upload_dir, config.fsync)
@@ -148,6 +150,11 @@ class UploadApp:
         return self.store
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.cors is not None and (origin := header(scope, b"origin")) is not None:
+            if is_preflight(scope):
+                await self.cors.answer_preflight(scope, send, origin)
+                return
+            send = self.cors.wrap_send(origin, send)
         path = route_path(scope)
         methods = self.routes.get(path)
         method = scope["method"]

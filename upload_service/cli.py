@@ -26,7 +26,7 @@ DEFAULT_GRACEFUL_TIMEOUT = 60.0
 
 def build_parser() -> argparse.ArgumentParser:
     rows = "\n".join(
-        f"  {variable:<24} {'unset' if default == 'None' else default:<12} {text}"
+        f"  {variable:<24} {'unset' if default in ('None', '()') else default:<12} {text}"
         for variable, default, text in describe()
     )
     parser = argparse.ArgumentParser(

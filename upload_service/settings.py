@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from upload_service.cors import check_origins, parse_origins
 from upload_service.errors import ConfigError
 from upload_service.logs import parse_log_level
 from upload_service.units import GiB, KiB, MiB, TiB
@@ -198,6 +199,9 @@ class Config:
         "UPLOAD_MIN_RATE", parse_size, check_rate, DEFAULT_MIN_RATE, "bytes/s a body must average (0: off)"
     )
 
+    cors_origins: tuple[str, ...] = setting(
+        "UPLOAD_CORS_ORIGINS", parse_origins, check_origins, (), "origins pages may upload from: a,b or * (unset: no CORS)"
+    )
     log_level: str = setting(
         "UPLOAD_LOG_LEVEL", parse_log_level, check_log_level, "info",
         "debug, info (a line per upload), warning, error, critical",
