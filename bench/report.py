@@ -46,6 +46,10 @@ class Figure:
             self.ceiling.append(ceiling_mbps)
 
     @property
+    def subject_median(self) -> float:
+        return statistics.median(self.subject)
+
+    @property
     def ratio(self) -> float:
         return statistics.median(self.subject) / statistics.median(self.ceiling)
 
