@@ -15,40 +15,42 @@ from pathlib import Path
 import pytest
 
 from support import BOUNDARY, Part, field_part, file_part, form_body, split_at
-from targets import (
+from targets import FormLimits, FormReader, UploadFileTarget
+from upload_service.errors import FormError, LimitExceeded
+from upload_service.framing import (
     DEFAULT_CONTENT_TYPE,
     MAX_FILENAME_CHARS,
     MAX_PART_HEADER_BYTES,
     MAX_PART_HEADER_LINES,
     MAX_PREAMBLE,
-    FormError,
-    FormLimits,
-    FormReader,
     Framer,
-    LimitExceeded,
     PartInfo,
-    UploadFileTarget,
-    WriterPool,
     clean_filename,
-    commit_files,
     decode_ext_value,
     parse_header_params,
-    prepare_upload_dir,
     read_part_headers,
-    sweep_stale_partials,
 )
+from upload_service.localstore import LocalStore, sweep_stale_partials
+from upload_service.threads import WriterPool
 
 B = BOUNDARY.encode()
 LIMITS = FormLimits(max_file_size=1 << 30, max_field_size=64 * 1024, max_files=10, max_parts=20)
 
 
 @pytest.fixture
-def partial_dir(tmp_path: Path) -> Path:
-    return prepare_upload_dir(tmp_path / "uploads")
+def store(tmp_path: Path) -> LocalStore:
+    store = LocalStore(tmp_path / "uploads")
+    store.prepare()
+    return store
 
 
-def reader_for(partial_dir: Path, limits: FormLimits = LIMITS, file_field: str = "files") -> FormReader:
-    return FormReader(B, partial_dir, limits, file_field=file_field, text_fields=("description", "sha256"))
+@pytest.fixture
+def partial_dir(store: LocalStore) -> Path:
+    return store.partial_dir
+
+
+def reader_for(store: LocalStore, limits: FormLimits = LIMITS, file_field: str = "files") -> FormReader:
+    return FormReader(B, store, limits, file_field=file_field, text_fields=("description", "sha256"))
 
 
 # -- parse_header_params ----------------------------------------------------------
@@ -253,14 +255,14 @@ def test_framer_holds_headers_until_body_bytes_follow():
     assert b"".join(pieces) == body[: body.rindex(b"--") + 2]
 
 
-def test_form_reader_refuses_what_the_parser_slipped_on(partial_dir):
+def test_form_reader_refuses_what_the_parser_slipped_on(store, partial_dir):
     # Bytes next to a "\r\n--boundary" that is no delimiter: with this cut,
     # streaming-form-data 2.1 hands the part over without its last 51 bytes.
     marker = b"\r\n--" + B
     content = marker + b"x" + marker + b"x" + marker + b"-\x00\x00\x00\x00-"
     body = form_body([file_part(content, "a.txt", "files")])
     cut = body.index(content) + len(content) - 1
-    reader = reader_for(partial_dir)
+    reader = reader_for(store)
     for chunk in split_at(body, [cut]):
         reader.feed(chunk)
     try:
@@ -302,8 +304,8 @@ def test_framer_counts_parts():
 # -- UploadFileTarget ---------------------------------------------------------------
 
 
-def test_file_target_writes_hashes_counts(partial_dir):
-    target = UploadFileTarget(partial_dir, PartInfo("file", "../x/report.pdf", "application/pdf"), 1 << 20)
+def test_file_target_writes_hashes_counts(store, partial_dir):
+    target = UploadFileTarget(store.new_file(), PartInfo("file", "../x/report.pdf", "application/pdf"), 1 << 20)
     target.start()
     chunks = [b"", b"abc", bytes(range(256)), b"\r\n--", b""]
     for chunk in chunks:
@@ -315,31 +317,31 @@ def test_file_target_writes_hashes_counts(partial_dir):
     assert target.sha256 == hashlib.sha256(data).hexdigest()
     assert target.filename == "report.pdf"
     assert target.content_type == "application/pdf"
-    assert target.path.parent == partial_dir and target.path.name == target.id
-    target.sync(fsync=True)
-    target.close()
-    assert target.path.read_bytes() == data
+    assert target.sink.path.parent == partial_dir and target.sink.path.name == target.id
+    target.sink.sync()
+    target.sink.close()
+    assert target.sink.path.read_bytes() == data
 
 
-def test_file_target_abort_removes_partial_file_and_is_idempotent(partial_dir):
-    target = UploadFileTarget(partial_dir, PartInfo("file", "a", DEFAULT_CONTENT_TYPE), 1 << 20)
+def test_file_target_abort_removes_partial_file_and_is_idempotent(store, partial_dir):
+    target = UploadFileTarget(store.new_file(), PartInfo("file", "a", DEFAULT_CONTENT_TYPE), 1 << 20)
     target.start()
     target.data_received(b"partial")
-    assert target.path.exists()
+    assert target.sink.path.exists()
     target.abort()
-    assert not target.path.exists()
+    assert not target.sink.path.exists()
     target.abort()  # again: no error
     assert list(partial_dir.iterdir()) == []
 
 
-def test_file_target_abort_before_start(partial_dir):
-    target = UploadFileTarget(partial_dir, PartInfo("file", "a", DEFAULT_CONTENT_TYPE), 1 << 20)
+def test_file_target_abort_before_start(store, partial_dir):
+    target = UploadFileTarget(store.new_file(), PartInfo("file", "a", DEFAULT_CONTENT_TYPE), 1 << 20)
     target.abort()
     assert list(partial_dir.iterdir()) == []
 
 
-def test_file_target_size_limit(partial_dir):
-    target = UploadFileTarget(partial_dir, PartInfo("file", "a", DEFAULT_CONTENT_TYPE), 10)
+def test_file_target_size_limit(store, partial_dir):
+    target = UploadFileTarget(store.new_file(), PartInfo("file", "a", DEFAULT_CONTENT_TYPE), 10)
     target.start()
     target.data_received(b"x" * 10)
     with pytest.raises(LimitExceeded):
@@ -348,8 +350,8 @@ def test_file_target_size_limit(partial_dir):
     assert list(partial_dir.iterdir()) == []
 
 
-def test_file_ids_are_unique_and_path_safe(partial_dir):
-    ids = {UploadFileTarget(partial_dir, PartInfo("f", "a", "x"), 1).id for _ in range(1000)}
+def test_file_ids_are_unique_and_path_safe(store, partial_dir):
+    ids = {UploadFileTarget(store.new_file(), PartInfo("f", "a", "x"), 1).id for _ in range(1000)}
     assert len(ids) == 1000
     assert all(len(i) == 32 and all(c in "0123456789abcdef" for c in i) for i in ids)
 
@@ -369,9 +371,9 @@ def multi_body() -> tuple[bytes, list[tuple[str, str, bytes]]]:
 
 
 @pytest.mark.parametrize("step", [1, 5, 61, 4096, 10**6], ids=lambda s: f"chunks-of-{s}")
-def test_form_reader_reads_every_file(partial_dir, step):
+def test_form_reader_reads_every_file(store, partial_dir, step):
     body, files = multi_body()
-    reader = reader_for(partial_dir)
+    reader = reader_for(store)
     for i in range(0, len(body), step):
         reader.feed(body[i : i + step])
     reader.close()
@@ -380,18 +382,18 @@ def test_form_reader_reads_every_file(partial_dir, step):
     got = [(t.filename, t.content_type, t.size, t.sha256, t.finished) for t in reader.files]
     assert got == [(n, c, len(d), hashlib.sha256(d).hexdigest(), True) for n, c, d in files]
     for target, (_, _, data) in zip(reader.files, files):
-        target.close()
-        assert target.path.read_bytes() == data
+        target.sink.close()
+        assert target.sink.path.read_bytes() == data
 
 
-def test_form_reader_skips_other_parts(partial_dir):
+def test_form_reader_skips_other_parts(store, partial_dir):
     body = form_body([
         field_part("unknown", "dropped"),
         file_part(b"not ours", "x.txt", name="other"),
         file_part(b"empty filename", "", name="files"),
         file_part(b"ours", "y.txt", name="files"),
     ])
-    reader = reader_for(partial_dir)
+    reader = reader_for(store)
     reader.feed(body)
     reader.close()
     assert [t.filename for t in reader.files] == ["y.txt"]
@@ -399,9 +401,9 @@ def test_form_reader_skips_other_parts(partial_dir):
     assert sorted(p.name for p in partial_dir.iterdir()) == [reader.files[0].id]
 
 
-def test_form_reader_abort_removes_everything(partial_dir):
+def test_form_reader_abort_removes_everything(store, partial_dir):
     body, _ = multi_body()
-    reader = reader_for(partial_dir)
+    reader = reader_for(store)
     reader.feed(body[: body.index(b"two.png") + 300])  # inside the second file
     assert len(list(partial_dir.iterdir())) == 2
     reader.abort()
@@ -410,10 +412,10 @@ def test_form_reader_abort_removes_everything(partial_dir):
 
 
 @pytest.mark.parametrize("cut", [0, 1, 20, 100, -300, -60, -5, -3, -1])
-def test_form_reader_truncated_body_fails_at_close(partial_dir, cut):
+def test_form_reader_truncated_body_fails_at_close(store, partial_dir, cut):
     body, _ = multi_body()
     body = body[: len(body) - 2]  # no CRLF after the closing boundary: still whole
-    reader = reader_for(partial_dir)
+    reader = reader_for(store)
     reader.feed(body[:cut] if cut else b"")
     with pytest.raises(FormError):
         reader.close()
@@ -421,16 +423,16 @@ def test_form_reader_truncated_body_fails_at_close(partial_dir, cut):
     assert list(partial_dir.iterdir()) == []
 
 
-def test_form_reader_whole_body_without_final_crlf_closes(partial_dir):
+def test_form_reader_whole_body_without_final_crlf_closes(store, partial_dir):
     body, files = multi_body()
-    reader = reader_for(partial_dir)
+    reader = reader_for(store)
     reader.feed(body[:-2])
     reader.close()
     assert len(reader.files) == len(files)
     reader.abort()
 
 
-def test_form_reader_limits(partial_dir):
+def test_form_reader_limits(store, partial_dir):
     body, _ = multi_body()
     for limits in (
         FormLimits(max_file_size=100, max_field_size=1024, max_files=10, max_parts=10),
@@ -438,16 +440,16 @@ def test_form_reader_limits(partial_dir):
         FormLimits(max_file_size=1 << 20, max_field_size=1024, max_files=2, max_parts=10),
         FormLimits(max_file_size=1 << 20, max_field_size=1024, max_files=10, max_parts=3),
     ):
-        reader = reader_for(partial_dir, limits)
+        reader = reader_for(store, limits)
         with pytest.raises(LimitExceeded):
             reader.feed(body)
         reader.abort()
         assert list(partial_dir.iterdir()) == []
 
 
-def test_form_reader_non_utf8_field_is_a_form_error(partial_dir):
+def test_form_reader_non_utf8_field_is_a_form_error(store, partial_dir):
     body = form_body([field_part("description", b"\xff\xfe"), file_part(b"x", "a", name="files")])
-    reader = reader_for(partial_dir)
+    reader = reader_for(store)
     reader.feed(body)
     reader.close()
     with pytest.raises(FormError):
@@ -458,15 +460,14 @@ def test_form_reader_non_utf8_field_is_a_form_error(partial_dir):
 # -- commit and the partial sweep --------------------------------------------------------
 
 
-def test_commit_files_moves_and_writes_sidecars(tmp_path):
-    upload_dir = tmp_path / "uploads"
-    partial_dir = prepare_upload_dir(upload_dir)
+def test_commit_files_moves_and_writes_sidecars(store, partial_dir):
+    upload_dir = store.upload_dir
     body, files = multi_body()
-    reader = reader_for(partial_dir)
+    reader = reader_for(store)
     reader.feed(body)
     reader.close()
     records = [{"id": t.id, "filename": t.filename, "size": t.size} for t in reader.files]
-    commit_files(upload_dir, partial_dir, list(zip(reader.files, records)), fsync=True)
+    store.commit_files([(t.sink, r) for t, r in zip(reader.files, records)])
     assert list(partial_dir.iterdir()) == []
     for record, (_, _, data) in zip(records, files):
         assert (upload_dir / record["id"]).read_bytes() == data
@@ -476,7 +477,8 @@ def test_commit_files_moves_and_writes_sidecars(tmp_path):
 
 def test_prepare_upload_dir_creates_and_sweeps_only_stale_files(tmp_path):
     upload_dir = tmp_path / "deep" / "uploads"
-    partial_dir = prepare_upload_dir(upload_dir)
+    LocalStore(upload_dir).prepare()
+    partial_dir = upload_dir / ".partial"
     assert partial_dir == upload_dir / ".partial" and partial_dir.is_dir()
     stale = partial_dir / "stale"
     stale.write_bytes(b"left by a crashed process")
@@ -488,7 +490,7 @@ def test_prepare_upload_dir_creates_and_sweeps_only_stale_files(tmp_path):
         assert sorted(p.name for p in partial_dir.iterdir()) == ["live"]
     finally:
         os.close(fd)
-    prepare_upload_dir(upload_dir)  # the lock is gone: now it is stale
+    LocalStore(upload_dir).prepare()  # the lock is gone: now it is stale
     assert list(partial_dir.iterdir()) == []
 
 

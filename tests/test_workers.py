@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-import targets
+from upload_service import localstore
 from support import (
     BOUNDARY,
     Server,
@@ -30,14 +30,15 @@ from support import (
     form_content_type,
     stored_ids,
 )
-from targets import FormLimits, FormReader, commit_files, prepare_upload_dir, sweep_stale_partials
+from targets import FormLimits, FormReader
+from upload_service.localstore import LocalStore, prepare_upload_dir, sweep_stale_partials
 
 MiB = 1024 * 1024
 
 
-def new_reader(partial_dir: Path) -> FormReader:
+def new_reader(store: LocalStore) -> FormReader:
     limits = FormLimits(max_file_size=MiB, max_field_size=1024, max_files=10, max_parts=20)
-    return FormReader(BOUNDARY.encode(), partial_dir, limits, file_field="file", text_fields=())
+    return FormReader(BOUNDARY.encode(), store, limits, file_field="file", text_fields=())
 
 
 # -- the lock protocol, driven directly -----------------------------------------------------
@@ -90,9 +91,9 @@ def test_a_new_partial_file_survives_a_sweep_that_locks_it_first(tmp_path, monke
             threading.Timer(0.2, finish_sweep).start()
         return fd
 
-    monkeypatch.setattr(targets.os, "open", open_then_sweep_wins)
+    monkeypatch.setattr(localstore.os, "open", open_then_sweep_wins)
     path = partial_dir / "0123456789abcdef0123456789abcdef"
-    fd = targets.create_locked(path)
+    fd = localstore.create_locked(path)
     monkeypatch.undo()
     try:
         assert raced == [path]
@@ -107,24 +108,26 @@ def test_partial_files_stay_locked_until_they_leave_partial(tmp_path, monkeypatc
     """A worker starting while another commits a multi-file upload must not sweep the
     files that are finished but not yet renamed."""
     upload_dir = tmp_path / "uploads"
-    partial_dir = prepare_upload_dir(upload_dir)
+    store = LocalStore(upload_dir, fsync=False)
+    store.prepare()
+    partial_dir = store.partial_dir
     files = [os.urandom(1000 + i) for i in range(3)]
     body = form_body([file_part(data, f"{i}.bin") for i, data in enumerate(files)])
-    reader = new_reader(partial_dir)
+    reader = new_reader(store)
     reader.feed(body)
     reader.close()
     records = [{"id": t.id, "size": t.size} for t in reader.files]
     assert len(records) == 3
 
-    real_write_sidecar = targets.write_sidecar
+    real_write_sidecar = localstore.write_sidecar
     swept = []
 
     def sweep_then_write(*args, **kwargs):
         swept.append(sweep_stale_partials(partial_dir))  # another worker starts now
         return real_write_sidecar(*args, **kwargs)
 
-    monkeypatch.setattr(targets, "write_sidecar", sweep_then_write)
-    commit_files(upload_dir, partial_dir, list(zip(reader.files, records)), fsync=False)
+    monkeypatch.setattr(localstore, "write_sidecar", sweep_then_write)
+    store.commit_files([(t.sink, r) for t, r in zip(reader.files, records)])
     assert swept == [0, 0, 0]
     for record, data in zip(records, files):
         assert (upload_dir / record["id"]).read_bytes() == data

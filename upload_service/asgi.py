@@ -1,0 +1,95 @@
+"""ASGI plumbing: the types, reading request headers, and one way to answer."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+
+from upload_service.errors import UploadError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = Iterable[tuple[bytes, bytes]]
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """Return the first value of a request header (names are lowercase in ASGI)."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def route_path(scope: Scope) -> str:
+    """Return the path relative to the mount point.
+
+    Hosts disagree on whether `path` includes `root_path` (Starlette's Mount and
+    hypercorn's DispatcherMiddleware keep it, `hypercorn --root-path` behind a
+    prefix-stripping proxy does not), so strip it only when it is there, at a `/`
+    boundary.
+    """
+    path = scope.get("path") or "/"
+    root = scope.get("root_path") or ""
+    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
+        path = path[len(root.rstrip("/")):]
+    return path or "/"
+
+
+def declared_length(scope: Scope) -> int | None:
+    text = header(scope, b"content-length")
+    text = (text or "").strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def bearer_token_matches(scope: Scope, token: str) -> bool:
+    """Compare the request's bearer token with ours in constant time."""
+    scheme, _, given = (header(scope, b"authorization") or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def error_payload(error: UploadError) -> dict[str, Any]:
+    return {"error": error.code, "detail": error.detail, **error.extra}
+
+
+# -- answers ------------------------------------------------------------------
+
+
+async def send_body(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    headers: Headers = (),
+    head_only: bool = False,
+    more_body: bool = False,
+) -> None:
+    """Answer with an exact content-length; `more_body` leaves the response open."""
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+            *headers,
+        ],
+    })
+    await send({"type": "http.response.body", "body": b"" if head_only else body, "more_body": more_body})
+
+
+async def send_json(send: Send, status: int, payload: Any, headers: Headers = (), head_only: bool = False) -> None:
+    await send_body(send, status, json_bytes(payload), b"application/json", headers, head_only)
+
+
+async def send_error(
+    send: Send, error: UploadError, headers: Headers = (), head_only: bool = False, more_body: bool = False
+) -> None:
+    body = json_bytes(error_payload(error))
+    headers = (*error.headers, *headers)
+    await send_body(send, error.status, body, b"application/json", headers, head_only, more_body)

@@ -1,0 +1,88 @@
+"""Reading a request body: the size limit, the idle timeout, the rate floor, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+from upload_service.asgi import Receive
+from upload_service.errors import ClientGone, PayloadTooLarge, RequestTimeout
+
+
+class BodyConsumer(Protocol):
+    """Where body bytes go: `feed` each chunk, then wait for `write_backlog()` until None."""
+
+    def feed(self, chunk: bytes) -> None: ...
+
+    def write_backlog(self) -> Future[None] | None: ...
+
+
+@dataclass
+class BodyProgress:
+    """How much of a request body was read, and whether all of it."""
+
+    received: int = 0
+    complete: bool = False
+
+
+@dataclass
+class RateFloor:
+    """UPLOAD_MIN_RATE: once `grace` seconds have passed, a body must have averaged
+    `rate` bytes a second since `started`, not counting the time we made it wait."""
+
+    rate: int
+    grace: float
+    started: float
+    paused: float = 0.0
+
+    def check(self, received: int, now: float) -> None:
+        elapsed = now - self.started - self.paused
+        if self.rate and elapsed > self.grace and received < self.rate * (elapsed - self.grace):
+            raise RequestTimeout(
+                f"the client sent {received} bytes in {elapsed:.1f} s, slower than {self.rate} bytes"
+                f" a second after the first {self.grace:g} s"
+            )
+
+
+async def read_body(
+    receive: Receive, consumer: BodyConsumer, progress: BodyProgress, limit: int, idle: float, min_rate: int
+) -> None:
+    """Feed every http.request body chunk to `consumer`: at most `limit` bytes, none
+    `idle` seconds apart, at `min_rate` bytes a second on average after the first `idle`."""
+    loop = asyncio.get_running_loop()
+    floor = RateFloor(min_rate, grace=idle, started=loop.time())
+    try:
+        async with asyncio.timeout(idle) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone()
+                chunk = message.get("body", b"")
+                progress.received += len(chunk)
+                if progress.received > limit:
+                    raise PayloadTooLarge(
+                        f"the request body is larger than {limit} bytes",
+                        limit="request_size", max=limit,
+                    )
+                if chunk:
+                    consumer.feed(chunk)
+                    if (job := consumer.write_backlog()) is not None:
+                        deadline.reschedule(None)  # a slow disk is not an idle client
+                        waiting_since = loop.time()
+                        while job is not None:  # backpressure: the disk is behind
+                            await asyncio.wrap_future(job)
+                            job = consumer.write_backlog()
+                        floor.paused += loop.time() - waiting_since  # nor a slow one
+                # www.rst: more_body defaults to False.
+                if not message.get("more_body", False):
+                    progress.complete = True
+                    return
+                now = loop.time()
+                floor.check(progress.received, now)
+                deadline.reschedule(now + idle)
+    except TimeoutError:
+        if deadline.expired():  # ours, not an OSError with ETIMEDOUT from below
+            raise RequestTimeout(f"the client sent no body bytes for {idle:g} seconds") from None
+        raise

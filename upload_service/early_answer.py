@@ -1,0 +1,96 @@
+"""Answering before the body is read, on servers that need it drained (SPEC §8).
+
+Hypercorn 0.18 stops reading a connection whose app returned while its receive queue
+(10 messages) was full, and over HTTP/2 drops the whole connection when a stream whose
+answer has ended gets more DATA. So after an early answer we keep reading (bounded).
+This module can go when hypercorn no longer needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from upload_service.asgi import Receive, Send, send_error
+from upload_service.errors import UploadError
+
+logger = logging.getLogger("upload_asgi")
+
+# After an early error answer, how much of the rest of the body we read and drop
+# so that the server can still deliver the answer (SPEC §8), and for how long.
+DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
+DRAIN_LIMIT_SECONDS = 2.0
+
+
+async def read_to_end(receive: Receive) -> None:
+    """Read and drop body messages until the body ends or the client leaves."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+async def drain_body(receive: Receive, max_bytes: int, seconds: float, pause: float | None = None) -> None:
+    """Read and drop what is left of a body until it ends, passes `max_bytes`, `seconds`
+    have gone by, or (with `pause`) it stops coming for that long (SPEC §8).
+
+    Hypercorn 0.18 stops reading a connection whose app returned while its receive
+    queue was full; draining lets it deliver our answer and then close. Over HTTP/2
+    it also keeps hypercorn from dropping the connection (see answer_error).
+    """
+    drained = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while drained < max_bytes:
+                async with asyncio.timeout(pause):  # None: no bound per message
+                    message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                drained += len(message.get("body", b""))
+    except TimeoutError:
+        pass
+
+
+async def answer_before_body_end(
+    receive: Receive,
+    send: Send,
+    error: UploadError,
+    http_version: str,
+    remaining_allowed: int,
+    idle_timeout: float,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    """Answer `error` to a request whose body was not read to its end, and drain the rest."""
+    if http_version == "2":
+        # Hypercorn 0.18 forgets an HTTP/2 stream as soon as its response ends, and
+        # a DATA frame the client still sends then raises KeyError in its h2
+        # protocol and drops the whole connection, other uploads included (a
+        # browser's parallel uploads, or every client behind an HTTP/2 proxy). So
+        # the answer stays open while we read and drop the rest of the body for as
+        # long as it keeps coming, within what a valid request may send and one
+        # idle timeout (a refused client must not hold a stream for ever); a client
+        # that stopped when it saw the answer gets the end of it 2 s later.
+        await send_error(send, error, headers=headers, more_body=True)
+        await drain_body(
+            receive,
+            max_bytes=max(remaining_allowed, 0),
+            seconds=max(idle_timeout, DRAIN_LIMIT_SECONDS),
+            pause=DRAIN_LIMIT_SECONDS,
+        )
+        await send({"type": "http.response.body", "body": b""})
+        return
+    # Keep receiving while we answer: hypercorn 0.18 puts http.disconnect into the
+    # receive queue inside our final send and blocks there while that queue (10
+    # messages) is full (SPEC §8), as it is whenever something awaited between our
+    # last receive() and this answer (a middleware's send, say). Once the answer is
+    # out, read a bounded rest so that the server can deliver it and close.
+    reading = asyncio.ensure_future(read_to_end(receive))
+    try:
+        await send_error(send, error, headers=((b"connection", b"close"), *headers))
+    finally:
+        reading.cancel()  # nothing if it saw the end already
+    await asyncio.wait([reading])
+    if reading.cancelled():
+        await drain_body(receive, DRAIN_LIMIT_BYTES, DRAIN_LIMIT_SECONDS)
+    elif reading.exception() is not None:
+        logger.debug("reading the rest of a refused body failed", exc_info=reading.exception())

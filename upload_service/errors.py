@@ -1,0 +1,116 @@
+"""Errors that carry their own status and machine code, so one boundary answers any of them.
+
+`FormError` and `LimitExceeded` come from reading a body (no HTTP in them); the front
+door's `as_upload_error` turns them, and anything else, into an `UploadError`.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+# Seconds a client told 503 waits before trying again.
+RETRY_AFTER_SECONDS = 1
+
+
+class UploadError(Exception):
+    status = 400
+    code = "bad_request"
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class MalformedBody(UploadError):
+    status, code = 400, "malformed_multipart"
+
+
+class MissingBoundary(UploadError):
+    status, code = 400, "missing_boundary"
+
+
+class Unauthorized(UploadError):
+    status, code = 401, "unauthorized"
+    headers = ((b"www-authenticate", b'Bearer realm="upload"'),)
+
+
+class NotFound(UploadError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(UploadError):
+    status, code = 405, "method_not_allowed"
+
+
+class RequestTimeout(UploadError):
+    status, code = 408, "request_timeout"
+
+
+class PayloadTooLarge(UploadError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(UploadError):
+    status, code = 415, "unsupported_media_type"
+
+
+class NoFile(UploadError):
+    status, code = 422, "no_file"
+
+
+class InvalidField(UploadError):
+    status, code = 422, "invalid_field"
+
+
+class ChecksumMismatch(UploadError):
+    status, code = 422, "sha256_mismatch"
+
+
+class ServiceUnavailable(UploadError):
+    status, code = 503, "too_many_uploads"
+    headers = ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),)
+
+
+class InsufficientStorage(UploadError):
+    status, code = 507, "insufficient_storage"
+
+
+class InternalError(UploadError):
+    status, code = 500, "internal_error"
+
+
+class ClientGone(Exception):
+    """The client left: clean up, send nothing."""
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names its environment variable."""
+
+
+class FormError(Exception):
+    """The body is not multipart/form-data we can read (400)."""
+
+
+class LimitExceeded(Exception):
+    """A configured limit was passed while streaming (413)."""
+
+    def __init__(self, limit: str, maximum: int, detail: str) -> None:
+        super().__init__(detail)
+        self.limit = limit
+        self.maximum = maximum
+
+
+def as_upload_error(exc: BaseException) -> UploadError:
+    """Translate any exception from the upload path into the error the client sees."""
+    if isinstance(exc, UploadError):
+        return exc
+    if isinstance(exc, LimitExceeded):
+        return PayloadTooLarge(str(exc), limit=exc.limit, max=exc.maximum)
+    if isinstance(exc, FormError):
+        return MalformedBody(str(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("no space left on the upload device")
+    return InternalError("the server failed to store the upload")

@@ -1,0 +1,351 @@
+"""The local backend: files in a directory, written under `.partial/`, moved in whole.
+
+A file is written to `<dir>/.partial/<id>` under an exclusive flock (a live writer's
+mark: a starting worker's sweep removes only unlocked partial files), fsynced, and
+renamed to `<dir>/<id>` with its record beside it as `<dir>/<id>.json` (written to
+`.partial/` and renamed too). A reader of the directory never sees half a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import heapq
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+from upload_service.storage import FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id
+from upload_service.threads import wait_through_cancel
+from upload_service.units import MiB
+
+logger = logging.getLogger("upload_asgi")
+
+PARTIAL_DIR_NAME = ".partial"
+READ_CHUNK_SIZE = 1 * MiB  # a download's reads: one thread hop per MiB
+
+
+class LocalSink(FileSink):
+    """`.partial/<id>`, open and locked from `open` until it is committed or aborted."""
+
+    def __init__(self, partial_dir: Path) -> None:
+        self.id = new_file_id()
+        self.path = partial_dir / self.id
+        self._fd: int | None = None
+
+    def open(self) -> None:
+        self._fd = create_locked(self.path)
+
+    def write(self, data: bytes) -> None:
+        write_all(self._fd, data)
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+
+    def close(self) -> None:
+        """Close the file (and so drop its lock); safe to call more than once."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # the number is freed even if this raises: never close it twice
+
+    def abort(self) -> None:
+        self.close()
+        remove_quietly(self.path)
+
+
+class LocalFile(StoredFile):
+    """A stored file held open: a delete meanwhile unlinks it, the open fd still reads it whole."""
+
+    def __init__(self, fd: int, record: Record) -> None:
+        self._fd = fd
+        self.record = record
+        self.size = os.fstat(fd).st_size
+
+    async def chunks(self, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        position, stop = start, self.size if stop is None else stop
+        while position < stop:
+            size = min(READ_CHUNK_SIZE, stop - position)
+            data = await loop.run_in_executor(None, os.pread, self._fd, size, position)
+            if not data:
+                return
+            position += len(data)
+            yield data
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class LocalStore(Store):
+    """Files in `upload_dir`, as the module docstring says."""
+
+    def __init__(self, upload_dir: Path, fsync: bool = True) -> None:
+        self.upload_dir = upload_dir
+        self.partial_dir = upload_dir / PARTIAL_DIR_NAME
+        self.fsync = fsync
+        self._prepared = False
+
+    def prepare(self) -> None:
+        """Create the dirs and sweep stale partial files; again if they were removed.
+
+        Called at lifespan startup, or on first use when a host does not forward
+        lifespan to a mounted app; then checked (one stat) on every upload and /health.
+        """
+        if not self._prepared or not self.partial_dir.is_dir():
+            prepare_upload_dir(self.upload_dir)
+            self._prepared = True
+
+    def describe_problem(self, exc: OSError) -> str:
+        return f"UPLOAD_DIR: cannot use {self.upload_dir}: {exc.strerror or exc}"
+
+    def new_file(self) -> LocalSink:
+        return LocalSink(self.partial_dir)
+
+    async def commit(self, files: Sequence[tuple[FileSink, Record]]) -> None:
+        """Run `commit_files` on a thread (it fsyncs); if cancelled meanwhile, undo it.
+
+        A thread cannot be stopped: cleaning up on the loop while it still renames and
+        closes the same files would race it. So wait for it, however often this task is
+        cancelled meanwhile, then remove what it stored (a request stores all its files
+        or none). A plain executor future, not a task: a server shutting down cancels
+        every task, and a cancelled task would no longer say whether the commit happened.
+        """
+        loop = asyncio.get_running_loop()
+        commit = loop.run_in_executor(None, self.commit_files, files)
+        if await wait_through_cancel(commit):
+            if commit.exception() is None:
+                undo = loop.run_in_executor(None, self.uncommit_files, [sink.id for sink, _ in files])
+                await wait_through_cancel(undo)
+                if undo.exception() is not None:
+                    logger.error("a cancelled upload stays stored: undoing its commit failed", exc_info=undo.exception())
+            raise asyncio.CancelledError
+        commit.result()  # a failed commit (ENOSPC) raises here
+
+    def commit_files(self, files: Sequence[tuple[LocalSink, Record]]) -> None:
+        """Move every partial file into the upload dir with its sidecar: all or none (blocking)."""
+        # Each file stays open, and so locked, until it has left .partial/: closed there,
+        # a worker starting now would sweep it as stale (SPEC §8).
+        if self.fsync:
+            for sink, _ in files:
+                sink.sync()
+        moved: list[Path] = []
+        try:
+            for sink, record in files:
+                final = self.upload_dir / sink.id
+                os.rename(sink.path, final)
+                moved.append(final)
+                sidecar = self.sidecar_path(sink.id)
+                write_sidecar(self.partial_dir / f"{sink.id}.json", sidecar, record, self.fsync)
+                moved.append(sidecar)
+            if self.fsync:
+                sync_dir(self.upload_dir)
+            for sink, _ in files:
+                sink.close()  # a close can report a write error (NFS): then store none
+        except BaseException:
+            for path in moved:
+                remove_quietly(path)
+            for sink, _ in files:
+                sink.abort()
+            raise
+
+    def uncommit_files(self, ids: list[str]) -> None:
+        """Remove files that `commit_files` stored, and their sidecars."""
+        for file_id in ids:
+            remove_quietly(self.upload_dir / file_id)
+            remove_quietly(self.sidecar_path(file_id))
+
+    def sidecar_path(self, file_id: str) -> Path:
+        return self.upload_dir / f"{file_id}.json"
+
+    async def open(self, file_id: str) -> LocalFile | None:
+        if not is_file_id(file_id):
+            return None
+        return await asyncio.to_thread(self._open, file_id)
+
+    def _open(self, file_id: str) -> LocalFile | None:
+        try:
+            fd = os.open(self.upload_dir / file_id, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            record = read_record(self.sidecar_path(file_id))
+        except BaseException:
+            os.close(fd)
+            raise
+        if record is None:
+            os.close(fd)
+            return None
+        return LocalFile(fd, record)
+
+    async def record(self, file_id: str) -> Record | None:
+        if not is_file_id(file_id):
+            return None
+        return await asyncio.to_thread(read_record, self.sidecar_path(file_id))
+
+    async def list(self, limit: int, cursor: str | None = None) -> Page:
+        return await asyncio.to_thread(self._list, limit, cursor)
+
+    def _list(self, limit: int, cursor: str | None) -> Page:
+        """Newest first by (mtime_ns, id) of the sidecars; keeps only `limit + 1` in memory."""
+        after = parse_cursor(cursor)
+        newest = heapq.nlargest(limit + 1, self._sidecar_keys(after))
+        records = []
+        for key in newest[:limit]:
+            record = read_record(self.sidecar_path(key[1]))
+            if record is not None:
+                records.append(record)
+        more = len(newest) > limit
+        next_cursor = f"{newest[limit - 1][0]}-{newest[limit - 1][1]}" if more and limit else None
+        return Page(records, next_cursor)
+
+    def _sidecar_keys(self, before: tuple[int, str] | None):
+        with os.scandir(self.upload_dir) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.endswith(".json") or not is_file_id(name[:-5]):
+                    continue
+                try:
+                    key = (entry.stat().st_mtime_ns, name[:-5])
+                except FileNotFoundError:
+                    continue
+                if before is None or key < before:
+                    yield key
+
+    async def delete(self, file_id: str) -> bool:
+        if not is_file_id(file_id):
+            return False
+        return await asyncio.to_thread(self._delete, file_id)
+
+    def _delete(self, file_id: str) -> bool:
+        # The record first: a lister that still sees the file finds no record and skips it.
+        found = remove_quietly(self.sidecar_path(file_id))
+        found = remove_quietly(self.upload_dir / file_id) or found
+        return found
+
+    async def health(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self._health)
+
+    def _health(self) -> dict[str, Any]:
+        self.prepare()
+        if not os.access(self.partial_dir, os.W_OK):  # a read-only mount, a chmod
+            raise PermissionError(13, os.strerror(13))
+        return {"free_bytes": shutil.disk_usage(self.partial_dir).free}
+
+
+def parse_cursor(cursor: str | None) -> tuple[int, str] | None:
+    """A cursor is `<mtime_ns>-<id>` of the last record of the previous page."""
+    if not cursor:
+        return None
+    stamp, _, file_id = cursor.partition("-")
+    if not stamp.isdigit() or not is_file_id(file_id):
+        raise ValueError("not a cursor this server made")
+    return int(stamp), file_id
+
+
+def read_record(path: Path) -> Record | None:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+# -- disk ------------------------------------------------------------------------
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a short write is legal)."""
+    written = os.write(fd, data)
+    if written < len(data):
+        view = memoryview(data)
+        while written < len(data):
+            written += os.write(fd, view[written:])
+
+
+def create_locked(path: Path) -> int:
+    """Create `path` and hold an exclusive flock on it while it is being written.
+
+    The lock tells a starting worker's sweep that the file is alive: a lock is
+    released when its process dies, so an unlocked partial file is stale.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        # Blocking: a sweep that opened the file before we locked it holds the lock only
+        # to unlink it (LOCK_NB would fail this upload with EWOULDBLOCK).
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        removed = os.fstat(fd).st_nlink == 0  # a sweep removed it before we locked it
+    except BaseException:
+        os.close(fd)
+        remove_quietly(path)
+        raise
+    if removed:
+        os.close(fd)
+        return create_locked(path)
+    return fd
+
+
+def remove_quietly(path: Path) -> bool:
+    """Remove a file if it is there; return whether it was."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def prepare_upload_dir(upload_dir: Path) -> Path:
+    """Create the upload dir and its `.partial/`, sweep stale partial files, return it."""
+    partial_dir = upload_dir / PARTIAL_DIR_NAME
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_partials(partial_dir)
+    return partial_dir
+
+
+def sweep_stale_partials(partial_dir: Path) -> int:
+    """Remove partial files no live process holds a lock on; return how many."""
+    removed = 0
+    for entry in os.scandir(partial_dir):
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # another worker is writing it
+        else:
+            remove_quietly(Path(entry.path))
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
+def write_sidecar(tmp: Path, final: Path, record: Record, fsync: bool) -> None:
+    """Write the record as JSON beside the stored file, atomically (temp + rename)."""
+    body = json.dumps(record, ensure_ascii=False, indent=1).encode()
+    fd = create_locked(tmp)
+    try:
+        write_all(fd, body)
+        if fsync:
+            os.fsync(fd)
+        os.rename(tmp, final)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    finally:
+        os.close(fd)
+
+
+def sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

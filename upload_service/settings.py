@@ -1,0 +1,225 @@
+"""Settings: one table of every setting with its variable, parser, check and default.
+
+Each field of `Config` is declared with `setting(...)`: adding a setting is that one
+edit. `Config.from_env()` reads the environment; a `Config(...)` built in code is held
+to the same checks; any bad value raises `ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from upload_service.errors import ConfigError
+from upload_service.units import GiB, KiB, MiB, TiB
+
+# Defaults: generous for real files, bounded for everything that lives in memory.
+DEFAULT_MAX_FILE_SIZE = 10 * GiB  # an ISO or a disk image; not "any size you like"
+DEFAULT_MAX_REQUEST_SIZE = 10 * GiB + 1 * MiB  # one maximal file plus its form around it
+DEFAULT_MAX_FILES = 100
+DEFAULT_MAX_PARTS = 200  # files and fields together
+DEFAULT_MAX_FIELD_SIZE = 64 * KiB  # text fields are held in memory
+DEFAULT_IDLE_TIMEOUT = 60.0  # seconds; a browser on a bad link stalls for less
+# Bytes per second a body must average once its first idle-timeout has passed: a client
+# trickling a byte a minute would otherwise hold an upload slot for ever, and
+# UPLOAD_MAX_CONCURRENT of them would shut everyone else out. 1 KiB/s is far below any
+# real link; 0 turns the check off.
+DEFAULT_MIN_RATE = 1 * KiB
+DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write blocks
+
+
+# -- parsers (environment text -> value) -------------------------------------------
+
+SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
+DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str) -> int:
+    """Parse `123`, `64K`, `500M`, `10G` (binary units: 1M = 2**20 bytes)."""
+    match = SIZE_RE.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a size like 1048576, 64K, 500M or 10G")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not 1 or 0")
+
+
+def parse_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def parse_duration(text: str) -> float:
+    """Parse seconds, or `90s`, `30m`, `24h`, `7d`."""
+    match = DURATION_RE.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 3600, 30m, 24h or 7d")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2).lower()]
+
+
+def parse_count(text: str) -> int:
+    return int(text.strip())
+
+
+def parse_dir(text: str) -> Path:
+    # An empty UPLOAD_DIR would silently mean the working directory.
+    if not text.strip() or "\0" in text:
+        raise ValueError(f"{text!r} is not a directory path")
+    return Path(text)
+
+
+def parse_token(text: str) -> str:
+    # RFC 6750 §2.1: a bearer token is visible ASCII; anything else could never match a header.
+    if any(not "!" <= c <= "~" for c in text):
+        raise ValueError("the token must be visible ASCII characters without spaces")
+    return text
+
+
+def parse_text(text: str) -> str:
+    return text.strip()
+
+
+# -- checks (any value, from code or parsed -> the value kept) ------------------------
+
+
+def check_dir(value: Any) -> Path:
+    if isinstance(value, str):
+        return parse_dir(value)
+    if not isinstance(value, os.PathLike):
+        raise TypeError(f"{value!r} is not a directory path")
+    path = Path(value)
+    if "\0" in str(path):
+        raise ValueError(f"{value!r} is not a directory path")
+    return path
+
+
+def as_whole(value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():  # 2e9 in code means 2000000000
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not a whole number")
+    return value
+
+
+def check_whole(value: Any) -> int:
+    value = as_whole(value)
+    if value <= 0:
+        raise ValueError(f"must be positive, got {value!r}")
+    return value
+
+
+def check_rate(value: Any) -> int:
+    value = as_whole(value)
+    if value < 0:
+        raise ValueError(f"must be 0 (off) or more, got {value!r}")
+    return value
+
+
+def check_seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{value!r} is not a number of seconds")
+    if not 0 < value < float("inf"):  # NaN fails both
+        raise ValueError(f"must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{value!r} is not True or False")
+    return value
+
+
+def check_token(value: Any) -> str | None:
+    if value is None or value == "":  # no token
+        return None
+    if not isinstance(value, str):
+        raise TypeError("the token must be a string")
+    return parse_token(value)
+
+
+def check_text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not text")
+    return value
+
+
+def setting(variable: str, parse: Callable[[str], Any], check: Callable[[Any], Any], default: Any, help: str) -> Any:
+    """Declare a Config field: its environment variable, parser, check and default."""
+    meta = {"variable": variable, "parse": parse, "check": check, "help": help}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    upload_dir: Path = setting("UPLOAD_DIR", parse_dir, check_dir, Path("uploads"), "where stored files go (created)")
+    max_file_size: int = setting(
+        "UPLOAD_MAX_FILE_SIZE", parse_size, check_whole, DEFAULT_MAX_FILE_SIZE, "bytes per file (10G, 500M...)"
+    )
+    max_request_size: int = setting(
+        "UPLOAD_MAX_REQUEST_SIZE", parse_size, check_whole, DEFAULT_MAX_REQUEST_SIZE, "bytes per request body"
+    )
+    max_files: int = setting("UPLOAD_MAX_FILES", parse_count, check_whole, DEFAULT_MAX_FILES, "file parts per request")
+    max_parts: int = setting(
+        "UPLOAD_MAX_PARTS", parse_count, check_whole, DEFAULT_MAX_PARTS, "parts per request, files and fields"
+    )
+    max_field_size: int = setting(
+        "UPLOAD_MAX_FIELD_SIZE", parse_size, check_whole, DEFAULT_MAX_FIELD_SIZE, "bytes per text field (in memory)"
+    )
+    token: str | None = setting("UPLOAD_TOKEN", parse_token, check_token, None, "bearer token for writes (unset: open)")
+    fsync: bool = setting("UPLOAD_FSYNC", parse_bool, check_flag, True, "1: fsync before a file is stored; 0: skip")
+    idle_timeout: float = setting(
+        "UPLOAD_IDLE_TIMEOUT", parse_seconds, check_seconds, DEFAULT_IDLE_TIMEOUT, "seconds without a body byte: 408"
+    )
+    max_concurrent: int = setting(
+        "UPLOAD_MAX_CONCURRENT", parse_count, check_whole, DEFAULT_MAX_CONCURRENT, "uploads at once per worker: 503"
+    )
+    min_rate: int = setting(
+        "UPLOAD_MIN_RATE", parse_size, check_rate, DEFAULT_MIN_RATE, "bytes/s a body must average (0: off)"
+    )
+
+    def __post_init__(self) -> None:
+        # Values given in code are held to the same rules as the environment's.
+        for f in fields(self):
+            try:
+                object.__setattr__(self, f.name, f.metadata["check"](getattr(self, f.name)))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"{f.metadata['variable']}: {exc}") from None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Read every setting from its environment variable; unset means default."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            text = environ.get(f.metadata["variable"])
+            if text is None:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](text)
+            except ValueError as exc:
+                raise ConfigError(f"{f.metadata['variable']}: {exc}") from None
+        return cls(**values)
+
+
+def variables() -> dict[str, str]:
+    """Each setting's name and its environment variable."""
+    return {f.name: f.metadata["variable"] for f in fields(Config)}
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, help) for every setting, for `--help` and the README."""
+    return [(f.metadata["variable"], str(f.default), f.metadata["help"]) for f in fields(Config)]
