@@ -6,7 +6,6 @@ import asyncio
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -106,13 +105,13 @@ async def test_a_repeated_text_field_is_refused(app, upload_dir):
     assert_nothing_stored(upload_dir)
 
 
-async def test_a_boundary_the_parser_would_decode_is_refused_clearly(app, upload_dir):
-    boundary = "=?utf-8?q?x?="  # legal (RFC 2046 bchars), but an RFC 2047 word to the email package
-    body = form_body([file_part(b"data")], boundary=boundary)
+async def test_a_boundary_shaped_like_an_rfc2047_word_is_read_as_it_is(app, upload_dir):
+    boundary = "=?utf-8?q?x?="  # legal (RFC 2046 bchars); the email package would decode it to "x"
+    data = b"data\r\n--x\r\n--x--\r\n"  # what a decoded boundary would cut short
+    body = form_body([file_part(data)], boundary=boundary)
     reply = await call_app(app, upload_scope(boundary=f'"{boundary}"'), [body])
-    check_error(reply, 400, "malformed_multipart")
-    assert "boundary" in reply.json()["detail"]
-    assert_nothing_stored(upload_dir)
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
 
 
 @pytest.mark.parametrize("length", ["²", "-5", "1e3", " 12 "])
@@ -269,7 +268,7 @@ async def test_a_description_sent_as_a_file_part_is_read(app, upload_dir):
     assert reply.json()["description"] == "a note from a file"
 
 
-class CountingExecutor(ThreadPoolExecutor):
+class CountingExecutor(threads.WriterPool):
     """Counts write jobs submitted and not yet finished."""
 
     def __init__(self) -> None:
@@ -306,70 +305,18 @@ def test_many_files_on_a_slow_disk_hold_a_bounded_number_of_blocks(tmp_path, mon
     store = localstore.LocalStore(tmp_path / "uploads")
     store.prepare()
     limits = targets.FormLimits(max_file_size=1 << 30, max_field_size=1 << 16, max_files=100, max_parts=200)
-    with CountingExecutor() as executor:
-        reader = targets.FormReader(B, store, limits, "files", ("description",), executor=executor)
-        for chunk in chunks_of(body, 64 * 1024):
-            reader.feed(chunk)
-            while (job := reader.write_backlog()) is not None:
-                job.result()
-        reader.close()
-        for target in reader.files:
-            if target.job is not None:
-                target.job.result()
-        assert executor.most <= 3
+    executor = CountingExecutor()
+    reader = targets.FormReader(B, store, limits, "files", ("description",), executor=executor)
+    for chunk in chunks_of(body, 64 * 1024):
+        reader.feed(chunk)
+        while (job := reader.write_backlog()) is not None:
+            job.result()
+    reader.close()
+    for target in reader.files:
+        if target.job is not None:
+            target.job.result()
+    assert executor.most <= 3
     assert [t.size for t in reader.files] == [len(d) for d in files]
     for target, data in zip(reader.files, files):
         target.sink.close()
         assert target.sink.path.read_bytes() == data
-
-
-def test_writer_pool_waits_for_a_free_thread_to_begin(monkeypatch):
-    """With a thread free, submit returns only once the job has signalled that it begins
-    (so the writer got the GIL); the job's result comes back through the future."""
-    monkeypatch.setattr(threads.WriterPool, "HANDSHAKE_SECONDS", 10.0)
-    pool = threads.WriterPool(1)
-    began = []
-    release = threading.Event()
-
-    def job(value, started):
-        began.append(value)
-        started.set()
-        release.wait(10)
-
-    future = pool.submit(job, "first")
-    assert began == ["first"]  # submit waited for it
-    release.set()
-    assert future.result(10) is None
-
-
-def test_writer_pool_never_waits_on_busy_threads(monkeypatch):
-    """With every thread busy, submit must not wait: the event loop would stall behind
-    other uploads' blocks."""
-    monkeypatch.setattr(threads.WriterPool, "HANDSHAKE_SECONDS", 10.0)
-    pool = threads.WriterPool(1)
-    release = threading.Event()
-
-    def blocking(started):
-        started.set()
-        release.wait(10)
-
-    first = pool.submit(blocking)
-    begun = time.monotonic()
-    second = pool.submit(lambda started: None)  # queued behind the first
-    waited = time.monotonic() - begun
-    release.set()
-    first.result(10)
-    second.result(10)
-    assert waited < 5.0  # far below the 10 s handshake: it did not wait
-
-
-def test_writer_pool_job_that_raises_still_frees_its_thread():
-    pool = threads.WriterPool(1)
-
-    def failing(started):
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError):
-        pool.submit(failing).result(10)
-    assert pool.submit(lambda started: started.set()).result(10) is None
-    assert pool._busy == 0
