@@ -62,6 +62,15 @@ def check_tus(reply: httpx.Response) -> None:
     assert reply.headers["tus-resumable"] == "1.0.0"
 
 
+def metric(exposition: str, sample: str) -> float:
+    """The value of one sample (`name{labels}` as written) in Prometheus text."""
+    for line in exposition.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    raise AssertionError(f"no sample {sample}")
+
+
 def resumable_files(upload_dir: Path) -> list[str]:
     staging = upload_dir / ".resumable"
     return sorted(p.name for p in staging.iterdir()) if staging.exists() else []
@@ -310,10 +319,10 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
     reply = await client.head(location, headers=TUS)  # a finished upload still says where it stands
     assert reply.headers["upload-offset"] == reply.headers["upload-length"] == str(len(data))
     metrics = (await client.get("/metrics")).text
-    assert 'upload_asgi_uploads_total{outcome="stored"} 1' in metrics
-    assert 'upload_asgi_uploads_total{outcome="partial"} 4' in metrics
-    assert f"upload_asgi_stored_bytes_total {len(data)}" in metrics
-    assert "upload_asgi_stored_files_total 1" in metrics
+    assert metric(metrics, 'upload_asgi_uploads_total{outcome="stored"}') == 1
+    assert metric(metrics, 'upload_asgi_uploads_total{outcome="partial"}') == 4
+    assert metric(metrics, "upload_asgi_stored_bytes_total") == len(data)
+    assert metric(metrics, "upload_asgi_stored_files_total") == 1
 
 
 async def test_creation_with_upload_and_deferred_length(client: httpx.AsyncClient, upload_dir: Path) -> None:
@@ -714,8 +723,8 @@ def test_tus_js_client_in_node(server: Server, data_file: tuple[Path, bytes], op
     assert resumable_files(server.upload_dir) == []
     with server.client() as http:
         metrics = http.get("/metrics").text
-    assert f"upload_asgi_received_bytes_total {len(data)}" in metrics
-    assert "upload_asgi_resumable_rehashed_bytes_total 0" in metrics  # the same worker throughout
+    assert metric(metrics, "upload_asgi_received_bytes_total") == len(data)
+    assert metric(metrics, "upload_asgi_resumable_rehashed_bytes_total") == 0  # the same worker throughout
 
 
 def send_partial_patch(port: int, location: str, offset: int, body: bytes, declared: int) -> socket.socket:
@@ -763,7 +772,7 @@ def test_restart_mid_upload(tmp_path: Path, data_file: tuple[Path, bytes]) -> No
             assert reply.status_code == 204, reply.text
             assert http.get(location).content == data
             # This worker never saw the first bytes: it re-read them, once, to hash them.
-            assert f"upload_asgi_resumable_rehashed_bytes_total {offset}" in http.get("/metrics").text
+            assert metric(http.get("/metrics").text, "upload_asgi_resumable_rehashed_bytes_total") == offset
     finally:
         second.stop()
     record = stored_record(upload_dir, location)
@@ -982,7 +991,7 @@ def test_page_resumes_after_a_server_restart(tmp_path: Path, chromium_page: Any)
         assert shown == sha(data)
         with second.client() as http:
             metrics = http.get("/metrics").text
-        received = int(re.search(r"upload_asgi_received_bytes_total (\d+)", metrics).group(1))
+        received = metric(metrics, "upload_asgi_received_bytes_total")
         assert received <= len(data) - 16 * MiB  # it went on from the server's offset
     finally:
         first.stop()
@@ -1009,7 +1018,7 @@ def test_page_resumes_after_a_reload(tmp_path: Path, server: Server, chromium_pa
     assert row_state(page) == "done", page.evaluate("document.querySelector('#rows tr .msg').textContent")
     with server.client() as http:
         metrics = http.get("/metrics").text
-    received = int(re.search(r"upload_asgi_received_bytes_total (\d+)", metrics).group(1))
+    received = metric(metrics, "upload_asgi_received_bytes_total")
     assert received < len(data) + 16 * MiB  # no second upload from byte 0
     [file_id] = stored_ids(server.upload_dir)
     assert stored_record(server.upload_dir, f"/files/{file_id}")["sha256"] == sha(data)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypercorn.utils import LifespanFailureError
 
 import upload_asgi
 from upload_asgi import Config, ConfigError
@@ -52,13 +53,16 @@ def test_each_variable_is_read(variable, text, setting, value):
             assert getattr(config, name) == getattr(defaults, name)
 
 
-def test_every_setting_has_a_variable():
+def test_every_setting_has_a_variable_documented_in_the_readme():
     assert set(settings.variables()) == {f.name for f in Config.__dataclass_fields__.values()}
-    assert set(settings.variables().values()) == {
+    variables = set(settings.variables().values())
+    assert {
         "UPLOAD_DIR", "UPLOAD_MAX_FILE_SIZE", "UPLOAD_MAX_REQUEST_SIZE", "UPLOAD_MAX_FILES",
         "UPLOAD_MAX_PARTS", "UPLOAD_MAX_FIELD_SIZE", "UPLOAD_TOKEN", "UPLOAD_FSYNC",
         "UPLOAD_IDLE_TIMEOUT", "UPLOAD_MAX_CONCURRENT", "UPLOAD_MIN_RATE", "UPLOAD_RESUMABLE_EXPIRY",
-    }
+    } <= variables
+    readme = (ROOT / "README.md").read_text()
+    assert [v for v in sorted(variables) if f"`{v}`" not in readme] == []
 
 
 def test_defaults():
@@ -130,6 +134,9 @@ BAD_VALUES = [
     pytest.param("UPLOAD_MIN_RATE", "fast", id="rate-word"),
     pytest.param("UPLOAD_RESUMABLE_EXPIRY", "0", id="expiry-zero"),
     pytest.param("UPLOAD_RESUMABLE_EXPIRY", "a day", id="expiry-words"),
+    pytest.param("UPLOAD_CORS_ORIGINS", "example.com/upload", id="cors-not-an-origin"),
+    pytest.param("UPLOAD_CORS_ORIGINS", "*, https://a.example", id="cors-star-and-more"),
+    pytest.param("UPLOAD_LOG_LEVEL", "loud", id="log-level-word"),
 ]
 
 
@@ -212,7 +219,10 @@ async def run_lifespan(app) -> list[dict]:
     async def send(message):
         sent.append(message)
 
-    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    try:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    except LifespanFailureError:  # raised after a startup.failed that send did not act on
+        assert sent[-1]["type"] == "lifespan.startup.failed"
     return sent
 
 

@@ -271,6 +271,7 @@ class ResumableHandlers:
             length, metadata, will_complete = self.draft_creation(scope)
             with_upload = True
         sha256 = tus.declared_sha256(metadata, repr_digest)
+        await self.app.ask_before_upload(scope)
         self.check_capacity()
         expires = time.time() + self.config.resumable_expiry
         self.app.prepare()
@@ -285,7 +286,7 @@ class ResumableHandlers:
                 if not upload.info.complete:
                     raise tus.inconsistent_length(f"Upload-Complete ?1 with no body, Upload-Length {upload.info.length}")
             if upload.info.complete:
-                await self.finish(upload, outcome, dialect)
+                await self.finish(scope, upload, outcome, dialect)
         except BaseException:
             # Nobody knows its Location yet: an upload whose creation failed is no one's.
             await run_blocking(upload.terminate)
@@ -382,6 +383,7 @@ class ResumableHandlers:
             will_complete = tus.parse_boolean(header(scope, b"upload-complete"), "Upload-Complete")
         offset = tus.parse_number(header(scope, b"upload-offset"), "Upload-Offset")
         new_length = header(scope, b"upload-length")
+        await self.app.ask_before_upload(scope)
         self.check_capacity()
         upload = await self.acquire(file_id, dialect, offset, progress)
         try:
@@ -394,7 +396,7 @@ class ResumableHandlers:
                 self.declare_length(upload.info, tus.parse_number(new_length, "Upload-Length"))
             await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
             if upload.info.complete:
-                await self.finish(upload, outcome, dialect)
+                await self.finish(scope, upload, outcome, dialect)
             else:
                 upload.info.expires = time.time() + self.config.resumable_expiry
                 await run_blocking(upload.save_info)
@@ -476,7 +478,7 @@ class ResumableHandlers:
             self.app.metrics.in_flight -= 1
             self.count_rehash(upload)
 
-    async def finish(self, upload: ResumableUpload, outcome: Outcome, dialect: Dialect) -> None:
+    async def finish(self, scope: Scope, upload: ResumableUpload, outcome: Outcome, dialect: Dialect) -> None:
         """All bytes are there: check the declared digest, store the file like a form's."""
         info = upload.info
         started = time.monotonic()
@@ -494,7 +496,7 @@ class ResumableHandlers:
         self.app.metrics.files_stored += 1
         self.app.metrics.bytes_stored += record["size"]
         logger.debug("resumable upload %s stored in %.3f s", info.id, time.monotonic() - started)
-        await self.app.notify([record])
+        await self.app.notify([record], scope)
 
     def count_rehash(self, upload: ResumableUpload) -> None:
         """Count (once) the bytes this request re-read to rebuild the upload's SHA-256."""

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from upload_service.cors import check_origins, parse_origins
 from upload_service.errors import ConfigError
+from upload_service.logs import parse_log_level
 from upload_service.units import GiB, KiB, MiB, TiB
 
 # Defaults: generous for real files, bounded for everything that lives in memory.
@@ -160,6 +162,12 @@ def check_text(value: Any) -> str:
     return value
 
 
+def check_log_level(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a log level name")
+    return parse_log_level(value)
+
+
 def setting(variable: str, parse: Callable[[str], Any], check: Callable[[Any], Any], default: Any, help: str) -> Any:
     """Declare a Config field: its environment variable, parser, check and default."""
     meta = {"variable": variable, "parse": parse, "check": check, "help": help}
@@ -196,6 +204,14 @@ class Config:
     resumable_expiry: float = setting(
         "UPLOAD_RESUMABLE_EXPIRY", parse_duration, check_seconds, DEFAULT_RESUMABLE_EXPIRY,
         "an incomplete resumable upload idle this long is removed (3600, 30m, 24h, 7d)",
+    )
+
+    cors_origins: tuple[str, ...] = setting(
+        "UPLOAD_CORS_ORIGINS", parse_origins, check_origins, (), "origins pages may upload from: a,b or * (unset: no CORS)"
+    )
+    log_level: str = setting(
+        "UPLOAD_LOG_LEVEL", parse_log_level, check_log_level, "info",
+        "debug, info (a line per upload), warning, error, critical",
     )
 
     def __post_init__(self) -> None:
