@@ -531,6 +531,34 @@ async def test_token_guards_writes_not_reads(upload_dir: Path) -> None:
     assert stored_ids(upload_dir) == [location.rsplit("/", 1)[1]]
 
 
+async def test_hooks_and_cors(upload_dir: Path) -> None:
+    """before_upload may refuse a creation or a PATCH; on_upload gets the finished upload's
+    record and the scope; a browser on an allowed origin can read the tus headers."""
+    seen: list[tuple[str, str]] = []
+
+    def before_upload(scope: dict[str, Any], headers: dict[str, str]) -> None:
+        if headers.get("x-user") != "ada":
+            raise upload_asgi.UploadRefused(403, "only ada uploads here", code="forbidden")
+
+    def on_upload(record: dict[str, Any], scope: dict[str, Any]) -> None:
+        seen.append((record["id"], scope["method"]))
+
+    config = upload_asgi.Config(upload_dir=upload_dir, fsync=False, cors_origins=("https://app.example",))
+    app = upload_asgi.create_app(config, on_upload=on_upload, before_upload=before_upload)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        reply = await client.post("/files", headers={**TUS, "Upload-Length": "3"})
+        check_error(reply, 403, "forbidden")
+        check_tus(reply)
+        location = await create(client, 3, **{"X-User": "ada"})
+        check_error(await patch(client, location, 0, b"abc"), 403, "forbidden")
+        assert await offset_of(client, location) == 0
+        reply = await patch(client, location, 0, b"abc", **{"X-User": "ada", "Origin": "https://app.example"})
+        assert reply.status_code == 204
+        assert reply.headers["access-control-allow-origin"] == "https://app.example"
+        assert "Upload-Offset" in reply.headers["access-control-expose-headers"]
+    assert seen == [(location.rsplit("/", 1)[1], "PATCH")]
+
+
 async def test_other_methods_are_405(client: httpx.AsyncClient) -> None:
     reply = await client.put("/files")
     check_error(reply, 405, "method_not_allowed")
