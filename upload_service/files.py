@@ -42,7 +42,7 @@ FALLBACK_FILENAME = "download"
 # non-ASCII or broken type a client sent) is served as application/octet-stream.
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 MEDIA_TYPE_RE = re.compile(rf"{TOKEN}/{TOKEN}(?:[ \t]*;[ -~\t]*)?")
-RANGE_SPEC_RE = re.compile(r"(\d*)-(\d*)")
+RANGE_SPEC_RE = re.compile(r"([0-9]*)-([0-9]*)")  # ASCII digits: \d takes any script's
 # RFC 8187 attr-char: what may stay unescaped in filename*=UTF-8''...
 ATTR_CHAR_SAFE = "!#$&+-.^_`|~"
 # The bytes are the uploader's: never let a browser sniff or run them in our origin.
@@ -229,7 +229,9 @@ def parse_limit(values: list[str] | None) -> int:
     if not values:
         return DEFAULT_LIST_LIMIT
     text = values[-1].strip()
-    if len(values) > 1 or not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_LIST_LIMIT:
+    # Length first: int() of thousands of digits raises (and costs) before the range check.
+    well_formed = len(values) == 1 and text.isascii() and text.isdigit() and len(text) <= 6
+    if not well_formed or not 1 <= int(text) <= MAX_LIST_LIMIT:
         raise InvalidQuery(f"limit must be one whole number from 1 to {MAX_LIST_LIMIT}")
     return int(text)
 
