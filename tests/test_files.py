@@ -538,7 +538,8 @@ async def test_list_bad_limit_is_400(client, query):
 
 @pytest.mark.parametrize(
     "cursor",
-    ["abc", "1-xyz", "1-" + "A" * 32, "%C2%B2-" + "0" * 32, "9" * 5000 + "-" + "0" * 32, "-" + "0" * 32, "1-" + "0" * 31],
+    ["abc", "1-xyz", "1-" + "A" * 32, "%C2%B2-" + "0" * 32, "9" * 5000 + "-" + "0" * 32, "-" + "0" * 32,
+     "1-" + "0" * 31],
 )
 async def test_list_bad_cursor_is_400(client, cursor):
     check_error(await client.get(f"/files?cursor={cursor}"), 400, "invalid_query")
