@@ -203,7 +203,8 @@ class UploadApp:
             await send_error(send, error, head_only=head_only)
 
     async def handle_page(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
-        body = render_page(scope.get("root_path") or "", self.config.token is not None)
+        config = self.config
+        body = render_page(scope.get("root_path") or "", config.token is not None, config.read_token is not None)
         headers = ((b"content-security-policy", PAGE_CSP), (b"x-content-type-options", b"nosniff"))
         await send_body(send, 200, body, b"text/html; charset=utf-8", headers, head_only)
 
