@@ -219,9 +219,13 @@ def if_range_allows(if_range: str | None, etag: str, modified: datetime | None) 
 
 
 def mount_url(scope: Scope, path: str) -> str:
-    """`path` under the mount point, percent-encoded for a header (Location, Link)."""
+    """`path` (ours, already URL-safe) under the mount point, for a Location or Link header.
+
+    The root path is percent-encoded (it is decoded text, and may hold `?`, `%`, `>`,
+    spaces or non-ASCII); `path` may carry a query string.
+    """
     root = (scope.get("root_path") or "").rstrip("/")
-    return quote(root + path, safe="/:@!$&'()*+,;=-._~?")
+    return quote(root, safe="/:@!$&'()*+,;=-._~") + path
 
 
 def parse_limit(values: list[str] | None) -> int:
