@@ -105,3 +105,18 @@ def test_table_machine_and_targets_are_reported(quick_run) -> None:
         "inprocess.random.64KiB", "e2e.large.content-length", "e2e.large.vs_starlette", "concurrency.32.w1",
     }
     assert all(isinstance(c["ok"], bool) for c in checks)
+
+
+@pytest.mark.slow
+def test_download_bench_reports_its_figure(tmp_path) -> None:
+    out = tmp_path / "download.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.download", "--quick", "--repeats", "1", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode in (0, 1), proc.stderr[-4000:]  # 1: the ratio missed; speed is not tested here
+    figure = json.loads(out.read_text())["download"]
+    assert figure["runs"] == 1 and figure["bytes"] == 64 * 1024 * 1024 and figure["intact"] is True
+    assert figure["target"] == 0.9 and figure["ratio"] > 0
+    assert figure["peak_rss_mib"] > 0 and "peak_rss_growth_mib" in figure
+    assert "download.64MiB" in proc.stdout
