@@ -20,13 +20,13 @@ A 201 carries `Location: <root_path>/files/<id>` (the first file's). A record is
 
 Errors are {"error": code, "detail": text}:
 
-    400 malformed body or no boundary       401 token missing or wrong
-    405 other method on a known path        404 unknown path or file
-    416 a range outside the file
+    400 malformed body, no boundary         401 token missing or wrong
+        (or a bad ?limit=, ?cursor=)
+    404 unknown path or file                405 other method on a known path
     408 client idle or too slow             413 a limit passed
-    415 not multipart/form-data             422 no file, or sha256 mismatch
-    500 unexpected (logged)                 503 too many uploads at once
-    507 no space left on the device
+    415 not multipart/form-data             416 a range outside the file
+    422 no file, or sha256 mismatch         500 unexpected (logged)
+    503 too many uploads at once            507 no space left on the device
 
 A failed request leaves nothing stored; a client that disconnects gets no answer.
 The concerns live in `upload_service/` (README "Architecture"); this module routes
