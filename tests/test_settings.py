@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypercorn.utils import LifespanFailureError
 
 import upload_asgi
 from upload_asgi import Config, ConfigError
@@ -211,7 +212,10 @@ async def run_lifespan(app) -> list[dict]:
     async def send(message):
         sent.append(message)
 
-    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    try:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    except LifespanFailureError:  # raised after a startup.failed that send did not act on
+        assert sent[-1]["type"] == "lifespan.startup.failed"
     return sent
 
 
