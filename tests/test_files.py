@@ -940,3 +940,34 @@ async def test_a_read_error_mid_download_cuts_the_answer(app, client, upload_dir
     # The answer began whole-file-sized and was never ended: the server cuts the connection.
     assert reply.status == 200 and int(reply.headers["content-length"]) == len(data)
     assert len(reply.body) == MiB and reply.messages[-1].get("more_body") is True
+
+
+async def test_a_file_shorter_than_promised_is_never_ended_as_whole(app, client, monkeypatch):
+    data = os.urandom(2 * MiB)
+    record = await upload(client, data)
+    store = app.prepare()
+    real_open = store.open
+
+    async def open_short(file_id: str):
+        opened = await real_open(file_id)
+        real_chunks = opened.chunks
+
+        async def chunks(start: int = 0, stop: int | None = None):
+            async for chunk in real_chunks(start, stop):
+                yield chunk
+                return  # the data ends early (a truncated file, a store that stops)
+
+        opened.chunks = chunks
+        return opened
+
+    monkeypatch.setattr(store, "open", open_short)
+    reply = Reply()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(RuntimeError, match="ended at byte"):
+        await app(http_scope(f"/files/{record['id']}", "GET"), receive, reply.record)
+    assert reply.status == 200 and len(reply.body) == MiB
+    assert all(m.get("more_body") for m in reply.messages if m["type"] == "http.response.body")
