@@ -94,7 +94,6 @@ async def store_form(
     progress: BodyProgress,
 ) -> list[Record]:
     """Read the body into the store and commit its files; on any failure, leave nothing."""
-    store.prepare()
     reader = FormReader(
         boundary, store, form_limits(config, route),
         file_field=route.file_field, text_fields=route.text_fields, executor=writer,

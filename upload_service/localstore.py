@@ -38,7 +38,11 @@ class LocalSink(FileSink):
         self._fd: int | None = None
 
     def open(self) -> None:
-        self._fd = create_locked(self.path)
+        try:
+            self._fd = create_locked(self.path)
+        except FileNotFoundError:  # the upload dir or .partial/ was removed under us: make it again
+            prepare_upload_dir(self.path.parent.parent)
+            self._fd = create_locked(self.path)
 
     def write(self, data: bytes) -> None:
         write_all(self._fd, data)
@@ -93,12 +97,10 @@ class LocalStore(Store):
         self._prepared = False
 
     def prepare(self) -> None:
-        """Create the dirs and sweep stale partial files; again if they were removed.
-
-        Called at lifespan startup, or on first use when a host does not forward
-        lifespan to a mounted app; then checked (one stat) on every upload and /health.
-        """
-        if not self._prepared or not self.partial_dir.is_dir():
+        """Create the dirs and sweep stale partial files, once: at lifespan startup, or on
+        first use when a host does not forward lifespan to a mounted app. (Dirs removed
+        later are made again by the next file or /health, not checked per request.)"""
+        if not self._prepared:
             prepare_upload_dir(self.upload_dir)
             self._prepared = True
 
@@ -243,6 +245,8 @@ class LocalStore(Store):
 
     def _health(self) -> dict[str, Any]:
         self.prepare()
+        if not self.partial_dir.is_dir():
+            prepare_upload_dir(self.upload_dir)
         if not os.access(self.partial_dir, os.W_OK):  # a read-only mount, a chmod
             raise PermissionError(13, os.strerror(13))
         return {"free_bytes": shutil.disk_usage(self.partial_dir).free}
