@@ -303,6 +303,7 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
     assert reply.headers["upload-offset"] == str(len(data))
     assert "upload-expires" not in reply.headers
     record = stored_record(upload_dir, location)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record.pop("created"))
     assert record == {
         "id": location.rsplit("/", 1)[1],
         "filename": "report é.pdf",
@@ -311,11 +312,13 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
         "sha256": sha(data),
         "description": "Q3",
     }
-    assert_stored(upload_dir, record, data)
+    assert_stored(upload_dir, stored_record(upload_dir, location), data)
     assert resumable_files(upload_dir) == []
     reply = await client.get(location)
     assert reply.status_code == 200
     assert reply.content == data
+    assert reply.headers["etag"] == f'"{sha(data)}"'
+    assert reply.headers["content-disposition"] == "attachment; filename=\"report e.pdf\"; filename*=UTF-8''report%20%C3%A9.pdf"
     reply = await client.head(location, headers=TUS)  # a finished upload still says where it stands
     assert reply.headers["upload-offset"] == reply.headers["upload-length"] == str(len(data))
     metrics = (await client.get("/metrics")).text
@@ -562,7 +565,7 @@ async def test_hooks_and_cors(upload_dir: Path) -> None:
 async def test_other_methods_are_405(client: httpx.AsyncClient) -> None:
     reply = await client.put("/files")
     check_error(reply, 405, "method_not_allowed")
-    assert reply.headers["allow"] == "OPTIONS, POST"
+    assert reply.headers["allow"] == "GET, HEAD, OPTIONS, POST"
     reply = await client.post("/files/" + "0" * 32)
     check_error(reply, 405, "method_not_allowed")
 
@@ -628,8 +631,9 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, upload_dir: Pat
     assert_stored(upload_dir, record, data)
     check_problem(await client.patch(location, content=b"x", headers={**complete, "Upload-Offset": str(len(data))}),
                   400, "completed-upload", version)
-    reply = await client.head(location, headers=draft(version))
-    assert reply.status_code == 204 and reply.headers["upload-complete"] == "?1"
+    reply = await client.head(location, headers=draft(version))  # now a stored file: its download headers
+    assert reply.status_code == 200 and reply.headers["upload-complete"] == "?1"
+    assert reply.headers["upload-offset"] == str(len(data)) and reply.headers["etag"] == f'"{sha(data)}"'
 
 
 @pytest.mark.parametrize("version", ["6", "8"])

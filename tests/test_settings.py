@@ -41,6 +41,7 @@ from support import ROOT, free_port
         pytest.param("UPLOAD_MIN_RATE", "0", "min_rate", 0, id="rate-off"),
         pytest.param("UPLOAD_RESUMABLE_EXPIRY", "30m", "resumable_expiry", 1800.0, id="expiry-30m"),
         pytest.param("UPLOAD_RESUMABLE_EXPIRY", "90", "resumable_expiry", 90.0, id="expiry-seconds"),
+        pytest.param("UPLOAD_READ_TOKEN", "r34d", "read_token", "r34d", id="read-token"),
     ],
 )
 def test_each_variable_is_read(variable, text, setting, value):
@@ -122,6 +123,7 @@ BAD_VALUES = [
     pytest.param("UPLOAD_MAX_FIELD_SIZE", "64Q", id="field-unit"),
     pytest.param("UPLOAD_TOKEN", "two words", id="token-space"),
     pytest.param("UPLOAD_TOKEN", "caf\u00e9", id="token-non-ascii"),
+    pytest.param("UPLOAD_READ_TOKEN", "two words", id="read-token-space"),
     pytest.param("UPLOAD_FSYNC", "maybe", id="fsync-word"),
     pytest.param("UPLOAD_FSYNC", "2", id="fsync-2"),
     pytest.param("UPLOAD_IDLE_TIMEOUT", "soon", id="idle-word"),

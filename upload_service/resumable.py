@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from upload_service import tus
 from upload_service.appending import AppendBody, run_blocking
 from upload_service.asgi import (
+    Message,
     Receive,
     Scope,
     Send,
@@ -49,9 +50,11 @@ from upload_service.errors import (
     UnsupportedMediaType,
     as_upload_error,
 )
+from upload_service.files import FilesResource, mount_url
+from upload_service.forms import utc_now
 from upload_service.framing import clean_filename
 from upload_service.metrics import is_server_fault, log_outcome, outcome_of
-from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
+from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id
 
 if TYPE_CHECKING:
     from upload_asgi import UploadApp
@@ -106,15 +109,17 @@ def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
         "size": size,
         "sha256": sha256,
         "description": description,
+        "created": utc_now(),
     }
 
 
 class ResumableHandlers:
     """The handlers of `/files` for resumable uploads, on an app's store, config and metrics."""
 
-    def __init__(self, app: UploadApp, store: ResumableStore) -> None:
+    def __init__(self, app: UploadApp, store: ResumableStore, files: FilesResource) -> None:
         self.app = app
         self.store = store
+        self.files = files  # a stored file (a finished upload) is served and deleted by it
         self._last_sweep = float("-inf")
 
     @property
@@ -173,40 +178,11 @@ class ResumableHandlers:
         await self.run(scope, receive, send, dialect, self.delete, dialect, file_id, counted=False)
 
     async def handle_get(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
-        dialect = Dialect.of(scope)
-        await self.run(scope, receive, send, dialect, self.get, file_id, head_only, counted=False)
-
-    async def check_incomplete(self, file_id: str) -> None:
-        """Raise 409 upload_incomplete if `file_id` is a resumable upload still under way."""
+        """GET /files/<id>: 409 upload_incomplete while it is an upload under way, else the file."""
+        self.files.check_read(scope)
         if await run_blocking(self.store.peek, file_id) is not None:
             raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset")
-
-    async def get(
-        self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
-        file_id: str, head_only: bool,
-    ) -> None:
-        """GET /files/<id>: the stored bytes, or 409 while it is an upload under way."""
-        stored = await self.app.store.open(file_id)
-        if stored is None:
-            await self.check_incomplete(file_id)
-            raise NotFound(f"no file {file_id}")
-        try:
-            record = stored.record
-            await send({
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", str(record["content_type"]).encode("latin-1", "replace")),
-                    (b"content-length", str(stored.size).encode()),
-                    (b"etag", f'"{record["sha256"]}"'.encode()),
-                ],
-            })
-            if not head_only:
-                async for chunk in stored.chunks():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            await stored.close()
+        await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
 
     # -- one request: check, run, count, answer or say why --
 
@@ -276,7 +252,7 @@ class ResumableHandlers:
         expires = time.time() + self.config.resumable_expiry
         self.app.prepare()
         upload = await run_blocking(self.store.create, length, metadata, expires, sha256)
-        location = f"{scope.get('root_path', '').rstrip('/')}/files/{upload.info.id}".encode()
+        location = mount_url(scope, f"/files/{upload.info.id}").encode()
         try:
             if with_upload and not progress.complete:
                 await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
@@ -352,22 +328,29 @@ class ResumableHandlers:
         if info is not None and info.expires <= time.time():
             await self.expire(file_id)
         if info is not None:
+            self.files.check_read(scope)
             headers = [*dialect.headers(), (b"cache-control", b"no-store"), *self.state_headers(info, dialect)]
             if dialect.draft is None and info.metadata:
                 headers.append((b"upload-metadata", tus.format_metadata(info.metadata).encode()))
             await send_empty(send, 200 if dialect.draft is None else 204, headers)
             return
-        record = await self.app.store.record(file_id) if self.app.store is not None else None
-        if record is None:
-            raise NotFound(f"no upload or file {file_id}")
-        size = str(record["size"]).encode()
-        headers = [*dialect.headers(), (b"cache-control", b"no-store"), (b"upload-offset", size), (b"upload-length", size)]
-        if dialect.draft is not None:
-            headers.append((b"upload-complete", b"?1"))
-            await send_empty(send, 204, headers)
-            return
-        headers += [(b"content-type", str(record["content_type"]).encode("latin-1", "replace")), (b"etag", f'"{record["sha256"]}"'.encode())]
-        await send_empty(send, 200, headers, length=record["size"])
+        # A stored file: the download headers (HEAD is GET without the body), and for a
+        # tus or draft client where the upload stands (it may be resuming a finished one).
+        speaks = dialect.draft is not None or header(scope, b"tus-resumable") is not None
+        record = await self.app.store.record(file_id) if speaks and is_file_id(file_id) else None
+        extra = [*dialect.headers()] if speaks else []
+        if record is not None:
+            size = str(record["size"]).encode()
+            extra += [(b"upload-offset", size), (b"upload-length", size)]
+            if dialect.draft is not None:
+                extra.append((b"upload-complete", b"?1"))
+
+        async def send_with(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        await self.files.handle_download(scope, receive, send_with, head_only=True, file_id=file_id)
 
     async def patch(
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
@@ -514,7 +497,7 @@ class ResumableHandlers:
     ) -> None:
         """tus termination of an upload under way; a stored file is deleted as the files resource does."""
         if await run_blocking(self.store.peek, file_id) is None:
-            await self.delete_stored(scope, send, dialect, file_id)
+            await self.files.handle_delete(scope, receive, send, file_id=file_id)
             return
         self.check_writer(scope, dialect)
         try:
@@ -522,20 +505,12 @@ class ResumableHandlers:
         except UploadBusy:
             raise tus.UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
         if upload is None:  # finished or terminated meanwhile
-            await self.delete_stored(scope, send, dialect, file_id)
+            await self.files.handle_delete(scope, receive, send, file_id=file_id)
             return
         try:
             await run_blocking(upload.terminate)
         finally:
             await run_blocking(upload.release)
-        await send_empty(send, 204, dialect.headers())
-
-    async def delete_stored(self, scope: Scope, send: Send, dialect: Dialect, file_id: str) -> None:
-        token = self.config.token
-        if token is not None and not bearer_token_matches(scope, token):
-            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
-        if not await self.app.store.delete(file_id):
-            raise NotFound(f"no upload or file {file_id}")
         await send_empty(send, 204, dialect.headers())
 
     async def expire(self, file_id: str) -> None:
