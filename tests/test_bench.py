@@ -140,7 +140,8 @@ def test_table_machine_and_targets_are_reported(quick_run) -> None:
     checks = results["targets"]
     assert {c["figure"] for c in checks} >= {
         "inprocess.random.64KiB", "e2e.hypercorn.large.content-length", "e2e.hypercorn.large.vs_starlette",
-        "concurrency.32.w1", "small.hypercorn.16KiB.c16.fsync_on.vs_aiohttp", *RESOURCES,
+        "concurrency.32.w1", "small.hypercorn.16KiB.c16.fsync_on.vs_aiohttp",
+        *(RESOURCES - {"tus.resume_50pct"}),  # measured, but SPEC §7 sets no target for a resume
     }
     for c in checks:
         assert c["ok"] in (True, False, None), c
