@@ -1,11 +1,12 @@
-"""Resumable uploads through hypercorn on loopback, with a raw-socket client.
+"""What a resume costs when the worker that wrote the first half is gone.
 
-Scenario: one file of 1 GiB (`--quick`: 64 MiB) sent as tus `PATCH`es of 64 MiB
-(`--quick`: 8 MiB), each on a new connection, against the same bytes in one
-`POST /upload` to the same server in the same run (SPEC §7: at least 0.90). Then
-the cost of a resume at 50%: the second half `PATCH`ed to the worker that wrote the
-first half (it kept the SHA-256 state), against the same after a server restart
-(the new worker re-reads the first half from disk to hash it).
+`python -m bench` measures tus against one `POST /upload` (bench/resources.py:
+`tus.large`, and `tus.resume_50pct` with a dropped connection, same worker). This
+adds the case it cannot: a server restart at 50%. One file of 1 GiB (`--quick`:
+64 MiB) is sent as tus `PATCH`es of 64 MiB (`--quick`: 8 MiB), each on a new
+connection, against the same bytes in one `POST /upload`; then the second half is
+`PATCH`ed to the worker that wrote the first half (it kept the SHA-256 state),
+against the same after a restart (the new worker re-reads the first half to hash it).
 
     python -m bench.resumable [--quick] [--repeats N] [--json PATH]
 """
@@ -23,7 +24,8 @@ from pathlib import Path
 from bench import payloads, report
 from bench.payloads import MiB, Upload
 from bench.report import Figure, mbps, progress
-from bench.server import Hypercorn, read_answer, send_upload
+from bench.client import read_answer, send_upload
+from bench.servers import Server as Hypercorn
 
 GiB = 1024 * MiB
 

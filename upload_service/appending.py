@@ -19,18 +19,20 @@ from upload_service.units import MiB
 T = TypeVar("T")
 
 APPEND_BLOCK_SIZE = 1 * MiB  # as targets.WRITE_BLOCK_SIZE: one thread handoff per MiB
+# A body that pauses this long has what arrived written, without waiting for a full block.
+IDLE_HAND_OFF_SECONDS = 0.05
 
 
 class AppendBody:
     """A `BodyConsumer` that appends a request body to an upload, on a writer thread.
 
-    Like `targets.UploadFileTarget`, one job at a time is hashed (the per-chunk
-    checksum, if any) and appended (which counts it into the whole-file SHA-256)
-    while the loop reads on; what arrives meanwhile waits in memory, at most
-    APPEND_BLOCK_SIZE before the loop waits for the writer. Unlike a form's file,
-    what waits is handed off as soon as the writer is free, not when more arrives:
-    a client that pauses mid-`PATCH` has its bytes on disk, counted in the offset
-    a `HEAD` reports and kept if the server dies.
+    Like `targets.UploadFileTarget`: chunks gather into blocks of APPEND_BLOCK_SIZE;
+    one block at a time is hashed (the per-chunk checksum, if any) and appended
+    (which counts it into the whole-file SHA-256) while the loop reads on. Unlike a
+    form's file, a part block does not wait for more: when the body pauses for
+    IDLE_HAND_OFF_SECONDS, what arrived is handed off, so a client that stops
+    mid-`PATCH` has its bytes on disk, in the offset a `HEAD` reports, kept if the
+    server dies.
     """
 
     def __init__(self, upload: ResumableUpload, executor: Executor, checksum: str | None) -> None:
@@ -40,15 +42,20 @@ class AppendBody:
         self._chunks: list[bytes] = []
         self._buffered = 0
         self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
         self.job: Future[None] | None = None
 
     def feed(self, chunk: bytes) -> None:
         self._chunks.append(chunk)
         self._buffered += len(chunk)
-        self.hand_off()
+        if self._buffered >= APPEND_BLOCK_SIZE:
+            self.hand_off()
+        if self._timer is None and self._chunks:
+            self._timer = self._loop.call_later(IDLE_HAND_OFF_SECONDS, self._hand_off_idle)
 
     def write_backlog(self) -> Future[None] | None:
-        self.hand_off()
+        if self._buffered >= APPEND_BLOCK_SIZE:
+            self.hand_off()
         return self.job if self._buffered >= APPEND_BLOCK_SIZE else None
 
     def hand_off(self) -> None:
@@ -60,40 +67,41 @@ class AppendBody:
             job.result()  # a failed write raises here
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         self.job = self.executor.submit(self._append, chunks)
-        self.job.add_done_callback(self._written)
 
-    def _written(self, job: Future[None]) -> None:
-        """On the writer thread: a job is over; the loop hands off what arrived meanwhile."""
-        if not job.cancelled() and job.exception() is None:
-            self._loop.call_soon_threadsafe(self._hand_off_waiting, job)
+    def _hand_off_idle(self) -> None:
+        """The body paused: write what waits (once the writer is free)."""
+        self._timer = None
+        job = self.job
+        if job is not None and job.done() and job.exception() is not None:
+            return  # the failure is raised where the body is read
+        self.hand_off()
+        if self._chunks:
+            self._timer = self._loop.call_later(IDLE_HAND_OFF_SECONDS, self._hand_off_idle)
 
-    def _hand_off_waiting(self, job: Future[None]) -> None:
-        if self.job is job:  # nobody handed off since (feed, flush, settle)
-            self.hand_off()
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def flush(self) -> None:
         """Write every byte received so far; wait for it even if cancelled meanwhile."""
+        self._stop_timer()
         while True:
             job = self.job
             if job is not None:
                 if await wait_through_cancel(asyncio.wrap_future(job)):
-                    self._chunks, self._buffered = [], 0
                     await self.settle()
                     raise asyncio.CancelledError
                 job.result()
-            if self.job is not job:
-                continue  # the writer's callback handed off more meanwhile
             if not self._chunks:
                 return
             self.hand_off()
 
     async def settle(self) -> None:
         """After a failure: drop what is not yet handed off, wait for what is being written."""
+        self._stop_timer()
         self._chunks, self._buffered = [], 0
-        cancelled = False
-        while self.job is not None and not self.job.done():
-            cancelled = await wait_through_cancel(asyncio.wrap_future(self.job)) or cancelled
-        if cancelled:
+        if self.job is not None and await wait_through_cancel(asyncio.wrap_future(self.job)):
             raise asyncio.CancelledError
 
     def _append(self, chunks: list[bytes], started: threading.Event | None = None) -> None:

@@ -85,8 +85,8 @@ class LocalUpload(ResumableUpload):
             self._unverified_from = offset
             self.save_info()
 
-    def save_info(self) -> None:
-        self._store.write_info(self.info, self._unverified_from)
+    def save_info(self, durable: bool = True) -> None:
+        self._store.write_info(self.info, self._unverified_from, durable)
 
     def finish(self, record: Record) -> None:
         store = self._store
@@ -247,8 +247,8 @@ class LocalResumableStore(ResumableStore):
 
     # -- the info file --
 
-    def write_info(self, info: UploadInfo, unverified_from: int | None) -> None:
-        """Replace `<id>.info` atomically (temp + rename)."""
+    def write_info(self, info: UploadInfo, unverified_from: int | None, durable: bool = True) -> None:
+        """Replace `<id>.info` atomically (temp + rename); fsynced if `durable` (and UPLOAD_FSYNC)."""
         body = json.dumps({
             "id": info.id,
             "length": info.length,
@@ -261,7 +261,7 @@ class LocalResumableStore(ResumableStore):
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
             write_all(fd, body)
-            if self.fsync:
+            if self.fsync and durable:
                 os.fsync(fd)
             os.rename(tmp, self.info_path(info.id))
         except BaseException:

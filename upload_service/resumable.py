@@ -382,7 +382,7 @@ class ResumableHandlers:
                 await self.finish(scope, upload, outcome, dialect)
             else:
                 upload.info.expires = time.time() + self.config.resumable_expiry
-                await run_blocking(upload.save_info)
+                await run_blocking(upload.save_info, new_length is not None)
         finally:
             await run_blocking(upload.release)
         headers = [*dialect.headers(), *self.state_headers(upload.info, dialect)]

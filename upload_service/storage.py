@@ -247,8 +247,9 @@ class ResumableUpload(ABC):
         """Remember durably that bytes from `offset` on are unverified (None: forget it)."""
 
     @abstractmethod
-    def save_info(self) -> None:
-        """Store `info` as it is now (a declared length, a new expiry)."""
+    def save_info(self, durable: bool = True) -> None:
+        """Store `info` as it is now (a declared length, a new expiry); `durable`: fsync it
+        (a new expiry need not survive a power cut)."""
 
     @abstractmethod
     def finish(self, record: Record) -> None:
