@@ -1,8 +1,10 @@
 """Resumable uploads (SPEC §10): tus 1.0.0 and the IETF draft on /files.
 
-Raw requests in process for every status; the store driven directly; then real
-servers with independent clients (tuspy, tus-js-client in Node), a restart and a
-cut connection mid-upload, and two PATCHes racing on one upload.
+Raw requests in process for every status; then real servers with independent
+clients (tuspy, tus-js-client in Node and in Chromium), a restart and a cut
+connection mid-upload, two PATCHes racing on one upload, two workers, HTTP/2, and
+the page resuming in Chromium. The pure helpers are in test_tus.py, the store
+driven directly in test_localresumable.py.
 """
 
 from __future__ import annotations
@@ -24,10 +26,6 @@ import pytest
 
 import upload_asgi
 from support import ROOT, Server, assert_nothing_stored, assert_stored, stored_ids
-from upload_service import tus
-from upload_service.localresumable import LocalResumableStore
-from upload_service.localstore import LocalStore
-from upload_service.storage import UploadBusy
 from upload_service.units import MiB
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -110,154 +108,6 @@ async def offset_of(client: httpx.AsyncClient, location: str) -> int:
 
 def stored_record(upload_dir: Path, location: str) -> dict[str, Any]:
     return json.loads((upload_dir / f"{location.rsplit('/', 1)[1]}.json").read_text())
-
-
-# -- the pure helpers ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text", ["", "-1", "1e3", "0x10", " 12 3", "9" * 20, str(2**63), "١٢"])
-def test_absurd_numbers_are_400(text: str) -> None:
-    with pytest.raises(tus.InvalidHeader):
-        tus.parse_number(text, "Upload-Length")
-
-
-def test_numbers() -> None:
-    assert tus.parse_number(" 0 ", "Upload-Offset") == 0
-    assert tus.parse_number(str(2**63 - 1), "Upload-Offset") == 2**63 - 1
-
-
-def test_metadata_parsing() -> None:
-    parsed = tus.parse_metadata(f"filename {b64('a b.txt')},is_confidential, filetype {b64('text/plain')}")
-    assert parsed == {"filename": b64("a b.txt"), "is_confidential": "", "filetype": b64("text/plain")}
-    assert tus.metadata_text(parsed, "filename") == "a b.txt"
-    assert tus.metadata_text(parsed, "missing") is None
-    assert tus.parse_metadata(tus.format_metadata(parsed)) == parsed
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        pytest.param("filename not*base64", id="bad-base64"),
-        pytest.param(f"a {b64('x')},a {b64('y')}", id="duplicate"),
-        pytest.param(f"k\x01ey {b64('x')}", id="bad-key"),
-        pytest.param(",", id="empty-key"),
-        pytest.param("k " + "A" * 9000, id="too-long"),
-        pytest.param(",".join(f"k{i}" for i in range(40)), id="too-many"),
-    ],
-)
-def test_absurd_metadata_is_400(text: str) -> None:
-    with pytest.raises(tus.InvalidHeader):
-        tus.parse_metadata(text)
-
-
-def test_checksum_parsing() -> None:
-    assert tus.parse_checksum(None) is None
-    digest = hashlib.sha1(b"x").digest()
-    assert tus.parse_checksum(f"sha1 {b64(digest)}") == ("sha1", digest)
-    for bad in ("md5 " + b64(hashlib.md5(b"x").digest()), "sha1 ???", "sha256 " + b64(digest), "sha1"):
-        with pytest.raises(tus.InvalidHeader):
-            tus.parse_checksum(bad)
-
-
-def test_repr_digest_parsing() -> None:
-    digest = hashlib.sha256(b"x").digest()
-    assert tus.parse_repr_digest(f"sha-512=:{b64(b'0' * 64)}:, sha-256=:{b64(digest)}:") == digest.hex()
-    assert tus.parse_repr_digest(f"sha-512=:{b64(b'0' * 64)}:") is None
-    for bad in ("sha-256=abc", f"sha-256=:{b64(b'short')}:", "sha-256=:!!:"):
-        with pytest.raises(tus.InvalidHeader):
-            tus.parse_repr_digest(bad)
-
-
-def test_expires_is_an_http_date() -> None:
-    assert tus.format_expires(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
-
-
-# -- the store, driven directly -------------------------------------------------------------
-
-
-@pytest.fixture
-def rstore(upload_dir: Path) -> LocalResumableStore:
-    store = LocalStore(upload_dir, fsync=True)
-    store.prepare()
-    return LocalResumableStore(store)
-
-
-def test_store_keeps_the_hash_state_while_offsets_match(rstore: LocalResumableStore, upload_dir: Path) -> None:
-    data = payload(3_000_001)
-    upload = rstore.create(len(data), {}, time.time() + 60, None)
-    upload.append(data[:1_000_000])
-    upload.release()
-    again = rstore.acquire(upload.info.id)
-    assert again.info.offset == 1_000_000
-    again.append(data[1_000_000:])
-    assert again.sha256() == sha(data)
-    assert again.rehashed_bytes == 0  # the state was kept in this process
-    again.finish({"id": upload.info.id, "size": len(data), "sha256": sha(data)})
-    assert (upload_dir / upload.info.id).read_bytes() == data
-    assert resumable_files(upload_dir) == []
-
-
-def test_store_rehashes_from_disk_in_another_process(rstore: LocalResumableStore, upload_dir: Path) -> None:
-    data = payload(2_500_000)
-    upload = rstore.create(len(data), {}, time.time() + 60, None)
-    upload.append(data[:2_000_000])
-    upload.release()
-    elsewhere = LocalResumableStore(LocalStore(upload_dir))  # a restarted or other worker
-    again = elsewhere.acquire(upload.info.id)
-    again.append(data[2_000_000:])
-    assert again.sha256() == sha(data)
-    assert again.rehashed_bytes == 2_000_000
-
-
-def test_store_one_writer_at_a_time(rstore: LocalResumableStore) -> None:
-    upload = rstore.create(10, {}, time.time() + 60, None)
-    with pytest.raises(UploadBusy):
-        rstore.acquire(upload.info.id)
-    with pytest.raises(UploadBusy):
-        LocalResumableStore(LocalStore(rstore.upload_dir)).acquire(upload.info.id)
-    upload.release()
-    rstore.acquire(upload.info.id).release()
-
-
-def test_store_discard_takes_back_a_piece(rstore: LocalResumableStore) -> None:
-    upload = rstore.create(None, {}, time.time() + 60, None)
-    upload.append(b"kept")
-    upload.mark(durable=True)
-    upload.append(b"unverified")
-    upload.discard()
-    assert upload.info.offset == 4
-    assert upload.sha256() == sha(b"kept")
-    assert rstore.data_path(upload.info.id).read_bytes() == b"kept"
-
-
-def test_store_unverified_bytes_of_a_dead_writer_are_dropped(rstore: LocalResumableStore) -> None:
-    upload = rstore.create(None, {}, time.time() + 60, None)
-    upload.append(b"kept")
-    upload.mark(durable=True)
-    upload.append(b"unverified")
-    upload.release()  # as if its process died here: neither keep nor discard
-    elsewhere = LocalResumableStore(LocalStore(rstore.upload_dir))
-    assert elsewhere.peek(upload.info.id).offset == 4
-    again = elsewhere.acquire(upload.info.id)
-    assert again.info.offset == 4
-    assert again.sha256() == sha(b"kept")
-
-
-def test_store_sweep(rstore: LocalResumableStore, upload_dir: Path) -> None:
-    expired = rstore.create(None, {}, time.time() - 1, None)
-    expired.append(b"old")
-    expired.release()
-    held = rstore.create(None, {}, time.time() - 1, None)  # expired but being written: stays
-    alive = rstore.create(None, {}, time.time() + 60, None)
-    alive.release()
-    orphan = upload_dir / ".resumable" / ("ab" * 16)  # a crash between data file and info
-    orphan.write_bytes(b"x")
-    assert rstore.sweep(time.time()) == 2
-    assert resumable_files(upload_dir) == sorted(
-        [held.info.id, f"{held.info.id}.info", alive.info.id, f"{alive.info.id}.info"]
-    )
-    held.release()
-    assert rstore.sweep(time.time()) == 1
 
 
 # -- tus over HTTP, in process ------------------------------------------------------------

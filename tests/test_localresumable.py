@@ -1,0 +1,112 @@
+"""The local ResumableStore driven directly: the lock, the kept or re-read SHA-256, discard, sweep."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from upload_service.localresumable import LocalResumableStore
+from upload_service.localstore import LocalStore
+from upload_service.storage import UploadBusy
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def payload(size: int, seed: int = 1) -> bytes:
+    return hashlib.shake_256(seed.to_bytes(4, "big")).digest(size)
+
+
+def resumable_files(upload_dir: Path) -> list[str]:
+    staging = upload_dir / ".resumable"
+    return sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+
+
+
+@pytest.fixture
+def rstore(upload_dir: Path) -> LocalResumableStore:
+    store = LocalStore(upload_dir, fsync=True)
+    store.prepare()
+    return LocalResumableStore(store)
+
+
+def test_store_keeps_the_hash_state_while_offsets_match(rstore: LocalResumableStore, upload_dir: Path) -> None:
+    data = payload(3_000_001)
+    upload = rstore.create(len(data), {}, time.time() + 60, None)
+    upload.append(data[:1_000_000])
+    upload.release()
+    again = rstore.acquire(upload.info.id)
+    assert again.info.offset == 1_000_000
+    again.append(data[1_000_000:])
+    assert again.sha256() == sha(data)
+    assert again.rehashed_bytes == 0  # the state was kept in this process
+    again.finish({"id": upload.info.id, "size": len(data), "sha256": sha(data)})
+    assert (upload_dir / upload.info.id).read_bytes() == data
+    assert resumable_files(upload_dir) == []
+
+
+def test_store_rehashes_from_disk_in_another_process(rstore: LocalResumableStore, upload_dir: Path) -> None:
+    data = payload(2_500_000)
+    upload = rstore.create(len(data), {}, time.time() + 60, None)
+    upload.append(data[:2_000_000])
+    upload.release()
+    elsewhere = LocalResumableStore(LocalStore(upload_dir))  # a restarted or other worker
+    again = elsewhere.acquire(upload.info.id)
+    again.append(data[2_000_000:])
+    assert again.sha256() == sha(data)
+    assert again.rehashed_bytes == 2_000_000
+
+
+def test_store_one_writer_at_a_time(rstore: LocalResumableStore) -> None:
+    upload = rstore.create(10, {}, time.time() + 60, None)
+    with pytest.raises(UploadBusy):
+        rstore.acquire(upload.info.id)
+    with pytest.raises(UploadBusy):
+        LocalResumableStore(LocalStore(rstore.upload_dir)).acquire(upload.info.id)
+    upload.release()
+    rstore.acquire(upload.info.id).release()
+
+
+def test_store_discard_takes_back_a_piece(rstore: LocalResumableStore) -> None:
+    upload = rstore.create(None, {}, time.time() + 60, None)
+    upload.append(b"kept")
+    upload.mark(durable=True)
+    upload.append(b"unverified")
+    upload.discard()
+    assert upload.info.offset == 4
+    assert upload.sha256() == sha(b"kept")
+    assert rstore.data_path(upload.info.id).read_bytes() == b"kept"
+
+
+def test_store_unverified_bytes_of_a_dead_writer_are_dropped(rstore: LocalResumableStore) -> None:
+    upload = rstore.create(None, {}, time.time() + 60, None)
+    upload.append(b"kept")
+    upload.mark(durable=True)
+    upload.append(b"unverified")
+    upload.release()  # as if its process died here: neither keep nor discard
+    elsewhere = LocalResumableStore(LocalStore(rstore.upload_dir))
+    assert elsewhere.peek(upload.info.id).offset == 4
+    again = elsewhere.acquire(upload.info.id)
+    assert again.info.offset == 4
+    assert again.sha256() == sha(b"kept")
+
+
+def test_store_sweep(rstore: LocalResumableStore, upload_dir: Path) -> None:
+    expired = rstore.create(None, {}, time.time() - 1, None)
+    expired.append(b"old")
+    expired.release()
+    held = rstore.create(None, {}, time.time() - 1, None)  # expired but being written: stays
+    alive = rstore.create(None, {}, time.time() + 60, None)
+    alive.release()
+    orphan = upload_dir / ".resumable" / ("ab" * 16)  # a crash between data file and info
+    orphan.write_bytes(b"x")
+    assert rstore.sweep(time.time()) == 2
+    assert resumable_files(upload_dir) == sorted(
+        [held.info.id, f"{held.info.id}.info", alive.info.id, f"{alive.info.id}.info"]
+    )
+    held.release()
+    assert rstore.sweep(time.time()) == 1
