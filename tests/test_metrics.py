@@ -481,7 +481,7 @@ def scrapes_by_worker(server: Server, client: httpx.Client, want_workers: int, m
         worker = None
         deadline = time.monotonic() + 10
         while worker is None:  # hypercorn writes the access line once the answer is out
-            lines = re.findall(r"<(\d+)> GET /metrics 200$", server.log(), re.MULTILINE)
+            lines = re.findall(r"<(\d+)> GET /metrics 200$", server.log(tail=None), re.MULTILINE)
             if len(lines) > sum(len(v) for v in seen.values()):
                 worker = lines[-1]
             assert time.monotonic() < deadline, server.log()
@@ -498,7 +498,7 @@ def test_every_scrape_shows_the_totals_of_all_workers(upload_dir):
     blobs = [os.urandom(100_000 + i) for i in range(6)]
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args) as server, server.client() as client:
         deadline = time.monotonic() + 30
-        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log()))) < 2:
+        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log(tail=None)))) < 2:
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.05)
         for i, data in enumerate(blobs):
