@@ -56,6 +56,7 @@ class UploadFileTarget(BaseTarget):
         self.size = 0
         self.finished = False
         self._hash = hashlib.sha256()
+        self._sink_open = False  # opened with the first block, on the writer thread
         self._executor = executor
         self._chunks: list[bytes] = []  # received, not yet handed to the executor
         self._buffered = 0
@@ -65,9 +66,6 @@ class UploadFileTarget(BaseTarget):
     def sha256(self) -> str:
         """The digest; with an executor, only once `job` is done."""
         return self._hash.hexdigest()
-
-    def on_start(self) -> None:
-        self.sink.open()
 
     def on_data_received(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -87,7 +85,9 @@ class UploadFileTarget(BaseTarget):
 
     def on_finish(self) -> None:
         self.finished = True
-        if self._executor is not None:
+        if self.size == 0 and not self._sink_open:
+            self._open_sink()  # an empty file: no block will create it
+        elif self._executor is not None:
             self.hand_off()
 
     def hand_off(self) -> None:
@@ -120,8 +120,14 @@ class UploadFileTarget(BaseTarget):
         chunks.clear()  # the list is ours alone now: free the chunks before the work
         if started is not None:
             started.set()  # WriterPool: the loop may go on; we let go of the GIL now
+        if not self._sink_open:
+            self._open_sink()  # here, off the loop: creating a file costs a few syscalls
         self._hash.update(data)
         self.sink.write(data)
+
+    def _open_sink(self) -> None:
+        self.sink.open()
+        self._sink_open = True
 
     def _wait_for_job(self) -> None:
         """Make sure the executor no longer uses our file descriptor: cancel or wait."""

@@ -261,13 +261,11 @@ class Server:
         self.stop()
         raise RuntimeError(f"hypercorn did not listen in {timeout}s: {self.log()}")
 
-    def log(self, tail: int | None = 4000) -> str:
-        """The server's output: its last `tail` characters (for messages), or all of it (None)."""
+    def log(self) -> str:
         try:
-            text = self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return text if tail is None else text[-tail:]
 
     def pids(self) -> list[int]:
         """The server process and its children (the workers, with -w N)."""

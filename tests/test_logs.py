@@ -33,7 +33,7 @@ def app_lines(text: str) -> list[tuple[str, str]]:
 def wait_for_lines(server: Server, count: int, timeout: float = 10.0) -> None:
     """A line is written once its answer is out (and its body drained): wait for it."""
     deadline = time.monotonic() + timeout
-    while len([t for level, t in app_lines(server.log(tail=None)) if level == "INFO"]) < count:
+    while len([t for level, t in app_lines(server.log()) if level == "INFO"]) < count:
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.05)
 
@@ -50,7 +50,7 @@ def test_plain_hypercorn_writes_a_line_per_stored_refused_and_failed_upload(uplo
         failed = post(client, form_body([file_part(b"hello", "b.txt")]))
         assert failed.status_code == 500
         wait_for_lines(server, 3)
-    lines = app_lines(server.log(tail=None))
+    lines = app_lines(server.log())
     record = stored.json()
     assert ("INFO", f"upload stored: id={record['id']} size=5 sha256={record['sha256']}") in [
         (level, text.split(" in ")[0]) for level, text in lines
@@ -68,7 +68,7 @@ def test_log_level_warning_keeps_the_info_lines_out(upload_dir):
     with Server(upload_dir, env=env) as server, server.client() as client:
         assert post(client, form_body([file_part(b"hello", "a.txt")])).status_code == 201
         assert post(client, b"x", "text/plain").status_code == 415
-    assert app_lines(server.log(tail=None)) == []
+    assert app_lines(server.log()) == []
 
 
 def test_a_bad_log_level_stops_startup_naming_the_variable(upload_dir):
@@ -94,14 +94,14 @@ def test_a_host_log_config_gets_json_lines_and_no_fallback_copy(upload_dir, tmp_
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args) as server, server.client() as client:
         record = post(client, form_body([file_part(b"hello", "a.txt")])).json()
         assert post(client, b"x", "text/plain").status_code == 415
-    entries = [json.loads(line) for line in server.log(tail=None).splitlines() if line.startswith("{")]
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     ours = [e for e in entries if e["logger"] == "upload_asgi"]
     assert [(e["level"], e["outcome"], e.get("status"), e.get("id")) for e in ours] == [
         ("info", "stored", 201, record["id"]),
         ("info", "rejected", 415, None),
     ]
     assert ours[0]["sha256"] == record["sha256"] and ours[0]["size"] == 5
-    assert app_lines(server.log(tail=None)) == []  # the fallback stood down
+    assert app_lines(server.log()) == []  # the fallback stood down
 
 
 # -- the rule, in process ------------------------------------------------------------

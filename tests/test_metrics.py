@@ -431,7 +431,7 @@ def test_health_and_metrics_through_hypercorn_with_an_upload_held_open(upload_di
         ).encode()
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         try:
-            sock.sendall(head + body[:500_000])
+            sock.sendall(head + body[:1_500_000])  # more than one 1 MiB block
             deadline = time.monotonic() + 20
             while client.get("/health").json()["uploads_in_flight"] != 1:
                 assert time.monotonic() < deadline, "the held upload never showed as in flight"
@@ -440,7 +440,9 @@ def test_health_and_metrics_through_hypercorn_with_an_upload_held_open(upload_di
             assert health["status"] == "ok"
             assert 0 < health["free_bytes"] <= shutil.disk_usage(upload_dir).total
             assert values()["in_flight"] == 1
-            assert any((upload_dir / ".partial").iterdir())  # it is being written
+            while not any((upload_dir / ".partial").iterdir()):  # it is being written
+                assert time.monotonic() < deadline, "the held upload's first block never reached the disk"
+                time.sleep(0.05)
         finally:
             sock.close()  # the client goes away mid-upload
 
@@ -481,7 +483,7 @@ def scrapes_by_worker(server: Server, client: httpx.Client, want_workers: int, m
         worker = None
         deadline = time.monotonic() + 10
         while worker is None:  # hypercorn writes the access line once the answer is out
-            lines = re.findall(r"<(\d+)> GET /metrics 200$", server.log(tail=None), re.MULTILINE)
+            lines = re.findall(r"<(\d+)> GET /metrics 200$", server.log(), re.MULTILINE)
             if len(lines) > sum(len(v) for v in seen.values()):
                 worker = lines[-1]
             assert time.monotonic() < deadline, server.log()
@@ -498,7 +500,7 @@ def test_every_scrape_shows_the_totals_of_all_workers(upload_dir):
     blobs = [os.urandom(100_000 + i) for i in range(6)]
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args) as server, server.client() as client:
         deadline = time.monotonic() + 30
-        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log(tail=None)))) < 2:
+        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log()))) < 2:
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.05)
         for i, data in enumerate(blobs):
@@ -569,7 +571,7 @@ def test_totals_survive_worker_restarts(upload_dir):
     args = ["-w", "2", "--max-requests", "2", "--max-requests-jitter", "0"]
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args) as server:
         deadline = time.monotonic() + 30
-        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log(tail=None)))) < 2:
+        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log()))) < 2:
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.05)
         first_workers = set(server.pids()[1:])

@@ -47,7 +47,7 @@ def test_two_workers_take_16_concurrent_uploads(upload_dir):
         # The port answers as soon as one worker listens; on a busy machine the second
         # may start after all 16 uploads are done. Wait for both, so that both can serve.
         deadline = time.monotonic() + 30
-        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log(tail=None)))) < 2:
+        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log()))) < 2:
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.05)
         barrier = threading.Barrier(16)
@@ -60,7 +60,7 @@ def test_two_workers_take_16_concurrent_uploads(upload_dir):
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(upload, range(16)))
-    log = server.log(tail=None)  # once stopped: a worker writes its access line after the answer is out
+    log = server.log()  # once stopped: a worker writes its access line after the answer is out
 
     assert [r.status_code for r in responses] == [201] * 16, [r.text for r in responses]
     records = [r.json() for r in responses]
@@ -128,7 +128,7 @@ def test_a_restarted_worker_sweeps_stale_files_but_not_a_live_upload(upload_dir)
     with Server(upload_dir, env=env, args=args) as server:
         # The port accepts as soon as the parent binds it; wait until both workers have
         # run their startup sweep and listen ("Running on" follows lifespan startup).
-        wait_for(lambda: server.log(tail=None).count("Running on") == 2)
+        wait_for(lambda: server.log().count("Running on") == 2)
         first_workers = set(server.pids()[1:])
         held = HeldUpload(server.port, body, first=2 * MiB)  # > one 1 MiB write block
         try:
