@@ -39,6 +39,7 @@ from support import ROOT, free_port
         pytest.param("UPLOAD_MAX_CONCURRENT", "3", "max_concurrent", 3, id="concurrent"),
         pytest.param("UPLOAD_MIN_RATE", "16K", "min_rate", 16 * KiB, id="rate"),
         pytest.param("UPLOAD_MIN_RATE", "0", "min_rate", 0, id="rate-off"),
+        pytest.param("UPLOAD_READ_TOKEN", "r34d", "read_token", "r34d", id="read-token"),
     ],
 )
 def test_each_variable_is_read(variable, text, setting, value):
@@ -120,6 +121,7 @@ BAD_VALUES = [
     pytest.param("UPLOAD_MAX_FIELD_SIZE", "64Q", id="field-unit"),
     pytest.param("UPLOAD_TOKEN", "two words", id="token-space"),
     pytest.param("UPLOAD_TOKEN", "caf\u00e9", id="token-non-ascii"),
+    pytest.param("UPLOAD_READ_TOKEN", "two words", id="read-token-space"),
     pytest.param("UPLOAD_FSYNC", "maybe", id="fsync-word"),
     pytest.param("UPLOAD_FSYNC", "2", id="fsync-2"),
     pytest.param("UPLOAD_IDLE_TIMEOUT", "soon", id="idle-word"),
