@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import socket
@@ -219,8 +220,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_command(kind: str, port: int, app: str, args: Iterable[str]) -> list[str]:
+    """The command that serves `app` on `port` with the ASGI server `kind`."""
+    bind = {
+        "hypercorn": ["--bind", f"127.0.0.1:{port}"],
+        "uvicorn": ["--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools"],
+        "granian": ["--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "--no-ws"],
+    }[kind]
+    return [sys.executable, "-m", kind, *bind, *args, app]
+
+
 class Server:
-    """`hypercorn <app>` in a subprocess on a free loopback port, stopped by its PID."""
+    """`hypercorn <app>` (or uvicorn, granian) in a subprocess on a free loopback port, stopped by its PID."""
 
     def __init__(
         self,
@@ -229,12 +240,13 @@ class Server:
         env: dict[str, str] | None = None,
         args: Iterable[str] = (),
         scheme: str = "http",
+        kind: str = "hypercorn",
     ) -> None:
         self.upload_dir = upload_dir
         self.port = free_port()
         self.scheme = scheme
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{self.port}", *args, app]
+        self.cmd = server_command(kind, self.port, app, args)
         self.env = {
             **os.environ,
             "UPLOAD_DIR": str(upload_dir),
@@ -242,7 +254,7 @@ class Server:
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = upload_dir.parent / f"hypercorn-{self.port}.log"
+        self.log_path = upload_dir.parent / f"{kind}-{self.port}.log"
 
     def start(self, timeout: float = 20.0) -> "Server":
         self._log = open(self.log_path, "wb")
@@ -253,14 +265,14 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"hypercorn exited {self.proc.returncode}: {self.log()}")
+                raise RuntimeError(f"{self.cmd[2]} exited {self.proc.returncode}: {self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"hypercorn did not listen in {timeout}s: {self.log()}")
+        raise RuntimeError(f"{self.cmd[2]} did not listen in {timeout}s: {self.log()}")
 
     def log(self) -> str:
         try:
@@ -436,3 +448,55 @@ def serving_pid(server: "Server") -> int:
             return pid
     assert server.proc is not None
     return server.proc.pid
+
+
+class HeldUpload:
+    """An HTTP/1.1 upload sent by hand: head and first bytes now, the rest on demand."""
+
+    def __init__(self, port: int, body: bytes, first: int) -> None:
+        self.body = body
+        self.first = first
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        head = (
+            "POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Content-Type: {form_content_type()}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        self.sock.sendall(head.encode() + body[:first])
+
+    def finish(self) -> tuple[int, dict]:
+        self.sock.sendall(self.body[self.first :])
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed without an answer after {data!r}")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        return int(head.split()[1]), json.loads(rest[:length])
+
+    def answer_after_waiting(self) -> bytes:
+        """What the server sends without more body: its bytes until it closes."""
+        data = b""
+        try:
+            while chunk := self.sock.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition", every: float = 0.02) -> Any:
+    """Poll `condition()` until it is true (and return it), or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
