@@ -155,6 +155,23 @@ def http_scope(
     }
 
 
+def upload_scope(
+    path: str = "/upload",
+    headers: Iterable[tuple[str, str]] = (),
+    boundary: str = BOUNDARY,
+    token: str | None = None,
+    length: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """A POST scope with a multipart Content-Type, and an Authorization or Content-Length if given."""
+    extra = list(headers)
+    if token is not None:
+        extra.append(("authorization", token))
+    if length is not None:
+        extra.append(("content-length", str(length)))
+    return http_scope(path, headers=extra, content_type=form_content_type(boundary), **kwargs)
+
+
 async def call_app(app: Any, scope: dict[str, Any], chunks: Iterable[bytes] = (), disconnect_after: bool = False) -> Reply:
     """Run one request: each chunk is an http.request event, then more_body=False.
 
@@ -500,3 +517,19 @@ def wait_for(condition: Any, timeout: float = 30.0, what: str = "condition", eve
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(every)
+
+
+def assert_error(reply: Any, status: int, code: str) -> dict[str, Any]:
+    """An error answer: `status`, an exact length, and JSON with `code` and a human `detail`.
+
+    Takes a recorded `Reply` (call_app) or an httpx response.
+    """
+    got, body = (reply.status, reply.body) if isinstance(reply, Reply) else (reply.status_code, reply.content)
+    assert got == status, body
+    assert int(reply.headers["content-length"]) == len(body)
+    assert reply.headers["content-type"] == "application/json"
+    payload = json.loads(body)
+    assert payload["error"] == code
+    assert isinstance(payload["detail"], str) and payload["detail"]
+    assert b"Traceback" not in body
+    return payload

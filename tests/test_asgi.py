@@ -14,6 +14,7 @@ from hypercorn.utils import LifespanFailureError
 
 import upload_asgi
 from support import (
+    upload_scope,
     BOUNDARY,
     assert_nothing_stored,
     assert_stored,
@@ -48,8 +49,6 @@ def file_data(size: int, seed: int = 0) -> bytes:
     return bytes(out[:size])
 
 
-def upload_scope(path: str = "/upload", **kwargs: Any) -> dict[str, Any]:
-    return http_scope(path, content_type=form_content_type(), **kwargs)
 
 
 def check_json(reply, status: int) -> Any:

@@ -17,6 +17,7 @@ import pytest
 import upload_asgi
 from upload_service import asgi
 from support import (
+    upload_scope,
     Server,
     assert_nothing_stored,
     assert_stored,
@@ -67,8 +68,6 @@ class Recorder:
 KINDS = [pytest.param("sync", id="sync-callback"), pytest.param("async", id="async-callback")]
 
 
-def upload_scope(path: str = "/upload", **kwargs: Any) -> dict[str, Any]:
-    return http_scope(path, content_type=form_content_type(), **kwargs)
 
 
 @pytest.mark.parametrize("kind", KINDS)

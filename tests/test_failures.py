@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,8 @@ import pytest
 from upload_service import asgi, early_answer, localstore
 import upload_asgi
 from support import (
+    assert_error,
+    upload_scope,
     wait_for,
     partial_files,
     Reply,
@@ -42,23 +45,8 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-def upload_scope(path: str = "/upload", token: str | None = None, length: int | None = None) -> dict[str, Any]:
-    headers = []
-    if token is not None:
-        headers.append(("authorization", token))
-    if length is not None:
-        headers.append(("content-length", str(length)))
-    return http_scope(path, headers=headers, content_type=form_content_type())
 
 
-def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
-    assert reply.status == status, reply.body
-    reply.check_length()
-    assert reply.headers["content-type"] == "application/json"
-    payload = reply.json()
-    assert payload["error"] == code
-    assert payload["detail"]
-    return payload
 
 
 @pytest.fixture
@@ -748,4 +736,89 @@ async def test_log_line_for_a_client_that_left(config, upload_dir, caplog):
     assert reply.status is None
     lines = [r.getMessage() for r in caplog.records if r.name == "upload_asgi"]
     assert lines == ["upload abandoned by the client after 2000 bytes"]
+    assert_nothing_stored(upload_dir)
+
+
+# -- cancels and slow disks during the commit ----------------------------------------
+
+
+@pytest.mark.parametrize("cancels", [1, 3])
+async def test_cancelled_during_commit_stores_nothing(config, upload_dir, monkeypatch, cancels):
+    """A request cancelled while its files are being committed (on a thread that cannot be
+    stopped) ends with nothing stored: the commit finishes, then is undone. Cancelled
+    again (a server shutting down cancels everything again), it still waits for the
+    commit: cleaning up beside it left files stored."""
+    app = upload_asgi.create_app(config)
+    committing = threading.Event()
+    real_write_sidecar = localstore.write_sidecar
+
+    def slow_write_sidecar(*args, **kwargs):
+        committing.set()
+        time.sleep(0.3)
+        return real_write_sidecar(*args, **kwargs)
+
+    monkeypatch.setattr(localstore, "write_sidecar", slow_write_sidecar)
+    body = form_body([file_part(b"one", name="files"), file_part(b"two", name="files")])
+    task = asyncio.ensure_future(call_app(app, upload_scope("/upload-multiple"), [body]))
+    while not committing.is_set():
+        await asyncio.sleep(0.01)
+    for _ in range(cancels):
+        task.cancel()
+        await asyncio.sleep(0.02)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert_nothing_stored(upload_dir)
+    assert app.metrics.outcomes == {"disconnected": 1}
+    assert app.metrics.in_flight == 0
+
+
+async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, upload_dir, monkeypatch):
+    """A client that leaves while a block is being written: the cleanup waits for that
+    write off the event loop, so every other request goes on meanwhile."""
+    app = upload_asgi.create_app(config)
+    real_write_all = localstore.write_all
+
+    def slow_write_all(fd, data):
+        time.sleep(1.0)
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(localstore, "write_all", slow_write_all)
+    gaps = []
+
+    async def tick():
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    body = form_body([file_part(os.urandom(3 * MiB))])
+    try:
+        reply = await call_app(app, upload_scope(), chunks_of(body[: 2 * MiB], 64 * 1024), disconnect_after=True)
+    finally:
+        ticker.cancel()
+    assert reply.status is None  # the client left: no answer
+    assert_nothing_stored(upload_dir)
+    # Waiting on the loop for the block being written stalled it for up to the write's 1 s;
+    # 0.4 s leaves room for a busy machine's scheduling.
+    assert max(gaps) < 0.4, f"the event loop stalled for {max(gaps):.2f} s"
+
+
+async def test_a_process_stopping_is_not_answered_as_a_500(config, upload_dir):
+    """KeyboardInterrupt or SystemExit from below goes up, it is not turned into an answer."""
+    app = upload_asgi.create_app(config)
+    sent = []
+
+    async def receive():
+        raise SystemExit(3)
+
+    async def send(message):
+        sent.append(message)
+
+    with pytest.raises(SystemExit):
+        await app(upload_scope(), receive, send)
+    assert sent == []
+    assert app.metrics.in_flight == 0
     assert_nothing_stored(upload_dir)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import upload_asgi
+import support
 from support import (
     Reply,
     Server,
@@ -27,7 +28,8 @@ from upload_service.hooks import request_headers, takes_scope
 
 
 def upload_scope(path: str = "/upload", headers: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-    return http_scope(path, content_type=form_content_type(), headers=headers or [("X-User", "ann")])
+    """An upload scope with the user header the hooks read."""
+    return support.upload_scope(path, headers=headers or [("X-User", "ann")])
 
 
 class Hook:

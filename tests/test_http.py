@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import upload_asgi
 from support import (
+    assert_error,
     BOUNDARY,
     Part,
     assert_nothing_stored,
@@ -44,15 +45,6 @@ def check_length(reply: httpx.Response) -> None:
     assert int(reply.headers["content-length"]) == len(reply.content)
 
 
-def check_error(reply: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert reply.status_code == status, reply.text
-    assert reply.headers["content-type"] == "application/json"
-    check_length(reply)
-    payload = reply.json()
-    assert payload["error"] == code
-    assert isinstance(payload["detail"], str) and payload["detail"]
-    assert "Traceback" not in reply.text
-    return payload
 
 
 def check_created(reply: httpx.Response) -> Any:
@@ -248,18 +240,18 @@ ERROR_TABLE = [
 @pytest.mark.parametrize("path, content_type, body, status, code", ERROR_TABLE)
 async def test_error_table(client, upload_dir, path, content_type, body, status, code):
     reply = await post_body(client, body, path, content_type)
-    check_error(reply, status, code)
+    assert_error(reply, status, code)
     assert_nothing_stored(upload_dir)
 
 
 async def test_sha256_mismatch_says_the_real_digest(client, upload_dir):
-    payload = check_error(await post_body(client, WRONG_SHA), 422, "sha256_mismatch")
+    payload = assert_error(await post_body(client, WRONG_SHA), 422, "sha256_mismatch")
     assert sha(b"data") in payload["detail"]
     assert_nothing_stored(upload_dir)
 
 
 async def test_error_then_success_on_the_same_app(client, upload_dir):
-    check_error(await post_body(client, ONE_FILE[:-300]), 400, "malformed_multipart")
+    assert_error(await post_body(client, ONE_FILE[:-300]), 400, "malformed_multipart")
     assert_nothing_stored(upload_dir)
     record = check_created(await post_body(client, ONE_FILE))
     assert_stored(upload_dir, record, b"x" * 5000)

@@ -18,6 +18,7 @@ import pytest
 import upload_asgi
 from upload_service import early_answer
 from support import (
+    upload_scope,
     BOUNDARY,
     Part,
     Reply,
@@ -30,7 +31,6 @@ from support import (
     file_part,
     form_body,
     form_content_type,
-    http_scope,
     raw_request,
     request_head,
 )
@@ -90,11 +90,6 @@ async def call_traced(app: Any, scope: dict[str, Any], chunks: Iterable[bytes]) 
     return trace
 
 
-def upload_scope(path: str = "/upload", length: int | None = None, headers=()) -> dict[str, Any]:
-    extra = list(headers)
-    if length is not None:
-        extra.append(("content-length", str(length)))
-    return http_scope(path, headers=extra, content_type=form_content_type())
 
 
 def make_app(config: upload_asgi.Config, **limits: int) -> upload_asgi.UploadApp:

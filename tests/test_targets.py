@@ -1,22 +1,25 @@
 """targets.py driven directly: the file target and FormReader, bytes in, partial files and fields out.
 
-No ASGI, no event loop (the way h11 tests its pieces)."""
+No ASGI, no event loop (the way h11 tests its pieces).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+import time
 
 import pytest
 
-from support import BOUNDARY, field_part, file_part, form_body, multi_body, reader_for, split_at
-from targets import FormLimits, UploadFileTarget
+from support import BOUNDARY, chunks_of, field_part, file_part, form_body, multi_body, reader_for, split_at
+from targets import FormLimits, FormReader, UploadFileTarget
+from upload_service import localstore, threads
 from upload_service.errors import FormError, LimitExceeded
-from upload_service.framing import (
-    DEFAULT_CONTENT_TYPE,
-    PartInfo,
-)
+from upload_service.framing import DEFAULT_CONTENT_TYPE, PartInfo
 
 B = BOUNDARY.encode()
+MiB = 1024 * 1024
 
 # -- UploadFileTarget ---------------------------------------------------------------
 
@@ -38,6 +41,7 @@ def test_form_reader_refuses_what_the_parser_slipped_on(store, partial_dir):
         assert reader.files[0].size == len(content)  # or read right
     reader.abort()
     assert list(partial_dir.iterdir()) == []
+
 
 
 
@@ -190,3 +194,57 @@ def test_split_helper_sanity():
     body = form_body([file_part(b"x" * 50)])
     for points in ([], [1], [5, 5, 3], [0, len(body)], list(range(0, len(body), 7))):
         assert b"".join(split_at(body, points)) == body
+
+
+class CountingExecutor(threads.WriterPool):
+    """Counts write jobs submitted and not yet finished."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.outstanding = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args, **kwargs):
+        with self._lock:
+            self.outstanding += 1
+            self.most = max(self.most, self.outstanding)
+        future = super().submit(fn, *args, **kwargs)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future) -> None:
+        with self._lock:
+            self.outstanding -= 1
+
+
+def test_many_files_on_a_slow_disk_hold_a_bounded_number_of_blocks(tmp_path, monkeypatch):
+    """Each ended file's last block used to go to the executor without backpressure: a form of
+    60 files on a slow disk queued ~60 MiB. Now the reader waits, as read_body does."""
+    real_write = localstore.os.write
+
+    def slow_write(fd, data):
+        time.sleep(0.005)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(localstore.os, "write", slow_write)
+    files = [os.urandom(MiB - 1 - i) for i in range(24)]
+    body = form_body([file_part(data, f"{i}.bin", name="files") for i, data in enumerate(files)])
+    store = localstore.LocalStore(tmp_path / "uploads")
+    store.prepare()
+    limits = FormLimits(max_file_size=1 << 30, max_field_size=1 << 16, max_files=100, max_parts=200)
+    executor = CountingExecutor()
+    reader = FormReader(B, store, limits, "files", ("description",), executor=executor)
+    for chunk in chunks_of(body, 64 * 1024):
+        reader.feed(chunk)
+        while (job := reader.write_backlog()) is not None:
+            job.result()
+    reader.close()
+    for target in reader.files:
+        if target.job is not None:
+            target.job.result()
+    assert executor.most <= 3
+    assert [t.size for t in reader.files] == [len(d) for d in files]
+    for target, data in zip(reader.files, files):
+        target.sink.close()
+        assert target.sink.path.read_bytes() == data
