@@ -61,11 +61,11 @@ from upload_service.errors import (
     as_upload_error,
 )
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
-from upload_service.localstore import LocalStore
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, outcome_of
 from upload_service.page import PAGE_CSP, render_page
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
+from upload_service.stores import make_store
 from upload_service.threads import WRITE_THREADS, WriterPool
 
 __all__ = ["Config", "ConfigError", "UploadApp", "app", "create_app"]
@@ -89,7 +89,7 @@ class UploadApp:
         self.on_upload = on_upload
         self.config_error = config_error
         self.metrics = Metrics()
-        self.store: Store | None = None if config is None else LocalStore(config.upload_dir, config.fsync)
+        self.store: Store | None = None if config is None else make_store(config)
         self.writer: WriterPool | None = None  # started on the first upload
         self.routes: dict[str, dict[str, Handler]] = {
             "/": {"GET": self.handle_page},
@@ -291,7 +291,7 @@ def create_app(config: Config | None = None, on_upload: UploadCallback | None = 
     """
     if config is None:
         try:
-            config = Config.from_env()
+            return UploadApp(Config.from_env(), on_upload)  # the store's client may be missing too
         except ConfigError as exc:
             logger.error("upload-asgi configuration error: %s", exc)
             return UploadApp(None, on_upload, config_error=str(exc))

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, AsyncIterator, Iterator
 
 import httpx
 import pytest
 
 import upload_asgi
 from support import Server
+
+if TYPE_CHECKING:
+    from s3server import SeaweedFS
 
 
 @pytest.fixture
@@ -36,4 +39,13 @@ async def client(app: upload_asgi.UploadApp) -> AsyncIterator[httpx.AsyncClient]
 def server(upload_dir: Path) -> Iterator[Server]:
     """A real `hypercorn upload_asgi:app` on a free port, with UPLOAD_DIR set."""
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator["SeaweedFS"]:
+    """One SeaweedFS (`weed mini`) for the session, on free ports; tests use their own prefixes."""
+    from s3server import SeaweedFS
+
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs") / "data") as running:
         yield running

@@ -29,6 +29,13 @@ DEFAULT_IDLE_TIMEOUT = 60.0  # seconds; a browser on a bad link stalls for less
 # real link; 0 turns the check off.
 DEFAULT_MIN_RATE = 1 * KiB
 DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write blocks
+# S3 (SPEC §11): parts of 8 MiB, two per upload in memory at once (one filling while one
+# is sent); S3 refuses parts under 5 MiB (but the last) and over 5 GiB.
+DEFAULT_S3_PART_SIZE = 8 * MiB
+S3_MIN_PART_SIZE = 5 * MiB
+S3_MAX_PART_SIZE = 5 * GiB
+DEFAULT_S3_PARTS_IN_FLIGHT = 2
+DEFAULT_S3_SWEEP_AFTER = 24 * 3600.0  # a multipart upload older than this is a crashed server's
 
 
 # -- parsers (environment text -> value) -------------------------------------------
@@ -91,6 +98,33 @@ def parse_token(text: str) -> str:
 
 def parse_text(text: str) -> str:
     return text.strip()
+
+
+# s3://<bucket>/<prefix>: a bucket name as S3 allows it (3-63 of a-z 0-9 . -), any prefix.
+S3_URL_RE = re.compile(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?")
+
+
+def parse_storage(text: str) -> str:
+    """`local`, or `s3://<bucket>/<prefix>` (the prefix may be empty)."""
+    value = text.strip()
+    if value == "local":
+        return value
+    match = S3_URL_RE.fullmatch(value)
+    if not match:
+        raise ValueError(f"{text!r} is not 'local' or 's3://<bucket>/<prefix>'")
+    prefix = (match.group(2) or "").strip("/")
+    if "//" in prefix or any(ord(c) < 32 or c == "\x7f" for c in prefix):
+        raise ValueError(f"{text!r}: the prefix must be path segments without empty ones or control characters")
+    return f"s3://{match.group(1)}/{prefix}" if prefix else f"s3://{match.group(1)}"
+
+
+def parse_url(text: str) -> str | None:
+    value = text.strip()
+    if not value:
+        return None
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+    return value
 
 
 # -- checks (any value, from code or parsed -> the value kept) ------------------------
@@ -157,6 +191,27 @@ def check_text(value: Any) -> str:
     return value
 
 
+def check_storage(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not 'local' or 's3://<bucket>/<prefix>'")
+    return parse_storage(value)
+
+
+def check_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a URL")
+    return parse_url(value)
+
+
+def check_part_size(value: Any) -> int:
+    value = as_whole(value)
+    if not S3_MIN_PART_SIZE <= value <= S3_MAX_PART_SIZE:
+        raise ValueError(f"must be from 5M to 5G (S3's part limits), got {value!r}")
+    return value
+
+
 def setting(variable: str, parse: Callable[[str], Any], check: Callable[[Any], Any], default: Any, help: str) -> Any:
     """Declare a Config field: its environment variable, parser, check and default."""
     meta = {"variable": variable, "parse": parse, "check": check, "help": help}
@@ -189,6 +244,23 @@ class Config:
     )
     min_rate: int = setting(
         "UPLOAD_MIN_RATE", parse_size, check_rate, DEFAULT_MIN_RATE, "bytes/s a body must average (0: off)"
+    )
+    storage: str = setting(
+        "UPLOAD_STORAGE", parse_storage, check_storage, "local", "local (UPLOAD_DIR) or s3://<bucket>/<prefix>"
+    )
+    s3_endpoint_url: str | None = setting(
+        "UPLOAD_S3_ENDPOINT_URL", parse_url, check_url, None, "S3-compatible endpoint (unset: AWS)"
+    )
+    s3_part_size: int = setting(
+        "UPLOAD_S3_PART_SIZE", parse_size, check_part_size, DEFAULT_S3_PART_SIZE, "bytes per S3 part (5M to 5G)"
+    )
+    s3_parts_in_flight: int = setting(
+        "UPLOAD_S3_PARTS_IN_FLIGHT", parse_count, check_whole, DEFAULT_S3_PARTS_IN_FLIGHT,
+        "S3 parts in memory per upload",
+    )
+    s3_sweep_after: float = setting(
+        "UPLOAD_S3_SWEEP_AFTER", parse_duration, check_seconds, DEFAULT_S3_SWEEP_AFTER,
+        "age at which a multipart upload is a crashed server's (24h, 30m, seconds)",
     )
 
     def __post_init__(self) -> None:
