@@ -63,6 +63,7 @@ class SeaweedFS:
             args += [f"-{name}.port={http}", f"-{name}.port.grpc={grpc}"]
         return args + [
             "-admin.ui=false",
+            "-s3.autoCreateBucket=false",  # as S3 does: a missing bucket is an error
             "-webdav=false",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",

@@ -22,8 +22,10 @@ reports them, and both UploadErrors, so an upload answers them.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import concurrent.futures
 import heapq
+import itertools
 import json
 import logging
 import os
@@ -60,6 +62,57 @@ REFUSED_CODES = {
     "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken",
 }
+
+
+class PartBody:
+    """A part as the blocks it was written in, sent without ever copying it whole.
+
+    Given bytes, botocore wraps them in a BytesIO that aiohttp copies whole
+    (`getbuffer`), and a large write to aiohttp's transport is buffered whole again;
+    joining the blocks into one part would be one more copy. This gives botocore what it
+    asks of a body (`read`/`seek`/`tell` to sign it and rewind for a retry, `len` for
+    its length) and aiohttp what it streams (`__aiter__`): the blocks, in views of
+    SEND_CHUNK_SIZE, each written and drained before the next.
+    """
+
+    SEND_CHUNK_SIZE = 256 * 1024
+
+    def __init__(self, blocks: list[bytes]) -> None:
+        self._blocks = blocks
+        self._starts = list(itertools.accumulate((len(b) for b in blocks), initial=0))  # offsets, and the size
+        self._position = 0
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def read(self, size: int = -1) -> bytes:
+        stop = len(self) if size is None or size < 0 else min(len(self), self._position + size)
+        pieces = []
+        index = bisect.bisect_right(self._starts, self._position) - 1
+        while self._position < stop:
+            block, offset = self._blocks[index], self._position - self._starts[index]
+            piece = block[offset : offset + stop - self._position]
+            pieces.append(piece)
+            self._position += len(piece)
+            index += 1
+        return b"".join(pieces)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: len(self)}[whence]
+        self._position = min(max(0, base + offset), len(self))
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def __aiter__(self) -> AsyncIterator[memoryview]:
+        return self._views()
+
+    async def _views(self) -> AsyncIterator[memoryview]:
+        for block in self._blocks:
+            view = memoryview(block)
+            for start in range(0, len(view), self.SEND_CHUNK_SIZE):
+                yield view[start : start + self.SEND_CHUNK_SIZE]
 
 
 class S3Sink(FileSink):
@@ -105,10 +158,9 @@ class S3Sink(FileSink):
             concurrent.futures.wait(sending, THREAD_WAIT_SECONDS, concurrent.futures.FIRST_COMPLETED)
         self._raise_failed()
 
-    def _take_buffer(self) -> bytes:
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks, self._buffered = [], 0
-        return data
+    def _take_buffer(self) -> PartBody:
+        blocks, self._chunks, self._buffered = self._chunks, [], 0
+        return PartBody(blocks)
 
     def _raise_failed(self) -> None:
         for future in self._parts:
@@ -331,8 +383,8 @@ class S3Store(Store):
     async def start_multipart(self, key: str) -> str:
         return (await self.call("create_multipart_upload", Key=key))["UploadId"]
 
-    async def upload_part(self, key: str, upload_id: str, number: int, data: bytes) -> str:
-        answer = await self.call("upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=data)
+    async def upload_part(self, key: str, upload_id: str, number: int, part: PartBody) -> str:
+        answer = await self.call("upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=part)
         return answer["ETag"]
 
     async def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> None:
