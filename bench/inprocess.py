@@ -33,6 +33,7 @@ from streaming_form_data import StreamingFormDataParser
 from streaming_form_data.targets import BaseTarget
 
 import targets
+from upload_service.framing import PartInfo
 import upload_asgi
 
 
@@ -180,10 +181,10 @@ class CountingFormReader(targets.FormReader):
     """Our form reader (framer + parser), with every part sent to a counting target."""
 
     def __init__(self, boundary: bytes, limits: targets.FormLimits) -> None:
-        super().__init__(boundary, Path("/nonexistent"), limits, file_field="file", text_fields=())
+        super().__init__(boundary, None, limits, file_field="file", text_fields=())
         self.counted: list[CountingTarget] = []
 
-    def _open_target(self, info: targets.PartInfo) -> BaseTarget:
+    def _open_target(self, info: PartInfo) -> BaseTarget:
         target = CountingTarget()
         self.counted.append(target)
         self._opened.append(target)

@@ -8,6 +8,7 @@ import pytest
 
 import upload_asgi
 from support import Server
+from upload_service.localstore import LocalStore
 
 if TYPE_CHECKING:
     from s3server import SeaweedFS
@@ -16,6 +17,19 @@ if TYPE_CHECKING:
 @pytest.fixture
 def upload_dir(tmp_path: Path) -> Path:
     return tmp_path / "uploads"
+
+
+@pytest.fixture
+def store(upload_dir: Path) -> LocalStore:
+    """The local backend on `upload_dir`, prepared as at startup."""
+    store = LocalStore(upload_dir)
+    store.prepare()
+    return store
+
+
+@pytest.fixture
+def partial_dir(store: LocalStore) -> Path:
+    return store.partial_dir
 
 
 @pytest.fixture

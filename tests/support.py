@@ -62,6 +62,31 @@ def form_body(parts: Iterable[Part], boundary: str = BOUNDARY, preamble: bytes =
     return b"".join(out)
 
 
+def partial_files(upload_dir: Path) -> list[Path]:
+    """What is in the upload dir's `.partial/` (files being written), sorted."""
+    return sorted((upload_dir / ".partial").iterdir())
+
+
+def multi_body() -> tuple[bytes, list[tuple[str, str, bytes]]]:
+    """A form of a description and three files (text, binary, empty), and the files."""
+    files = [
+        ("one.txt", "text/plain", b"first file\r\n"),
+        ("two.png", "image/png", bytes(range(256)) * 3),
+        ("three.bin", "application/x-thing", b""),
+    ]
+    parts = [field_part("description", "three files")]
+    parts += [file_part(data, name, "files", ctype) for name, ctype, data in files]
+    return form_body(parts), files
+
+
+def reader_for(store: Any, limits: Any = None, file_field: str = "files") -> Any:
+    """A FormReader on `store` for the test BOUNDARY, reading `description` and `sha256`."""
+    from targets import FormLimits, FormReader
+
+    limits = limits or FormLimits(max_file_size=1 << 30, max_field_size=64 * 1024, max_files=10, max_parts=20)
+    return FormReader(BOUNDARY.encode(), store, limits, file_field=file_field, text_fields=("description", "sha256"))
+
+
 def form_content_type(boundary: str = BOUNDARY) -> str:
     return f"multipart/form-data; boundary={boundary}"
 

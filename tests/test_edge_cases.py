@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import targets
+from upload_service import framing, localstore
 import upload_asgi
 from support import (
     BOUNDARY,
@@ -67,7 +68,7 @@ async def test_filename_star_in_any_charset_is_a_record_or_a_400(app, upload_dir
 
 
 def test_filename_star_latin1_is_decoded():
-    assert targets.decode_ext_value("ISO-8859-1'fr'%E9t%E9.txt") == "été.txt"
+    assert framing.decode_ext_value("ISO-8859-1'fr'%E9t%E9.txt") == "été.txt"
 
 
 @pytest.mark.parametrize(
@@ -105,13 +106,13 @@ async def test_a_repeated_text_field_is_refused(app, upload_dir):
     assert_nothing_stored(upload_dir)
 
 
-async def test_a_boundary_the_parser_would_decode_is_refused_clearly(app, upload_dir):
-    boundary = "=?utf-8?q?x?="  # legal (RFC 2046 bchars), but an RFC 2047 word to the email package
-    body = form_body([file_part(b"data")], boundary=boundary)
+async def test_a_boundary_shaped_like_an_rfc2047_word_is_read_as_it_is(app, upload_dir):
+    boundary = "=?utf-8?q?x?="  # legal (RFC 2046 bchars); the email package would decode it to "x"
+    data = b"data\r\n--x\r\n--x--\r\n"  # what a decoded boundary would cut short
+    body = form_body([file_part(data)], boundary=boundary)
     reply = await call_app(app, upload_scope(boundary=f'"{boundary}"'), [body])
-    check_error(reply, 400, "malformed_multipart")
-    assert "boundary" in reply.json()["detail"]
-    assert_nothing_stored(upload_dir)
+    assert reply.status == 201, reply.body
+    assert_stored(upload_dir, reply.json(), data)
 
 
 @pytest.mark.parametrize("length", ["²", "-5", "1e3", " 12 "])
@@ -130,14 +131,14 @@ async def test_cancelled_during_commit_stores_nothing(config, upload_dir, monkey
     commit: cleaning up beside it left files stored."""
     app = upload_asgi.create_app(config)
     committing = threading.Event()
-    real_write_sidecar = targets.write_sidecar
+    real_write_sidecar = localstore.write_sidecar
 
     def slow_write_sidecar(*args, **kwargs):
         committing.set()
         time.sleep(0.3)
         return real_write_sidecar(*args, **kwargs)
 
-    monkeypatch.setattr(targets, "write_sidecar", slow_write_sidecar)
+    monkeypatch.setattr(localstore, "write_sidecar", slow_write_sidecar)
     body = form_body([file_part(b"one", name="files"), file_part(b"two", name="files")])
     task = asyncio.ensure_future(call_app(app, upload_scope("/upload-multiple"), [body]))
     while not committing.is_set():
@@ -156,13 +157,13 @@ async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, up
     """A client that leaves while a block is being written: the cleanup waits for that
     write off the event loop, so every other request goes on meanwhile."""
     app = upload_asgi.create_app(config)
-    real_write_all = targets.write_all
+    real_write_all = localstore.write_all
 
     def slow_write_all(fd, data):
         time.sleep(1.0)
         real_write_all(fd, data)
 
-    monkeypatch.setattr(targets, "write_all", slow_write_all)
+    monkeypatch.setattr(localstore, "write_all", slow_write_all)
     gaps = []
 
     async def tick():
@@ -293,19 +294,20 @@ class CountingExecutor(ThreadPoolExecutor):
 def test_many_files_on_a_slow_disk_hold_a_bounded_number_of_blocks(tmp_path, monkeypatch):
     """Each ended file's last block used to go to the executor without backpressure: a form of
     60 files on a slow disk queued ~60 MiB. Now the reader waits, as read_body does."""
-    real_write = targets.os.write
+    real_write = localstore.os.write
 
     def slow_write(fd, data):
         time.sleep(0.005)
         return real_write(fd, data)
 
-    monkeypatch.setattr(targets.os, "write", slow_write)
+    monkeypatch.setattr(localstore.os, "write", slow_write)
     files = [os.urandom(MiB - 1 - i) for i in range(24)]
     body = form_body([file_part(data, f"{i}.bin", name="files") for i, data in enumerate(files)])
-    partial_dir = targets.prepare_upload_dir(tmp_path / "uploads")
+    store = localstore.LocalStore(tmp_path / "uploads")
+    store.prepare()
     limits = targets.FormLimits(max_file_size=1 << 30, max_field_size=1 << 16, max_files=100, max_parts=200)
     with CountingExecutor() as executor:
-        reader = targets.FormReader(B, partial_dir, limits, "files", ("description",), executor=executor)
+        reader = targets.FormReader(B, store, limits, "files", ("description",), executor=executor)
         for chunk in chunks_of(body, 64 * 1024):
             reader.feed(chunk)
             while (job := reader.write_backlog()) is not None:
@@ -317,57 +319,11 @@ def test_many_files_on_a_slow_disk_hold_a_bounded_number_of_blocks(tmp_path, mon
         assert executor.most <= 3
     assert [t.size for t in reader.files] == [len(d) for d in files]
     for target, data in zip(reader.files, files):
-        target.close()
-        assert target.path.read_bytes() == data
+        target.sink.close()
+        assert target.sink.path.read_bytes() == data
 
 
-def test_writer_pool_waits_for_a_free_thread_to_begin(monkeypatch):
-    """With a thread free, submit returns only once the job has signalled that it begins
-    (so the writer got the GIL); the job's result comes back through the future."""
-    monkeypatch.setattr(targets.WriterPool, "HANDSHAKE_SECONDS", 10.0)
-    pool = targets.WriterPool(1)
-    began = []
-    release = threading.Event()
-
-    def job(value, started):
-        began.append(value)
-        started.set()
-        release.wait(10)
-
-    future = pool.submit(job, "first")
-    assert began == ["first"]  # submit waited for it
-    release.set()
-    assert future.result(10) is None
 
 
-def test_writer_pool_never_waits_on_busy_threads(monkeypatch):
-    """With every thread busy, submit must not wait: the event loop would stall behind
-    other uploads' blocks."""
-    monkeypatch.setattr(targets.WriterPool, "HANDSHAKE_SECONDS", 10.0)
-    pool = targets.WriterPool(1)
-    release = threading.Event()
-
-    def blocking(started):
-        started.set()
-        release.wait(10)
-
-    first = pool.submit(blocking)
-    begun = time.monotonic()
-    second = pool.submit(lambda started: None)  # queued behind the first
-    waited = time.monotonic() - begun
-    release.set()
-    first.result(10)
-    second.result(10)
-    assert waited < 5.0  # far below the 10 s handshake: it did not wait
 
 
-def test_writer_pool_job_that_raises_still_frees_its_thread():
-    pool = targets.WriterPool(1)
-
-    def failing(started):
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(OSError):
-        pool.submit(failing).result(10)
-    assert pool.submit(lambda started: started.set()).result(10) is None
-    assert pool._busy == 0

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 import upload_asgi
+from upload_service import asgi
 from support import (
     Server,
     assert_nothing_stored,
@@ -224,7 +225,7 @@ async def test_app_keeps_serving_after_a_raising_callback(config, upload_dir):
     ],
 )
 def test_route_path(path, root_path, expected):
-    assert upload_asgi.route_path({"path": path, "root_path": root_path}) == expected
+    assert asgi.route_path({"path": path, "root_path": root_path}) == expected
 
 
 def page_urls(html: str) -> tuple[list[str], str]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import hashlib
 import logging
 import os
 import re
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,16 +18,16 @@ from typing import Any, Iterator
 import httpx
 import pytest
 
-import targets
+from upload_service import asgi, early_answer, localstore
 import upload_asgi
 from support import (
+    partial_files,
     Reply,
     Server,
     assert_nothing_stored,
     assert_stored,
     call_app,
     chunks_of,
-    field_part,
     file_part,
     form_body,
     form_content_type,
@@ -65,7 +63,7 @@ def assert_error(reply: Reply, status: int, code: str) -> dict[str, Any]:
 @pytest.fixture
 def short_drain(monkeypatch):
     """After an early answer the app drains for up to 2 s; a silent test client would wait that long."""
-    monkeypatch.setattr(upload_asgi, "DRAIN_LIMIT_SECONDS", 0.2)
+    monkeypatch.setattr(early_answer, "DRAIN_LIMIT_SECONDS", 0.2)
 
 
 # -- 401: the bearer token ----------------------------------------------------------
@@ -132,13 +130,13 @@ async def test_reads_stay_open_with_a_token(token_app, path):
 
 async def test_token_is_compared_in_constant_time(token_app, monkeypatch):
     calls = []
-    real = upload_asgi.hmac.compare_digest
+    real = asgi.hmac.compare_digest
 
     def spy(a, b):
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(upload_asgi.hmac, "compare_digest", spy)
+    monkeypatch.setattr(asgi.hmac, "compare_digest", spy)
     reply = await call_app(token_app, upload_scope(token="Bearer guess"), [b""])
     assert reply.status == 401
     assert calls == [(b"guess", TOKEN.encode())]
@@ -329,13 +327,13 @@ async def test_stalled_client_gets_408_and_its_partial_file_is_removed(config, u
 async def test_a_slow_disk_is_not_an_idle_client(config, upload_dir, monkeypatch):
     """Waiting for the disk (backpressure) does not count against the client's idle timeout."""
     app = upload_asgi.create_app(replace(config, idle_timeout=0.2, fsync=False))
-    real_write = targets.os.write
+    real_write = localstore.os.write
 
     def slow_write(fd, data):
         time.sleep(0.3)  # longer than the idle timeout, on the writer thread
         return real_write(fd, data)
 
-    monkeypatch.setattr(targets.os, "write", slow_write)
+    monkeypatch.setattr(localstore.os, "write", slow_write)
     data = os.urandom(3 * 1024 * KiB + 5)
     reply = await asyncio.wait_for(
         call_app(app, upload_scope(), chunks_of(form_body([file_part(data)]), 64 * KiB)), 30
@@ -409,13 +407,13 @@ async def test_time_spent_waiting_for_a_slow_disk_does_not_count_against_the_rat
     """The client sends at once, our disk takes 0.4 s a block: that wait is ours, so a
     floor far above what the disk allows still lets the upload through."""
     app = upload_asgi.create_app(replace(config, idle_timeout=0.3, min_rate=20_000_000, fsync=False))
-    real_write_all = targets.write_all
+    real_write_all = localstore.write_all
 
     def slow_write_all(fd, data):
         time.sleep(0.4)
         real_write_all(fd, data)
 
-    monkeypatch.setattr(targets, "write_all", slow_write_all)
+    monkeypatch.setattr(localstore, "write_all", slow_write_all)
     data = os.urandom(3 * MiB)
     reply = await asyncio.wait_for(
         call_app(app, upload_scope(), chunks_of(form_body([file_part(data)]), 64 * KiB)), 30
@@ -488,7 +486,7 @@ class FailingWrites:
 async def test_disk_full_answers_507_and_keeps_serving(config, upload_dir, monkeypatch, where, name, after, code):
     app = upload_asgi.create_app(replace(config, fsync=False))
     failing = FailingWrites(upload_dir, code, after=after, name=name)
-    monkeypatch.setattr(targets.os, "write", failing)
+    monkeypatch.setattr(localstore.os, "write", failing)
     body = form_body([file_part(os.urandom(300 * KiB), name="files"), file_part(b"second", name="files")])
     reply = await call_app(app, upload_scope("/upload-multiple"), chunks_of(body, 64 * KiB))
     assert_error(reply, 507, "insufficient_storage")
@@ -496,7 +494,7 @@ async def test_disk_full_answers_507_and_keeps_serving(config, upload_dir, monke
     assert str(upload_dir) not in reply.body.decode()
     assert_nothing_stored(upload_dir)
     # Space comes back: the same app stores the next upload.
-    monkeypatch.setattr(targets.os, "write", failing.real)
+    monkeypatch.setattr(localstore.os, "write", failing.real)
     data = os.urandom(10 * KiB)
     reply = await call_app(app, upload_scope(), [form_body([file_part(data)])])
     assert reply.status == 201
@@ -512,7 +510,7 @@ async def test_disk_full_answers_507_and_keeps_serving(config, upload_dir, monke
 async def test_other_disk_errors_answer_500_without_details(config, upload_dir, monkeypatch, caplog, code):
     app = upload_asgi.create_app(replace(config, fsync=False))
     failing = FailingWrites(upload_dir, code, after=1000)
-    monkeypatch.setattr(targets.os, "write", failing)
+    monkeypatch.setattr(localstore.os, "write", failing)
     body = form_body([file_part(os.urandom(100 * KiB))])
     with caplog.at_level(logging.ERROR, logger="upload_asgi"):
         reply = await call_app(app, upload_scope(), chunks_of(body, 8192))
@@ -628,10 +626,6 @@ def start_half_upload(server: Server, data: bytes):
     return sock, body
 
 
-def partial_files(upload_dir: Path) -> list[Path]:
-    return sorted((upload_dir / ".partial").iterdir())
-
-
 @pytest.mark.slow
 def test_kill_9_mid_upload_leaves_nothing_visible_and_restart_sweeps(tmp_path):
     upload_dir = tmp_path / "uploads"
@@ -693,57 +687,12 @@ def test_a_second_server_starting_does_not_sweep_a_live_upload(tmp_path):
     assert_stored(upload_dir, record, data)
 
 
-HOLD_LOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("locked", flush=True)
-sys.stdin.read()
-"""
 
 
-def test_sweep_keeps_a_file_another_process_is_writing(tmp_path):
-    partial_dir = targets.prepare_upload_dir(tmp_path / "uploads")
-    live = partial_dir / targets.new_file_id()
-    stale = partial_dir / targets.new_file_id()
-    stale.write_bytes(b"left by a crashed process")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    try:
-        assert holder.stdout.readline() == b"locked\n"
-        assert targets.sweep_stale_partials(partial_dir) == 1
-        assert partial_files(tmp_path / "uploads") == [live]
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
-    # Its process is gone, so is its lock: now the file is stale.
-    assert targets.sweep_stale_partials(partial_dir) == 1
-    assert partial_files(tmp_path / "uploads") == []
 
 
-def test_sweep_keeps_a_file_this_process_is_writing(tmp_path):
-    """flock belongs to the open file: a sweep in the same process (another app) sees it too."""
-    partial_dir = targets.prepare_upload_dir(tmp_path / "uploads")
-    path = partial_dir / targets.new_file_id()
-    fd = targets.create_locked(path)
-    try:
-        os.write(fd, b"in flight")
-        assert targets.sweep_stale_partials(partial_dir) == 0
-        assert path.read_bytes() == b"in flight"
-        # A second app on the same dir prepares it at its startup: the file stays.
-        other = upload_asgi.create_app(upload_asgi.Config(upload_dir=tmp_path / "uploads"))
-        other.prepare()
-        assert path.exists()
-    finally:
-        os.close(fd)
-    assert targets.sweep_stale_partials(partial_dir) == 1
 
 
-def test_sweep_ignores_what_it_cannot_open(tmp_path):
-    partial_dir = targets.prepare_upload_dir(tmp_path / "uploads")
-    (partial_dir / "dangling").symlink_to(tmp_path / "nowhere")
-    assert targets.sweep_stale_partials(partial_dir) == 0
 
 
 # -- the log: one line per upload -------------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import pytest
 
 import upload_asgi
+from upload_service import early_answer
 from support import (
     BOUNDARY,
     Part,
@@ -257,7 +258,7 @@ async def test_declared_length_over_the_limit_is_refused_before_the_body(config,
     # The answer went out before the first receive(): no body byte was asked for.
     assert trace.events[:2] == [("send", "http.response.start"), ("send", "http.response.body")]
     # Afterwards it drains a bounded amount so that a server can deliver the answer (SPEC §8).
-    assert trace.body_read <= upload_asgi.DRAIN_LIMIT_BYTES + 65536
+    assert trace.body_read <= early_answer.DRAIN_LIMIT_BYTES + 65536
     assert_nothing_stored(upload_dir)
 
 

@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 import pytest
 
 import upload_asgi
+from upload_service import page as page_module
 from support import call_app, http_scope
 
 SETTINGS_RE = re.compile(r"var SETTINGS = (\{.*?\});\n")
@@ -102,8 +103,8 @@ async def test_token_required_follows_the_config(config):
     ],
 )
 def test_hostile_root_path_stays_data(root_path):
-    page = upload_asgi.render_page(root_path, False).decode()
-    template = upload_asgi.PAGE_HTML
+    page = page_module.render_page(root_path, False).decode()
+    template = page_module.page_template()
     assert page.count("</script>") == template.count("</script>")
     assert page.count("<!--") == template.count("<!--")
     assert page.count("<img") == template.count("<img")
@@ -114,7 +115,7 @@ def test_hostile_root_path_stays_data(root_path):
 
 
 def test_self_contained_no_external_urls():
-    page = upload_asgi.render_page("", False).decode()
+    page = page_module.render_page("", False).decode()
     assert not re.search(r"(?i)\b(?:https?|ftp|wss?):", page)
     for tag, attrs in parse(page).tags:
         for name in ("src", "href", "action"):
@@ -129,14 +130,14 @@ def test_self_contained_no_external_urls():
 
 
 def test_script_never_parses_data_as_html():
-    scripts = "".join(parse(upload_asgi.render_page("", False).decode()).scripts)
+    scripts = "".join(parse(page_module.render_page("", False).decode()).scripts)
     assert "XMLHttpRequest" in scripts  # the script is there
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function"):
         assert sink not in scripts, sink
 
 
 def test_every_control_is_labelled():
-    elements = parse(upload_asgi.render_page("", True).decode())
+    elements = parse(page_module.render_page("", True).decode())
     labelled = {attrs.get("for") for tag, attrs in elements.tags if tag == "label"}
     controls = [attrs for tag, attrs in elements.tags if tag in ("input", "select", "textarea")]
     assert len(controls) == 3  # token, description, file picker

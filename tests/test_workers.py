@@ -4,24 +4,18 @@ deletes a file another live worker is writing or committing (SPEC §4, §8)."""
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
 import hashlib
 import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-import targets
 from support import (
-    BOUNDARY,
     Server,
     assert_stored,
     field_part,
@@ -30,113 +24,8 @@ from support import (
     form_content_type,
     stored_ids,
 )
-from targets import FormLimits, FormReader, commit_files, prepare_upload_dir, sweep_stale_partials
 
 MiB = 1024 * 1024
-
-
-def new_reader(partial_dir: Path) -> FormReader:
-    limits = FormLimits(max_file_size=MiB, max_field_size=1024, max_files=10, max_parts=20)
-    return FormReader(BOUNDARY.encode(), partial_dir, limits, file_field="file", text_fields=())
-
-
-# -- the lock protocol, driven directly -----------------------------------------------------
-
-
-def test_sweep_spares_a_file_locked_by_another_process(tmp_path):
-    partial_dir = prepare_upload_dir(tmp_path / "uploads")
-    live = partial_dir / "live"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys\n"
-         f"fd = os.open({str(live)!r}, os.O_WRONLY | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "print('locked', flush=True)\n"
-         "sys.stdin.read()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        (partial_dir / "stale").write_bytes(b"no one holds me")
-        assert sweep_stale_partials(partial_dir) == 1
-        assert [p.name for p in partial_dir.iterdir()] == ["live"]
-    finally:
-        holder.stdin.close()
-        holder.wait(timeout=10)
-    # Its process is gone, so is the lock: the next sweep takes it.
-    assert sweep_stale_partials(partial_dir) == 1
-    assert list(partial_dir.iterdir()) == []
-
-
-def test_a_new_partial_file_survives_a_sweep_that_locks_it_first(tmp_path, monkeypatch):
-    """The race between O_CREAT and flock: a sweep in another worker opens the fresh,
-    not yet locked file, locks it and unlinks it. The writer must wait for that lock
-    (not fail with EWOULDBLOCK) and then start over with a new file."""
-    partial_dir = prepare_upload_dir(tmp_path / "uploads")
-    real_open = os.open
-    raced = []
-
-    def open_then_sweep_wins(path, flags, *args):
-        fd = real_open(path, flags, *args)
-        if flags & os.O_EXCL and not raced:
-            raced.append(path)
-            sweeper = real_open(path, os.O_RDONLY)
-            fcntl.flock(sweeper, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the sweep got there first
-
-            def finish_sweep() -> None:
-                os.unlink(path)
-                os.close(sweeper)
-
-            threading.Timer(0.2, finish_sweep).start()
-        return fd
-
-    monkeypatch.setattr(targets.os, "open", open_then_sweep_wins)
-    path = partial_dir / "0123456789abcdef0123456789abcdef"
-    fd = targets.create_locked(path)
-    monkeypatch.undo()
-    try:
-        assert raced == [path]
-        os.write(fd, b"written after the race")
-        assert path.read_bytes() == b"written after the race"  # a live, linked file
-        assert sweep_stale_partials(partial_dir) == 0  # and locked
-    finally:
-        os.close(fd)
-
-
-def test_partial_files_stay_locked_until_they_leave_partial(tmp_path, monkeypatch):
-    """A worker starting while another commits a multi-file upload must not sweep the
-    files that are finished but not yet renamed."""
-    upload_dir = tmp_path / "uploads"
-    partial_dir = prepare_upload_dir(upload_dir)
-    files = [os.urandom(1000 + i) for i in range(3)]
-    body = form_body([file_part(data, f"{i}.bin") for i, data in enumerate(files)])
-    reader = new_reader(partial_dir)
-    reader.feed(body)
-    reader.close()
-    records = [{"id": t.id, "size": t.size} for t in reader.files]
-    assert len(records) == 3
-
-    real_write_sidecar = targets.write_sidecar
-    swept = []
-
-    def sweep_then_write(*args, **kwargs):
-        swept.append(sweep_stale_partials(partial_dir))  # another worker starts now
-        return real_write_sidecar(*args, **kwargs)
-
-    monkeypatch.setattr(targets, "write_sidecar", sweep_then_write)
-    commit_files(upload_dir, partial_dir, list(zip(reader.files, records)), fsync=False)
-    assert swept == [0, 0, 0]
-    for record, data in zip(records, files):
-        assert (upload_dir / record["id"]).read_bytes() == data
-        assert json.loads((upload_dir / f"{record['id']}.json").read_text()) == record
-    assert list(partial_dir.iterdir()) == []
-    # Committed files are closed: nothing keeps them locked or open.
-    for record in records:
-        fd = os.open(upload_dir / record["id"], os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        finally:
-            os.close(fd)
 
 
 # -- hypercorn -w 2 ------------------------------------------------------------------------------

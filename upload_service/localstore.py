@@ -98,8 +98,7 @@ class LocalStore(Store):
         lifespan to a mounted app; then checked (one stat) on every upload and /health.
         """
         if not self._prepared or not self.partial_dir.is_dir():
-            self.partial_dir.mkdir(parents=True, exist_ok=True)
-            sweep_stale_partials(self.partial_dir)
+            prepare_upload_dir(self.upload_dir)
             self._prepared = True
 
     def describe_problem(self, exc: OSError) -> str:
@@ -298,6 +297,14 @@ def remove_quietly(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def prepare_upload_dir(upload_dir: Path) -> Path:
+    """Create the upload dir and its `.partial/`, sweep stale partial files, return it."""
+    partial_dir = upload_dir / PARTIAL_DIR_NAME
+    partial_dir.mkdir(parents=True, exist_ok=True)
+    sweep_stale_partials(partial_dir)
+    return partial_dir
 
 
 def sweep_stale_partials(partial_dir: Path) -> int:

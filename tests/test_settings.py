@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 import upload_asgi
-from upload_asgi import GiB, KiB, MiB, Config, ConfigError
+from upload_asgi import Config, ConfigError
+from upload_service import settings
+from upload_service.units import GiB, KiB, MiB
 from support import ROOT, free_port
 
 # -- every variable read, with its parsed value -----------------------------------
@@ -42,14 +45,14 @@ def test_each_variable_is_read(variable, text, setting, value):
     assert getattr(config, setting) == value
     # Every other setting keeps its default.
     defaults = Config()
-    for name in upload_asgi.ENV_VARS:
+    for name in settings.variables():
         if name != setting:
             assert getattr(config, name) == getattr(defaults, name)
 
 
 def test_every_setting_has_a_variable():
-    assert set(upload_asgi.ENV_VARS) == {f.name for f in Config.__dataclass_fields__.values()}
-    assert set(upload_asgi.ENV_VARS.values()) == {
+    assert set(settings.variables()) == {f.name for f in Config.__dataclass_fields__.values()}
+    assert set(settings.variables().values()) == {
         "UPLOAD_DIR", "UPLOAD_MAX_FILE_SIZE", "UPLOAD_MAX_REQUEST_SIZE", "UPLOAD_MAX_FILES",
         "UPLOAD_MAX_PARTS", "UPLOAD_MAX_FIELD_SIZE", "UPLOAD_TOKEN", "UPLOAD_FSYNC",
         "UPLOAD_IDLE_TIMEOUT", "UPLOAD_MAX_CONCURRENT", "UPLOAD_MIN_RATE",
@@ -89,13 +92,13 @@ def test_from_env_reads_os_environ(monkeypatch, tmp_path):
     ],
 )
 def test_parse_size_is_binary(text, size):
-    assert upload_asgi.parse_size(text) == size
+    assert settings.parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "M", "1.5G", "-1", "10X", "10 G B", "ten", "1e9", "0x10"])
 def test_parse_size_refuses(text):
     with pytest.raises(ValueError):
-        upload_asgi.parse_size(text)
+        settings.parse_size(text)
 
 
 # -- a bad value names its variable ---------------------------------------------------
@@ -135,12 +138,17 @@ def test_bad_value_names_the_variable(variable, text):
 
 def test_every_variable_has_a_bad_value_tested():
     tested = {p.values[0] for p in BAD_VALUES}
-    assert tested == set(upload_asgi.ENV_VARS.values())
+    assert tested == set(settings.variables().values())
 
 
-@pytest.mark.parametrize("setting", sorted(upload_asgi.POSITIVE_SETTINGS))
+POSITIVE_SETTINGS = sorted(
+    f.name for f in dataclasses.fields(Config) if f.metadata["check"] in (settings.check_whole, settings.check_seconds)
+)
+
+
+@pytest.mark.parametrize("setting", POSITIVE_SETTINGS)
 def test_config_object_refuses_non_positive(setting, tmp_path):
-    with pytest.raises(ConfigError, match=upload_asgi.ENV_VARS[setting]):
+    with pytest.raises(ConfigError, match=settings.variables()[setting]):
         Config(upload_dir=tmp_path, **{setting: 0})
 
 
@@ -168,7 +176,7 @@ def test_config_object_refuses_non_positive(setting, tmp_path):
 def test_config_object_refuses_what_the_environment_would(setting, value, tmp_path):
     """Config(...) in code is held to the environment's rules (README: raises at once)."""
     values = {"upload_dir": tmp_path, setting: value}
-    with pytest.raises(ConfigError, match=upload_asgi.ENV_VARS[setting]):
+    with pytest.raises(ConfigError, match=settings.variables()[setting]):
         Config(**values)
 
 

@@ -1,0 +1,252 @@
+"""upload_service/framing.py driven directly: part headers and the Framer, bytes in, parts out."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from support import BOUNDARY, Part, field_part, file_part, form_body, split_at
+from upload_service.errors import FormError, LimitExceeded
+from upload_service.framing import (
+    DEFAULT_CONTENT_TYPE,
+    MAX_FILENAME_CHARS,
+    MAX_PART_HEADER_BYTES,
+    MAX_PART_HEADER_LINES,
+    MAX_PREAMBLE,
+    Framer,
+    PartInfo,
+    clean_filename,
+    decode_ext_value,
+    parse_header_params,
+    read_part_headers,
+)
+
+B = BOUNDARY.encode()
+
+
+# -- parse_header_params ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        pytest.param("text/plain", ("text/plain", {}), id="no-params"),
+        pytest.param(
+            'form-data; name="file"; filename="a.txt"',
+            ("form-data", {"name": "file", "filename": "a.txt"}),
+            id="quoted",
+        ),
+        pytest.param("form-data; name=file; filename=a.txt", ("form-data", {"name": "file", "filename": "a.txt"}),
+                     id="token"),
+        pytest.param('Form-Data; NAME="x"', ("form-data", {"name": "x"}), id="case-folded-keys-not-values"),
+        pytest.param('form-data; name="a;b"; filename="c d.txt"', ("form-data", {"name": "a;b", "filename": "c d.txt"}),
+                     id="semicolon-and-space-in-quotes"),
+        pytest.param(r'form-data; filename="a\"b\\c"', ("form-data", {"filename": 'a"b\\c'}), id="escapes"),
+        pytest.param(r'form-data; filename="C:\Users\me\a.txt"', ("form-data", {"filename": r"C:\Users\me\a.txt"}),
+                     id="windows-path-kept"),
+        pytest.param('form-data; name="first"; name="second"', ("form-data", {"name": "first"}), id="first-wins"),
+        pytest.param("form-data ;  name = x ;", ("form-data", {"name": "x"}), id="loose-whitespace"),
+        pytest.param("form-data; flag; name=x", ("form-data", {"flag": "", "name": "x"}), id="bare-key"),
+        pytest.param('form-data; filename="unterminated', ("form-data", {"filename": "unterminated"}),
+                     id="unterminated-quote"),
+        pytest.param("multipart/form-data; boundary=\"a b'()+_,-./:=?\"",
+                     ("multipart/form-data", {"boundary": "a b'()+_,-./:=?"}), id="boundary-all-bchars"),
+        pytest.param("", ("", {}), id="empty"),
+    ],
+)
+def test_parse_header_params(value, expected):
+    assert parse_header_params(value) == expected
+
+
+# -- decode_ext_value ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        pytest.param("UTF-8''%E2%82%AC%20rates.txt", "€ rates.txt", id="utf-8"),
+        pytest.param("utf-8'en'na%C3%AFve.txt", "naïve.txt", id="language-tag"),
+        pytest.param("iso-8859-1''caf%E9.txt", "café.txt", id="latin-1"),
+        pytest.param("''plain.txt", "plain.txt", id="no-charset-means-utf-8"),
+        pytest.param("x-unknown-charset''a%C3%A9", "aé", id="unknown-charset-falls-back"),
+        pytest.param("UTF-8''%FF.txt", "\ufffd.txt", id="bad-bytes-replaced"),
+    ],
+)
+def test_decode_ext_value(value, expected):
+    assert decode_ext_value(value) == expected
+
+
+# -- clean_filename -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        pytest.param("report.pdf", "report.pdf", id="plain"),
+        pytest.param("../../etc/passwd", "passwd", id="dot-dot-slash"),
+        pytest.param("..\\..\\x", "x", id="dot-dot-backslash"),
+        pytest.param("/abs/path", "path", id="absolute"),
+        pytest.param("C:\\Windows\\x.txt", "x.txt", id="windows-full-path"),
+        pytest.param("a\x00b\tc\x7f\r\nd.txt", "abcd.txt", id="control-chars"),
+        pytest.param("..", "unnamed", id="dot-dot"),
+        pytest.param(".", "unnamed", id="dot"),
+        pytest.param("dir/", "unnamed", id="trailing-separator"),
+        pytest.param("", "unnamed", id="empty"),
+        pytest.param("  spaced.txt  ", "spaced.txt", id="outer-space"),
+        pytest.param("ünïcödé 文件.txt", "ünïcödé 文件.txt", id="non-ascii"),
+        pytest.param("x" * 1000, "x" * MAX_FILENAME_CHARS, id="capped"),
+    ],
+)
+def test_clean_filename(raw, expected):
+    assert clean_filename(raw) == expected
+
+
+# -- read_part_headers -------------------------------------------------------------
+
+
+def test_read_part_headers_file_part():
+    info = read_part_headers(b'Content-Disposition: form-data; name="file"; filename="a.txt"\r\nContent-Type: text/plain')
+    assert info == PartInfo("file", "a.txt", "text/plain")
+
+
+def test_read_part_headers_any_case_and_order():
+    block = b'content-type: image/png\r\nCONTENT-DISPOSITION: form-data; name="file"; filename="p.png"'
+    assert read_part_headers(block) == PartInfo("file", "p.png", "image/png")
+
+
+def test_read_part_headers_text_field_defaults():
+    assert read_part_headers(b'Content-Disposition: form-data; name="description"') == PartInfo(
+        "description", None, DEFAULT_CONTENT_TYPE
+    )
+
+
+def test_read_part_headers_empty_filename_is_not_none():
+    info = read_part_headers(b'Content-Disposition: form-data; name="file"; filename=""')
+    assert info is not None and info.filename == ""
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        pytest.param(b"filename*=UTF-8''%E2%82%AC.txt", "€.txt", id="filename-star-alone"),
+        pytest.param(b"filename=\"plain.txt\"; filename*=UTF-8''%E2%82%AC.txt", "plain.txt", id="filename-wins"),
+        pytest.param(b"filename*=UTF-8''%E2%82%AC.txt; filename=\"plain.txt\"", "plain.txt",
+                     id="filename-wins-either-order"),
+        pytest.param("filename=\"日本語.txt\"".encode(), "日本語.txt", id="raw-utf-8"),
+    ],
+)
+def test_read_part_headers_filename_forms(params, expected):
+    info = read_part_headers(b'Content-Disposition: form-data; name="file"; ' + params)
+    assert info.filename == expected
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(b"Content-Type: text/plain", id="no-content-disposition"),
+        pytest.param(b'Content-Disposition: form-data; filename="a.txt"', id="no-name"),
+        pytest.param(b'Content-Disposition: form-data; name=""; filename="a.txt"', id="empty-name"),
+    ],
+)
+def test_read_part_headers_parts_to_skip(block):
+    assert read_part_headers(block) is None
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(b'Content-Disposition: form-data; name="a"\r\nContent-Disposition: form-data; name="b"',
+                     id="two-content-dispositions"),
+        pytest.param(b'Content-Disposition: attachment; name="a"', id="not-form-data"),
+        pytest.param(b'Content-Disposition: form-data; name="a";\r\n filename="x"', id="folded"),
+        pytest.param(b'Content-Disposition: form-data; name="a"; filename="\xff\xfe"', id="not-utf-8"),
+        pytest.param(b'Content-Disposition: form-data; name="a"\rX: y', id="bare-cr"),
+        pytest.param(b'Content-Disposition: form-data; name="a"' + b"\r\nX-A: b" * MAX_PART_HEADER_LINES,
+                     id="too-many-lines"),
+    ],
+)
+def test_read_part_headers_refuses(block):
+    with pytest.raises(FormError):
+        read_part_headers(block)
+
+
+# -- Framer --------------------------------------------------------------------
+
+
+def framed(body: bytes, chunks: list[bytes], max_parts: int = 20) -> tuple[bytes, Framer]:
+    framer = Framer(B, max_parts)
+    out = b"".join(piece for chunk in chunks for piece in framer.feed(chunk))
+    return out, framer
+
+
+GOLDEN_PARTS = [
+    field_part("description", "two files"),
+    file_part(b"alpha\r\n--" + B[:-1] + b"\r\n-", "a.txt", "files", "text/plain"),
+    Part("files", b"beta", headers=[b"Content-Type: image/png",
+                                     b'content-disposition: form-data; name="files"; filename="b.png"']),
+]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64, 10**6], ids=lambda s: f"chunks-of-{s}")
+def test_framer_cuts_preamble_and_epilogue(step):
+    inner = form_body(GOLDEN_PARTS)
+    body = b"preamble line\r\n" + inner + b"epilogue --" + B + b"\r\n"
+    chunks = [body[i : i + step] for i in range(0, len(body), step)]
+    out, framer = framed(body, chunks)
+    # The parser sees the form from its first boundary to its closing one, nothing else.
+    assert out == inner[: inner.rindex(b"--") + 2]
+    assert framer.complete
+    assert [(p.name, p.filename, p.content_type) for p in framer.parts] == [
+        ("description", None, DEFAULT_CONTENT_TYPE),
+        ("files", "a.txt", "text/plain"),
+        ("files", "b.png", "image/png"),
+    ]
+
+
+@pytest.mark.parametrize("step", [1, 2, 5, 49, 50, 51, 10**6], ids=lambda s: f"chunks-of-{s}")
+def test_framer_counts_each_queued_body(step):
+    parts = [
+        Part("x", b"no name: not queued", headers=[b"Content-Type: text/plain"]),
+        field_part("description", ""),
+        file_part(b"-" + B + b"--", "a", "files"),
+        file_part(b"\r\n--" + B[:-1], "b", "files"),
+    ]
+    body = form_body(parts, preamble=b"pre\r\n", epilogue=b"\r\n--" + B + b"\r\n")
+    _, framer = framed(body, [body[i : i + step] for i in range(0, len(body), step)])
+    assert framer.body_sizes == [0, len(B) + 3, len(B) + 3]
+
+
+def test_framer_holds_headers_until_body_bytes_follow():
+    # streaming-form-data must never get a part's first body byte at the end of a piece.
+    body = form_body([file_part(b"one", "1", "files"), file_part(b"-x", "2", "files")])
+    second = body.index(b"-x")
+    framer = Framer(B, 20)
+    pieces = [p for chunk in split_at(body, [second + 1]) for p in framer.feed(chunk)]
+    assert not any(p.endswith(b"\r\n\r\n-") for p in pieces)
+    assert b"".join(pieces) == body[: body.rindex(b"--") + 2]
+
+
+def test_framer_incomplete_body_is_not_complete():
+    body = form_body([file_part(b"data")])
+    for cut in range(len(body) - 2):
+        _, framer = framed(body, [body[:cut]])
+        assert not framer.complete, cut
+
+
+def test_framer_bounds_the_preamble():
+    framer = Framer(B, 20)
+    with pytest.raises(FormError):
+        for chunk in [b"x" * 4096] * (MAX_PREAMBLE // 4096 + 2):
+            list(framer.feed(chunk))
+
+
+def test_framer_bounds_a_header_block():
+    body = b"--" + B + b"\r\nX-Long: " + b"a" * (MAX_PART_HEADER_BYTES + 10)
+    with pytest.raises(FormError):
+        framed(body, [body[i : i + 1000] for i in range(0, len(body), 1000)])
+
+
+def test_framer_counts_parts():
+    body = form_body([field_part(f"f{i}", "x") for i in range(5)])
+    with pytest.raises(LimitExceeded):
+        framed(body, [body], max_parts=4)

@@ -1,0 +1,208 @@
+"""upload_service/localstore.py driven directly: the commit, the partial sweep."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+
+
+import subprocess
+import sys
+import threading
+
+import upload_asgi
+from support import file_part, form_body, multi_body, partial_files, reader_for
+from upload_service import localstore
+from upload_service.localstore import LocalStore, prepare_upload_dir, sweep_stale_partials
+
+
+# -- commit and the partial sweep --------------------------------------------------------
+
+
+def test_commit_files_moves_and_writes_sidecars(store, partial_dir):
+    upload_dir = store.upload_dir
+    body, files = multi_body()
+    reader = reader_for(store)
+    reader.feed(body)
+    reader.close()
+    records = [{"id": t.id, "filename": t.filename, "size": t.size} for t in reader.files]
+    store.commit_files([(t.sink, r) for t, r in zip(reader.files, records)])
+    assert list(partial_dir.iterdir()) == []
+    for record, (_, _, data) in zip(records, files):
+        assert (upload_dir / record["id"]).read_bytes() == data
+        assert json.loads((upload_dir / f"{record['id']}.json").read_text()) == record
+    assert len(list(upload_dir.iterdir())) == 2 * len(files) + 1  # + .partial/
+
+
+def test_prepare_upload_dir_creates_and_sweeps_only_stale_files(tmp_path):
+    upload_dir = tmp_path / "deep" / "uploads"
+    LocalStore(upload_dir).prepare()
+    partial_dir = upload_dir / ".partial"
+    assert partial_dir == upload_dir / ".partial" and partial_dir.is_dir()
+    stale = partial_dir / "stale"
+    stale.write_bytes(b"left by a crashed process")
+    live = partial_dir / "live"
+    fd = os.open(live, os.O_WRONLY | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another worker is writing it
+        assert sweep_stale_partials(partial_dir) == 1
+        assert sorted(p.name for p in partial_dir.iterdir()) == ["live"]
+    finally:
+        os.close(fd)
+    LocalStore(upload_dir).prepare()  # the lock is gone: now it is stale
+    assert list(partial_dir.iterdir()) == []
+
+
+# -- the lock protocol: several workers on one upload dir ---------------------------
+
+
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sweep_keeps_a_file_another_process_is_writing(tmp_path):
+    partial_dir = localstore.prepare_upload_dir(tmp_path / "uploads")
+    live = partial_dir / localstore.new_file_id()
+    stale = partial_dir / localstore.new_file_id()
+    stale.write_bytes(b"left by a crashed process")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(live)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        assert localstore.sweep_stale_partials(partial_dir) == 1
+        assert partial_files(tmp_path / "uploads") == [live]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    # Its process is gone, so is its lock: now the file is stale.
+    assert localstore.sweep_stale_partials(partial_dir) == 1
+    assert partial_files(tmp_path / "uploads") == []
+
+
+def test_sweep_keeps_a_file_this_process_is_writing(tmp_path):
+    """flock belongs to the open file: a sweep in the same process (another app) sees it too."""
+    partial_dir = localstore.prepare_upload_dir(tmp_path / "uploads")
+    path = partial_dir / localstore.new_file_id()
+    fd = localstore.create_locked(path)
+    try:
+        os.write(fd, b"in flight")
+        assert localstore.sweep_stale_partials(partial_dir) == 0
+        assert path.read_bytes() == b"in flight"
+        # A second app on the same dir prepares it at its startup: the file stays.
+        other = upload_asgi.create_app(upload_asgi.Config(upload_dir=tmp_path / "uploads"))
+        other.prepare()
+        assert path.exists()
+    finally:
+        os.close(fd)
+    assert localstore.sweep_stale_partials(partial_dir) == 1
+
+
+def test_sweep_ignores_what_it_cannot_open(tmp_path):
+    partial_dir = localstore.prepare_upload_dir(tmp_path / "uploads")
+    (partial_dir / "dangling").symlink_to(tmp_path / "nowhere")
+    assert localstore.sweep_stale_partials(partial_dir) == 0
+
+
+def test_sweep_spares_a_file_locked_by_another_process(tmp_path):
+    partial_dir = prepare_upload_dir(tmp_path / "uploads")
+    live = partial_dir / "live"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys\n"
+         f"fd = os.open({str(live)!r}, os.O_WRONLY | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (partial_dir / "stale").write_bytes(b"no one holds me")
+        assert sweep_stale_partials(partial_dir) == 1
+        assert [p.name for p in partial_dir.iterdir()] == ["live"]
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    # Its process is gone, so is the lock: the next sweep takes it.
+    assert sweep_stale_partials(partial_dir) == 1
+    assert list(partial_dir.iterdir()) == []
+
+
+def test_a_new_partial_file_survives_a_sweep_that_locks_it_first(tmp_path, monkeypatch):
+    """The race between O_CREAT and flock: a sweep in another worker opens the fresh,
+    not yet locked file, locks it and unlinks it. The writer must wait for that lock
+    (not fail with EWOULDBLOCK) and then start over with a new file."""
+    partial_dir = prepare_upload_dir(tmp_path / "uploads")
+    real_open = os.open
+    raced = []
+
+    def open_then_sweep_wins(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if flags & os.O_EXCL and not raced:
+            raced.append(path)
+            sweeper = real_open(path, os.O_RDONLY)
+            fcntl.flock(sweeper, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the sweep got there first
+
+            def finish_sweep() -> None:
+                os.unlink(path)
+                os.close(sweeper)
+
+            threading.Timer(0.2, finish_sweep).start()
+        return fd
+
+    monkeypatch.setattr(localstore.os, "open", open_then_sweep_wins)
+    path = partial_dir / "0123456789abcdef0123456789abcdef"
+    fd = localstore.create_locked(path)
+    monkeypatch.undo()
+    try:
+        assert raced == [path]
+        os.write(fd, b"written after the race")
+        assert path.read_bytes() == b"written after the race"  # a live, linked file
+        assert sweep_stale_partials(partial_dir) == 0  # and locked
+    finally:
+        os.close(fd)
+
+
+def test_partial_files_stay_locked_until_they_leave_partial(tmp_path, monkeypatch):
+    """A worker starting while another commits a multi-file upload must not sweep the
+    files that are finished but not yet renamed."""
+    upload_dir = tmp_path / "uploads"
+    store = LocalStore(upload_dir, fsync=False)
+    store.prepare()
+    partial_dir = store.partial_dir
+    files = [os.urandom(1000 + i) for i in range(3)]
+    body = form_body([file_part(data, f"{i}.bin") for i, data in enumerate(files)])
+    reader = reader_for(store, file_field="file")
+    reader.feed(body)
+    reader.close()
+    records = [{"id": t.id, "size": t.size} for t in reader.files]
+    assert len(records) == 3
+
+    real_write_sidecar = localstore.write_sidecar
+    swept = []
+
+    def sweep_then_write(*args, **kwargs):
+        swept.append(sweep_stale_partials(partial_dir))  # another worker starts now
+        return real_write_sidecar(*args, **kwargs)
+
+    monkeypatch.setattr(localstore, "write_sidecar", sweep_then_write)
+    store.commit_files([(t.sink, r) for t, r in zip(reader.files, records)])
+    assert swept == [0, 0, 0]
+    for record, data in zip(records, files):
+        assert (upload_dir / record["id"]).read_bytes() == data
+        assert json.loads((upload_dir / f"{record['id']}.json").read_text()) == record
+    assert list(partial_dir.iterdir()) == []
+    # Committed files are closed: nothing keeps them locked or open.
+    for record in records:
+        fd = os.open(upload_dir / record["id"], os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
