@@ -56,6 +56,8 @@ def test_every_setting_has_a_variable():
         "UPLOAD_DIR", "UPLOAD_MAX_FILE_SIZE", "UPLOAD_MAX_REQUEST_SIZE", "UPLOAD_MAX_FILES",
         "UPLOAD_MAX_PARTS", "UPLOAD_MAX_FIELD_SIZE", "UPLOAD_TOKEN", "UPLOAD_FSYNC",
         "UPLOAD_IDLE_TIMEOUT", "UPLOAD_MAX_CONCURRENT", "UPLOAD_MIN_RATE",
+        "UPLOAD_STORAGE", "UPLOAD_S3_ENDPOINT_URL", "UPLOAD_S3_PART_SIZE", "UPLOAD_S3_PARTS_IN_FLIGHT",
+        "UPLOAD_S3_SWEEP_AFTER",
     }
 
 
@@ -73,6 +75,8 @@ def test_defaults():
     assert config.idle_timeout == 60.0
     assert config.max_concurrent == 64
     assert config.min_rate == 1024
+    assert (config.storage, config.s3_endpoint_url) == ("local", None)
+    assert (config.s3_part_size, config.s3_parts_in_flight, config.s3_sweep_after) == (8 * MiB, 2, 86400.0)
 
 
 def test_from_env_reads_os_environ(monkeypatch, tmp_path):
@@ -126,6 +130,14 @@ BAD_VALUES = [
     pytest.param("UPLOAD_MAX_CONCURRENT", "4.5", id="concurrent-fraction"),
     pytest.param("UPLOAD_MIN_RATE", "-1", id="rate-negative"),
     pytest.param("UPLOAD_MIN_RATE", "fast", id="rate-word"),
+    pytest.param("UPLOAD_STORAGE", "ftp://bucket", id="storage-scheme"),
+    pytest.param("UPLOAD_STORAGE", "s3://Bad_Bucket/x", id="storage-bucket"),
+    pytest.param("UPLOAD_S3_ENDPOINT_URL", "localhost:8333", id="endpoint-no-scheme"),
+    pytest.param("UPLOAD_S3_PART_SIZE", "4M", id="part-under-5M"),
+    pytest.param("UPLOAD_S3_PART_SIZE", "6G", id="part-over-5G"),
+    pytest.param("UPLOAD_S3_PARTS_IN_FLIGHT", "0", id="in-flight-zero"),
+    pytest.param("UPLOAD_S3_SWEEP_AFTER", "soon", id="sweep-word"),
+    pytest.param("UPLOAD_S3_SWEEP_AFTER", "0", id="sweep-zero"),
 ]
 
 
