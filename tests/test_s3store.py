@@ -481,6 +481,28 @@ def test_storage_setting_picks_the_store() -> None:
     assert type(upload_asgi.create_app(Config(storage="local")).store).__name__ == "LocalStore"
 
 
+async def test_part_size_must_allow_the_largest_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 takes 10,000 parts: 5 MiB parts cannot hold a 50 GiB file; startup fails saying so."""
+    env = {"UPLOAD_STORAGE": "s3://bucket/p", "UPLOAD_S3_PART_SIZE": "5M", "UPLOAD_MAX_FILE_SIZE": "50G"}
+    with pytest.raises(upload_asgi.ConfigError, match="UPLOAD_S3_PART_SIZE.*UPLOAD_MAX_FILE_SIZE"):
+        upload_asgi.create_app(Config.from_env(env))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    app = upload_asgi.create_app()  # from the environment: no raise, lifespan startup fails
+    messages = iter([{"type": "lifespan.startup"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "UPLOAD_S3_PART_SIZE" in sent[0]["message"]
+
+
 # -- real servers ---------------------------------------------------------------------------
 
 
