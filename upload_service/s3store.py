@@ -155,7 +155,9 @@ class S3Sink(FileSink):
             sending = [f for f in self._parts if not f.done()]
             if len(sending) < self._store.parts_in_flight:
                 break
-            concurrent.futures.wait(sending, THREAD_WAIT_SECONDS, concurrent.futures.FIRST_COMPLETED)
+            done, _ = concurrent.futures.wait(sending, THREAD_WAIT_SECONDS, concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                raise StorageUnavailable("the object store did not take a part in time")
         self._raise_failed()
 
     def _take_buffer(self) -> PartBody:
@@ -189,9 +191,8 @@ class S3Sink(FileSink):
         for future in self._parts:
             await asyncio.wrap_future(future)
         if self._upload_id is not None and self._buffered:
-            number = len(self._parts) + 1
-            etag = self._store.upload_part(self.key, self._upload_id, number, self._take_buffer())
-            self._parts.append(asyncio.run_coroutine_threadsafe(etag, self._loop))
+            last = self._store.upload_part(self.key, self._upload_id, len(self._parts) + 1, self._take_buffer())
+            self._parts.append(self._submit(last))  # a thread's future like the others, for `complete`
             await asyncio.wrap_future(self._parts[-1])
 
     async def complete(self) -> None:
@@ -219,7 +220,7 @@ class S3Sink(FileSink):
         if self._over:
             return
         if self._on_loop():  # cannot block here: leave it to a task
-            self._loop.create_task(self.abort_upload())
+            self._store.keep(self._loop.create_task(self.abort_upload()))
             return
         self._over = True
         self._chunks, self._buffered = [], 0
@@ -287,6 +288,12 @@ class S3Store(Store):
         self._clients: dict[asyncio.AbstractEventLoop, asyncio.Future[Any]] = {}
         self._sweepers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self._health: tuple[float, dict[str, Any] | OSError] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # cleanups left running: held until done
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a background task until it is done (the loop keeps only weak references)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def url(self) -> str:
@@ -447,7 +454,7 @@ class S3Store(Store):
 
     async def commit(self, files: Sequence[tuple[FileSink, Record]]) -> None:
         """Store every file and record, all or none, even if this task is cancelled meanwhile."""
-        work = asyncio.ensure_future(self._commit(files))
+        work = asyncio.ensure_future(self._commit(files))  # type: ignore[arg-type]  # our sinks
         if await wait_through_cancel(work):
             if not work.cancelled() and work.exception() is None:
                 undo = asyncio.ensure_future(self._remove([sink.id for sink, _ in files]))
