@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import socket
 import time
@@ -21,7 +20,8 @@ import httpx
 import pytest
 
 import upload_asgi
-from s3server import ACCESS_KEY, BUCKET, SECRET_KEY, SeaweedFS
+from backends import S3Backend, use_seaweedfs
+from s3server import BUCKET, SeaweedFS
 from support import (
     Server,
     field_part,
@@ -45,63 +45,28 @@ PART = 5 * MiB  # the smallest part S3 allows: multipart uploads with little dat
 
 
 @pytest.fixture
-def s3_env(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The SeaweedFS credentials in the environment, and no developer's AWS profile."""
-    for name, value in seaweedfs.env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    return seaweedfs.env
+def bucket(seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S3Backend:
+    """This test's own prefix in the shared bucket, the credentials in the environment."""
+    use_seaweedfs(seaweedfs, monkeypatch)
+    return S3Backend(seaweedfs, tmp_path / "uploads", f"t/{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
-def prefix() -> str:
-    """Each test its own prefix in the shared bucket."""
-    return f"t/{uuid.uuid4().hex[:12]}"
+def prefix(bucket: S3Backend) -> str:
+    return bucket.prefix
 
 
 @pytest.fixture
-def s3(seaweedfs: SeaweedFS) -> Any:
-    return seaweedfs.client()
+def s3(bucket: S3Backend) -> Any:
+    """A plain botocore client, to look at the bucket or to meddle with it."""
+    return bucket.s3
 
 
 @pytest.fixture
-async def store(seaweedfs: SeaweedFS, s3_env: dict[str, str], prefix: str) -> AsyncIterator[S3Store]:
+async def store(seaweedfs: SeaweedFS, prefix: str) -> AsyncIterator[S3Store]:
     store = S3Store(BUCKET, prefix, endpoint_url=seaweedfs.endpoint_url, part_size=PART, parts_in_flight=2)
     yield store
     await store.aclose()
-
-
-def objects(s3: Any, prefix: str) -> list[str]:
-    """Keys under the prefix (names after it)."""
-    found = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{prefix}/"):
-        found += [item["Key"][len(prefix) + 1 :] for item in page.get("Contents", [])]
-    return sorted(found)
-
-
-def uploads_in_progress(s3: Any, prefix: str) -> list[str]:
-    """Keys with a multipart upload in progress under the prefix."""
-    answer = s3.list_multipart_uploads(Bucket=BUCKET, Prefix=f"{prefix}/")
-    return sorted(u["Key"][len(prefix) + 1 :] for u in answer.get("Uploads", []))
-
-
-def object_bytes(s3: Any, key: str) -> bytes:
-    return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-
-
-def assert_nothing_in(s3: Any, prefix: str) -> None:
-    assert objects(s3, prefix) == []
-    assert uploads_in_progress(s3, prefix) == []
-
-
-def assert_stored_in(s3: Any, prefix: str, record: dict[str, Any], data: bytes) -> None:
-    """The object holds exactly `data`, the record object holds the record, the digest is right."""
-    assert record["size"] == len(data)
-    assert record["sha256"] == hashlib.sha256(data).hexdigest()
-    assert object_bytes(s3, f"{prefix}/{record['id']}") == data
-    assert json.loads(object_bytes(s3, f"{prefix}/{record['id']}.json")) == record
 
 
 def make_record(file_id: str, data: bytes, filename: str = "f.bin") -> dict[str, Any]:
@@ -134,31 +99,31 @@ async def put(store: S3Store, *datas: bytes) -> list[dict[str, Any]]:
 # -- the store ------------------------------------------------------------------------------
 
 
-async def test_commit_stores_small_and_multipart_files(store: S3Store, s3: Any, prefix: str) -> None:
+async def test_commit_stores_small_and_multipart_files(bucket: S3Backend, store: S3Store, s3: Any) -> None:
     small, large = b"hello s3", os.urandom(2 * PART + 12345)
     sinks = [store.new_file(), store.new_file()]
     await write(sinks[0], small)
     await write(sinks[1], large)
     # Before the commit: the large file's parts are sent, but no object is visible.
-    assert objects(s3, prefix) == []
-    assert uploads_in_progress(s3, prefix) == [sinks[1].id]
+    assert bucket.objects() == []
+    assert bucket.uploads_in_progress() == [sinks[1].id]
     records = [make_record(sinks[0].id, small), make_record(sinks[1].id, large)]
     await store.commit(list(zip(sinks, records)))
-    assert_stored_in(s3, prefix, records[0], small)
-    assert_stored_in(s3, prefix, records[1], large)
-    assert uploads_in_progress(s3, prefix) == []
+    bucket.assert_stored(records[0], small)
+    bucket.assert_stored(records[1], large)
+    assert bucket.uploads_in_progress() == []
     assert await store.record(records[1]["id"]) == records[1]
 
 
 @pytest.mark.parametrize("size", [0, PART, 2 * PART])
-async def test_commit_edge_sizes(store: S3Store, s3: Any, prefix: str, size: int) -> None:
+async def test_commit_edge_sizes(bucket: S3Backend, store: S3Store, size: int) -> None:
     """Empty, exactly one part, exactly two parts (no last part left to send)."""
     data = os.urandom(size)
     [record] = await put(store, data)
-    assert_stored_in(s3, prefix, record, data)
+    bucket.assert_stored(record, data)
 
 
-async def test_a_failed_commit_stores_nothing(store: S3Store, s3: Any, prefix: str) -> None:
+async def test_a_failed_commit_stores_nothing(bucket: S3Backend, store: S3Store, s3: Any, prefix: str) -> None:
     """The second file's multipart upload vanishes: the first file, already complete, goes too."""
     first, second = os.urandom(PART + 10), os.urandom(PART + 20)
     sinks = [store.new_file(), store.new_file()]
@@ -169,13 +134,13 @@ async def test_a_failed_commit_stores_nothing(store: S3Store, s3: Any, prefix: s
     records = [make_record(sinks[0].id, first), make_record(sinks[1].id, second)]
     with pytest.raises(StorageUnavailable):
         await store.commit(list(zip(sinks, records)))
-    assert_nothing_in(s3, prefix)
+    bucket.assert_nothing_stored()
     for sink in sinks:
         sink.abort()  # what the form path does next: nothing left to do
-    assert_nothing_in(s3, prefix)
+    bucket.assert_nothing_stored()
 
 
-async def test_a_cancelled_commit_stores_nothing(store: S3Store, s3: Any, prefix: str) -> None:
+async def test_a_cancelled_commit_stores_nothing(bucket: S3Backend, store: S3Store) -> None:
     data = os.urandom(PART + 1)
     sink = store.new_file()
     await write(sink, data)
@@ -184,16 +149,16 @@ async def test_a_cancelled_commit_stores_nothing(store: S3Store, s3: Any, prefix
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert_nothing_in(s3, prefix)
+    bucket.assert_nothing_stored()
 
 
-async def test_abort_leaves_no_multipart_upload(store: S3Store, s3: Any, prefix: str) -> None:
+async def test_abort_leaves_no_multipart_upload(bucket: S3Backend, store: S3Store) -> None:
     sink = store.new_file()
     await write(sink, os.urandom(3 * PART))
-    assert uploads_in_progress(s3, prefix) == [sink.id]
+    assert bucket.uploads_in_progress() == [sink.id]
     await asyncio.to_thread(sink.abort)
     await asyncio.to_thread(sink.abort)  # twice is fine
-    assert_nothing_in(s3, prefix)
+    bucket.assert_nothing_stored()
 
 
 async def test_write_on_the_event_loop_is_refused(store: S3Store) -> None:
@@ -203,7 +168,7 @@ async def test_write_on_the_event_loop_is_refused(store: S3Store) -> None:
         sink.write(b"x" * PART)
 
 
-async def test_parts_in_memory_stay_within_the_bound(store: S3Store, s3: Any, prefix: str) -> None:
+async def test_parts_in_memory_stay_within_the_bound(bucket: S3Backend, store: S3Store) -> None:
     """While parts are sent, the writer never gets more than parts_in_flight parts ahead."""
     data = os.urandom(6 * PART)
     sink = store.new_file()
@@ -226,7 +191,7 @@ async def test_parts_in_memory_stay_within_the_bound(store: S3Store, s3: Any, pr
     # writer waits (the next part fills only while fewer are being sent).
     assert most == store.parts_in_flight
     await store.commit([(sink, make_record(sink.id, data))])
-    assert object_bytes(s3, f"{prefix}/{sink.id}") == data
+    assert bucket.object_bytes(f"{sink.id}") == data
 
 
 async def test_ranges_stream_the_right_bytes(store: S3Store) -> None:
@@ -254,12 +219,12 @@ async def test_unknown_and_malformed_ids(store: S3Store) -> None:
         assert await store.delete(file_id) is False
 
 
-async def test_delete(store: S3Store, s3: Any, prefix: str) -> None:
+async def test_delete(bucket: S3Backend, store: S3Store) -> None:
     kept, gone = await put(store, b"kept", os.urandom(PART + 5))
     assert await store.delete(gone["id"]) is True
     assert await store.record(gone["id"]) is None
     assert await store.open(gone["id"]) is None
-    assert objects(s3, prefix) == sorted([kept["id"], f"{kept['id']}.json"])
+    assert bucket.objects() == sorted([kept["id"], f"{kept['id']}.json"])
     assert await store.delete(gone["id"]) is False
 
 
@@ -289,26 +254,25 @@ async def test_list_skips_objects_without_a_record(store: S3Store, s3: Any, pref
 
 
 async def test_sweep_aborts_old_uploads_and_keeps_young_ones(
-    seaweedfs: SeaweedFS, s3_env: dict[str, str], s3: Any, prefix: str
+    bucket: S3Backend, seaweedfs: SeaweedFS, s3: Any, prefix: str
 ) -> None:
     store = S3Store(BUCKET, prefix, endpoint_url=seaweedfs.endpoint_url, sweep_after=2.0)
     try:
-        old = s3.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/{'a' * 32}")
+        s3.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/{'a' * 32}")
         not_ours = s3.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/other-app/file")
         await asyncio.sleep(3.1)  # Initiated is to the second
         s3.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/{'b' * 32}")
         assert await store.sweep() == 1
-        assert uploads_in_progress(s3, prefix) == ["b" * 32, "other-app/file"]
+        assert bucket.uploads_in_progress() == ["b" * 32, "other-app/file"]
         # A sweep far in the future takes the young one too, never what is not an upload of ours.
         assert await store.sweep(now=time.time() + 3600) == 1
-        assert uploads_in_progress(s3, prefix) == ["other-app/file"]
+        assert bucket.uploads_in_progress() == ["other-app/file"]
     finally:
         s3.abort_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/other-app/file", UploadId=not_ours["UploadId"])
         await store.aclose()
-    assert old["UploadId"]
 
 
-async def test_prepare_sweeps_at_startup(seaweedfs: SeaweedFS, s3_env: dict[str, str], s3: Any, prefix: str) -> None:
+async def test_prepare_sweeps_at_startup(bucket: S3Backend, seaweedfs: SeaweedFS, s3: Any, prefix: str) -> None:
     s3.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/{'c' * 32}")
     await asyncio.sleep(1.1)
     store = S3Store(BUCKET, prefix, endpoint_url=seaweedfs.endpoint_url, sweep_after=1.0)
@@ -316,10 +280,10 @@ async def test_prepare_sweeps_at_startup(seaweedfs: SeaweedFS, s3_env: dict[str,
         store.prepare()
         store.prepare()  # one sweeper per loop
         for _ in range(100):
-            if not uploads_in_progress(s3, prefix):
+            if not bucket.uploads_in_progress():
                 break
             await asyncio.sleep(0.1)
-        assert uploads_in_progress(s3, prefix) == []
+        assert bucket.uploads_in_progress() == []
     finally:
         await store.aclose()
 
@@ -337,8 +301,7 @@ async def test_health(store: S3Store) -> None:
     ],
 )
 async def test_a_store_that_cannot_be_used(
-    seaweedfs: SeaweedFS, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, prefix: str,
-    problem: str, error: type, words: str,
+    seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch, prefix: str, problem: str, error: type, words: str
 ) -> None:
     bucket, endpoint = BUCKET, seaweedfs.endpoint_url
     if problem == "no_bucket":
@@ -364,11 +327,8 @@ async def test_a_store_that_cannot_be_used(
 
 
 @pytest.fixture
-def s3_config(seaweedfs: SeaweedFS, s3_env: dict[str, str], tmp_path: Path, prefix: str) -> Config:
-    return Config(
-        upload_dir=tmp_path / "uploads", storage=f"s3://{BUCKET}/{prefix}",
-        s3_endpoint_url=seaweedfs.endpoint_url, s3_part_size=PART, max_file_size=8 * PART,
-    )
+def s3_config(bucket: S3Backend) -> Config:
+    return bucket.config(max_file_size=8 * PART)
 
 
 @pytest.fixture
@@ -384,20 +344,17 @@ async def post_form(client: httpx.AsyncClient, path: str, *parts: Any) -> httpx.
     return await client.post(path, content=form_body(parts), headers={"content-type": form_content_type()})
 
 
-async def test_upload_stores_the_object_and_its_record(
-    s3_client: httpx.AsyncClient, s3: Any, prefix: str, s3_config: Config
-) -> None:
+async def test_upload_stores_the_object_and_its_record(bucket: S3Backend, s3_client: httpx.AsyncClient) -> None:
     data = os.urandom(2 * PART + 99)
     reply = await post_form(s3_client, "/upload", file_part(data, "big.bin"), field_part("description", "two parts"))
     assert reply.status_code == 201, reply.text
     record = reply.json()
     assert record["filename"] == "big.bin" and record["description"] == "two parts"
-    assert_stored_in(s3, prefix, record, data)
-    assert uploads_in_progress(s3, prefix) == []
-    assert not s3_config.upload_dir.exists() or list(s3_config.upload_dir.rglob("*")) == []
+    bucket.assert_stored(record, data)
+    assert bucket.uploads_in_progress() == []
 
 
-async def test_upload_multiple(s3_client: httpx.AsyncClient, s3: Any, prefix: str) -> None:
+async def test_upload_multiple(bucket: S3Backend, s3_client: httpx.AsyncClient) -> None:
     datas = [b"", b"small", os.urandom(PART + 1)]
     parts = [file_part(d, f"f{i}", name="files") for i, d in enumerate(datas)]
     reply = await post_form(s3_client, "/upload-multiple", *parts)
@@ -405,11 +362,11 @@ async def test_upload_multiple(s3_client: httpx.AsyncClient, s3: Any, prefix: st
     answer = reply.json()
     assert answer["count"] == 3 and answer["total_size"] == sum(map(len, datas))
     for record, data in zip(answer["files"], datas):
-        assert_stored_in(s3, prefix, record, data)
+        bucket.assert_stored(record, data)
 
 
 @pytest.mark.parametrize("case", ["sha256_mismatch", "too_large", "cut_short", "no_file"])
-async def test_refused_uploads_leave_nothing(s3_client: httpx.AsyncClient, s3: Any, prefix: str, case: str) -> None:
+async def test_refused_uploads_leave_nothing(bucket: S3Backend, s3_client: httpx.AsyncClient, case: str) -> None:
     data = os.urandom(2 * PART + 1)  # a multipart upload is under way when the refusal comes
     if case == "sha256_mismatch":
         body = form_body([file_part(data), field_part("sha256", "0" * 64)])
@@ -425,7 +382,7 @@ async def test_refused_uploads_leave_nothing(s3_client: httpx.AsyncClient, s3: A
         expected = (422, "no_file")
     reply = await s3_client.post("/upload", content=body, headers={"content-type": form_content_type()})
     assert (reply.status_code, reply.json()["error"]) == expected
-    assert_nothing_in(s3, prefix)
+    bucket.assert_nothing_stored()
 
 
 @pytest.mark.parametrize(
@@ -435,7 +392,7 @@ async def test_refused_uploads_leave_nothing(s3_client: httpx.AsyncClient, s3: A
 )
 @pytest.mark.parametrize("size", [10, 2 * PART])
 async def test_upload_to_a_store_that_cannot_be_used(
-    s3_config: Config, monkeypatch: pytest.MonkeyPatch, s3: Any, prefix: str, problem: str, status: int,
+    bucket: S3Backend, s3_config: Config, monkeypatch: pytest.MonkeyPatch, prefix: str, problem: str, status: int,
     code: str, size: int,
 ) -> None:
     """A clear 5xx (the error before the commit for a big file, at it for a small one), /health 503."""
@@ -455,7 +412,7 @@ async def test_upload_to_a_store_that_cannot_be_used(
         health = await client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
     await app.store.aclose()
-    assert_nothing_in(s3, prefix)
+    bucket.assert_nothing_stored()
 
 
 async def test_health_through_the_app(s3_client: httpx.AsyncClient, prefix: str) -> None:
@@ -464,7 +421,7 @@ async def test_health_through_the_app(s3_client: httpx.AsyncClient, prefix: str)
     assert reply.json()["status"] == "ok" and reply.json()["storage"] == f"s3://{BUCKET}/{prefix}"
 
 
-def test_storage_setting_picks_the_store() -> None:
+def test_storage_setting_picks_the_store(bucket: S3Backend) -> None:
     config = Config.from_env({
         "UPLOAD_STORAGE": "s3://my-bucket/some/prefix/", "UPLOAD_S3_PART_SIZE": "16M",
         "UPLOAD_S3_PARTS_IN_FLIGHT": "4", "UPLOAD_S3_SWEEP_AFTER": "2h",
@@ -481,7 +438,7 @@ def test_storage_setting_picks_the_store() -> None:
     assert type(upload_asgi.create_app(Config(storage="local")).store).__name__ == "LocalStore"
 
 
-async def test_part_size_must_allow_the_largest_file(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_part_size_must_allow_the_largest_file(bucket: S3Backend, monkeypatch: pytest.MonkeyPatch) -> None:
     """S3 takes 10,000 parts: 5 MiB parts cannot hold a 50 GiB file; startup fails saying so."""
     env = {"UPLOAD_STORAGE": "s3://bucket/p", "UPLOAD_S3_PART_SIZE": "5M", "UPLOAD_MAX_FILE_SIZE": "50G"}
     with pytest.raises(upload_asgi.ConfigError, match="UPLOAD_S3_PART_SIZE.*UPLOAD_MAX_FILE_SIZE"):
@@ -506,22 +463,15 @@ async def test_part_size_must_allow_the_largest_file(monkeypatch: pytest.MonkeyP
 # -- real servers ---------------------------------------------------------------------------
 
 
-def s3_server_env(seaweedfs: SeaweedFS, prefix: str, **more: str) -> dict[str, str]:
-    return {
-        **seaweedfs.env, "UPLOAD_STORAGE": f"s3://{BUCKET}/{prefix}", "UPLOAD_S3_PART_SIZE": "5M",
-        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull, **more,
-    }
-
-
 @pytest.fixture
-def two_servers(seaweedfs: SeaweedFS, tmp_path: Path, prefix: str) -> Iterator[tuple[Server, Server]]:
-    env = s3_server_env(seaweedfs, prefix)
+def two_servers(bucket: S3Backend, tmp_path: Path) -> Iterator[tuple[Server, Server]]:
+    env = bucket.server_env()
     with Server(tmp_path / "uploads-a", env=env) as a, Server(tmp_path / "uploads-b", env=env) as b:
         yield a, b
 
 
 @pytest.mark.slow
-def test_two_servers_share_one_bucket(two_servers: tuple[Server, Server], s3: Any, prefix: str) -> None:
+def test_two_servers_share_one_bucket(bucket: S3Backend, two_servers: tuple[Server, Server]) -> None:
     a, b = two_servers
     stored = []
     for server, data in ((a, os.urandom(3 * PART + 5)), (b, b"small one")):
@@ -529,9 +479,9 @@ def test_two_servers_share_one_bucket(two_servers: tuple[Server, Server], s3: An
             reply = client.post("/upload", content=form_body([file_part(data)]),
                                 headers={"content-type": form_content_type()})
         assert reply.status_code == 201, reply.text
-        assert_stored_in(s3, prefix, reply.json(), data)
+        bucket.assert_stored(reply.json(), data)
         stored.append(reply.json()["id"])
-    assert objects(s3, prefix) == sorted([*stored, *(f"{i}.json" for i in stored)])
+    assert bucket.objects() == sorted([*stored, *(f"{i}.json" for i in stored)])
     for server in (a, b):
         with server.client() as client:
             assert client.get("/health").json()["status"] == "ok"
@@ -540,10 +490,10 @@ def test_two_servers_share_one_bucket(two_servers: tuple[Server, Server], s3: An
 
 
 @pytest.mark.slow
-def test_memory_stays_within_parts_in_flight(seaweedfs: SeaweedFS, tmp_path: Path, s3: Any, prefix: str) -> None:
+def test_memory_stays_within_parts_in_flight(bucket: S3Backend, tmp_path: Path, s3: Any, prefix: str) -> None:
     """A 256 MiB upload raises the server's peak RSS by about parts_in_flight x part size, not the file."""
     part_size, in_flight = 16 * MiB, 2
-    env = s3_server_env(seaweedfs, prefix, UPLOAD_S3_PART_SIZE="16M", UPLOAD_S3_PARTS_IN_FLIGHT=str(in_flight))
+    env = {**bucket.server_env(), "UPLOAD_S3_PART_SIZE": "16M", "UPLOAD_S3_PARTS_IN_FLIGHT": str(in_flight)}
     size = 256 * MiB
     block = os.urandom(1 * MiB)
     digest = hashlib.sha256()
@@ -575,9 +525,9 @@ def test_memory_stays_within_parts_in_flight(seaweedfs: SeaweedFS, tmp_path: Pat
 
 
 @pytest.mark.slow
-def test_killed_server_leftovers_are_swept(seaweedfs: SeaweedFS, tmp_path: Path, s3: Any, prefix: str) -> None:
+def test_killed_server_leftovers_are_swept(bucket: S3Backend, tmp_path: Path) -> None:
     """kill -9 mid-upload leaves a multipart upload; a server starting later sweeps it."""
-    env = s3_server_env(seaweedfs, prefix)
+    env = bucket.server_env()
     with Server(tmp_path / "uploads-a", env=env) as crashing:
         body = form_body([file_part(os.urandom(4 * PART))])
         sock = socket.create_connection(("127.0.0.1", crashing.port))
@@ -586,22 +536,22 @@ def test_killed_server_leftovers_are_swept(seaweedfs: SeaweedFS, tmp_path: Path,
             sock.sendall(request_head("/upload", headers))
             sock.sendall(body[: 3 * PART])  # two parts sent, the upload goes on
             deadline = time.monotonic() + 20
-            while not uploads_in_progress(s3, prefix) and time.monotonic() < deadline:
+            while not bucket.uploads_in_progress() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            assert len(uploads_in_progress(s3, prefix)) == 1
+            assert len(bucket.uploads_in_progress()) == 1
             crashing.kill()
         finally:
             sock.close()
-    assert len(uploads_in_progress(s3, prefix)) == 1 and objects(s3, prefix) == []
+    assert len(bucket.uploads_in_progress()) == 1 and bucket.objects() == []
     time.sleep(1.1)
     # A server with the default 24h leaves it (it could be a live server's); one told 1s sweeps it.
     with Server(tmp_path / "uploads-b", env=env) as patient:
         with patient.client() as client:
             assert client.get("/health").status_code == 200
         time.sleep(0.5)
-        assert len(uploads_in_progress(s3, prefix)) == 1
+        assert len(bucket.uploads_in_progress()) == 1
     with Server(tmp_path / "uploads-c", env={**env, "UPLOAD_S3_SWEEP_AFTER": "1"}):
         deadline = time.monotonic() + 20
-        while uploads_in_progress(s3, prefix) and time.monotonic() < deadline:
+        while bucket.uploads_in_progress() and time.monotonic() < deadline:
             time.sleep(0.1)
-    assert_nothing_in(s3, prefix)
+    bucket.assert_nothing_stored()
