@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import deque
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 from typing import Callable
@@ -24,6 +24,7 @@ from streaming_form_data.targets import BaseTarget
 from upload_service.errors import FormError, LimitExceeded
 from upload_service.framing import Framer, PartInfo, clean_filename
 from upload_service.storage import FileSink, Store
+from upload_service.threads import WriterPool
 from upload_service.units import MiB
 
 # With an executor, a file's bytes are hashed and written in blocks of this size, one
@@ -45,7 +46,7 @@ class UploadFileTarget(BaseTarget):
     wait for before feeding more.
     """
 
-    def __init__(self, sink: FileSink, info: PartInfo, max_size: int, executor: Executor | None = None) -> None:
+    def __init__(self, sink: FileSink, info: PartInfo, max_size: int, executor: WriterPool | None = None) -> None:
         super().__init__()
         self.sink = sink
         self.id = sink.id
@@ -55,6 +56,7 @@ class UploadFileTarget(BaseTarget):
         self.size = 0
         self.finished = False
         self._hash = hashlib.sha256()
+        self._sink_open = False  # opened with the first block, on the writer thread
         self._executor = executor
         self._chunks: list[bytes] = []  # received, not yet handed to the executor
         self._buffered = 0
@@ -64,9 +66,6 @@ class UploadFileTarget(BaseTarget):
     def sha256(self) -> str:
         """The digest; with an executor, only once `job` is done."""
         return self._hash.hexdigest()
-
-    def on_start(self) -> None:
-        self.sink.open()
 
     def on_data_received(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -86,7 +85,9 @@ class UploadFileTarget(BaseTarget):
 
     def on_finish(self) -> None:
         self.finished = True
-        if self._executor is not None:
+        if self.size == 0 and not self._sink_open:
+            self._open_sink()  # an empty file: no block will create it
+        elif self._executor is not None:
             self.hand_off()
 
     def hand_off(self) -> None:
@@ -96,7 +97,7 @@ class UploadFileTarget(BaseTarget):
         if self.job is not None:
             self.job.result()  # a failed write (ENOSPC) raises here, on the parser's side
         chunks, self._chunks, self._buffered = self._chunks, [], 0
-        self.job = self._executor.submit(self._store, chunks)
+        self.job = self._executor.submit(self._store, chunks, handshake=not self.finished)
 
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""
@@ -119,8 +120,14 @@ class UploadFileTarget(BaseTarget):
         chunks.clear()  # the list is ours alone now: free the chunks before the work
         if started is not None:
             started.set()  # WriterPool: the loop may go on; we let go of the GIL now
+        if not self._sink_open:
+            self._open_sink()  # here, off the loop: creating a file costs a few syscalls
         self._hash.update(data)
         self.sink.write(data)
+
+    def _open_sink(self) -> None:
+        self.sink.open()
+        self._sink_open = True
 
     def _wait_for_job(self) -> None:
         """Make sure the executor no longer uses our file descriptor: cancel or wait."""
@@ -262,7 +269,7 @@ class FormReader:
         limits: FormLimits,
         file_field: str,
         text_fields: tuple[str, ...],
-        executor: Executor | None = None,
+        executor: WriterPool | None = None,
     ) -> None:
         self.files: list[UploadFileTarget] = []
         self._executor = executor

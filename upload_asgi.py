@@ -23,6 +23,9 @@ Errors are {"error": code, "detail": text}:
     500 unexpected (logged)                 503 too many uploads at once
     507 no space left on the device
 
+An embedding app's `before_upload` hook may refuse a request with any 4xx/5xx
+(`UploadRefused`) before a body byte is read.
+
 A failed request leaves nothing stored; a client that disconnects gets no answer.
 The concerns live in `upload_service/` (README "Architecture"); this module routes
 requests to them and turns every error into its answer.
@@ -30,10 +33,9 @@ requests to them and turns every error into its answer.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from upload_service.asgi import (
     Receive,
@@ -48,6 +50,7 @@ from upload_service.asgi import (
     send_json,
 )
 from upload_service.body import BodyProgress
+from upload_service.cors import Cors, is_preflight
 from upload_service.early_answer import answer_before_body_end
 from upload_service.errors import (
     ClientGone,
@@ -58,19 +61,24 @@ from upload_service.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
+    UploadError,
+    UploadRefused,
     as_upload_error,
 )
+from upload_service import hooks
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
-from upload_service.metrics import Metrics, is_server_fault, log_outcome, outcome_of
+from upload_service.lifespan import fail_startup
+from upload_service.logs import set_up_logging
+from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
+from upload_service.hooks import BeforeUpload, UploadCallback
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
 from upload_service.stores import make_store
 from upload_service.threads import WRITE_THREADS, WriterPool
 
-__all__ = ["Config", "ConfigError", "UploadApp", "app", "create_app"]
+__all__ = ["Config", "ConfigError", "UploadApp", "UploadError", "UploadRefused", "app", "create_app"]
 
-UploadCallback = Callable[[Record], Any]
 Handler = Callable[..., Awaitable[None]]
 
 logger = logging.getLogger("upload_asgi")
@@ -84,11 +92,15 @@ class UploadApp:
         config: Config | None,
         on_upload: UploadCallback | None = None,
         config_error: str | None = None,
+        before_upload: BeforeUpload | None = None,
     ) -> None:
         self.config = config
         self.on_upload = on_upload
+        self.on_upload_takes_scope = on_upload is not None and hooks.takes_scope(on_upload)
+        self.before_upload = before_upload
+        self.cors = Cors(config.cors_origins) if config is not None and config.cors_origins else None
         self.config_error = config_error
-        self.metrics = Metrics()
+        self.metrics = Metrics(multiprocess_dir())
         self.store: Store | None = None if config is None else make_store(config)
         self.writer: WriterPool | None = None  # started on the first upload
         self.routes: dict[str, dict[str, Handler]] = {
@@ -121,7 +133,7 @@ class UploadApp:
                     if isinstance(exc, OSError):
                         reason = self.store.describe_problem(exc)
                     logger.error("upload-asgi cannot start: %s", reason)
-                    await send({"type": "lifespan.startup.failed", "message": reason})
+                    await fail_startup(send, reason)
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -138,6 +150,11 @@ class UploadApp:
         return self.store
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.cors is not None and (origin := header(scope, b"origin")) is not None:
+            if is_preflight(scope):
+                await self.cors.answer_preflight(scope, send, origin)
+                return
+            send = self.cors.wrap_send(origin, send)
         path = route_path(scope)
         methods = self.routes.get(path)
         method = scope["method"]
@@ -203,33 +220,42 @@ class UploadApp:
         error: BaseException | None = None
         stored: list[Record] = []
         try:
-            boundary = self.check_request(scope)
-            # Only uploads that are being stored count against UPLOAD_MAX_CONCURRENT:
-            # a refused request (a missing token, say), answered while the rest of its
-            # body is drained, must not take an uploader's place.
-            self.metrics.in_flight += 1
             try:
-                stored = await store_form(
-                    self.config, self.prepare(), self.write_executor(), boundary, receive, route, progress
-                )
+                boundary = self.check_request(scope)
+                await self.ask_before_upload(scope)
+                self.check_capacity()
+                # Only uploads that are being stored count against UPLOAD_MAX_CONCURRENT:
+                # a refused request (a missing token, say), answered while the rest of its
+                # body is drained, must not take an uploader's place.
+                self.metrics.in_flight += 1
+                try:
+                    stored = await store_form(
+                        self.config, self.prepare(), self.write_executor(), boundary, receive, route, progress
+                    )
+                finally:
+                    self.metrics.in_flight -= 1
+                self.metrics.files_stored += len(stored)
+                self.metrics.bytes_stored += sum(r["size"] for r in stored)
+                await self.notify(stored, scope)
+            except BaseException as exc:
+                error = exc
+                raise
             finally:
-                self.metrics.in_flight -= 1
-            self.metrics.files_stored += len(stored)
-            self.metrics.bytes_stored += sum(r["size"] for r in stored)
-            await self.notify(stored)
+                # Counted and logged before the answer: a scrape that follows it sees it.
+                self.record_outcome(error, started, progress, stored)
             await send_json(send, 201, form_answer(stored, route))
-        except ClientGone as exc:
-            error = exc
+        except ClientGone:
+            pass
         except Exception as exc:
-            error = exc
             await self.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"))
-        except BaseException as exc:  # cancelled, or the process is stopping
-            error = exc
-            raise
-        finally:
-            self.metrics.bytes_received += progress.received
-            self.metrics.observe(outcome_of(error), time.monotonic() - started)
-            log_outcome(error, progress.received, time.monotonic() - started, stored)
+
+    def record_outcome(
+        self, error: BaseException | None, started: float, progress: BodyProgress, stored: list[Record]
+    ) -> None:
+        seconds = time.monotonic() - started
+        self.metrics.bytes_received += progress.received
+        self.metrics.observe(outcome_of(error), seconds)
+        log_outcome(error, progress.received, seconds, stored)
 
     def check_request(self, scope: Scope) -> bytes:
         """Refuse what the headers alone already tell, before any body byte; return the boundary."""
@@ -243,24 +269,34 @@ class UploadApp:
                 f"the request body is larger than {config.max_request_size} bytes",
                 limit="request_size", max=config.max_request_size,
             )
-        if self.metrics.in_flight >= config.max_concurrent:
-            raise ServiceUnavailable(f"more than {config.max_concurrent} uploads in flight; retry soon")
         return boundary
+
+    async def ask_before_upload(self, scope: Scope) -> None:
+        """Let the embedding app refuse the request (UploadRefused) before any body byte."""
+        try:
+            await hooks.before_upload(self.before_upload, scope)
+        except UploadError:
+            raise
+        except Exception:
+            logger.exception("before_upload hook failed")
+            raise InternalError("the server's before_upload hook failed") from None
+
+    def check_capacity(self) -> None:
+        if self.metrics.in_flight >= self.config.max_concurrent:
+            raise ServiceUnavailable(f"more than {self.config.max_concurrent} uploads in flight; retry soon")
 
     def write_executor(self) -> WriterPool:
         if self.writer is None:
             self.writer = WriterPool(WRITE_THREADS)
         return self.writer
 
-    async def notify(self, records: list[Record]) -> None:
-        """Give each stored record to the embedding app's callback, if any."""
+    async def notify(self, records: list[Record], scope: Scope) -> None:
+        """Give each stored record (and the request's scope) to the embedding app's callback, if any."""
         if self.on_upload is None:
             return
         for record in records:
             try:
-                result = self.on_upload(dict(record))
-                if inspect.isawaitable(result):
-                    await result
+                await hooks.on_upload(self.on_upload, self.on_upload_takes_scope, record, scope)
             except Exception:
                 logger.exception("on_upload callback failed for stored file %s", record["id"])
                 raise InternalError(
@@ -282,8 +318,16 @@ class UploadApp:
         await answer_before_body_end(receive, send, error, http_version, remaining, self.config.idle_timeout)
 
 
-def create_app(config: Config | None = None, on_upload: UploadCallback | None = None) -> UploadApp:
+def create_app(
+    config: Config | None = None,
+    on_upload: UploadCallback | None = None,
+    before_upload: BeforeUpload | None = None,
+) -> UploadApp:
     """Return an independent upload app; with no config, read it from the environment.
+
+    `before_upload(scope, headers)` may refuse a request by raising `UploadRefused`;
+    `on_upload(record)` or `on_upload(record, scope)` is called for each stored file
+    (README "Embedding").
 
     A bad environment does not raise here (that would only show as an import
     traceback); the app logs it, fails lifespan startup with the message, and
@@ -291,11 +335,22 @@ def create_app(config: Config | None = None, on_upload: UploadCallback | None = 
     """
     if config is None:
         try:
-            return UploadApp(Config.from_env(), on_upload)  # the store's client may be missing too
+            config = Config.from_env()
+            set_up_logging(config.log_level)
+            # In the try too: the store can refuse the settings (the S3 client not installed).
+            return UploadApp(config, on_upload, before_upload=before_upload)
         except ConfigError as exc:
+            set_up_logging("info")
             logger.error("upload-asgi configuration error: %s", exc)
-            return UploadApp(None, on_upload, config_error=str(exc))
-    return UploadApp(config, on_upload)
+            return UploadApp(None, on_upload, config_error=str(exc), before_upload=before_upload)
+    set_up_logging(config.log_level)
+    return UploadApp(config, on_upload, before_upload=before_upload)
 
 
 app = create_app()
+
+
+if __name__ == "__main__":  # python -m upload_asgi: run hypercorn with the README's defaults
+    from upload_service.cli import main
+
+    raise SystemExit(main())

@@ -6,13 +6,12 @@ import asyncio
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import targets
-from upload_service import framing, localstore
+from upload_service import framing, localstore, threads
 import upload_asgi
 from support import (
     BOUNDARY,
@@ -269,7 +268,7 @@ async def test_a_description_sent_as_a_file_part_is_read(app, upload_dir):
     assert reply.json()["description"] == "a note from a file"
 
 
-class CountingExecutor(ThreadPoolExecutor):
+class CountingExecutor(threads.WriterPool):
     """Counts write jobs submitted and not yet finished."""
 
     def __init__(self) -> None:
@@ -306,24 +305,18 @@ def test_many_files_on_a_slow_disk_hold_a_bounded_number_of_blocks(tmp_path, mon
     store = localstore.LocalStore(tmp_path / "uploads")
     store.prepare()
     limits = targets.FormLimits(max_file_size=1 << 30, max_field_size=1 << 16, max_files=100, max_parts=200)
-    with CountingExecutor() as executor:
-        reader = targets.FormReader(B, store, limits, "files", ("description",), executor=executor)
-        for chunk in chunks_of(body, 64 * 1024):
-            reader.feed(chunk)
-            while (job := reader.write_backlog()) is not None:
-                job.result()
-        reader.close()
-        for target in reader.files:
-            if target.job is not None:
-                target.job.result()
-        assert executor.most <= 3
+    executor = CountingExecutor()
+    reader = targets.FormReader(B, store, limits, "files", ("description",), executor=executor)
+    for chunk in chunks_of(body, 64 * 1024):
+        reader.feed(chunk)
+        while (job := reader.write_backlog()) is not None:
+            job.result()
+    reader.close()
+    for target in reader.files:
+        if target.job is not None:
+            target.job.result()
+    assert executor.most <= 3
     assert [t.size for t in reader.files] == [len(d) for d in files]
     for target, data in zip(reader.files, files):
         target.sink.close()
         assert target.sink.path.read_bytes() == data
-
-
-
-
-
-

@@ -340,7 +340,7 @@ def test_mounted_under_files_through_hypercorn(tmp_path, host):
         health = client.get("/files/health").json()
         assert health["status"] == "ok" and health["free_bytes"] > 0 and health["uploads_in_flight"] == 0
         metrics = client.get("/files/metrics").text
-        assert 'upload_asgi_uploads_total{outcome="stored"} 1' in metrics.splitlines()
+        assert 'upload_asgi_uploads_total{outcome="stored"} 1.0' in metrics.splitlines()
 
         several = client.post(
             "/files/upload-multiple", files=[("files", ("a.txt", b"a")), ("files", ("b.txt", b"bb"))]
@@ -369,3 +369,37 @@ def test_behind_a_proxy_that_strips_the_prefix(upload_dir):
             response = client.post(action.removeprefix("/files"), files={"file": ("p.bin", data)})
     assert response.status_code == 201, response.text
     assert_stored(upload_dir, response.json(), data)
+
+
+# -- a bad setting under hypercorn's DispatcherMiddleware (issue 11) ----------------------------
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_bad_setting_under_the_dispatcher_fails_fast_naming_it(tmp_path, workers):
+    """The dispatcher drops lifespan.startup.failed: this waited 60 s for LifespanTimeoutError."""
+    import subprocess
+    import sys
+    import time
+
+    from support import ROOT, free_port
+
+    env = {
+        **os.environ,
+        "UPLOAD_DIR": str(tmp_path / "uploads"),
+        "UPLOAD_MAX_FILE_SIZE": "lots",
+        "PYTHONPATH": str(ROOT) + os.pathsep + str(ROOT / "tests"),
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "hypercorn", "-w", workers, "--bind", f"127.0.0.1:{free_port()}", "mounted_app:app"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=90,
+    )
+    took = time.monotonic() - started
+    output = done.stdout + done.stderr
+    assert took < 20, output
+    assert "Lifespan failure in startup. 'UPLOAD_MAX_FILE_SIZE: 'lots' is not a size" in output
+    assert "upload_asgi: upload-asgi cannot start: UPLOAD_MAX_FILE_SIZE: 'lots'" in output
+    assert "LifespanTimeoutError" not in output and "Running on" not in output
+    if workers == "0":
+        assert done.returncode != 0  # with workers, hypercorn 0.18 exits 0 (pgjones/hypercorn#269)
+    assert not (tmp_path / "uploads").exists()

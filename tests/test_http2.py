@@ -365,4 +365,4 @@ def test_http2_stream_reset_mid_upload_leaves_nothing(h2c_server, upload_dir):
     assert list((upload_dir / ".partial").iterdir()) == []
     with httpx.Client(base_url=h2c_server.url) as http:
         metrics = http.get("/metrics").text.splitlines()
-    assert 'upload_asgi_uploads_total{outcome="disconnected"} 1' in metrics
+    assert 'upload_asgi_uploads_total{outcome="disconnected"} 1.0' in metrics

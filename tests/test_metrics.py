@@ -431,7 +431,7 @@ def test_health_and_metrics_through_hypercorn_with_an_upload_held_open(upload_di
         ).encode()
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
         try:
-            sock.sendall(head + body[:500_000])
+            sock.sendall(head + body[:1_500_000])  # more than one 1 MiB block
             deadline = time.monotonic() + 20
             while client.get("/health").json()["uploads_in_flight"] != 1:
                 assert time.monotonic() < deadline, "the held upload never showed as in flight"
@@ -440,7 +440,9 @@ def test_health_and_metrics_through_hypercorn_with_an_upload_held_open(upload_di
             assert health["status"] == "ok"
             assert 0 < health["free_bytes"] <= shutil.disk_usage(upload_dir).total
             assert values()["in_flight"] == 1
-            assert any((upload_dir / ".partial").iterdir())  # it is being written
+            while not any((upload_dir / ".partial").iterdir()):  # it is being written
+                assert time.monotonic() < deadline, "the held upload's first block never reached the disk"
+                time.sleep(0.05)
         finally:
             sock.close()  # the client goes away mid-upload
 
@@ -467,3 +469,96 @@ def test_health_and_metrics_through_hypercorn_with_an_upload_held_open(upload_di
     assert delta.pop("duration_count") == 3
     assert delta.pop("received") > len(data)
     assert delta == {}
+
+
+# -- several workers (issue 11): every scrape shows every worker's totals -----------------------
+
+
+def scrapes_by_worker(server: Server, client: httpx.Client, want_workers: int, most: int = 80) -> dict[str, list]:
+    """Scrape on new connections until `want_workers` different workers have answered."""
+    seen: dict[str, list] = {}
+    for _ in range(most):
+        response = client.get("/metrics", headers={"connection": "close"})
+        assert response.status_code == 200
+        worker = None
+        deadline = time.monotonic() + 10
+        while worker is None:  # hypercorn writes the access line once the answer is out
+            lines = re.findall(r"<(\d+)> GET /metrics 200$", server.log(), re.MULTILINE)
+            if len(lines) > sum(len(v) for v in seen.values()):
+                worker = lines[-1]
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.02)
+        seen.setdefault(worker, []).append(snapshot(parse_exposition(response.text)))
+        if len(seen) >= want_workers:
+            break
+    return seen
+
+
+@pytest.mark.slow
+def test_every_scrape_shows_the_totals_of_all_workers(upload_dir):
+    args = ["-w", "2", "--access-logfile", "-", "--access-logformat", "%(p)s %(m)s %(U)s %(s)s"]
+    blobs = [os.urandom(100_000 + i) for i in range(6)]
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args) as server, server.client() as client:
+        deadline = time.monotonic() + 30
+        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log()))) < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        for i, data in enumerate(blobs):
+            body = form_body([file_part(data, f"{i}.bin")])
+            headers = {"content-type": form_content_type(), "connection": "close"}
+            assert client.post("/upload", content=body, headers=headers).status_code == 201
+        assert client.post("/upload", content=b"x", headers={"content-type": "text/plain"}).status_code == 415
+        seen = scrapes_by_worker(server, client, want_workers=2)
+    assert len(seen) == 2, f"one worker answered every scrape: {list(seen)}"
+    expected = {
+        "uploads.stored": 6, "uploads.rejected": 1, "uploads.failed": 0, "uploads.disconnected": 0,
+        "stored_files": 6, "stored_bytes": sum(map(len, blobs)), "in_flight": 0, "duration_count": 7,
+    }
+    for worker, snapshots in seen.items():
+        for values in snapshots:
+            assert {k: values[k] for k in expected} == expected, worker
+            assert values["received"] > sum(map(len, blobs))
+
+
+def test_the_run_directory_is_private_and_dead_runs_go(tmp_path, monkeypatch):
+    from upload_service import metrics
+
+    dead = subprocess_pid_that_exited()
+    old_run = tmp_path / f"{metrics.RUN_DIR_PREFIX}{dead}-1"
+    old_run.mkdir()
+    (old_run / "counter_1.db").write_bytes(b"")
+    live_run = tmp_path / f"{metrics.RUN_DIR_PREFIX}{os.getpid()}-1"
+    live_run.mkdir()
+    metrics.remove_dead_runs(tmp_path)
+    assert not old_run.exists() and live_run.exists()
+
+    shared = tmp_path / "open-to-all"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match="not a private directory"):
+        metrics.make_private_dir(shared)
+    link = tmp_path / "link"
+    link.symlink_to(live_run)
+    with pytest.raises(OSError, match="not a private directory"):
+        metrics.make_private_dir(link)
+    metrics.make_private_dir(tmp_path / "mine")
+    assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_single_process_keeps_plain_counters(monkeypatch):
+    from upload_service import metrics
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    monkeypatch.delenv("prometheus_multiproc_dir", raising=False)
+    assert metrics.multiprocess_dir() is None
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/somewhere")
+    assert metrics.multiprocess_dir() == "/somewhere"
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

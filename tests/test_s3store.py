@@ -18,6 +18,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import httpx
 import pytest
+from hypercorn.utils import LifespanFailureError
 
 import upload_asgi
 from backends import S3Backend, use_seaweedfs
@@ -455,7 +456,8 @@ async def test_part_size_must_allow_the_largest_file(bucket: S3Backend, monkeypa
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    with pytest.raises(LifespanFailureError):  # raised when the server did not act on the message
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
     assert sent[0]["type"] == "lifespan.startup.failed"
     assert "UPLOAD_S3_PART_SIZE" in sent[0]["message"]
 

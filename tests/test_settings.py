@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypercorn.utils import LifespanFailureError
 
 import upload_asgi
 from upload_asgi import Config, ConfigError
@@ -57,7 +58,7 @@ def test_every_setting_has_a_variable():
         "UPLOAD_MAX_PARTS", "UPLOAD_MAX_FIELD_SIZE", "UPLOAD_TOKEN", "UPLOAD_FSYNC",
         "UPLOAD_IDLE_TIMEOUT", "UPLOAD_MAX_CONCURRENT", "UPLOAD_MIN_RATE",
         "UPLOAD_STORAGE", "UPLOAD_S3_ENDPOINT_URL", "UPLOAD_S3_PART_SIZE", "UPLOAD_S3_PARTS_IN_FLIGHT",
-        "UPLOAD_S3_SWEEP_AFTER",
+        "UPLOAD_S3_SWEEP_AFTER", "UPLOAD_CORS_ORIGINS", "UPLOAD_LOG_LEVEL",
     }
 
 
@@ -138,6 +139,8 @@ BAD_VALUES = [
     pytest.param("UPLOAD_S3_PARTS_IN_FLIGHT", "0", id="in-flight-zero"),
     pytest.param("UPLOAD_S3_SWEEP_AFTER", "soon", id="sweep-word"),
     pytest.param("UPLOAD_S3_SWEEP_AFTER", "0", id="sweep-zero"),
+    pytest.param("UPLOAD_CORS_ORIGINS", "*, https://a.example", id="cors-star-and-more"),
+    pytest.param("UPLOAD_LOG_LEVEL", "loud", id="log-level-word"),
 ]
 
 
@@ -220,7 +223,10 @@ async def run_lifespan(app) -> list[dict]:
     async def send(message):
         sent.append(message)
 
-    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    try:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    except LifespanFailureError:  # raised after a startup.failed that send did not act on
+        assert sent[-1]["type"] == "lifespan.startup.failed"
     return sent
 
 

@@ -7,7 +7,7 @@ door's `as_upload_error` turns them, and anything else, into an `UploadError`.
 from __future__ import annotations
 
 import errno
-from typing import Any
+from typing import Any, Iterable
 
 # Seconds a client told 503 waits before trying again.
 RETRY_AFTER_SECONDS = 1
@@ -95,6 +95,34 @@ class StorageRefused(StorageUnavailable):
 
 class InternalError(UploadError):
     status, code = 500, "internal_error"
+
+
+class UploadRefused(UploadError):
+    """Raised by an embedding app's `before_upload` hook to refuse a request.
+
+    The client gets `status` with `{"error": code, "detail": detail}` and `headers`
+    (for example `WWW-Authenticate`, `Retry-After`); nothing of the body is stored.
+    """
+
+    code = "refused"
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        code: str = "refused",
+        headers: Iterable[tuple[str | bytes, str | bytes]] = (),
+    ) -> None:
+        if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+            raise ValueError(f"a refusal needs a 4xx or 5xx status, not {status!r}")
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.headers = tuple((as_latin1(k).lower(), as_latin1(v)) for k, v in headers)
+
+
+def as_latin1(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("latin-1")
 
 
 class ClientGone(Exception):

@@ -1,71 +1,238 @@
-"""What happened to each upload: counters for /metrics (Prometheus text) and a log line."""
+"""What happened to each upload: counters for /metrics (Prometheus text) and a log line.
+
+The series live in prometheus-client, for its multiprocess mode: under `hypercorn -w N`
+each worker is a process with its own counters, and a scrape is answered by whichever
+worker gets it; in multiprocess mode every worker writes its values to small mmap
+files in one directory and each scrape sums them all (README "Monitoring"). The
+directory is `PROMETHEUS_MULTIPROC_DIR` when set, or else, for a process started by
+`multiprocessing` (every hypercorn worker, also with `-w 1`), one the workers of the
+same server run find by their parent: `<tmp>/upload-asgi-metrics-<parent pid>-<its
+start time>`. A single process (tests, `-w 0`, uvicorn) keeps plain per-app counters.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+import multiprocessing
+import os
+import re
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from upload_service.errors import ClientGone, ServiceUnavailable, UploadError, UploadRefused, as_upload_error
 from upload_service.storage import Record
-from upload_service.errors import ClientGone, ServiceUnavailable, UploadError, as_upload_error
 
 logger = logging.getLogger("upload_asgi")
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
+OUTCOMES = ("stored", "rejected", "failed", "disconnected")
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+RUN_DIR_PREFIX = "upload-asgi-metrics-"
+LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 
 
-@dataclass
+class Series:
+    """The prometheus-client metrics of one app (one process's share, in multiprocess mode)."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.uploads = Counter(
+            "upload_asgi_uploads", "Upload requests by outcome.", ["outcome"], registry=registry
+        )
+        for outcome in OUTCOMES:
+            self.uploads.labels(outcome)  # every outcome shows, at 0 until it happens
+        self.received = Counter(
+            "upload_asgi_received_bytes", "Request body bytes received by upload routes.", registry=registry
+        )
+        self.stored_bytes = Counter("upload_asgi_stored_bytes", "Bytes of files stored.", registry=registry)
+        self.stored_files = Counter("upload_asgi_stored_files", "Files stored.", registry=registry)
+        # livesum: the workers alive now; a dead worker's file is dropped at the next scrape.
+        self.in_flight = Gauge(
+            "upload_asgi_uploads_in_flight", "Uploads being received now.",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.duration = Histogram(
+            "upload_asgi_upload_duration_seconds", "Time from request start to answer.",
+            buckets=DURATION_BUCKETS, registry=registry,
+        )
+
+
+class WithoutCreated:
+    """A registry's families without the `_created` samples (not part of our exposition)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+
+_process_series: Series | None = None  # multiprocess mode: one set per process, shared by its apps
+
+
 class Metrics:
-    """Counters for /metrics; one set per app (per worker process)."""
+    """The counters behind /metrics and /health.
 
-    outcomes: dict[str, int] = field(default_factory=dict)
-    bytes_received: int = 0
-    bytes_stored: int = 0
-    files_stored: int = 0
-    in_flight: int = 0
-    duration_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS))
-    duration_sum: float = 0.0
-    duration_count: int = 0
+    `in_flight`, `files_stored`, `bytes_stored`, `bytes_received` and `outcomes` are
+    this app's own numbers (`in_flight` bounds UPLOAD_MAX_CONCURRENT per worker); each
+    change also moves the Prometheus series, which `exposition()` writes out, summed
+    over every worker in multiprocess mode.
+    """
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
+        global _process_series
+        self.outcomes: dict[str, int] = {}
+        self._in_flight = self._files_stored = self._bytes_stored = self._bytes_received = 0
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is None:
+            self._registry = CollectorRegistry(auto_describe=True)
+            self._series = Series(self._registry)
+            return
+        use_multiprocess_values(multiprocess_dir)
+        if _process_series is None:
+            _process_series = Series(None)  # unregistered: the collector reads the files
+        self._series = _process_series
+        self._registry = CollectorRegistry()
+        MultiProcessCollector(self._registry, multiprocess_dir)
 
     def observe(self, outcome: str, seconds: float) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-        self.duration_sum += seconds
-        self.duration_count += 1
-        for i, bound in enumerate(DURATION_BUCKETS):
-            if seconds <= bound:
-                self.duration_counts[i] += 1
+        self._series.uploads.labels(outcome).inc()
+        self._series.duration.observe(seconds)
+
+    # Each counter is read and added to (`metrics.bytes_stored += n`) by the front door.
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._series.in_flight.inc(value - self._in_flight)
+        self._in_flight = value
+
+    @property
+    def files_stored(self) -> int:
+        return self._files_stored
+
+    @files_stored.setter
+    def files_stored(self, value: int) -> None:
+        self._series.stored_files.inc(value - self._files_stored)
+        self._files_stored = value
+
+    @property
+    def bytes_stored(self) -> int:
+        return self._bytes_stored
+
+    @bytes_stored.setter
+    def bytes_stored(self, value: int) -> None:
+        self._series.stored_bytes.inc(value - self._bytes_stored)
+        self._bytes_stored = value
+
+    @property
+    def bytes_received(self) -> int:
+        return self._bytes_received
+
+    @bytes_received.setter
+    def bytes_received(self, value: int) -> None:
+        self._series.received.inc(value - self._bytes_received)
+        self._bytes_received = value
 
     def exposition(self) -> str:
-        lines = [
-            "# HELP upload_asgi_uploads_total Upload requests by outcome.",
-            "# TYPE upload_asgi_uploads_total counter",
-        ]
-        for outcome in sorted(set(self.outcomes) | {"stored", "rejected", "failed", "disconnected"}):
-            lines.append(f'upload_asgi_uploads_total{{outcome="{outcome}"}} {self.outcomes.get(outcome, 0)}')
-        lines += [
-            "# HELP upload_asgi_received_bytes_total Request body bytes received by upload routes.",
-            "# TYPE upload_asgi_received_bytes_total counter",
-            f"upload_asgi_received_bytes_total {self.bytes_received}",
-            "# HELP upload_asgi_stored_bytes_total Bytes of files stored.",
-            "# TYPE upload_asgi_stored_bytes_total counter",
-            f"upload_asgi_stored_bytes_total {self.bytes_stored}",
-            "# HELP upload_asgi_stored_files_total Files stored.",
-            "# TYPE upload_asgi_stored_files_total counter",
-            f"upload_asgi_stored_files_total {self.files_stored}",
-            "# HELP upload_asgi_uploads_in_flight Uploads being received now.",
-            "# TYPE upload_asgi_uploads_in_flight gauge",
-            f"upload_asgi_uploads_in_flight {self.in_flight}",
-            "# HELP upload_asgi_upload_duration_seconds Time from request start to answer.",
-            "# TYPE upload_asgi_upload_duration_seconds histogram",
-        ]
-        for bound, count in zip(DURATION_BUCKETS, self.duration_counts):
-            lines.append(f'upload_asgi_upload_duration_seconds_bucket{{le="{bound}"}} {count}')
-        lines += [
-            f'upload_asgi_upload_duration_seconds_bucket{{le="+Inf"}} {self.duration_count}',
-            f"upload_asgi_upload_duration_seconds_sum {self.duration_sum:.6f}",
-            f"upload_asgi_upload_duration_seconds_count {self.duration_count}",
-        ]
-        return "\n".join(lines) + "\n"
+        """Prometheus text: this app's series, or every worker's summed in multiprocess mode."""
+        if self.multiprocess_dir is None:
+            return generate_latest(WithoutCreated(self._registry)).decode()
+        forget_dead_workers(self.multiprocess_dir)
+        return generate_latest(self._registry).decode()
+
+
+# -- multiprocess mode ------------------------------------------------------------
+
+
+def multiprocess_dir() -> str | None:
+    """Where the workers of this server run share their values; None for plain counters."""
+    explicit = os.environ.get(MULTIPROC_VARIABLE) or os.environ.get(MULTIPROC_VARIABLE.lower())
+    if explicit:
+        return explicit
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return None
+    path = Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}{parent.pid}-{start_time(parent.pid)}"
+    try:
+        make_private_dir(path)
+    except OSError as exc:
+        logger.warning("metrics stay per worker: cannot use %s (%s)", path, exc)
+        return None
+    remove_dead_runs(path.parent)
+    return str(path)
+
+
+def start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is told apart."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[19]  # field 22 of proc(5), counted after "pid (comm)"
+    except (OSError, IndexError):
+        return "0"
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` for this user only, or accept it if this user made it (another worker)."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    info = path.lstat()  # not a symlink someone else planted in the shared temp dir
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise OSError(f"{path} is not a private directory of this user")
+
+
+def remove_dead_runs(tmp: Path) -> None:
+    """Remove the directories of server runs whose parent process is gone."""
+    for entry in tmp.glob(RUN_DIR_PREFIX + "*"):
+        pid = entry.name[len(RUN_DIR_PREFIX) :].split("-")[0]
+        if pid.isdigit() and not is_alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def use_multiprocess_values(path: str) -> None:
+    """Make prometheus-client write this process's values to mmap files under `path`.
+
+    It picks its value class when first imported, from the environment; a directory
+    chosen here, later, is set the same way before any of our series exist.
+    """
+    os.environ[MULTIPROC_VARIABLE] = path
+    if values.ValueClass is values.MutexValue:
+        values.ValueClass = values.MultiProcessValue()
+
+
+def forget_dead_workers(path: str) -> None:
+    """Drop the in-flight gauge files of workers that died (a crash or a restart)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        match = LIVE_GAUGE_FILE.fullmatch(name)
+        if match and not is_alive(int(match[1])):
+            mark_process_dead(int(match[1]), path)
 
 
 def outcome_of(error: BaseException | None) -> str:
@@ -77,26 +244,36 @@ def outcome_of(error: BaseException | None) -> str:
 
 
 def is_server_fault(error: UploadError) -> bool:
-    """A 5xx for something that went wrong here; too_many_uploads is load shed on purpose."""
-    return error.status >= 500 and not isinstance(error, ServiceUnavailable)
+    """A 5xx for something that went wrong here; too_many_uploads is load shed on purpose,
+    and a refusal by the embedding app's before_upload hook is its decision."""
+    return error.status >= 500 and not isinstance(error, (ServiceUnavailable, UploadRefused))
 
 
 def log_outcome(error: BaseException | None, received: int, seconds: float, stored: list[Record]) -> None:
-    """Log one line per stored file, or one line for a request that stored nothing."""
+    """Log one line per stored file, or one line for a request that stored nothing.
+
+    Each line also carries its facts as `extra={"upload": {...}}` for a structured
+    formatter (`upload_service.logs.JsonFormatter`).
+    """
+    facts: dict[str, object] = {"outcome": outcome_of(error), "received_bytes": received, "seconds": round(seconds, 6)}
     if error is None:
         rate = received / seconds / 1e6 if seconds > 0 else 0.0
         for record in stored:
             logger.info(
                 "upload stored: id=%s size=%d sha256=%s in %.3f s (%.1f MB/s)",
                 record["id"], record["size"], record["sha256"], seconds, rate,
+                extra={"upload": {**facts, "status": 201, "id": record["id"], "size": record["size"],
+                                  "sha256": record["sha256"]}},
             )
     elif isinstance(error, ClientGone):
-        logger.info("upload abandoned by the client after %d bytes", received)
+        logger.info("upload abandoned by the client after %d bytes", received, extra={"upload": facts})
     elif isinstance(error, asyncio.CancelledError):
-        logger.info("upload cancelled by the server after %d bytes", received)
+        logger.info("upload cancelled by the server after %d bytes", received, extra={"upload": facts})
     else:
         failure = as_upload_error(error)
         logger.info(
-            "upload refused: %d %s after %d bytes: %s",
+            "upload %s: %d %s after %d bytes: %s",
+            facts["outcome"] if facts["outcome"] == "failed" else "refused",
             failure.status, failure.code, received, failure.detail,
+            extra={"upload": {**facts, "status": failure.status, "error": failure.code}},
         )

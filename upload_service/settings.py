@@ -13,7 +13,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from upload_service.cors import check_origins, parse_origins
 from upload_service.errors import ConfigError
+from upload_service.logs import parse_log_level
 from upload_service.units import GiB, KiB, MiB, TiB
 
 # Defaults: generous for real files, bounded for everything that lives in memory.
@@ -212,6 +214,12 @@ def check_part_size(value: Any) -> int:
     return value
 
 
+def check_log_level(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a log level name")
+    return parse_log_level(value)
+
+
 def setting(variable: str, parse: Callable[[str], Any], check: Callable[[Any], Any], default: Any, help: str) -> Any:
     """Declare a Config field: its environment variable, parser, check and default."""
     meta = {"variable": variable, "parse": parse, "check": check, "help": help}
@@ -261,6 +269,13 @@ class Config:
     s3_sweep_after: float = setting(
         "UPLOAD_S3_SWEEP_AFTER", parse_duration, check_seconds, DEFAULT_S3_SWEEP_AFTER,
         "age at which a multipart upload is a crashed server's (24h, 30m, seconds)",
+    )
+    cors_origins: tuple[str, ...] = setting(
+        "UPLOAD_CORS_ORIGINS", parse_origins, check_origins, (), "origins pages may upload from: a,b or * (unset: no CORS)"
+    )
+    log_level: str = setting(
+        "UPLOAD_LOG_LEVEL", parse_log_level, check_log_level, "info",
+        "debug, info (a line per upload), warning, error, critical",
     )
 
     def __post_init__(self) -> None:

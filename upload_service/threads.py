@@ -38,8 +38,12 @@ class WriterPool:
         self._lock = threading.Lock()
         self._busy = 0
 
-    def submit(self, fn: Callable[..., None], *args: Any) -> Future[None]:
-        """Run `fn(*args, started=event)`; `fn` sets the event just before it lets go of the GIL."""
+    def submit(self, fn: Callable[..., None], *args: Any, handshake: bool = True) -> Future[None]:
+        """Run `fn(*args, started=event)`; `fn` sets the event just before it lets go of the GIL.
+
+        `handshake=False` for a job the loop will await next (a file's last block):
+        there is no parsing to overlap, and waiting could only delay the loop.
+        """
         with self._lock:
             idle = self._busy < self.threads
             self._busy += 1
@@ -47,7 +51,7 @@ class WriterPool:
         future = self._executor.submit(self._run, fn, args, started)
         # Done or cancelled before it ran (an aborted upload): either way, no longer busy.
         future.add_done_callback(self._job_over)
-        if idle:
+        if idle and handshake:
             started.wait(self.HANDSHAKE_SECONDS)
         return future
 

@@ -1,0 +1,197 @@
+"""before_upload and on_upload with the scope (issue 11), in process and through hypercorn."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+import upload_asgi
+from support import (
+    Reply,
+    Server,
+    assert_nothing_stored,
+    assert_stored,
+    call_app,
+    file_part,
+    form_body,
+    form_content_type,
+    http_scope,
+)
+from upload_asgi import UploadRefused
+from upload_service.hooks import request_headers, takes_scope
+
+
+def upload_scope(path: str = "/upload", headers: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    return http_scope(path, content_type=form_content_type(), headers=headers or [("X-User", "ann")])
+
+
+class Hook:
+    """A before_upload hook, sync or async, that records what it saw and may refuse."""
+
+    def __init__(self, kind: str = "sync", refuse: BaseException | None = None) -> None:
+        self.kind = kind
+        self.refuse = refuse
+        self.calls: list[tuple[dict, dict]] = []
+        self.body_events_before: list[int] = []
+        self.events = 0  # body events the app had read, seen from the hook
+
+    def __call__(self, scope: dict, headers: dict) -> Any:
+        def run() -> None:
+            self.calls.append((scope, headers))
+            self.body_events_before.append(self.events)
+            if self.refuse is not None:
+                raise self.refuse
+            scope.setdefault("state", {})["user"] = headers.get("x-user")
+
+        if self.kind == "sync":
+            return run()
+
+        async def later() -> None:
+            await asyncio.sleep(0)
+            run()
+
+        return later()
+
+
+async def call_counting(app: Any, scope: dict, chunks: list[bytes], hook: Hook) -> Reply:
+    """call_app, with the hook told how many body events were read so far."""
+    events = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    events.append({"type": "http.request", "body": b"", "more_body": False})
+    reply = Reply()
+
+    async def receive() -> dict:
+        hook.events += 1
+        return events.pop(0) if events else {"type": "http.disconnect"}
+
+    await app(scope, receive, reply.record)
+    return reply
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_before_upload_sees_the_request_and_lets_it_through(config, upload_dir, kind):
+    hook = Hook(kind)
+    seen: list[tuple[dict, dict]] = []
+
+    async def on_upload(record: dict, scope: dict) -> None:
+        seen.append((record, scope))
+
+    app = upload_asgi.create_app(config, on_upload=on_upload, before_upload=hook)
+    data = os.urandom(50_000)
+    scope = upload_scope(headers=[("X-User", "ann"), ("Accept", "a"), ("Accept", "b")])
+    reply = await call_counting(app, scope, [form_body([file_part(data, "a.bin")])], hook)
+    assert reply.status == 201, reply.body
+    record = reply.json()
+    assert_stored(upload_dir, record, data)
+    [(hook_scope, headers)] = hook.calls
+    assert hook_scope is scope and hook.body_events_before == [0]  # before the first body byte
+    assert headers["x-user"] == "ann" and headers["accept"] == "a, b"
+    assert headers["content-type"] == form_content_type()
+    assert seen == [(record, scope)] and seen[0][1]["state"]["user"] == "ann"
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_refusal_is_the_answer_and_nothing_is_stored(config, upload_dir, kind, caplog):
+    refusal = UploadRefused(403, "uploads are closed today", code="closed", headers=[("Retry-After", "86400")])
+    hook = Hook(kind, refuse=refusal)
+    stored: list[dict] = []
+    app = upload_asgi.create_app(config, on_upload=stored.append, before_upload=hook)
+    with caplog.at_level(logging.INFO, logger="upload_asgi"):
+        reply = await call_counting(app, upload_scope(), [form_body([file_part(os.urandom(200_000))])], hook)
+    assert reply.status == 403
+    reply.check_length()
+    assert reply.json() == {"error": "closed", "detail": "uploads are closed today"}
+    assert reply.headers["retry-after"] == "86400"
+    assert hook.body_events_before == [0] and stored == []
+    assert_nothing_stored(upload_dir)
+    assert app.metrics.outcomes == {"rejected": 1} and app.metrics.in_flight == 0
+    assert "upload refused: 403 closed after 0 bytes: uploads are closed today" in caplog.messages
+
+
+async def test_a_5xx_refusal_is_the_hosts_decision_not_a_failure(config, upload_dir, caplog):
+    hook = Hook(refuse=UploadRefused(503, "maintenance", code="maintenance"))
+    app = upload_asgi.create_app(config, before_upload=hook)
+    with caplog.at_level(logging.INFO, logger="upload_asgi"):
+        reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
+    assert reply.status == 503 and reply.json()["error"] == "maintenance"
+    assert app.metrics.outcomes == {"rejected": 1}
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_hook_that_raises_gives_500_and_stores_nothing(config, upload_dir, caplog):
+    hook = Hook(refuse=RuntimeError("the user database is down"))
+    app = upload_asgi.create_app(config, before_upload=hook)
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
+    assert reply.status == 500
+    assert reply.json() == {"error": "internal_error", "detail": "the server's before_upload hook failed"}
+    assert "the user database is down" in caplog.text  # logged with its traceback, not sent
+    assert_nothing_stored(upload_dir)
+    assert app.metrics.outcomes == {"failed": 1}
+
+
+async def test_the_token_is_checked_before_the_hook(config, upload_dir):
+    hook = Hook()
+    app = upload_asgi.create_app(replace(config, token="s3cret"), before_upload=hook)
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
+    assert reply.status == 401 and hook.calls == []
+    reply = await call_app(app, upload_scope(headers=[("Authorization", "Bearer s3cret"), ("X-User", "b")]),
+                           [form_body([file_part(b"x")])])
+    assert reply.status == 201 and hook.calls[0][1]["x-user"] == "b"
+
+
+async def test_on_upload_with_one_parameter_still_gets_the_record_alone(config, upload_dir):
+    got: list[Any] = []
+
+    def one(record):
+        got.append(record)
+
+    def with_default(record, extra=None):  # two positional parameters: it gets the scope
+        got.append(extra)
+
+    def star(*args):
+        got.append(len(args))
+
+    for callback in (one, with_default, star):
+        app = upload_asgi.create_app(config, on_upload=callback)
+        assert (await call_app(app, upload_scope(), [form_body([file_part(b"x")])])).status == 201
+    assert got[0]["size"] == 1 and got[1]["type"] == "http" and got[2] == 2
+
+
+def test_takes_scope():
+    assert not takes_scope(lambda record: None)
+    assert takes_scope(lambda record, scope: None)
+    assert not takes_scope(lambda record, *, scope=None: None)  # keyword-only: not given
+
+
+def test_request_headers_join_repeated_names():
+    scope = http_scope(headers=[("X-A", "1"), ("x-a", "2"), ("Host", "h")])
+    assert request_headers(scope) == {"x-a": "1, 2", "host": "h"}
+
+
+@pytest.mark.parametrize("status", [200, 302, 600, "403", True])
+def test_a_refusal_needs_an_error_status(status):
+    with pytest.raises(ValueError):
+        UploadRefused(status, "no")
+
+
+# -- through hypercorn -----------------------------------------------------------------------
+
+
+def test_hooks_through_hypercorn(upload_dir):
+    big = os.urandom(3 * 1024 * 1024)
+    with Server(upload_dir, app="hook_apps:app", env={"UPLOAD_FSYNC": "0"}) as server, server.client() as client:
+        anonymous = client.post("/upload", files={"file": ("a.bin", b"abc")})
+        over_quota = client.post("/upload", files={"file": ("big.bin", big)}, headers={"X-User": "small"})
+        allowed = client.post("/upload", files={"file": ("big.bin", big)}, headers={"X-User": "ann"})
+    assert anonymous.status_code == 403 and anonymous.json() == {"error": "no_user", "detail": "who are you?"}
+    assert over_quota.status_code == 413 and over_quota.json()["error"] == "quota"
+    assert over_quota.headers["retry-after"] == "3600"
+    assert allowed.status_code == 201, allowed.text
+    record = allowed.json()
+    assert (upload_dir / f"{record['id']}.user").read_text() == "ann"
+    (upload_dir / f"{record['id']}.user").unlink()
+    assert_stored(upload_dir, record, big)

@@ -1,0 +1,180 @@
+"""Logs (issue 11): a line per upload on stderr under a plain hypercorn; a host's config wins."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import re
+import sys
+import time
+from typing import Iterator
+
+import pytest
+
+import upload_asgi
+from support import Server, assert_nothing_stored, file_part, form_body, form_content_type
+from upload_service import logs
+from upload_service.errors import ConfigError
+from upload_service.settings import Config
+
+LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\] \[\d+\] \[(\w+)\] upload_asgi: (.*)$")
+
+
+def post(client, body: bytes, content_type: str | None = None):
+    return client.post("/upload", content=body, headers={"content-type": content_type or form_content_type()})
+
+
+def app_lines(text: str) -> list[tuple[str, str]]:
+    return [m.groups() for m in map(LINE.match, text.splitlines()) if m]
+
+
+def wait_for_lines(server: Server, count: int, timeout: float = 10.0) -> None:
+    """A line is written once its answer is out (and its body drained): wait for it."""
+    deadline = time.monotonic() + timeout
+    while len([t for level, t in app_lines(server.log()) if level == "INFO"]) < count:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+
+
+def test_plain_hypercorn_writes_a_line_per_stored_refused_and_failed_upload(upload_dir):
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server, server.client() as client:
+        stored = post(client, form_body([file_part(b"hello", "a.txt")]))
+        assert stored.status_code == 201
+        refused = post(client, b"x", "text/plain")
+        assert refused.status_code == 415
+        # A file where the store's partial dir must be: the store cannot write (500).
+        (upload_dir / ".partial").rmdir()
+        (upload_dir / ".partial").write_bytes(b"")
+        failed = post(client, form_body([file_part(b"hello", "b.txt")]))
+        assert failed.status_code == 500
+        wait_for_lines(server, 3)
+    lines = app_lines(server.log())
+    record = stored.json()
+    assert ("INFO", f"upload stored: id={record['id']} size=5 sha256={record['sha256']}") in [
+        (level, text.split(" in ")[0]) for level, text in lines
+    ]
+    assert ("INFO", "upload refused: 415 unsupported_media_type after 0 bytes: "
+                    "Content-Type must be multipart/form-data, not 'text/plain'") in lines
+    assert any(level == "INFO" and text.startswith("upload failed: 500 internal_error") for level, text in lines)
+    assert any(level == "ERROR" and text.startswith("upload failed:") for level, text in lines)
+    # Each line is written once: no unformatted copy from Python's last-resort handler.
+    assert "\nupload failed" not in server.log() and not server.log().startswith("upload failed")
+
+
+def test_log_level_warning_keeps_the_info_lines_out(upload_dir):
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_LOG_LEVEL": "warning"}
+    with Server(upload_dir, env=env) as server, server.client() as client:
+        assert post(client, form_body([file_part(b"hello", "a.txt")])).status_code == 201
+        assert post(client, b"x", "text/plain").status_code == 415
+    assert app_lines(server.log()) == []
+
+
+def test_a_bad_log_level_stops_startup_naming_the_variable(upload_dir):
+    server = Server(upload_dir, env={"UPLOAD_LOG_LEVEL": "loud"})
+    with pytest.raises(RuntimeError, match="UPLOAD_LOG_LEVEL: 'loud' is not one of debug, info"):
+        server.start()
+    with pytest.raises(ConfigError, match="UPLOAD_LOG_LEVEL"):
+        Config(log_level="verbose")
+
+
+def test_a_host_log_config_gets_json_lines_and_no_fallback_copy(upload_dir, tmp_path):
+    # The README's recipe: hypercorn --log-config json:logging.json with JsonFormatter.
+    config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "upload_service.logs.JsonFormatter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
+        "root": {"handlers": ["stderr"], "level": "INFO"},
+    }
+    path = tmp_path / "logging.json"
+    path.write_text(json.dumps(config))
+    args = ["--log-config", f"json:{path}"]
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args) as server, server.client() as client:
+        record = post(client, form_body([file_part(b"hello", "a.txt")])).json()
+        assert post(client, b"x", "text/plain").status_code == 415
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    ours = [e for e in entries if e["logger"] == "upload_asgi"]
+    assert [(e["level"], e["outcome"], e.get("status"), e.get("id")) for e in ours] == [
+        ("info", "stored", 201, record["id"]),
+        ("info", "rejected", 415, None),
+    ]
+    assert ours[0]["sha256"] == record["sha256"] and ours[0]["size"] == 5
+    assert app_lines(server.log()) == []  # the fallback stood down
+
+
+# -- the rule, in process ------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_logger():
+    """The upload_asgi logger as a fresh process has it, restored afterwards."""
+    logger = logging.getLogger("upload_asgi")
+    saved = logger.handlers[:], logger.level, logs._level_is_ours
+    logger.handlers[:] = []
+    logger.setLevel(logging.NOTSET)
+    logs._level_is_ours = False
+    yield logger
+    logger.handlers[:], level, logs._level_is_ours = saved
+    logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def no_root_handlers() -> Iterator[None]:
+    """Root as an unconfigured process has it (pytest adds its capture handlers there)."""
+    saved = logging.root.handlers[:]
+    logging.root.handlers[:] = []
+    try:
+        yield
+    finally:
+        logging.root.handlers[:] = saved
+
+
+def capture_stderr(monkeypatch) -> io.StringIO:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    return stream
+
+
+def test_fallback_writes_when_nothing_is_configured(clean_logger, monkeypatch, upload_dir):
+    stderr = capture_stderr(monkeypatch)
+    upload_asgi.create_app(Config(upload_dir=upload_dir))
+    upload_asgi.create_app(Config(upload_dir=upload_dir))  # a second app adds no second handler
+    with no_root_handlers():
+        clean_logger.info("one line")
+        clean_logger.debug("below the level")
+    assert [text for _, text in app_lines(stderr.getvalue())] == ["one line"]
+
+
+def test_fallback_stands_down_for_a_root_handler_added_later(clean_logger, monkeypatch, upload_dir):
+    stderr = capture_stderr(monkeypatch)
+    upload_asgi.create_app(Config(upload_dir=upload_dir))
+    host = io.StringIO()
+    with no_root_handlers():
+        logging.root.addHandler(logging.StreamHandler(host))
+        clean_logger.info("to the host")
+    assert stderr.getvalue() == "" and host.getvalue() == "to the host\n"
+
+
+def test_a_level_the_host_set_is_kept(clean_logger, monkeypatch, upload_dir):
+    capture_stderr(monkeypatch)
+    clean_logger.setLevel(logging.ERROR)
+    upload_asgi.create_app(Config(upload_dir=upload_dir, log_level="debug"))
+    assert clean_logger.level == logging.ERROR
+
+
+def test_log_level_setting_applies(clean_logger, monkeypatch, upload_dir):
+    capture_stderr(monkeypatch)
+    upload_asgi.create_app(Config(upload_dir=upload_dir, log_level="warning"))
+    assert clean_logger.level == logging.WARNING
+    upload_asgi.create_app(Config(upload_dir=upload_dir, log_level="debug"))
+    assert clean_logger.level == logging.DEBUG
+
+
+def test_json_formatter_carries_the_facts():
+    record = logging.LogRecord("upload_asgi", logging.INFO, __file__, 1, "upload %s", ("x",), None)
+    record.upload = {"outcome": "stored", "size": 3}
+    entry = json.loads(logs.JsonFormatter().format(record))
+    assert entry["message"] == "upload x" and entry["outcome"] == "stored" and entry["size"] == 3
+    assert entry["level"] == "info" and entry["time"].endswith("Z")

@@ -1,0 +1,145 @@
+"""CORS (Fetch standard, "CORS protocol"): let pages on other origins upload and read answers.
+
+Configured by `UPLOAD_CORS_ORIGINS` (a comma list of origins, or `*`); with none, the
+app sends no CORS header at all and an OPTIONS request is routed like any other.
+
+- A preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is
+  answered here, for every path of the app, with the methods and request headers
+  the upload, files and resumable (tus, IETF draft) routes use. A plain `OPTIONS`
+  without `Access-Control-Request-Method` (tus's capability request) is not a
+  preflight: it goes to the routes.
+- Every other answer to an allowed `Origin` carries `Access-Control-Allow-Origin`
+  and `Access-Control-Expose-Headers` (what a client must read: `Location`, `ETag`,
+  the tus and digest headers...), errors included, so a page can read why.
+
+No `Access-Control-Allow-Credentials`: uploads are authorized by a bearer token
+(a request header, which CORS allows), not by cookies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+from upload_service.asgi import Scope, Send, header, send_error
+from upload_service.errors import UploadError
+
+ALLOW_METHODS = b"GET, HEAD, POST, PATCH, DELETE, OPTIONS"
+ALLOW_HEADERS = b", ".join([
+    b"Authorization", b"Content-Type", b"X-Requested-With", b"X-HTTP-Method-Override",
+    # tus 1.0.0
+    b"Tus-Resumable", b"Upload-Length", b"Upload-Offset", b"Upload-Metadata", b"Upload-Checksum",
+    b"Upload-Defer-Length", b"Upload-Concat",
+    # IETF resumable uploads draft, digests (RFC 9530)
+    b"Upload-Complete", b"Upload-Draft-Interop-Version", b"Repr-Digest", b"Content-Digest",
+    b"Want-Repr-Digest",
+    # downloads
+    b"Range", b"If-None-Match", b"If-Match", b"If-Modified-Since", b"If-Range",
+])
+EXPOSE_HEADERS = b", ".join([
+    b"Location", b"ETag", b"Last-Modified", b"Content-Disposition", b"Content-Range", b"Accept-Ranges",
+    b"Content-Length", b"Link", b"Retry-After", b"WWW-Authenticate",
+    b"Tus-Resumable", b"Tus-Version", b"Tus-Extension", b"Tus-Max-Size", b"Tus-Checksum-Algorithm",
+    b"Upload-Offset", b"Upload-Length", b"Upload-Expires", b"Upload-Metadata", b"Upload-Defer-Length",
+    b"Upload-Concat", b"Upload-Complete", b"Upload-Draft-Interop-Version", b"Upload-Limit",
+    b"Repr-Digest", b"Content-Digest",
+])
+# How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).
+MAX_AGE_SECONDS = b"600"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class CorsRefused(UploadError):
+    status, code = 403, "cors_origin_not_allowed"
+
+
+def parse_origins(text: str) -> tuple[str, ...]:
+    """Read `https://a.example, http://localhost:8080` or `*` into normalized origins."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if "*" in items:
+        if len(items) > 1:
+            raise ValueError("'*' allows every origin: give it alone")
+        return ("*",)
+    return tuple(dict.fromkeys(normalize_origin(item) for item in items))
+
+
+def normalize_origin(text: str) -> str:
+    """`HTTPS://A.example:443/` -> `https://a.example`, as a browser sends it in `Origin`."""
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{text!r} is not an origin like https://example.com:8443") from None
+    if (
+        parts.scheme.lower() not in DEFAULT_PORTS
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(f"{text!r} is not an origin like https://example.com:8443")
+    scheme = parts.scheme.lower()
+    host = parts.hostname.lower()
+    if ":" in host:  # IPv6, bracketed again as in an Origin header
+        host = f"[{host}]"
+    if port is not None and port != DEFAULT_PORTS[scheme]:
+        return f"{scheme}://{host}:{port}"
+    return f"{scheme}://{host}"
+
+
+def check_origins(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return parse_origins(value)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{value!r} is not a list of origins")
+    return parse_origins(",".join(value))
+
+
+class Cors:
+    """The CORS side of every answer, for the configured origins."""
+
+    def __init__(self, origins: Iterable[str]) -> None:
+        self.origins = frozenset(origins)
+        self.any_origin = "*" in self.origins
+
+    def allowed(self, origin: str) -> bool:
+        return self.any_origin or origin in self.origins
+
+    def origin_headers(self, origin: str) -> list[tuple[bytes, bytes]]:
+        if self.any_origin:
+            return [(b"access-control-allow-origin", b"*")]
+        # The answer depends on the request's Origin: caches must keep them apart.
+        return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+
+    async def answer_preflight(self, scope: Scope, send: Send, origin: str) -> None:
+        if not self.allowed(origin):
+            await send_error(send, CorsRefused(f"the origin {origin} may not use this service"))
+            return
+        headers = [
+            *self.origin_headers(origin),
+            (b"access-control-allow-methods", ALLOW_METHODS),
+            (b"access-control-allow-headers", ALLOW_HEADERS),
+            (b"access-control-max-age", MAX_AGE_SECONDS),
+            (b"content-length", b"0"),
+        ]
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    def wrap_send(self, origin: str, send: Send) -> Send:
+        """A send that adds the origin's CORS headers to the response head."""
+        if not self.allowed(origin):
+            return send
+        extra = [*self.origin_headers(origin), (b"access-control-expose-headers", EXPOSE_HEADERS)]
+
+        async def send_with_cors(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            await send(message)
+
+        return send_with_cors
+
+
+def is_preflight(scope: Scope) -> bool:
+    """A CORS preflight: OPTIONS asking for a method (a tus OPTIONS does not)."""
+    return scope["method"] == "OPTIONS" and header(scope, b"access-control-request-method") is not None
