@@ -12,7 +12,8 @@ Routes, relative to `scope["root_path"]`:
                            -> 201 {"files": [record, ...], "count": N, "total_size": N}
 
 A record is {"id", "filename", "content_type", "size", "sha256", "description"};
-`id` names the stored file `<upload dir>/<id>` (sidecar `<id>.json`).
+`id` names the stored file `<upload dir>/<id>` (sidecar `<id>.json`), or with
+UPLOAD_STORAGE=s3://<bucket>/<prefix> the objects `<prefix>/<id>` and `<prefix>/<id>.json`.
 
 Errors are {"error": code, "detail": text}:
 
@@ -21,7 +22,7 @@ Errors are {"error": code, "detail": text}:
     408 client idle or too slow             413 a limit passed
     415 not multipart/form-data             422 no file, or sha256 mismatch
     500 unexpected (logged)                 503 too many uploads at once
-    507 no space left on the device
+    507 no space left on the device         502/503 the S3 store refused / is unreachable
 
 An embedding app's `before_upload` hook may refuse a request with any 4xx/5xx
 (`UploadRefused`) before a body byte is read.

@@ -251,7 +251,10 @@ async def test_list_skips_objects_without_a_record(store: S3Store, s3: Any, pref
     [record] = await put(store, b"listed")
     s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{'e' * 32}", Body=b"a file whose record never came")
     s3.put_object(Bucket=BUCKET, Key=f"{prefix}/notes.json", Body=b"{}")
+    s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{'f' * 32}.json", Body=b"{not json")  # a corrupt record
     assert (await store.list(limit=10)).records == [record]
+    with pytest.raises(ValueError):
+        await store.list(limit=0)
 
 
 async def test_sweep_aborts_old_uploads_and_keeps_young_ones(

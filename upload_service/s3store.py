@@ -520,7 +520,9 @@ class S3Store(Store):
         1000 keys a call), as the local store scans the whole directory. LastModified
         is to the second on S3 and SeaweedFS: records of the same second go by id.
         """
-        before = parse_cursor(cursor)
+        if limit < 1:
+            raise ValueError(f"limit must be 1 or more, not {limit}")
+        before = parse_cursor(cursor)  # BadCursor for one we did not make
         newest: list[tuple[int, str]] = []  # a min-heap of the limit + 1 newest keys
         async for stamp, file_id in self._record_keys():
             key = (stamp, file_id)
@@ -535,11 +537,14 @@ class S3Store(Store):
 
         async def read(file_id: str) -> Record | None:
             async with reads:
-                return await self.record(file_id)
+                try:
+                    return await self.record(file_id)
+                except ValueError as exc:  # a corrupt record must not hide every other file
+                    logger.warning("listing skips file %s: its record cannot be read: %s", file_id, exc)
+                    return None
 
         records = await asyncio.gather(*(read(file_id) for _, file_id in newest[:limit]))
-        more = len(newest) > limit
-        next_cursor = f"{newest[limit - 1][0]}-{newest[limit - 1][1]}" if more and limit else None
+        next_cursor = f"{newest[limit - 1][0]}-{newest[limit - 1][1]}" if len(newest) > limit else None
         return Page([r for r in records if r is not None], next_cursor)
 
     async def _record_keys(self) -> AsyncIterator[tuple[int, str]]:
