@@ -249,15 +249,22 @@ class S3File(StoredFile):
             return
         response = await self._store.call("get_object", Key=self._key, Range=f"bytes={start}-{stop - 1}")
         body = response["Body"]
+        pieces: list[bytes] = []  # gathered to READ_CHUNK_SIZE: one send per MiB, as locally
+        gathered = 0
         try:
             while True:
                 try:
-                    data = await body.read(READ_CHUNK_SIZE)
+                    data = await body.read(READ_CHUNK_SIZE - gathered)  # what the socket has, up to that
                 except (aiohttp.ClientError, BotoCoreError, OSError, asyncio.TimeoutError) as exc:
                     raise self._store.problem(exc, "reading") from exc
+                if data:
+                    pieces.append(data)
+                    gathered += len(data)
+                if pieces and (gathered >= READ_CHUNK_SIZE or not data):
+                    yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    pieces, gathered = [], 0
                 if not data:
                     return
-                yield data
         finally:
             body.close()
 
