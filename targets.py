@@ -291,10 +291,6 @@ class FormReader:
                 self._parser.data_received(piece)
         except ParseFailedException as exc:
             raise FormError(f"malformed multipart body ({exc})") from None
-        except UnicodeError:
-            raise FormError("a part header cannot be decoded") from None
-        except RecursionError:  # the email package on nested comments (a backstop: see refuse_costly_value)
-            raise FormError("a part header is nested too deeply to read") from None
 
     def close(self) -> None:
         """Check that the body was whole: closing boundary read, every part ended."""

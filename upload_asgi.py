@@ -10,19 +10,25 @@ Routes, relative to `scope["root_path"]`:
                            -> 201 record
     POST /upload-multiple  file parts "files", optional "description"
                            -> 201 {"files": [record, ...], "count": N, "total_size": N}
+    GET  /files/<id>       the stored bytes (Range, ETag, If-None-Match...); DELETE -> 204
+    GET  /files/<id>/record  the record
+    GET  /files            records newest first, ?limit= and ?cursor= (upload_service/files.py)
 
-A record is {"id", "filename", "content_type", "size", "sha256", "description"};
+A 201 carries `Location: <root_path>/files/<id>` (the first file's). A record is
+{"id", "filename", "content_type", "size", "sha256", "description", "created"};
 `id` names the stored file `<upload dir>/<id>` (sidecar `<id>.json`), or with
 UPLOAD_STORAGE=s3://<bucket>/<prefix> the objects `<prefix>/<id>` and `<prefix>/<id>.json`.
 
 Errors are {"error": code, "detail": text}:
 
-    400 malformed body or no boundary       401 token missing or wrong
-    405 other method on a known path        404 unknown path
+    400 malformed body, no boundary         401 token missing or wrong
+        (or a bad ?limit=, ?cursor=)
+    404 unknown path or file                405 other method on a known path
     408 client idle or too slow             413 a limit passed
-    415 not multipart/form-data             422 no file, or sha256 mismatch
-    500 unexpected (logged)                 503 too many uploads at once
-    507 no space left on the device         502/503 the S3 store refused / is unreachable
+    415 not multipart/form-data             416 a range outside the file
+    422 no file, or sha256 mismatch         500 unexpected (logged)
+    503 too many uploads at once            507 no space left on the device
+    502/503 the S3 store refused / is unreachable
 
 An embedding app's `before_upload` hook may refuse a request with any 4xx/5xx
 (`UploadRefused`) before a body byte is read.
@@ -39,6 +45,7 @@ import time
 from typing import Awaitable, Callable
 
 from upload_service.asgi import (
+    Message,
     Receive,
     Scope,
     Send,
@@ -67,12 +74,14 @@ from upload_service.errors import (
     as_upload_error,
 )
 from upload_service import hooks
+from upload_service.files import FilesResource, mount_url
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
 from upload_service.lifespan import fail_startup
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
 from upload_service.hooks import BeforeUpload, UploadCallback
+from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
 from upload_service.stores import make_store
@@ -104,13 +113,19 @@ class UploadApp:
         self.metrics = Metrics(multiprocess_dir())
         self.store: Store | None = None if config is None else make_store(config)
         self.writer: WriterPool | None = None  # started on the first upload
-        self.routes: dict[str, dict[str, Handler]] = {
+        files = FilesResource(config, self.prepare)
+        # Path template -> method -> handler; a {name} segment is passed as a keyword.
+        # HEAD is answered by GET unless a route names its own.
+        self.routes = Routes({
             "/": {"GET": self.handle_page},
             "/health": {"GET": self.handle_health},
             "/metrics": {"GET": self.handle_metrics},
             "/upload": {"POST": self.handle_upload},
             "/upload-multiple": {"POST": self.handle_upload_multiple},
-        }
+            "/files": {"GET": files.handle_list},
+            "/files/{file_id}": {"GET": files.handle_download, "DELETE": files.handle_delete},
+            "/files/{file_id}/record": {"GET": files.handle_record},
+        })
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -157,19 +172,19 @@ class UploadApp:
                 return
             send = self.cors.wrap_send(origin, send)
         path = route_path(scope)
-        methods = self.routes.get(path)
+        route = self.routes.match(path)
         method = scope["method"]
         head_only = method == "HEAD"
-        if methods is None:
+        if route is None:
             await send_error(send, NotFound(f"no route for {path}"), head_only=head_only)
             return
-        handler = methods.get("GET" if head_only else method)
+        methods, params = route
+        handler = pick_handler(methods, method)
         if handler is None:
-            allowed = sorted({*methods, *(["HEAD"] if "GET" in methods else [])})
             await send_error(
                 send,
                 MethodNotAllowed(f"{method} is not allowed on {path}"),
-                headers=[(b"allow", ", ".join(allowed).encode())],
+                headers=[(b"allow", allowed_methods(methods).encode())],
                 head_only=head_only,
             )
             return
@@ -177,10 +192,37 @@ class UploadApp:
             logger.error("upload-asgi is misconfigured: %s", self.config_error)
             await send_error(send, InternalError("the server is misconfigured"), head_only=head_only)
             return
-        await handler(scope, receive, send, head_only=head_only)
+        await self.run_handler(handler, scope, receive, send, head_only, params)
+
+    async def run_handler(
+        self, handler: Handler, scope: Scope, receive: Receive, send: Send, head_only: bool, params: dict[str, str]
+    ) -> None:
+        """Run a handler; answer an error it raises before its answer began.
+
+        The upload handlers answer their own errors (they drain a body first); the
+        others raise. An error after the answer began goes up: the server then cuts the
+        connection, so a client never takes a short body for a whole one.
+        """
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await handler(scope, receive, send_tracked, head_only=head_only, **params)
+        except Exception as exc:
+            if started:
+                raise
+            error = exc if isinstance(exc, UploadError) else InternalError("the server failed to answer")
+            if error is not exc:
+                logger.error("%s %s failed", scope["method"], route_path(scope), exc_info=exc)
+            await send_error(send, error, head_only=head_only)
 
     async def handle_page(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
-        body = render_page(scope.get("root_path") or "", self.config.token is not None)
+        config = self.config
+        body = render_page(scope.get("root_path") or "", config.token is not None, config.read_token is not None)
         headers = ((b"content-security-policy", PAGE_CSP), (b"x-content-type-options", b"nosniff"))
         await send_body(send, 200, body, b"text/html; charset=utf-8", headers, head_only)
 
@@ -244,7 +286,8 @@ class UploadApp:
             finally:
                 # Counted and logged before the answer: a scrape that follows it sees it.
                 self.record_outcome(error, started, progress, stored)
-            await send_json(send, 201, form_answer(stored, route))
+            location = mount_url(scope, f"/files/{stored[0]['id']}").encode()
+            await send_json(send, 201, form_answer(stored, route), [(b"location", location)])
         except ClientGone:
             pass
         except Exception as exc:

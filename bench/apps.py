@@ -10,10 +10,13 @@
   multipart reading and the rest of the service cost on top.
 - `starlette_app`: `await request.form()` (python-multipart, `UploadFile`), then
   SHA-256 of the file: the common way to take an upload in Python today.
+- `fileresponse_app`: `GET /files/<id>` answered with Starlette's `FileResponse` of
+  `$FILES_DIR/<id>`: the reference for upload-asgi's downloads of the same file.
 
     hypercorn bench.apps:drain_app
     STORE_DIR=/tmp hypercorn bench.apps:store_app
     hypercorn bench.apps:starlette_app     # needs pip install -e '.[bench]'
+    FILES_DIR=uploads hypercorn bench.apps:fileresponse_app
 """
 
 from __future__ import annotations
@@ -145,3 +148,33 @@ async def starlette_app(scope: Scope, receive: Any, send: Any) -> None:
     if _starlette is None:
         _starlette = make_starlette_app()
     await _starlette(scope, receive, send)
+
+
+def make_fileresponse_app() -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import FileResponse, JSONResponse, Response
+    from starlette.routing import Route
+
+    async def download(request: Request) -> Response:
+        file_id = request.path_params["file_id"]
+        path = os.path.join(os.environ["FILES_DIR"], file_id)
+        if not file_id.isalnum() or not os.path.isfile(path):  # ids are hex; never a path outside
+            return JSONResponse({"error": "not_found"}, status_code=404)
+        return FileResponse(path)
+
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[Route("/files/{file_id}", download), Route("/health", health)])
+
+
+_fileresponse: Any = None
+
+
+async def fileresponse_app(scope: Scope, receive: Any, send: Any) -> None:
+    """Starlette's FileResponse of `$FILES_DIR/<id>`, built on first use."""
+    global _fileresponse
+    if _fileresponse is None:
+        _fileresponse = make_fileresponse_app()
+    await _fileresponse(scope, receive, send)

@@ -251,7 +251,7 @@ def bench_parser(size: int, repeats: int) -> list[Figure]:
 # -- running ----------------------------------------------------------------------------
 
 
-QUICK = {"asgi_size": 16 * MiB, "parser_size": 4 * MiB, "repeats": 3}
+QUICK = {"asgi_size": 16 * MiB, "parser_size": 4 * MiB, "repeats": 5}  # 5: quick --check gates on it
 FULL = {"asgi_size": 256 * MiB, "parser_size": 32 * MiB, "repeats": 5}
 
 

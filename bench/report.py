@@ -27,16 +27,17 @@ def summary(samples: list[float]) -> dict[str, Any]:
 
 @dataclass
 class Figure:
-    """One line of the table: a subject's MB/s against a ceiling's, from the same run."""
+    """One line of the table: a subject's MB/s (or uploads/s) against a ceiling's, from the same run."""
 
     name: str
     what: str
     ceiling_what: str
     bytes: int
-    subject: list[float] = field(default_factory=list)  # MB/s per run
+    subject: list[float] = field(default_factory=list)  # MB/s (or `unit`) per run
     ceiling: list[float] = field(default_factory=list)
     target: float | None = None  # the least ratio SPEC §7 asks for
     extra: dict[str, Any] = field(default_factory=dict)
+    unit: str = "MB/s"  # or "uploads/s"
 
     def add(self, subject_mbps: float | None = None, ceiling_mbps: float | None = None) -> None:
         if subject_mbps is not None:
@@ -45,23 +46,33 @@ class Figure:
             self.ceiling.append(ceiling_mbps)
 
     @property
+    def subject_median(self) -> float:
+        return statistics.median(self.subject)
+
+    @property
     def ratio(self) -> float:
         return statistics.median(self.subject) / statistics.median(self.ceiling)
 
     def as_json(self) -> dict[str, Any]:
+        key = UNIT_KEYS[self.unit]
         out = {
             "what": self.what,
             "ceiling_what": self.ceiling_what,
             "bytes": self.bytes,
+            "unit": self.unit,
             "runs": len(self.subject),
-            "mbps": summary(self.subject),
-            "ceiling_mbps": summary(self.ceiling),
+            key: summary(self.subject),
+            f"ceiling_{key}": summary(self.ceiling),
             "ratio": self.ratio,
             "target": self.target,
             "meets_target": None if self.target is None else self.ratio >= self.target,
         }
         out.update(self.extra)
         return out
+
+
+# The JSON key of each unit's series: "mbps" and "ceiling_mbps", or "uploads_per_s" and ...
+UNIT_KEYS = {"MB/s": "mbps", "uploads/s": "uploads_per_s"}
 
 
 def mbps(nbytes: int, seconds: float) -> float:
@@ -103,7 +114,7 @@ def machine() -> dict[str, Any]:
 def table(figures: list[Figure]) -> str:
     """The summary table, Markdown, one line per figure."""
     lines = [
-        "| figure | size | MB/s median (min–max) | ceiling MB/s median (min–max) | ratio | target | notes |",
+        "| figure | size | median (min–max) | ceiling median (min–max) | ratio | target | notes |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for f in figures:
@@ -111,7 +122,7 @@ def table(figures: list[Figure]) -> str:
         target = "" if f.target is None else f"≥ {f.target:g} {'ok' if f.ratio >= f.target else 'MISSED'}"
         notes = "; ".join(f"{k} {v}" for k, v in f.extra.items() if k in NOTE_KEYS)
         lines.append(
-            f"| {f.name} | {size_text(f.bytes)} | {s['median']:.0f} ({s['min']:.0f}–{s['max']:.0f}) "
+            f"| {f.name} | {size_text(f.bytes)} | {s['median']:.0f} {f.unit} ({s['min']:.0f}–{s['max']:.0f}) "
             f"| {f.ceiling_what}: {c['median']:.0f} ({c['min']:.0f}–{c['max']:.0f}) "
             f"| {f.ratio:.2f} | {target} | {notes} |"
         )
@@ -127,6 +138,11 @@ NOTE_KEYS = (
     "peak_rss_growth_mib",
     "intact",
     "sfd_alone_mbps",
+    "cpu_ms_per_upload",
+    "ceiling_cpu_ms_per_upload",
+    "reconnects",
+    "client_cpu_share",
+    "not_available",
 )
 
 
@@ -136,7 +152,7 @@ def write_json(
 ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "unit": "MB/s, 1 MB = 10^6 bytes; ratio = median / ceiling median, same run",
+        "unit": "MB/s, 1 MB = 10^6 bytes (uploads/s where a figure's unit says so); ratio = median / ceiling median, same run",
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # Other work on the machine shows here: 1-, 5- and 15-minute load averages.
         "machine": machine() | {"loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()},

@@ -324,7 +324,9 @@ def test_mounted_under_a_prefix(open_tab, expect, tmp_path, upload_dir):
         row = tab.row("mounted.bin")
         expect(row).to_have_attribute("data-state", "done")
         expect(row.locator("td.sha code")).to_have_text(hashlib.sha256(data).hexdigest())
-        assert_stored(upload_dir, stored_record(upload_dir, row.locator("td.id code").text_content()), data)
+        file_id = row.locator("td.id code").text_content()
+        assert_stored(upload_dir, stored_record(upload_dir, file_id), data)
+        expect(row.get_by_role("link", name="Download mounted.bin")).to_have_attribute("href", f"/files/files/{file_id}")
     assert [post.url for post in tab.posts] == [server.url + "/files/upload"]
 
 
@@ -399,3 +401,46 @@ def test_keyboard_only_in_a_narrow_window(open_tab, expect, tmp_path, upload_dir
         # Nothing sticks out sideways: no horizontal scrolling at 360 px.
         assert page.evaluate("document.documentElement.scrollWidth") <= 360
         tab.screenshot("page-narrow.png")
+
+
+def test_download_link_gets_the_file_back(open_tab, expect, tmp_path, upload_dir):
+    data = os.urandom(300 * 1024)
+    name = "résumé 2024.bin"
+    path = write_file(tmp_path / "files", name, data)
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
+        tab = open_tab(server.url + "/")
+        tab.page.set_input_files("#picker", str(path))
+        row = tab.row(name)
+        expect(row).to_have_attribute("data-state", "done")
+        file_id = row.locator("td.id code").text_content()
+        link = row.get_by_role("link", name=f"Download {name}")
+        expect(link).to_have_attribute("href", f"/files/{file_id}")
+        with tab.page.expect_download() as info:
+            link.click()
+        download = info.value
+        assert download.suggested_filename == name  # from Content-Disposition's filename*
+        assert Path(download.path()).read_bytes() == data
+
+
+def test_download_link_with_a_read_token(open_tab, expect, tmp_path, upload_dir):
+    data = b"for token holders\n" * 1000
+    path = write_file(tmp_path / "files", "guarded.txt", data)
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_READ_TOKEN": "r34d-token"}) as server:
+        tab = open_tab(server.url + "/")
+        token = tab.page.get_by_label("Upload token")
+        expect(token).to_be_visible()  # reads need a token, so the page asks for one
+        tab.page.set_input_files("#picker", str(path))  # uploads are open: no UPLOAD_TOKEN
+        row = tab.row("guarded.txt")
+        expect(row).to_have_attribute("data-state", "done")
+        link = row.get_by_role("link", name="Download guarded.txt")
+        link.click()
+        expect(tab.page.locator("#status")).to_have_text(
+            "guarded.txt: download failed: Not authorized (401): enter the token above."
+        )
+        token.fill("r34d-token")
+        with tab.page.expect_download() as info:
+            link.click()
+        download = info.value
+        assert download.suggested_filename == "guarded.txt"
+        assert Path(download.path()).read_bytes() == data
+        expect(link).to_have_text("Download")

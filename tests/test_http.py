@@ -80,7 +80,7 @@ async def test_upload_one_file_with_description(client, upload_dir):
         data={"description": "Holiday 2024 — ünïcode"},
     )
     record = check_created(reply)
-    assert set(record) == {"id", "filename", "content_type", "size", "sha256", "description"}
+    assert set(record) == {"id", "filename", "content_type", "size", "sha256", "description", "created"}
     assert record["filename"] == "photo.jpg"
     assert record["content_type"] == "image/jpeg"
     assert record["size"] == len(data)
@@ -340,7 +340,7 @@ def outcome_of(reply, upload_dir: Path) -> tuple[Any, ...]:
         assert (len(stored), sha(stored)) == (record["size"], record["sha256"])
     assert len(stored_ids(upload_dir)) == len(records)
     assert list((upload_dir / ".partial").iterdir()) == []
-    return 201, [{k: v for k, v in r.items() if k != "id"} for r in records]
+    return 201, [{k: v for k, v in r.items() if k not in ("id", "created")} for r in records]
 
 
 async def outcome_every_way(tmp_path: Path, body: bytes, path: str = "/upload",

@@ -80,7 +80,7 @@ async def test_root_path_substituted(app, path, root_path, root):
     reply.check_length()
     page = reply.body.decode()
     assert "__ROOT__" not in page and "__SETTINGS__" not in page
-    assert settings_of(page) == {"root": root, "tokenRequired": False}
+    assert settings_of(page) == {"root": root, "tokenRequired": False, "readTokenRequired": False}
     forms = [attrs for tag, attrs in parse(page).tags if tag == "form"]
     assert [form["action"] for form in forms] == [f"{root}/upload"]  # the no-JavaScript fallback
 
@@ -90,6 +90,13 @@ async def test_token_required_follows_the_config(config):
     page = (await get_page(app)).body.decode()
     assert settings_of(page)["tokenRequired"] is True
     assert "s3cret" not in page  # the token itself never reaches the page
+
+
+async def test_read_token_required_follows_the_config(config):
+    app = upload_asgi.create_app(replace(config, read_token="r34d"))
+    page = (await get_page(app)).body.decode()
+    assert settings_of(page) == {"root": "", "tokenRequired": False, "readTokenRequired": True}
+    assert "r34d" not in page
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from targets import FormLimits, FormReader, UploadFileTarget
@@ -66,7 +67,7 @@ def form_limits(config: Config, route: UploadRoute) -> FormLimits:
     )
 
 
-def make_record(target: UploadFileTarget, description: str | None) -> Record:
+def make_record(target: UploadFileTarget, description: str | None, created: str | None = None) -> Record:
     return {
         "id": target.id,
         "filename": target.filename,
@@ -74,7 +75,13 @@ def make_record(target: UploadFileTarget, description: str | None) -> Record:
         "size": target.size,
         "sha256": target.sha256,
         "description": description,
+        "created": created or utc_now(),
     }
+
+
+def utc_now() -> str:
+    """ISO 8601 UTC to the second: a record's `created`, and a download's Last-Modified."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 async def store_form(
@@ -87,7 +94,6 @@ async def store_form(
     progress: BodyProgress,
 ) -> list[Record]:
     """Read the body into the store and commit its files; on any failure, leave nothing."""
-    store.prepare()
     reader = FormReader(
         boundary, store, form_limits(config, route),
         file_field=route.file_field, text_fields=route.text_fields, executor=writer,
@@ -118,7 +124,8 @@ def check_form(reader: FormReader, route: UploadRoute) -> list[Record]:
     if not reader.files:
         raise NoFile(f"the form has no file part named {route.file_field!r} with a filename")
     description = reader.field("description")
-    records = [make_record(target, description) for target in reader.files]
+    created = utc_now()  # one moment for all the files of a request
+    records = [make_record(target, description, created) for target in reader.files]
     expected = reader.field("sha256") if "sha256" in route.text_fields else None
     if expected is not None:
         # The field, or a digest file's first word (`sha256sum` writes "<hex>  <name>").

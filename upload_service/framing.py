@@ -23,8 +23,6 @@ import re
 import unicodedata
 from collections import deque
 from dataclasses import dataclass
-from email.parser import Parser
-from email.policy import HTTP
 from typing import Iterator
 from urllib.parse import unquote
 
@@ -43,18 +41,13 @@ MAX_FILENAME_CHARS = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 CRLF = b"\r\n"
-# The parser reads each header line with the email package; we read them the same
-# way so that the two always agree on which parts exist.
-_HEADER_LINE_PARSER = Parser(policy=HTTP)
-# The email package parses Content-Type and Content-Disposition in time quadratic in
-# the special characters and runs of white space outside quoted strings, quotes
-# included (16 K of ";" or of '"' in one 16 KiB line: ~2 s for us and as long again
-# for the parser, per part), and nested comments recursively. A real part header has
-# a handful: more than this many is refused before either parses it. White space
-# inside quoted strings costs too (a 16 KiB filename of "a a a ...": 0.13 s a part),
-# so a quoted value may hold more runs of it than a 255-character name can. "(" is
-# counted quoted or not: inside a comment a quote does not hide the next "("; and so
-# are RFC 2047 encoded words ("=?", decoded even inside quotes: 56 ms a part).
+# What the parser is fed for each part's headers (see Framer.feed).
+NAMED_PART_HEADERS = b'Content-Disposition: form-data; name="part"\r\n\r\n'
+UNNAMED_PART_HEADERS = b"Content-Disposition: form-data\r\n\r\n"
+# A real Content-Type or Content-Disposition has a handful of parameters. Values with
+# thousands of separators, quotes, comments or RFC 2047 words are refused: they once
+# cost the email package seconds a part, and nothing real sends them. A quoted value
+# may hold more runs of white space than a 255-character name can.
 MAX_HEADER_SPECIALS = 64
 MAX_HEADER_SPACE_RUNS = 2 * MAX_FILENAME_CHARS
 _STRUCTURED_HEADERS = ("content-type", "content-disposition")
@@ -62,8 +55,8 @@ _QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"?')
 _SPECIAL_RE = re.compile(r'[;,:<>@\[\]\\()"]|\s+')  # RFC 5322 specials, quotes, white space
 _SPACE_RUN_RE = re.compile(r"\s+")
 # RFC 9110 §5.1: a field name is a token (§5.6.2), right before the colon (RFC 9112
-# §5.1 forbids white space there). The parser skips a line that is not `name: value`
-# without a word, so a broken Content-Disposition line would silently drop its part.
+# §5.1 forbids white space there). A line that is not `name: value` is malformed, also
+# in a part the route ignores: skipping it could silently drop a part.
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -147,14 +140,14 @@ class PartInfo:
 def read_part_headers(block: bytes) -> PartInfo | None:
     """Parse one part's header block (without its final blank line).
 
-    Returns None for a part the parser will skip (no Content-Disposition, or no
-    name). Raises FormError for what the parser would choke on.
+    Returns None for a part to skip (no Content-Disposition, or no name); raises
+    FormError for a block that is not well-formed part headers.
     """
     lines = block.split(CRLF)
     if len(lines) > MAX_PART_HEADER_LINES:
         raise FormError(f"a part has more than {MAX_PART_HEADER_LINES} header lines")
-    disposition = content_type = None
-    parser_sees_name = False
+    disposition: dict[str, str] | None = None
+    content_type = None
     for raw_line in lines:
         if b"\r" in raw_line or b"\n" in raw_line or raw_line[:1] in (b" ", b"\t"):
             raise FormError("a part header line is malformed (bare CR/LF or folded)")
@@ -165,35 +158,24 @@ def read_part_headers(block: bytes) -> PartInfo | None:
         header_name, colon, raw_value = line.partition(":")
         if not colon or not _TOKEN_RE.fullmatch(header_name):
             raise FormError("a part header line is not 'name: value' (RFC 9110 §5.1)")
-        if header_name.lower() in _STRUCTURED_HEADERS:
+        header_name = header_name.lower()
+        if header_name in _STRUCTURED_HEADERS:
             refuse_costly_value(raw_value)
-        message = _HEADER_LINE_PARSER.parsestr(line + "\r\n")
-        value = raw_value.strip()
-        if "content-disposition" in message:
+        if header_name == "content-disposition":
             if disposition is not None:
                 raise FormError("a part has two Content-Disposition headers")
-            try:
-                kind = message.get_content_disposition()
-                parser_sees_name = bool(message["content-disposition"].params.get("name"))
-            except (UnicodeError, LookupError):  # RFC 2231 values in a charset it cannot decode
-                raise FormError("a part's Content-Disposition cannot be decoded") from None
+            kind, disposition = parse_header_params(raw_value)
             if kind != "form-data":
                 raise FormError("a part's Content-Disposition is not form-data")
-            disposition = value
-        elif "content-type" in message and content_type is None:
-            content_type = value
-    if disposition is None:
-        return None
-    _, params = parse_header_params(disposition)
-    name = params.get("name", "")
-    if bool(name) != parser_sees_name:
-        raise FormError("a part's name cannot be read unambiguously")
+        elif header_name == "content-type" and content_type is None:
+            content_type = raw_value.strip()
+    name = (disposition or {}).get("name", "")
     if not name:
         return None
-    if "filename" in params:  # RFC 7578 §4.2: filename* is not for form data
-        filename: str | None = params["filename"]
-    elif "filename*" in params:
-        filename = decode_ext_value(params["filename*"])
+    if "filename" in disposition:  # RFC 7578 §4.2: filename* is not for form data
+        filename: str | None = disposition["filename"]
+    elif "filename*" in disposition:
+        filename = decode_ext_value(disposition["filename*"])
     else:
         filename = None
     content_type = "".join(c for c in content_type or "" if c.isprintable()).strip()
@@ -201,7 +183,7 @@ def read_part_headers(block: bytes) -> PartInfo | None:
 
 
 def refuse_costly_value(value: str) -> None:
-    """Refuse a structured header value the email package would take long to parse."""
+    """Refuse a Content-Type or Content-Disposition value no real client sends (see above)."""
     unquoted = _QUOTED_RE.sub('""', value)  # each quoted string counts as its two quotes
     if (
         len(_SPECIAL_RE.findall(unquoted)) > MAX_HEADER_SPECIALS
@@ -321,7 +303,14 @@ class Framer:
                         yield data[fed:pos]
                     self._held = data[pos:]
                     return
-                self._read_headers(data[pos:end])
+                queued = self._read_headers(data[pos:end])
+                # The parser gets a header block of its own instead of the client's: it
+                # would parse it again with the email package (most of a small upload's
+                # CPU), and only needs to know whether the part goes to a target.
+                if pos > fed:
+                    yield data[fed:pos]
+                fed = end + 4 + len(self.marker) + 2  # the few body bytes held for, see above
+                yield (NAMED_PART_HEADERS if queued else UNNAMED_PART_HEADERS) + data[end + 4 : fed]
                 pos = end + 4
                 self.state = self.BODY
             else:  # PREAMBLE
@@ -364,7 +353,8 @@ class Framer:
             raise FormError(f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
         return end
 
-    def _read_headers(self, block: bytes) -> None:
+    def _read_headers(self, block: bytes) -> bool:
+        """Read a part's header block, queue its PartInfo; return whether it was queued."""
         self.part_count += 1
         if self.part_count > self.max_parts:
             raise LimitExceeded(
@@ -374,6 +364,7 @@ class Framer:
         self._queued = info is not None
         if info is not None:
             self.parts.append(info)
+        return self._queued
 
     def _skip_preamble(self, data: bytes) -> int:
         """Return where the first boundary starts, or -1 and hold a tail."""

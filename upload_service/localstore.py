@@ -14,11 +14,12 @@ import heapq
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
-from upload_service.storage import FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id
+from upload_service.storage import BadCursor, FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
 
@@ -37,7 +38,11 @@ class LocalSink(FileSink):
         self._fd: int | None = None
 
     def open(self) -> None:
-        self._fd = create_locked(self.path)
+        try:
+            self._fd = create_locked(self.path)
+        except FileNotFoundError:  # the upload dir or .partial/ was removed under us: make it again
+            prepare_upload_dir(self.path.parent.parent)
+            self._fd = create_locked(self.path)
 
     def write(self, data: bytes) -> None:
         write_all(self._fd, data)
@@ -92,12 +97,10 @@ class LocalStore(Store):
         self._prepared = False
 
     def prepare(self) -> None:
-        """Create the dirs and sweep stale partial files; again if they were removed.
-
-        Called at lifespan startup, or on first use when a host does not forward
-        lifespan to a mounted app; then checked (one stat) on every upload and /health.
-        """
-        if not self._prepared or not self.partial_dir.is_dir():
+        """Create the dirs and sweep stale partial files, once: at lifespan startup, or on
+        first use when a host does not forward lifespan to a mounted app. (Dirs removed
+        later are made again by the next file or /health, not checked per request.)"""
+        if not self._prepared:
             prepare_upload_dir(self.upload_dir)
             self._prepared = True
 
@@ -192,27 +195,36 @@ class LocalStore(Store):
         return await asyncio.to_thread(self._list, limit, cursor)
 
     def _list(self, limit: int, cursor: str | None) -> Page:
-        """Newest first by (mtime_ns, id) of the sidecars; keeps only `limit + 1` in memory."""
-        after = parse_cursor(cursor)
-        newest = heapq.nlargest(limit + 1, self._sidecar_keys(after))
-        records = []
-        for key in newest[:limit]:
-            record = read_record(self.sidecar_path(key[1]))
-            if record is not None:
-                records.append(record)
-        more = len(newest) > limit
-        next_cursor = f"{newest[limit - 1][0]}-{newest[limit - 1][1]}" if more and limit else None
+        """Newest first by (mtime_ns, id) of the sidecars, in one pass over the directory.
+
+        Memory holds a heap of `limit + 1` keys, never the directory: os.scandir reads
+        entries in batches and heapq.nlargest keeps the newest. A record deleted or
+        unreadable meanwhile is left out of the page (the cursor still moves past it).
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be 1 or more, not {limit}")
+        newest = heapq.nlargest(limit + 1, self._sidecar_keys(parse_cursor(cursor)))
+        page = newest[:limit]
+        records = [record for record in map(self._listed_record, page) if record is not None]
+        next_cursor = format_cursor(page[-1]) if len(newest) > limit else None
         return Page(records, next_cursor)
 
-    def _sidecar_keys(self, before: tuple[int, str] | None):
+    def _listed_record(self, key: tuple[int, str]) -> Record | None:
+        try:
+            return read_record(self.sidecar_path(key[1]))
+        except (OSError, ValueError) as exc:  # a corrupt sidecar must not hide every other file
+            logger.warning("listing skips file %s: its record cannot be read: %s", key[1], exc)
+            return None
+
+    def _sidecar_keys(self, before: tuple[int, str] | None) -> Iterator[tuple[int, str]]:
         with os.scandir(self.upload_dir) as entries:
             for entry in entries:
                 name = entry.name
                 if not name.endswith(".json") or not is_file_id(name[:-5]):
                     continue
                 try:
-                    key = (entry.stat().st_mtime_ns, name[:-5])
-                except FileNotFoundError:
+                    key = (entry.stat(follow_symlinks=False).st_mtime_ns, name[:-5])
+                except FileNotFoundError:  # deleted since the directory was read
                     continue
                 if before is None or key < before:
                     yield key
@@ -233,19 +245,28 @@ class LocalStore(Store):
 
     def _health(self) -> dict[str, Any]:
         self.prepare()
+        if not self.partial_dir.is_dir():
+            prepare_upload_dir(self.upload_dir)
         if not os.access(self.partial_dir, os.W_OK):  # a read-only mount, a chmod
             raise PermissionError(13, os.strerror(13))
         return {"free_bytes": shutil.disk_usage(self.partial_dir).free}
+
+
+CURSOR_RE = re.compile(r"([0-9]{1,20})-([0-9a-f]{32})")
 
 
 def parse_cursor(cursor: str | None) -> tuple[int, str] | None:
     """A cursor is `<mtime_ns>-<id>` of the last record of the previous page."""
     if not cursor:
         return None
-    stamp, _, file_id = cursor.partition("-")
-    if not stamp.isdigit() or not is_file_id(file_id):
-        raise ValueError("not a cursor this server made")
-    return int(stamp), file_id
+    match = CURSOR_RE.fullmatch(cursor)
+    if match is None:
+        raise BadCursor("not a cursor this server made")
+    return int(match[1]), match[2]
+
+
+def format_cursor(key: tuple[int, str]) -> str:
+    return f"{key[0]}-{key[1]}"
 
 
 def read_record(path: Path) -> Record | None:

@@ -23,10 +23,11 @@ def page_template() -> str:
     return resources.files("upload_service").joinpath("page.html").read_text(encoding="utf-8")
 
 
-def render_page(root_path: str, token_required: bool) -> bytes:
+def render_page(root_path: str, token_required: bool, read_token_required: bool = False) -> bytes:
     """Return the upload page, with its URLs under `root_path`."""
     root = root_path.rstrip("/")
-    settings = json_bytes({"root": root, "tokenRequired": token_required}).decode()
+    values = {"root": root, "tokenRequired": token_required, "readTokenRequired": read_token_required}
+    settings = json_bytes(values).decode()
     # Keep "</script>" or "<!--" in a value from ending the inline script; \u003c is
     # the same character to JSON. U+2028/9 are escaped for engines older than ES2019.
     settings = settings.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")

@@ -243,6 +243,9 @@ class Config:
         "UPLOAD_MAX_FIELD_SIZE", parse_size, check_whole, DEFAULT_MAX_FIELD_SIZE, "bytes per text field (in memory)"
     )
     token: str | None = setting("UPLOAD_TOKEN", parse_token, check_token, None, "bearer token for writes (unset: open)")
+    read_token: str | None = setting(
+        "UPLOAD_READ_TOKEN", parse_token, check_token, None, "bearer token for reads of /files (unset: open)"
+    )
     fsync: bool = setting("UPLOAD_FSYNC", parse_bool, check_flag, True, "1: fsync before a file is stored; 0: skip")
     idle_timeout: float = setting(
         "UPLOAD_IDLE_TIMEOUT", parse_seconds, check_seconds, DEFAULT_IDLE_TIMEOUT, "seconds without a body byte: 408"

@@ -34,6 +34,10 @@ def is_file_id(text: str) -> bool:
     return FILE_ID_RE.fullmatch(text) is not None
 
 
+class BadCursor(ValueError):
+    """A list cursor this store did not give out (the client sees a 400)."""
+
+
 class FileSink(ABC):
     """One file on its way into the store; nothing of it is visible until `commit`."""
 
@@ -103,7 +107,10 @@ class Store(ABC):
 
     @abstractmethod
     async def list(self, limit: int, cursor: str | None = None) -> Page:
-        """Records newest first, `limit` at most, after `cursor`; never all in memory."""
+        """Records newest first, `limit` (1 or more) at most, after `cursor`; never all in memory.
+
+        Raises `BadCursor` for a cursor this store did not make.
+        """
 
     @abstractmethod
     async def delete(self, file_id: str) -> bool:

@@ -1,0 +1,973 @@
+"""The files resource (SPEC §9): download, record, list, delete; the header helpers; hostile ids.
+
+In process through httpx's ASGITransport (and hand-made scopes where httpx would tidy a
+path up); through real hypercorn in tests/test_files_server.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from email.utils import format_datetime, parsedate_to_datetime
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+import pytest
+
+import upload_asgi
+from support import Reply, assert_nothing_stored, call_app, http_scope, stored_ids
+from upload_service import files
+from upload_service.files import (
+    RangeNotSatisfiable,
+    content_disposition,
+    if_range_allows,
+    none_match,
+    parse_limit,
+    parse_range,
+    repr_digest,
+    served_type,
+)
+from upload_service.localstore import LocalStore
+from upload_service.routing import Routes, allowed_methods, pick_handler
+
+MiB = 1024 * 1024
+DATA = bytes(range(256)) * 40 + b"tail"  # 10244 bytes
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check(reply: httpx.Response) -> httpx.Response:
+    """Every answer: Content-Length is the body's length (none at all for 204 and 304)."""
+    if reply.status_code in (204, 304):
+        assert "content-length" not in reply.headers
+        assert reply.content == b""
+    elif reply.request.method == "HEAD":
+        assert reply.content == b""
+    else:
+        assert int(reply.headers["content-length"]) == len(reply.content)
+    return reply
+
+
+def check_error(reply: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    check(reply)
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == "application/json"
+    payload = reply.json()
+    assert payload["error"] == code and isinstance(payload["detail"], str)
+    return payload
+
+
+def make_client(app: Any, root_path: str = "") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, root_path=root_path)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+@pytest.fixture
+def app(upload_dir: Path) -> upload_asgi.UploadApp:
+    return upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False))
+
+
+@pytest.fixture
+async def client(app: upload_asgi.UploadApp) -> AsyncIterator[httpx.AsyncClient]:
+    async with make_client(app) as client:
+        yield client
+
+
+async def upload(
+    client: httpx.AsyncClient, data: bytes = DATA, filename: str = "data.bin",
+    content_type: str = "application/octet-stream", headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    reply = check(await client.post("/upload", files={"file": (filename, data, content_type)}, headers=headers))
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+# -- pure helpers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, size, expected",
+    [
+        pytest.param(None, 100, None, id="no-range"),
+        pytest.param("bytes=0-9", 100, (0, 10), id="first-ten"),
+        pytest.param("bytes=10-19", 100, (10, 20), id="middle"),
+        pytest.param("bytes=5-5", 100, (5, 6), id="one-byte"),
+        pytest.param("bytes=90-", 100, (90, 100), id="open"),
+        pytest.param("bytes=0-", 100, (0, 100), id="open-from-zero"),
+        pytest.param("bytes=-10", 100, (90, 100), id="suffix"),
+        pytest.param("bytes=-1000", 100, (0, 100), id="suffix-longer-than-file"),
+        pytest.param("bytes=50-1000", 100, (50, 100), id="last-past-end-clamped"),
+        pytest.param("bytes=99-99", 100, (99, 100), id="last-byte"),
+        pytest.param("BYTES = 0-9", 100, (0, 10), id="unit-case-and-spaces"),
+        pytest.param("bytes= 0-9 ,", 100, (0, 10), id="empty-list-elements"),
+        pytest.param("bytes=0-" + "9" * 40, 100, (0, 100), id="huge-last"),
+        pytest.param("bytes=-" + "9" * 5000, 100, (0, 100), id="huge-suffix"),
+        pytest.param("bytes=0-1,5-6", 100, None, id="several-ranges-whole-file"),
+        pytest.param("bytes=0-1,200-300", 100, None, id="several-one-unsatisfiable"),
+        pytest.param("items=0-9", 100, None, id="other-unit"),
+        pytest.param("bytes", 100, None, id="no-equals"),
+        pytest.param("bytes=", 100, None, id="no-range-spec"),
+        pytest.param("bytes=-", 100, None, id="dash-alone"),
+        pytest.param("bytes=9-5", 100, None, id="last-before-first"),
+        pytest.param("bytes=a-b", 100, None, id="not-numbers"),
+        pytest.param("bytes=0 - 9", 100, None, id="spaces-inside"),
+        pytest.param("bytes=\u0661-\u0662", 100, None, id="non-ascii-digits"),
+        pytest.param("bytes=+1-2", 100, None, id="signed"),
+        pytest.param("bytes=100-", 100, "416", id="start-at-end"),
+        pytest.param("bytes=100-200", 100, "416", id="start-past-end"),
+        pytest.param("bytes=" + "9" * 5000 + "-", 100, "416", id="huge-start"),
+        pytest.param("bytes=-0", 100, "416", id="empty-suffix"),
+        pytest.param("bytes=0-", 0, "416", id="empty-file-open"),
+        pytest.param("bytes=-5", 0, "416", id="empty-file-suffix"),
+    ],
+)
+def test_parse_range(value, size, expected):
+    if expected == "416":
+        with pytest.raises(RangeNotSatisfiable) as caught:
+            parse_range(value, size)
+        assert caught.value.status == 416
+        assert dict(caught.value.headers)[b"content-range"] == f"bytes */{size}".encode()
+    else:
+        assert parse_range(value, size) == expected
+
+
+@pytest.mark.parametrize(
+    "filename, expected",
+    [
+        pytest.param("report.pdf", 'attachment; filename="report.pdf"', id="ascii"),
+        pytest.param("two words.txt", 'attachment; filename="two words.txt"', id="space"),
+        pytest.param(
+            "résumé.pdf",
+            "attachment; filename=\"resume.pdf\"; filename*=UTF-8''r%C3%A9sum%C3%A9.pdf",
+            id="accents-folded",
+        ),
+        pytest.param(
+            "日本語.txt",
+            "attachment; filename=\"___.txt\"; filename*=UTF-8''%E6%97%A5%E6%9C%AC%E8%AA%9E.txt",
+            id="cjk",
+        ),
+        pytest.param(
+            'say "hi".txt',
+            "attachment; filename=\"say _hi_.txt\"; filename*=UTF-8''say%20%22hi%22.txt",
+            id="quotes",
+        ),
+        pytest.param(
+            "back\\slash 100%.txt",
+            "attachment; filename=\"back_slash 100_.txt\"; filename*=UTF-8''back%5Cslash%20100%25.txt",
+            id="backslash-and-percent",
+        ),
+        pytest.param(
+            "a;b=c,d'e.txt",
+            "attachment; filename=\"a;b=c,d'e.txt\"",
+            id="separators-in-quotes",
+        ),
+        pytest.param(
+            "x\u2028y.txt",
+            "attachment; filename=\"x_y.txt\"; filename*=UTF-8''x%E2%80%A8y.txt",
+            id="line-separator",
+        ),
+        pytest.param("emoji-\U0001F600.png", None, id="emoji"),
+        pytest.param("", 'attachment; filename="download"', id="empty"),
+        pytest.param(None, 'attachment; filename="download"', id="none"),
+    ],
+)
+def test_content_disposition(filename, expected):
+    value = content_disposition(filename)
+    text = value.decode("ascii")  # always ASCII: a header cannot carry more safely
+    assert "\r" not in text and "\n" not in text
+    if expected is not None:
+        assert text == expected
+    if filename and "filename*=" in text:
+        encoded = text.split("filename*=UTF-8''", 1)[1]
+        from urllib.parse import unquote
+
+        assert unquote(encoded, encoding="utf-8", errors="strict") == filename
+
+
+def test_repr_digest_is_base64_of_the_raw_sha256():
+    digest = hashlib.sha256(DATA).digest()
+    assert repr_digest(sha(DATA)) == b"sha-256=:" + base64.b64encode(digest) + b":"
+
+
+@pytest.mark.parametrize(
+    "header, matches",
+    [
+        ('"abc"', True), ('W/"abc"', True), ("*", True), (' "x", "abc" ', True), ('"x",W/"abc"', True),
+        ('"abcd"', False), ('"ab"', False), ("abc", False), ('"x"', False), ("", False),
+    ],
+)
+def test_if_none_match_weak_comparison(header, matches):
+    assert none_match(header, '"abc"') is matches
+
+
+STAMP = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "header, allows",
+    [
+        (None, True),
+        ('"abc"', True),
+        ('W/"abc"', False),  # a weak tag never matches strongly
+        ('"other"', False),
+        ("Fri, 02 Jan 2026 03:04:05 GMT", True),
+        ("Fri, 02 Jan 2026 03:04:06 GMT", False),
+        ("not a date", False),
+    ],
+)
+def test_if_range(header, allows):
+    assert if_range_allows(header, '"abc"', STAMP) is allows
+
+
+@pytest.mark.parametrize(
+    "recorded, served",
+    [
+        ("text/plain", b"text/plain"),
+        ("text/plain; charset=utf-8", b"text/plain; charset=utf-8"),
+        ("image/svg+xml", b"image/svg+xml"),
+        ("weird", b"application/octet-stream"),
+        ("text/plain; name=ünï", b"application/octet-stream"),
+        ("te xt/plain", b"application/octet-stream"),
+        ("", b"application/octet-stream"),
+        (None, b"application/octet-stream"),
+    ],
+)
+def test_served_type(recorded, served):
+    assert served_type(recorded) == served
+
+
+@pytest.mark.parametrize(
+    "values, limit",
+    [(None, 100), ([], 100), (["1"], 1), (["1000"], 1000), ([" 7 "], 7),
+     (["0"], None), (["1001"], None), (["-1"], None), (["abc"], None), ([""], None), (["1.5"], None),
+     (["\u0663"], None), (["1", "2"], None), (["9" * 5000], None)],
+)
+def test_parse_limit(values, limit):
+    if limit is None:
+        with pytest.raises(files.InvalidQuery):
+            parse_limit(values)
+    else:
+        assert parse_limit(values) == limit
+
+
+def test_routes_match_templates_and_exact_paths():
+    def get(): ...
+    def delete(): ...
+    routes = Routes({"/files": {"GET": get}, "/files/{file_id}": {"GET": get, "DELETE": delete},
+                     "/files/{file_id}/record": {"GET": get}})
+    assert routes.match("/files") == ({"GET": get}, {})
+    assert routes.match("/files/abc")[1] == {"file_id": "abc"}
+    assert routes.match("/files/abc/record")[1] == {"file_id": "abc"}
+    assert routes.match("/files/abc.json")[1] == {"file_id": "abc.json"}  # the handler refuses it
+    for path in ("/files/", "/files/a/b", "/files//record", "/files/a/record/x", "/filesx", "/file/a"):
+        assert routes.match(path) is None, path
+    methods = routes.match("/files/x")[0]
+    assert allowed_methods(methods) == "DELETE, GET, HEAD"
+    assert pick_handler(methods, "HEAD") is get and pick_handler(methods, "PUT") is None
+    assert pick_handler({"GET": get, "HEAD": delete}, "HEAD") is delete  # a route's own HEAD wins
+
+
+# -- download ----------------------------------------------------------------------------
+
+
+def check_file_headers(reply: httpx.Response, record: dict[str, Any], data: bytes) -> None:
+    headers = reply.headers
+    assert headers["etag"] == f'"{sha(data)}"'
+    assert headers["repr-digest"] == "sha-256=:" + base64.b64encode(hashlib.sha256(data).digest()).decode() + ":"
+    assert headers["accept-ranges"] == "bytes"
+    created = datetime.fromisoformat(record["created"])
+    assert parsedate_to_datetime(headers["last-modified"]) == created
+    assert headers["cache-control"] == "no-cache"
+
+
+async def test_download_whole_file_with_every_header(client, upload_dir):
+    record = await upload(client, DATA, "photo.jpg", "image/jpeg")
+    reply = check(await client.get(f"/files/{record['id']}"))
+    assert reply.status_code == 200
+    assert reply.content == DATA
+    assert reply.headers["content-type"] == "image/jpeg"
+    assert reply.headers["content-disposition"] == 'attachment; filename="photo.jpg"'
+    assert reply.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in reply.headers["content-security-policy"]
+    assert "content-range" not in reply.headers
+    check_file_headers(reply, record, DATA)
+
+
+async def test_head_is_get_without_the_body(client):
+    record = await upload(client, DATA, "a.txt", "text/plain")
+    get = check(await client.get(f"/files/{record['id']}"))
+    head = check(await client.head(f"/files/{record['id']}"))
+    assert head.status_code == 200 and head.content == b""
+    assert int(head.headers["content-length"]) == len(get.content) == len(DATA)
+    assert dict(head.headers) == dict(get.headers)
+
+
+async def test_head_ignores_range(client):
+    record = await upload(client)
+    head = check(await client.head(f"/files/{record['id']}", headers={"range": "bytes=0-9"}))
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(DATA))
+    assert "content-range" not in head.headers
+
+
+async def test_non_ascii_filename_round_trips(client):
+    name = "Früh­stück «menu» 日本.pdf"
+    record = await upload(client, DATA, name, "application/pdf")
+    reply = check(await client.get(f"/files/{record['id']}"))
+    disposition = reply.headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="Fruh')
+    from urllib.parse import unquote
+
+    assert unquote(disposition.split("filename*=UTF-8''")[1]) == record["filename"] == name
+
+
+async def test_content_type_the_client_sent_badly_is_served_as_octet_stream(client):
+    record = await upload(client, b"x", "a.bin", "weird")
+    assert record["content_type"] == "weird"
+    reply = check(await client.get(f"/files/{record['id']}"))
+    assert reply.headers["content-type"] == "application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    "range_header, start, stop",
+    [
+        pytest.param("bytes=0-9", 0, 10, id="first"),
+        pytest.param("bytes=100-199", 100, 200, id="middle"),
+        pytest.param("bytes=-4", len(DATA) - 4, len(DATA), id="suffix"),
+        pytest.param("bytes=10000-", 10000, len(DATA), id="open"),
+        pytest.param("bytes=0-", 0, len(DATA), id="whole-as-range"),
+        pytest.param(f"bytes={len(DATA) - 1}-99999999", len(DATA) - 1, len(DATA), id="clamped"),
+    ],
+)
+async def test_single_range_is_206(client, range_header, start, stop):
+    record = await upload(client)
+    reply = check(await client.get(f"/files/{record['id']}", headers={"range": range_header}))
+    assert reply.status_code == 206
+    assert reply.content == DATA[start:stop]
+    assert reply.headers["content-range"] == f"bytes {start}-{stop - 1}/{len(DATA)}"
+    assert reply.headers["content-disposition"] == 'attachment; filename="data.bin"'
+    check_file_headers(reply, record, DATA)  # Repr-Digest is the whole file's, even in a 206
+
+
+@pytest.mark.parametrize(
+    "range_header",
+    ["bytes=0-1,5-6", "bytes=x-y", "items=0-5", "bytes=9-1", "bytes=0-1,999999-"],
+)
+async def test_several_or_unreadable_ranges_get_the_whole_file(client, range_header):
+    record = await upload(client)
+    reply = check(await client.get(f"/files/{record['id']}", headers={"range": range_header}))
+    assert reply.status_code == 200 and reply.content == DATA
+    assert "content-range" not in reply.headers
+
+
+@pytest.mark.parametrize("range_header", [f"bytes={len(DATA)}-", "bytes=999999-1000000", "bytes=-0"])
+async def test_unsatisfiable_range_is_416(client, range_header):
+    record = await upload(client)
+    reply = await client.get(f"/files/{record['id']}", headers={"range": range_header})
+    check_error(reply, 416, "range_not_satisfiable")
+    assert reply.headers["content-range"] == f"bytes */{len(DATA)}"
+
+
+async def test_empty_file(client):
+    record = await upload(client, b"", "empty.txt", "text/plain")
+    reply = check(await client.get(f"/files/{record['id']}"))
+    assert reply.status_code == 200 and reply.content == b"" and reply.headers["content-length"] == "0"
+    assert reply.headers["etag"] == f'"{sha(b"")}"'
+    ranged = await client.get(f"/files/{record['id']}", headers={"range": "bytes=0-"})
+    check_error(ranged, 416, "range_not_satisfiable")
+    assert ranged.headers["content-range"] == "bytes */0"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize(
+    "if_none_match", ['"{sha}"', 'W/"{sha}"', "*", '"other", "{sha}"'], ids=["strong", "weak", "star", "list"]
+)
+async def test_if_none_match_is_304(client, method, if_none_match):
+    record = await upload(client)
+    value = if_none_match.format(sha=record["sha256"])
+    # A matching If-None-Match wins over Range (RFC 9110 §13.2.2).
+    reply = check(await client.request(method, f"/files/{record['id']}",
+                                       headers={"if-none-match": value, "range": "bytes=0-1"}))
+    assert reply.status_code == 304
+    check_file_headers(reply, record, DATA)
+    assert "content-type" not in reply.headers and "content-disposition" not in reply.headers
+
+
+async def test_if_none_match_other_tag_is_200(client):
+    record = await upload(client)
+    reply = check(await client.get(f"/files/{record['id']}", headers={"if-none-match": f'"{"0" * 64}"'}))
+    assert reply.status_code == 200 and reply.content == DATA
+
+
+async def test_if_modified_since(client):
+    record = await upload(client)
+    modified = datetime.fromisoformat(record["created"])
+    url = f"/files/{record['id']}"
+    same = check(await client.get(url, headers={"if-modified-since": format_datetime(modified, usegmt=True)}))
+    assert same.status_code == 304
+    earlier = format_datetime(datetime(2000, 1, 1, tzinfo=timezone.utc), usegmt=True)
+    assert check(await client.get(url, headers={"if-modified-since": earlier})).status_code == 200
+    assert check(await client.get(url, headers={"if-modified-since": "garbage"})).status_code == 200
+    # If-None-Match present: If-Modified-Since is not looked at.
+    both = {"if-modified-since": format_datetime(modified, usegmt=True), "if-none-match": '"x"'}
+    assert check(await client.get(url, headers=both)).status_code == 200
+
+
+async def test_if_range(client):
+    record = await upload(client)
+    url = f"/files/{record['id']}"
+    last_modified = check(await client.head(url)).headers["last-modified"]
+    cases = [
+        (f'"{record["sha256"]}"', 206),
+        (f'W/"{record["sha256"]}"', 200),
+        ('"an-older-version"', 200),
+        (last_modified, 206),
+        ("Sat, 01 Jan 2000 00:00:00 GMT", 200),
+    ]
+    for if_range, status in cases:
+        reply = check(await client.get(url, headers={"range": "bytes=0-9", "if-range": if_range}))
+        assert reply.status_code == status, if_range
+        assert reply.content == (DATA[:10] if status == 206 else DATA)
+
+
+async def test_a_record_without_created_has_no_last_modified(client, upload_dir):
+    record = await upload(client)
+    sidecar = upload_dir / f"{record['id']}.json"
+    old = {k: v for k, v in record.items() if k != "created"}  # stored before "created" existed
+    sidecar.write_text(json.dumps(old))
+    since = {"if-modified-since": "Sat, 01 Jan 2000 00:00:00 GMT"}
+    reply = check(await client.get(f"/files/{record['id']}", headers=since))
+    assert reply.status_code == 200 and reply.content == DATA and "last-modified" not in reply.headers
+
+
+async def test_multi_chunk_download_is_exact(client):
+    data = os.urandom(3 * MiB + 123)  # more than one 1 MiB read
+    record = await upload(client, data)
+    reply = check(await client.get(f"/files/{record['id']}"))
+    assert sha(reply.content) == sha(data)
+    part = check(await client.get(f"/files/{record['id']}", headers={"range": f"bytes={MiB - 1}-{2 * MiB + 1}"}))
+    assert part.status_code == 206 and part.content == data[MiB - 1 : 2 * MiB + 2]
+
+
+# -- record, list, delete ------------------------------------------------------------------
+
+
+async def test_record(client):
+    record = await upload(client, DATA, "r.txt", "text/plain")
+    reply = check(await client.get(f"/files/{record['id']}/record"))
+    assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
+    assert reply.json() == record
+    assert record["created"].endswith("Z") and datetime.fromisoformat(record["created"]).tzinfo is not None
+    head = check(await client.head(f"/files/{record['id']}/record"))
+    assert head.status_code == 200 and head.headers["content-length"] == reply.headers["content-length"]
+    check_error(await client.get(f"/files/{'0' * 32}/record"), 404, "not_found")
+
+
+async def upload_several(client: httpx.AsyncClient, count: int) -> list[dict[str, Any]]:
+    records = []
+    for i in range(count):
+        records.append(await upload(client, f"file {i}".encode(), f"{i}.txt", "text/plain"))
+        # Sidecar mtimes order the list; a kernel stamps them at its tick (1-4 ms).
+        await asyncio.sleep(0.02)
+    return records
+
+
+async def test_list_newest_first_across_pages_with_link(client):
+    records = await upload_several(client, 5)
+    seen, url, pages = [], "/files?limit=2", 0
+    while url:
+        reply = check(await client.get(url))
+        assert reply.status_code == 200 and reply.headers["content-type"] == "application/json"
+        page = reply.json()
+        assert set(page) == {"files", "next_cursor"}
+        seen += page["files"]
+        pages += 1
+        if page["next_cursor"] is None:
+            assert "link" not in reply.headers
+            url = None
+        else:
+            link = reply.headers["link"]
+            assert link == f'</files?limit=2&cursor={page["next_cursor"]}>; rel="next"'
+            url = link[1 : link.index(">")]
+    assert pages == 3
+    assert seen == records[::-1]
+
+
+async def test_list_default_limit_and_empty(client, upload_dir):
+    reply = check(await client.get("/files"))
+    assert reply.json() == {"files": [], "next_cursor": None}
+    records = await upload_several(client, 3)
+    reply = check(await client.get("/files"))
+    assert reply.json() == {"files": records[::-1], "next_cursor": None}
+    head = check(await client.head("/files"))
+    assert head.status_code == 200 and head.headers["content-length"] == reply.headers["content-length"]
+
+
+async def test_list_is_stable_while_files_come_and_go(client):
+    records = await upload_several(client, 4)
+    first = check(await client.get("/files?limit=2")).json()
+    assert first["files"] == records[:1:-1]
+    newer = await upload(client, b"new", "new.txt")  # newer than the cursor: not on later pages
+    check(await client.delete(f"/files/{records[1]['id']}"))
+    rest = check(await client.get(f"/files?limit=2&cursor={first['next_cursor']}")).json()
+    assert rest == {"files": [records[0]], "next_cursor": None}
+    assert check(await client.get("/files?limit=1")).json()["files"] == [newer]
+
+
+async def test_list_skips_an_unreadable_record(client, upload_dir):
+    records = await upload_several(client, 3)
+    (upload_dir / f"{records[1]['id']}.json").write_text("{not json")
+    reply = check(await client.get("/files"))
+    assert reply.status_code == 200
+    assert reply.json()["files"] == [records[2], records[0]]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["limit=0", "limit=-1", "limit=abc", "limit=1001", "limit=1.5", "limit=", "limit=1&limit=2", "limit=%D9%A3"],
+)
+async def test_list_bad_limit_is_400(client, query):
+    check_error(await client.get(f"/files?{query}"), 400, "invalid_query")
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["abc", "1-xyz", "1-" + "A" * 32, "%C2%B2-" + "0" * 32, "9" * 5000 + "-" + "0" * 32, "-" + "0" * 32,
+     "1-" + "0" * 31],
+)
+async def test_list_bad_cursor_is_400(client, cursor):
+    check_error(await client.get(f"/files?cursor={cursor}"), 400, "invalid_query")
+
+
+async def test_list_never_holds_more_than_a_page(upload_dir, monkeypatch):
+    """The listing keeps limit + 1 keys: heapq.nlargest over a generator, not a list of the dir."""
+    store = LocalStore(upload_dir, fsync=False)
+    store.prepare()
+    for i in range(300):
+        file_id = f"{i:032x}"
+        (upload_dir / file_id).write_bytes(b"x")
+        (upload_dir / f"{file_id}.json").write_text(json.dumps({"id": file_id}))
+        os.utime(upload_dir / f"{file_id}.json", ns=(i * 10**9, i * 10**9))
+    import heapq
+
+    sizes = []
+    real = heapq.nlargest
+
+    def spy(n, iterable, *args, **kwargs):
+        assert not isinstance(iterable, (list, tuple)), "the directory was read into a list"
+        sizes.append(n)
+        return real(n, iterable, *args, **kwargs)
+
+    monkeypatch.setattr(heapq, "nlargest", spy)
+    page = await store.list(7)
+    assert [r["id"] for r in page.records] == [f"{i:032x}" for i in range(299, 292, -1)]
+    assert sizes == [8]
+    ids, cursor = [], None
+    while True:
+        page = await store.list(50, cursor)
+        ids += [r["id"] for r in page.records]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert ids == [f"{i:032x}" for i in range(299, -1, -1)]
+
+
+async def test_delete_then_404(client, upload_dir):
+    record = await upload(client)
+    url = f"/files/{record['id']}"
+    reply = check(await client.delete(url))
+    assert reply.status_code == 204
+    check_error(await client.get(url), 404, "not_found")
+    head = check(await client.head(url))
+    assert head.status_code == 404 and head.headers["content-type"] == "application/json"
+    check_error(await client.get(url + "/record"), 404, "not_found")
+    check_error(await client.delete(url), 404, "not_found")
+    assert check(await client.get("/files")).json()["files"] == []
+    assert_nothing_stored(upload_dir)
+
+
+@pytest.mark.parametrize(
+    "method, path, allow",
+    [("PUT", "/files/{id}", "DELETE, GET, HEAD"), ("POST", "/files/{id}", "DELETE, GET, HEAD"),
+     ("DELETE", "/files/{id}/record", "GET, HEAD"), ("PATCH", "/files/{id}/record", "GET, HEAD"),
+     ("DELETE", "/files", "GET, HEAD")],
+)
+async def test_other_methods_are_405_with_allow(client, method, path, allow):
+    record = await upload(client)
+    reply = await client.request(method, path.format(id=record["id"]))
+    check_error(reply, 405, "method_not_allowed")
+    assert reply.headers["allow"] == allow
+
+
+# -- Location -------------------------------------------------------------------------------
+
+
+async def test_201_carries_location(client):
+    reply = check(await client.post("/upload", files={"file": ("a.txt", b"a")}))
+    assert reply.headers["location"] == f"/files/{reply.json()['id']}"
+    pair = [("files", ("x", b"x")), ("files", ("y", b"yy"))]
+    several = check(await client.post("/upload-multiple", files=pair))
+    assert several.headers["location"] == f"/files/{several.json()['files'][0]['id']}"
+    assert check(await client.get(several.headers["location"])).content == b"x"
+
+
+async def test_mounted_location_and_link_carry_the_prefix(app):
+    async with make_client(app, root_path="/up") as client:
+        first = check(await client.post("/up/upload", files={"file": ("a.txt", b"a")}))
+        await asyncio.sleep(0.02)
+        second = check(await client.post("/up/upload", files={"file": ("b.txt", b"bb")}))
+        assert second.headers["location"] == f"/up/files/{second.json()['id']}"
+        assert check(await client.get(second.headers["location"])).content == b"bb"
+        page = check(await client.get("/up/files?limit=1"))
+        link = page.headers["link"]
+        assert link.startswith("</up/files?limit=1&cursor=")
+        rest = check(await client.get(link[1 : link.index(">")])).json()
+        assert rest == {"files": [first.json()], "next_cursor": None}
+
+
+@pytest.mark.parametrize(
+    "root_path, expected",
+    [("", "/files/x?a=1"), ("/up/", "/up/files/x?a=1"), ("/a b/ü?>%", "/a%20b/%C3%BC%3F%3E%25/files/x?a=1"),
+     ("/x\r\nSet-Cookie: a=b", "/x%0D%0ASet-Cookie:%20a=b/files/x?a=1")],
+)
+def test_mount_url(root_path, expected):
+    assert files.mount_url({"root_path": root_path}, "/files/x?a=1") == expected
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def guarded(upload_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
+    config = upload_asgi.Config(upload_dir=upload_dir, fsync=False, token="write-token", read_token="read-token")
+    async with make_client(upload_asgi.create_app(config)) as client:
+        yield client
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("path", ["/files/{id}", "/files/{id}/record", "/files"])
+async def test_read_token_guards_reads_and_either_token_reads(guarded, method, path):
+    record = await upload(guarded, headers=bearer("write-token"))
+    url = path.format(id=record["id"])
+    for headers in ({}, bearer("wrong"), {"authorization": "Basic cmVhZC10b2tlbg=="}, bearer("read-token x")):
+        reply = check(await guarded.request(method, url, headers=headers))
+        assert reply.status_code == 401
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+        if method == "GET":
+            assert reply.json()["error"] == "unauthorized"
+    for token in ("read-token", "write-token"):
+        reply = check(await guarded.request(method, url, headers=bearer(token)))
+        assert reply.status_code == 200
+
+
+async def test_read_token_is_asked_before_the_id_is_looked_at(guarded):
+    for path in ("/files/nonsense", f"/files/{'0' * 32}", f"/files/{'0' * 32}/record"):
+        assert check(await guarded.get(path)).status_code == 401
+        assert check(await guarded.get(path, headers=bearer("read-token"))).status_code == 404
+
+
+async def test_delete_needs_the_write_token(guarded, upload_dir):
+    record = await upload(guarded, headers=bearer("write-token"))
+    url = f"/files/{record['id']}"
+    for headers in ({}, bearer("read-token"), bearer("wrong")):
+        reply = await guarded.delete(url, headers=headers)
+        check_error(reply, 401, "unauthorized")
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+    assert stored_ids(upload_dir) == [record["id"]]
+    assert check(await guarded.delete(url, headers=bearer("write-token"))).status_code == 204
+    assert stored_ids(upload_dir) == []
+
+
+async def test_read_token_cannot_upload(guarded, upload_dir):
+    reply = await guarded.post("/upload", files={"file": ("a", b"a")}, headers=bearer("read-token"))
+    check_error(reply, 401, "unauthorized")
+    assert_nothing_stored(upload_dir)
+
+
+async def test_write_token_alone_leaves_reads_open(upload_dir):
+    config = upload_asgi.Config(upload_dir=upload_dir, fsync=False, token="write-token")
+    async with make_client(upload_asgi.create_app(config)) as client:
+        record = await upload(client, headers=bearer("write-token"))
+        assert check(await client.get(f"/files/{record['id']}")).content == DATA
+        assert check(await client.get("/files")).json()["files"] == [record]
+        check_error(await client.delete(f"/files/{record['id']}"), 401, "unauthorized")
+
+
+def test_read_token_setting():
+    config = upload_asgi.Config.from_env({"UPLOAD_READ_TOKEN": "abc"})
+    assert config.read_token == "abc"
+    assert upload_asgi.Config.from_env({}).read_token is None
+    with pytest.raises(upload_asgi.ConfigError, match="UPLOAD_READ_TOKEN"):
+        upload_asgi.Config.from_env({"UPLOAD_READ_TOKEN": "has space"})
+
+
+# -- hostile ids -------------------------------------------------------------------------------
+
+
+GOOD_ID = "0123456789abcdef0123456789abcdef"
+HOSTILE_IDS = [
+    pytest.param("..", id="dot-dot"),
+    pytest.param(".", id="dot"),
+    pytest.param("../../../etc/passwd", id="traversal"),
+    pytest.param("..%2F..%2Fetc%2Fpasswd", id="encoded-traversal-undecoded"),
+    pytest.param("%2e%2e", id="encoded-dots-undecoded"),
+    pytest.param(".partial", id="partial-dir"),
+    pytest.param(f"{GOOD_ID}.json", id="sidecar-name"),
+    pytest.param(f".partial/{GOOD_ID}", id="partial-file"),
+    pytest.param(GOOD_ID.upper(), id="upper-case"),
+    pytest.param(GOOD_ID[:-1], id="31-hex"),
+    pytest.param(GOOD_ID + "0", id="33-hex"),
+    pytest.param(GOOD_ID + "\n", id="trailing-newline"),
+    pytest.param(GOOD_ID + "\x00", id="nul-after"),
+    pytest.param("\x00", id="nul"),
+    pytest.param(GOOD_ID + " ", id="trailing-space"),
+    pytest.param(" " + GOOD_ID, id="leading-space"),
+    pytest.param("\u0660" * 32, id="arabic-digits"),
+    pytest.param("０" * 32, id="fullwidth-digits"),
+    pytest.param("a" * 100_000, id="very-long"),
+    pytest.param("/" + GOOD_ID, id="double-slash"),
+    pytest.param(f"{GOOD_ID}/", id="trailing-slash"),
+    pytest.param(f"{GOOD_ID}/../{GOOD_ID}", id="dot-dot-inside"),
+    pytest.param("~", id="tilde"),
+    pytest.param("*", id="star"),
+]
+
+
+@pytest.fixture
+async def stored_good_id(app, upload_dir) -> AsyncIterator[None]:
+    """A stored file whose id is GOOD_ID (renamed), so a near miss has a real neighbour."""
+    async with make_client(app) as client:
+        record = await upload(client)
+    (upload_dir / record["id"]).rename(upload_dir / GOOD_ID)
+    (upload_dir / f"{record['id']}.json").write_text(json.dumps({**record, "id": GOOD_ID}))
+    (upload_dir / f"{record['id']}.json").rename(upload_dir / f"{GOOD_ID}.json")
+    yield
+
+
+@pytest.mark.parametrize("bad_id", HOSTILE_IDS)
+@pytest.mark.parametrize("method, suffix", [("GET", ""), ("HEAD", ""), ("DELETE", ""), ("GET", "/record")])
+async def test_hostile_ids_are_404_and_touch_nothing(app, upload_dir, stored_good_id, bad_id, method, suffix):
+    # A hand-made scope: the ASGI path is already percent-decoded, and httpx would tidy "..".
+    reply: Reply = await call_app(app, http_scope(f"/files/{bad_id}{suffix}", method))
+    assert reply.status == 404, reply.body
+    if method == "HEAD":
+        assert reply.body == b"" and int(reply.headers["content-length"]) > 0
+    else:
+        reply.check_length()
+        assert reply.json()["error"] == "not_found"
+    assert stored_ids(upload_dir) == [GOOD_ID]
+    assert (upload_dir / f"{GOOD_ID}.json").is_file()
+
+
+async def test_the_good_id_itself_works(app, upload_dir, stored_good_id):
+    reply = await call_app(app, http_scope(f"/files/{GOOD_ID}/record", "GET"))
+    assert reply.status == 200 and reply.json()["id"] == GOOD_ID
+
+
+async def test_the_store_never_sees_a_bad_id(app, upload_dir, monkeypatch):
+    seen = []
+    store = app.prepare()
+    for name in ("open", "record", "delete"):
+        real = getattr(store, name)
+
+        async def spy(file_id, _real=real):
+            seen.append(file_id)
+            return await _real(file_id)
+
+        monkeypatch.setattr(store, name, spy)
+    for bad in ("..", f"{GOOD_ID}.json", "\x00", "a" * 5000):
+        for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/record")):
+            assert (await call_app(app, http_scope(f"/files/{bad}{suffix}", method))).status == 404
+    assert seen == []
+
+
+# -- delete during a download, disconnects, failures ---------------------------------------------
+
+
+async def download_while(app: Any, file_id: str, after_first_chunk: Any, headers=()) -> Reply:
+    """GET a file with a hand-driven send; run `after_first_chunk()` once the first body chunk is out."""
+    reply = Reply()
+    done = asyncio.Event()
+    ran = False
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal ran
+        await reply.record(message)
+        if message["type"] == "http.response.body" and message.get("body") and not ran:
+            ran = True
+            await after_first_chunk()
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    async def receive() -> dict[str, Any]:
+        if not hasattr(receive, "sent"):
+            receive.sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    await app(http_scope(f"/files/{file_id}", "GET", headers=headers), receive, send)
+    return reply
+
+
+async def test_a_delete_during_a_download_never_tears_it(app, client, upload_dir):
+    data = os.urandom(3 * MiB + 7)  # several reads
+    record = await upload(client, data)
+
+    async def delete() -> None:
+        reply = await client.delete(f"/files/{record['id']}")
+        assert reply.status_code == 204
+
+    reply = await download_while(app, record["id"], delete)
+    assert reply.status == 200
+    reply.check_length()
+    assert sha(reply.body) == sha(data)
+    assert_nothing_stored(upload_dir)
+    check_error(await client.get(f"/files/{record['id']}"), 404, "not_found")
+
+
+async def test_local_file_keeps_reading_after_delete(upload_dir, app, client):
+    data = os.urandom(2 * MiB + 1)
+    record = await upload(client, data)
+    store = app.prepare()
+    opened = await store.open(record["id"])
+    try:
+        assert await store.delete(record["id"]) is True
+        assert not (upload_dir / record["id"]).exists()
+        assert opened.size == len(data) and opened.record == record
+        got = b"".join([chunk async for chunk in opened.chunks()])
+        part = b"".join([chunk async for chunk in opened.chunks(MiB - 3, MiB + 3)])
+    finally:
+        await opened.close()
+    assert got == data and part == data[MiB - 3 : MiB + 3]
+    assert await store.open(record["id"]) is None
+
+
+async def test_a_client_that_leaves_stops_the_reads(app, client):
+    data = os.urandom(8 * MiB)
+    record = await upload(client, data)
+    sent: list[int] = []
+    left = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(len(message.get("body", b"")))
+            left.set()  # gone after the first chunk; hypercorn's send then drops data silently
+
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    await asyncio.wait_for(app(http_scope(f"/files/{record['id']}", "GET"), receive, send), 10)
+    assert 1 <= len(sent) <= 3 and sum(sent) < len(data)
+
+
+async def test_a_send_that_raises_oserror_ends_the_download_quietly(app, client):
+    record = await upload(client, os.urandom(3 * MiB))
+    bodies = 0
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal bodies
+        if message["type"] == "http.response.body":
+            bodies += 1
+            raise OSError("client gone")  # what uvicorn raises after a disconnect
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    await asyncio.wait_for(app(http_scope(f"/files/{record['id']}", "GET"), receive, send), 10)
+    assert bodies == 1
+
+
+async def test_a_store_error_before_the_answer_is_500_without_details(app, client, monkeypatch, caplog):
+    record = await upload(client)
+    store = app.prepare()
+
+    async def broken(file_id: str) -> None:
+        raise PermissionError(13, "Permission denied", str(store.upload_dir / file_id))
+
+    monkeypatch.setattr(store, "open", broken)
+    reply = await client.get(f"/files/{record['id']}")
+    payload = check_error(reply, 500, "internal_error")
+    assert str(store.upload_dir) not in reply.text and "Permission" not in json.dumps(payload)
+    assert "failed" in caplog.text
+
+
+async def test_a_read_error_mid_download_cuts_the_answer(app, client, upload_dir, monkeypatch):
+    data = os.urandom(3 * MiB)
+    record = await upload(client, data)
+    store = app.prepare()
+    real_open = store.open
+
+    async def open_then_fail(file_id: str):
+        opened = await real_open(file_id)
+        real_chunks = opened.chunks
+
+        async def chunks(start: int = 0, stop: int | None = None):
+            async for chunk in real_chunks(start, stop):
+                yield chunk
+                raise OSError(5, "Input/output error")
+
+        opened.chunks = chunks
+        return opened
+
+    monkeypatch.setattr(store, "open", open_then_fail)
+    reply = Reply()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(OSError):
+        await app(http_scope(f"/files/{record['id']}", "GET"), receive, reply.record)
+    # The answer began whole-file-sized and was never ended: the server cuts the connection.
+    assert reply.status == 200 and int(reply.headers["content-length"]) == len(data)
+    assert len(reply.body) == MiB and reply.messages[-1].get("more_body") is True
+
+
+async def test_a_file_shorter_than_promised_is_never_ended_as_whole(app, client, monkeypatch):
+    data = os.urandom(2 * MiB)
+    record = await upload(client, data)
+    store = app.prepare()
+    real_open = store.open
+
+    async def open_short(file_id: str):
+        opened = await real_open(file_id)
+        real_chunks = opened.chunks
+
+        async def chunks(start: int = 0, stop: int | None = None):
+            async for chunk in real_chunks(start, stop):
+                yield chunk
+                return  # the data ends early (a truncated file, a store that stops)
+
+        opened.chunks = chunks
+        return opened
+
+    monkeypatch.setattr(store, "open", open_short)
+    reply = Reply()
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(RuntimeError, match="ended at byte"):
+        await app(http_scope(f"/files/{record['id']}", "GET"), receive, reply.record)
+    assert reply.status == 200 and len(reply.body) == MiB
+    assert all(m.get("more_body") for m in reply.messages if m["type"] == "http.response.body")

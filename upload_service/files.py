@@ -1,0 +1,392 @@
+"""The files resource (SPEC §9): a stored file back, its record, the list, delete.
+
+Routes, relative to `scope["root_path"]`:
+
+    GET|HEAD /files/<id>          the bytes, with validators and single-range support
+    GET|HEAD /files/<id>/record   the record as JSON
+    GET|HEAD /files               records newest first: ?limit=, ?cursor=, Link rel="next"
+    DELETE   /files/<id>          204, then 404
+
+An id is checked with `storage.is_file_id` before the store sees it: anything else is
+404. Reads need `UPLOAD_READ_TOKEN` or `UPLOAD_TOKEN` when `UPLOAD_READ_TOKEN` is set;
+a delete needs `UPLOAD_TOKEN` when it is set. Errors are raised as `UploadError`s and
+answered by the front door. The header helpers are pure functions, tested on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import unicodedata
+from datetime import datetime, timezone
+from email.utils import format_datetime, parsedate_to_datetime
+from typing import Any, Callable
+from urllib.parse import parse_qs, quote
+
+from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, header, send_json
+from upload_service.errors import NotFound, Unauthorized, UploadError
+from upload_service.settings import Config
+from upload_service.storage import BadCursor, Record, Store, StoredFile, is_file_id
+
+logger = logging.getLogger("upload_asgi")
+
+DEFAULT_LIST_LIMIT = 100  # records per page when ?limit= is not given
+MAX_LIST_LIMIT = 1000  # a page is built in memory: bound it
+# Sizes are below 2**63; a number with more digits is only ever "larger than the file".
+MAX_RANGE_DIGITS = 18
+FALLBACK_FILENAME = "download"
+
+# RFC 9110 §8.3.1 media type: token "/" token, then parameters; anything else (a
+# non-ASCII or broken type a client sent) is served as application/octet-stream.
+TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+MEDIA_TYPE_RE = re.compile(rf"{TOKEN}/{TOKEN}(?:[ \t]*;[ -~\t]*)?")
+RANGE_SPEC_RE = re.compile(r"([0-9]*)-([0-9]*)")  # ASCII digits: \d takes any script's
+# RFC 8187 attr-char: what may stay unescaped in filename*=UTF-8''...
+ATTR_CHAR_SAFE = "!#$&+-.^_`|~"
+# The bytes are the uploader's: never let a browser sniff or run them in our origin.
+UNTRUSTED_CONTENT_HEADERS = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"content-security-policy", b"default-src 'none'; sandbox"),
+)
+
+
+class RangeNotSatisfiable(UploadError):
+    status, code = 416, "range_not_satisfiable"
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"the range is outside the file's {size} bytes", size=size)
+        self.headers = ((b"content-range", f"bytes */{size}".encode()),)  # RFC 9110 §15.5.17
+
+
+class InvalidQuery(UploadError):
+    status, code = 400, "invalid_query"
+
+
+# -- pure helpers -----------------------------------------------------------------
+
+
+def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
+    """The (start, stop) of a single satisfiable byte range, or None for the whole file.
+
+    RFC 9110 §14.2: a Range header we do not understand (another unit, bad syntax, a
+    last position before the first) is ignored, and so are several ranges (we answer
+    200 with the whole file rather than a multipart/byteranges body). A single range
+    that starts past the end, a `-0` suffix, or any range of an empty file raises
+    `RangeNotSatisfiable` (416).
+    """
+    if value is None:
+        return None
+    unit, equals, ranges = value.partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return None
+    specs = [spec.strip() for spec in ranges.split(",") if spec.strip()]
+    if len(specs) != 1:
+        return None
+    match = RANGE_SPEC_RE.fullmatch(specs[0])
+    if match is None or not (match[1] or match[2]):
+        return None
+    first, last = match[1], match[2]
+    if first:
+        start = bounded_int(first)
+        if last and bounded_int(last) < start:
+            return None
+        if start >= size:
+            raise RangeNotSatisfiable(size)
+        return start, size if not last else min(bounded_int(last) + 1, size)
+    suffix = bounded_int(last)  # bytes=-N: the last N bytes
+    if suffix == 0 or size == 0:
+        raise RangeNotSatisfiable(size)
+    return max(0, size - suffix), size
+
+
+def bounded_int(digits: str) -> int:
+    """The number, or 10**18 for a longer one (past any file; int() of huge text is slow)."""
+    return int(digits) if len(digits) <= MAX_RANGE_DIGITS else 10**MAX_RANGE_DIGITS
+
+
+def content_range(start: int, stop: int, size: int) -> bytes:
+    return f"bytes {start}-{stop - 1}/{size}".encode()
+
+
+def content_disposition(filename: str | None) -> bytes:
+    """`attachment` with the original name (RFC 6266): an ASCII `filename`, and `filename*` if it differs.
+
+    The fallback keeps what old clients read safely: non-ASCII letters lose their
+    accents (NFKD), and anything else outside printable ASCII, `"`, `\\` and `%`
+    (RFC 6266 appendix D: some clients unescape or percent-decode it) become `_`.
+    """
+    name = filename or FALLBACK_FILENAME
+    fallback = ascii_fallback(name)
+    value = f'attachment; filename="{fallback}"'
+    if fallback != name:
+        value += "; filename*=UTF-8''" + quote(name, safe=ATTR_CHAR_SAFE)
+    return value.encode("ascii")
+
+
+def ascii_fallback(name: str) -> str:
+    out = []
+    for char in unicodedata.normalize("NFKD", name):
+        if unicodedata.combining(char):
+            continue
+        out.append(char if " " <= char <= "~" and char not in '"\\%' else "_")
+    return "".join(out)
+
+
+def repr_digest(sha256_hex: str) -> bytes:
+    """RFC 9530 `Repr-Digest`: the SHA-256 of the whole file as a byte sequence (base64)."""
+    return b"sha-256=:" + base64.b64encode(bytes.fromhex(sha256_hex)) + b":"
+
+
+def entity_tag(sha256_hex: str) -> str:
+    """A strong ETag: the content's SHA-256 (same bytes, same tag, whatever the id)."""
+    return f'"{sha256_hex}"'
+
+
+def served_type(recorded: Any) -> bytes:
+    """The recorded Content-Type if it is a well-formed media type, else octet-stream."""
+    if isinstance(recorded, str) and MEDIA_TYPE_RE.fullmatch(recorded):
+        return recorded.encode("ascii")
+    return b"application/octet-stream"
+
+
+def last_modified(record: Record) -> datetime | None:
+    """When the file was stored (the record's `created`), to the second; None if unknown."""
+    created = record.get("created")
+    if not isinstance(created, str):
+        return None
+    try:
+        stamp = datetime.fromisoformat(created)
+    except ValueError:
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return stamp.astimezone(timezone.utc).replace(microsecond=0)
+
+
+def http_date(stamp: datetime) -> str:
+    return format_datetime(stamp, usegmt=True)  # IMF-fixdate, RFC 9110 §5.6.7
+
+
+def parse_http_date(text: str) -> datetime | None:
+    try:
+        stamp = parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=timezone.utc)
+    return stamp
+
+
+def opaque_tag(tag: str) -> str:
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def none_match(if_none_match: str, etag: str) -> bool:
+    """Whether If-None-Match names our tag (weak comparison, RFC 9110 §13.1.2) or is `*`."""
+    value = if_none_match.strip()
+    if value == "*":
+        return True
+    return any(opaque_tag(tag.strip()) == etag for tag in value.split(","))
+
+
+def not_modified(scope: Scope, etag: str, modified: datetime | None) -> bool:
+    """RFC 9110 §13.2.2 steps 3-4 for GET and HEAD: whether to answer 304."""
+    if_none_match = header(scope, b"if-none-match")
+    if if_none_match is not None:
+        return none_match(if_none_match, etag)  # If-Modified-Since is then ignored
+    since = header(scope, b"if-modified-since")
+    if since is None or modified is None:
+        return False
+    when = parse_http_date(since)
+    return when is not None and modified <= when
+
+
+def if_range_allows(if_range: str | None, etag: str, modified: datetime | None) -> bool:
+    """RFC 9110 §13.1.5: serve the Range only if the client's copy is still ours.
+
+    An entity tag must match strongly (a weak one never does); a date must equal
+    Last-Modified exactly.
+    """
+    if if_range is None:
+        return True
+    value = if_range.strip()
+    if value.startswith('"') or value.startswith("W/"):
+        return value == etag
+    when = parse_http_date(value)
+    return when is not None and modified is not None and when == modified
+
+
+def mount_url(scope: Scope, path: str) -> str:
+    """`path` (ours, already URL-safe) under the mount point, for a Location or Link header.
+
+    The root path is percent-encoded (it is decoded text, and may hold `?`, `%`, `>`,
+    spaces or non-ASCII); `path` may carry a query string.
+    """
+    root = (scope.get("root_path") or "").rstrip("/")
+    return quote(root, safe="/:@!$&'()*+,;=-._~") + path
+
+
+def parse_limit(values: list[str] | None) -> int:
+    """?limit=N: 1 to MAX_LIST_LIMIT; absent means the default; anything else is a 400."""
+    if not values:
+        return DEFAULT_LIST_LIMIT
+    text = values[-1].strip()
+    # Length first: int() of thousands of digits raises (and costs) before the range check.
+    well_formed = len(values) == 1 and text.isascii() and text.isdigit() and len(text) <= 6
+    if not well_formed or not 1 <= int(text) <= MAX_LIST_LIMIT:
+        raise InvalidQuery(f"limit must be one whole number from 1 to {MAX_LIST_LIMIT}")
+    return int(text)
+
+
+def file_headers(record: Record, etag: str, modified: datetime | None) -> list[tuple[bytes, bytes]]:
+    """The validators and metadata every answer about a file's bytes carries (200, 206, 304)."""
+    headers = [
+        (b"etag", etag.encode()),
+        (b"repr-digest", repr_digest(record["sha256"])),
+        (b"accept-ranges", b"bytes"),
+        # Ask caches to check with us each time (a 304 is cheap): a deleted file must go.
+        (b"cache-control", b"no-cache"),
+    ]
+    if modified is not None:
+        headers.append((b"last-modified", http_date(modified).encode()))
+    return headers
+
+
+# -- handlers -------------------------------------------------------------------------
+
+
+class FilesResource:
+    """The /files handlers on one store; `store()` makes it ready on first use."""
+
+    def __init__(self, config: Config | None, store: Callable[[], Store]) -> None:
+        self.config = config
+        self.store = store
+
+    def check_read(self, scope: Scope) -> None:
+        read_token = self.config.read_token
+        if read_token is None:
+            return  # reads are open
+        tokens = [t for t in (read_token, self.config.token) if t is not None]
+        if not any([bearer_token_matches(scope, t) for t in tokens]):  # both compared, always
+            raise Unauthorized("reading files needs 'Authorization: Bearer <token>'")
+
+    def check_write(self, scope: Scope) -> None:
+        token = self.config.token
+        if token is not None and not bearer_token_matches(scope, token):
+            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+
+    async def handle_download(
+        self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = ""
+    ) -> None:
+        self.check_read(scope)
+        if not is_file_id(file_id):
+            raise NotFound("no such file")
+        stored = await self.store().open(file_id)
+        if stored is None:
+            raise NotFound("no such file")
+        try:
+            await send_stored(scope, receive, send, stored, head_only)
+        finally:
+            await stored.close()
+
+    async def handle_record(
+        self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = ""
+    ) -> None:
+        self.check_read(scope)
+        record = await self.store().record(file_id) if is_file_id(file_id) else None
+        if record is None:
+            raise NotFound("no such file")
+        await send_json(send, 200, record, head_only=head_only)
+
+    async def handle_list(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
+        self.check_read(scope)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        limit = parse_limit(query.get("limit"))
+        cursor = (query.get("cursor") or [""])[-1] or None
+        try:
+            page = await self.store().list(limit, cursor)
+        except BadCursor:
+            raise InvalidQuery("cursor is not one this server gave out") from None
+        headers = []
+        if page.next_cursor is not None:
+            link = mount_url(scope, f"/files?limit={limit}&cursor={quote(page.next_cursor, safe='')}")
+            headers.append((b"link", f'<{link}>; rel="next"'.encode()))
+        payload = {"files": page.records, "next_cursor": page.next_cursor}
+        await send_json(send, 200, payload, headers, head_only=head_only)
+
+    async def handle_delete(
+        self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = ""
+    ) -> None:
+        self.check_write(scope)
+        if not is_file_id(file_id) or not await self.store().delete(file_id):
+            raise NotFound("no such file")
+        # RFC 9110 §8.6: no Content-Length in a 204.
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def send_stored(scope: Scope, receive: Receive, send: Send, stored: StoredFile, head_only: bool) -> None:
+    """Answer with a stored file: 304, 206 or 200 (416 is raised), streamed in bounded chunks."""
+    record = stored.record
+    etag = entity_tag(record["sha256"])
+    modified = last_modified(record)
+    headers = file_headers(record, etag, modified)
+    if not_modified(scope, etag, modified):
+        # RFC 9110 §15.4.5: the validators again, no content (and so no Content-Length).
+        await send({"type": "http.response.start", "status": 304, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    byte_range = None
+    # RFC 9110 §14.2: range handling is defined for GET only (a HEAD ignores Range).
+    if scope["method"] == "GET" and if_range_allows(header(scope, b"if-range"), etag, modified):
+        byte_range = parse_range(header(scope, b"range"), stored.size)
+    start, stop = byte_range or (0, stored.size)
+    headers += [
+        (b"content-type", served_type(record.get("content_type"))),
+        (b"content-length", str(stop - start).encode()),
+        (b"content-disposition", content_disposition(record.get("filename"))),
+        *UNTRUSTED_CONTENT_HEADERS,
+    ]
+    if byte_range is not None:
+        headers.append((b"content-range", content_range(start, stop, stored.size)))
+    await send({"type": "http.response.start", "status": 206 if byte_range else 200, "headers": headers})
+    if head_only or start == stop:
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await stream_chunks(receive, send, stored, start, stop)
+
+
+async def stream_chunks(receive: Receive, send: Send, stored: StoredFile, start: int, stop: int) -> None:
+    """Send bytes start..stop; stop reading as soon as the client has gone.
+
+    Hypercorn's send does not fail once the client is gone (it drops the data), so a
+    task watches receive() for http.disconnect; other servers raise OSError from send.
+    """
+    gone = asyncio.Event()
+    watcher = asyncio.create_task(wait_for_disconnect(receive, gone))
+    position = start
+    try:
+        async for chunk in stored.chunks(start, stop):
+            if gone.is_set():
+                return
+            position += len(chunk)
+            try:
+                await send({"type": "http.response.body", "body": chunk, "more_body": position < stop})
+            except OSError:
+                return  # the client left (uvicorn's ClientDisconnected)
+        if position < stop:
+            # Never end a short body as if whole: raising makes the server cut the connection.
+            raise RuntimeError(f"file {stored.record.get('id')} ended at byte {position} of {stop}")
+    finally:
+        watcher.cancel()
+
+
+async def wait_for_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # a receive that fails: the connection is no more use either
+        pass
+    gone.set()
