@@ -477,20 +477,39 @@ def two_servers(bucket: S3Backend, tmp_path: Path) -> Iterator[tuple[Server, Ser
 
 @pytest.mark.slow
 def test_two_servers_share_one_bucket(bucket: S3Backend, two_servers: tuple[Server, Server]) -> None:
+    """Each file uploaded through one server is downloaded, listed and deleted through the other."""
     a, b = two_servers
-    stored = []
+    uploads = []
     for server, data in ((a, os.urandom(3 * PART + 5)), (b, b"small one")):
         with server.client() as client:
             reply = client.post("/upload", content=form_body([file_part(data)]),
                                 headers={"content-type": form_content_type()})
         assert reply.status_code == 201, reply.text
         bucket.assert_stored(reply.json(), data)
-        stored.append(reply.json()["id"])
-    assert bucket.objects() == sorted([*stored, *(f"{i}.json" for i in stored)])
-    for server in (a, b):
-        with server.client() as client:
+        uploads.append((server, reply.json(), data))
+    records = [record for _, record, _ in uploads]
+    assert bucket.objects() == sorted([*(r["id"] for r in records), *(f"{r['id']}.json" for r in records)])
+    with a.client() as to_a, b.client() as to_b:
+        for server, record, data in uploads:
+            other = to_b if server is a else to_a
+            url = f"/files/{record['id']}"
+            download = other.get(url)
+            assert download.status_code == 200 and download.content == data
+            assert download.headers["etag"] == f'"{record["sha256"]}"'
+            part = other.get(url, headers={"range": "bytes=1-4"})
+            assert part.status_code == 206 and part.content == data[1:5]
+            assert other.get(f"{url}/record").json() == record
+            listed = other.get("/files?limit=10").json()["files"]
+            assert record in listed
+        for server, record, _ in uploads:
+            other = to_b if server is a else to_a
+            assert other.delete(f"/files/{record['id']}").status_code == 204
+            assert (to_a if other is to_b else to_b).get(f"/files/{record['id']}").status_code == 404
+        for client in (to_a, to_b):
             assert client.get("/health").json()["status"] == "ok"
-        # Nothing of a stored file in either server's own dir.
+            assert client.get("/files").json() == {"files": [], "next_cursor": None}
+    bucket.assert_nothing_stored()
+    for server in (a, b):  # nothing of a file in either server's own dir
         assert not server.upload_dir.exists() or list(server.upload_dir.rglob("*")) == []
 
 
