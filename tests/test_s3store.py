@@ -276,6 +276,19 @@ async def test_sweep_aborts_old_uploads_and_keeps_young_ones(
         await store.aclose()
 
 
+async def test_sweep_deletes_files_whose_record_never_came(store: S3Store, bucket: S3Backend, s3: Any) -> None:
+    """A crash between completing a file and writing its record leaves an object no one lists."""
+    kept = (await put(store, b"a whole stored file"))[0]["id"]
+    orphans = ["0" * 32, kept[:-1] + ("0" if kept[-1] != "0" else "1"), "f" * 32]  # first, beside a kept one, last
+    for name in orphans:
+        s3.put_object(Bucket=BUCKET, Key=store.key(name), Body=b"no record")
+    s3.put_object(Bucket=BUCKET, Key=store.key("not-an-id"), Body=b"not ours")
+    assert await store.sweep() == 0  # young: maybe a commit writing its record right now
+    assert await store.sweep(now=time.time() + store.sweep_after + 60) == 3
+    assert bucket.objects() == sorted([kept, f"{kept}.json", "not-an-id"])
+    assert (await store.open(kept)) is not None
+
+
 async def test_prepare_sweeps_at_startup(bucket: S3Backend, seaweedfs: SeaweedFS, s3: Any, prefix: str) -> None:
     s3.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/{'c' * 32}")
     await asyncio.sleep(1.1)

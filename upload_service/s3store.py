@@ -11,42 +11,40 @@ filling included) are in memory, and that blocking is the backpressure that paus
 the client. A file smaller than a part never starts a multipart upload: it is one PUT
 at commit. `commit` sends the last parts, completes every multipart upload (only then
 does an object appear), then PUTs the records; a failure or cancellation anywhere
-removes what appeared and aborts the rest. A crashed server's multipart uploads are
-aborted by the sweep (`UPLOAD_S3_SWEEP_AFTER`), at startup and hourly.
+removes what appeared and aborts the rest. What a crashed server left (multipart
+uploads, a file whose record never came) goes in the sweep, at startup and hourly, once
+older than `UPLOAD_S3_SWEEP_AFTER`.
 
 Every S3 error becomes a `StorageUnavailable` (503: unreachable, failing) or a
 `StorageRefused` (502: bucket missing, access denied): both OSErrors, so /health
-reports them, and both UploadErrors, so an upload answers them.
+reports them, and both UploadErrors, so an upload answers them (`s3client`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import concurrent.futures
 import heapq
-import itertools
 import json
 import logging
-import os
 import time
 from typing import Any, AsyncIterator, Awaitable, Sequence
 
-from upload_service.errors import ConfigError, StorageRefused, StorageUnavailable
+from upload_service.errors import StorageUnavailable
 from upload_service.localstore import parse_cursor
+from upload_service.s3client import (
+    MISSING_CODES,
+    BotoCoreError,
+    ClientError,
+    PartBody,
+    aiohttp,
+    describe_failure,
+    error_code,
+    open_client,
+)
 from upload_service.storage import FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
-
-try:
-    import aiohttp
-    from aiobotocore.config import AioConfig
-    from aiobotocore.session import get_session
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
-except ImportError as exc:  # pragma: no cover - the extra not installed
-    raise ConfigError(
-        f"UPLOAD_STORAGE: s3:// needs the S3 client: pip install 'upload-asgi[s3]' ({exc})"
-    ) from None
 
 logger = logging.getLogger("upload_asgi")
 
@@ -57,62 +55,6 @@ SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
 # timeouts and retries end a call sooner; this only frees the thread if the loop is gone.
 THREAD_WAIT_SECONDS = 600.0
 RECORD_READS = 16  # records fetched at once for a page of the listing
-MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-REFUSED_CODES = {
-    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken",
-}
-
-
-class PartBody:
-    """A part as the blocks it was written in, sent without ever copying it whole.
-
-    Given bytes, botocore wraps them in a BytesIO that aiohttp copies whole
-    (`getbuffer`), and a large write to aiohttp's transport is buffered whole again;
-    joining the blocks into one part would be one more copy. This gives botocore what it
-    asks of a body (`read`/`seek`/`tell` to sign it and rewind for a retry, `len` for
-    its length) and aiohttp what it streams (`__aiter__`): the blocks, in views of
-    SEND_CHUNK_SIZE, each written and drained before the next.
-    """
-
-    SEND_CHUNK_SIZE = 256 * 1024
-
-    def __init__(self, blocks: list[bytes]) -> None:
-        self._blocks = blocks
-        self._starts = list(itertools.accumulate((len(b) for b in blocks), initial=0))  # offsets, and the size
-        self._position = 0
-
-    def __len__(self) -> int:
-        return self._starts[-1]
-
-    def read(self, size: int = -1) -> bytes:
-        stop = len(self) if size is None or size < 0 else min(len(self), self._position + size)
-        pieces = []
-        index = bisect.bisect_right(self._starts, self._position) - 1
-        while self._position < stop:
-            block, offset = self._blocks[index], self._position - self._starts[index]
-            piece = block[offset : offset + stop - self._position]
-            pieces.append(piece)
-            self._position += len(piece)
-            index += 1
-        return b"".join(pieces)
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: len(self)}[whence]
-        self._position = min(max(0, base + offset), len(self))
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
-
-    def __aiter__(self) -> AsyncIterator[memoryview]:
-        return self._views()
-
-    async def _views(self) -> AsyncIterator[memoryview]:
-        for block in self._blocks:
-            view = memoryview(block)
-            for start in range(0, len(view), self.SEND_CHUNK_SIZE):
-                yield view[start : start + self.SEND_CHUNK_SIZE]
 
 
 class S3Sink(FileSink):
@@ -324,23 +266,7 @@ class S3Store(Store):
         return await asyncio.shield(made)
 
     async def _make_client(self) -> Any:
-        config = AioConfig(
-            # Path style: S3-compatible stores (SeaweedFS, MinIO) rarely have bucket DNS names.
-            s3={"addressing_style": "path"} if self.endpoint_url else {},
-            retries={"max_attempts": 3, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=60,
-            max_pool_connections=self.max_connections,
-            # Only the checksums S3 requires: many S3-compatible stores refuse the newer
-            # CRC trailers, and the app computes the SHA-256 that matters anyway.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        context = get_session().create_client(
-            "s3", endpoint_url=self.endpoint_url, region_name=region, config=config
-        )
-        return await context.__aenter__()
+        return await open_client(self.endpoint_url, self.max_connections)
 
     async def aclose(self) -> None:
         """Close this loop's client and stop its sweeper (tests; a server just exits)."""
@@ -374,23 +300,7 @@ class S3Store(Store):
 
     def problem(self, exc: BaseException, operation: str) -> StorageUnavailable:
         """Say what went wrong with the store, naming what to fix."""
-        code = error_code(exc)
-        where = self.endpoint_url or "AWS S3"
-        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return StorageRefused("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
-        if code == "NoSuchBucket" or (code in ("404", "NotFound") and operation == "head_bucket"):
-            return StorageRefused(f"UPLOAD_STORAGE: the bucket {self.bucket!r} does not exist at {where}")
-        if code in REFUSED_CODES:
-            return StorageRefused(
-                f"the object store refused access to {self.url} ({code}): check AWS_ACCESS_KEY_ID, "
-                "AWS_SECRET_ACCESS_KEY and the bucket's policy"
-            )
-        if isinstance(exc, ClientError):
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"):
-                return StorageUnavailable(f"the object store at {where} is failing ({code} on {operation})")
-            return StorageRefused(f"the object store at {where} refused {operation} ({code})")
-        return StorageUnavailable(f"cannot reach the object store at {where} ({type(exc).__name__} on {operation})")
+        return describe_failure(exc, operation, self.bucket, self.url, self.endpoint_url)
 
     # -- multipart uploads (coroutines the sinks hand to the loop) --------------------------
 
@@ -438,8 +348,15 @@ class S3Store(Store):
             await asyncio.sleep(SWEEP_INTERVAL)
 
     async def sweep(self, now: float | None = None) -> int:
-        """Abort our multipart uploads initiated more than `sweep_after` ago; return how many."""
+        """Remove what crashed servers left, older than `sweep_after`; return how many things.
+
+        Multipart uploads under the prefix are aborted; a file whose record never came (a
+        crash between completing it and writing the record, or mid-delete) is deleted.
+        """
         cutoff = (time.time() if now is None else now) - self.sweep_after
+        return await self._sweep_uploads(cutoff) + await self._sweep_orphans(cutoff)
+
+    async def _sweep_uploads(self, cutoff: float) -> int:
         swept = 0
         marker: dict[str, str] = {}
         while True:
@@ -452,6 +369,35 @@ class S3Store(Store):
             if not page.get("IsTruncated"):
                 return swept
             marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    async def _sweep_orphans(self, cutoff: float) -> int:
+        """Delete files without a record, in one pass over the listing and O(1) memory.
+
+        Keys come in order, and `<id>.json` sorts after `<id>` with nothing of ours between:
+        a file whose next key of ours is past `<id>.json` has no record.
+        """
+        swept = 0
+        waiting: tuple[str, float] | None = None  # a file seen, its record not yet
+
+        async def settle(name: str | None) -> None:
+            nonlocal waiting, swept
+            if waiting is None:
+                return
+            record_name = f"{waiting[0]}.json"
+            if name == record_name:
+                waiting = None
+            elif name is None or name > record_name:
+                if waiting[1] < cutoff:
+                    await self.call("delete_object", Key=self.key(waiting[0]))
+                    swept += 1
+                waiting = None
+
+        async for name, modified in self._our_objects():
+            await settle(name)
+            if is_file_id(name):
+                waiting = (name, modified)
+        await settle(None)
+        return swept
 
     def describe_problem(self, exc: OSError) -> str:
         return str(exc)
@@ -555,13 +501,18 @@ class S3Store(Store):
         return Page([r for r in records if r is not None], next_cursor)
 
     async def _record_keys(self) -> AsyncIterator[tuple[int, str]]:
+        """(LastModified in microseconds, id) of every record under the prefix."""
+        async for name, modified in self._our_objects():
+            if name.endswith(".json") and is_file_id(name[:-5]):
+                yield int(modified * 1_000_000), name[:-5]
+
+    async def _our_objects(self) -> AsyncIterator[tuple[str, float]]:
+        """(name after the prefix, LastModified as POSIX seconds) of every object, in key order."""
         token: dict[str, str] = {}
         while True:
             page = await self.call("list_objects_v2", Prefix=self.key_prefix, **token)
             for item in page.get("Contents", []):
-                name = item["Key"][len(self.key_prefix):]
-                if name.endswith(".json") and is_file_id(name[:-5]):
-                    yield int(item["LastModified"].timestamp() * 1_000_000), name[:-5]
+                yield item["Key"][len(self.key_prefix):], item["LastModified"].timestamp()
             if not page.get("IsTruncated"):
                 return
             token = {"ContinuationToken": page["NextContinuationToken"]}
@@ -586,10 +537,3 @@ class S3Store(Store):
         if isinstance(result, OSError):
             raise result
         return dict(result)
-
-
-def error_code(exc: BaseException | None) -> str | None:
-    """The S3 error code of a ClientError ('NoSuchKey', '404' for a HEAD), else None."""
-    if isinstance(exc, ClientError):
-        return str(exc.response.get("Error", {}).get("Code"))
-    return None
