@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
+import aiohttp
 import httpx
 import pytest
 from hypercorn.utils import LifespanFailureError
@@ -34,6 +35,7 @@ from support import (
     request_head,
     serving_pid,
 )
+from upload_service import s3store
 from upload_service.errors import StorageRefused, StorageUnavailable
 from upload_service.s3store import S3Store
 from upload_service.settings import Config
@@ -592,3 +594,94 @@ def test_killed_server_leftovers_are_swept(bucket: S3Backend, tmp_path: Path) ->
         while bucket.uploads_in_progress() and time.monotonic() < deadline:
             time.sleep(0.1)
     bucket.assert_nothing_stored()
+
+
+# -- error paths that a real server does not easily produce -----------------------------------
+
+
+async def test_health_is_kept_a_few_seconds(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert await store.health() == {"storage": store.url}
+    calls = 0
+
+    async def failing(operation: str, **params: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise StorageUnavailable("down")
+
+    monkeypatch.setattr(store, "call", failing)
+    assert await store.health() == {"storage": store.url}  # the answer of a moment ago
+    assert calls == 0
+    monkeypatch.setattr(s3store, "HEALTH_TTL", 0.0)
+    with pytest.raises(StorageUnavailable):
+        await store.health()
+    assert calls == 1
+
+
+async def test_no_credentials_is_refused_naming_them(
+    seaweedfs: SeaweedFS, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookup off this machine
+    store = S3Store(BUCKET, bucket.prefix, endpoint_url=seaweedfs.endpoint_url)
+    try:
+        with pytest.raises(StorageRefused, match="AWS_ACCESS_KEY_ID"):
+            await store.health()
+    finally:
+        await store.aclose()
+
+
+async def test_a_read_failing_mid_download_is_a_storage_error(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(3 * MiB)
+    [record] = await put(store, data)
+    stored = await store.open(record["id"])
+    real_call = store.call
+
+    async def call_with_a_broken_body(operation: str, **params: Any) -> Any:
+        answer = await real_call(operation, **params)
+        body = answer["Body"]
+        real_read = body.read
+        reads = 0
+
+        async def read(amount: int = -1) -> bytes:
+            nonlocal reads
+            reads += 1
+            if reads > 1:
+                raise aiohttp.ClientPayloadError("connection reset mid-body")
+            return await real_read(amount)
+
+        body.read = read
+        return answer
+
+    monkeypatch.setattr(store, "call", call_with_a_broken_body)
+    with pytest.raises(StorageUnavailable, match="cannot reach"):
+        async for _ in stored.chunks():
+            pass
+
+
+async def test_a_store_that_never_takes_a_part_frees_the_writer(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer waits for parts in flight, not for ever: it fails with a 503."""
+    monkeypatch.setattr(s3store, "THREAD_WAIT_SECONDS", 0.5)
+    never = asyncio.Event()
+
+    async def hanging_upload_part(key: str, upload_id: str, number: int, part: Any) -> str:
+        await never.wait()
+        return ""
+
+    monkeypatch.setattr(store, "upload_part", hanging_upload_part)
+    sink = store.new_file()
+    with pytest.raises(StorageUnavailable, match="in time"):
+        await write(sink, os.urandom(store.parts_in_flight * PART))
+    never.set()
+    await asyncio.to_thread(sink.abort)
+
+
+def test_without_the_s3_extra_the_setting_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m.split(".")[0] == "aiobotocore"] + ["aiobotocore"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    for name in ("upload_service.s3client", "upload_service.s3store"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(upload_asgi.ConfigError, match=r"UPLOAD_STORAGE: .*pip install 'upload-asgi\[s3\]'"):
+        upload_asgi.create_app(Config(storage="s3://bucket/prefix"))
