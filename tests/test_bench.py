@@ -111,7 +111,7 @@ def test_small_uploads_are_counted_in_uploads_per_second(quick_run) -> None:
         if name.startswith("small."):
             assert figure["unit"] == "uploads/s", name
             assert figure["cpu_ms_per_upload"] > 0 and figure["ceiling_cpu_ms_per_upload"] > 0, name
-            assert 0 < figure["client_cpu_share"] < 4, name
+            assert 0 <= figure["client_cpu_share"] < 4, name  # a short quick run may read 0
             assert figure["reconnects"] == 0, name  # every server kept the connections alive
             assert (figure["target"] == 1.0) == ("vs_" in name), name
 

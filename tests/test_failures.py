@@ -21,6 +21,7 @@ import pytest
 from upload_service import asgi, early_answer, localstore
 import upload_asgi
 from support import (
+    wait_for,
     partial_files,
     Reply,
     Server,
@@ -311,6 +312,10 @@ async def test_stalled_client_gets_408_and_its_partial_file_is_removed(config, u
     async def receive():
         if chunks:
             return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
+        for _ in range(100):  # the first file's last block is with a writer thread
+            if any((upload_dir / ".partial").iterdir()):
+                break
+            await asyncio.sleep(0.02)
         partials_seen.extend((upload_dir / ".partial").iterdir())
         await never.wait()  # the client says nothing more
 
@@ -607,14 +612,6 @@ def test_real_full_filesystem_through_hypercorn(small_tmpfs, tmp_path):
 # -- crashes ------------------------------------------------------------------------------
 
 
-def wait_for(condition, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def start_half_upload(server: Server, data: bytes):

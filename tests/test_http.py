@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any

@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import h2.config
 import h2.connection

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 import upload_asgi
-from support import Server, assert_nothing_stored, file_part, form_body, form_content_type
+from support import Server, file_part, form_body, form_content_type
 from upload_service import logs
 from upload_service.errors import ConfigError
 from upload_service.settings import Config

@@ -2,67 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from support import Server, assert_nothing_stored, assert_stored, file_part, form_body, form_content_type
+from support import HeldUpload, Server, wait_for, assert_nothing_stored, assert_stored, file_part, form_body
 
 MiB = 1024 * 1024
 
 
-class HeldUpload:
-    """An HTTP/1.1 upload sent by hand: head and first bytes now, the rest on demand."""
-
-    def __init__(self, port: int, body: bytes, first: int) -> None:
-        self.body = body
-        self.first = first
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        head = (
-            "POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: {form_content_type()}\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        self.sock.sendall(head.encode() + body[:first])
-
-    def finish(self) -> tuple[int, dict]:
-        self.sock.sendall(self.body[self.first :])
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed without an answer after {data!r}")
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-        while len(rest) < length:
-            rest += self.sock.recv(65536)
-        return int(head.split()[1]), json.loads(rest[:length])
-
-    def answer_after_waiting(self) -> bytes:
-        """What the server sends without more body: its bytes until it closes."""
-        data = b""
-        try:
-            while chunk := self.sock.recv(65536):
-                data += chunk
-        except OSError:
-            pass
-        return data
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def writing(partial_dir: Path) -> bool:

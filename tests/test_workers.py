@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import json
 import os
 import re
-import socket
 import threading
 import time
 
@@ -16,6 +14,8 @@ import httpx
 import pytest
 
 from support import (
+    HeldUpload,
+    wait_for,
     Server,
     assert_stored,
     field_part,
@@ -80,39 +80,6 @@ def test_two_workers_take_16_concurrent_uploads(upload_dir):
     print("uploads per worker pid:", counts)
 
 
-class HeldUpload:
-    """An HTTP/1.1 upload sent by hand: head and first bytes now, the rest on demand."""
-
-    def __init__(self, port: int, body: bytes, first: int) -> None:
-        self.body = body
-        self.first = first
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        head = (
-            "POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Content-Type: {form_content_type()}\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        self.sock.sendall(head.encode() + body[:first])
-
-    def finish(self) -> tuple[int, dict]:
-        self.sock.sendall(self.body[self.first :])
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += self.sock.recv(65536)
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-        while len(rest) < length:
-            rest += self.sock.recv(65536)
-        return int(head.split()[1]), json.loads(rest[:length])
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def wait_for(condition, timeout: float = 30.0, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(every)
 
 
 @pytest.mark.slow
