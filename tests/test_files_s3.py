@@ -35,7 +35,7 @@ from test_files import (  # noqa: F401  (collected here: run again on S3)
     test_if_modified_since,
     test_if_none_match_is_304,
     test_if_none_match_other_tag_is_200,
-    test_if_range,
+    test_if_range_on_a_download,
     test_list_bad_cursor_is_400,
     test_list_bad_limit_is_400,
     test_list_default_limit_and_empty,
@@ -46,8 +46,8 @@ from test_files import (  # noqa: F401  (collected here: run again on S3)
     test_non_ascii_filename_round_trips,
     test_other_methods_are_405_with_allow,
     test_record,
-    test_single_range_is_206,
     test_several_or_unreadable_ranges_get_the_whole_file,
+    test_single_range_is_206,
     test_unsatisfiable_range_is_416,
     upload,
 )
