@@ -261,7 +261,7 @@ class S3Store(Store):
     async def client(self) -> Any:
         loop = asyncio.get_running_loop()
         made = self._clients.get(loop)
-        if made is None:
+        if made is None or (made.done() and made.exception() is not None):  # made again after a failure
             made = self._clients[loop] = loop.create_task(self._make_client())
         return await asyncio.shield(made)
 
