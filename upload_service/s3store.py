@@ -261,7 +261,7 @@ class S3Store(Store):
     async def client(self) -> Any:
         loop = asyncio.get_running_loop()
         made = self._clients.get(loop)
-        if made is None or (made.done() and made.exception() is not None):  # made again after a failure
+        if made is None or (made.done() and (made.cancelled() or made.exception() is not None)):  # again after a failure
             made = self._clients[loop] = loop.create_task(self._make_client())
         return await asyncio.shield(made)
 
@@ -276,7 +276,7 @@ class S3Store(Store):
             sweeper.cancel()
             await asyncio.wait([sweeper])
         made = self._clients.pop(loop, None)
-        if made is not None and made.done() and made.exception() is None:
+        if made is not None and made.done() and not made.cancelled() and made.exception() is None:
             await made.result().__aexit__(None, None, None)
 
     async def call(self, operation: str, **params: Any) -> Any:
