@@ -685,3 +685,76 @@ def test_without_the_s3_extra_the_setting_says_how_to_get_it(monkeypatch: pytest
         monkeypatch.delitem(sys.modules, name, raising=False)
     with pytest.raises(upload_asgi.ConfigError, match=r"UPLOAD_STORAGE: .*pip install 'upload-asgi\[s3\]'"):
         upload_asgi.create_app(Config(storage="s3://bucket/prefix"))
+
+
+async def test_an_abort_that_fails_is_logged_for_the_sweep(
+    store: S3Store, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = store.new_file()
+    await write(sink, os.urandom(PART))
+
+    async def failing_abort(key: str, upload_id: str) -> None:
+        raise StorageUnavailable("down")
+
+    monkeypatch.setattr(store, "abort_multipart", failing_abort)
+    await asyncio.to_thread(sink.abort)  # no raise: the upload failed anyway
+    assert "the sweep will" in caplog.text
+    assert bucket.uploads_in_progress() == [sink.id]  # left for the sweep
+    with pytest.raises(StorageUnavailable):  # aborting still fails (the sweeper logs it, tested below)
+        await store.sweep(now=time.time() + store.sweep_after + 60)
+    monkeypatch.undo()
+    assert await store.sweep(now=time.time() + store.sweep_after + 60) == 1
+    bucket.assert_nothing_stored()
+
+
+async def test_an_abort_on_the_loop_is_left_to_a_task(store: S3Store, bucket: S3Backend) -> None:
+    sink = store.new_file()
+    await write(sink, os.urandom(PART))
+    sink.abort()  # on the loop: must not block it
+    for _ in range(100):
+        if not bucket.uploads_in_progress():
+            break
+        await asyncio.sleep(0.05)
+    bucket.assert_nothing_stored()
+
+
+async def test_the_sweeper_survives_a_store_that_is_down(
+    seaweedfs: SeaweedFS, bucket: S3Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = S3Store(BUCKET, bucket.prefix, endpoint_url=f"http://127.0.0.1:{free_port()}")
+    try:
+        store.prepare()
+        for _ in range(200):
+            if "sweeping" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        assert "sweeping s3://" in caplog.text and "failed" in caplog.text
+        [sweeper] = store._sweepers.values()
+        assert not sweeper.done()  # it sleeps until the next hour
+    finally:
+        await store.aclose()
+
+
+async def test_a_commit_whose_cleanup_fails_says_what_it_left(
+    store: S3Store, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The record cannot be written and the file cannot be deleted: the 5xx stands, the log names it."""
+    data = b"small"
+    sink = store.new_file()
+    await write(sink, data)
+    real_call = store.call
+
+    async def store_going_down(operation: str, **params: Any) -> Any:
+        if operation == "delete_object" or params.get("Key", "").endswith(".json"):
+            raise StorageUnavailable("down")
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(store, "call", store_going_down)
+    with pytest.raises(StorageUnavailable):
+        await store.commit([(sink, make_record(sink.id, data))])
+    assert "left objects behind" in caplog.text and sink.id in caplog.text
+    assert bucket.objects() == [sink.id]  # a file without a record: invisible, and the sweep's
+    monkeypatch.undo()
+    assert await store.open(sink.id) is None
+    assert await store.sweep(now=time.time() + store.sweep_after + 60) == 1
+    bucket.assert_nothing_stored()
