@@ -44,6 +44,7 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+from upload_service import hooks
 from upload_service.asgi import (
     Message,
     Receive,
@@ -73,14 +74,13 @@ from upload_service.errors import (
     UploadRefused,
     as_upload_error,
 )
-from upload_service import hooks
 from upload_service.files import FilesResource, mount_url
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
+from upload_service.hooks import BeforeUpload, UploadCallback
 from upload_service.lifespan import fail_startup
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
-from upload_service.hooks import BeforeUpload, UploadCallback
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store

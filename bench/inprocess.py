@@ -111,7 +111,7 @@ def empty_dir(directory: Path) -> None:
 
 def bench_asgi(size: int, repeats: int, workdir: Path) -> list[Figure]:
     upload_dir = workdir / "inprocess"
-    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False))
+    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False, log_level="warning"))
     app.prepare()
     cases = [
         ("random", payloads.random_bytes(size), 64 * KiB),

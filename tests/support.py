@@ -219,8 +219,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_command(kind: str, port: int, app: str, args: Iterable[str]) -> list[str]:
+    """The command that serves `app` on `port` with the ASGI server `kind`."""
+    bind = {
+        "hypercorn": ["--bind", f"127.0.0.1:{port}"],
+        "uvicorn": ["--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools"],
+        "granian": ["--interface", "asgi", "--host", "127.0.0.1", "--port", str(port), "--no-ws"],
+    }[kind]
+    return [sys.executable, "-m", kind, *bind, *args, app]
+
+
 class Server:
-    """`hypercorn <app>` in a subprocess on a free loopback port, stopped by its PID."""
+    """`hypercorn <app>` (or uvicorn, granian) in a subprocess on a free loopback port, stopped by its PID."""
 
     def __init__(
         self,
@@ -229,12 +239,13 @@ class Server:
         env: dict[str, str] | None = None,
         args: Iterable[str] = (),
         scheme: str = "http",
+        kind: str = "hypercorn",
     ) -> None:
         self.upload_dir = upload_dir
         self.port = free_port()
         self.scheme = scheme
         self.url = f"{scheme}://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{self.port}", *args, app]
+        self.cmd = server_command(kind, self.port, app, args)
         self.env = {
             **os.environ,
             "UPLOAD_DIR": str(upload_dir),
@@ -242,7 +253,7 @@ class Server:
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = upload_dir.parent / f"hypercorn-{self.port}.log"
+        self.log_path = upload_dir.parent / f"{kind}-{self.port}.log"
 
     def start(self, timeout: float = 20.0) -> "Server":
         self._log = open(self.log_path, "wb")
@@ -253,14 +264,14 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"hypercorn exited {self.proc.returncode}: {self.log()}")
+                raise RuntimeError(f"{self.cmd[2]} exited {self.proc.returncode}: {self.log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"hypercorn did not listen in {timeout}s: {self.log()}")
+        raise RuntimeError(f"{self.cmd[2]} did not listen in {timeout}s: {self.log()}")
 
     def log(self) -> str:
         try:

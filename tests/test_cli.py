@@ -99,6 +99,7 @@ def test_the_command_serves_an_upload(tmp_path, command):
             assert reply.status_code == 201, reply.text
             record = reply.json()
             assert "/files/upload" in client.get("/").text  # the page, built from --root-path
+            assert reply.headers["location"] == f"/files/files/{record['id']}"  # under the mount point
             assert record["sha256"] == hashlib.sha256(data).hexdigest()
             assert 'upload_asgi_stored_files_total 1.0' in client.get("/metrics").text
         assert_stored(upload_dir, record, data)

@@ -160,7 +160,7 @@ async function upload(base, token, bytes) {
     const headers = token ? {Authorization: "Bearer " + token} : {};
     const r = await fetch(base + "/upload", {method: "POST", headers, body: body(bytes)});
     return {status: r.status, json: await r.json(), wwwAuthenticate: r.headers.get("WWW-Authenticate"),
-            contentType: r.headers.get("Content-Type")};
+            contentType: r.headers.get("Content-Type"), location: r.headers.get("Location")};
   } catch (e) { return {error: String(e)}; }
 }
 function xhrUpload(base, token, bytes) {
@@ -238,6 +238,7 @@ def test_a_page_on_another_origin_uploads_and_reads_the_answer(chromium, page_or
     record = done["json"]
     assert record["sha256"] == hashlib.sha256(bytes(data)).hexdigest() and record["filename"] == "from-page.bin"
     assert done["contentType"] == "application/json"  # the answer was shared with the page
+    assert done["location"] == f"/files/{record['id']}"  # an exposed header
     assert_stored(upload_dir, record, bytes(data))
     assert xhr.get("status") == 201, xhr
     assert xhr["json"]["sha256"] == record["sha256"] and xhr["progress"][-1] > len(data)

@@ -6,15 +6,19 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from typing import Iterator
 
+import httpx
 import pytest
 
 import upload_asgi
-from support import Server, file_part, form_body, form_content_type
+from support import ROOT, Server, file_part, form_body, form_content_type, free_port
 from upload_service import logs
 from upload_service.errors import ConfigError
 from upload_service.settings import Config
@@ -178,3 +182,30 @@ def test_json_formatter_carries_the_facts():
     entry = json.loads(logs.JsonFormatter().format(record))
     assert entry["message"] == "upload x" and entry["outcome"] == "stored" and entry["size"] == 3
     assert entry["level"] == "info" and entry["time"].endswith("Z")
+
+
+def test_the_lines_go_to_stderr_not_stdout(upload_dir, tmp_path):
+    port = free_port()
+    env = {**os.environ, "UPLOAD_DIR": str(upload_dir), "UPLOAD_FSYNC": "0", "PYTHONPATH": str(ROOT)}
+    out, err = open(tmp_path / "stdout", "wb"), open(tmp_path / "stderr", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", "upload_asgi:app"],
+        env=env, cwd=ROOT, stdout=out, stderr=err, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while "Running on" not in (tmp_path / "stderr").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
+            assert client.post("/upload", files={"file": ("a.txt", b"abc")}).status_code == 201
+        while "upload stored" not in (tmp_path / "stderr").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+        out.close()
+        err.close()
+    assert [level for level, _ in app_lines((tmp_path / "stderr").read_text())] == ["INFO"]
+    assert (tmp_path / "stdout").read_text() == ""

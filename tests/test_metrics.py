@@ -562,3 +562,31 @@ def subprocess_pid_that_exited() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+@pytest.mark.slow
+def test_totals_survive_worker_restarts(upload_dir):
+    # --max-requests 2: each worker is replaced after its third request; the counts of
+    # the workers that left stay in every later scrape.
+    args = ["-w", "2", "--max-requests", "2", "--max-requests-jitter", "0"]
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args) as server:
+        deadline = time.monotonic() + 30
+        while len(set(re.findall(r"\[(\d+)\] \[INFO\] Running on", server.log()))) < 2:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.05)
+        first_workers = set(server.pids()[1:])
+        for i in range(8):
+            with server.client() as client:  # a connection per upload: any worker may take it
+                body = form_body([file_part(b"x" * (1000 + i), f"{i}.bin")])
+                reply = client.post("/upload", content=body,
+                                    headers={"content-type": form_content_type(), "connection": "close"})
+                assert reply.status_code == 201, reply.text
+        deadline = time.monotonic() + 30
+        while not set(server.pids()[1:]) - first_workers:
+            assert time.monotonic() < deadline, "no worker was restarted"
+            time.sleep(0.05)
+        with server.client() as client:
+            values = snapshot(parse_exposition(client.get("/metrics", headers={"connection": "close"}).text))
+    assert values["uploads.stored"] == 8 and values["stored_files"] == 8
+    assert values["stored_bytes"] == sum(1000 + i for i in range(8))
+    assert values["in_flight"] == 0

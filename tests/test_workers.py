@@ -60,7 +60,13 @@ def test_two_workers_take_16_concurrent_uploads(upload_dir):
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(upload, range(16)))
-    log = server.log()  # once stopped: a worker writes its access line after the answer is out
+        # A worker writes its access line after the answer is out, and Server.stop's
+        # SIGTERM to the process group kills workers at once (they install no handler
+        # for it: README "Shutdown"), so wait for the lines before stopping.
+        deadline = time.monotonic() + 10
+        while sum(served_by(server.log()).values()) < 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    log = server.log()
 
     assert [r.status_code for r in responses] == [201] * 16, [r.text for r in responses]
     records = [r.json() for r in responses]

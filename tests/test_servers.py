@@ -1,0 +1,108 @@
+"""upload-asgi under uvicorn (httptools, uvloop) and granian, not only hypercorn.
+
+Nothing of the app may rely on hypercorn's behaviour: an upload and its download, an
+early answer to a client that keeps sending, a client that leaves mid-upload, a bad
+setting at lifespan startup. (hypercorn itself is covered by test_server.py and others.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from support import (
+    ROOT,
+    Server,
+    assert_nothing_stored,
+    assert_stored,
+    file_part,
+    form_body,
+    form_content_type,
+    partial_files,
+    wait_for,
+)
+
+MiB = 1024 * 1024
+KINDS = [pytest.param("uvicorn", id="uvicorn"), pytest.param("granian", id="granian")]
+
+
+@pytest.fixture(params=KINDS)
+def served(request, upload_dir):
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_MAX_FILE_SIZE": "8M"}, kind=request.param) as server:
+        yield server
+
+
+def test_an_upload_is_stored_and_served_back(served, upload_dir):
+    data = os.urandom(5 * MiB + 17)
+    body = form_body([file_part(data, "été.bin")])
+    with httpx.Client(base_url=served.url, timeout=60) as client:
+        reply = client.post("/upload", content=body, headers={"content-type": form_content_type()})
+        assert reply.status_code == 201, reply.text
+        record = reply.json()
+        assert record["sha256"] == hashlib.sha256(data).hexdigest() and record["filename"] == "été.bin"
+        assert reply.headers["location"] == f"/files/{record['id']}"
+        assert_stored(upload_dir, record, data)
+        download = client.get(f"/files/{record['id']}")
+        assert download.status_code == 200 and download.content == data
+        part = client.get(f"/files/{record['id']}", headers={"range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == data[100:200]
+
+
+def test_an_early_answer_reaches_a_client_that_keeps_sending(served, upload_dir):
+    """A file over UPLOAD_MAX_FILE_SIZE: 413 while the client is still sending, nothing stored."""
+    body = form_body([file_part(os.urandom(20 * MiB))])
+    head = (
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {form_content_type()}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        sent = 0
+        sock.settimeout(0.05)
+        deadline = time.monotonic() + 30
+        while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
+            if sent < len(body):
+                try:
+                    sent += sock.send(body[sent : sent + 256 * 1024])
+                except (BlockingIOError, TimeoutError, ConnectionError):
+                    pass
+            try:
+                answer += sock.recv(65536)
+            except (TimeoutError, BlockingIOError):
+                pass
+            except ConnectionError:
+                break
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"error":"payload_too_large"' in answer
+    wait_for(lambda: not partial_files(upload_dir), what="the partial file removed")
+    assert_nothing_stored(upload_dir)
+
+
+def test_a_client_that_leaves_mid_upload_leaves_nothing(served, upload_dir):
+    body = form_body([file_part(os.urandom(6 * MiB))])
+    head = (
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {form_content_type()}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
+        sock.sendall(head + body[: 3 * MiB])
+        wait_for(lambda: partial_files(upload_dir), what="the upload on disk")
+    wait_for(lambda: not partial_files(upload_dir), what="the partial file removed")
+    assert_nothing_stored(upload_dir)
+    with httpx.Client(base_url=served.url) as client:  # and the server serves on
+        assert client.get("/health").json()["uploads_in_flight"] == 0
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "granian"])
+def test_a_bad_setting_stops_startup_naming_the_variable(kind, tmp_path):
+    server = Server(tmp_path / "uploads", env={"UPLOAD_MAX_FILES": "0"}, kind=kind)
+    proc = subprocess.run(server.cmd, env=server.env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "UPLOAD_MAX_FILES" in proc.stdout + proc.stderr
