@@ -59,7 +59,7 @@ async def checks_in_the_bucket(bucket: S3Backend, monkeypatch: pytest.MonkeyPatc
         return app
 
     monkeypatch.setattr(test_limits, "make_app", make_app)
-    monkeypatch.setattr(test_limits, "assert_stored", lambda upload_dir, record, data: bucket.assert_stored(record, data))
+    monkeypatch.setattr(test_limits, "assert_stored", lambda _dir, record, data: bucket.assert_stored(record, data))
     monkeypatch.setattr(test_limits, "assert_nothing_stored", lambda upload_dir: bucket.assert_nothing_stored())
     yield
     for app in apps:

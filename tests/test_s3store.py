@@ -659,7 +659,9 @@ async def test_a_read_failing_mid_download_is_a_storage_error(store: S3Store, mo
             pass
 
 
-async def test_a_store_that_never_takes_a_part_frees_the_writer(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_store_that_never_takes_a_part_frees_the_writer(
+    store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The writer waits for parts in flight, not for ever: it fails with a 503."""
     monkeypatch.setattr(s3store, "THREAD_WAIT_SECONDS", 0.5)
     never = asyncio.Event()
@@ -758,3 +760,21 @@ async def test_a_commit_whose_cleanup_fails_says_what_it_left(
     assert await store.open(sink.id) is None
     assert await store.sweep(now=time.time() + store.sweep_after + 60) == 1
     bucket.assert_nothing_stored()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["uvicorn", "granian"])
+def test_s3_under_other_servers(bucket: S3Backend, tmp_path: Path, kind: str) -> None:
+    """uvicorn (uvloop) and granian: the parts handed to their loops, a download, a refusal."""
+    data = os.urandom(2 * PART + 17)
+    with Server(tmp_path / "uploads", env=bucket.server_env(), kind=kind) as server, server.client() as client:
+        headers = {"content-type": form_content_type()}
+        reply = client.post("/upload", content=form_body([file_part(data)]), headers=headers)
+        assert reply.status_code == 201, reply.text
+        bucket.assert_stored(reply.json(), data)
+        download = client.get(f"/files/{reply.json()['id']}", headers={"range": "bytes=5242870-5242889"})
+        assert download.status_code == 206 and download.content == data[5242870:5242890]
+        wrong_digest = form_body([file_part(data), field_part("sha256", "0" * 64)])
+        refused = client.post("/upload", content=wrong_digest, headers=headers)
+        assert refused.status_code == 422
+    assert bucket.uploads_in_progress() == [] and len(bucket.objects()) == 2

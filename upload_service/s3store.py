@@ -261,7 +261,8 @@ class S3Store(Store):
     async def client(self) -> Any:
         loop = asyncio.get_running_loop()
         made = self._clients.get(loop)
-        if made is None or (made.done() and (made.cancelled() or made.exception() is not None)):  # again after a failure
+        failed = made is not None and made.done() and (made.cancelled() or made.exception() is not None)
+        if made is None or failed:  # made again after a failure
             made = self._clients[loop] = loop.create_task(self._make_client())
         return await asyncio.shield(made)
 
@@ -413,7 +414,9 @@ class S3Store(Store):
                 undo = asyncio.ensure_future(self._remove([sink.id for sink, _ in files]))
                 await wait_through_cancel(undo)
                 if undo.exception() is not None:
-                    logger.error("a cancelled upload stays stored: undoing its commit failed", exc_info=undo.exception())
+                    logger.error(
+                        "a cancelled upload stays stored: undoing its commit failed", exc_info=undo.exception()
+                    )
             raise asyncio.CancelledError
         work.result()
 
@@ -427,7 +430,8 @@ class S3Store(Store):
                 stored.append(sink.id)
             for sink, record in files:
                 body = json.dumps(record, ensure_ascii=False, indent=1).encode()
-                await self.call("put_object", Key=self.key(f"{sink.id}.json"), Body=body, ContentType="application/json")
+                record_key = self.key(f"{sink.id}.json")
+                await self.call("put_object", Key=record_key, Body=body, ContentType="application/json")
         except BaseException:
             cleanup = asyncio.ensure_future(self._undo(files, stored))
             await wait_through_cancel(cleanup)
