@@ -40,6 +40,17 @@ async def test_upload_multiple(backend: Any, backend_client: httpx.AsyncClient) 
     assert sorted(backend.stored_ids()) == sorted(r["id"] for r in answer["files"])
 
 
+async def test_upload_many_files(backend: Any, backend_client: httpx.AsyncClient) -> None:
+    """More files than the S3 commit completes at once: every one stored, each with its record."""
+    datas = [os.urandom(100 + i) for i in range(20)]
+    body = form_body([file_part(d, f"{i}.bin", name="files") for i, d in enumerate(datas)])
+    answer = check_created(await post_body(backend_client, body, "/upload-multiple"))
+    assert answer["count"] == 20
+    for record, data in zip(answer["files"], datas):
+        backend.assert_stored(record, data)
+    assert len(backend.stored_ids()) == 20
+
+
 @pytest.mark.parametrize("path, content_type, body, status, code", ERROR_TABLE)
 async def test_error_table(
     backend: Any, backend_client: httpx.AsyncClient, path: str, content_type: str | None, body: bytes, status: int,

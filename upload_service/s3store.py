@@ -55,6 +55,7 @@ SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
 # timeouts and retries end a call sooner; this only frees the thread if the loop is gone.
 THREAD_WAIT_SECONDS = 600.0
 RECORD_READS = 16  # records fetched at once for a page of the listing
+COMMIT_CALLS = 8  # a request's files completed (and their records written) at once
 
 
 class S3Sink(FileSink):
@@ -422,16 +423,20 @@ class S3Store(Store):
 
     async def _commit(self, files: Sequence[tuple[S3Sink, Record]]) -> None:
         stored: list[str] = []  # ids whose object appeared
+
+        async def complete(sink: S3Sink) -> None:
+            await sink.complete()
+            stored.append(sink.id)
+
+        async def put_record(sink: S3Sink, record: Record) -> None:
+            body = json.dumps(record, ensure_ascii=False, indent=1).encode()
+            await self.call("put_object", Key=self.key(f"{sink.id}.json"), Body=body, ContentType="application/json")
+
         try:
-            for sink, _ in files:
-                await sink.finish()
-            for sink, _ in files:
-                await sink.complete()
-                stored.append(sink.id)
-            for sink, record in files:
-                body = json.dumps(record, ensure_ascii=False, indent=1).encode()
-                record_key = self.key(f"{sink.id}.json")
-                await self.call("put_object", Key=record_key, Body=body, ContentType="application/json")
+            # Each step for every file before the next: no record before every object is there.
+            await all_of([sink.finish() for sink, _ in files])
+            await all_of([complete(sink) for sink, _ in files])
+            await all_of([put_record(sink, record) for sink, record in files])
         except BaseException:
             cleanup = asyncio.ensure_future(self._undo(files, stored))
             await wait_through_cancel(cleanup)
@@ -541,3 +546,20 @@ class S3Store(Store):
         if isinstance(result, OSError):
             raise result
         return dict(result)
+
+
+async def all_of(calls: list[Awaitable[Any]]) -> None:
+    """Run S3 calls COMMIT_CALLS at a time; wait for every one, then raise the first failure.
+
+    (Not gather's first-failure-returns: a cleanup must not run while calls still land.)
+    """
+    slots = asyncio.Semaphore(COMMIT_CALLS)
+
+    async def one(call: Awaitable[Any]) -> Any:
+        async with slots:
+            return await call
+
+    results = await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
