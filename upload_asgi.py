@@ -19,7 +19,8 @@ Routes, relative to `scope["root_path"]`:
 
 A 201 carries `Location: <root_path>/files/<id>` (the first file's). A record is
 {"id", "filename", "content_type", "size", "sha256", "description", "created"};
-`id` names the stored file `<upload dir>/<id>` (sidecar `<id>.json`).
+`id` names the stored file `<upload dir>/<id>` (sidecar `<id>.json`), or with
+UPLOAD_STORAGE=s3://<bucket>/<prefix> the objects `<prefix>/<id>` and `<prefix>/<id>.json`.
 
 Errors are {"error": code, "detail": text}:
 
@@ -30,6 +31,7 @@ Errors are {"error": code, "detail": text}:
     415 not multipart/form-data             416 a range outside the file
     422 no file, or sha256 mismatch         500 unexpected (logged)
     503 too many uploads at once            507 no space left on the device
+    502/503 the S3 store refused / is unreachable
     resumable: 409 offset mismatch or incomplete, 410 expired, 412 tus version,
     423 another request writes it, 460 checksum mismatch (README "Resumable uploads")
 
@@ -82,7 +84,6 @@ from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRout
 from upload_service.hooks import BeforeUpload, UploadCallback
 from upload_service.lifespan import fail_startup
 from upload_service.localresumable import LocalResumableStore
-from upload_service.localstore import LocalStore
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
@@ -90,6 +91,7 @@ from upload_service.resumable import ResumableHandlers
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
+from upload_service.stores import make_store
 from upload_service.threads import WRITE_THREADS, WriterPool
 
 __all__ = ["Config", "ConfigError", "UploadApp", "UploadError", "UploadRefused", "app", "create_app"]
@@ -116,7 +118,7 @@ class UploadApp:
         self.cors = Cors(config.cors_origins) if config is not None and config.cors_origins else None
         self.config_error = config_error
         self.metrics = Metrics(multiprocess_dir())
-        self.store: Store | None = None if config is None else LocalStore(config.upload_dir, config.fsync)
+        self.store: Store | None = None if config is None else make_store(config)
         self.writer: WriterPool | None = None  # started on the first upload
         files = FilesResource(config, self.prepare)
         self.resumable: ResumableHandlers | None = None
@@ -399,6 +401,9 @@ def create_app(
     if config is None:
         try:
             config = Config.from_env()
+            set_up_logging(config.log_level)
+            # In the try too: the store can refuse the settings (the S3 client not installed).
+            return UploadApp(config, on_upload, before_upload=before_upload)
         except ConfigError as exc:
             set_up_logging("info")
             logger.error("upload-asgi configuration error: %s", exc)

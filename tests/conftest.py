@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -9,6 +10,9 @@ import pytest
 import upload_asgi
 from support import Server
 from upload_service.localstore import LocalStore
+
+if TYPE_CHECKING:
+    from s3server import SeaweedFS
 
 
 @pytest.fixture
@@ -51,3 +55,40 @@ def server(upload_dir: Path) -> Iterator[Server]:
     """A real `hypercorn upload_asgi:app` on a free port, with UPLOAD_DIR set."""
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator["SeaweedFS"]:
+    """One SeaweedFS (`weed mini`) for the session, on free ports; tests use their own prefixes."""
+    from s3server import SeaweedFS
+
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs") / "data") as running:
+        yield running
+
+
+@pytest.fixture(params=["local", "s3"])
+def backend(request: pytest.FixtureRequest, upload_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Each storage backend in turn (tests/backends.py): a behaviour test runs on both."""
+    from backends import LocalBackend, S3Backend, use_seaweedfs
+
+    if request.param == "local":
+        return LocalBackend(upload_dir)
+    seaweedfs = request.getfixturevalue("seaweedfs")
+    use_seaweedfs(seaweedfs, monkeypatch)
+    return S3Backend(seaweedfs, upload_dir, f"t/{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+async def backend_app(backend: Any) -> AsyncIterator[upload_asgi.UploadApp]:
+    """The app on `backend`, with its default settings."""
+    app = upload_asgi.create_app(backend.config())
+    yield app
+    if hasattr(app.store, "aclose"):
+        await app.store.aclose()
+
+
+@pytest.fixture
+async def backend_client(backend_app: upload_asgi.UploadApp) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=backend_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
+        yield client

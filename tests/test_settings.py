@@ -80,6 +80,8 @@ def test_defaults():
     assert config.idle_timeout == 60.0
     assert config.max_concurrent == 64
     assert config.min_rate == 1024
+    assert (config.storage, config.s3_endpoint_url) == ("local", None)
+    assert (config.s3_part_size, config.s3_parts_in_flight, config.s3_sweep_after) == (8 * MiB, 2, 86400.0)
 
 
 def test_from_env_reads_os_environ(monkeypatch, tmp_path):
@@ -139,6 +141,14 @@ BAD_VALUES = [
     pytest.param("UPLOAD_CORS_ORIGINS", "example.com/upload", id="cors-not-an-origin"),
     pytest.param("UPLOAD_CORS_ORIGINS", "*, https://a.example", id="cors-star-and-more"),
     pytest.param("UPLOAD_LOG_LEVEL", "loud", id="log-level-word"),
+    pytest.param("UPLOAD_STORAGE", "ftp://bucket", id="storage-scheme"),
+    pytest.param("UPLOAD_STORAGE", "s3://Bad_Bucket/x", id="storage-bucket"),
+    pytest.param("UPLOAD_S3_ENDPOINT_URL", "localhost:8333", id="endpoint-no-scheme"),
+    pytest.param("UPLOAD_S3_PART_SIZE", "4M", id="part-under-5M"),
+    pytest.param("UPLOAD_S3_PART_SIZE", "6G", id="part-over-5G"),
+    pytest.param("UPLOAD_S3_PARTS_IN_FLIGHT", "0", id="in-flight-zero"),
+    pytest.param("UPLOAD_S3_SWEEP_AFTER", "soon", id="sweep-word"),
+    pytest.param("UPLOAD_S3_SWEEP_AFTER", "0", id="sweep-zero"),
 ]
 
 

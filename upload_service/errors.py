@@ -79,6 +79,21 @@ class InsufficientStorage(UploadError):
     status, code = 507, "insufficient_storage"
 
 
+class StorageUnavailable(UploadError, OSError):
+    """The object store cannot be reached or is failing (503). An OSError too: the
+    seam's way for a store to say it cannot be used (/health then says unavailable)."""
+
+    status, code = 503, "storage_unavailable"
+    headers = ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),)
+
+
+class StorageRefused(StorageUnavailable):
+    """The object store answered but refused us: bucket missing, access denied (502)."""
+
+    status, code = 502, "storage_refused"
+    headers = ()
+
+
 class InternalError(UploadError):
     status, code = 500, "internal_error"
 

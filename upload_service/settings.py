@@ -34,6 +34,13 @@ DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write
 # An incomplete resumable upload untouched this long is swept (tus expiration). A day
 # covers a laptop closed overnight; each PATCH starts the time again.
 DEFAULT_RESUMABLE_EXPIRY = 24 * 3600.0
+# S3 (SPEC §11): parts of 8 MiB, two per upload in memory at once (one filling while one
+# is sent); S3 refuses parts under 5 MiB (but the last) and over 5 GiB.
+DEFAULT_S3_PART_SIZE = 8 * MiB
+S3_MIN_PART_SIZE = 5 * MiB
+S3_MAX_PART_SIZE = 5 * GiB
+DEFAULT_S3_PARTS_IN_FLIGHT = 2
+DEFAULT_S3_SWEEP_AFTER = 24 * 3600.0  # a multipart upload older than this is a crashed server's
 
 
 # -- parsers (environment text -> value) -------------------------------------------
@@ -96,6 +103,33 @@ def parse_token(text: str) -> str:
 
 def parse_text(text: str) -> str:
     return text.strip()
+
+
+# s3://<bucket>/<prefix>: a bucket name as S3 allows it (3-63 of a-z 0-9 . -), any prefix.
+S3_URL_RE = re.compile(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?")
+
+
+def parse_storage(text: str) -> str:
+    """`local`, or `s3://<bucket>/<prefix>` (the prefix may be empty)."""
+    value = text.strip()
+    if value == "local":
+        return value
+    match = S3_URL_RE.fullmatch(value)
+    if not match:
+        raise ValueError(f"{text!r} is not 'local' or 's3://<bucket>/<prefix>'")
+    prefix = (match.group(2) or "").strip("/")
+    if "//" in prefix or any(ord(c) < 32 or c == "\x7f" for c in prefix):
+        raise ValueError(f"{text!r}: the prefix must be path segments without empty ones or control characters")
+    return f"s3://{match.group(1)}/{prefix}" if prefix else f"s3://{match.group(1)}"
+
+
+def parse_url(text: str) -> str | None:
+    value = text.strip()
+    if not value:
+        return None
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError(f"{text!r} is not an http:// or https:// URL")
+    return value
 
 
 # -- checks (any value, from code or parsed -> the value kept) ------------------------
@@ -162,6 +196,27 @@ def check_text(value: Any) -> str:
     return value
 
 
+def check_storage(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not 'local' or 's3://<bucket>/<prefix>'")
+    return parse_storage(value)
+
+
+def check_url(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a URL")
+    return parse_url(value)
+
+
+def check_part_size(value: Any) -> int:
+    value = as_whole(value)
+    if not S3_MIN_PART_SIZE <= value <= S3_MAX_PART_SIZE:
+        raise ValueError(f"must be from 5M to 5G (S3's part limits), got {value!r}")
+    return value
+
+
 def check_log_level(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{value!r} is not a log level name")
@@ -209,6 +264,23 @@ class Config:
         "an incomplete resumable upload idle this long is removed (3600, 30m, 24h, 7d)",
     )
 
+    storage: str = setting(
+        "UPLOAD_STORAGE", parse_storage, check_storage, "local", "local (UPLOAD_DIR) or s3://<bucket>/<prefix>"
+    )
+    s3_endpoint_url: str | None = setting(
+        "UPLOAD_S3_ENDPOINT_URL", parse_url, check_url, None, "S3-compatible endpoint (unset: AWS)"
+    )
+    s3_part_size: int = setting(
+        "UPLOAD_S3_PART_SIZE", parse_size, check_part_size, DEFAULT_S3_PART_SIZE, "bytes per S3 part (5M to 5G)"
+    )
+    s3_parts_in_flight: int = setting(
+        "UPLOAD_S3_PARTS_IN_FLIGHT", parse_count, check_whole, DEFAULT_S3_PARTS_IN_FLIGHT,
+        "S3 parts in memory per upload",
+    )
+    s3_sweep_after: float = setting(
+        "UPLOAD_S3_SWEEP_AFTER", parse_duration, check_seconds, DEFAULT_S3_SWEEP_AFTER,
+        "age at which a multipart upload is a crashed server's (24h, 30m, seconds)",
+    )
     cors_origins: tuple[str, ...] = setting(
         "UPLOAD_CORS_ORIGINS", parse_origins, check_origins, (), "origins pages may upload from: a,b or * (unset: no CORS)"
     )

@@ -1,0 +1,112 @@
+"""The two storage backends as tests see them: a config for the app, and checks of what is stored.
+
+`LocalBackend` looks in the upload dir; `S3Backend` in a SeaweedFS bucket under a prefix of
+its own (and checks the upload dir stays empty). The `backend` fixture (conftest) gives one
+of each to a test, so a behaviour test runs on both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import support
+from s3server import BUCKET, SeaweedFS
+from upload_service.settings import Config
+from upload_service.units import MiB
+
+S3_PART_SIZE = 5 * MiB  # the smallest S3 allows: a few MiB make a multipart upload
+
+
+def use_seaweedfs(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its credentials in the environment (botocore reads them there), and no developer's AWS profile."""
+    for name, value in seaweedfs.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, upload_dir: Path) -> None:
+        self.upload_dir = upload_dir
+
+    def config(self, **settings: Any) -> Config:
+        return Config(upload_dir=self.upload_dir, **settings)
+
+    def server_env(self) -> dict[str, str]:
+        return {}
+
+    def stored_ids(self) -> list[str]:
+        return support.stored_ids(self.upload_dir) if self.upload_dir.exists() else []
+
+    def assert_stored(self, record: dict[str, Any], data: bytes) -> None:
+        support.assert_stored(self.upload_dir, record, data)
+
+    def assert_nothing_stored(self) -> None:
+        support.assert_nothing_stored(self.upload_dir)
+
+
+class S3Backend:
+    name = "s3"
+
+    def __init__(self, seaweedfs: SeaweedFS, upload_dir: Path, prefix: str) -> None:
+        self.seaweedfs = seaweedfs
+        self.upload_dir = upload_dir
+        self.prefix = prefix
+        self.s3 = seaweedfs.client()
+
+    @property
+    def storage(self) -> str:
+        return f"s3://{BUCKET}/{self.prefix}"
+
+    def config(self, **settings: Any) -> Config:
+        settings.setdefault("s3_part_size", S3_PART_SIZE)
+        return Config(
+            upload_dir=self.upload_dir, storage=self.storage, s3_endpoint_url=self.seaweedfs.endpoint_url, **settings
+        )
+
+    def server_env(self) -> dict[str, str]:
+        return {**self.seaweedfs.env, "UPLOAD_STORAGE": self.storage, "UPLOAD_S3_PART_SIZE": "5M"}
+
+    def objects(self) -> list[str]:
+        """Keys under the prefix (the names after it)."""
+        found = []
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{self.prefix}/")
+        for page in pages:
+            found += [item["Key"][len(self.prefix) + 1 :] for item in page.get("Contents", [])]
+        return sorted(found)
+
+    def uploads_in_progress(self) -> list[str]:
+        """Keys with a multipart upload in progress under the prefix."""
+        answer = self.s3.list_multipart_uploads(Bucket=BUCKET, Prefix=f"{self.prefix}/")
+        return sorted(u["Key"][len(self.prefix) + 1 :] for u in answer.get("Uploads", []))
+
+    def object_bytes(self, name: str) -> bytes:
+        return self.s3.get_object(Bucket=BUCKET, Key=f"{self.prefix}/{name}")["Body"].read()
+
+    def stored_ids(self) -> list[str]:
+        return [name for name in self.objects() if not name.endswith(".json")]
+
+    def assert_local_dir_empty(self) -> None:
+        assert not self.upload_dir.exists() or list(self.upload_dir.rglob("*")) == []
+
+    def assert_stored(self, record: dict[str, Any], data: bytes) -> None:
+        """The object holds exactly `data`, its record object the record; nothing on local disk."""
+        assert record["size"] == len(data)
+        assert record["sha256"] == hashlib.sha256(data).hexdigest()
+        assert self.object_bytes(record["id"]) == data
+        assert json.loads(self.object_bytes(f"{record['id']}.json")) == record
+        self.assert_local_dir_empty()
+
+    def assert_nothing_stored(self) -> None:
+        assert self.objects() == []
+        assert self.uploads_in_progress() == []
+        self.assert_local_dir_empty()

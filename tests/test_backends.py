@@ -1,0 +1,103 @@
+"""Form uploads behave the same on both storage backends (SPEC §11): the same records, the
+same errors, nothing left behind. Each test runs on the local dir and on SeaweedFS (S3).
+
+The error table is test_http's, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+import pytest
+
+import upload_asgi
+from backends import S3_PART_SIZE
+from support import call_app, field_part, file_part, form_body, form_content_type, http_scope, split_at
+from test_http import ERROR_TABLE, check_created, check_error, post_body
+
+BIG = 2 * S3_PART_SIZE + 12345  # a multipart upload on S3, with a last part
+
+
+@pytest.mark.parametrize("size", [0, 5000, BIG], ids=["empty", "small", "multipart"])
+async def test_upload_one_file(backend: Any, backend_client: httpx.AsyncClient, size: int) -> None:
+    data = os.urandom(size)
+    body = form_body([field_part("description", "d"), file_part(data, "a.txt", content_type="text/plain")])
+    record = check_created(await post_body(backend_client, body))
+    assert (record["filename"], record["content_type"], record["description"]) == ("a.txt", "text/plain", "d")
+    backend.assert_stored(record, data)
+    assert backend.stored_ids() == [record["id"]]
+
+
+async def test_upload_multiple(backend: Any, backend_client: httpx.AsyncClient) -> None:
+    datas = [b"", b"small", os.urandom(BIG)]
+    body = form_body([file_part(d, f"{i}.bin", name="files") for i, d in enumerate(datas)])
+    answer = check_created(await post_body(backend_client, body, "/upload-multiple"))
+    assert answer["count"] == 3 and answer["total_size"] == sum(map(len, datas))
+    for record, data in zip(answer["files"], datas):
+        backend.assert_stored(record, data)
+    assert sorted(backend.stored_ids()) == sorted(r["id"] for r in answer["files"])
+
+
+async def test_upload_many_files(backend: Any, backend_client: httpx.AsyncClient) -> None:
+    """More files than the S3 commit completes at once: every one stored, each with its record."""
+    datas = [os.urandom(100 + i) for i in range(20)]
+    body = form_body([file_part(d, f"{i}.bin", name="files") for i, d in enumerate(datas)])
+    answer = check_created(await post_body(backend_client, body, "/upload-multiple"))
+    assert answer["count"] == 20
+    for record, data in zip(answer["files"], datas):
+        backend.assert_stored(record, data)
+    assert len(backend.stored_ids()) == 20
+
+
+@pytest.mark.parametrize("path, content_type, body, status, code", ERROR_TABLE)
+async def test_error_table(
+    backend: Any, backend_client: httpx.AsyncClient, path: str, content_type: str | None, body: bytes, status: int,
+    code: str,
+) -> None:
+    check_error(await post_body(backend_client, body, path, content_type), status, code)
+    backend.assert_nothing_stored()
+
+
+@pytest.mark.parametrize("case", ["sha256_mismatch", "second_file_cut", "file_too_large"])
+async def test_refused_after_big_files_leaves_nothing(backend: Any, case: str) -> None:
+    """Refused once a file has gone out (on S3 as parts of a multipart upload): none of it stays."""
+    app = upload_asgi.create_app(backend.config(max_file_size=3 * S3_PART_SIZE))
+    big = os.urandom(BIG)
+    if case == "sha256_mismatch":
+        body, path, expected = form_body([file_part(big), field_part("sha256", "0" * 64)]), "/upload", 422
+    elif case == "second_file_cut":
+        whole = form_body([file_part(big, "1", name="files"), file_part(big, "2", name="files")])
+        body, path, expected = whole[: len(whole) - 1000], "/upload-multiple", 400
+    else:
+        body, path, expected = form_body([file_part(os.urandom(3 * S3_PART_SIZE + 1))]), "/upload", 413
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as client:
+        reply = await post_body(client, body, path)
+    assert reply.status_code == expected, reply.text
+    backend.assert_nothing_stored()
+    if hasattr(app.store, "aclose"):
+        await app.store.aclose()
+
+
+async def test_disconnect_mid_upload_leaves_nothing(backend: Any, backend_app: upload_asgi.UploadApp) -> None:
+    body = form_body([file_part(b"first", "1", name="files"), file_part(os.urandom(BIG), "2", name="files")])
+    chunks = split_at(body, range(0, len(body) - 1000, 1024 * 1024))
+    scope = http_scope("/upload-multiple", content_type=form_content_type())
+    reply = await call_app(backend_app, scope, chunks[:-1], disconnect_after=True)
+    assert reply.status is None  # a client that left gets no answer
+    backend.assert_nothing_stored()
+
+
+async def test_error_then_success(backend: Any, backend_client: httpx.AsyncClient) -> None:
+    data = os.urandom(BIG)
+    body = form_body([file_part(data)])
+    check_error(await post_body(backend_client, body[:-300]), 400, "malformed_multipart")
+    backend.assert_nothing_stored()
+    backend.assert_stored(check_created(await post_body(backend_client, body)), data)
+
+
+async def test_health(backend: Any, backend_client: httpx.AsyncClient) -> None:
+    reply = await backend_client.get("/health")
+    assert reply.status_code == 200 and reply.json()["status"] == "ok"

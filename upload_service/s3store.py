@@ -1,0 +1,565 @@
+"""The S3 backend (SPEC §11): files in an S3-compatible bucket, under a prefix.
+
+Keys: the file is `<prefix>/<id>`, its record `<prefix>/<id>.json`, written after the
+file; a lister or reader goes by the records, so a file without one is not there yet.
+
+Writing: a file's bytes come to `S3Sink.write` on a writer thread, in blocks. The sink
+gathers them into parts of `UPLOAD_S3_PART_SIZE` and hands each to the event loop
+(`run_coroutine_threadsafe`), where aiobotocore sends it as a part of a multipart
+upload; the writer thread blocks only when `UPLOAD_S3_PARTS_IN_FLIGHT` parts (the one
+filling included) are in memory, and that blocking is the backpressure that pauses
+the client. A file smaller than a part never starts a multipart upload: it is one PUT
+at commit. `commit` sends the last parts, completes every multipart upload (only then
+does an object appear), then PUTs the records; a failure or cancellation anywhere
+removes what appeared and aborts the rest. What a crashed server left (multipart
+uploads, a file whose record never came) goes in the sweep, at startup and hourly, once
+older than `UPLOAD_S3_SWEEP_AFTER`.
+
+Every S3 error becomes a `StorageUnavailable` (503: unreachable, failing) or a
+`StorageRefused` (502: bucket missing, access denied): both OSErrors, so /health
+reports them, and both UploadErrors, so an upload answers them (`s3client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import heapq
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Sequence
+
+from upload_service.errors import StorageUnavailable
+from upload_service.localstore import parse_cursor
+from upload_service.s3client import (
+    MISSING_CODES,
+    BotoCoreError,
+    ClientError,
+    PartBody,
+    aiohttp,
+    describe_failure,
+    error_code,
+    open_client,
+)
+from upload_service.storage import FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id
+from upload_service.threads import wait_through_cancel
+from upload_service.units import MiB
+
+logger = logging.getLogger("upload_asgi")
+
+READ_CHUNK_SIZE = 1 * MiB  # a download's reads from the GET's stream
+HEALTH_TTL = 5.0  # seconds a HeadBucket answer (or failure) stands for /health
+SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
+# A writer thread waits for the loop's S3 calls at most this long: botocore's own
+# timeouts and retries end a call sooner; this only frees the thread if the loop is gone.
+THREAD_WAIT_SECONDS = 600.0
+RECORD_READS = 16  # records fetched at once for a page of the listing
+COMMIT_CALLS = 8  # a request's files completed (and their records written) at once
+
+
+class S3Sink(FileSink):
+    """One file on its way into the bucket; see the module docstring."""
+
+    def __init__(self, store: S3Store, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = new_file_id()
+        self.key = store.key(self.id)
+        self._store = store
+        self._loop = loop
+        self._chunks: list[bytes] = []  # the part being filled
+        self._buffered = 0
+        self._upload_id: str | None = None
+        self._parts: list[concurrent.futures.Future[str]] = []  # each part's ETag, in order
+        self._over = False  # completed or aborted: nothing more to do
+
+    def open(self) -> None:
+        """Nothing to do yet: the multipart upload starts with the first full part.
+
+        (Called on the event loop, by the parser: it must not wait for S3 here.)
+        """
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered >= self._store.part_size:
+            self._send_part()
+
+    def _send_part(self) -> None:
+        """Hand the filled part to the loop; block while the parts in memory are at the bound."""
+        if self._on_loop():
+            raise RuntimeError("S3Sink.write blocks: call it on a writer thread, not the event loop")
+        part = self._take_buffer()
+        self._raise_failed()
+        if self._upload_id is None:
+            self._upload_id = self._wait(self._store.start_multipart(self.key))
+        self._parts.append(self._submit(self._store.upload_part(self.key, self._upload_id, len(self._parts) + 1, part)))
+        del part  # the coroutine holds it until sent
+        while True:  # the part to fill next counts as one in memory
+            sending = [f for f in self._parts if not f.done()]
+            if len(sending) < self._store.parts_in_flight:
+                break
+            done, _ = concurrent.futures.wait(sending, THREAD_WAIT_SECONDS, concurrent.futures.FIRST_COMPLETED)
+            if not done:
+                raise StorageUnavailable("the object store did not take a part in time")
+        self._raise_failed()
+
+    def _take_buffer(self) -> PartBody:
+        blocks, self._chunks, self._buffered = self._chunks, [], 0
+        return PartBody(blocks)
+
+    def _raise_failed(self) -> None:
+        for future in self._parts:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _submit(self, work: Awaitable[Any]) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(work, self._loop)  # type: ignore[arg-type]
+
+    def _wait(self, work: Awaitable[Any]) -> Any:
+        try:
+            return self._submit(work).result(THREAD_WAIT_SECONDS)
+        except concurrent.futures.TimeoutError:
+            raise StorageUnavailable("the object store did not answer in time") from None
+
+    # -- on the loop, from commit --------------------------------------------------
+
+    async def finish(self) -> None:
+        """Wait for the parts sent, and send the last one (if this is a multipart upload)."""
+        for future in self._parts:
+            await asyncio.wrap_future(future)
+        if self._upload_id is not None and self._buffered:
+            last = self._store.upload_part(self.key, self._upload_id, len(self._parts) + 1, self._take_buffer())
+            self._parts.append(self._submit(last))  # a thread's future like the others, for `complete`
+            await asyncio.wrap_future(self._parts[-1])
+
+    async def complete(self) -> None:
+        """Make the object appear: complete the multipart upload, or PUT a small file whole."""
+        if self._upload_id is None:
+            await self._store.call("put_object", Key=self.key, Body=self._take_buffer())
+        else:
+            etags = [future.result() for future in self._parts]
+            await self._store.complete_multipart(self.key, self._upload_id, etags)
+        self._over = True
+
+    async def abort_upload(self) -> None:
+        """Abort the multipart upload from the loop (commit's cleanup)."""
+        if self._over:
+            return
+        self._over = True
+        self._chunks, self._buffered = [], 0
+        if self._parts:
+            await asyncio.wait([asyncio.wrap_future(f) for f in self._parts])
+        if self._upload_id is not None:
+            await self._store.abort_multipart(self.key, self._upload_id)
+
+    def abort(self) -> None:
+        """Drop the part being filled, let the parts being sent end, abort the multipart upload."""
+        if self._over:
+            return
+        if self._on_loop():  # cannot block here: leave it to a task
+            self._store.keep(self._loop.create_task(self.abort_upload()))
+            return
+        self._over = True
+        self._chunks, self._buffered = [], 0
+        # Waited for, not cancelled: a part cut off mid-send could outlive the abort on
+        # some stores. At most parts_in_flight parts, each with botocore's timeouts.
+        concurrent.futures.wait(self._parts, THREAD_WAIT_SECONDS)
+        if self._upload_id is not None:
+            try:
+                self._wait(self._store.abort_multipart(self.key, self._upload_id))
+            except Exception:
+                logger.warning("aborting multipart upload %s failed; the sweep will", self.key, exc_info=True)
+
+
+class S3File(StoredFile):
+    """A stored object opened for reading; each `chunks` call is one ranged GET, streamed."""
+
+    def __init__(self, store: S3Store, file_id: str, record: Record) -> None:
+        self._store = store
+        self._key = store.key(file_id)
+        self.record = record
+        self.size = int(record["size"])
+
+    async def chunks(self, start: int = 0, stop: int | None = None) -> AsyncIterator[bytes]:
+        stop = self.size if stop is None else min(stop, self.size)
+        if start >= stop:
+            return
+        response = await self._store.call("get_object", Key=self._key, Range=f"bytes={start}-{stop - 1}")
+        body = response["Body"]
+        pieces: list[bytes] = []  # gathered to READ_CHUNK_SIZE: one send per MiB, as locally
+        gathered = 0
+        try:
+            while True:
+                try:
+                    data = await body.read(READ_CHUNK_SIZE - gathered)  # what the socket has, up to that
+                except (aiohttp.ClientError, BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+                    raise self._store.problem(exc, "reading") from exc
+                if data:
+                    pieces.append(data)
+                    gathered += len(data)
+                if pieces and (gathered >= READ_CHUNK_SIZE or not data):
+                    yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    pieces, gathered = [], 0
+                if not data:
+                    return
+        finally:
+            body.close()
+
+    async def close(self) -> None:
+        pass
+
+
+class S3Store(Store):
+    """Files in `s3://<bucket>/<prefix>`, as the module docstring says."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        part_size: int = 8 * MiB,
+        parts_in_flight: int = 2,
+        sweep_after: float = 24 * 3600.0,
+        max_connections: int = 64,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.endpoint_url = endpoint_url
+        self.part_size = part_size
+        self.parts_in_flight = parts_in_flight
+        self.sweep_after = sweep_after
+        self.max_connections = max_connections
+        self._clients: dict[asyncio.AbstractEventLoop, asyncio.Future[Any]] = {}
+        self._sweepers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+        self._health: tuple[float, dict[str, Any] | OSError] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()  # cleanups left running: held until done
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a background task until it is done (the loop keeps only weak references)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key of ours starts with (listing and the sweep look only there)."""
+        return f"{self.prefix}/" if self.prefix else ""
+
+    # -- the client, one per event loop ------------------------------------------------
+
+    async def client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        made = self._clients.get(loop)
+        failed = made is not None and made.done() and (made.cancelled() or made.exception() is not None)
+        if made is None or failed:  # made again after a failure
+            made = self._clients[loop] = loop.create_task(self._make_client())
+        return await asyncio.shield(made)
+
+    async def _make_client(self) -> Any:
+        return await open_client(self.endpoint_url, self.max_connections)
+
+    async def aclose(self) -> None:
+        """Close this loop's client and stop its sweeper (tests; a server just exits)."""
+        loop = asyncio.get_running_loop()
+        sweeper = self._sweepers.pop(loop, None)
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.wait([sweeper])
+        made = self._clients.pop(loop, None)
+        if made is not None and made.done() and not made.cancelled() and made.exception() is None:
+            await made.result().__aexit__(None, None, None)
+
+    async def call(self, operation: str, **params: Any) -> Any:
+        """One S3 call on this bucket; any failure as a StorageUnavailable or StorageRefused."""
+        try:
+            client = await self.client()
+            return await getattr(client, operation)(Bucket=self.bucket, **params)
+        except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, StorageUnavailable):
+                raise
+            raise self.problem(exc, operation) from exc
+
+    async def call_or_none(self, operation: str, **params: Any) -> Any:
+        """`call`, or None when the key is not there."""
+        try:
+            return await self.call(operation, **params)
+        except StorageUnavailable as exc:
+            if error_code(exc.__cause__) in MISSING_CODES:
+                return None
+            raise
+
+    def problem(self, exc: BaseException, operation: str) -> StorageUnavailable:
+        """Say what went wrong with the store, naming what to fix."""
+        return describe_failure(exc, operation, self.bucket, self.url, self.endpoint_url)
+
+    # -- multipart uploads (coroutines the sinks hand to the loop) --------------------------
+
+    async def start_multipart(self, key: str) -> str:
+        return (await self.call("create_multipart_upload", Key=key))["UploadId"]
+
+    async def upload_part(self, key: str, upload_id: str, number: int, part: PartBody) -> str:
+        answer = await self.call("upload_part", Key=key, UploadId=upload_id, PartNumber=number, Body=part)
+        return answer["ETag"]
+
+    async def complete_multipart(self, key: str, upload_id: str, etags: list[str]) -> None:
+        parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
+        await self.call("complete_multipart_upload", Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+
+    async def abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            await self.call("abort_multipart_upload", Key=key, UploadId=upload_id)
+        except StorageUnavailable as exc:
+            if error_code(exc.__cause__) != "NoSuchUpload":  # already gone (a sweep, a retry)
+                raise
+
+    # -- the Store interface -----------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Start this loop's sweeper (a sweep now, then hourly); no S3 call waits here.
+
+        The store may be briefly unreachable at startup: the app starts anyway and
+        /health says unavailable until it answers.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if loop not in self._sweepers:
+            self._sweepers[loop] = loop.create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                swept = await self.sweep()
+                if swept:
+                    logger.info("aborted %d abandoned multipart uploads under %s", swept, self.url)
+            except StorageUnavailable as exc:
+                logger.warning("sweeping %s failed: %s", self.url, exc)
+            await asyncio.sleep(SWEEP_INTERVAL)
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Remove what crashed servers left, older than `sweep_after`; return how many things.
+
+        Multipart uploads under the prefix are aborted; a file whose record never came (a
+        crash between completing it and writing the record, or mid-delete) is deleted.
+        """
+        cutoff = (time.time() if now is None else now) - self.sweep_after
+        return await self._sweep_uploads(cutoff) + await self._sweep_orphans(cutoff)
+
+    async def _sweep_uploads(self, cutoff: float) -> int:
+        swept = 0
+        marker: dict[str, str] = {}
+        while True:
+            page = await self.call("list_multipart_uploads", Prefix=self.key_prefix, **marker)
+            for upload in page.get("Uploads", []):
+                name = upload["Key"][len(self.key_prefix):]
+                if is_file_id(name) and upload["Initiated"].timestamp() < cutoff:
+                    await self.abort_multipart(upload["Key"], upload["UploadId"])
+                    swept += 1
+            if not page.get("IsTruncated"):
+                return swept
+            marker = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    async def _sweep_orphans(self, cutoff: float) -> int:
+        """Delete files without a record, in one pass over the listing and O(1) memory.
+
+        Keys come in order, and `<id>.json` sorts after `<id>` with nothing of ours between:
+        a file whose next key of ours is past `<id>.json` has no record.
+        """
+        swept = 0
+        waiting: tuple[str, float] | None = None  # a file seen, its record not yet
+
+        async def settle(name: str | None) -> None:
+            nonlocal waiting, swept
+            if waiting is None:
+                return
+            record_name = f"{waiting[0]}.json"
+            if name == record_name:
+                waiting = None
+            elif name is None or name > record_name:
+                if waiting[1] < cutoff:
+                    await self.call("delete_object", Key=self.key(waiting[0]))
+                    swept += 1
+                waiting = None
+
+        async for name, modified in self._our_objects():
+            await settle(name)
+            if is_file_id(name):
+                waiting = (name, modified)
+        await settle(None)
+        return swept
+
+    def describe_problem(self, exc: OSError) -> str:
+        return str(exc)
+
+    def new_file(self) -> S3Sink:
+        return S3Sink(self, asyncio.get_running_loop())
+
+    async def commit(self, files: Sequence[tuple[FileSink, Record]]) -> None:
+        """Store every file and record, all or none, even if this task is cancelled meanwhile."""
+        work = asyncio.ensure_future(self._commit(files))  # type: ignore[arg-type]  # our sinks
+        if await wait_through_cancel(work):
+            if not work.cancelled() and work.exception() is None:
+                undo = asyncio.ensure_future(self._remove([sink.id for sink, _ in files]))
+                await wait_through_cancel(undo)
+                if undo.exception() is not None:
+                    logger.error(
+                        "a cancelled upload stays stored: undoing its commit failed", exc_info=undo.exception()
+                    )
+            raise asyncio.CancelledError
+        work.result()
+
+    async def _commit(self, files: Sequence[tuple[S3Sink, Record]]) -> None:
+        stored: list[str] = []  # ids whose object appeared
+
+        async def complete(sink: S3Sink) -> None:
+            await sink.complete()
+            stored.append(sink.id)
+
+        async def put_record(sink: S3Sink, record: Record) -> None:
+            body = json.dumps(record, ensure_ascii=False, indent=1).encode()
+            await self.call("put_object", Key=self.key(f"{sink.id}.json"), Body=body, ContentType="application/json")
+
+        try:
+            # Each step for every file before the next: no record before every object is there.
+            await all_of([sink.finish() for sink, _ in files])
+            await all_of([complete(sink) for sink, _ in files])
+            await all_of([put_record(sink, record) for sink, record in files])
+        except BaseException:
+            cleanup = asyncio.ensure_future(self._undo(files, stored))
+            await wait_through_cancel(cleanup)
+            raise
+
+    async def _undo(self, files: Sequence[tuple[S3Sink, Record]], stored: list[str]) -> None:
+        for sink, _ in files:
+            try:
+                await sink.abort_upload()
+            except StorageUnavailable as exc:
+                logger.warning("aborting multipart upload %s failed (the sweep will): %s", sink.key, exc)
+        try:
+            await self._remove(stored)
+        except StorageUnavailable:
+            logger.error("a failed upload left objects behind in %s: %s", self.url, stored, exc_info=True)
+
+    async def _remove(self, ids: list[str]) -> None:
+        """Delete files and their records: the records first (a reader goes by them)."""
+        for file_id in ids:
+            await self.call("delete_object", Key=self.key(f"{file_id}.json"))
+            await self.call("delete_object", Key=self.key(file_id))
+
+    async def open(self, file_id: str) -> S3File | None:
+        record = await self.record(file_id)
+        return None if record is None else S3File(self, file_id, record)
+
+    async def record(self, file_id: str) -> Record | None:
+        if not is_file_id(file_id):
+            return None
+        answer = await self.call_or_none("get_object", Key=self.key(f"{file_id}.json"))
+        if answer is None:
+            return None
+        async with answer["Body"] as body:
+            try:
+                return json.loads(await body.read())
+            except (aiohttp.ClientError, BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+                raise self.problem(exc, "reading a record") from exc
+
+    async def list(self, limit: int, cursor: str | None = None) -> Page:
+        """Newest first by (LastModified of the record, id); keeps only `limit + 1` keys.
+
+        S3 lists keys by name, so every page reads the whole listing (ListObjectsV2,
+        1000 keys a call), as the local store scans the whole directory. LastModified
+        is to the second on S3 and SeaweedFS: records of the same second go by id.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be 1 or more, not {limit}")
+        before = parse_cursor(cursor)  # BadCursor for one we did not make
+        newest: list[tuple[int, str]] = []  # a min-heap of the limit + 1 newest keys
+        async for stamp, file_id in self._record_keys():
+            key = (stamp, file_id)
+            if before is not None and key >= before:
+                continue
+            if len(newest) <= limit:
+                heapq.heappush(newest, key)
+            elif key > newest[0]:
+                heapq.heapreplace(newest, key)
+        newest.sort(reverse=True)
+        reads = asyncio.Semaphore(RECORD_READS)
+
+        async def read(file_id: str) -> Record | None:
+            async with reads:
+                try:
+                    return await self.record(file_id)
+                except ValueError as exc:  # a corrupt record must not hide every other file
+                    logger.warning("listing skips file %s: its record cannot be read: %s", file_id, exc)
+                    return None
+
+        records = await asyncio.gather(*(read(file_id) for _, file_id in newest[:limit]))
+        next_cursor = f"{newest[limit - 1][0]}-{newest[limit - 1][1]}" if len(newest) > limit else None
+        return Page([r for r in records if r is not None], next_cursor)
+
+    async def _record_keys(self) -> AsyncIterator[tuple[int, str]]:
+        """(LastModified in microseconds, id) of every record under the prefix."""
+        async for name, modified in self._our_objects():
+            if name.endswith(".json") and is_file_id(name[:-5]):
+                yield int(modified * 1_000_000), name[:-5]
+
+    async def _our_objects(self) -> AsyncIterator[tuple[str, float]]:
+        """(name after the prefix, LastModified as POSIX seconds) of every object, in key order."""
+        token: dict[str, str] = {}
+        while True:
+            page = await self.call("list_objects_v2", Prefix=self.key_prefix, **token)
+            for item in page.get("Contents", []):
+                yield item["Key"][len(self.key_prefix):], item["LastModified"].timestamp()
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    async def delete(self, file_id: str) -> bool:
+        if await self.record(file_id) is None:
+            return False
+        await self._remove([file_id])
+        return True
+
+    async def health(self) -> dict[str, Any]:
+        """HeadBucket, its answer (or failure) kept HEALTH_TTL seconds."""
+        now = time.monotonic()
+        if self._health is None or now - self._health[0] > HEALTH_TTL:
+            try:
+                await self.call("head_bucket")
+                result: dict[str, Any] | OSError = {"storage": self.url}
+            except StorageUnavailable as exc:
+                result = exc
+            self._health = (time.monotonic(), result)
+        result = self._health[1]
+        if isinstance(result, OSError):
+            raise result
+        return dict(result)
+
+
+async def all_of(calls: list[Awaitable[Any]]) -> None:
+    """Run S3 calls COMMIT_CALLS at a time; wait for every one, then raise the first failure.
+
+    (Not gather's first-failure-returns: a cleanup must not run while calls still land.)
+    """
+    slots = asyncio.Semaphore(COMMIT_CALLS)
+
+    async def one(call: Awaitable[Any]) -> Any:
+        async with slots:
+            return await call
+
+    results = await asyncio.gather(*(one(call) for call in calls), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
