@@ -6,6 +6,7 @@ The error table is test_http's, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -15,7 +16,8 @@ import pytest
 import upload_asgi
 from backends import S3_PART_SIZE
 from support import call_app, field_part, file_part, form_body, form_content_type, http_scope, split_at
-from test_http import ERROR_TABLE, check_created, check_error, post_body
+from test_http import ERROR_TABLE, check_created, post_body
+from support import assert_error as check_error
 
 BIG = 2 * S3_PART_SIZE + 12345  # a multipart upload on S3, with a last part
 
@@ -101,3 +103,27 @@ async def test_error_then_success(backend: Any, backend_client: httpx.AsyncClien
 async def test_health(backend: Any, backend_client: httpx.AsyncClient) -> None:
     reply = await backend_client.get("/health")
     assert reply.status_code == 200 and reply.json()["status"] == "ok"
+
+
+async def test_a_resumable_upload_is_stored_like_a_form_upload(backend: Any, backend_client: httpx.AsyncClient) -> None:
+    """tus creation, then PATCHes: the finished file lands in the store (staged in UPLOAD_DIR meanwhile)."""
+    data = os.urandom(BIG)
+    tus = {"tus-resumable": "1.0.0"}
+    created = await backend_client.post(
+        "/files", headers={**tus, "upload-length": str(len(data)), "upload-metadata": "filename YS5iaW4="},
+    )
+    assert created.status_code == 201, created.text
+    url = created.headers["location"]
+    offset = 0
+    for piece in (data[: S3_PART_SIZE + 1], data[S3_PART_SIZE + 1 :]):
+        patched = await backend_client.patch(url, content=piece, headers={
+            **tus, "upload-offset": str(offset), "content-type": "application/offset+octet-stream",
+        })
+        assert patched.status_code == 204, patched.text
+        offset += len(piece)
+        assert patched.headers["upload-offset"] == str(offset)
+    record = (await backend_client.get(f"{url}/record")).json()
+    assert (record["filename"], record["size"], record["sha256"]) == ("a.bin", len(data), hashlib.sha256(data).hexdigest())
+    backend.assert_stored(record, data)
+    assert backend.stored_ids() == [record["id"]]
+    assert (await backend_client.get(url)).content == data

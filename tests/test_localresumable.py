@@ -31,7 +31,7 @@ def resumable_files(upload_dir: Path) -> list[str]:
 def rstore(upload_dir: Path) -> LocalResumableStore:
     store = LocalStore(upload_dir, fsync=True)
     store.prepare()
-    return LocalResumableStore(store)
+    return LocalResumableStore(store.upload_dir, store.fsync)
 
 
 def test_store_keeps_the_hash_state_while_offsets_match(rstore: LocalResumableStore, upload_dir: Path) -> None:
@@ -54,7 +54,7 @@ def test_store_rehashes_from_disk_in_another_process(rstore: LocalResumableStore
     upload = rstore.create(len(data), {}, time.time() + 60, None)
     upload.append(data[:2_000_000])
     upload.release()
-    elsewhere = LocalResumableStore(LocalStore(upload_dir))  # a restarted or other worker
+    elsewhere = LocalResumableStore(upload_dir, True)  # a restarted or other worker
     again = elsewhere.acquire(upload.info.id)
     again.append(data[2_000_000:])
     assert again.sha256() == sha(data)
@@ -66,7 +66,7 @@ def test_store_one_writer_at_a_time(rstore: LocalResumableStore) -> None:
     with pytest.raises(UploadBusy):
         rstore.acquire(upload.info.id)
     with pytest.raises(UploadBusy):
-        LocalResumableStore(LocalStore(rstore.upload_dir)).acquire(upload.info.id)
+        LocalResumableStore(rstore.upload_dir, rstore.fsync).acquire(upload.info.id)
     upload.release()
     rstore.acquire(upload.info.id).release()
 
@@ -88,7 +88,7 @@ def test_store_unverified_bytes_of_a_dead_writer_are_dropped(rstore: LocalResuma
     upload.mark(durable=True)
     upload.append(b"unverified")
     upload.release()  # as if its process died here: neither keep nor discard
-    elsewhere = LocalResumableStore(LocalStore(rstore.upload_dir))
+    elsewhere = LocalResumableStore(rstore.upload_dir, rstore.fsync)
     assert elsewhere.peek(upload.info.id).offset == 4
     again = elsewhere.acquire(upload.info.id)
     assert again.info.offset == 4

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
-from upload_service.localstore import LocalStore, remove_quietly, sync_dir, write_all, write_sidecar
+from upload_service.localstore import remove_quietly, sync_dir, write_all, write_sidecar
 from upload_service.storage import (
     Record,
     ResumableStore,
@@ -125,10 +125,10 @@ class LocalUpload(ResumableUpload):
 class LocalResumableStore(ResumableStore):
     """Resumable uploads staged in `<upload dir>/.resumable/`, finished into a `LocalStore`."""
 
-    def __init__(self, store: LocalStore) -> None:
-        self.upload_dir = store.upload_dir
-        self.fsync = store.fsync
-        self.resumable_dir = store.upload_dir / RESUMABLE_DIR_NAME
+    def __init__(self, upload_dir: Path, fsync: bool) -> None:
+        self.upload_dir = upload_dir
+        self.fsync = fsync
+        self.resumable_dir = upload_dir / RESUMABLE_DIR_NAME
         self._digests: OrderedDict[str, tuple[int, Any]] = OrderedDict()
         self._digests_lock = threading.Lock()
 

@@ -92,8 +92,8 @@ class Store(ABC):
         """Make the store ready and sweep a crashed process's leftovers; blocking, at startup."""
 
     @abstractmethod
-    def new_file(self) -> FileSink:
-        """A sink for one file of a request, with a fresh id."""
+    def new_file(self, file_id: str | None = None) -> FileSink:
+        """A sink for one file, with a fresh id (or `file_id`: a finished resumable upload's)."""
 
     @abstractmethod
     async def commit(self, files: Sequence[tuple[FileSink, Record]]) -> None:
@@ -233,6 +233,10 @@ class ResumableUpload(ABC):
     @abstractmethod
     def _write(self, data: bytes) -> None:
         """Append `data` after `info.offset` bytes."""
+
+    def read(self, start: int, stop: int) -> Iterator[bytes]:
+        """The stored bytes `start` to `stop`, in bounded blocks (blocking)."""
+        return self._read(start, stop)
 
     @abstractmethod
     def _read(self, start: int, stop: int) -> Iterator[bytes]:
