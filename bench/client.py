@@ -76,16 +76,9 @@ def send_upload(port: int, upload: Upload, chunked: bool = False, timeout: float
 
 
 def read_answer(sock: socket.socket) -> tuple[int, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        received = sock.recv(65536)
-        if not received:
-            raise ConnectionError(f"the server closed the connection without an answer: {data[:200]!r}")
-        data += received
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    length = next((int(v) for k, _, v in (l.partition(":") for l in lines[1:]) if k.lower() == "content-length"), None)
+    """The status and the body (to its Content-Length, or until the server closes)."""
+    status, headers, body = read_head(sock)
+    length = int(headers["content-length"]) if "content-length" in headers else None
     while length is None or len(body) < length:
         received = sock.recv(65536)
         if not received:

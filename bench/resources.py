@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from bench import payloads, report
 from bench.client import Response, request, send_upload, check_stored
 from bench.payloads import MiB, Upload
 from bench.report import Figure, mbps, progress
-from bench.server import Subject, add_server_options, server_env
+from bench.server import Subject, run_part_alone, server_env
 from bench.servers import Server, empty_dir
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -295,20 +294,10 @@ def run(quick: bool, workdir: Path, env: dict[str, str] | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.resources", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small files, few runs")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    add_server_options(parser)
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="upload-asgi-bench-") as tmp:
-        figures, skipped = run(args.quick, Path(tmp), server_env(args.server_env), tuple(args.server_arg))
-    if figures:
-        print(report.table(figures))
-    for name, note in skipped.items():
-        print(f"{name}: {note}")
-    if args.json:
-        report.write_json(args.json, figures, [], vars(args) | {"json": str(args.json), "skipped": skipped})
-    return 0
+    def run_part(args: argparse.Namespace, workdir: Path) -> tuple[list[Figure], dict[str, str]]:
+        return run(args.quick, workdir, server_env(args.server_env), tuple(args.server_arg))
+
+    return run_part_alone("python -m bench.resources", __doc__, run_part, argv)
 
 
 if __name__ == "__main__":

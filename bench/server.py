@@ -351,18 +351,33 @@ def server_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__.split("\n\n")[0])
+Part = Callable[[argparse.Namespace, Path], "tuple[list[Figure], dict[str, str]]"]
+
+
+def run_part_alone(prog: str, doc: str, run_part: Part, argv: list[str] | None) -> int:
+    """`main` of a bench part run on its own: options, a temp dir, the table, the JSON."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small bodies, few runs")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     add_server_options(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="upload-asgi-bench-") as tmp:
-        figures = run(args.quick, Path(tmp), server_env(args.server_env), tuple(args.server_arg), args.servers)
-    print(report.table(figures))
+        figures, skipped = run_part(args, Path(tmp))
+    if figures:
+        print(report.table(figures))
+    for name, note in skipped.items():
+        print(f"{name}: {note}")
     if args.json:
-        report.write_json(args.json, figures, [], vars(args) | {"json": str(args.json)})
+        report.write_json(args.json, figures, [], vars(args) | {"json": str(args.json), "skipped": skipped})
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    def run_part(args: argparse.Namespace, workdir: Path) -> tuple[list[Figure], dict[str, str]]:
+        env = server_env(args.server_env)
+        return run(args.quick, workdir, env, tuple(args.server_arg), args.servers), {}
+
+    return run_part_alone("python -m bench.server", __doc__, run_part, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import hashlib
 import json
 import resource
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 from bench import payloads, report
 from bench.payloads import KiB, MiB
 from bench.report import Figure, progress
-from bench.server import Peer, Subject, add_server_options, server_env
+from bench.server import Peer, Subject, run_part_alone, server_env
 from bench.servers import ASGI_SERVERS, Server, empty_dir
 
 try:
@@ -242,17 +241,11 @@ def run(quick: bool, workdir: Path, env: dict[str, str] | None = None, args: tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.small", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short runs")
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    add_server_options(parser)
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="upload-asgi-bench-") as tmp:
-        figures = run(args.quick, Path(tmp), server_env(args.server_env), tuple(args.server_arg), args.servers)
-    print(report.table(figures))
-    if args.json:
-        report.write_json(args.json, figures, [], vars(args) | {"json": str(args.json)})
-    return 0
+    def run_part(args: argparse.Namespace, workdir: Path) -> tuple[list[Figure], dict[str, str]]:
+        env = server_env(args.server_env)
+        return run(args.quick, workdir, env, tuple(args.server_arg), args.servers), {}
+
+    return run_part_alone("python -m bench.small", __doc__, run_part, argv)
 
 
 if __name__ == "__main__":
