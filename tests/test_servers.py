@@ -32,6 +32,13 @@ MiB = 1024 * 1024
 KINDS = [pytest.param("uvicorn", id="uvicorn"), pytest.param("granian", id="granian")]
 
 
+def request_head(body: bytes) -> bytes:
+    return (
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {form_content_type()}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
 @pytest.fixture(params=KINDS)
 def served(request, upload_dir):
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_MAX_FILE_SIZE": "8M"}, kind=request.param) as server:
@@ -57,10 +64,7 @@ def test_an_upload_is_stored_and_served_back(served, upload_dir):
 def test_an_early_answer_reaches_a_client_that_keeps_sending(served, upload_dir):
     """A file over UPLOAD_MAX_FILE_SIZE: 413 while the client is still sending, nothing stored."""
     body = form_body([file_part(os.urandom(20 * MiB))])
-    head = (
-        f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {form_content_type()}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    head = request_head(body)
     with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
         sock.sendall(head)
         answer = b""
@@ -87,10 +91,7 @@ def test_an_early_answer_reaches_a_client_that_keeps_sending(served, upload_dir)
 
 def test_a_client_that_leaves_mid_upload_leaves_nothing(served, upload_dir):
     body = form_body([file_part(os.urandom(6 * MiB))])
-    head = (
-        f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {form_content_type()}\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    head = request_head(body)
     with socket.create_connection(("127.0.0.1", served.port), timeout=30) as sock:
         sock.sendall(head + body[: 3 * MiB])
         wait_for(lambda: partial_files(upload_dir), what="the upload on disk")
