@@ -69,11 +69,18 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator["SeaweedFS"]
 @pytest.fixture(params=["local", "s3"])
 def backend(request: pytest.FixtureRequest, upload_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """Each storage backend in turn (tests/backends.py): a behaviour test runs on both."""
-    from backends import LocalBackend, S3Backend, use_seaweedfs
+    from backends import LocalBackend
 
     if request.param == "local":
         return LocalBackend(upload_dir)
-    seaweedfs = request.getfixturevalue("seaweedfs")
+    return request.getfixturevalue("bucket")
+
+
+@pytest.fixture
+def bucket(seaweedfs: "SeaweedFS", upload_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The S3 backend: SeaweedFS's bucket under a prefix of this test's own (tests/backends.py)."""
+    from backends import S3Backend, use_seaweedfs
+
     use_seaweedfs(seaweedfs, monkeypatch)
     return S3Backend(seaweedfs, upload_dir, f"t/{uuid.uuid4().hex[:12]}")
 

@@ -19,7 +19,7 @@ import pytest
 
 import test_files
 import upload_asgi
-from backends import S3Backend, use_seaweedfs
+from backends import S3Backend
 from test_files import (  # noqa: F401  (collected here: run again on S3)
     make_client,
     test_201_carries_location,
@@ -52,12 +52,6 @@ from test_files import (  # noqa: F401  (collected here: run again on S3)
     test_unsatisfiable_range_is_416,
     upload,
 )
-
-
-@pytest.fixture
-def bucket(seaweedfs: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> S3Backend:
-    use_seaweedfs(seaweedfs, monkeypatch)
-    return S3Backend(seaweedfs, tmp_path / "uploads", f"t/{os.urandom(6).hex()}")
 
 
 @pytest.fixture

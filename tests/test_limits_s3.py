@@ -8,15 +8,14 @@ its limits is stored whole.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import pytest
 
 import test_limits
 import upload_asgi
-from backends import S3Backend, use_seaweedfs
+from backends import S3Backend
 from test_limits import (  # noqa: F401  (collected here: run again on S3)
     test_declared_length_at_the_limit_is_read,
     test_declared_length_over_the_limit_is_refused_before_the_body,
@@ -35,12 +34,6 @@ from test_limits import (  # noqa: F401  (collected here: run again on S3)
     test_text_field_over_its_limit,
     test_unregistered_field_is_bounded_like_a_text_field,
 )
-
-
-@pytest.fixture
-def bucket(seaweedfs: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> S3Backend:
-    use_seaweedfs(seaweedfs, monkeypatch)
-    return S3Backend(seaweedfs, tmp_path / "uploads", f"t/{os.urandom(6).hex()}")
 
 
 @pytest.fixture

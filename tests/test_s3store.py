@@ -12,7 +12,6 @@ import hashlib
 import os
 import socket
 import time
-import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -22,7 +21,7 @@ import pytest
 from hypercorn.utils import LifespanFailureError
 
 import upload_asgi
-from backends import S3Backend, use_seaweedfs
+from backends import S3Backend
 from s3server import BUCKET, SeaweedFS
 from support import (
     Server,
@@ -45,13 +44,6 @@ PART = 5 * MiB  # the smallest part S3 allows: multipart uploads with little dat
 
 
 # -- fixtures and checks ------------------------------------------------------------------
-
-
-@pytest.fixture
-def bucket(seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> S3Backend:
-    """This test's own prefix in the shared bucket, the credentials in the environment."""
-    use_seaweedfs(seaweedfs, monkeypatch)
-    return S3Backend(seaweedfs, tmp_path / "uploads", f"t/{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
