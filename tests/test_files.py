@@ -911,33 +911,44 @@ async def test_a_store_error_before_the_answer_is_500_without_details(app, clien
     assert "failed" in caplog.text
 
 
-async def test_a_read_error_mid_download_cuts_the_answer(app, client, upload_dir, monkeypatch):
-    data = os.urandom(3 * MiB)
-    record = await upload(client, data)
-    store = app.prepare()
+def serve_only_the_first_chunk(monkeypatch: pytest.MonkeyPatch, store: Any, then: BaseException | None) -> None:
+    """Make the store's files yield their first chunk, then raise `then` (or end, if None)."""
     real_open = store.open
 
-    async def open_then_fail(file_id: str):
+    async def open_cut(file_id: str):
         opened = await real_open(file_id)
         real_chunks = opened.chunks
 
         async def chunks(start: int = 0, stop: int | None = None):
             async for chunk in real_chunks(start, stop):
                 yield chunk
-                raise OSError(5, "Input/output error")
+                if then is not None:
+                    raise then
+                return  # the data ends early (a truncated file, a store that stops)
 
         opened.chunks = chunks
         return opened
 
-    monkeypatch.setattr(store, "open", open_then_fail)
-    reply = Reply()
+    monkeypatch.setattr(store, "open", open_cut)
+
+
+async def download_held_open(app: Any, file_id: str, reply: Reply) -> None:
+    """GET a file into `reply` with a client that never leaves; the app's exception propagates."""
 
     async def receive() -> dict[str, Any]:
         await asyncio.sleep(3600)
         return {"type": "http.disconnect"}
 
+    await app(http_scope(f"/files/{file_id}", "GET"), receive, reply.record)
+
+
+async def test_a_read_error_mid_download_cuts_the_answer(app, client, upload_dir, monkeypatch):
+    data = os.urandom(3 * MiB)
+    record = await upload(client, data)
+    serve_only_the_first_chunk(monkeypatch, app.prepare(), OSError(5, "Input/output error"))
+    reply = Reply()
     with pytest.raises(OSError):
-        await app(http_scope(f"/files/{record['id']}", "GET"), receive, reply.record)
+        await download_held_open(app, record["id"], reply)
     # The answer began whole-file-sized and was never ended: the server cuts the connection.
     assert reply.status == 200 and int(reply.headers["content-length"]) == len(data)
     assert len(reply.body) == MiB and reply.messages[-1].get("more_body") is True
@@ -946,29 +957,9 @@ async def test_a_read_error_mid_download_cuts_the_answer(app, client, upload_dir
 async def test_a_file_shorter_than_promised_is_never_ended_as_whole(app, client, monkeypatch):
     data = os.urandom(2 * MiB)
     record = await upload(client, data)
-    store = app.prepare()
-    real_open = store.open
-
-    async def open_short(file_id: str):
-        opened = await real_open(file_id)
-        real_chunks = opened.chunks
-
-        async def chunks(start: int = 0, stop: int | None = None):
-            async for chunk in real_chunks(start, stop):
-                yield chunk
-                return  # the data ends early (a truncated file, a store that stops)
-
-        opened.chunks = chunks
-        return opened
-
-    monkeypatch.setattr(store, "open", open_short)
+    serve_only_the_first_chunk(monkeypatch, app.prepare(), None)
     reply = Reply()
-
-    async def receive() -> dict[str, Any]:
-        await asyncio.sleep(3600)
-        return {"type": "http.disconnect"}
-
     with pytest.raises(RuntimeError, match="ended at byte"):
-        await app(http_scope(f"/files/{record['id']}", "GET"), receive, reply.record)
+        await download_held_open(app, record["id"], reply)
     assert reply.status == 200 and len(reply.body) == MiB
     assert all(m.get("more_body") for m in reply.messages if m["type"] == "http.response.body")
