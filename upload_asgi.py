@@ -83,8 +83,6 @@ from upload_service.files import FilesResource, mount_url
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
 from upload_service.hooks import BeforeUpload, UploadCallback
 from upload_service.lifespan import fail_startup
-from upload_service.localresumable import LocalResumableStore
-from upload_service.localstore import LocalStore
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
@@ -92,7 +90,7 @@ from upload_service.resumable import ResumableHandlers
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
-from upload_service.stores import make_store
+from upload_service.stores import make_resumable_store, make_store
 from upload_service.threads import WRITE_THREADS, WriterPool
 
 __all__ = ["Config", "ConfigError", "UploadApp", "UploadError", "UploadRefused", "app", "create_app"]
@@ -124,10 +122,8 @@ class UploadApp:
         files = FilesResource(config, self.prepare)
         self.resumable: ResumableHandlers | None = None
         if self.store is not None:
-            # Uploads under way are staged in UPLOAD_DIR whatever the store (SPEC §11).
-            staging = LocalResumableStore(config.upload_dir, config.fsync)
-            self.resumable = ResumableHandlers(self, staging, files, finish_in_place=isinstance(self.store, LocalStore))
-        resumable = self.resumable or ResumableHandlers(self, None, files, finish_in_place=False)  # misconfigured: the routes answer 500
+            self.resumable = ResumableHandlers(self, make_resumable_store(config, self.store), files)
+        resumable = self.resumable or ResumableHandlers(self, None, files)  # misconfigured: the routes answer 500
         # Path template -> method -> handler; a {name} segment is passed as a keyword.
         # HEAD is answered by GET unless a route names its own (/files/<id>: the tus HEAD).
         self.routes = Routes({

@@ -54,7 +54,7 @@ from upload_service.files import FilesResource, mount_url
 from upload_service.forms import utc_now
 from upload_service.framing import clean_filename
 from upload_service.metrics import is_server_fault, log_outcome, outcome_of
-from upload_service.storage import FileSink, Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id
+from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id
 
 if TYPE_CHECKING:
     from upload_asgi import UploadApp
@@ -116,11 +116,9 @@ def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
 class ResumableHandlers:
     """The handlers of `/files` for resumable uploads, on an app's store, config and metrics."""
 
-    def __init__(self, app: UploadApp, store: ResumableStore, files: FilesResource, finish_in_place: bool) -> None:
+    def __init__(self, app: UploadApp, store: ResumableStore, files: FilesResource) -> None:
         self.app = app
         self.store = store
-        # The local store takes a finished upload by a rename; another (S3) by a copy.
-        self.finish_in_place = finish_in_place
         self.files = files  # a stored file (a finished upload) is served and deleted by it
         self._last_sweep = float("-inf")
 
@@ -476,27 +474,12 @@ class ResumableHandlers:
                 raise tus.Problem(422, "digest-mismatch", detail, sha256=sha256)
             raise tus.DigestMismatch(detail, sha256=sha256)
         record = record_of(info, info.offset, sha256)
-        if self.finish_in_place:
-            await run_blocking(upload.finish, record)
-        else:
-            await self.copy_into_store(upload, record)
+        await run_blocking(upload.finish, record)
         outcome.stored = record
         self.app.metrics.files_stored += 1
         self.app.metrics.bytes_stored += record["size"]
         logger.debug("resumable upload %s stored in %.3f s", info.id, time.monotonic() - started)
         await self.app.notify([record], scope)
-
-    async def copy_into_store(self, upload: ResumableUpload, record: Record) -> None:
-        """Store a finished upload staged here in the app's store (S3), all or nothing, then drop it."""
-        store = self.app.store
-        sink = store.new_file(upload.info.id)
-        try:
-            await run_blocking(copy_upload, upload, sink)
-            await store.commit([(sink, record)])
-        except BaseException:
-            await run_blocking(sink.abort)
-            raise
-        await run_blocking(upload.terminate)
 
     def count_rehash(self, upload: ResumableUpload) -> None:
         """Count (once) the bytes this request re-read to rebuild the upload's SHA-256."""
@@ -590,9 +573,3 @@ async def send_record(send: Send, status: int, record: Record, headers: Headers)
     })
     await send({"type": "http.response.body", "body": body})
 
-
-def copy_upload(upload: ResumableUpload, sink: FileSink) -> None:
-    """Write an upload's bytes into a store's sink, block by block (blocking: on a thread)."""
-    sink.open()
-    for block in upload.read(0, upload.info.offset):
-        sink.write(block)

@@ -56,6 +56,7 @@ SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
 THREAD_WAIT_SECONDS = 600.0
 RECORD_READS = 16  # records fetched at once for a page of the listing
 COMMIT_CALLS = 8  # a request's files completed (and their records written) at once
+RESUMABLE_DIR = ".resumable"  # under the prefix: resumable uploads under way (s3resumable)
 
 
 class S3Sink(FileSink):
@@ -366,6 +367,8 @@ class S3Store(Store):
             for upload in page.get("Uploads", []):
                 name = upload["Key"][len(self.key_prefix):]
                 if is_file_id(name) and upload["Initiated"].timestamp() < cutoff:
+                    if await self.call_or_none("head_object", Key=self.key(f"{RESUMABLE_DIR}/{name}.info")):
+                        continue  # a resumable upload's, alive: its own sweep expires it
                     await self.abort_multipart(upload["Key"], upload["UploadId"])
                     swept += 1
             if not page.get("IsTruncated"):

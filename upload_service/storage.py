@@ -162,7 +162,11 @@ class ResumableUpload(ABC):
     order). The SHA-256 of everything before `info.offset` is kept here: handed over
     by the store when this process wrote those bytes last, else re-read once, on the
     first `append` or `sha256()`, from what is stored (`rehashed_bytes` says how much).
+    A backend that cannot read its bytes back before the upload is complete (S3) sets
+    `defers_hash`: then the hash is only kept while known, and `sha256()` re-reads at the end.
     """
+
+    defers_hash = False
 
     def __init__(self, info: UploadInfo, digest: Any | None) -> None:
         self.info = info
@@ -173,13 +177,15 @@ class ResumableUpload(ABC):
 
     def append(self, data: bytes) -> None:
         """Write `data` at `info.offset` and count it into the whole-file SHA-256."""
-        self._ensure_hash()
+        if not self.defers_hash:
+            self._ensure_hash()
         try:
             self._write(data)
         except BaseException:
             self._hash = None  # how much was written is unknown: re-read it when needed
             raise
-        self._hash.update(data)
+        if self._hash is not None:
+            self._hash.update(data)
         self.info.offset += len(data)
 
     def mark(self, durable: bool = False) -> None:
@@ -188,8 +194,9 @@ class ResumableUpload(ABC):
         `durable`: a crash before `keep` or `discard` discards it too (an unverified chunk
         must never count as received).
         """
-        self._ensure_hash()
-        self._mark = (self.info.offset, self._hash.copy())
+        if not self.defers_hash:
+            self._ensure_hash()
+        self._mark = (self.info.offset, None if self._hash is None else self._hash.copy())
         if durable:
             self._save_mark(self.info.offset)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from upload_service.errors import ConfigError
 from upload_service.localstore import LocalStore
 from upload_service.settings import Config
-from upload_service.storage import Store
+from upload_service.storage import ResumableStore, Store
 
 S3_SCHEME = "s3://"
 S3_MAX_PARTS = 10_000  # parts per multipart upload (S3's limit)
@@ -34,3 +34,15 @@ def make_store(config: Config) -> Store:
         # Every upload may send parts_in_flight parts at once; downloads share the pool.
         max_connections=max(10, config.max_concurrent * config.s3_parts_in_flight),
     )
+
+
+def make_resumable_store(config: Config, store: Store) -> ResumableStore:
+    """Resumable uploads where the files go: staged in UPLOAD_DIR, or in the bucket itself."""
+    if not config.storage.startswith(S3_SCHEME):
+        from upload_service.localresumable import LocalResumableStore
+
+        return LocalResumableStore(config.upload_dir, config.fsync)
+    from upload_service.s3resumable import S3ResumableStore
+
+    # A writer's lease outlives any pause its request may take (the idle timeout) twice over.
+    return S3ResumableStore(store, lease_seconds=max(5.0, 2 * config.idle_timeout))  # type: ignore[arg-type]

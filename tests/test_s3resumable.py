@@ -1,0 +1,256 @@
+"""Resumable uploads on the S3 backend (upload_service/s3resumable.py), against a real SeaweedFS.
+
+What only S3 has: an upload begun through one server and finished through another
+(separate UPLOAD_DIRs, one bucket), one writer across servers (the lease), a kill -9
+mid-PATCH resumed from the info's offset, nothing left in the bucket but the file and
+its record, nothing in UPLOAD_DIR, and memory within parts in flight x part size. The
+behaviour shared with the local backend runs on both in test_resumable.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import httpx
+import pytest
+
+import upload_asgi
+from backends import S3Backend
+from s3server import BUCKET
+from support import Server
+from test_resumable import OCTETS, TUS, metric, payload, sha
+from upload_service.units import MiB
+
+LIMIT = 64 * MiB
+
+
+def in_progress(backend: S3Backend) -> list[str]:
+    """What of resumable uploads is in the bucket: objects under .resumable/, multipart uploads."""
+    return [n for n in backend.objects() if n.startswith(".resumable/")] + backend.uploads_in_progress()
+
+
+def assert_only_stored(backend: S3Backend, record: dict[str, Any], data: bytes) -> None:
+    """The file and its record, exactly; nothing else of the upload in the bucket or in UPLOAD_DIR."""
+    backend.assert_stored(record, data)
+    assert backend.objects() == sorted([record["id"], f"{record['id']}.json"])
+    assert backend.uploads_in_progress() == []
+
+
+def app_on(bucket: S3Backend, upload_dir: Path, **settings: Any) -> upload_asgi.UploadApp:
+    """Another app server on the same bucket and prefix, with an UPLOAD_DIR of its own."""
+    config = bucket.config(fsync=False, max_file_size=LIMIT, **settings)
+    return upload_asgi.create_app(dataclasses.replace(config, upload_dir=upload_dir))
+
+
+async def close(app: upload_asgi.UploadApp) -> None:
+    await app.store.aclose()
+    await asyncio.to_thread(app.resumable.store.close)
+
+
+def client_of(app: upload_asgi.UploadApp) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60)
+
+
+async def patch(client: httpx.AsyncClient, location: str, offset: int, data: Any, **headers: str) -> httpx.Response:
+    return await client.patch(location, content=data, headers={**OCTETS, "Upload-Offset": str(offset), **headers})
+
+
+async def offset_of(client: httpx.AsyncClient, location: str) -> int:
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200, reply.text
+    return int(reply.headers["upload-offset"])
+
+
+@pytest.fixture
+async def two_apps(bucket: S3Backend, tmp_path: Path) -> AsyncIterator[tuple[upload_asgi.UploadApp, upload_asgi.UploadApp]]:
+    first, second = app_on(bucket, tmp_path / "a"), app_on(bucket, tmp_path / "b")
+    yield first, second
+    await close(first)
+    await close(second)
+
+
+async def test_begun_on_one_server_finished_on_another(bucket: S3Backend, two_apps: Any, tmp_path: Path) -> None:
+    data = payload(13 * MiB + 12_345, seed=5)  # two parts of 5 MiB and a last one
+    first, second = two_apps
+    async with client_of(first) as a, client_of(second) as b:
+        reply = await a.post("/files", headers={**TUS, "Upload-Length": str(len(data)), "Upload-Metadata": "filename eC5iaW4="})
+        location = reply.headers["location"]
+        assert (await patch(a, location, 0, data[: 3 * MiB])).status_code == 204
+        assert (await patch(a, location, 3 * MiB, data[3 * MiB : 8 * MiB + 7])).status_code == 204  # a part and a tail
+        assert await offset_of(b, location) == 8 * MiB + 7
+        check = (await b.get(location)).json()
+        assert check["error"] == "upload_incomplete"
+        reply = await patch(b, location, 8 * MiB + 7, data[8 * MiB + 7 :])
+        assert reply.status_code == 204, reply.text
+        record = (await a.get(f"{location}/record")).json()
+        assert record["sha256"] == sha(data) and record["size"] == len(data) and record["filename"] == "x.bin"
+        assert (await a.get(location)).content == data
+        # Server B never saw the first bytes: it read the finished object back once to hash it.
+        assert metric((await b.get("/metrics")).text, "upload_asgi_resumable_rehashed_bytes_total") == len(data)
+        assert metric((await a.get("/metrics")).text, "upload_asgi_resumable_rehashed_bytes_total") == 0
+    assert_only_stored(bucket, record, data)
+    for upload_dir in (tmp_path / "a", tmp_path / "b"):
+        assert not upload_dir.exists() or list(upload_dir.rglob("*")) == []
+
+
+async def test_one_writer_across_servers(bucket: S3Backend, two_apps: Any) -> None:
+    data = payload(6 * MiB, seed=6)
+    first, second = two_apps
+    release = asyncio.Event()
+
+    async def held_body() -> AsyncIterator[bytes]:
+        yield data[: 3 * MiB]
+        await release.wait()
+        yield data[3 * MiB :]
+
+    async with client_of(first) as a, client_of(second) as b:
+        location = (await a.post("/files", headers={**TUS, "Upload-Length": str(len(data))})).headers["location"]
+        writing = asyncio.create_task(patch(a, location, 0, held_body()))
+        deadline = time.monotonic() + 20
+        while not any(n.endswith(".lock") for n in bucket.objects()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        reply = await patch(b, location, 0, b"x")
+        assert reply.status_code == 423, reply.text
+        assert reply.json()["error"] == "upload_locked"
+        assert (await b.delete(location, headers=TUS)).status_code == 423
+        assert await offset_of(b, location) == 0  # HEAD needs no lease
+        release.set()
+        assert (await writing).status_code == 204
+        record = (await b.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, data)
+
+
+async def test_a_dead_writers_lease_goes_stale(bucket: S3Backend, two_apps: Any) -> None:
+    first, second = two_apps
+    async with client_of(first) as a:
+        location = (await a.post("/files", headers={**TUS, "Upload-Length": "6"})).headers["location"]
+        assert (await patch(a, location, 0, b"abc")).status_code == 204
+    upload_id = location.rsplit("/", 1)[1]
+    lock = f"{bucket.prefix}/.resumable/{upload_id}.lock"
+    bucket.s3.put_object(Bucket=BUCKET, Key=lock, Body=json.dumps({"expires": time.time() + 60}).encode())
+    async with client_of(second) as b:
+        assert (await patch(b, location, 3, b"def")).status_code == 423  # held, and not stale
+        bucket.s3.put_object(Bucket=BUCKET, Key=lock, Body=json.dumps({"expires": time.time() - 1}).encode())
+        assert (await patch(b, location, 3, b"def")).status_code == 204  # its holder died: taken over
+        record = (await b.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, b"abcdef")
+
+
+async def test_memory_stays_within_the_parts_in_flight(bucket: S3Backend, tmp_path: Path) -> None:
+    size = 40 * MiB
+    app = app_on(bucket, tmp_path / "m", s3_parts_in_flight=2)
+
+    async def body() -> AsyncIterator[bytes]:
+        block = payload(256 * 1024, seed=9)
+        for _ in range(size // len(block)):
+            yield block
+
+    try:
+        async with client_of(app) as client:
+            location = (await client.post("/files", headers={**TUS, "Upload-Length": str(size)})).headers["location"]
+            tracemalloc.start()
+            try:
+                reply = await patch(client, location, 0, body())
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert reply.status_code == 204, reply.text
+            assert (await client.get(f"{location}/record")).json()["size"] == size
+    finally:
+        await close(app)
+    # Two parts of 5 MiB (one filling, one sending) and a block on its way, not 40 MiB.
+    assert peak < 14 * MiB, peak  # measured: 10.8 MiB
+
+
+def server_env(bucket: S3Backend, **extra: str) -> dict[str, str]:
+    return {**bucket.server_env(), "UPLOAD_FSYNC": "0", "UPLOAD_IDLE_TIMEOUT": "2", **extra}
+
+
+@pytest.mark.slow
+def test_kill_mid_patch_resumes_from_the_info(bucket: S3Backend, tmp_path: Path) -> None:
+    from test_resumable import send_partial_patch
+
+    data = payload(17 * MiB, seed=8)
+    first = Server(tmp_path / "a", env=server_env(bucket)).start()
+    try:
+        with first.client() as http:
+            location = http.post("/files", headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+            reply = http.patch(location, content=data[: 6 * MiB], headers={**OCTETS, "Upload-Offset": "0"})
+            assert reply.status_code == 204
+            sock = send_partial_patch(first.port, location, 6 * MiB, data[6 * MiB : 14 * MiB], len(data) - 6 * MiB)
+            deadline = time.monotonic() + 20
+            while len(bucket.s3.list_parts(Bucket=BUCKET, Key=f"{bucket.prefix}/{location[7:]}",
+                                           UploadId=uploads(bucket)[0]).get("Parts", [])) < 2:
+                assert time.monotonic() < deadline, "no part of the second PATCH reached the bucket"
+                time.sleep(0.05)
+    finally:
+        first.kill()  # kill -9 mid-PATCH: a crash
+        sock.close()
+    with Server(tmp_path / "b", env=server_env(bucket)) as second, second.client() as http:
+        reply = http.head(location, headers=TUS)
+        assert int(reply.headers["upload-offset"]) == 6 * MiB  # the last info written
+        deadline = time.monotonic() + 30
+        while True:  # the dead server's lease goes stale (2 x the idle timeout, 5 s at least)
+            reply = http.patch(location, content=data[6 * MiB :], headers={**OCTETS, "Upload-Offset": str(6 * MiB)})
+            if reply.status_code != 423 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert reply.status_code == 204, reply.text
+        assert http.get(location).content == data
+        record = http.get(f"{location}/record").json()
+    assert record["sha256"] == sha(data)
+    assert_only_stored(bucket, record, data)
+
+
+def uploads(bucket: S3Backend) -> list[str]:
+    answer = bucket.s3.list_multipart_uploads(Bucket=BUCKET, Prefix=f"{bucket.prefix}/")
+    return [u["UploadId"] for u in answer.get("Uploads", [])]
+
+
+async def test_sweeps_leave_a_live_upload_and_remove_an_expired_one(bucket: S3Backend, tmp_path: Path) -> None:
+    data = payload(7 * MiB, seed=4)
+    app = app_on(bucket, tmp_path / "s", resumable_expiry=3)
+    try:
+        async with client_of(app) as client:
+            location = (await client.post("/files", headers={**TUS, "Upload-Length": str(len(data) + 1)})).headers["location"]
+            assert (await patch(client, location, 0, data)).status_code == 204
+            assert len(bucket.uploads_in_progress()) == 1
+            # The S3 store's sweep of abandoned multipart uploads leaves a live resumable upload's.
+            assert await app.store.sweep(now=time.time() + 10**6) == 0
+            assert await offset_of(client, location) == len(data)
+            assert await asyncio.to_thread(app.resumable.sweep) == 0  # not expired yet
+            await asyncio.sleep(3.2)
+            assert await asyncio.to_thread(app.resumable.sweep) == 1
+            assert (await client.head(location, headers=TUS)).status_code == 404
+    finally:
+        await close(app)
+    bucket.assert_nothing_stored()
+
+
+def test_tuspy_through_hypercorn_on_s3(bucket: S3Backend, tmp_path: Path) -> None:
+    from tusclient import client as tusclient
+
+    data = payload(11 * MiB + 3, seed=7)
+    path = tmp_path / "source.bin"
+    path.write_bytes(data)
+    with Server(tmp_path / "uploads", env=server_env(bucket)) as server:
+        tus = tusclient.TusClient(f"{server.url}/files")
+        first = tus.uploader(file_path=str(path), chunk_size=3 * MiB, metadata={"filename": "source.bin"},
+                             upload_checksum=True)
+        first.upload(stop_at=6 * MiB)
+        resumed = tus.uploader(file_path=str(path), chunk_size=4 * MiB, url=first.url, upload_checksum=True)
+        assert resumed.offset == 6 * MiB
+        resumed.upload()
+        with server.client() as http:
+            assert http.get(first.url).content == data
+            record = http.get(f"{first.url}/record").json()
+            # Same server throughout: the hash state stayed in memory, nothing re-read.
+            assert metric(http.get("/metrics").text, "upload_asgi_resumable_rehashed_bytes_total") == 0
+    assert record["sha256"] == sha(data) and record["filename"] == "source.bin"
+    assert_only_stored(bucket, record, data)
