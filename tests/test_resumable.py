@@ -19,13 +19,13 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import httpx
 import pytest
 
 import upload_asgi
-from support import ROOT, Server, assert_nothing_stored, assert_stored, stored_ids
+from support import ROOT, Server, stored_ids
 from upload_service.units import MiB
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -75,8 +75,37 @@ def resumable_files(upload_dir: Path) -> list[str]:
 
 
 @pytest.fixture
-def config(upload_dir: Path) -> upload_asgi.Config:
-    return upload_asgi.Config(upload_dir=upload_dir, fsync=False, max_file_size=10_000_000)
+def config(backend: Any) -> upload_asgi.Config:
+    """The in-process tests run on each backend (conftest `backend`: local, then S3 on SeaweedFS)."""
+    return backend.config(fsync=False, max_file_size=10_000_000)
+
+
+@pytest.fixture
+async def app(config: upload_asgi.Config) -> AsyncIterator[upload_asgi.UploadApp]:
+    app = upload_asgi.create_app(config)
+    yield app
+    await close_app(app)
+
+
+async def close_app(app: upload_asgi.UploadApp) -> None:
+    """Close an S3 app's clients (and its resumable store's loop thread)."""
+    if hasattr(app.store, "aclose"):
+        await app.store.aclose()
+    if hasattr(app.resumable.store, "close"):
+        await asyncio.to_thread(app.resumable.store.close)
+
+
+async def record_of(client: httpx.AsyncClient, location: str) -> dict[str, Any]:
+    reply = await client.get(f"{location}/record")
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def leftovers(backend: Any) -> list[str]:
+    """What is left of resumable uploads: staged files, or .resumable/ objects and multipart uploads."""
+    if backend.name == "local":
+        return resumable_files(backend.upload_dir)
+    return [n for n in backend.objects() if n.startswith(".resumable/")] + backend.uploads_in_progress()
 
 
 async def create(client: httpx.AsyncClient, length: int | None, metadata: str | None = None, **headers: str) -> str:
@@ -126,7 +155,7 @@ async def test_options(client: httpx.AsyncClient) -> None:
         assert reply.headers["tus-checksum-algorithm"] == "sha1,sha256"
 
 
-async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(2_345_679)
     metadata = f"filename {b64('../dir/report é.pdf')},filetype {b64('application/pdf')},description {b64('Q3')}"
     location = await create(client, len(data), metadata)
@@ -152,7 +181,7 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
     assert reply.status_code == 204
     assert reply.headers["upload-offset"] == str(len(data))
     assert "upload-expires" not in reply.headers
-    record = stored_record(upload_dir, location)
+    record = await record_of(client, location)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record.pop("created"))
     assert record == {
         "id": location.rsplit("/", 1)[1],
@@ -162,8 +191,8 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
         "sha256": sha(data),
         "description": "Q3",
     }
-    assert_stored(upload_dir, stored_record(upload_dir, location), data)
-    assert resumable_files(upload_dir) == []
+    backend.assert_stored(await record_of(client, location), data)
+    assert leftovers(backend) == []
     reply = await client.get(location)
     assert reply.status_code == 200
     assert reply.content == data
@@ -178,7 +207,7 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
     assert metric(metrics, "upload_asgi_stored_files_total") == 1
 
 
-async def test_creation_with_upload_and_deferred_length(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_creation_with_upload_and_deferred_length(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(100_000)
     reply = await client.post(
         "/files", content=data[:40_000], headers={**OCTETS, "Upload-Defer-Length": "1"}
@@ -194,19 +223,19 @@ async def test_creation_with_upload_and_deferred_length(client: httpx.AsyncClien
     check_error(await patch(client, location, 40_000, b"", **{"Upload-Length": "10000001"}), 413, "payload_too_large")
     reply = await patch(client, location, 40_000, data[40_000:], **{"Upload-Length": str(len(data))})
     assert reply.status_code == 204
-    assert_stored(upload_dir, stored_record(upload_dir, location), data)
-    assert stored_record(upload_dir, location)["filename"] == "unnamed"
+    backend.assert_stored(await record_of(client, location), data)
+    assert (await record_of(client, location))["filename"] == "unnamed"
 
 
-async def test_creation_with_the_whole_file_and_an_empty_one(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_creation_with_the_whole_file_and_an_empty_one(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(5000)
     reply = await client.post("/files", content=data, headers={**OCTETS, "Upload-Length": "5000"})
     assert reply.status_code == 201
     assert reply.headers["upload-offset"] == "5000"
-    assert_stored(upload_dir, stored_record(upload_dir, reply.headers["location"]), data)
+    backend.assert_stored(await record_of(client, reply.headers["location"]), data)
     location = await create(client, 0)
-    assert_stored(upload_dir, stored_record(upload_dir, location), b"")
-    assert resumable_files(upload_dir) == []
+    backend.assert_stored(await record_of(client, location), b"")
+    assert leftovers(backend) == []
 
 
 @pytest.mark.parametrize(
@@ -226,23 +255,23 @@ async def test_creation_with_the_whole_file_and_an_empty_one(client: httpx.Async
     ],
 )
 async def test_creation_refused(
-    client: httpx.AsyncClient, upload_dir: Path, headers: dict[str, str], status: int, code: str
+    client: httpx.AsyncClient, backend: Any, headers: dict[str, str], status: int, code: str
 ) -> None:
     reply = await client.post("/files", headers=headers)
     check_error(reply, status, code)
     check_tus(reply)
     if status == 412:
         assert reply.headers["tus-version"] == "1.0.0"
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_creation_body_of_another_type_is_415(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_creation_body_of_another_type_is_415(client: httpx.AsyncClient, backend: Any) -> None:
     reply = await client.post("/files", content=b"abc", headers={**TUS, "Upload-Length": "3", "Content-Type": "text/plain"})
     check_error(reply, 415, "unsupported_media_type")
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_patch_refused_and_nothing_moves(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_patch_refused_and_nothing_moves(client: httpx.AsyncClient, backend: Any) -> None:
     location = await create(client, 100)
     assert (await patch(client, location, 0, b"0123456789")).status_code == 204
     cases = [
@@ -264,13 +293,14 @@ async def test_patch_refused_and_nothing_moves(client: httpx.AsyncClient, upload
         if code == "offset_mismatch":
             assert body["offset"] == 10
         assert await offset_of(client, location) == 10, code
-    assert (upload_dir / ".resumable" / location.rsplit("/", 1)[1]).read_bytes() == b"0123456789"
+    if backend.name == "local":
+        assert (backend.upload_dir / ".resumable" / location.rsplit("/", 1)[1]).read_bytes() == b"0123456789"
     check_error(await patch(client, "/files/" + "f" * 32, 0, b"x"), 404, "not_found")
     check_error(await patch(client, "/files/../../etc/passwd", 0, b"x"), 404, "not_found")
     check_error(await client.head("/files/" + "f" * 32, headers=TUS), 404, "not_found")
 
 
-async def test_checksummed_chunks(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_checksummed_chunks(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(3_000_000)
     location = await create(client, len(data))
     first, rest = data[:1_500_000], data[1_500_000:]
@@ -282,10 +312,10 @@ async def test_checksummed_chunks(client: httpx.AsyncClient, upload_dir: Path) -
     assert await offset_of(client, location) == len(first)  # the chunk was discarded
     reply = await patch(client, location, len(first), rest, **{"Upload-Checksum": "sha256 " + b64(hashlib.sha256(rest).digest())})
     assert reply.status_code == 204
-    assert_stored(upload_dir, stored_record(upload_dir, location), data)
+    backend.assert_stored(await record_of(client, location), data)
 
 
-async def test_patch_past_the_length_stores_nothing_of_it(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_patch_past_the_length_stores_nothing_of_it(client: httpx.AsyncClient, backend: Any) -> None:
     location = await create(client, 10)
     assert (await patch(client, location, 0, b"01234")).status_code == 204
     check_error(await patch(client, location, 5, b"5678901"), 413, "payload_too_large")  # Content-Length says so
@@ -297,19 +327,20 @@ async def test_patch_past_the_length_stores_nothing_of_it(client: httpx.AsyncCli
     reply = await client.patch(location, content=chunks(), headers={**OCTETS, "Upload-Offset": "5"})
     check_error(reply, 413, "payload_too_large")
     assert await offset_of(client, location) == 5
-    assert (upload_dir / ".resumable" / location.rsplit("/", 1)[1]).read_bytes() == b"01234"
+    if backend.name == "local":
+        assert (backend.upload_dir / ".resumable" / location.rsplit("/", 1)[1]).read_bytes() == b"01234"
     assert (await patch(client, location, 5, b"56789")).status_code == 204
-    assert_stored(upload_dir, stored_record(upload_dir, location), b"0123456789")
+    backend.assert_stored(await record_of(client, location), b"0123456789")
 
 
-async def test_deferred_length_stops_at_the_file_limit(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_deferred_length_stops_at_the_file_limit(client: httpx.AsyncClient, backend: Any) -> None:
     location = await create(client, None)
     check_error(await patch(client, location, 0, b"x" * 10_000_001), 413, "payload_too_large")
     assert await offset_of(client, location) == 0
 
 
 @pytest.mark.parametrize("how", ["metadata", "repr-digest"])
-async def test_declared_digest_checked_before_commit(client: httpx.AsyncClient, upload_dir: Path, how: str) -> None:
+async def test_declared_digest_checked_before_commit(client: httpx.AsyncClient, backend: Any, how: str) -> None:
     data = payload(70_000)
     declared = hashlib.sha256(b"something else").digest()
     headers = {"Repr-Digest": f"sha-256=:{b64(declared)}:"} if how == "repr-digest" else {}
@@ -318,16 +349,16 @@ async def test_declared_digest_checked_before_commit(client: httpx.AsyncClient, 
     assert (await patch(client, location, 0, data[:1000])).status_code == 204
     body = check_error(await patch(client, location, 1000, data[1000:]), 460, "sha256_mismatch")
     assert body["sha256"] == sha(data)
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     check_error(await client.head(location, headers=TUS), 404, "not_found")
     # And the right digest stores it.
     good = {"Repr-Digest": f"sha-256=:{b64(hashlib.sha256(data).digest())}:"} if how == "repr-digest" else {}
     location = await create(client, len(data), f"sha256 {b64(sha(data).upper())}" if how == "metadata" else None, **good)
     assert (await patch(client, location, 0, data)).status_code == 204
-    assert_stored(upload_dir, stored_record(upload_dir, location), data)
+    backend.assert_stored(await record_of(client, location), data)
 
 
-async def test_termination(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_termination(client: httpx.AsyncClient, backend: Any) -> None:
     location = await create(client, 100)
     assert (await patch(client, location, 0, b"abc")).status_code == 204
     reply = await client.delete(location)
@@ -338,17 +369,17 @@ async def test_termination(client: httpx.AsyncClient, upload_dir: Path) -> None:
     check_error(await client.head(location, headers=TUS), 404, "not_found")
     check_error(await patch(client, location, 3, b"d"), 404, "not_found")
     check_error(await client.delete(location, headers=TUS), 404, "not_found")
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     # A finished upload is a stored file: deleted like one (no tus header needed).
     location = await create(client, 3)
     assert (await patch(client, location, 0, b"abc")).status_code == 204
     assert (await client.delete(location)).status_code == 204
     check_error(await client.get(location), 404, "not_found")
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_expiry(upload_dir: Path) -> None:
-    config = upload_asgi.Config(upload_dir=upload_dir, fsync=False, resumable_expiry=0.5)
+async def test_expiry(backend: Any) -> None:
+    config = backend.config(fsync=False, resumable_expiry=0.5)
     app = upload_asgi.create_app(config)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         touched = await create(client, 100)
@@ -358,14 +389,16 @@ async def test_expiry(upload_dir: Path) -> None:
         check_error(await client.head(touched, headers=TUS), 410, "upload_expired")
         check_error(await client.head(touched, headers=TUS), 404, "not_found")
         check_error(await patch(client, untouched, 0, b"abc"), 410, "upload_expired")
-    assert_nothing_stored(upload_dir)
+    await close_app(app)
+    backend.assert_nothing_stored()
     # A sweep (at startup, then every minute when /files is used) removes what nobody touches.
     app = upload_asgi.create_app(config)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         await create(client, 100)
         await asyncio.sleep(0.6)
         assert app.resumable.sweep() == 1
-    assert_nothing_stored(upload_dir)
+    await close_app(app)
+    backend.assert_nothing_stored()
 
 
 async def test_token_guards_writes_not_reads(upload_dir: Path) -> None:
@@ -439,7 +472,7 @@ def check_problem(reply: httpx.Response, status: int, kind: str, version: str) -
 
 
 @pytest.mark.parametrize("version", ["6", "8"])
-async def test_draft_upload_in_pieces(client: httpx.AsyncClient, upload_dir: Path, version: str) -> None:
+async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, version: str) -> None:
     data = payload(1_234_567)
     reply = await client.post(
         "/files", content=data[:1000],
@@ -478,7 +511,7 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, upload_dir: Pat
     assert reply.headers["upload-complete"] == "?1"
     record = reply.json()
     assert record["filename"] == "rows.csv" and record["content_type"] == "text/csv"
-    assert_stored(upload_dir, record, data)
+    backend.assert_stored(record, data)
     check_problem(await client.patch(location, content=b"x", headers={**complete, "Upload-Offset": str(len(data))}),
                   400, "completed-upload", version)
     reply = await client.head(location, headers=draft(version))  # now a stored file: its download headers
@@ -487,22 +520,22 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, upload_dir: Pat
 
 
 @pytest.mark.parametrize("version", ["6", "8"])
-async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, upload_dir: Path, version: str) -> None:
+async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, backend: Any, version: str) -> None:
     data = payload(300_000)
     reply = await client.post("/files", content=data, headers=draft(version, Upload_Complete="?1"))
     assert reply.status_code == 201
     assert reply.headers["location"] == f"/files/{reply.json()['id']}"
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
     reply = await client.post("/files", content=data[:10], headers=draft(version, Upload_Complete="?0"))
     location = reply.headers["location"]
     assert "upload-length" not in (await client.head(location, headers=draft(version))).headers
     append = draft(version, Content_Type="application/partial-upload", Upload_Complete="?1", Upload_Offset="10")
     reply = await client.patch(location, content=data[10:], headers=append)
     assert reply.status_code == 200
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
-async def test_draft_refusals(client: httpx.AsyncClient, upload_dir: Path) -> None:
+async def test_draft_refusals(client: httpx.AsyncClient, backend: Any) -> None:
     check_error(await client.post("/files", content=b"abc", headers=draft("8")), 400, "invalid_header")
     check_error(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="yes")), 400, "invalid_header")
     check_error(await client.post("/files", headers=draft("8", Upload_Complete="?0", Upload_Length="10000001")), 413, "payload_too_large")
@@ -512,8 +545,7 @@ async def test_draft_refusals(client: httpx.AsyncClient, upload_dir: Path) -> No
                   400, "inconsistent-upload-length", "8")
     reply = await client.post("/files", headers=draft("8", Upload_Complete="?1"))  # an empty file, complete
     assert reply.status_code == 201 and reply.json()["size"] == 0
-    (upload_dir / reply.json()["id"]).unlink()
-    (upload_dir / f"{reply.json()['id']}.json").unlink()
+    assert (await client.delete(f"/files/{reply.json()['id']}")).status_code == 204
     wrong = f"sha-256=:{b64(hashlib.sha256(b'other').digest())}:"
     body = check_problem(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?1", Repr_Digest=wrong)),
                          422, "digest-mismatch", "8")
@@ -525,7 +557,7 @@ async def test_draft_refusals(client: httpx.AsyncClient, upload_dir: Path) -> No
     reply = await client.delete(location, headers=draft("8"))
     assert reply.status_code == 204
     assert reply.headers["upload-draft-interop-version"] == "8"
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     # An interop version we do not speak is tus, which wants its own header.
     check_error(await client.post("/files", headers={"Upload-Draft-Interop-Version": "5", "Upload-Complete": "?1"}),
                 412, "unsupported_version")

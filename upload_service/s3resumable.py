@@ -309,6 +309,7 @@ class S3ResumableStore(ResumableStore):
         self.lease_seconds = lease_seconds
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
+        self._closed = False
         self._digests: OrderedDict[str, tuple[int, Any]] = OrderedDict()
         self._digests_lock = threading.Lock()
 
@@ -330,13 +331,16 @@ class S3ResumableStore(ResumableStore):
 
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._loop_lock:
+            if self._closed:
+                raise StorageUnavailable("the resumable store is closed")
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="s3-resumable", daemon=True).start()
             return self._loop
 
     def submit(self, work: Awaitable[T]) -> concurrent.futures.Future[T]:
-        return asyncio.run_coroutine_threadsafe(work, self.loop())  # type: ignore[arg-type]
+        loop = self.loop()
+        return asyncio.run_coroutine_threadsafe(work, loop)  # type: ignore[arg-type]
 
     def run(self, work: Awaitable[T]) -> T:
         """Run a coroutine on our loop and wait for it (blocking)."""
@@ -353,12 +357,17 @@ class S3ResumableStore(ResumableStore):
             logger.warning("resumable cleanup in %s failed (the sweep will retry): %s", self.s3.url, exc)
 
     def close(self) -> None:
-        """Stop our loop's thread (tests; a server just exits)."""
+        """Let the work under way end, close the client, stop our loop's thread (tests; a server just exits)."""
         with self._loop_lock:
-            loop, self._loop = self._loop, None
+            loop, self._loop, self._closed = self._loop, None, True
         if loop is not None:
-            asyncio.run_coroutine_threadsafe(self.s3.aclose(), loop).result(THREAD_WAIT_SECONDS)
+            asyncio.run_coroutine_threadsafe(self._wind_down(), loop).result(THREAD_WAIT_SECONDS)
             loop.call_soon_threadsafe(loop.stop)
+
+    async def _wind_down(self) -> None:
+        while others := asyncio.all_tasks() - {asyncio.current_task()}:
+            await asyncio.wait(others)
+        await self.s3.aclose()
 
     # -- S3 calls (coroutines, on our loop) --
 
