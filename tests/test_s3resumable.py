@@ -254,3 +254,88 @@ def test_tuspy_through_hypercorn_on_s3(bucket: S3Backend, tmp_path: Path) -> Non
             assert metric(http.get("/metrics").text, "upload_asgi_resumable_rehashed_bytes_total") == 0
     assert record["sha256"] == sha(data) and record["filename"] == "source.bin"
     assert_only_stored(bucket, record, data)
+
+
+@pytest.mark.parametrize("changed", ["lease", "info"])
+async def test_a_writer_that_lost_the_upload_commits_nothing(bucket: S3Backend, tmp_path: Path, changed: str) -> None:
+    """Another writer took the lease over (ours went stale) or wrote the info: 503, nothing of ours counts."""
+    app = app_on(bucket, tmp_path / "w", idle_timeout=2)  # a lease of 5 s, renewed after 1.25 s
+    data = payload(2 * MiB, seed=2)
+    go_on = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[:MiB]
+        await go_on.wait()
+        yield data[MiB:]
+
+    try:
+        async with client_of(app) as client:
+            location = (await client.post("/files", headers={**TUS, "Upload-Length": str(len(data))})).headers["location"]
+            key = f"{bucket.prefix}/.resumable/{location[7:]}.{'lock' if changed == 'lease' else 'info'}"
+            writing = asyncio.create_task(patch(client, location, 0, body()))
+            await asyncio.sleep(1.5)
+            if changed == "lease":
+                bucket.s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps({"expires": time.time() + 60}).encode())
+            else:
+                info = json.loads(bucket.object_bytes(key[len(bucket.prefix) + 1 :]))
+                bucket.s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps({**info, "generation": 99}).encode())
+            go_on.set()
+            reply = await writing
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"] == "storage_unavailable"
+            assert "another writer" in reply.json()["detail"]
+            if changed == "lease":
+                bucket.s3.delete_object(Bucket=BUCKET, Key=key)  # the other writer is done
+            assert await offset_of(client, location) == 0
+            assert (await patch(client, location, 0, data)).status_code == 204
+            record = (await client.get(f"{location}/record")).json()
+    finally:
+        await close(app)
+    assert_only_stored(bucket, record, data)
+
+
+async def test_a_tail_not_as_its_info_says_is_503(bucket: S3Backend, two_apps: Any) -> None:
+    first, _ = two_apps
+    async with client_of(first) as client:
+        location = (await client.post("/files", headers={**TUS, "Upload-Length": "200"})).headers["location"]
+        assert (await patch(client, location, 0, b"x" * 100)).status_code == 204
+        tail = next(n for n in bucket.objects() if ".tail-" in n)
+        bucket.s3.put_object(Bucket=BUCKET, Key=f"{bucket.prefix}/{tail}", Body=b"x" * 50)
+        reply = await patch(client, location, 100, b"y" * 100)
+        assert reply.status_code == 503 and reply.json()["error"] == "storage_unavailable"
+        assert await offset_of(client, location) == 100
+        assert (await client.delete(location, headers=TUS)).status_code == 204
+    bucket.assert_nothing_stored()
+
+
+async def test_completed_before_its_record_finishes_on_the_next_patch(bucket: S3Backend, two_apps: Any) -> None:
+    """A crash after the multipart upload was completed but before the info or the record said so."""
+    data = payload(10 * MiB, seed=10)  # two parts, no tail
+    first, second = two_apps
+    async with client_of(first) as a, client_of(second) as b:
+        location = (await a.post("/files", headers={**TUS, "Upload-Defer-Length": "1"})).headers["location"]
+        assert (await patch(a, location, 0, data)).status_code == 204
+        info = json.loads(bucket.object_bytes(f".resumable/{location[7:]}.info"))
+        bucket.s3.complete_multipart_upload(
+            Bucket=BUCKET, Key=f"{bucket.prefix}/{location[7:]}", UploadId=info["upload_id"],
+            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag, _ in info["parts"]]},
+        )
+        assert (await b.get(location)).status_code == 409  # no record: still an upload
+        reply = await patch(b, location, len(data), b"", **{"Upload-Length": str(len(data))})
+        assert reply.status_code == 204, reply.text
+        record = (await a.get(f"{location}/record")).json()
+        assert metric((await b.get("/metrics")).text, "upload_asgi_resumable_rehashed_bytes_total") == len(data)
+    assert record["sha256"] == sha(data)
+    assert_only_stored(bucket, record, data)
+
+
+async def test_sweep_removes_what_a_crash_left_without_an_info(bucket: S3Backend, two_apps: Any) -> None:
+    first, _ = two_apps
+    orphan = "0123456789abcdef" * 2
+    for name in (f"{orphan}.tail-3", f"{orphan}.lock"):
+        bucket.s3.put_object(Bucket=BUCKET, Key=f"{bucket.prefix}/.resumable/{name}", Body=b"left")
+    store = first.resumable.store
+    assert await asyncio.to_thread(store.sweep, time.time()) == 0
+    assert len(bucket.objects()) == 2  # young: maybe a creation under way
+    assert await asyncio.to_thread(store.sweep, time.time() + 7200) == 0
+    bucket.assert_nothing_stored()
