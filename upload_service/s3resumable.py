@@ -304,9 +304,10 @@ class S3Upload(ResumableUpload):
 class S3ResumableStore(ResumableStore):
     """Resumable uploads of an `S3Store`, in its bucket; see the module docstring."""
 
-    def __init__(self, s3: S3Store, lease_seconds: float) -> None:
+    def __init__(self, s3: S3Store, lease_seconds: float, expiry: float = 0.0) -> None:
         self.s3 = s3
         self.lease_seconds = lease_seconds
+        self.expiry = expiry  # an info written less than this ago cannot have expired: the sweep skips it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._closed = False
@@ -546,7 +547,10 @@ class S3ResumableStore(ResumableStore):
         upload_id = group[0][0].split(".")[0]
         if not is_file_id(upload_id):
             return 0
-        if any(name.endswith(".info") for name, _ in group):
+        written = [modified for name, modified in group if name.endswith(".info")]
+        if written:
+            if now - written[0] < self.expiry:
+                return 0
             found = await self.read_info(upload_id)
             if found is None or found[0].expires > now:
                 return 0

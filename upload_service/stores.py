@@ -45,4 +45,5 @@ def make_resumable_store(config: Config, store: Store) -> ResumableStore:
     from upload_service.s3resumable import S3ResumableStore
 
     # A writer's lease outlives any pause its request may take (the idle timeout) twice over.
-    return S3ResumableStore(store, lease_seconds=max(5.0, 2 * config.idle_timeout))  # type: ignore[arg-type]
+    lease = max(5.0, 2 * config.idle_timeout)
+    return S3ResumableStore(store, lease, config.resumable_expiry)  # type: ignore[arg-type]
