@@ -37,14 +37,15 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Iterator, TypeVar
 
 from upload_service.errors import StorageUnavailable
-from upload_service.s3client import MISSING_CODES, PartBody, aiohttp, BotoCoreError, error_code
+from upload_service.s3client import MISSING_CODES, BotoCoreError, PartBody, aiohttp, error_code
 from upload_service.s3store import RESUMABLE_DIR, THREAD_WAIT_SECONDS, S3Store
-from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id, new_file_id
+from upload_service.storage import (
+    DigestCache, Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id, new_file_id,
+)
 from upload_service.units import MiB
 
 logger = logging.getLogger("upload_asgi")
@@ -52,7 +53,6 @@ logger = logging.getLogger("upload_asgi")
 T = TypeVar("T")
 
 READ_BLOCK_SIZE = 1 * MiB  # the deferred hash reads the object back a MiB at a time
-KEPT_DIGESTS = 1024  # SHA-256 states kept between requests, per process (as localresumable)
 CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 # A tail or lease without an info this old was left by a crash (create writes both within a moment).
 STALE_LEFTOVER_SECONDS = 3600.0
@@ -233,6 +233,7 @@ class S3Upload(ResumableUpload):
         if self._saved.completed:
             return
         store = self._store
+        self._renew_lease()
         self._load_tail()
         if self._upload_id is None:
             body = PartBody(self._chunks)
@@ -266,7 +267,7 @@ class S3Upload(ResumableUpload):
                 self._renew_lease()
                 yield block
         finally:
-            body.close()
+            store.run(close_body(body))  # on its loop: aiohttp is not thread-safe
 
     def finish(self, record: Record) -> None:
         self._complete_object()
@@ -296,7 +297,7 @@ class S3Upload(ResumableUpload):
         if self._upload_id is not None and self._saved.upload_id is None and not self.gone:
             self._store.run_quietly(self._store.s3.abort_multipart(self.key, self._upload_id))  # never committed
         if not self.gone and not self._dirty:
-            self._store.keep_digest(self.info.id, self.info.offset, self.digest_state)
+            self._store.digests.keep(self.info.id, self.info.offset, self.digest_state)
         self._chunks, self._buffered = [], 0
         self._store.run_quietly(self._store.delete(self._store.lock_key(self.info.id), if_match=lease))
 
@@ -311,8 +312,7 @@ class S3ResumableStore(ResumableStore):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._closed = False
-        self._digests: OrderedDict[str, tuple[int, Any]] = OrderedDict()
-        self._digests_lock = threading.Lock()
+        self.digests = DigestCache()  # hash states of uploads this process wrote last
 
     # -- keys --
 
@@ -511,7 +511,7 @@ class S3ResumableStore(ResumableStore):
             self.run_quietly(self.delete(self.lock_key(upload_id), if_match=lease))
             return None
         info, saved = found
-        return S3Upload(self, info, saved, lease, self.take_digest(upload_id, info.offset))
+        return S3Upload(self, info, saved, lease, self.digests.take(upload_id, info.offset))
 
     def peek(self, upload_id: str) -> UploadInfo | None:
         if not is_file_id(upload_id):
@@ -522,8 +522,15 @@ class S3ResumableStore(ResumableStore):
         return found[0]
 
     def sweep(self, now: float) -> int:
-        """Blocking, on our loop (so also from the app's loop at startup); an unreachable store
-        is logged, not raised: the app starts anyway, as `S3Store.prepare` lets it."""
+        """Blocking, on our loop; but called on an event loop (the app's, at startup) it only starts
+        the sweep and returns 0: startup must not wait for a store that may be down (as `S3Store.prepare`)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            self.submit(self._sweep(now)).add_done_callback(log_sweep)
+            return 0
         try:
             return self.run(self._sweep(now))
         except StorageUnavailable as exc:
@@ -561,7 +568,7 @@ class S3ResumableStore(ResumableStore):
             await self.delete(self.info_key(upload_id))
             await self.remove_bytes(upload_id, found[1], None)
             await self.delete(self.lock_key(upload_id), if_match=lease)
-            self.take_digest(upload_id, -1)
+            self.digests.take(upload_id, -1)
             return 1
         for name, modified in group:
             if now - modified > STALE_LEFTOVER_SECONDS:
@@ -580,20 +587,13 @@ class S3ResumableStore(ResumableStore):
                 return
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
-    # -- SHA-256 states between requests (this process only) --
 
-    def keep_digest(self, upload_id: str, offset: int, digest: Any | None) -> None:
-        if digest is None:
-            return
-        with self._digests_lock:
-            self._digests[upload_id] = (offset, digest)
-            self._digests.move_to_end(upload_id)
-            while len(self._digests) > KEPT_DIGESTS:
-                self._digests.popitem(last=False)
+def log_sweep(future: concurrent.futures.Future[int]) -> None:
+    if future.exception() is not None:
+        logger.warning("sweeping expired resumable uploads failed: %s", future.exception())
+    elif future.result():
+        logger.info("swept %d expired resumable upload(s)", future.result())
 
-    def take_digest(self, upload_id: str, offset: int) -> Any | None:
-        """The kept state if it covers exactly `offset` bytes (else another server wrote since)."""
-        with self._digests_lock:
-            kept = self._digests.pop(upload_id, None)
-        return kept[1] if kept is not None and kept[0] == offset else None
 
+async def close_body(body: Any) -> None:
+    body.close()

@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
 import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -273,6 +275,31 @@ class ResumableUpload(ABC):
     @abstractmethod
     def release(self) -> None:
         """Let go of the upload (another request may write it now); safe more than once."""
+
+
+class DigestCache:
+    """SHA-256 states of uploads this process wrote last, kept between requests (~400 bytes
+    each, the oldest dropped past `size`); one not kept is re-read from the store."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self._size = size
+        self._kept: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def keep(self, upload_id: str, offset: int, digest: Any | None) -> None:
+        if digest is None:
+            return
+        with self._lock:
+            self._kept[upload_id] = (offset, digest)
+            self._kept.move_to_end(upload_id)
+            while len(self._kept) > self._size:
+                self._kept.popitem(last=False)
+
+    def take(self, upload_id: str, offset: int) -> Any | None:
+        """The kept state if it covers exactly `offset` bytes (else someone else wrote since)."""
+        with self._lock:
+            kept = self._kept.pop(upload_id, None)
+        return kept[1] if kept is not None and kept[0] == offset else None
 
 
 class ResumableStore(ABC):
