@@ -339,3 +339,40 @@ async def test_sweep_removes_what_a_crash_left_without_an_info(bucket: S3Backend
     assert len(bucket.objects()) == 2  # young: maybe a creation under way
     assert await asyncio.to_thread(store.sweep, time.time() + 7200) == 0
     bucket.assert_nothing_stored()
+
+
+@pytest.mark.parametrize("problem, status, code", [("no_bucket", 502, "storage_refused"),
+                                                   ("unreachable", 503, "storage_unavailable")])
+async def test_a_store_that_cannot_be_used(bucket: S3Backend, tmp_path: Path, problem: str, status: int, code: str) -> None:
+    """Startup does not wait for the bucket (its sweep runs in the background); creation is a clear 5xx."""
+    from support import free_port
+
+    config = dataclasses.replace(bucket.config(fsync=False), upload_dir=tmp_path / "u")
+    if problem == "no_bucket":
+        config = dataclasses.replace(config, storage=f"s3://no-such-bucket/{bucket.prefix}")
+    else:
+        config = dataclasses.replace(config, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    app = upload_asgi.create_app(config)
+    started = time.monotonic()
+    sent: list[dict[str, Any]] = []
+    startup = iter([{"type": "lifespan.startup"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(startup, None) or await asyncio.Event().wait()  # type: ignore[func-returns-value]
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    lifespan = asyncio.create_task(app({"type": "lifespan"}, receive, send))
+    while not sent:
+        await asyncio.sleep(0.01)
+    assert sent == [{"type": "lifespan.startup.complete"}] and time.monotonic() - started < 1.5
+    try:
+        async with client_of(app) as client:
+            reply = await client.post("/files", content=b"abc", headers={**OCTETS, "Upload-Length": "3"})
+            assert (reply.status_code, reply.json()["error"]) == (status, code), reply.text
+    finally:
+        lifespan.cancel()
+        await close(app)
+    bucket.assert_nothing_stored()
+    assert not (tmp_path / "u").exists()
