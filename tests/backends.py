@@ -7,6 +7,7 @@ of each to a test, so a behaviour test runs on both.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,11 +33,29 @@ def use_seaweedfs(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
 
 
+async def close_app(app: Any) -> None:
+    """Close the app's store client on this loop (the S3 store keeps one per loop)."""
+    if hasattr(app.store, "aclose"):
+        await app.store.aclose()
+
+
+@functools.cache
+def checking_client(seaweedfs: SeaweedFS) -> Any:
+    """One blocking botocore client per SeaweedFS for the checks (making one takes ~70 ms)."""
+    return seaweedfs.client()
+
+
 class LocalBackend:
     name = "local"
+    # Records' mtimes order the listing; a kernel stamps them at its tick (1-4 ms).
+    listing_tick = 0.02
 
     def __init__(self, upload_dir: Path) -> None:
         self.upload_dir = upload_dir
+
+    def examples(self, count: int) -> int:
+        """A property test's example count here (S3 runs fewer: each example is S3 calls)."""
+        return count
 
     def config(self, **settings: Any) -> Config:
         return Config(upload_dir=self.upload_dir, **settings)
@@ -53,15 +72,28 @@ class LocalBackend:
     def assert_nothing_stored(self) -> None:
         support.assert_nothing_stored(self.upload_dir)
 
+    def stored_bytes(self, file_id: str) -> bytes:
+        return (self.upload_dir / file_id).read_bytes()
+
+    def remove(self, file_id: str) -> None:
+        """Remove a stored file and its record behind the app's back (tests that reuse one app)."""
+        (self.upload_dir / file_id).unlink()
+        (self.upload_dir / f"{file_id}.json").unlink()
+
 
 class S3Backend:
     name = "s3"
+    # LastModified is to the second on S3: uploads a listing must order, a second apart.
+    listing_tick = 1.05
 
     def __init__(self, seaweedfs: SeaweedFS, upload_dir: Path, prefix: str) -> None:
         self.seaweedfs = seaweedfs
         self.upload_dir = upload_dir
         self.prefix = prefix
-        self.s3 = seaweedfs.client()
+        self.s3 = checking_client(seaweedfs)
+
+    def examples(self, count: int) -> int:
+        return max(10, count // 10)
 
     @property
     def storage(self) -> str:
@@ -88,6 +120,13 @@ class S3Backend:
         """Keys with a multipart upload in progress under the prefix."""
         answer = self.s3.list_multipart_uploads(Bucket=BUCKET, Prefix=f"{self.prefix}/")
         return sorted(u["Key"][len(self.prefix) + 1 :] for u in answer.get("Uploads", []))
+
+    def stored_bytes(self, file_id: str) -> bytes:
+        return self.object_bytes(file_id)
+
+    def remove(self, file_id: str) -> None:
+        for name in (file_id, f"{file_id}.json"):
+            self.s3.delete_object(Bucket=BUCKET, Key=f"{self.prefix}/{name}")
 
     def object_bytes(self, name: str) -> bytes:
         return self.s3.get_object(Bucket=BUCKET, Key=f"{self.prefix}/{name}")["Body"].read()

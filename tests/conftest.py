@@ -86,12 +86,31 @@ def bucket(seaweedfs: "SeaweedFS", upload_dir: Path, monkeypatch: pytest.MonkeyP
 
 
 @pytest.fixture
-async def backend_app(backend: Any) -> AsyncIterator[upload_asgi.UploadApp]:
-    """The app on `backend`, with its default settings."""
-    app = upload_asgi.create_app(backend.config())
-    yield app
-    if hasattr(app.store, "aclose"):
-        await app.store.aclose()
+def backend_settings() -> dict[str, Any]:
+    """Settings of the apps on `backend` (a module overrides it: e.g. fsync off for many uploads)."""
+    return {}
+
+
+@pytest.fixture
+async def make_backend_app(backend: Any, backend_settings: dict[str, Any]) -> AsyncIterator[Any]:
+    """`make(**settings)`: an app on `backend`; every one's store client is closed after the test."""
+    from backends import close_app
+
+    apps: list[upload_asgi.UploadApp] = []
+
+    def make(**settings: Any) -> upload_asgi.UploadApp:
+        apps.append(upload_asgi.create_app(backend.config(**{**backend_settings, **settings})))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        await close_app(app)
+
+
+@pytest.fixture
+def backend_app(make_backend_app: Any) -> upload_asgi.UploadApp:
+    """The app on `backend`, with `backend_settings`."""
+    return make_backend_app()
 
 
 @pytest.fixture
