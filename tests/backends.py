@@ -31,6 +31,26 @@ def use_seaweedfs(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    from upload_service import s3client
+
+    monkeypatch.setattr(s3client, "get_session", session_with_a_shared_loader)
+
+
+@functools.cache
+def shared_loader() -> Any:
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
+
+
+def session_with_a_shared_loader() -> Any:
+    """A new aiobotocore session (credentials read afresh) whose loader is the tests' one:
+    botocore parses S3's service model (~0.1 s) once, not for every app a test makes."""
+    from aiobotocore.session import get_session
+
+    session = get_session()
+    session.register_component("data_loader", shared_loader())
+    return session
 
 
 async def close_app(app: Any) -> None:
