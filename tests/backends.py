@@ -95,6 +95,17 @@ class LocalBackend:
     def stored_bytes(self, file_id: str) -> bytes:
         return (self.upload_dir / file_id).read_bytes()
 
+    def stored_names(self) -> list[str]:
+        """Every file in the upload dir (staging dirs' files too), relative to it."""
+        if not self.upload_dir.exists():
+            return []
+        return sorted(str(p.relative_to(self.upload_dir)) for p in self.upload_dir.rglob("*") if not p.is_dir())
+
+    def assert_nothing_in_flight(self) -> None:
+        """No file being written is left (after an answer, stored or refused)."""
+        partial = self.upload_dir / ".partial"
+        assert not partial.exists() or list(partial.iterdir()) == []
+
     def remove(self, file_id: str) -> None:
         """Remove a stored file and its record behind the app's back (tests that reuse one app)."""
         (self.upload_dir / file_id).unlink()
@@ -153,6 +164,15 @@ class S3Backend:
 
     def stored_ids(self) -> list[str]:
         return [name for name in self.objects() if not name.endswith(".json")]
+
+    def stored_names(self) -> list[str]:
+        """Every object under the prefix, and every file in the upload dir."""
+        local = [str(p.relative_to(self.upload_dir)) for p in self.upload_dir.rglob("*") if not p.is_dir()]
+        return sorted(self.objects() + (local if self.upload_dir.exists() else []))
+
+    def assert_nothing_in_flight(self) -> None:
+        assert self.uploads_in_progress() == []
+        self.assert_local_dir_empty()
 
     def assert_local_dir_empty(self) -> None:
         # No file (the resumable staging dir may stay, empty).

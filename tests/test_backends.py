@@ -1,7 +1,8 @@
 """Form uploads behave the same on both storage backends (SPEC §11): the same records, the
 same errors, nothing left behind. Each test runs on the local dir and on SeaweedFS (S3).
 
-The error table is test_http's, so the two cannot drift apart.
+Here: files of several S3 parts. The form tests of small files run on both backends in
+test_http, test_form_input, test_asgi, test_limits, test_hostile and test_failures.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 import upload_asgi
 from backends import S3_PART_SIZE
 from support import call_app, field_part, file_part, form_body, form_content_type, http_scope, split_at
-from test_http import ERROR_TABLE, check_created, post_body
+from test_http import check_created, post_body
 from support import assert_error as check_error
 
 BIG = 2 * S3_PART_SIZE + 12345  # a multipart upload on S3, with a last part
@@ -51,15 +52,6 @@ async def test_upload_many_files(backend: Any, backend_client: httpx.AsyncClient
     for record, data in zip(answer["files"], datas):
         backend.assert_stored(record, data)
     assert len(backend.stored_ids()) == 20
-
-
-@pytest.mark.parametrize("path, content_type, body, status, code", ERROR_TABLE)
-async def test_error_table(
-    backend: Any, backend_client: httpx.AsyncClient, path: str, content_type: str | None, body: bytes, status: int,
-    code: str,
-) -> None:
-    check_error(await post_body(backend_client, body, path, content_type), status, code)
-    backend.assert_nothing_stored()
 
 
 @pytest.mark.parametrize("case", ["sha256_mismatch", "second_file_cut", "file_too_large"])
