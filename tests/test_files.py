@@ -26,7 +26,7 @@ import pytest
 
 import upload_asgi
 from backends import LocalBackend
-from support import Reply, assert_nothing_stored, call_app, http_scope, stored_ids
+from support import Reply, call_app, http_scope, stored_ids
 from upload_service import files
 from upload_service.files import (
     RangeNotSatisfiable,
