@@ -57,6 +57,13 @@ def server(upload_dir: Path) -> Iterator[Server]:
         yield running
 
 
+@pytest.fixture
+def backend_server(backend: Any, upload_dir: Path) -> Iterator[Server]:
+    """`server` on `backend` (tests/backends.py): a real hypercorn storing there."""
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", **backend.server_env()}) as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator["SeaweedFS"]:
     """One SeaweedFS (`weed mini`) for the session, on free ports; tests use their own prefixes."""
