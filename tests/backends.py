@@ -101,10 +101,14 @@ class LocalBackend:
             return []
         return sorted(str(p.relative_to(self.upload_dir)) for p in self.upload_dir.rglob("*") if not p.is_dir())
 
+    def in_flight(self) -> list[str]:
+        """Files being written: the local store's partial files."""
+        partial = self.upload_dir / ".partial"
+        return sorted(p.name for p in partial.iterdir()) if partial.exists() else []
+
     def assert_nothing_in_flight(self) -> None:
         """No file being written is left (after an answer, stored or refused)."""
-        partial = self.upload_dir / ".partial"
-        assert not partial.exists() or list(partial.iterdir()) == []
+        assert self.in_flight() == []
 
     def remove(self, file_id: str) -> None:
         """Remove a stored file and its record behind the app's back (tests that reuse one app)."""
@@ -169,6 +173,10 @@ class S3Backend:
         """Every object under the prefix, and every file in the upload dir."""
         local = [str(p.relative_to(self.upload_dir)) for p in self.upload_dir.rglob("*") if not p.is_dir()]
         return sorted(self.objects() + (local if self.upload_dir.exists() else []))
+
+    def in_flight(self) -> list[str]:
+        """Files being written: multipart uploads in progress."""
+        return self.uploads_in_progress()
 
     def assert_nothing_in_flight(self) -> None:
         assert self.uploads_in_progress() == []

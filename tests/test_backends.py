@@ -7,6 +7,7 @@ test_http, test_form_input, test_asgi, test_limits, test_hostile and test_failur
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from typing import Any
@@ -16,7 +17,10 @@ import pytest
 
 import upload_asgi
 from backends import S3_PART_SIZE
-from support import call_app, field_part, file_part, form_body, form_content_type, http_scope, split_at
+from support import (
+    Reply, call_app, chunks_of, field_part, file_part, form_body, form_content_type, http_scope, split_at,
+)
+from upload_service import early_answer
 from test_http import check_created, post_body
 from support import assert_error as check_error
 
@@ -81,6 +85,35 @@ async def test_disconnect_mid_upload_leaves_nothing(backend: Any, backend_app: u
     scope = http_scope("/upload-multiple", content_type=form_content_type())
     reply = await call_app(backend_app, scope, chunks[:-1], disconnect_after=True)
     assert reply.status is None  # a client that left gets no answer
+    backend.assert_nothing_stored()
+
+
+async def test_a_client_that_stalls_mid_file_gets_408_and_leaves_nothing(
+    backend: Any, make_backend_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle timeout with a file on its way (on S3: a multipart upload with a part sent)."""
+    monkeypatch.setattr(early_answer, "DRAIN_LIMIT_SECONDS", 0.2)  # the client says nothing more
+    app = make_backend_app(idle_timeout=0.5)
+    body = form_body([file_part(os.urandom(BIG))])
+    chunks = chunks_of(body[: S3_PART_SIZE + 1024 * 1024], 256 * 1024)
+    seen: list[str] = []
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
+        for _ in range(40):  # within the idle timeout: the first part is on its way
+            seen.extend(await asyncio.to_thread(backend.in_flight))
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        await never.wait()
+        return {}
+
+    reply = Reply()
+    await asyncio.wait_for(app(http_scope("/upload", content_type=form_content_type()), receive, reply.record), 30)
+    check_error(reply, 408, "request_timeout")
+    assert len(seen) == 1
     backend.assert_nothing_stored()
 
 
