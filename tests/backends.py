@@ -95,6 +95,17 @@ class LocalBackend:
     def stored_bytes(self, file_id: str) -> bytes:
         return (self.upload_dir / file_id).read_bytes()
 
+    def stored_record(self, file_id: str) -> dict[str, Any]:
+        return json.loads((self.upload_dir / f"{file_id}.json").read_text())
+
+    def holds(self, record: dict[str, Any]) -> bool:
+        """Whether the record's file and record are in place, and nothing of it is in flight."""
+        file_id = record["id"]
+        return (
+            (self.upload_dir / file_id).is_file() and self.stored_record(file_id) == record
+            and file_id not in self.in_flight()
+        )
+
     def stored_names(self) -> list[str]:
         """Every file in the upload dir (staging dirs' files too), relative to it."""
         if not self.upload_dir.exists():
@@ -168,6 +179,13 @@ class S3Backend:
 
     def stored_ids(self) -> list[str]:
         return [name for name in self.objects() if not name.endswith(".json")]
+
+    def stored_record(self, file_id: str) -> dict[str, Any]:
+        return json.loads(self.object_bytes(f"{file_id}.json"))
+
+    def holds(self, record: dict[str, Any]) -> bool:
+        file_id = record["id"]
+        return file_id in self.objects() and self.stored_record(file_id) == record and file_id not in self.in_flight()
 
     def stored_names(self) -> list[str]:
         """Every object under the prefix, and every file in the upload dir."""

@@ -100,13 +100,14 @@ def backend_settings() -> dict[str, Any]:
 
 @pytest.fixture
 async def make_backend_app(backend: Any, backend_settings: dict[str, Any]) -> AsyncIterator[Any]:
-    """`make(**settings)`: an app on `backend`; every one's store client is closed after the test."""
+    """`make(on_upload, before_upload, **settings)`: an app on `backend`; closed after the test."""
     from backends import close_app
 
     apps: list[upload_asgi.UploadApp] = []
 
-    def make(**settings: Any) -> upload_asgi.UploadApp:
-        apps.append(upload_asgi.create_app(backend.config(**{**backend_settings, **settings})))
+    def make(on_upload: Any = None, before_upload: Any = None, **settings: Any) -> upload_asgi.UploadApp:
+        config = backend.config(**{**backend_settings, **settings})
+        apps.append(upload_asgi.create_app(config, on_upload=on_upload, before_upload=before_upload))
         return apps[-1]
 
     yield make
