@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,10 @@ class LocalBackend:
         """A property test's example count here (S3 runs fewer: each example is S3 calls)."""
         return count
 
+    def sibling(self, upload_dir: Path) -> LocalBackend:
+        """The same backend, empty: on another upload dir."""
+        return LocalBackend(upload_dir)
+
     def config(self, **settings: Any) -> Config:
         return Config(upload_dir=self.upload_dir, **settings)
 
@@ -140,6 +145,10 @@ class S3Backend:
 
     def examples(self, count: int) -> int:
         return max(10, count // 10)
+
+    def sibling(self, upload_dir: Path) -> S3Backend:
+        """The same backend, empty: another prefix (and upload dir)."""
+        return S3Backend(self.seaweedfs, upload_dir, f"t/{uuid.uuid4().hex[:12]}")
 
     @property
     def storage(self) -> str:
