@@ -7,10 +7,13 @@ of each to a test, so a behaviour test runs on both.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -103,6 +106,19 @@ class LocalBackend:
     def stored_record(self, file_id: str) -> dict[str, Any]:
         return json.loads((self.upload_dir / f"{file_id}.json").read_text())
 
+    def slow_commit(self, monkeypatch: pytest.MonkeyPatch, app: Any, committing: threading.Event, seconds: float) -> None:
+        """Make the app's commits take `seconds` more, once `committing` is set: here, each sidecar's write."""
+        from upload_service import localstore
+
+        real = localstore.write_sidecar
+
+        def slow_write_sidecar(*args: Any, **kwargs: Any) -> Any:
+            committing.set()
+            time.sleep(seconds)  # on the commit's thread, which nothing can stop
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(localstore, "write_sidecar", slow_write_sidecar)
+
     def holds(self, record: dict[str, Any]) -> bool:
         """Whether the record's file and record are in place, and nothing of it is in flight."""
         file_id = record["id"]
@@ -191,6 +207,19 @@ class S3Backend:
 
     def stored_record(self, file_id: str) -> dict[str, Any]:
         return json.loads(self.object_bytes(f"{file_id}.json"))
+
+    def slow_commit(self, monkeypatch: pytest.MonkeyPatch, app: Any, committing: threading.Event, seconds: float) -> None:
+        """Here: each record's PUT, the commit's last step."""
+        store = app.prepare()
+        real = store.call
+
+        async def call(operation: str, **params: Any) -> Any:
+            if operation == "put_object" and params["Key"].endswith(".json"):
+                committing.set()
+                await asyncio.sleep(seconds)
+            return await real(operation, **params)
+
+        monkeypatch.setattr(store, "call", call)
 
     def holds(self, record: dict[str, Any]) -> bool:
         file_id = record["id"]

@@ -1,7 +1,7 @@
 """Failure handling (SPEC §3, §4): token, concurrency cap, idle clients, full disks, I/O errors,
 crashes, and the log line each upload leaves.
 
-The token, cap, timeout, rate and log tests run on both storage backends (`backend`).
+The token, cap, timeout, rate, log and cancelled-commit tests run on both storage backends.
 Local only: the disk failures (os.write made to fail, a full tmpfs, the upload dir taken
 away), the partial files, the slow writes, kill -9 and the startup sweep are the local
 store's (S3's failures, crash and sweep are test_s3store's), and the servers' tests.
@@ -754,21 +754,14 @@ async def test_log_line_for_a_client_that_left(make_backend_app, backend, caplog
 
 
 @pytest.mark.parametrize("cancels", [1, 3])
-async def test_cancelled_during_commit_stores_nothing(config, upload_dir, monkeypatch, cancels):
-    """A request cancelled while its files are being committed (on a thread that cannot be
-    stopped) ends with nothing stored: the commit finishes, then is undone. Cancelled
-    again (a server shutting down cancels everything again), it still waits for the
-    commit: cleaning up beside it left files stored."""
-    app = upload_asgi.create_app(config)
+async def test_cancelled_during_commit_stores_nothing(make_backend_app, backend, monkeypatch, cancels):
+    """A request cancelled while its files are being committed (locally on a thread that cannot
+    be stopped; on S3 while its records go up) ends with nothing stored: the commit finishes,
+    then is undone. Cancelled again (a server shutting down cancels everything again), it
+    still waits for the commit: cleaning up beside it left files stored."""
+    app = make_backend_app(fsync=True)
     committing = threading.Event()
-    real_write_sidecar = localstore.write_sidecar
-
-    def slow_write_sidecar(*args, **kwargs):
-        committing.set()
-        time.sleep(0.3)
-        return real_write_sidecar(*args, **kwargs)
-
-    monkeypatch.setattr(localstore, "write_sidecar", slow_write_sidecar)
+    backend.slow_commit(monkeypatch, app, committing, 0.3)
     body = form_body([file_part(b"one", name="files"), file_part(b"two", name="files")])
     task = asyncio.ensure_future(call_app(app, upload_scope("/upload-multiple"), [body]))
     while not committing.is_set():
@@ -778,7 +771,7 @@ async def test_cancelled_during_commit_stores_nothing(config, upload_dir, monkey
         await asyncio.sleep(0.02)
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     assert app.metrics.outcomes == {"disconnected": 1}
     assert app.metrics.in_flight == 0
 
