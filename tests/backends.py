@@ -71,6 +71,7 @@ def checking_client(seaweedfs: SeaweedFS) -> Any:
 
 class LocalBackend:
     name = "local"
+    write_unit = MiB  # a writer thread's block (targets.WRITE_BLOCK_SIZE)
     # Records' mtimes order the listing; a kernel stamps them at its tick (1-4 ms).
     listing_tick = 0.02
 
@@ -105,6 +106,18 @@ class LocalBackend:
 
     def stored_record(self, file_id: str) -> dict[str, Any]:
         return json.loads((self.upload_dir / f"{file_id}.json").read_text())
+
+    def slow_writes(self, monkeypatch: pytest.MonkeyPatch, app: Any, seconds: float) -> None:
+        """Make each `write_unit` of a file take `seconds` more: here, each block's write to disk."""
+        from upload_service import localstore
+
+        real = localstore.write_all
+
+        def slow_write_all(fd: int, data: Any) -> None:
+            time.sleep(seconds)  # on the writer thread
+            real(fd, data)
+
+        monkeypatch.setattr(localstore, "write_all", slow_write_all)
 
     def slow_commit(self, monkeypatch: pytest.MonkeyPatch, app: Any, committing: threading.Event, seconds: float) -> None:
         """Make the app's commits take `seconds` more, once `committing` is set: here, each sidecar's write."""
@@ -150,6 +163,7 @@ class LocalBackend:
 
 class S3Backend:
     name = "s3"
+    write_unit = S3_PART_SIZE  # a part
     # LastModified is to the second on S3: uploads a listing must order, a second apart.
     listing_tick = 1.05
 
@@ -207,6 +221,17 @@ class S3Backend:
 
     def stored_record(self, file_id: str) -> dict[str, Any]:
         return json.loads(self.object_bytes(f"{file_id}.json"))
+
+    def slow_writes(self, monkeypatch: pytest.MonkeyPatch, app: Any, seconds: float) -> None:
+        """Here: each part's upload."""
+        store = app.prepare()
+        real = store.upload_part
+
+        async def upload_part(*args: Any) -> str:
+            await asyncio.sleep(seconds)
+            return await real(*args)
+
+        monkeypatch.setattr(store, "upload_part", upload_part)
 
     def slow_commit(self, monkeypatch: pytest.MonkeyPatch, app: Any, committing: threading.Event, seconds: float) -> None:
         """Here: each record's PUT, the commit's last step."""

@@ -1,10 +1,11 @@
 """Failure handling (SPEC §3, §4): token, concurrency cap, idle clients, full disks, I/O errors,
 crashes, and the log line each upload leaves.
 
-The token, cap, timeout, rate, log and cancelled-commit tests run on both storage backends.
-Local only: the disk failures (os.write made to fail, a full tmpfs, the upload dir taken
-away), the partial files, the slow writes, kill -9 and the startup sweep are the local
-store's (S3's failures, crash and sweep are test_s3store's), and the servers' tests.
+The token, cap, timeout, rate, slow-store, log and cancelled-commit tests run on both storage
+backends (a slow store: slow disk blocks or slow S3 parts, `backend.slow_writes`). Local only:
+the disk failures (os.write made to fail, a full tmpfs, the upload dir taken away), the partial
+files, kill -9 and the startup sweep are the local store's (S3's failures, crash and sweep are
+test_s3store's), and so are the servers' tests.
 """
 
 from __future__ import annotations
@@ -330,22 +331,16 @@ async def test_stalled_client_gets_408_and_its_partial_file_is_removed(config, u
     assert_nothing_stored(upload_dir)  # ...and are gone
 
 
-async def test_a_slow_disk_is_not_an_idle_client(config, upload_dir, monkeypatch):
-    """Waiting for the disk (backpressure) does not count against the client's idle timeout."""
-    app = upload_asgi.create_app(replace(config, idle_timeout=0.2, fsync=False))
-    real_write = localstore.os.write
-
-    def slow_write(fd, data):
-        time.sleep(0.3)  # longer than the idle timeout, on the writer thread
-        return real_write(fd, data)
-
-    monkeypatch.setattr(localstore.os, "write", slow_write)
-    data = os.urandom(3 * 1024 * KiB + 5)
+async def test_a_slow_store_is_not_an_idle_client(make_backend_app, backend, monkeypatch):
+    """Waiting for the disk or S3 (backpressure) does not count against the client's idle timeout."""
+    app = make_backend_app(idle_timeout=0.2)
+    backend.slow_writes(monkeypatch, app, 0.3)  # longer than the idle timeout
+    data = os.urandom(3 * backend.write_unit + 5)
     reply = await asyncio.wait_for(
         call_app(app, upload_scope(), chunks_of(form_body([file_part(data)]), 64 * KiB)), 30
     )
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
 async def test_idle_timeout_is_per_chunk_not_per_upload(make_backend_app, backend):
@@ -409,23 +404,19 @@ async def test_a_slow_client_above_the_minimum_rate_gets_through(make_backend_ap
     backend.assert_stored(reply.json(), data)
 
 
-async def test_time_spent_waiting_for_a_slow_disk_does_not_count_against_the_rate(config, upload_dir, monkeypatch):
-    """The client sends at once, our disk takes 0.4 s a block: that wait is ours, so a
-    floor far above what the disk allows still lets the upload through."""
-    app = upload_asgi.create_app(replace(config, idle_timeout=0.3, min_rate=20_000_000, fsync=False))
-    real_write_all = localstore.write_all
-
-    def slow_write_all(fd, data):
-        time.sleep(0.4)
-        real_write_all(fd, data)
-
-    monkeypatch.setattr(localstore, "write_all", slow_write_all)
-    data = os.urandom(3 * MiB)
+async def test_time_spent_waiting_for_a_slow_store_does_not_count_against_the_rate(
+    make_backend_app, backend, monkeypatch
+):
+    """The client sends at once, our store takes 0.4 s a block (a part): that wait is ours,
+    so a floor far above what the store allows still lets the upload through."""
+    app = make_backend_app(idle_timeout=0.3, min_rate=20_000_000)
+    backend.slow_writes(monkeypatch, app, 0.4)
+    data = os.urandom(3 * backend.write_unit)
     reply = await asyncio.wait_for(
         call_app(app, upload_scope(), chunks_of(form_body([file_part(data)]), 64 * KiB)), 30
     )
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
 def test_stalled_client_through_hypercorn(tmp_path):
@@ -776,17 +767,11 @@ async def test_cancelled_during_commit_stores_nothing(make_backend_app, backend,
     assert app.metrics.in_flight == 0
 
 
-async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, upload_dir, monkeypatch):
-    """A client that leaves while a block is being written: the cleanup waits for that
-    write off the event loop, so every other request goes on meanwhile."""
-    app = upload_asgi.create_app(config)
-    real_write_all = localstore.write_all
-
-    def slow_write_all(fd, data):
-        time.sleep(1.0)
-        real_write_all(fd, data)
-
-    monkeypatch.setattr(localstore, "write_all", slow_write_all)
+async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(make_backend_app, backend, monkeypatch):
+    """A client that leaves while a block (a part) is being written: the cleanup waits for
+    that write off the event loop, so every other request goes on meanwhile."""
+    app = make_backend_app(fsync=True)
+    backend.slow_writes(monkeypatch, app, 1.0)
     gaps = []
 
     async def tick():
@@ -798,13 +783,14 @@ async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, up
             last = now
 
     ticker = asyncio.ensure_future(tick())
-    body = form_body([file_part(os.urandom(3 * MiB))])
+    body = form_body([file_part(os.urandom(3 * backend.write_unit))])
+    left = 2 * backend.write_unit
     try:
-        reply = await call_app(app, upload_scope(), chunks_of(body[: 2 * MiB], 64 * 1024), disconnect_after=True)
+        reply = await call_app(app, upload_scope(), chunks_of(body[:left], 64 * 1024), disconnect_after=True)
     finally:
         ticker.cancel()
     assert reply.status is None  # the client left: no answer
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     # Waiting on the loop for the block being written stalled it for up to the write's 1 s;
     # 0.4 s leaves room for a busy machine's scheduling.
     assert max(gaps) < 0.4, f"the event loop stalled for {max(gaps):.2f} s"
