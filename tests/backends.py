@@ -119,7 +119,9 @@ class LocalBackend:
 
         monkeypatch.setattr(localstore, "write_all", slow_write_all)
 
-    def slow_commit(self, monkeypatch: pytest.MonkeyPatch, app: Any, committing: threading.Event, seconds: float) -> None:
+    def slow_commit(
+        self, monkeypatch: pytest.MonkeyPatch, app: Any, committing: threading.Event, seconds: float
+    ) -> None:
         """Make the app's commits take `seconds` more, once `committing` is set: here, each sidecar's write."""
         from upload_service import localstore
 
@@ -233,7 +235,9 @@ class S3Backend:
 
         monkeypatch.setattr(store, "upload_part", upload_part)
 
-    def slow_commit(self, monkeypatch: pytest.MonkeyPatch, app: Any, committing: threading.Event, seconds: float) -> None:
+    def slow_commit(
+        self, monkeypatch: pytest.MonkeyPatch, app: Any, committing: threading.Event, seconds: float
+    ) -> None:
         """Here: each record's PUT, the commit's last step."""
         store = app.prepare()
         real = store.call
@@ -253,7 +257,7 @@ class S3Backend:
     def stored_names(self) -> list[str]:
         """Every object under the prefix, and every file in the upload dir."""
         local = [str(p.relative_to(self.upload_dir)) for p in self.upload_dir.rglob("*") if not p.is_dir()]
-        return sorted(self.objects() + (local if self.upload_dir.exists() else []))
+        return sorted(self.objects() + local)
 
     def in_flight(self) -> list[str]:
         """Files being written: multipart uploads in progress."""
