@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for_futures
 from email.message import Message
 from email.parser import Parser as EmailParser
 from email.policy import HTTP
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 from typing import Callable
 
