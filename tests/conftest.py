@@ -57,6 +57,13 @@ def server(upload_dir: Path) -> Iterator[Server]:
         yield running
 
 
+@pytest.fixture
+def backend_server(backend: Any, upload_dir: Path) -> Iterator[Server]:
+    """`server` on `backend` (tests/backends.py): a real hypercorn storing there."""
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", **backend.server_env()}) as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator["SeaweedFS"]:
     """One SeaweedFS (`weed mini`) for the session, on free ports; tests use their own prefixes."""
@@ -86,12 +93,32 @@ def bucket(seaweedfs: "SeaweedFS", upload_dir: Path, monkeypatch: pytest.MonkeyP
 
 
 @pytest.fixture
-async def backend_app(backend: Any) -> AsyncIterator[upload_asgi.UploadApp]:
-    """The app on `backend`, with its default settings."""
-    app = upload_asgi.create_app(backend.config())
-    yield app
-    if hasattr(app.store, "aclose"):
-        await app.store.aclose()
+def backend_settings() -> dict[str, Any]:
+    """Settings of the apps on `backend` (a module overrides it: e.g. fsync off for many uploads)."""
+    return {}
+
+
+@pytest.fixture
+async def make_backend_app(backend: Any, backend_settings: dict[str, Any]) -> AsyncIterator[Any]:
+    """`make(on_upload, before_upload, **settings)`: an app on `backend`; closed after the test."""
+    from backends import close_app
+
+    apps: list[upload_asgi.UploadApp] = []
+
+    def make(on_upload: Any = None, before_upload: Any = None, **settings: Any) -> upload_asgi.UploadApp:
+        config = backend.config(**{**backend_settings, **settings})
+        apps.append(upload_asgi.create_app(config, on_upload=on_upload, before_upload=before_upload))
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        await close_app(app)
+
+
+@pytest.fixture
+def backend_app(make_backend_app: Any) -> upload_asgi.UploadApp:
+    """The app on `backend`, with `backend_settings`."""
+    return make_backend_app()
 
 
 @pytest.fixture

@@ -1,4 +1,9 @@
-"""The app called with ASGI events scripted by hand: exact chunking, disconnects, lifespan, routing."""
+"""The app called with ASGI events scripted by hand: exact chunking, disconnects, lifespan, routing.
+
+Uploads run on both storage backends (`backend_app`); the lifespan and upload-dir tests
+are about the local store's dirs (S3's startup sweep and health: test_s3store), and the
+GETs of page, health and metrics touch no storage: those use the local `app`.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +41,11 @@ B = BOUNDARY.encode()
 def config(upload_dir: Path) -> upload_asgi.Config:
     # Many uploads per test here; fsync is covered in test_targets and through the server.
     return upload_asgi.Config(upload_dir=upload_dir, fsync=False)
+
+
+@pytest.fixture
+def backend_settings() -> dict[str, Any]:
+    return {"fsync": False}
 
 
 def file_data(size: int, seed: int = 0) -> bytes:
@@ -82,38 +92,38 @@ CHUNKINGS = [
 
 
 @pytest.mark.parametrize("size, chunker", CHUNKINGS)
-async def test_upload_any_chunking(app, upload_dir, size, chunker):
+async def test_upload_any_chunking(backend_app, backend, size, chunker):
     data = file_data(size)
     body = form_body([field_part("description", "chunked"), file_part(data, "trap.bin", content_type="x/y")])
     chunks = chunker(body)
     assert b"".join(chunks) == body
-    reply = await call_app(app, upload_scope(), chunks)
+    reply = await call_app(backend_app, upload_scope(), chunks)
     record = check_json(reply, 201)
     assert record["filename"] == "trap.bin"
     assert record["content_type"] == "x/y"
     assert record["description"] == "chunked"
-    assert_stored(upload_dir, record, data)
+    backend.assert_stored(record, data)
 
 
-async def test_every_split_point_of_a_small_body(app, upload_dir):
+async def test_every_split_point_of_a_small_body(backend_app, backend):
     data = b"a\r\n--" + B[:5] + b"\r\n"
     body = form_body([file_part(data, "s.txt")], epilogue=b"tail")
     for cut in range(len(body) + 1):
-        reply = await call_app(app, upload_scope(), split_at(body, [cut]))
+        reply = await call_app(backend_app, upload_scope(), split_at(body, [cut]))
         record = check_json(reply, 201)
-        assert_stored(upload_dir, record, data)
+        backend.assert_stored(record, data)
 
 
-async def test_multiple_files_with_odd_chunks(app, upload_dir):
+async def test_multiple_files_with_odd_chunks(backend_app, backend):
     files = [(f"f{i}.dat", f"application/x-{i}", file_data(10_000 * i + 1, seed=i)) for i in range(4)]
     body = form_body([file_part(d, n, "files", c) for n, c, d in files])
-    reply = await call_app(app, upload_scope("/upload-multiple"), chunks_of(body, 997))
+    reply = await call_app(backend_app, upload_scope("/upload-multiple"), chunks_of(body, 997))
     answer = check_json(reply, 201)
     assert answer["count"] == 4
     assert answer["total_size"] == sum(len(d) for _, _, d in files)
     for record, (name, ctype, data) in zip(answer["files"], files):
         assert (record["filename"], record["content_type"]) == (name, ctype)
-        assert_stored(upload_dir, record, data)
+        backend.assert_stored(record, data)
 
 
 # -- disconnect mid-body ------------------------------------------------------------------
@@ -136,21 +146,21 @@ DISCONNECT_BODY = form_body([file_part(file_data(150_000), "gone.bin"), field_pa
 
 
 @pytest.mark.parametrize("cut", disconnect_points(DISCONNECT_BODY))
-async def test_disconnect_mid_body_leaves_nothing_and_sends_nothing(app, upload_dir, cut):
+async def test_disconnect_mid_body_leaves_nothing_and_sends_nothing(backend_app, backend, cut):
     chunks = chunks_of(DISCONNECT_BODY[:cut], 16 * 1024) if cut else []
-    reply = await call_app(app, upload_scope(), chunks, disconnect_after=True)
+    reply = await call_app(backend_app, upload_scope(), chunks, disconnect_after=True)
     assert reply.messages == []
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_disconnect_after_some_complete_files_stores_none(app, upload_dir):
+async def test_disconnect_after_some_complete_files_stores_none(backend_app, backend):
     body = form_body([file_part(b"x" * 1000, f"{i}.txt", "files") for i in range(3)])
     cut = body.rindex(b"Content-Disposition")  # two files whole, the third not begun
-    reply = await call_app(app, upload_scope("/upload-multiple"), [body[:cut]], disconnect_after=True)
+    reply = await call_app(backend_app, upload_scope("/upload-multiple"), [body[:cut]], disconnect_after=True)
     assert reply.messages == []
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     # The app is still fine afterwards.
-    reply = await call_app(app, upload_scope("/upload-multiple"), [body])
+    reply = await call_app(backend_app, upload_scope("/upload-multiple"), [body])
     assert check_json(reply, 201)["count"] == 3
 
 
@@ -169,6 +179,9 @@ async def run_lifespan(app: Any, events: list[str], sent: list[dict[str, Any]] |
 
     await app({"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}, receive, send)
     return sent
+
+
+# Local only: the upload dir, its .partial/ and the flock of a live upload are the local store's.
 
 
 async def test_lifespan_creates_dirs(app, upload_dir):
@@ -210,10 +223,10 @@ async def test_lifespan_startup_fails_with_a_message(tmp_path):
     assert sent[0]["message"].startswith("UPLOAD_DIR: ")
 
 
-async def test_upload_works_without_lifespan(app, upload_dir):
+async def test_upload_works_without_lifespan(backend_app, backend):
     # A host that does not forward lifespan to a mounted app: dirs are made on first use.
-    reply = await call_app(app, upload_scope(), [form_body([file_part(b"abc", "a.txt")])])
-    assert_stored(upload_dir, check_json(reply, 201), b"abc")
+    reply = await call_app(backend_app, upload_scope(), [form_body([file_part(b"abc", "a.txt")])])
+    backend.assert_stored(check_json(reply, 201), b"abc")
 
 
 # -- routing ---------------------------------------------------------------------------------
@@ -228,10 +241,10 @@ async def test_upload_works_without_lifespan(app, upload_dir):
         pytest.param("/a/b/", "/a/b/upload", id="root-with-slash"),
     ],
 )
-async def test_root_path_routing(app, upload_dir, root_path, path):
+async def test_root_path_routing(backend_app, backend, root_path, path):
     body = form_body([file_part(b"mounted", "m.txt")])
-    reply = await call_app(app, upload_scope(path, root_path=root_path), [body])
-    assert_stored(upload_dir, check_json(reply, 201), b"mounted")
+    reply = await call_app(backend_app, upload_scope(path, root_path=root_path), [body])
+    backend.assert_stored(check_json(reply, 201), b"mounted")
 
 
 @pytest.mark.parametrize(
@@ -257,11 +270,11 @@ async def test_page_links_under_root_path(app):
 
 
 @pytest.mark.parametrize("path", ["/nope", "/upload/", "/UPLOAD", "/health/x", "//upload"])
-async def test_unknown_path_404(app, upload_dir, path):
-    reply = await call_app(app, http_scope(path, "POST", content_type=form_content_type()),
+async def test_unknown_path_404(backend_app, backend, path):
+    reply = await call_app(backend_app, http_scope(path, "POST", content_type=form_content_type()),
                            [form_body([file_part(b"x")])])
     assert check_json(reply, 404)["error"] == "not_found"
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
 @pytest.mark.parametrize(
@@ -274,12 +287,12 @@ async def test_unknown_path_404(app, upload_dir, path):
         pytest.param("PATCH", "/metrics", "GET, HEAD", id="patch-metrics"),
     ],
 )
-async def test_other_method_405_with_allow(app, upload_dir, method, path, allow):
-    reply = await call_app(app, http_scope(path, method))
+async def test_other_method_405_with_allow(backend_app, backend, method, path, allow):
+    reply = await call_app(backend_app, http_scope(path, method))
     payload = check_json(reply, 405)
     assert payload["error"] == "method_not_allowed" and payload["detail"]
     assert reply.headers["allow"] == allow
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
 @pytest.mark.parametrize("path", ["/", "/health", "/metrics"])

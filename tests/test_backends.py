@@ -1,11 +1,13 @@
 """Form uploads behave the same on both storage backends (SPEC §11): the same records, the
 same errors, nothing left behind. Each test runs on the local dir and on SeaweedFS (S3).
 
-The error table is test_http's, so the two cannot drift apart.
+Here: files of several S3 parts. The form tests of small files run on both backends in
+test_http, test_form_input, test_asgi, test_limits, test_hostile and test_failures.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from typing import Any
@@ -15,8 +17,11 @@ import pytest
 
 import upload_asgi
 from backends import S3_PART_SIZE
-from support import call_app, field_part, file_part, form_body, form_content_type, http_scope, split_at
-from test_http import ERROR_TABLE, check_created, post_body
+from support import (
+    Reply, call_app, chunks_of, field_part, file_part, form_body, form_content_type, http_scope, split_at,
+)
+from upload_service import early_answer
+from test_http import check_created, post_body
 from support import assert_error as check_error
 
 BIG = 2 * S3_PART_SIZE + 12345  # a multipart upload on S3, with a last part
@@ -53,15 +58,6 @@ async def test_upload_many_files(backend: Any, backend_client: httpx.AsyncClient
     assert len(backend.stored_ids()) == 20
 
 
-@pytest.mark.parametrize("path, content_type, body, status, code", ERROR_TABLE)
-async def test_error_table(
-    backend: Any, backend_client: httpx.AsyncClient, path: str, content_type: str | None, body: bytes, status: int,
-    code: str,
-) -> None:
-    check_error(await post_body(backend_client, body, path, content_type), status, code)
-    backend.assert_nothing_stored()
-
-
 @pytest.mark.parametrize("case", ["sha256_mismatch", "second_file_cut", "file_too_large"])
 async def test_refused_after_big_files_leaves_nothing(backend: Any, case: str) -> None:
     """Refused once a file has gone out (on S3 as parts of a multipart upload): none of it stays."""
@@ -89,6 +85,35 @@ async def test_disconnect_mid_upload_leaves_nothing(backend: Any, backend_app: u
     scope = http_scope("/upload-multiple", content_type=form_content_type())
     reply = await call_app(backend_app, scope, chunks[:-1], disconnect_after=True)
     assert reply.status is None  # a client that left gets no answer
+    backend.assert_nothing_stored()
+
+
+async def test_a_client_that_stalls_mid_file_gets_408_and_leaves_nothing(
+    backend: Any, make_backend_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The idle timeout with a file on its way (on S3: a multipart upload with a part sent)."""
+    monkeypatch.setattr(early_answer, "DRAIN_LIMIT_SECONDS", 0.2)  # the client says nothing more
+    app = make_backend_app(idle_timeout=0.5)
+    body = form_body([file_part(os.urandom(BIG))])
+    chunks = chunks_of(body[: S3_PART_SIZE + 1024 * 1024], 256 * 1024)
+    seen: list[str] = []
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
+        for _ in range(40):  # within the idle timeout: the first part is on its way
+            seen.extend(await asyncio.to_thread(backend.in_flight))
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        await never.wait()
+        return {}
+
+    reply = Reply()
+    await asyncio.wait_for(app(http_scope("/upload", content_type=form_content_type()), receive, reply.record), 30)
+    check_error(reply, 408, "request_timeout")
+    assert len(seen) == 1
     backend.assert_nothing_stored()
 
 

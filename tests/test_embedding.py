@@ -1,4 +1,8 @@
-"""Embedding: the on_upload callback, root_path, and mounting under /files in real hosts."""
+"""Embedding: the on_upload callback, root_path, and mounting under /files in real hosts.
+
+The callback tests run on both storage backends (`backend`): called once the file and
+its record are in the store, never for a refused upload, and a raising one keeps them.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +21,6 @@ from upload_service import asgi
 from support import (
     upload_scope,
     Server,
-    assert_nothing_stored,
     assert_stored,
     call_app,
     field_part,
@@ -36,23 +37,18 @@ from support import (
 class Recorder:
     """An on_upload callback, sync or async, that checks the file is committed when called."""
 
-    def __init__(self, upload_dir: Path, kind: str, fail_on: int | None = None) -> None:
-        self.upload_dir = upload_dir
+    def __init__(self, backend: Any, kind: str, fail_on: int | None = None) -> None:
+        self.backend = backend
         self.kind = kind
         self.fail_on = fail_on  # raise on this call (0-based)
         self.records: list[dict[str, Any]] = []
         self.committed: list[bool] = []
 
     def _record(self, record: dict[str, Any]) -> None:
-        file_id = record["id"]
-        self.committed.append(
-            (self.upload_dir / file_id).is_file()
-            and json.loads((self.upload_dir / f"{file_id}.json").read_text()) == record
-            and not (self.upload_dir / ".partial" / file_id).exists()
-        )
+        self.committed.append(self.backend.holds(record))
         self.records.append(record)
         if self.fail_on == len(self.records) - 1:
-            raise RuntimeError(f"indexer down while handling {self.upload_dir}/{file_id}")
+            raise RuntimeError(f"indexer down while handling {self.backend.upload_dir}/{record['id']}")
 
     def callback(self):
         if self.kind == "sync":
@@ -68,12 +64,17 @@ class Recorder:
 KINDS = [pytest.param("sync", id="sync-callback"), pytest.param("async", id="async-callback")]
 
 
+@pytest.fixture
+def backend_settings() -> dict[str, Any]:
+    return {"fsync": False}
+
+
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_callback_gets_the_record_of_a_stored_file(config, upload_dir, kind):
-    recorder = Recorder(upload_dir, kind)
-    app = upload_asgi.create_app(config, on_upload=recorder.callback())
+async def test_callback_gets_the_record_of_a_stored_file(make_backend_app, backend, kind):
+    recorder = Recorder(backend, kind)
+    app = make_backend_app(on_upload=recorder.callback())
     data = os.urandom(100_000)
     body = form_body([field_part("description", "scan"), file_part(data, "scan.pdf", content_type="application/pdf")])
     reply = await call_app(app, upload_scope(), [body])
@@ -83,13 +84,13 @@ async def test_callback_gets_the_record_of_a_stored_file(config, upload_dir, kin
     assert recorder.records == [record]
     assert recorder.committed == [True]  # called after commit: file and sidecar in place
     assert record["description"] == "scan" and record["content_type"] == "application/pdf"
-    assert_stored(upload_dir, record, data)
+    backend.assert_stored(record, data)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_callback_fires_once_per_file_of_a_multiple_upload(config, upload_dir, kind):
-    recorder = Recorder(upload_dir, kind)
-    app = upload_asgi.create_app(config, on_upload=recorder.callback())
+async def test_callback_fires_once_per_file_of_a_multiple_upload(make_backend_app, backend, kind):
+    recorder = Recorder(backend, kind)
+    app = make_backend_app(on_upload=recorder.callback())
     files = [(f"f{i}.bin", os.urandom(1000 * i)) for i in range(4)]
     body = form_body([file_part(data, name, name="files") for name, data in files])
     reply = await call_app(app, upload_scope("/upload-multiple"), [body])
@@ -100,19 +101,19 @@ async def test_callback_fires_once_per_file_of_a_multiple_upload(config, upload_
     assert recorder.committed == [True] * 4  # all files committed before the first call
     assert len({r["id"] for r in recorder.records}) == 4
     for record, (_, data) in zip(answer["files"], files):
-        assert_stored(upload_dir, record, data)
+        backend.assert_stored(record, data)
 
 
-async def test_callback_gets_a_copy_of_the_record(config, upload_dir):
+async def test_callback_gets_a_copy_of_the_record(make_backend_app, backend):
     def meddle(record: dict[str, Any]) -> None:
         record["id"] = "../../etc/passwd"
         record["size"] = -1
 
-    app = upload_asgi.create_app(config, on_upload=meddle)
+    app = make_backend_app(on_upload=meddle)
     data = b"keep me as I am"
     reply = await call_app(app, upload_scope(), [form_body([file_part(data)])])
     assert reply.status == 201
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
 def _big_file_body() -> bytes:
@@ -136,10 +137,10 @@ FAILURES = [
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("overrides", "scope_kwargs", "chunks", "disconnect", "status"), FAILURES)
 async def test_callback_never_fires_for_a_failed_upload(
-    config, upload_dir, kind, overrides, scope_kwargs, chunks, disconnect, status
+    make_backend_app, backend, kind, overrides, scope_kwargs, chunks, disconnect, status
 ):
-    recorder = Recorder(upload_dir, kind)
-    app = upload_asgi.create_app(replace(config, **overrides), on_upload=recorder.callback())
+    recorder = Recorder(backend, kind)
+    app = make_backend_app(on_upload=recorder.callback(), **overrides)
     scope = http_scope("/upload", content_type=scope_kwargs.get("content_type", form_content_type()))
     reply = await call_app(app, scope, chunks, disconnect_after=disconnect)
     assert reply.status == status, reply.body
@@ -147,13 +148,13 @@ async def test_callback_never_fires_for_a_failed_upload(
         reply.check_length()
         assert reply.json()["error"]
     assert recorder.records == []
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
 @pytest.mark.parametrize("kind", KINDS)
-async def test_raising_callback_gives_500_and_keeps_the_stored_file(config, upload_dir, kind, caplog):
-    recorder = Recorder(upload_dir, kind, fail_on=0)
-    app = upload_asgi.create_app(config, on_upload=recorder.callback())
+async def test_raising_callback_gives_500_and_keeps_the_stored_file(make_backend_app, backend, kind, caplog):
+    recorder = Recorder(backend, kind, fail_on=0)
+    app = make_backend_app(on_upload=recorder.callback())
     data = os.urandom(50_000)
     with caplog.at_level(logging.ERROR, logger="upload_asgi"):
         reply = await call_app(app, upload_scope(), [form_body([file_part(data, "keep.bin")])])
@@ -161,36 +162,36 @@ async def test_raising_callback_gives_500_and_keeps_the_stored_file(config, uplo
     reply.check_length()
     answer = reply.json()
     assert answer["error"] == "internal_error"
-    [file_id] = stored_ids(upload_dir)
+    [file_id] = backend.stored_ids()
     assert answer["ids"] == [file_id]  # the client learns what was stored
-    assert "Traceback" not in answer["detail"] and str(upload_dir) not in reply.body.decode()
-    # The stored file and its record stay on disk, exactly as a 201 would have left them.
-    record = json.loads((upload_dir / f"{file_id}.json").read_text())
+    assert "Traceback" not in answer["detail"] and str(backend.upload_dir) not in reply.body.decode()
+    # The stored file and its record stay, exactly as a 201 would have left them.
+    record = backend.stored_record(file_id)
     assert record["filename"] == "keep.bin"
-    assert_stored(upload_dir, record, data)
+    backend.assert_stored(record, data)
     assert recorder.records == [record]
-    assert list((upload_dir / ".partial").iterdir()) == []
+    backend.assert_nothing_in_flight()
     # Logged on the server, with the callback's traceback.
     logged = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
     assert any(file_id in r.getMessage() for r in logged), caplog.text
     assert "indexer down" in caplog.text
 
 
-async def test_callback_raising_on_a_later_file_keeps_every_file(config, upload_dir):
-    recorder = Recorder(upload_dir, "async", fail_on=1)
-    app = upload_asgi.create_app(config, on_upload=recorder.callback())
+async def test_callback_raising_on_a_later_file_keeps_every_file(make_backend_app, backend):
+    recorder = Recorder(backend, "async", fail_on=1)
+    app = make_backend_app(on_upload=recorder.callback())
     files = [os.urandom(2000), os.urandom(3000), os.urandom(4000)]
     body = form_body([file_part(data, f"{i}.bin", name="files") for i, data in enumerate(files)])
     reply = await call_app(app, upload_scope("/upload-multiple"), [body])
     assert reply.status == 500
     ids = reply.json()["ids"]
-    assert sorted(ids) == stored_ids(upload_dir) and len(ids) == 3
+    assert sorted(ids) == backend.stored_ids() and len(ids) == 3
     for file_id, data in zip(ids, files):
-        assert_stored(upload_dir, json.loads((upload_dir / f"{file_id}.json").read_text()), data)
+        backend.assert_stored(backend.stored_record(file_id), data)
     assert len(recorder.records) == 2  # the first, and the one that raised
 
 
-async def test_app_keeps_serving_after_a_raising_callback(config, upload_dir):
+async def test_app_keeps_serving_after_a_raising_callback(make_backend_app, backend):
     calls = []
 
     def flaky(record: dict[str, Any]) -> None:
@@ -198,11 +199,11 @@ async def test_app_keeps_serving_after_a_raising_callback(config, upload_dir):
         if len(calls) == 1:
             raise ValueError("first call fails")
 
-    app = upload_asgi.create_app(config, on_upload=flaky)
+    app = make_backend_app(on_upload=flaky)
     first = await call_app(app, upload_scope(), [form_body([file_part(b"one")])])
     second = await call_app(app, upload_scope(), [form_body([file_part(b"two")])])
     assert (first.status, second.status) == (500, 201)
-    assert len(stored_ids(upload_dir)) == 2
+    assert len(backend.stored_ids()) == 2
 
 
 # -- root_path -------------------------------------------------------------------------

@@ -1,5 +1,12 @@
 """Failure handling (SPEC §3, §4): token, concurrency cap, idle clients, full disks, I/O errors,
-crashes, and the log line each upload leaves."""
+crashes, and the log line each upload leaves.
+
+The token, cap, timeout, rate, slow-store, log and cancelled-commit tests run on both storage
+backends (a slow store: slow disk blocks or slow S3 parts, `backend.slow_writes`). Local only:
+the disk failures (os.write made to fail, a full tmpfs, the upload dir taken away), the partial
+files, kill -9 and the startup sweep are the local store's (S3's failures, crash and sweep are
+test_s3store's), and so are the servers' tests.
+"""
 
 from __future__ import annotations
 
@@ -50,6 +57,11 @@ MiB = 1024 * KiB
 
 
 @pytest.fixture
+def backend_settings() -> dict[str, Any]:
+    return {"fsync": False}
+
+
+@pytest.fixture
 def short_drain(monkeypatch):
     """After an early answer the app drains for up to 2 s; a silent test client would wait that long."""
     monkeypatch.setattr(early_answer, "DRAIN_LIMIT_SECONDS", 0.2)
@@ -61,8 +73,8 @@ TOKEN = "s3cr3t-token"
 
 
 @pytest.fixture
-def token_app(config):
-    return upload_asgi.create_app(replace(config, token=TOKEN, fsync=False))
+def token_app(make_backend_app):
+    return make_backend_app(token=TOKEN)
 
 
 @pytest.mark.parametrize("path", ["/upload", "/upload-multiple"])
@@ -78,7 +90,7 @@ def token_app(config):
         pytest.param("Bearer ", id="empty"),
     ],
 )
-async def test_token_missing_or_wrong_is_401(token_app, upload_dir, path, authorization):
+async def test_token_missing_or_wrong_is_401(token_app, backend, path, authorization):
     body = form_body([file_part(b"secret data", name="files" if path != "/upload" else "file")])
     received = []
 
@@ -99,15 +111,15 @@ async def test_token_missing_or_wrong_is_401(token_app, upload_dir, path, author
     await token_app(upload_scope(path, token=authorization), receive, send)
     assert_error(reply, 401, "unauthorized")
     assert reply.headers["www-authenticate"].startswith("Bearer")
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
-async def test_right_token_uploads(token_app, upload_dir, scheme):
+async def test_right_token_uploads(token_app, backend, scheme):
     data = b"authorised"
     reply = await call_app(token_app, upload_scope(token=f"{scheme} {TOKEN}"), [form_body([file_part(data)])])
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
 @pytest.mark.parametrize("path", ["/", "/health", "/metrics"])
@@ -182,8 +194,8 @@ class HeldUpload:
         return self.reply
 
 
-async def test_concurrency_cap_answers_503(config, upload_dir):
-    app = upload_asgi.create_app(replace(config, max_concurrent=2, fsync=False))
+async def test_concurrency_cap_answers_503(make_backend_app, backend):
+    app = make_backend_app(max_concurrent=2)
     held = [HeldUpload(app, os.urandom(10 * KiB)), HeldUpload(app, os.urandom(20 * KiB), "/upload-multiple")]
     await asyncio.wait_for(asyncio.gather(*(h.started.wait() for h in held)), 5)
     assert app.metrics.in_flight == 2
@@ -205,14 +217,14 @@ async def test_concurrency_cap_answers_503(config, upload_dir):
     data = b"fourth"
     reply = await call_app(app, upload_scope(), [form_body([file_part(data)])])
     assert reply.status == 201
-    assert_stored(upload_dir, reply.json(), data)
-    assert len(stored_ids(upload_dir)) == 3
+    backend.assert_stored(reply.json(), data)
+    assert len(backend.stored_ids()) == 3
 
 
-async def test_refused_requests_hold_no_place_under_the_cap(config, upload_dir, short_drain):
+async def test_refused_requests_hold_no_place_under_the_cap(make_backend_app, backend, short_drain):
     """Requests refused before their body (here: no token) are answered and drained, but
     never counted as uploads: a few of them must not lock uploaders out with 503."""
-    app = upload_asgi.create_app(replace(config, max_concurrent=1, token=TOKEN, fsync=False))
+    app = make_backend_app(max_concurrent=1, token=TOKEN)
     silent = asyncio.Event()  # never set: these clients say nothing after their headers
 
     async def silent_receive():
@@ -228,7 +240,7 @@ async def test_refused_requests_hold_no_place_under_the_cap(config, upload_dir, 
     scope = upload_scope(token=f"Bearer {TOKEN}")
     reply = await asyncio.wait_for(call_app(app, scope, [form_body([file_part(data)])]), 5)
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
     await asyncio.wait_for(asyncio.gather(*refused), 5)  # the bounded drain ends
     assert app.metrics.outcomes == {"rejected": 3, "stored": 1}
 
@@ -319,27 +331,21 @@ async def test_stalled_client_gets_408_and_its_partial_file_is_removed(config, u
     assert_nothing_stored(upload_dir)  # ...and are gone
 
 
-async def test_a_slow_disk_is_not_an_idle_client(config, upload_dir, monkeypatch):
-    """Waiting for the disk (backpressure) does not count against the client's idle timeout."""
-    app = upload_asgi.create_app(replace(config, idle_timeout=0.2, fsync=False))
-    real_write = localstore.os.write
-
-    def slow_write(fd, data):
-        time.sleep(0.3)  # longer than the idle timeout, on the writer thread
-        return real_write(fd, data)
-
-    monkeypatch.setattr(localstore.os, "write", slow_write)
-    data = os.urandom(3 * 1024 * KiB + 5)
+async def test_a_slow_store_is_not_an_idle_client(make_backend_app, backend, monkeypatch):
+    """Waiting for the disk or S3 (backpressure) does not count against the client's idle timeout."""
+    app = make_backend_app(idle_timeout=0.2)
+    backend.slow_writes(monkeypatch, app, 0.3)  # longer than the idle timeout
+    data = os.urandom(3 * backend.write_unit + 5)
     reply = await asyncio.wait_for(
         call_app(app, upload_scope(), chunks_of(form_body([file_part(data)]), 64 * KiB)), 30
     )
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
-async def test_idle_timeout_is_per_chunk_not_per_upload(config, upload_dir):
+async def test_idle_timeout_is_per_chunk_not_per_upload(make_backend_app, backend):
     """A slow but steady client is not cut off: the timer restarts with each chunk."""
-    app = upload_asgi.create_app(replace(config, idle_timeout=1.0, fsync=False))
+    app = make_backend_app(idle_timeout=1.0)
     data = os.urandom(40 * KiB)
     chunks = chunks_of(form_body([file_part(data)]), 2048)  # ~21 chunks, 0.05 s apart: > 1 s in all
 
@@ -354,7 +360,7 @@ async def test_idle_timeout_is_per_chunk_not_per_upload(config, upload_dir):
 
     await asyncio.wait_for(app(upload_scope(), receive, send), 20)
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
 def trickle(body: bytes, size: int, every: float):
@@ -370,10 +376,10 @@ def trickle(body: bytes, size: int, every: float):
     return receive
 
 
-async def test_a_trickling_client_is_cut_off_below_the_minimum_rate(config, upload_dir, short_drain):
+async def test_a_trickling_client_is_cut_off_below_the_minimum_rate(make_backend_app, backend, short_drain):
     """A byte now and then resets the idle timer every time: without a floor on the
     average rate such a client would hold its upload slot for ever."""
-    app = upload_asgi.create_app(replace(config, idle_timeout=0.2, min_rate=10_000, fsync=False))
+    app = make_backend_app(idle_timeout=0.2, min_rate=10_000)
     body = form_body([file_part(os.urandom(8 * KiB))])  # 100 B every 20 ms: 5 KB/s, ~1.7 s
     reply = Reply()
     send = reply.record
@@ -383,11 +389,11 @@ async def test_a_trickling_client_is_cut_off_below_the_minimum_rate(config, uplo
     assert time.monotonic() - started < 1.0  # cut off, not read to the end
     assert_error(reply, 408, "request_timeout")
     assert "bytes a second" in reply.json()["detail"]
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_a_slow_client_above_the_minimum_rate_gets_through(config, upload_dir):
-    app = upload_asgi.create_app(replace(config, idle_timeout=0.2, min_rate=1_000, fsync=False))
+async def test_a_slow_client_above_the_minimum_rate_gets_through(make_backend_app, backend):
+    app = make_backend_app(idle_timeout=0.2, min_rate=1_000)
     data = os.urandom(8 * KiB)
     body = form_body([file_part(data)])  # 5 KB/s against a floor of 1 KB/s
     reply = Reply()
@@ -395,26 +401,22 @@ async def test_a_slow_client_above_the_minimum_rate_gets_through(config, upload_
 
     await asyncio.wait_for(app(upload_scope(), trickle(body, 100, 0.02), send), 10)
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
-async def test_time_spent_waiting_for_a_slow_disk_does_not_count_against_the_rate(config, upload_dir, monkeypatch):
-    """The client sends at once, our disk takes 0.4 s a block: that wait is ours, so a
-    floor far above what the disk allows still lets the upload through."""
-    app = upload_asgi.create_app(replace(config, idle_timeout=0.3, min_rate=20_000_000, fsync=False))
-    real_write_all = localstore.write_all
-
-    def slow_write_all(fd, data):
-        time.sleep(0.4)
-        real_write_all(fd, data)
-
-    monkeypatch.setattr(localstore, "write_all", slow_write_all)
-    data = os.urandom(3 * MiB)
+async def test_time_spent_waiting_for_a_slow_store_does_not_count_against_the_rate(
+    make_backend_app, backend, monkeypatch
+):
+    """The client sends at once, our store takes 0.4 s a block (a part): that wait is ours,
+    so a floor far above what the store allows still lets the upload through."""
+    app = make_backend_app(idle_timeout=0.3, min_rate=20_000_000)
+    backend.slow_writes(monkeypatch, app, 0.4)
+    data = os.urandom(3 * backend.write_unit)
     reply = await asyncio.wait_for(
         call_app(app, upload_scope(), chunks_of(form_body([file_part(data)]), 64 * KiB)), 30
     )
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
 def test_stalled_client_through_hypercorn(tmp_path):
@@ -685,8 +687,8 @@ def test_a_second_server_starting_does_not_sweep_a_live_upload(tmp_path):
 # -- the log: one line per upload -------------------------------------------------------
 
 
-async def test_log_line_per_stored_file(config, upload_dir, caplog):
-    app = upload_asgi.create_app(replace(config, fsync=False))
+async def test_log_line_per_stored_file(make_backend_app, caplog):
+    app = make_backend_app()
     datas = [os.urandom(5000), os.urandom(7000)]
     body = form_body([file_part(d, name="files", filename=f"f{i}") for i, d in enumerate(datas)])
     with caplog.at_level(logging.INFO, logger="upload_asgi"):
@@ -712,8 +714,8 @@ async def test_log_line_per_stored_file(config, upload_dir, caplog):
         ({}, 400, "malformed_multipart"),
     ],
 )
-async def test_log_line_per_failed_upload(config, upload_dir, caplog, limits, status, code):
-    app = upload_asgi.create_app(replace(config, fsync=False, **limits))
+async def test_log_line_per_failed_upload(make_backend_app, caplog, limits, status, code):
+    app = make_backend_app(**limits)
     body = form_body([file_part(os.urandom(3000))])
     if not limits:
         body = body[:-10]  # cut short
@@ -728,36 +730,29 @@ async def test_log_line_per_failed_upload(config, upload_dir, caplog, limits, st
     assert 0 < int(match[3]) <= len(body)
 
 
-async def test_log_line_for_a_client_that_left(config, upload_dir, caplog):
-    app = upload_asgi.create_app(replace(config, fsync=False))
+async def test_log_line_for_a_client_that_left(make_backend_app, backend, caplog):
+    app = make_backend_app()
     body = form_body([file_part(os.urandom(3000))])
     with caplog.at_level(logging.INFO, logger="upload_asgi"):
         reply = await call_app(app, upload_scope(), [body[:2000]], disconnect_after=True)
     assert reply.status is None
     lines = [r.getMessage() for r in caplog.records if r.name == "upload_asgi"]
     assert lines == ["upload abandoned by the client after 2000 bytes"]
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
 # -- cancels and slow disks during the commit ----------------------------------------
 
 
 @pytest.mark.parametrize("cancels", [1, 3])
-async def test_cancelled_during_commit_stores_nothing(config, upload_dir, monkeypatch, cancels):
-    """A request cancelled while its files are being committed (on a thread that cannot be
-    stopped) ends with nothing stored: the commit finishes, then is undone. Cancelled
-    again (a server shutting down cancels everything again), it still waits for the
-    commit: cleaning up beside it left files stored."""
-    app = upload_asgi.create_app(config)
+async def test_cancelled_during_commit_stores_nothing(make_backend_app, backend, monkeypatch, cancels):
+    """A request cancelled while its files are being committed (locally on a thread that cannot
+    be stopped; on S3 while its records go up) ends with nothing stored: the commit finishes,
+    then is undone. Cancelled again (a server shutting down cancels everything again), it
+    still waits for the commit: cleaning up beside it left files stored."""
+    app = make_backend_app(fsync=True)
     committing = threading.Event()
-    real_write_sidecar = localstore.write_sidecar
-
-    def slow_write_sidecar(*args, **kwargs):
-        committing.set()
-        time.sleep(0.3)
-        return real_write_sidecar(*args, **kwargs)
-
-    monkeypatch.setattr(localstore, "write_sidecar", slow_write_sidecar)
+    backend.slow_commit(monkeypatch, app, committing, 0.3)
     body = form_body([file_part(b"one", name="files"), file_part(b"two", name="files")])
     task = asyncio.ensure_future(call_app(app, upload_scope("/upload-multiple"), [body]))
     while not committing.is_set():
@@ -767,22 +762,16 @@ async def test_cancelled_during_commit_stores_nothing(config, upload_dir, monkey
         await asyncio.sleep(0.02)
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     assert app.metrics.outcomes == {"disconnected": 1}
     assert app.metrics.in_flight == 0
 
 
-async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, upload_dir, monkeypatch):
-    """A client that leaves while a block is being written: the cleanup waits for that
-    write off the event loop, so every other request goes on meanwhile."""
-    app = upload_asgi.create_app(config)
-    real_write_all = localstore.write_all
-
-    def slow_write_all(fd, data):
-        time.sleep(1.0)
-        real_write_all(fd, data)
-
-    monkeypatch.setattr(localstore, "write_all", slow_write_all)
+async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(make_backend_app, backend, monkeypatch):
+    """A client that leaves while a block (a part) is being written: the cleanup waits for
+    that write off the event loop, so every other request goes on meanwhile."""
+    app = make_backend_app(fsync=True)
+    backend.slow_writes(monkeypatch, app, 1.0)
     gaps = []
 
     async def tick():
@@ -794,21 +783,22 @@ async def test_cleaning_up_after_a_slow_write_does_not_stall_the_loop(config, up
             last = now
 
     ticker = asyncio.ensure_future(tick())
-    body = form_body([file_part(os.urandom(3 * MiB))])
+    body = form_body([file_part(os.urandom(3 * backend.write_unit))])
+    left = 2 * backend.write_unit
     try:
-        reply = await call_app(app, upload_scope(), chunks_of(body[: 2 * MiB], 64 * 1024), disconnect_after=True)
+        reply = await call_app(app, upload_scope(), chunks_of(body[:left], 64 * 1024), disconnect_after=True)
     finally:
         ticker.cancel()
     assert reply.status is None  # the client left: no answer
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     # Waiting on the loop for the block being written stalled it for up to the write's 1 s;
     # 0.4 s leaves room for a busy machine's scheduling.
     assert max(gaps) < 0.4, f"the event loop stalled for {max(gaps):.2f} s"
 
 
-async def test_a_process_stopping_is_not_answered_as_a_500(config, upload_dir):
+async def test_a_process_stopping_is_not_answered_as_a_500(make_backend_app, backend):
     """KeyboardInterrupt or SystemExit from below goes up, it is not turned into an answer."""
-    app = upload_asgi.create_app(config)
+    app = make_backend_app()
     sent = []
 
     async def receive():
@@ -821,4 +811,4 @@ async def test_a_process_stopping_is_not_answered_as_a_500(config, upload_dir):
         await app(upload_scope(), receive, send)
     assert sent == []
     assert app.metrics.in_flight == 0
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()

@@ -1,4 +1,9 @@
-"""The files resource through a real `hypercorn upload_asgi:app`: HTTP/1.1, h2c, curl, raw requests."""
+"""The files resource through a real `hypercorn upload_asgi:app`: HTTP/1.1, h2c, curl, raw requests.
+
+The downloads, deletes and ids run on both storage backends (`backend_server`). Local
+only: the hostile ids (refused before any store is asked: test_files checks that on both,
+in process) and the big download, whose file is written into the upload dir by hand.
+"""
 
 from __future__ import annotations
 
@@ -48,8 +53,8 @@ def payload() -> bytes:
     return os.urandom(5 * MiB + 3)
 
 
-def test_download_a_few_mb_with_a_non_ascii_name(server, payload, upload_dir):
-    with server.client() as client:
+def test_download_a_few_mb_with_a_non_ascii_name(backend_server, payload, backend):
+    with backend_server.client() as client:
         record = upload(client, payload)
         url = f"/files/{record['id']}"
         reply = check(client.get(url))
@@ -83,10 +88,11 @@ def test_download_a_few_mb_with_a_non_ascii_name(server, payload, upload_dir):
     assert fresh.status_code == 206 and fresh.content == payload[:10]
     assert the_record.json() == record
     assert listing.json() == {"files": [record], "next_cursor": None}
+    backend.assert_stored(record, payload)
 
 
-def test_delete_over_the_wire(server, upload_dir):
-    with server.client() as client:
+def test_delete_over_the_wire(backend_server, backend):
+    with backend_server.client() as client:
         record = upload(client, b"short-lived")
         gone = check(client.delete(f"/files/{record['id']}"))
         after = check(client.get(f"/files/{record['id']}"))
@@ -94,11 +100,11 @@ def test_delete_over_the_wire(server, upload_dir):
     assert gone.status_code == 204
     assert after.status_code == 404 and after.json()["error"] == "not_found"
     assert again.status_code == 404
-    assert stored_ids(upload_dir) == []
+    backend.assert_nothing_stored()
 
 
-def test_http2_download(server, payload):
-    with server.client(http1=False, http2=True) as client:  # h2c with prior knowledge
+def test_http2_download(backend_server, payload):
+    with backend_server.client(http1=False, http2=True) as client:  # h2c with prior knowledge
         record = upload(client, payload)
         url = f"/files/{record['id']}"
         reply = check(client.get(url))
@@ -113,8 +119,8 @@ def test_http2_download(server, payload):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
-def test_curl_saves_under_the_name_and_resumes(server, payload, tmp_path):
-    with server.client() as client:
+def test_curl_saves_under_the_name_and_resumes(backend_server, payload, tmp_path):
+    with backend_server.client() as client:
         plain = upload(client, payload, "report v1.bin")
         fancy = upload(client, b"fancy", NAME)
     out = tmp_path / "curl"
@@ -123,14 +129,14 @@ def test_curl_saves_under_the_name_and_resumes(server, payload, tmp_path):
     def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(["curl", "-sS", "--fail", *args], cwd=out, capture_output=True, timeout=60, check=True)
 
-    curl("-OJ", f"{server.url}/files/{plain['id']}")
+    curl("-OJ", f"{backend_server.url}/files/{plain['id']}")
     assert sha((out / "report v1.bin").read_bytes()) == sha(payload)
-    curl("-OJ", f"{server.url}/files/{fancy['id']}")  # curl -J takes the ASCII filename=
+    curl("-OJ", f"{backend_server.url}/files/{fancy['id']}")  # curl -J takes the ASCII filename=
     assert (out / "Fruhstuck _menu_ __.bin").read_bytes() == b"fancy"
-    part = curl("-r", "0-99", f"{server.url}/files/{plain['id']}").stdout
+    part = curl("-r", "0-99", f"{backend_server.url}/files/{plain['id']}").stdout
     assert part == payload[:100]
     (out / "resumed.bin").write_bytes(payload[: 2 * MiB])  # an interrupted download
-    curl("-C", "-", "-o", "resumed.bin", f"{server.url}/files/{plain['id']}")
+    curl("-C", "-", "-o", "resumed.bin", f"{backend_server.url}/files/{plain['id']}")
     assert sha((out / "resumed.bin").read_bytes()) == sha(payload)
 
 
@@ -176,12 +182,12 @@ def raw_head_status(port: int, path: str) -> int:
     return int(head.split(b" ", 2)[1])
 
 
-def test_encoded_id_is_still_the_id(server):
+def test_encoded_id_is_still_the_id(backend_server):
     """A percent-encoded id decodes to the id itself (ASGI paths are decoded): served, not refused."""
-    with server.client() as client:
+    with backend_server.client() as client:
         record = upload(client, b"encoded")
     encoded = "".join(f"%{ord(c):02x}" for c in record["id"])
-    reply = raw_request(server.port, request_head(f"/files/{encoded}", [("Connection", "close")], method="GET"))
+    reply = raw_request(backend_server.port, request_head(f"/files/{encoded}", [("Connection", "close")], method="GET"))
     assert reply.status == 200 and reply.body == b"encoded"
 
 

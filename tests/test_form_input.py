@@ -1,24 +1,22 @@
 """Form input a real client may send (SPEC §6): odd filenames, boundaries, lengths, headers, fields sent as files.
 
-Each was once a 500, a wrong 201 or a misread; all go through the app in process.
+Each was once a 500, a wrong 201 or a misread; all go through the app in process, on both
+storage backends (the local dir and S3).
 """
 
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from typing import Any
 
 import pytest
 
 from upload_service import framing
-import upload_asgi
 from support import (
     assert_error,
     upload_scope,
     BOUNDARY,
     Part,
-    assert_nothing_stored,
-    assert_stored,
     call_app,
     chunks_of,
     field_part,
@@ -31,29 +29,29 @@ B = BOUNDARY.encode()
 
 
 @pytest.fixture
-def config(upload_dir: Path) -> upload_asgi.Config:
-    return upload_asgi.Config(upload_dir=upload_dir, fsync=False)
+def backend_settings() -> dict[str, Any]:
+    return {"fsync": False}
 
 
 @pytest.mark.parametrize(
     "charset, status",
     [("utf-8", 201), ("utf-16", 201), ("", 201), ("idna", 201), ("punycode", 201), ("undefined", 201)],
 )
-async def test_filename_star_in_any_charset_is_a_record_or_a_400(app, upload_dir, charset, status):
+async def test_filename_star_in_any_charset_is_a_record_or_a_400(backend_app, backend, charset, status):
     """A charset other than ISO-8859-1 is read as UTF-8 (never handed to a codec such as idna,
     which raises on bad input): a record, never a 500."""
     data = b"named oddly"
     disposition = f"Content-Disposition: form-data; name=\"file\"; filename*={charset}''%ffname%E2%82%AC.txt"
     body = form_body([Part("file", data, headers=[disposition.encode()])])
-    reply = await call_app(app, upload_scope(), [body])
+    reply = await call_app(backend_app, upload_scope(), [body])
     assert reply.status == status, reply.body
     reply.check_length()
     if status == 400:
-        assert_nothing_stored(upload_dir)
+        backend.assert_nothing_stored()
         return
     record = reply.json()
     assert record["filename"].endswith("name€.txt")  # read as UTF-8 (%ff is not UTF-8)
-    assert_stored(upload_dir, record, data)
+    backend.assert_stored(record, data)
 
 
 def test_filename_star_latin1_is_decoded():
@@ -78,38 +76,38 @@ def test_filename_star_latin1_is_decoded():
     ],
 )
 @pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
-async def test_transport_padding_is_refused_never_misread(app, upload_dir, body, chunk):
+async def test_transport_padding_is_refused_never_misread(backend_app, backend, body, chunk):
     """RFC 2046 padding after a boundary: the parser would read it as body (one file of two
     parts, 201): refused instead."""
-    reply = await call_app(app, upload_scope(), chunks_of(body, chunk))
+    reply = await call_app(backend_app, upload_scope(), chunks_of(body, chunk))
     assert_error(reply, 400, "malformed_multipart")
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_a_repeated_text_field_is_refused(app, upload_dir):
+async def test_a_repeated_text_field_is_refused(backend_app, backend):
     """Each text field lives in memory: 200 copies of one would hold 200 x the field limit."""
     parts = [field_part("description", "x" * 1000) for _ in range(3)] + [file_part(b"data")]
-    reply = await call_app(app, upload_scope(), [form_body(parts)])
+    reply = await call_app(backend_app, upload_scope(), [form_body(parts)])
     assert_error(reply, 400, "malformed_multipart")
     assert "more than once" in reply.json()["detail"]
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_a_boundary_shaped_like_an_rfc2047_word_is_read_as_it_is(app, upload_dir):
+async def test_a_boundary_shaped_like_an_rfc2047_word_is_read_as_it_is(backend_app, backend):
     boundary = "=?utf-8?q?x?="  # legal (RFC 2046 bchars); the email package would decode it to "x"
     data = b"data\r\n--x\r\n--x--\r\n"  # what a decoded boundary would cut short
     body = form_body([file_part(data)], boundary=boundary)
-    reply = await call_app(app, upload_scope(boundary=f'"{boundary}"'), [body])
+    reply = await call_app(backend_app, upload_scope(boundary=f'"{boundary}"'), [body])
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
 @pytest.mark.parametrize("length", ["²", "-5", "1e3", " 12 "])
-async def test_an_odd_content_length_is_not_a_500(app, upload_dir, length):
+async def test_an_odd_content_length_is_not_a_500(backend_app, backend, length):
     data = b"content"
-    reply = await call_app(app, upload_scope(headers=[("content-length", length)]), [form_body([file_part(data)])])
+    reply = await call_app(backend_app, upload_scope(headers=[("content-length", length)]), [form_body([file_part(data)])])
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +127,7 @@ async def test_an_odd_content_length_is_not_a_500(app, upload_dir, length):
         ),
     ],
 )
-async def test_a_header_the_email_package_chokes_on_is_a_quick_400(app, upload_dir, header):
+async def test_a_header_the_email_package_chokes_on_is_a_quick_400(backend_app, backend, header):
     """Nested comments made the email package recurse (RecursionError: a 500); thousands of
     separators made it take seconds per part, and the parser as long again (a worker stalled
     for minutes by one request of 200 such parts)."""
@@ -137,21 +135,21 @@ async def test_a_header_the_email_package_chokes_on_is_a_quick_400(app, upload_d
     headers = [header] if header.startswith(b"Content-Disposition") else [disposition, header]
     parts = [Part("file", b"data", headers=headers) for _ in range(5)]
     started = time.monotonic()
-    reply = await call_app(app, upload_scope("/upload-multiple"), [form_body(parts)])
+    reply = await call_app(backend_app, upload_scope("/upload-multiple"), [form_body(parts)])
     assert time.monotonic() - started < 1.0
     assert_error(reply, 400, "malformed_multipart")
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_a_long_filename_with_spaces_is_still_read(app, upload_dir):
+async def test_a_long_filename_with_spaces_is_still_read(backend_app, backend):
     filename = " ".join(["word"] * 50) + ".txt"  # 49 spaces, 249 characters
-    reply = await call_app(app, upload_scope(), [form_body([file_part(b"data", filename=filename)])])
+    reply = await call_app(backend_app, upload_scope(), [form_body([file_part(b"data", filename=filename)])])
     assert reply.status == 201, reply.body
     assert reply.json()["filename"] == filename
 
 
 @pytest.mark.parametrize("digest_file", [b"%s", b"%s\n", b"  %s\r\n", b"%s  data.bin\n"])  # last: sha256sum
-async def test_a_sha256_sent_as_a_file_part_is_still_checked(app, upload_dir, digest_file):
+async def test_a_sha256_sent_as_a_file_part_is_still_checked(backend_app, backend, digest_file):
     """`curl -F sha256=@digest.txt` sends the digest with a filename: it was silently
     ignored, so a wrong digest still gave 201."""
     import hashlib
@@ -159,19 +157,19 @@ async def test_a_sha256_sent_as_a_file_part_is_still_checked(app, upload_dir, di
     data = b"checked content"
     right = hashlib.sha256(data).hexdigest().encode()
     digest = file_part(digest_file % right, filename="digest.txt", name="sha256", content_type="text/plain")
-    reply = await call_app(app, upload_scope(), [form_body([file_part(data), digest])])
+    reply = await call_app(backend_app, upload_scope(), [form_body([file_part(data), digest])])
     assert reply.status == 201, reply.body
-    assert_stored(upload_dir, reply.json(), data)
+    backend.assert_stored(reply.json(), data)
 
     wrong = file_part(digest_file % (b"0" * 64), filename="digest.txt", name="sha256")
-    reply = await call_app(app, upload_scope(), [form_body([file_part(data), wrong])])
+    reply = await call_app(backend_app, upload_scope(), [form_body([file_part(data), wrong])])
     assert_error(reply, 422, "sha256_mismatch")
-    assert len(list(upload_dir.glob("*.json"))) == 1  # only the first upload
+    assert len(backend.stored_ids()) == 1  # only the first upload
 
 
-async def test_a_description_sent_as_a_file_part_is_read(app, upload_dir):
+async def test_a_description_sent_as_a_file_part_is_read(backend_app, backend):
     note = file_part("a note from a file".encode(), filename="note.txt", name="description")
-    reply = await call_app(app, upload_scope(), [form_body([note, file_part(b"data")])])
+    reply = await call_app(backend_app, upload_scope(), [form_body([note, file_part(b"data")])])
     assert reply.status == 201, reply.body
     assert reply.json()["description"] == "a note from a file"
 

@@ -1,16 +1,18 @@
-"""before_upload and on_upload with the scope (issue 11), in process and through hypercorn."""
+"""before_upload and on_upload with the scope (issue 11), in process and through hypercorn.
+
+In process on both storage backends (`backend`); through hypercorn on the local one (its
+demo hook writes a file beside the upload).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
-import upload_asgi
 import support
 from support import (
     Reply,
@@ -75,20 +77,20 @@ async def call_counting(app: Any, scope: dict, chunks: list[bytes], hook: Hook) 
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-async def test_before_upload_sees_the_request_and_lets_it_through(config, upload_dir, kind):
+async def test_before_upload_sees_the_request_and_lets_it_through(make_backend_app, backend, kind):
     hook = Hook(kind)
     seen: list[tuple[dict, dict]] = []
 
     async def on_upload(record: dict, scope: dict) -> None:
         seen.append((record, scope))
 
-    app = upload_asgi.create_app(config, on_upload=on_upload, before_upload=hook)
+    app = make_backend_app(on_upload=on_upload, before_upload=hook)
     data = os.urandom(50_000)
     scope = upload_scope(headers=[("X-User", "ann"), ("Accept", "a"), ("Accept", "b")])
     reply = await call_counting(app, scope, [form_body([file_part(data, "a.bin")])], hook)
     assert reply.status == 201, reply.body
     record = reply.json()
-    assert_stored(upload_dir, record, data)
+    backend.assert_stored(record, data)
     [(hook_scope, headers)] = hook.calls
     assert hook_scope is scope and hook.body_events_before == [0]  # before the first body byte
     assert headers["x-user"] == "ann" and headers["accept"] == "a, b"
@@ -97,11 +99,11 @@ async def test_before_upload_sees_the_request_and_lets_it_through(config, upload
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-async def test_a_refusal_is_the_answer_and_nothing_is_stored(config, upload_dir, kind, caplog):
+async def test_a_refusal_is_the_answer_and_nothing_is_stored(make_backend_app, backend, kind, caplog):
     refusal = UploadRefused(403, "uploads are closed today", code="closed", headers=[("Retry-After", "86400")])
     hook = Hook(kind, refuse=refusal)
     stored: list[dict] = []
-    app = upload_asgi.create_app(config, on_upload=stored.append, before_upload=hook)
+    app = make_backend_app(on_upload=stored.append, before_upload=hook)
     with caplog.at_level(logging.INFO, logger="upload_asgi"):
         reply = await call_counting(app, upload_scope(), [form_body([file_part(os.urandom(200_000))])], hook)
     assert reply.status == 403
@@ -109,35 +111,36 @@ async def test_a_refusal_is_the_answer_and_nothing_is_stored(config, upload_dir,
     assert reply.json() == {"error": "closed", "detail": "uploads are closed today"}
     assert reply.headers["retry-after"] == "86400"
     assert hook.body_events_before == [0] and stored == []
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     assert app.metrics.outcomes == {"rejected": 1} and app.metrics.in_flight == 0
     assert "upload refused: 403 closed after 0 bytes: uploads are closed today" in caplog.messages
 
 
-async def test_a_5xx_refusal_is_the_hosts_decision_not_a_failure(config, upload_dir, caplog):
+async def test_a_5xx_refusal_is_the_hosts_decision_not_a_failure(make_backend_app, backend, caplog):
     hook = Hook(refuse=UploadRefused(503, "maintenance", code="maintenance"))
-    app = upload_asgi.create_app(config, before_upload=hook)
+    app = make_backend_app(before_upload=hook)
     with caplog.at_level(logging.INFO, logger="upload_asgi"):
         reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
     assert reply.status == 503 and reply.json()["error"] == "maintenance"
     assert app.metrics.outcomes == {"rejected": 1}
+    backend.assert_nothing_stored()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_a_hook_that_raises_gives_500_and_stores_nothing(config, upload_dir, caplog):
+async def test_a_hook_that_raises_gives_500_and_stores_nothing(make_backend_app, backend, caplog):
     hook = Hook(refuse=RuntimeError("the user database is down"))
-    app = upload_asgi.create_app(config, before_upload=hook)
+    app = make_backend_app(before_upload=hook)
     reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
     assert reply.status == 500
     assert reply.json() == {"error": "internal_error", "detail": "the server's before_upload hook failed"}
     assert "the user database is down" in caplog.text  # logged with its traceback, not sent
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
     assert app.metrics.outcomes == {"failed": 1}
 
 
-async def test_the_token_is_checked_before_the_hook(config, upload_dir):
+async def test_the_token_is_checked_before_the_hook(make_backend_app):
     hook = Hook()
-    app = upload_asgi.create_app(replace(config, token="s3cret"), before_upload=hook)
+    app = make_backend_app(token="s3cret", before_upload=hook)
     reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
     assert reply.status == 401 and hook.calls == []
     reply = await call_app(app, upload_scope(headers=[("Authorization", "Bearer s3cret"), ("X-User", "b")]),
@@ -145,7 +148,7 @@ async def test_the_token_is_checked_before_the_hook(config, upload_dir):
     assert reply.status == 201 and hook.calls[0][1]["x-user"] == "b"
 
 
-async def test_on_upload_with_one_parameter_still_gets_the_record_alone(config, upload_dir):
+async def test_on_upload_with_one_parameter_still_gets_the_record_alone(make_backend_app):
     got: list[Any] = []
 
     def one(record):
@@ -158,7 +161,7 @@ async def test_on_upload_with_one_parameter_still_gets_the_record_alone(config, 
         got.append(len(args))
 
     for callback in (one, with_default, star):
-        app = upload_asgi.create_app(config, on_upload=callback)
+        app = make_backend_app(on_upload=callback)
         assert (await call_app(app, upload_scope(), [form_body([file_part(b"x")])])).status == 201
     assert got[0]["size"] == 1 and got[1]["type"] == "http" and got[2] == 2
 

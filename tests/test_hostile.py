@@ -1,5 +1,9 @@
 """Hostile input: memory stays flat in a real hypercorn, and random bodies never cause a 500,
-a hang or a leftover file."""
+a hang or a leftover file.
+
+The memory tests run the local backend (S3's bound on memory, parts in flight x part size,
+is test_s3store's); the random bodies run on both backends.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
+from hypothesis import assume, event, given, settings, strategies as st
 
 import upload_asgi
+from backends import close_app
 from support import (
     BOUNDARY,
     Part,
     Server,
     assert_nothing_stored,
-    assert_stored,
     call_app,
     field_part,
     file_part,
@@ -189,43 +193,47 @@ ALLOWED = {201, 400, 413, 415, 422}
 
 
 def run_one(
-    app: Any, upload_dir: Path, path: str, headers: list[tuple[str, str]], chunks: list[bytes],
+    app: Any, backend: Any, path: str, headers: list[tuple[str, str]], chunks: list[bytes],
     disconnect: bool = False,
 ):
-    """Call the app once, check the invariants, and clean up what a 201 stored.
+    """Call the app once (on a loop of its own), check the invariants, and clean up what a 201 stored.
 
     With `disconnect`, the client leaves instead of ending its body.
     """
     scope = http_scope(path, headers=headers)
-    reply = asyncio.run(asyncio.wait_for(call_app(app, scope, chunks, disconnect_after=disconnect), ANSWER_BOUND))
+
+    async def call() -> Any:
+        try:
+            return await asyncio.wait_for(call_app(app, scope, chunks, disconnect_after=disconnect), ANSWER_BOUND)
+        finally:
+            await close_app(app)  # the S3 store's client is this loop's
+
+    reply = asyncio.run(call())
     if reply.status is None:  # the client left before any answer: none is sent, nothing kept
         assert disconnect and reply.messages == []
-        assert_nothing_stored(upload_dir)
+        backend.assert_nothing_stored()
         return reply
     assert reply.status in ALLOWED, (reply.status, reply.body)
     reply.check_length()
     payload = reply.json()
     if reply.status != 201:
         assert set(payload) >= {"error", "detail"}
-        assert_nothing_stored(upload_dir)
+        backend.assert_nothing_stored()
         return reply
     records = [payload] if path == "/upload" else payload["files"]
     body = b"".join(chunks)
     for record in records:
-        data = (upload_dir / record["id"]).read_bytes()
+        data = backend.stored_bytes(record["id"])
         assert data in body  # the stored bytes came from the body, whole
-        assert_stored(upload_dir, record, data)
-        (upload_dir / record["id"]).unlink()
-        (upload_dir / f"{record['id']}.json").unlink()
-    assert_nothing_stored(upload_dir)
+        backend.assert_stored(record, data)
+        backend.remove(record["id"])
+    backend.assert_nothing_stored()
     return reply
 
 
 @pytest.fixture
-def fuzz_app(tmp_path):
-    upload_dir = tmp_path / "uploads"
-    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, **FUZZ_LIMITS))
-    return app, upload_dir
+def fuzz_app(backend: Any) -> Any:
+    return upload_asgi.create_app(backend.config(**FUZZ_LIMITS))
 
 
 names = st.sampled_from(["file", "files", "description", "sha256", "other", "", "FILE"])
@@ -333,46 +341,56 @@ def requests(draw):
     return path, headers, chunks, disconnect
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(request=requests())
-def test_random_requests_never_500_hang_or_leave_files(fuzz_app, request):
-    app, upload_dir = fuzz_app
-    path, headers, chunks, disconnect = request
-    reply = run_one(app, upload_dir, path, headers, chunks, disconnect)
-    event(f"{reply.status} {reply.json().get('error', '')}" if reply.status else "disconnected")
+# On both backends; on S3 a tenth of the examples (each is S3 calls).
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    path=st.sampled_from(["/upload", "/upload-multiple"]),
-    body=st.binary(max_size=4000),
-    cuts=st.lists(st.integers(0, 4000), max_size=10),
-)
-def test_random_bytes_never_500(fuzz_app, path, body, cuts):
-    app, upload_dir = fuzz_app
-    run_one(app, upload_dir, path, [("content-type", form_content_type())], split_at(body, cuts))
+def test_random_requests_never_500_hang_or_leave_files(backend, fuzz_app):
+    @settings(max_examples=backend.examples(600), deadline=None)
+    @given(request=requests())
+    def check(request):
+        path, headers, chunks, disconnect = request
+        reply = run_one(fuzz_app, backend, path, headers, chunks, disconnect)
+        event(f"{reply.status} {reply.json().get('error', '')}" if reply.status else "disconnected")
+
+    check()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    path=st.sampled_from(["/upload", "/upload-multiple"]),
-    data=st.binary(max_size=5000),
-    cut=st.integers(0, 10_000),
-    chunk=st.integers(1, 700),
-)
-def test_truncated_valid_bodies(fuzz_app, path, data, cut, chunk):
+def test_random_bytes_never_500(backend, fuzz_app):
+    @settings(max_examples=backend.examples(300), deadline=None)
+    @given(
+        path=st.sampled_from(["/upload", "/upload-multiple"]),
+        body=st.binary(max_size=4000),
+        cuts=st.lists(st.integers(0, 4000), max_size=10),
+    )
+    def check(path, body, cuts):
+        run_one(fuzz_app, backend, path, [("content-type", form_content_type())], split_at(body, cuts))
+
+    check()
+
+
+def test_truncated_valid_bodies(backend, fuzz_app):
     """Every prefix of a valid body is refused with 400 (or stored when whole), never more."""
-    app, upload_dir = fuzz_app
-    name = "file" if path == "/upload" else "files"
-    body = form_body([field_part("description", "about it"), file_part(data, name=name)])
-    cut = min(cut, len(body))
-    prefix = body[:cut]
-    chunks = [prefix[i : i + chunk] for i in range(0, len(prefix), chunk)]
-    reply = run_one(app, upload_dir, path, [("content-type", form_content_type())], chunks)
-    if cut == len(body):
-        assert reply.status in (201, 413)
-    else:
-        assume(len(body) - cut > 0)
-        # Once the close delimiter is in, what follows (its CRLF) is epilogue.
-        complete = b"\r\n--" + BOUNDARY.encode() + b"--" in prefix
-        assert reply.status in ((201, 413) if complete else (400, 413))
+
+    @settings(max_examples=backend.examples(300), deadline=None)
+    @given(
+        path=st.sampled_from(["/upload", "/upload-multiple"]),
+        data=st.binary(max_size=5000),
+        cut=st.integers(0, 10_000),
+        chunk=st.integers(1, 700),
+    )
+    def check(path, data, cut, chunk):
+        name = "file" if path == "/upload" else "files"
+        body = form_body([field_part("description", "about it"), file_part(data, name=name)])
+        cut = min(cut, len(body))
+        prefix = body[:cut]
+        chunks = [prefix[i : i + chunk] for i in range(0, len(prefix), chunk)]
+        reply = run_one(fuzz_app, backend, path, [("content-type", form_content_type())], chunks)
+        if cut == len(body):
+            assert reply.status in (201, 413)
+        else:
+            assume(len(body) - cut > 0)
+            # Once the close delimiter is in, what follows (its CRLF) is epilogue.
+            complete = b"\r\n--" + BOUNDARY.encode() + b"--" in prefix
+            assert reply.status in ((201, 413) if complete else (400, 413))
+
+    check()

@@ -1,12 +1,14 @@
 """In process: httpx through ASGITransport for happy paths and the error table; events fed by
-hand (call_app) wherever exact chunking matters, i.e. every input shape of SPEC §6."""
+hand (call_app) wherever exact chunking matters, i.e. every input shape of SPEC §6.
+
+Every test runs on both storage backends (the `backend` fixture: the local dir and S3 on
+SeaweedFS), and checks what the store holds after each answer."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import upload_asgi
+from backends import close_app
 from support import (
     assert_error,
     BOUNDARY,
     Part,
-    assert_nothing_stored,
-    assert_stored,
     call_app,
     chunks_of,
     field_part,
@@ -30,7 +31,6 @@ from support import (
     form_content_type,
     http_scope,
     split_at,
-    stored_ids,
 )
 
 B = BOUNDARY.encode()
@@ -63,9 +63,9 @@ async def post_body(client: httpx.AsyncClient, body: bytes, path: str = "/upload
 # -- happy paths -----------------------------------------------------------------------
 
 
-async def test_upload_one_file_with_description(client, upload_dir):
+async def test_upload_one_file_with_description(backend_client, backend):
     data = bytes(range(256)) * 40 + b"\r\n--" + B + b"x"
-    reply = await client.post(
+    reply = await backend_client.post(
         "/upload",
         files={"file": ("photo.jpg", data, "image/jpeg")},
         data={"description": "Holiday 2024 — ünïcode"},
@@ -77,25 +77,25 @@ async def test_upload_one_file_with_description(client, upload_dir):
     assert record["size"] == len(data)
     assert record["sha256"] == sha(data)
     assert record["description"] == "Holiday 2024 — ünïcode"
-    assert_stored(upload_dir, record, data)
-    assert stored_ids(upload_dir) == [record["id"]]
+    backend.assert_stored(record, data)
+    assert backend.stored_ids() == [record["id"]]
 
 
-async def test_upload_without_description_or_content_type(client, upload_dir):
+async def test_upload_without_description_or_content_type(backend_client, backend):
     body = form_body([Part("file", b"raw", headers=[b'Content-Disposition: form-data; name="file"; filename="r"'])])
-    record = check_created(await post_body(client, body))
+    record = check_created(await post_body(backend_client, body))
     assert record["description"] is None
     assert record["content_type"] == "application/octet-stream"
-    assert_stored(upload_dir, record, b"raw")
+    backend.assert_stored(record, b"raw")
 
 
-async def test_upload_empty_file(client, upload_dir):
-    record = check_created(await client.post("/upload", files={"file": ("empty.txt", b"", "text/plain")}))
+async def test_upload_empty_file(backend_client, backend):
+    record = check_created(await backend_client.post("/upload", files={"file": ("empty.txt", b"", "text/plain")}))
     assert (record["size"], record["sha256"]) == (0, EMPTY_SHA256)
-    assert_stored(upload_dir, record, b"")
+    backend.assert_stored(record, b"")
 
 
-async def test_upload_multiple_names_and_content_types(client, upload_dir):
+async def test_upload_multiple_names_and_content_types(backend_client, backend):
     # streaming-form-data's MultipleTargets mixes up filename and content type from the
     # second file on; every record here must carry its own part's pair.
     files = [
@@ -104,7 +104,7 @@ async def test_upload_multiple_names_and_content_types(client, upload_dir):
         ("image.png", bytes(range(256)) * 10, "image/png"),
         ("archive.tar.gz", b"\x1f\x8b" + b"\x00" * 500, "application/gzip"),
     ]
-    reply = await client.post(
+    reply = await backend_client.post(
         "/upload-multiple",
         files=[("files", f) for f in files],
         data={"description": "four"},
@@ -115,31 +115,31 @@ async def test_upload_multiple_names_and_content_types(client, upload_dir):
     assert [(r["filename"], r["content_type"]) for r in answer["files"]] == [(n, c) for n, _, c in files]
     for record, (_, data, _) in zip(answer["files"], files):
         assert record["description"] == "four"
-        assert_stored(upload_dir, record, data)
-    assert len(stored_ids(upload_dir)) == len(files)
+        backend.assert_stored(record, data)
+    assert len(backend.stored_ids()) == len(files)
     assert len({r["id"] for r in answer["files"]}) == len(files)
 
 
-async def test_upload_multiple_same_name_twice_stores_two_files(client, upload_dir):
-    reply = await client.post("/upload-multiple", files=[("files", ("same.txt", b"one")), ("files", ("same.txt", b"two"))])
+async def test_upload_multiple_same_name_twice_stores_two_files(backend_client, backend):
+    reply = await backend_client.post("/upload-multiple", files=[("files", ("same.txt", b"one")), ("files", ("same.txt", b"two"))])
     answer = check_created(reply)
     assert [r["filename"] for r in answer["files"]] == ["same.txt", "same.txt"]
-    assert_stored(upload_dir, answer["files"][0], b"one")
-    assert_stored(upload_dir, answer["files"][1], b"two")
+    backend.assert_stored(answer["files"][0], b"one")
+    backend.assert_stored(answer["files"][1], b"two")
 
 
 @pytest.mark.parametrize("case", [str.lower, str.upper, lambda s: f"  {s}\t"], ids=["lower", "upper", "padded"])
-async def test_sha256_field_matches(client, upload_dir, case):
+async def test_sha256_field_matches(backend_client, backend, case):
     data = b"checked content"
-    reply = await client.post("/upload", files={"file": ("c.txt", data)}, data={"sha256": case(sha(data))})
-    assert_stored(upload_dir, check_created(reply), data)
+    reply = await backend_client.post("/upload", files={"file": ("c.txt", data)}, data={"sha256": case(sha(data))})
+    backend.assert_stored(check_created(reply), data)
 
 
-async def test_sha256_field_before_the_file(client, upload_dir):
+async def test_sha256_field_before_the_file(backend_client, backend):
     # The field may come first; the check still happens after the file is read.
     data = b"field first"
     body = form_body([field_part("sha256", sha(data)), file_part(data, "f.txt")])
-    assert_stored(upload_dir, check_created(await post_body(client, body)), data)
+    backend.assert_stored(check_created(await post_body(backend_client, body)), data)
 
 
 # -- the error table (SPEC §3, the cases of issue 2) ------------------------------------------
@@ -238,23 +238,23 @@ ERROR_TABLE = [
 
 
 @pytest.mark.parametrize("path, content_type, body, status, code", ERROR_TABLE)
-async def test_error_table(client, upload_dir, path, content_type, body, status, code):
-    reply = await post_body(client, body, path, content_type)
+async def test_error_table(backend_client, backend, path, content_type, body, status, code):
+    reply = await post_body(backend_client, body, path, content_type)
     assert_error(reply, status, code)
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_sha256_mismatch_says_the_real_digest(client, upload_dir):
-    payload = assert_error(await post_body(client, WRONG_SHA), 422, "sha256_mismatch")
+async def test_sha256_mismatch_says_the_real_digest(backend_client, backend):
+    payload = assert_error(await post_body(backend_client, WRONG_SHA), 422, "sha256_mismatch")
     assert sha(b"data") in payload["detail"]
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_error_then_success_on_the_same_app(client, upload_dir):
-    assert_error(await post_body(client, ONE_FILE[:-300]), 400, "malformed_multipart")
-    assert_nothing_stored(upload_dir)
-    record = check_created(await post_body(client, ONE_FILE))
-    assert_stored(upload_dir, record, b"x" * 5000)
+async def test_error_then_success_on_the_same_app(backend_client, backend):
+    assert_error(await post_body(backend_client, ONE_FILE[:-300]), 400, "malformed_multipart")
+    backend.assert_nothing_stored()
+    record = check_created(await post_body(backend_client, ONE_FILE))
+    backend.assert_stored(record, b"x" * 5000)
 
 
 # -- path traversal ------------------------------------------------------------------------
@@ -276,34 +276,36 @@ def all_files(root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("raw, cleaned", TRAVERSAL)
-async def test_path_traversal_filename_httpx(client, tmp_path, upload_dir, raw, cleaned):
+async def test_path_traversal_filename_httpx(backend_client, backend, tmp_path, raw, cleaned):
     before = set(all_files(tmp_path))
-    record = check_created(await client.post("/upload", files={"file": (raw, b"evil")}))
+    record = check_created(await backend_client.post("/upload", files={"file": (raw, b"evil")}))
     assert record["filename"] == cleaned
-    assert_stored(upload_dir, record, b"evil")
-    new = set(all_files(tmp_path)) - before
-    assert new == {"uploads", "uploads/.partial", f"uploads/{record['id']}", f"uploads/{record['id']}.json"}
+    backend.assert_stored(record, b"evil")
+    assert backend.stored_names() == sorted([record["id"], f"{record['id']}.json"])
+    assert {p for p in set(all_files(tmp_path)) - before if not p.startswith("uploads")} == set()
 
 
 @pytest.mark.parametrize("raw, cleaned", TRAVERSAL)
-async def test_path_traversal_filename_raw_header(client, tmp_path, upload_dir, raw, cleaned):
+async def test_path_traversal_filename_raw_header(backend_client, backend, tmp_path, raw, cleaned):
     # Browsers send backslashes unescaped inside the quotes: it must read the same.
+    before = set(all_files(tmp_path))
     head = b'Content-Disposition: form-data; name="file"; filename="' + raw.encode() + b'"'
-    record = check_created(await post_body(client, form_body([Part("file", b"evil", headers=[head])])))
+    record = check_created(await post_body(backend_client, form_body([Part("file", b"evil", headers=[head])])))
     assert record["filename"] == cleaned
-    assert_stored(upload_dir, record, b"evil")
-    assert all_files(tmp_path) == sorted(
-        ["uploads", "uploads/.partial", f"uploads/{record['id']}", f"uploads/{record['id']}.json"]
-    )
+    backend.assert_stored(record, b"evil")
+    assert backend.stored_names() == sorted([record["id"], f"{record['id']}.json"])
+    assert {p for p in set(all_files(tmp_path)) - before if not p.startswith("uploads")} == set()
 
 
 # -- SPEC §6: every input shape, fed whole and split at many points -------------------------------
 
 
-def chunkings(body: bytes) -> list[tuple[str, list[bytes]]]:
-    """The body whole, in small fixed chunks, and cut in two (or three) at many points."""
+def chunkings(body: bytes, every_cut: bool = True) -> list[tuple[str, list[bytes]]]:
+    """The body whole, in small fixed chunks, and (`every_cut`) cut in two or three at many points."""
     out = [("whole", [body]), ("1-byte", chunks_of(body, 1))]
     out += [(f"chunks-of-{n}", chunks_of(body, n)) for n in (2, 3, 7, 13, 64, 1021)]
+    if not every_cut:
+        return out
     if len(body) <= 600:
         cuts = set(range(1, len(body)))
     else:  # every cut near the structure (CRLFs), and a sample of the rest
@@ -316,43 +318,63 @@ def chunkings(body: bytes) -> list[tuple[str, list[bytes]]]:
     return out
 
 
-def outcome_of(reply, upload_dir: Path) -> tuple[Any, ...]:
-    """What a user sees, minus the random ids; checks the disk agrees with the answer."""
+def outcome_of(reply, backend: Any) -> tuple[Any, ...]:
+    """What a user sees, minus the random ids; checks the store agrees with the answer."""
     assert reply.status is not None and reply.status < 500, reply.body
     reply.check_length()
     payload = reply.json()
     if reply.status != 201:
         assert set(payload) >= {"error", "detail"}
-        assert_nothing_stored(upload_dir)
+        backend.assert_nothing_stored()
         return reply.status, payload["error"]
     records = payload["files"] if "files" in payload else [payload]
     for record in records:
-        stored = (upload_dir / record["id"]).read_bytes()
+        stored = backend.stored_bytes(record["id"])
         assert (len(stored), sha(stored)) == (record["size"], record["sha256"])
-    assert len(stored_ids(upload_dir)) == len(records)
-    assert list((upload_dir / ".partial").iterdir()) == []
+    assert len(backend.stored_ids()) == len(records)
+    backend.assert_nothing_in_flight()
     return 201, [{k: v for k, v in r.items() if k not in ("id", "created")} for r in records]
 
 
-async def outcome_every_way(tmp_path: Path, body: bytes, path: str = "/upload",
+def remove_all(backend: Any) -> None:
+    for file_id in backend.stored_ids():
+        backend.remove(file_id)
+
+
+async def outcome_every_way(backend: Any, app: Any, body: bytes, path: str = "/upload",
                             content_type: str = form_content_type()) -> tuple[Any, ...]:
-    """Feed `body` in every chunking; all must give the same outcome, which is returned."""
+    """Feed `body` in every chunking; all must give the same outcome, which is returned.
+
+    On S3 the fixed-size chunkings only: the parser is the same on both backends, the
+    cuts at every point cost S3 calls and find nothing the store could change.
+    """
     outcomes: dict[str, Any] = {}
-    upload_dir = tmp_path / "every-way"
-    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False))
-    for label, chunks in chunkings(body):
+    for label, chunks in chunkings(body, every_cut=backend.name == "local"):
         reply = await call_app(app, http_scope(path, content_type=content_type), chunks)
         try:
-            outcomes[label] = outcome_of(reply, upload_dir)
+            outcomes[label] = outcome_of(reply, backend)
         except AssertionError as exc:
             raise AssertionError(f"{label}: {exc}") from exc
-        for stored in upload_dir.iterdir():
-            if stored.is_file():
-                stored.unlink()
+        remove_all(backend)
     first = outcomes["whole"]
     for label, outcome in outcomes.items():
         assert outcome == first, label
     return first
+
+
+@pytest.fixture
+def backend_settings() -> dict[str, Any]:
+    return {"fsync": False}  # many uploads per test; fsync is tested in test_targets and through servers
+
+
+@pytest.fixture
+def every_way(backend: Any, backend_app: Any) -> Any:
+    """`await every_way(body, path, content_type)`: outcome_every_way on this test's backend."""
+
+    async def run(body: bytes, path: str = "/upload", content_type: str = form_content_type()) -> tuple[Any, ...]:
+        return await outcome_every_way(backend, backend_app, body, path, content_type)
+
+    return run
 
 
 def record(filename: str, data: bytes, content_type: str = "application/octet-stream",
@@ -375,17 +397,17 @@ def record(filename: str, data: bytes, content_type: str = "application/octet-st
         pytest.param(bytes(range(256)) * 4, id="binary"),
     ],
 )
-async def test_epilogue_is_ignored_and_costs_no_byte(tmp_path, epilogue):
+async def test_epilogue_is_ignored_and_costs_no_byte(every_way, epilogue):
     data = b"last part's data ends here\r\n"
     body = form_body([file_part(data, "e.txt", "files")], epilogue=epilogue)
-    status, records = await outcome_every_way(tmp_path, body, "/upload-multiple")
+    status, records = await every_way(body, "/upload-multiple")
     assert (status, records) == (201, [record("e.txt", data)])
 
 
-async def test_epilogue_without_crlf_after_close_delimiter(tmp_path):
+async def test_epilogue_without_crlf_after_close_delimiter(every_way):
     data = b"abc"
     body = form_body([file_part(data, "e.txt")])[:-2] + b"trailing"
-    assert await outcome_every_way(tmp_path, body) == (201, [record("e.txt", data)])
+    assert await every_way(body) == (201, [record("e.txt", data)])
 
 
 @pytest.mark.parametrize(
@@ -397,25 +419,23 @@ async def test_epilogue_without_crlf_after_close_delimiter(tmp_path):
         pytest.param(b"p" * 60_000 + b"\r\n", id="60KB"),
     ],
 )
-async def test_preamble_is_ignored(tmp_path, preamble):
+async def test_preamble_is_ignored(every_way, preamble):
     data = b"after the preamble"
     body = form_body([file_part(data, "p.txt")], preamble=preamble)
-    assert await outcome_every_way(tmp_path, body) == (201, [record("p.txt", data)])
+    assert await every_way(body) == (201, [record("p.txt", data)])
 
 
-async def test_preamble_is_bounded(tmp_path):
+async def test_preamble_is_bounded(backend, backend_app):
     body = form_body([file_part(b"x", "p.txt")], preamble=b"p" * (1024 * 1024) + b"\r\n")
     for label, chunks in [("whole", [body]), ("4KiB", chunks_of(body, 4096)), ("odd", chunks_of(body, 9999))]:
-        upload_dir = tmp_path / label
-        app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False))
-        reply = await call_app(app, http_scope(content_type=form_content_type()), chunks)
-        assert outcome_of(reply, upload_dir) == (400, "malformed_multipart"), label
+        reply = await call_app(backend_app, http_scope(content_type=form_content_type()), chunks)
+        assert outcome_of(reply, backend) == (400, "malformed_multipart"), label
 
 
 # Header names: any case, any order, each part's own content type
 
 
-async def test_header_case_and_order(tmp_path):
+async def test_header_case_and_order(every_way):
     parts = [
         Part("files", b"one", headers=[b"Content-Type: text/csv",
                                        b'Content-Disposition: form-data; name="files"; filename="1.csv"']),
@@ -428,7 +448,7 @@ async def test_header_case_and_order(tmp_path):
                                         b"X-Other: 2",
                                         b'Content-disposition: form-data; filename="4.json"; name="files"']),
     ]
-    status, records = await outcome_every_way(tmp_path, form_body(parts), "/upload-multiple")
+    status, records = await every_way(form_body(parts), "/upload-multiple")
     assert status == 201
     assert records == [
         record("1.csv", b"one", "text/csv", "mixed"),
@@ -438,10 +458,10 @@ async def test_header_case_and_order(tmp_path):
     ]
 
 
-async def test_content_type_before_disposition_single_upload(tmp_path):
+async def test_content_type_before_disposition_single_upload(every_way):
     part = Part("file", b"<svg/>", headers=[b"Content-Type: image/svg+xml",
                                             b'Content-Disposition: form-data; name="file"; filename="i.svg"'])
-    assert await outcome_every_way(tmp_path, form_body([part])) == (201, [record("i.svg", b"<svg/>", "image/svg+xml")])
+    assert await every_way(form_body([part])) == (201, [record("i.svg", b"<svg/>", "image/svg+xml")])
 
 
 # Boundaries
@@ -461,21 +481,21 @@ BOUNDARIES = [
 
 
 @pytest.mark.parametrize("boundary, unquoted", BOUNDARIES)
-async def test_boundaries(tmp_path, boundary, unquoted):
+async def test_boundaries(every_way, boundary, unquoted):
     assert 1 <= len(boundary) <= 70
     data = b"--" + boundary.encode() + b"-\r\n-" + b"\r\n--" + boundary[:-1].encode() + b"\r"
     body = form_body([field_part("description", boundary), file_part(data, "b.bin")], boundary=boundary)
     value = unquoted if unquoted is not None else f'"{boundary}"'
     content_type = f"multipart/form-data; boundary={value}"
-    assert await outcome_every_way(tmp_path, body, content_type=content_type) == (
+    assert await every_way(body, content_type=content_type) == (
         201, [record("b.bin", data, description=boundary)]
     )
 
 
-async def test_boundary_parameter_among_others(tmp_path):
+async def test_boundary_parameter_among_others(every_way):
     body = form_body([file_part(b"x", "x.txt")])
     content_type = f'Multipart/Form-Data; charset=utf-8; BOUNDARY="{BOUNDARY}"; foo=bar'
-    assert await outcome_every_way(tmp_path, body, content_type=content_type) == (201, [record("x.txt", b"x")])
+    assert await every_way(body, content_type=content_type) == (201, [record("x.txt", b"x")])
 
 
 # Filenames
@@ -499,10 +519,10 @@ FILENAMES = [
 
 
 @pytest.mark.parametrize("params, expected", FILENAMES)
-async def test_filenames(tmp_path, params, expected):
+async def test_filenames(every_way, params, expected):
     head = b'Content-Disposition: form-data; name="file"; ' + params
     body = form_body([Part("file", b"named", headers=[head, b"Content-Type: text/plain"])])
-    assert await outcome_every_way(tmp_path, body) == (201, [record(expected, b"named", "text/plain")])
+    assert await every_way(body) == (201, [record(expected, b"named", "text/plain")])
 
 
 @pytest.mark.parametrize(
@@ -514,9 +534,9 @@ async def test_filenames(tmp_path, params, expected):
         pytest.param(b"\xed\xa0\x80.txt", id="surrogate"),
     ],
 )
-async def test_filename_bytes_not_utf8_record_or_4xx(tmp_path, raw):
+async def test_filename_bytes_not_utf8_record_or_4xx(every_way, raw):
     head = b'Content-Disposition: form-data; name="file"; filename="' + raw + b'"'
-    status, detail = await outcome_every_way(tmp_path, form_body([Part("file", b"bytes", headers=[head])]))
+    status, detail = await every_way(form_body([Part("file", b"bytes", headers=[head])]))
     # The app refuses the part (a header it cannot read); a record would also be allowed.
     assert 400 <= status < 500
     if status == 201:
@@ -547,15 +567,15 @@ ODD_PARTS = [
 
 @pytest.mark.parametrize("odd", ODD_PARTS)
 @pytest.mark.parametrize("where", ["before", "after"])
-async def test_odd_part_ignored_or_400(tmp_path, odd, where):
+async def test_odd_part_ignored_or_400(every_way, odd, where):
     parts = [odd, GOOD] if where == "before" else [GOOD, odd]
-    outcome = await outcome_every_way(tmp_path, form_body(parts))
+    outcome = await every_way(form_body(parts))
     assert outcome in ((201, [GOOD_RECORD]), (400, "malformed_multipart"))
 
 
 @pytest.mark.parametrize("odd", ODD_PARTS)
-async def test_odd_part_alone_never_stores(tmp_path, odd):
-    outcome = await outcome_every_way(tmp_path, form_body([odd]))
+async def test_odd_part_alone_never_stores(every_way, odd):
+    outcome = await every_way(form_body([odd]))
     assert outcome in ((422, "no_file"), (400, "malformed_multipart"))
 
 
@@ -572,23 +592,21 @@ async def test_odd_part_alone_never_stores(tmp_path, odd):
         pytest.param([b"X-H%d: v" % i for i in range(1000)], id="1000-lines"),
     ],
 )
-async def test_part_headers_are_bounded(tmp_path, extra):
+async def test_part_headers_are_bounded(backend, backend_app, extra):
     head = extra if extra[0].startswith(b"Content-Disposition") else [
         b'Content-Disposition: form-data; name="file"; filename="h.txt"', *extra]
     body = form_body([Part("file", b"x", headers=head)])
-    upload_dir = tmp_path / "u"
     for label, chunks in [("whole", [body]), ("1000", chunks_of(body, 1000)), ("7", chunks_of(body, 7))]:
-        app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False))
-        reply = await call_app(app, http_scope(content_type=form_content_type()), chunks)
-        status, _ = outcome_of(reply, upload_dir)
+        reply = await call_app(backend_app, http_scope(content_type=form_content_type()), chunks)
+        status, _ = outcome_of(reply, backend)
         assert status in (400, 413), label
 
 
-async def test_part_headers_within_bounds_are_fine(tmp_path):
+async def test_part_headers_within_bounds_are_fine(every_way):
     head = [b'Content-Disposition: form-data; name="file"; filename="h.txt"',
             *(b"X-H%d: %s" % (i, b"v" * 200) for i in range(20))]
     body = form_body([Part("file", b"x", headers=head)])
-    assert await outcome_every_way(tmp_path, body) == (201, [record("h.txt", b"x")])
+    assert await every_way(body) == (201, [record("h.txt", b"x")])
 
 
 # Part bodies that start like a delimiter
@@ -605,13 +623,13 @@ async def test_part_headers_within_bounds_are_fine(tmp_path):
         pytest.param(b"\r\n-", id="crlf-dash"),
     ],
 )
-async def test_later_part_starting_like_a_delimiter(tmp_path, start):
+async def test_later_part_starting_like_a_delimiter(every_way, start):
     # streaming-form-data carries state from one delimiter into the next part's body:
     # a body starting with "-" whose first byte ends a chunk made it fail (fixed in Framer).
     data = start + b" and then the rest"
     body = form_body([file_part(b"first", "1.txt", "files"), file_part(data, "2.txt", "files"),
                       file_part(start, "3.txt", "files")])
-    assert await outcome_every_way(tmp_path, body, "/upload-multiple") == (
+    assert await every_way(body, "/upload-multiple") == (
         201, [record("1.txt", b"first"), record("2.txt", data), record("3.txt", start)]
     )
 
@@ -635,10 +653,10 @@ CHROME_BODY = (
 )
 
 
-async def test_chrome_shaped_body(tmp_path):
+async def test_chrome_shaped_body(every_way):
     # Chrome percent-encodes '"' in filenames (WHATWG); the app shows what it got.
     ctype = "multipart/form-data; boundary=----WebKitFormBoundaryePkpFF7tjBAqx29L"
-    outcome = await outcome_every_way(tmp_path, CHROME_BODY, "/upload-multiple", ctype)
+    outcome = await every_way(CHROME_BODY, "/upload-multiple", ctype)
     assert outcome == (201, [record("a %22quoted%22 name.txt", b"hello\n", "text/plain", "From Chrome")])
 
 
@@ -651,9 +669,9 @@ CURL_BODY = (
 )
 
 
-async def test_curl_shaped_body(tmp_path):
+async def test_curl_shaped_body(every_way):
     ctype = "multipart/form-data; boundary=------------------------d74496d66958873e"
-    outcome = await outcome_every_way(tmp_path, CURL_BODY, "/upload", ctype)
+    outcome = await every_way(CURL_BODY, "/upload", ctype)
     assert outcome == (201, [record("big.iso", bytes(range(256)) * 8)])
 
 
@@ -687,13 +705,21 @@ near_miss_bytes = st.lists(
 ).map(b"".join)
 
 
-async def upload_in_chunks(body: bytes, points: list[int]) -> tuple[Any, ...]:
-    with tempfile.TemporaryDirectory() as tmp:
-        upload_dir = Path(tmp) / "u"
-        app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False))
-        reply = await call_app(app, http_scope("/upload-multiple", content_type=form_content_type()),
-                               split_at(body, points))
-        return outcome_of(reply, upload_dir)
+def upload_in_chunks(backend: Any, app: Any, body: bytes, points: list[int]) -> tuple[Any, ...]:
+    """One upload on a loop of its own (hypothesis examples are sync), then the store emptied."""
+
+    async def run() -> tuple[Any, ...]:
+        try:
+            reply = await call_app(app, http_scope("/upload-multiple", content_type=form_content_type()),
+                                   split_at(body, points))
+            return outcome_of(reply, backend)
+        finally:
+            await close_app(app)  # the S3 store's client is this loop's
+
+    try:
+        return asyncio.run(run())
+    finally:
+        remove_all(backend)
 
 
 def random_form(files: list[tuple[bytes, str, str | None]], description: str | None, data: Any) -> tuple[bytes, Any]:
@@ -718,39 +744,49 @@ def random_cuts(body: bytes, data: Any) -> list[list[int]]:
 FILES = st.tuples(st.sampled_from(["a.txt", "ü.bin", "x y.png"]), st.sampled_from([None, "text/plain", "image/png"]))
 
 
-@settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    files=st.lists(st.tuples(legal_bytes.filter(is_legal), FILES), min_size=1, max_size=3),
-    description=st.one_of(st.none(), st.text(max_size=20)),
-    data=st.data(),
-)
-def test_random_split_points_give_the_same_records(files, description, data):
-    body, expected = random_form([(c, n, t) for c, (n, t) in files], description, data)
-    assert asyncio.run(upload_in_chunks(body, [])) == expected
-    for points in random_cuts(body, data):
-        assert asyncio.run(upload_in_chunks(body, points)) == expected
+def test_random_split_points_give_the_same_records(backend):
+    app = upload_asgi.create_app(backend.config(fsync=False))
+
+    @settings(deadline=None, max_examples=backend.examples(150), suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        files=st.lists(st.tuples(legal_bytes.filter(is_legal), FILES), min_size=1, max_size=3),
+        description=st.one_of(st.none(), st.text(max_size=20)),
+        data=st.data(),
+    )
+    def check(files, description, data):
+        body, expected = random_form([(c, n, t) for c, (n, t) in files], description, data)
+        assert upload_in_chunks(backend, app, body, []) == expected
+        for points in random_cuts(body, data):
+            assert upload_in_chunks(backend, app, body, points) == expected
+
+    check()
 
 
-@settings(deadline=None, max_examples=100, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    files=st.lists(st.tuples(near_miss_bytes.filter(is_data), FILES), min_size=1, max_size=3),
-    data=st.data(),
-)
-def test_near_delimiters_give_the_right_records_or_400(files, data):
+def test_near_delimiters_give_the_right_records_or_400(backend):
     # "\r\n--boundary" followed by anything but CRLF or "--" is not a delimiter, but RFC
     # 2046 forbids it in a body, and streaming-form-data can lose bytes around it
     # depending on the chunking. The app may refuse such a body; it must never store
     # a wrong file.
-    body, expected = random_form([(c, n, t) for c, (n, t) in files], None, data)
-    for points in [[], *random_cuts(body, data)]:
-        assert asyncio.run(upload_in_chunks(body, points)) in (expected, (400, "malformed_multipart"))
+    app = upload_asgi.create_app(backend.config(fsync=False))
+
+    @settings(deadline=None, max_examples=backend.examples(100), suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        files=st.lists(st.tuples(near_miss_bytes.filter(is_data), FILES), min_size=1, max_size=3),
+        data=st.data(),
+    )
+    def check(files, data):
+        body, expected = random_form([(c, n, t) for c, (n, t) in files], None, data)
+        for points in [[], *random_cuts(body, data)]:
+            assert upload_in_chunks(backend, app, body, points) in (expected, (400, "malformed_multipart"))
+
+    check()
 
 
-async def test_known_parser_slip_is_refused_not_stored(tmp_path):
+def test_known_parser_slip_is_refused_not_stored(backend):
     # Found by the property above: split before the last "-", streaming-form-data
     # handed the file over without its last 51 bytes, and the upload was stored short.
     content = MARKER + b"x" + MARKER + b"x" + MARKER + b"-\x00\x00\x00\x00-"
     body = form_body([file_part(content, "a.txt", "files", "text/plain")])
     cut = body.index(content) + len(content) - 1
-    outcome = await upload_in_chunks(body, [cut])
+    outcome = upload_in_chunks(backend, upload_asgi.create_app(backend.config(fsync=False)), body, [cut])
     assert outcome in ((201, [record("a.txt", content, "text/plain")]), (400, "malformed_multipart"))

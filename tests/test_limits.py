@@ -1,8 +1,10 @@
 """Limits (SPEC §3, §5): each one answers 413 naming it, stops reading there and leaves nothing on disk.
 
-In process, with a traced receive/send to see when the answer goes out; then the file and
-request limits through a real hypercorn, with a raw client that keeps sending after the
-413 (SPEC §8: it must get the answer and see the connection closed, not hang).
+In process, with a traced receive/send to see when the answer goes out, on both storage
+backends (the local dir and S3: a refused request leaves no object and no multipart
+upload); then the file and request limits through a real hypercorn, with a raw client that
+keeps sending after the 413 (SPEC §8: it must get the answer and see the connection
+closed, not hang). Those are about HTTP and the early answer, not storage: local only.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import pytest
@@ -92,8 +94,9 @@ async def call_traced(app: Any, scope: dict[str, Any], chunks: Iterable[bytes]) 
 
 
 
-def make_app(config: upload_asgi.Config, **limits: int) -> upload_asgi.UploadApp:
-    return upload_asgi.create_app(replace(config, fsync=False, **limits))
+@pytest.fixture
+def backend_settings() -> dict[str, Any]:
+    return {"fsync": False}
 
 
 def assert_limit(trace: Trace, limit: str, maximum: int) -> None:
@@ -118,55 +121,55 @@ def noise(size: int) -> bytes:
 
 
 @pytest.mark.parametrize("chunk", [1000, 4096, 65536], ids=["1000B", "4K", "64K"])
-async def test_file_over_its_limit(config, upload_dir, chunk):
-    app = make_app(config, max_file_size=50 * KiB)
+async def test_file_over_its_limit(make_backend_app, backend, chunk):
+    app = make_backend_app(max_file_size=50 * KiB)
     body = form_body([file_part(noise(2 * MiB))])
     trace = await call_traced(app, upload_scope(length=len(body)), chunks_of(body, chunk))
     assert_limit(trace, "file_size", 50 * KiB)
     # It stopped at the limit (plus at most the chunk that crossed it), not at the end.
     assert trace.body_read_before_answer <= 50 * KiB + 200 + chunk
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_file_at_its_limit_is_stored(config, upload_dir):
+async def test_file_at_its_limit_is_stored(make_backend_app, backend):
     data = noise(50 * KiB)
-    app = make_app(config, max_file_size=50 * KiB)
+    app = make_backend_app(max_file_size=50 * KiB)
     body = form_body([file_part(data)])
     trace = await call_traced(app, upload_scope(length=len(body)), chunks_of(body, 3000))
     assert trace.reply.status == 201, trace.reply.body
-    assert_stored(upload_dir, trace.reply.json(), data)
+    backend.assert_stored(trace.reply.json(), data)
 
 
-async def test_second_file_over_its_limit_removes_the_first(config, upload_dir):
-    app = make_app(config, max_file_size=50 * KiB)
+async def test_second_file_over_its_limit_removes_the_first(make_backend_app, backend):
+    app = make_backend_app(max_file_size=50 * KiB)
     body = form_body([file_part(noise(10 * KiB), name="files"), file_part(noise(60 * KiB), name="files")])
     trace = await call_traced(app, upload_scope("/upload-multiple"), chunks_of(body, 4096))
     assert_limit(trace, "file_size", 50 * KiB)
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
 @pytest.mark.parametrize("name", ["description", "sha256"])
-async def test_text_field_over_its_limit(config, upload_dir, name):
-    app = make_app(config, max_field_size=1 * KiB)
+async def test_text_field_over_its_limit(make_backend_app, backend, name):
+    app = make_backend_app(max_field_size=1 * KiB)
     body = form_body([file_part(b"x" * 100), field_part(name, "d" * (64 * KiB))])
     trace = await call_traced(app, upload_scope(), chunks_of(body, 512))
     assert_limit(trace, "field_size", 1 * KiB)
     assert trace.body_read_before_answer <= 1 * KiB + 600 + 512
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_text_field_at_its_limit_is_kept(config, upload_dir):
+async def test_text_field_at_its_limit_is_kept(make_backend_app, backend):
     data = b"payload"
-    app = make_app(config, max_field_size=1 * KiB)
+    app = make_backend_app(max_field_size=1 * KiB)
     body = form_body([file_part(data), field_part("description", "d" * KiB)])
     trace = await call_traced(app, upload_scope(), chunks_of(body, 100))
     assert trace.reply.status == 201, trace.reply.body
     assert trace.reply.json()["description"] == "d" * KiB
-    assert_stored(upload_dir, trace.reply.json(), data)
+    backend.assert_stored(trace.reply.json(), data)
 
 
-async def test_unregistered_field_is_bounded_like_a_text_field(config, upload_dir):
-    app = make_app(config, max_field_size=1 * KiB)
+async def test_unregistered_field_is_bounded_like_a_text_field(make_backend_app, backend):
+    app = make_backend_app(max_field_size=1 * KiB)
     body = form_body([field_part("junk", b"j" * (MiB)), file_part(b"x")])
     trace = await call_traced(app, upload_scope(), chunks_of(body, 4096))
     assert_limit(trace, "field_size", 1 * KiB)
@@ -174,8 +177,8 @@ async def test_unregistered_field_is_bounded_like_a_text_field(config, upload_di
 
 
 @pytest.mark.parametrize("path, name, allowed", [("/upload-multiple", "files", 3), ("/upload", "file", 1)])
-async def test_more_files_than_allowed(config, upload_dir, path, name, allowed):
-    app = make_app(config, max_files=3)
+async def test_more_files_than_allowed(make_backend_app, backend, path, name, allowed):
+    app = make_backend_app(max_files=3)
     parts = [file_part(noise(20 * KiB), filename=f"f{i}", name=name) for i in range(allowed + 1)]
     parts.append(file_part(noise(MiB), filename="never-read", name=name))
     body = form_body(parts)
@@ -183,70 +186,70 @@ async def test_more_files_than_allowed(config, upload_dir, path, name, allowed):
     assert_limit(trace, "files", allowed)
     # The answer came when the extra part started, not after the last file.
     assert trace.body_read_before_answer < (allowed + 1) * 21 * KiB + 8192
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_files_at_their_limit_are_stored(config, upload_dir):
-    app = make_app(config, max_files=3)
+async def test_files_at_their_limit_are_stored(make_backend_app, backend):
+    app = make_backend_app(max_files=3)
     datas = [noise(1000 + i) for i in range(3)]
     body = form_body([file_part(d, filename=f"f{i}", name="files") for i, d in enumerate(datas)])
     trace = await call_traced(app, upload_scope("/upload-multiple"), chunks_of(body, 777))
     assert trace.reply.status == 201, trace.reply.body
     for record, data in zip(trace.reply.json()["files"], datas):
-        assert_stored(upload_dir, record, data)
+        backend.assert_stored(record, data)
 
 
-async def test_more_parts_than_allowed(config, upload_dir):
-    app = make_app(config, max_parts=5)
+async def test_more_parts_than_allowed(make_backend_app, backend):
+    app = make_backend_app(max_parts=5)
     parts = [file_part(b"data")] + [field_part(f"extra{i}", "x") for i in range(10_000)]
     body = form_body(parts)
     trace = await call_traced(app, upload_scope(), chunks_of(body, 1024))
     assert_limit(trace, "parts", 5)
     assert trace.body_read_before_answer < 6 * 100 + 1024
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_empty_parts_count_too(config, upload_dir):
+async def test_empty_parts_count_too(make_backend_app, backend):
     """Parts the app ignores (no name, empty file input) still count towards max_parts."""
-    app = make_app(config, max_parts=3)
+    app = make_backend_app(max_parts=3)
     nameless = Part("", headers=[b"Content-Disposition: form-data"])
     empty_file = file_part(b"", filename="")
     body = form_body([file_part(b"data"), nameless, empty_file, nameless, empty_file])
     trace = await call_traced(app, upload_scope(), [body])
     assert_limit(trace, "parts", 3)
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_request_over_its_limit_without_content_length(config, upload_dir):
-    app = make_app(config, max_request_size=100 * KiB)
+async def test_request_over_its_limit_without_content_length(make_backend_app, backend):
+    app = make_backend_app(max_request_size=100 * KiB)
     body = form_body([file_part(noise(MiB))])
     trace = await call_traced(app, upload_scope(length=None), chunks_of(body, 4096))
     assert_limit(trace, "request_size", 100 * KiB)
     assert trace.body_read_before_answer <= 100 * KiB + 4096
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_request_over_its_limit_with_a_lying_content_length(config, upload_dir):
-    app = make_app(config, max_request_size=100 * KiB)
+async def test_request_over_its_limit_with_a_lying_content_length(make_backend_app, backend):
+    app = make_backend_app(max_request_size=100 * KiB)
     body = form_body([file_part(noise(MiB))])
     trace = await call_traced(app, upload_scope(length=1000), chunks_of(body, 4096))
     assert_limit(trace, "request_size", 100 * KiB)
     assert trace.body_read_before_answer <= 100 * KiB + 4096
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_request_at_its_limit_is_stored(config, upload_dir):
+async def test_request_at_its_limit_is_stored(make_backend_app, backend):
     data = noise(10 * KiB)
     body = form_body([file_part(data)])
-    app = make_app(config, max_request_size=len(body))
+    app = make_backend_app(max_request_size=len(body))
     trace = await call_traced(app, upload_scope(length=len(body)), chunks_of(body, 1500))
     assert trace.reply.status == 201, trace.reply.body
-    assert_stored(upload_dir, trace.reply.json(), data)
+    backend.assert_stored(trace.reply.json(), data)
 
 
 @pytest.mark.parametrize("path", ["/upload", "/upload-multiple"])
-async def test_declared_length_over_the_limit_is_refused_before_the_body(config, upload_dir, path):
-    app = make_app(config, max_request_size=100 * KiB)
+async def test_declared_length_over_the_limit_is_refused_before_the_body(make_backend_app, backend, path):
+    app = make_backend_app(max_request_size=100 * KiB)
     chunks = itertools.repeat(b"z" * 65536, 64)  # 4 MiB the client would send
     trace = await call_traced(app, upload_scope(path, length=100 * KiB + 1), chunks)
     assert_limit(trace, "request_size", 100 * KiB)
@@ -254,27 +257,27 @@ async def test_declared_length_over_the_limit_is_refused_before_the_body(config,
     assert trace.events[:2] == [("send", "http.response.start"), ("send", "http.response.body")]
     # Afterwards it drains a bounded amount so that a server can deliver the answer (SPEC §8).
     assert trace.body_read <= early_answer.DRAIN_LIMIT_BYTES + 65536
-    assert_nothing_stored(upload_dir)
+    backend.assert_nothing_stored()
 
 
-async def test_declared_length_at_the_limit_is_read(config, upload_dir):
+async def test_declared_length_at_the_limit_is_read(make_backend_app, backend):
     data = b"q" * 1000
     body = form_body([file_part(data)])
-    app = make_app(config, max_request_size=len(body))
+    app = make_backend_app(max_request_size=len(body))
     trace = await call_traced(app, upload_scope(length=len(body)), [body])
     assert trace.reply.status == 201
-    assert_stored(upload_dir, trace.reply.json(), data)
+    backend.assert_stored(trace.reply.json(), data)
 
 
-async def test_limits_are_independent_per_request(config, upload_dir):
+async def test_limits_are_independent_per_request(make_backend_app, backend):
     """A refused request leaves the app fully usable for the next one."""
-    app = make_app(config, max_file_size=10 * KiB)
+    app = make_backend_app(max_file_size=10 * KiB)
     body = form_body([file_part(noise(20 * KiB))])
     assert (await call_traced(app, upload_scope(), [body])).reply.status == 413
     data = noise(10 * KiB)
     trace = await call_traced(app, upload_scope(), [form_body([file_part(data)])])
     assert trace.reply.status == 201
-    assert_stored(upload_dir, trace.reply.json(), data)
+    backend.assert_stored(trace.reply.json(), data)
 
 
 # -- through a real hypercorn -----------------------------------------------------------

@@ -248,3 +248,120 @@ def test_many_files_on_a_slow_disk_hold_a_bounded_number_of_blocks(tmp_path, mon
     for target, data in zip(reader.files, files):
         target.sink.close()
         assert target.sink.path.read_bytes() == data
+
+
+# -- small files: held for the commit ------------------------------------------------
+
+
+def executor_reader(store, max_files=100):
+    limits = FormLimits(max_file_size=1 << 30, max_field_size=1 << 16, max_files=max_files, max_parts=2 * max_files)
+    return FormReader(B, store, limits, "files", ("description",), executor=CountingExecutor())
+
+
+def finish_writing(reader):
+    for target in reader.files:
+        if target.job is not None:
+            target.job.result()
+    reader.write_held()  # what the store's commit runs first
+
+
+def test_a_small_file_at_the_end_of_the_body_is_hashed_and_held_for_the_commit(store, partial_dir):
+    data = os.urandom(20_000)
+    reader = executor_reader(store)
+    reader.feed(form_body([file_part(data, "a.bin", name="files")]))
+    reader.close()
+    [target] = reader.files
+    assert target.sha256 == hashlib.sha256(data).hexdigest()  # known before the commit
+    assert target.job is None and list(partial_dir.iterdir()) == []  # no thread, no file yet
+    reader.write_held()
+    target.sink.close()
+    assert target.sink.path.read_bytes() == data
+
+
+def test_a_held_file_goes_to_a_writer_thread_when_more_body_comes(store, partial_dir):
+    first, second = os.urandom(10_000), os.urandom(10_000)
+    body = form_body([file_part(first, "1.bin", name="files"), file_part(second, "2.bin", name="files")])
+    reader = executor_reader(store)
+    cut = body.index(second) + 10
+    reader.feed(body[:cut])  # the first file ended: held
+    assert reader.files[0].job is None
+    reader.feed(body[cut:])
+    assert reader.files[0].job is not None  # handed off, not held for the rest of the body
+    reader.close()
+    finish_writing(reader)
+    for target, data in zip(reader.files, (first, second)):
+        target.sink.close()
+        assert target.sink.path.read_bytes() == data
+
+
+def test_many_small_files_are_not_all_held_in_memory(store, partial_dir):
+    files = [os.urandom(30_000) for _ in range(40)]
+    body = form_body([file_part(data, f"{i}.bin", name="files") for i, data in enumerate(files)])
+    reader = executor_reader(store)
+    most_held = 0
+    for chunk in chunks_of(body, 64 * 1024):
+        reader.feed(chunk)
+        while (job := reader.write_backlog()) is not None:
+            job.result()
+        most_held = max(most_held, sum(len(t._held) for t in reader.files))
+    reader.close()
+    finish_writing(reader)
+    assert most_held <= 64 * 1024 + 2 * 30_000  # what one chunk can end, not the form
+    for target, data in zip(reader.files, files):
+        assert target.sha256 == hashlib.sha256(data).hexdigest()
+        target.sink.close()
+        assert target.sink.path.read_bytes() == data
+
+
+def test_an_empty_file_is_created_by_the_commit(store, partial_dir):
+    reader = executor_reader(store)
+    reader.feed(form_body([file_part(b"", "empty.txt", name="files")]))
+    reader.close()
+    finish_writing(reader)
+    [target] = reader.files
+    target.sink.close()
+    assert target.sink.path.read_bytes() == b""
+
+
+def test_aborting_a_held_file_leaves_nothing(store, partial_dir):
+    reader = executor_reader(store)
+    reader.feed(form_body([file_part(b"x" * 1000, "a.bin", name="files")]))
+    reader.abort()
+    reader.abort()
+    assert list(partial_dir.iterdir()) == []
+
+
+# -- streaming-form-data's header parsing ------------------------------------------
+
+
+def test_another_user_of_streaming_form_data_still_gets_its_headers_parsed():
+    """Our stand-in for its email parser answers the framer's two lines from memory; any
+    other part header (an app using streaming-form-data beside us) is parsed as before."""
+    from streaming_form_data import StreamingFormDataParser
+    from streaming_form_data.targets import ValueTarget
+
+    doc_part = file_part(b"payload", "r\u00e9sum\u00e9.txt", name="doc", content_type="text/plain")
+    body = form_body([doc_part, field_part("note", "hi")])
+    parser = StreamingFormDataParser({"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    doc, note = ValueTarget(), ValueTarget()
+    parser.register("doc", doc)
+    parser.register("note", note)
+    parser.data_received(body)
+    assert (doc.value, doc.multipart_filename) == (b"payload", "r\u00e9sum\u00e9.txt")
+    assert doc.multipart_content_type == "text/plain"
+    assert note.value == b"hi"
+
+
+def test_the_framer_lines_parse_the_same_from_memory_as_by_the_email_package():
+    from email.parser import Parser
+    from email.policy import HTTP
+
+    from targets import KnownLinesParser
+
+    assert len(KnownLinesParser.known) == 2
+    for line, kept in KnownLinesParser.known.items():
+        fresh = Parser(policy=HTTP).parsestr(line)
+        assert KnownLinesParser().parsestr(line) is kept
+        assert kept.get_content_disposition() == fresh.get_content_disposition() == "form-data"
+        assert dict(kept["content-disposition"].params) == dict(fresh["content-disposition"].params)
+        assert ("content-type" in kept) is ("content-type" in fresh) is False

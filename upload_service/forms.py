@@ -105,7 +105,9 @@ async def store_form(
             if target.job is not None:
                 await asyncio.wrap_future(target.job)
         records = check_form(reader, route)
-        await store.commit([(target.sink, record) for target, record in zip(reader.files, records)])
+        await store.commit(
+            [(target.sink, record) for target, record in zip(reader.files, records)], before=reader.write_held
+        )
     except BaseException as exc:
         # Off the loop: abort waits for a writer thread's block (a slow disk must
         # not stall every other request), and is waited for even if cancelled again.

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from upload_service.storage import BadCursor, FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id
 from upload_service.threads import wait_through_cancel
@@ -110,8 +110,8 @@ class LocalStore(Store):
     def new_file(self, file_id: str | None = None) -> LocalSink:
         return LocalSink(self.partial_dir, file_id)
 
-    async def commit(self, files: Sequence[tuple[FileSink, Record]]) -> None:
-        """Run `commit_files` on a thread (it fsyncs); if cancelled meanwhile, undo it.
+    async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
+        """Run `before` and `commit_files` in one thread job (it fsyncs); if cancelled meanwhile, undo it.
 
         A thread cannot be stopped: cleaning up on the loop while it still renames and
         closes the same files would race it. So wait for it, however often this task is
@@ -120,7 +120,7 @@ class LocalStore(Store):
         every task, and a cancelled task would no longer say whether the commit happened.
         """
         loop = asyncio.get_running_loop()
-        commit = loop.run_in_executor(None, self.commit_files, files)
+        commit = loop.run_in_executor(None, self.commit_files, files, before)
         if await wait_through_cancel(commit):
             if commit.exception() is None:
                 undo = loop.run_in_executor(None, self.uncommit_files, [sink.id for sink, _ in files])
@@ -130,8 +130,12 @@ class LocalStore(Store):
             raise asyncio.CancelledError
         commit.result()  # a failed commit (ENOSPC) raises here
 
-    def commit_files(self, files: Sequence[tuple[LocalSink, Record]]) -> None:
+    def commit_files(
+        self, files: Sequence[tuple[LocalSink, Record]], before: Callable[[], None] | None = None
+    ) -> None:
         """Move every partial file into the upload dir with its sidecar: all or none (blocking)."""
+        if before is not None:
+            before()
         # Each file stays open, and so locked, until it has left .partial/: closed there,
         # a worker starting now would sweep it as stale (SPEC §8).
         if self.fsync:

@@ -28,7 +28,7 @@ import heapq
 import json
 import logging
 import time
-from typing import Any, AsyncIterator, Awaitable, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from upload_service.errors import StorageUnavailable
 from upload_service.localstore import parse_cursor
@@ -410,8 +410,13 @@ class S3Store(Store):
     def new_file(self, file_id: str | None = None) -> S3Sink:
         return S3Sink(self, asyncio.get_running_loop(), file_id)
 
-    async def commit(self, files: Sequence[tuple[FileSink, Record]]) -> None:
+    async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
         """Store every file and record, all or none, even if this task is cancelled meanwhile."""
+        if before is not None:  # its writes wait on this loop: a thread of its own
+            writing = asyncio.get_running_loop().run_in_executor(None, before)
+            if await wait_through_cancel(writing):
+                raise asyncio.CancelledError
+            writing.result()
         work = asyncio.ensure_future(self._commit(files))  # type: ignore[arg-type]  # our sinks
         if await wait_through_cancel(work):
             if not work.cancelled() and work.exception() is None:

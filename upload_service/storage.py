@@ -6,8 +6,8 @@ abilities (resumable uploads) are separate small interfaces a store may also off
 
 Writing a form's files: `new_file()` gives a `FileSink` per file part; its `open`,
 `write` and `abort` block and run where the caller puts them (`write` on a writer
-thread, one block at a time, in order); `commit` stores a request's files and their
-records all or none, and undoes itself if cancelled.
+thread, one block at a time, in order, or in the commit's `before`); `commit` stores
+a request's files and their records all or none, and undoes itself if cancelled.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 Record = dict[str, Any]
 
@@ -98,8 +98,13 @@ class Store(ABC):
         """A sink for one file, with a fresh id (or `file_id`: a finished resumable upload's)."""
 
     @abstractmethod
-    async def commit(self, files: Sequence[tuple[FileSink, Record]]) -> None:
-        """Store every file with its record, all or none; if cancelled, store none."""
+    async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
+        """Store every file with its record, all or none; if cancelled, store none.
+
+        `before` is blocking work the files still need (writing a small file's bytes):
+        it runs first, off the event loop, in the same thread job as the commit where
+        the store can (one hand-off for a small upload instead of two).
+        """
 
     @abstractmethod
     async def open(self, file_id: str) -> StoredFile | None:
