@@ -58,9 +58,13 @@ def session_with_a_shared_loader() -> Any:
 
 
 async def close_app(app: Any) -> None:
-    """Close the app's store client on this loop (the S3 store keeps one per loop)."""
+    """Close the app's store client on this loop (the S3 store keeps one per loop), and the
+    S3 resumable store's loop thread and client."""
     if hasattr(app.store, "aclose"):
         await app.store.aclose()
+    resumable = getattr(app.resumable, "store", None)
+    if hasattr(resumable, "close"):
+        await asyncio.to_thread(resumable.close)
 
 
 @functools.cache

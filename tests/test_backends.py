@@ -131,7 +131,7 @@ async def test_health(backend: Any, backend_client: httpx.AsyncClient) -> None:
 
 
 async def test_a_resumable_upload_is_stored_like_a_form_upload(backend: Any, backend_client: httpx.AsyncClient) -> None:
-    """tus creation, then PATCHes: the finished file lands in the store (staged in UPLOAD_DIR meanwhile)."""
+    """tus creation, then PATCHes: the finished file lands in the store (test_s3resumable: what S3 holds meanwhile)."""
     data = os.urandom(BIG)
     tus = {"tus-resumable": "1.0.0"}
     created = await backend_client.post(

@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 import upload_asgi
+from backends import close_app
 from support import ROOT, Server, stored_ids
 from upload_service.units import MiB
 
@@ -85,14 +86,6 @@ async def app(config: upload_asgi.Config) -> AsyncIterator[upload_asgi.UploadApp
     app = upload_asgi.create_app(config)
     yield app
     await close_app(app)
-
-
-async def close_app(app: upload_asgi.UploadApp) -> None:
-    """Close an S3 app's clients (and its resumable store's loop thread)."""
-    if hasattr(app.store, "aclose"):
-        await app.store.aclose()
-    if hasattr(app.resumable.store, "close"):
-        await asyncio.to_thread(app.resumable.store.close)
 
 
 async def record_of(client: httpx.AsyncClient, location: str) -> dict[str, Any]:

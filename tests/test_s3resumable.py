@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 import upload_asgi
-from backends import S3Backend
+from backends import S3Backend, close_app
 from s3server import BUCKET
 from support import Server
 from test_resumable import OCTETS, TUS, metric, payload, sha
@@ -48,11 +48,6 @@ def app_on(bucket: S3Backend, upload_dir: Path, **settings: Any) -> upload_asgi.
     return upload_asgi.create_app(dataclasses.replace(config, upload_dir=upload_dir))
 
 
-async def close(app: upload_asgi.UploadApp) -> None:
-    await app.store.aclose()
-    await asyncio.to_thread(app.resumable.store.close)
-
-
 def client_of(app: upload_asgi.UploadApp) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60)
 
@@ -71,8 +66,8 @@ async def offset_of(client: httpx.AsyncClient, location: str) -> int:
 async def two_apps(bucket: S3Backend, tmp_path: Path) -> AsyncIterator[tuple[upload_asgi.UploadApp, upload_asgi.UploadApp]]:
     first, second = app_on(bucket, tmp_path / "a"), app_on(bucket, tmp_path / "b")
     yield first, second
-    await close(first)
-    await close(second)
+    await close_app(first)
+    await close_app(second)
 
 
 async def test_begun_on_one_server_finished_on_another(bucket: S3Backend, two_apps: Any, tmp_path: Path) -> None:
@@ -163,7 +158,7 @@ async def test_memory_stays_within_the_parts_in_flight(bucket: S3Backend, tmp_pa
             assert reply.status_code == 204, reply.text
             assert (await client.get(f"{location}/record")).json()["size"] == size
     finally:
-        await close(app)
+        await close_app(app)
     # Two parts of 5 MiB (one filling, one sending) and a block on its way, not 40 MiB.
     assert peak < 14 * MiB, peak  # measured: 10.8 MiB
 
@@ -229,7 +224,7 @@ async def test_sweeps_leave_a_live_upload_and_remove_an_expired_one(bucket: S3Ba
             assert await asyncio.to_thread(app.resumable.sweep) == 1
             assert (await client.head(location, headers=TUS)).status_code == 404
     finally:
-        await close(app)
+        await close_app(app)
     bucket.assert_nothing_stored()
 
 
@@ -290,7 +285,7 @@ async def test_a_writer_that_lost_the_upload_commits_nothing(bucket: S3Backend, 
             assert (await patch(client, location, 0, data)).status_code == 204
             record = (await client.get(f"{location}/record")).json()
     finally:
-        await close(app)
+        await close_app(app)
     assert_only_stored(bucket, record, data)
 
 
@@ -373,6 +368,6 @@ async def test_a_store_that_cannot_be_used(bucket: S3Backend, tmp_path: Path, pr
             assert (reply.status_code, reply.json()["error"]) == (status, code), reply.text
     finally:
         lifespan.cancel()
-        await close(app)
+        await close_app(app)
     bucket.assert_nothing_stored()
     assert not (tmp_path / "u").exists()
