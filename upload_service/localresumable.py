@@ -19,12 +19,12 @@ import json
 import logging
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterator
 
 from upload_service.localstore import remove_quietly, sync_dir, write_all, write_sidecar
 from upload_service.storage import (
+    DigestCache,
     Record,
     ResumableStore,
     ResumableUpload,
@@ -118,7 +118,7 @@ class LocalUpload(ResumableUpload):
         if fd is None:
             return
         if not self.gone:
-            self._store.keep_digest(self.info.id, self.info.offset, self.digest_state)
+            self._store.digests.keep(self.info.id, self.info.offset, self.digest_state)
         os.close(fd)  # drops the flock
 
 
@@ -129,8 +129,7 @@ class LocalResumableStore(ResumableStore):
         self.upload_dir = upload_dir
         self.fsync = fsync
         self.resumable_dir = upload_dir / RESUMABLE_DIR_NAME
-        self._digests: OrderedDict[str, tuple[int, Any]] = OrderedDict()
-        self._digests_lock = threading.Lock()
+        self.digests = DigestCache(KEPT_DIGESTS)  # SHA-256 states of uploads this process wrote last
 
     def data_path(self, upload_id: str) -> Path:
         return self.resumable_dir / upload_id
@@ -182,7 +181,7 @@ class LocalResumableStore(ResumableStore):
         except BaseException:
             os.close(fd)
             raise
-        return LocalUpload(self, info, fd, self.take_digest(upload_id, info.offset))
+        return LocalUpload(self, info, fd, self.digests.take(upload_id, info.offset))
 
     def peek(self, upload_id: str) -> UploadInfo | None:
         if not is_file_id(upload_id):
@@ -240,7 +239,7 @@ class LocalResumableStore(ResumableStore):
         else:
             remove_quietly(self.data_path(upload_id))
             remove_quietly(self.info_path(upload_id))
-            self.take_digest(upload_id, -1)
+            self.digests.take(upload_id, -1)
             return True
         finally:
             os.close(fd)
@@ -285,22 +284,3 @@ class LocalResumableStore(ResumableStore):
             sha256=saved.get("sha256"),
         )
         return info, saved.get("unverified_from")
-
-    # -- SHA-256 states between requests (this process only) --
-
-    def keep_digest(self, upload_id: str, offset: int, digest: Any | None) -> None:
-        if digest is None:
-            return
-        with self._digests_lock:
-            self._digests[upload_id] = (offset, digest)
-            self._digests.move_to_end(upload_id)
-            while len(self._digests) > KEPT_DIGESTS:
-                self._digests.popitem(last=False)
-
-    def take_digest(self, upload_id: str, offset: int) -> Any | None:
-        """The kept state if it covers exactly `offset` bytes (else another worker wrote since)."""
-        with self._digests_lock:
-            kept = self._digests.pop(upload_id, None)
-        if kept is None or kept[0] != offset:
-            return None
-        return kept[1]

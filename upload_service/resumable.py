@@ -178,11 +178,14 @@ class ResumableHandlers:
         await self.run(scope, receive, send, dialect, self.delete, dialect, file_id, counted=False)
 
     async def handle_get(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
-        """GET /files/<id>: 409 upload_incomplete while it is an upload under way, else the file."""
-        self.files.check_read(scope)
-        if await run_blocking(self.store.peek, file_id) is not None:
-            raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset")
-        await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
+        """GET /files/<id>: the file, or 409 upload_incomplete while it is an upload under way."""
+        try:
+            await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
+        except NotFound:
+            # Only an id with no file costs a look for an upload (on S3, a GET of its info).
+            if await run_blocking(self.store.peek, file_id) is not None:
+                raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset") from None
+            raise
 
     # -- one request: check, run, count, answer or say why --
 

@@ -248,10 +248,6 @@ class ResumableUpload(ABC):
     def _write(self, data: bytes) -> None:
         """Append `data` after `info.offset` bytes."""
 
-    def read(self, start: int, stop: int) -> Iterator[bytes]:
-        """The stored bytes `start` to `stop`, in bounded blocks (blocking)."""
-        return self._read(start, stop)
-
     @abstractmethod
     def _read(self, start: int, stop: int) -> Iterator[bytes]:
         """Yield the stored bytes `start` to `stop` in bounded blocks (to re-hash them)."""
