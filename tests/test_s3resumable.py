@@ -25,6 +25,7 @@ from backends import S3Backend, close_app
 from s3server import BUCKET
 from support import Server
 from test_resumable import OCTETS, TUS, metric, payload, sha
+from upload_service.errors import StorageUnavailable
 from upload_service.units import MiB
 
 LIMIT = 64 * MiB
@@ -289,6 +290,35 @@ async def test_a_writer_that_lost_the_upload_commits_nothing(bucket: S3Backend, 
     assert_only_stored(bucket, record, data)
 
 
+async def test_an_info_write_whose_answer_was_lost_still_counts(
+    bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PUT of the info landed, its answer did not (a retry then sees 412): the tail it names stays."""
+    first, second = two_apps
+    store = first.resumable.store
+    real_write_info = store.write_info
+    lost = []
+
+    async def answer_lost(info: Any, saved: Any, etag: Any) -> str:
+        written = await real_write_info(info, saved, etag)
+        if saved.tail is None or lost:
+            return written
+        lost.append(saved.tail)
+        with pytest.raises(StorageUnavailable):  # what botocore's retry then gets: a 412
+            await real_write_info(info, saved, etag)
+        raise StorageUnavailable("the object store did not answer in time")
+
+    monkeypatch.setattr(store, "write_info", answer_lost)
+    data = payload(300, seed=14)
+    async with client_of(first) as a, client_of(second) as b:
+        location = (await a.post("/files", headers={**TUS, "Upload-Length": str(len(data))})).headers["location"]
+        assert (await patch(a, location, 0, data[:100])).status_code == 204
+        assert lost and await offset_of(b, location) == 100
+        assert (await patch(b, location, 100, data[100:])).status_code == 204
+        record = (await b.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, data)
+
+
 async def test_a_tail_not_as_its_info_says_is_503(bucket: S3Backend, two_apps: Any) -> None:
     first, _ = two_apps
     async with client_of(first) as client:
@@ -303,24 +333,69 @@ async def test_a_tail_not_as_its_info_says_is_503(bucket: S3Backend, two_apps: A
     bucket.assert_nothing_stored()
 
 
-async def test_completed_before_its_record_finishes_on_the_next_patch(bucket: S3Backend, two_apps: Any) -> None:
+def complete_by_hand(bucket: S3Backend, upload_id: str, data: bytes) -> None:
+    """What finishing did before a crash: the tail sent as the last part, the multipart upload completed."""
+    info = json.loads(bucket.object_bytes(f".resumable/{upload_id}.info"))
+    key = f"{bucket.prefix}/{upload_id}"
+    parts = [{"PartNumber": n, "ETag": etag} for n, etag, _ in info["parts"]]
+    tail = data[sum(size for _, _, size in info["parts"]):]
+    if tail:
+        number = len(parts) + 1
+        sent = bucket.s3.upload_part(Bucket=BUCKET, Key=key, UploadId=info["upload_id"], PartNumber=number, Body=tail)
+        parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+    bucket.s3.complete_multipart_upload(Bucket=BUCKET, Key=key, UploadId=info["upload_id"],
+                                        MultipartUpload={"Parts": parts})
+
+
+@pytest.mark.parametrize("size", [10 * MiB, 5 * MiB + 100], ids=["two-parts", "a-part-and-a-tail"])
+async def test_completed_before_its_record_finishes_on_the_next_patch(bucket: S3Backend, two_apps: Any, size: int) -> None:
     """A crash after the multipart upload was completed but before the info or the record said so."""
-    data = payload(10 * MiB, seed=10)  # two parts, no tail
+    data = payload(size, seed=10)
     first, second = two_apps
     async with client_of(first) as a, client_of(second) as b:
         location = (await a.post("/files", headers={**TUS, "Upload-Defer-Length": "1"})).headers["location"]
         assert (await patch(a, location, 0, data)).status_code == 204
-        info = json.loads(bucket.object_bytes(f".resumable/{location[7:]}.info"))
-        bucket.s3.complete_multipart_upload(
-            Bucket=BUCKET, Key=f"{bucket.prefix}/{location[7:]}", UploadId=info["upload_id"],
-            MultipartUpload={"Parts": [{"PartNumber": n, "ETag": etag} for n, etag, _ in info["parts"]]},
-        )
+        complete_by_hand(bucket, location[7:], data)
         assert (await b.get(location)).status_code == 409  # no record: still an upload
         reply = await patch(b, location, len(data), b"", **{"Upload-Length": str(len(data))})
         assert reply.status_code == 204, reply.text
         record = (await a.get(f"{location}/record")).json()
         assert metric((await b.get("/metrics")).text, "upload_asgi_resumable_rehashed_bytes_total") == len(data)
     assert record["sha256"] == sha(data)
+    assert_only_stored(bucket, record, data)
+
+
+async def test_the_store_sweep_spares_a_completed_upload_without_its_record(bucket: S3Backend, two_apps: Any) -> None:
+    """The object is there, its record not yet (a crash, or a client back after a day): not an orphan."""
+    data = payload(10 * MiB, seed=12)
+    first, second = two_apps
+    async with client_of(first) as a, client_of(second) as b:
+        location = (await a.post("/files", headers={**TUS, "Upload-Defer-Length": "1"})).headers["location"]
+        assert (await patch(a, location, 0, data)).status_code == 204
+        complete_by_hand(bucket, location[7:], data)
+        assert await first.store.sweep(time.time() + first.store.sweep_after + 10) == 0
+        reply = await patch(b, location, len(data), b"", **{"Upload-Length": str(len(data))})
+        assert reply.status_code == 204, reply.text
+        record = (await a.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, data)
+
+
+async def test_the_resumable_sweep_keeps_a_finished_file_whose_info_stayed(bucket: S3Backend, two_apps: Any) -> None:
+    """Finishing wrote the record, then deleting the info failed (or the process died): the file stays."""
+    data = payload(1000, seed=13)
+    first, _ = two_apps
+    async with client_of(first) as a:
+        reply = await a.post("/files", headers={**TUS, **OCTETS, "Upload-Length": str(len(data))}, content=data)
+        assert reply.status_code == 201, reply.text
+        upload_id = reply.headers["location"][len("/files/"):]
+        left = {"id": upload_id, "length": len(data), "metadata": {}, "expires": time.time() - 1, "sha256": None,
+                "upload_id": None, "parts": [], "tail": None, "generation": 3, "completed": True}
+        bucket.s3.put_object(Bucket=BUCKET, Key=f"{bucket.prefix}/.resumable/{upload_id}.info",
+                             Body=json.dumps(left).encode())
+        await asyncio.to_thread(first.resumable.store.sweep, time.time() + 3 * 86400)
+        got = await a.get(f"/files/{upload_id}")
+        record = (await a.get(f"/files/{upload_id}/record")).json()
+    assert got.status_code == 200 and got.content == data
     assert_only_stored(bucket, record, data)
 
 

@@ -142,6 +142,7 @@ class S3Upload(ResumableUpload):
         """Hand a part to the loop; block while parts_in_flight parts are in memory (the filling one counts)."""
         store = self._store
         self._raise_failed()
+        self._renew_lease()  # before each part: a writer held up past its lease stops here
         if self._upload_id is None:
             self._upload_id = store.run(store.s3.start_multipart(self.key))
         number, size = self._next_part, len(part)
@@ -187,6 +188,7 @@ class S3Upload(ResumableUpload):
             return
         store, saved = self._store, self._saved
         parts = self._sent_parts()
+        self._renew_lease()
         new = Saved(self._upload_id, parts, None, saved.generation + 1)
         if self._buffered:
             new.tail = (store.tail_key(self.info.id, new.generation), self._buffered)
@@ -194,9 +196,10 @@ class S3Upload(ResumableUpload):
         try:
             self._write_info(new)
         except BaseException:
-            if new.tail is not None:
-                store.run_quietly(store.delete(new.tail[0]))
-            raise
+            if not self._info_landed(new):
+                if new.tail is not None:
+                    store.run_quietly(store.delete(new.tail[0]))
+                raise
         if saved.tail is not None:
             store.run_quietly(store.delete(saved.tail[0]))
         self._parts, self._dirty = [], False
@@ -204,6 +207,17 @@ class S3Upload(ResumableUpload):
     def _write_info(self, new: Saved) -> None:
         new.etag = self._store.run(self._store.write_info(self.info, new, self._saved.etag))
         self._saved = new
+
+    def _info_landed(self, new: Saved) -> bool:
+        """Whether a failed info write landed after all (a retried PUT whose first answer was lost)."""
+        try:
+            found = self._store.run(self._store.read_info(self.info.id))
+        except StorageUnavailable:
+            return False
+        if found is None or (found[1].generation, found[1].tail) != (new.generation, new.tail):
+            return False
+        self._saved = found[1]
+        return True
 
     def _truncate(self, offset: int) -> None:
         """Back to the committed state (`offset` is its offset: a mark is only set right after a commit)."""
@@ -234,20 +248,32 @@ class S3Upload(ResumableUpload):
             return
         store = self._store
         self._renew_lease()
-        self._load_tail()
-        if self._upload_id is None:
-            body = PartBody(self._chunks)
-            store.run(store.s3.call("put_object", Key=self.key, Body=body))
-        else:
-            if self._buffered or not (self._saved.parts or self._parts):
-                self._send_part(self._take(self._buffered))
-            parts = self._sent_parts()
-            store.run(store.complete(self.key, self._upload_id, parts, self.info.offset))
+        try:
+            self._send_the_rest()
+        except StorageUnavailable as exc:
+            # Completed already: a crash came before the info could say so.
+            gone = error_code(exc.__cause__) == "NoSuchUpload"
+            if not gone or store.run(store.object_size(self.key)) != self.info.offset:
+                raise
         old_tail = self._saved.tail
         self._parts, self._chunks, self._buffered, self._dirty, self._upload_id = [], [], 0, False, None
         self._write_info(Saved(None, [], None, self._saved.generation + 1, completed=True))
         if old_tail is not None:
             store.run_quietly(store.delete(old_tail[0]))
+
+    def _send_the_rest(self) -> None:
+        """The tail and any bytes since as the last part, then complete (or one PUT if no part was sent)."""
+        store = self._store
+        self._load_tail()
+        if self._upload_id is None:
+            store.run(store.s3.call("put_object", Key=self.key, Body=PartBody(self._chunks)))
+            return
+        if self._buffered or not (self._saved.parts or self._parts):
+            self._send_part(self._take(self._buffered))
+        parts = self._sent_parts()
+        listed = [{"PartNumber": number, "ETag": etag} for number, etag, _ in parts]
+        store.run(store.s3.call("complete_multipart_upload", Key=self.key, UploadId=self._upload_id,
+                                MultipartUpload={"Parts": listed}))
 
     def sha256(self) -> str:
         if self._hash is None:  # deferred: read the whole object back once
@@ -326,7 +352,9 @@ class S3ResumableStore(ResumableStore):
         return self._name(upload_id, ".lock")
 
     def tail_key(self, upload_id: str, generation: int) -> str:
-        return self._name(upload_id, f".tail-{generation}")
+        # The generation, and a token of this writer: a writer that lost its lease
+        # unnoticed never names (nor deletes) the tail of the one that took over.
+        return self._name(upload_id, f".tail-{generation}-{secrets.token_hex(4)}")
 
     # -- our loop, on a thread of its own --
 
@@ -461,18 +489,9 @@ class S3ResumableStore(ResumableStore):
         except Conflict:
             raise StorageUnavailable(f"resumable upload {upload_id} was taken over by another writer") from None
 
-    async def complete(self, key: str, upload_id: str, parts: list[tuple[int, str, int]], size: int) -> None:
-        listed = [{"PartNumber": number, "ETag": etag} for number, etag, _ in parts]
-        try:
-            await self.s3.call("complete_multipart_upload", Key=key, UploadId=upload_id,
-                               MultipartUpload={"Parts": listed})
-        except StorageUnavailable as exc:
-            if error_code(exc.__cause__) != "NoSuchUpload":
-                raise
-            # Completed already (a crash before the info said so): the object must be whole.
-            head = await self.s3.call_or_none("head_object", Key=key)
-            if head is None or head["ContentLength"] != size:
-                raise
+    async def object_size(self, key: str) -> int | None:
+        head = await self.s3.call_or_none("head_object", Key=key)
+        return None if head is None else head["ContentLength"]
 
     async def remove_bytes(self, upload_id: str, saved: Saved, multipart: str | None) -> None:
         """Everything of an upload but its info: the multipart upload or object, the tail, the lease."""
@@ -566,7 +585,8 @@ class S3ResumableStore(ResumableStore):
             except UploadBusy:
                 return 0  # being written now: its request renews the expiry
             await self.delete(self.info_key(upload_id))
-            await self.remove_bytes(upload_id, found[1], None)
+            if not (found[1].completed and await self.s3.record(upload_id) is not None):
+                await self.remove_bytes(upload_id, found[1], None)  # (else finished: the info only stayed)
             await self.delete(self.lock_key(upload_id), if_match=lease)
             self.digests.take(upload_id, -1)
             return 1

@@ -359,6 +359,10 @@ class S3Store(Store):
         cutoff = (time.time() if now is None else now) - self.sweep_after
         return await self._sweep_uploads(cutoff) + await self._sweep_orphans(cutoff)
 
+    async def _is_resumable(self, name: str) -> bool:
+        """Whether `name` is a resumable upload under way (its own sweep expires it)."""
+        return await self.call_or_none("head_object", Key=self.key(f"{RESUMABLE_DIR}/{name}.info")) is not None
+
     async def _sweep_uploads(self, cutoff: float) -> int:
         swept = 0
         marker: dict[str, str] = {}
@@ -367,8 +371,8 @@ class S3Store(Store):
             for upload in page.get("Uploads", []):
                 name = upload["Key"][len(self.key_prefix):]
                 if is_file_id(name) and upload["Initiated"].timestamp() < cutoff:
-                    if await self.call_or_none("head_object", Key=self.key(f"{RESUMABLE_DIR}/{name}.info")):
-                        continue  # a resumable upload's, alive: its own sweep expires it
+                    if await self._is_resumable(name):
+                        continue
                     await self.abort_multipart(upload["Key"], upload["UploadId"])
                     swept += 1
             if not page.get("IsTruncated"):
@@ -392,7 +396,8 @@ class S3Store(Store):
             if name == record_name:
                 waiting = None
             elif name is None or name > record_name:
-                if waiting[1] < cutoff:
+                # A resumable upload completed, its record not yet written, is not an orphan.
+                if waiting[1] < cutoff and not await self._is_resumable(waiting[0]):
                     await self.call("delete_object", Key=self.key(waiting[0]))
                     swept += 1
                 waiting = None
