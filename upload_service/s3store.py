@@ -420,6 +420,8 @@ class S3Store(Store):
         if before is not None:  # its writes wait on this loop: a thread of its own
             writing = asyncio.get_running_loop().run_in_executor(None, before)
             if await wait_through_cancel(writing):
+                if writing.exception() is not None:  # the caller aborts the sinks either way
+                    logger.debug("writing before a cancelled commit failed", exc_info=writing.exception())
                 raise asyncio.CancelledError
             writing.result()
         work = asyncio.ensure_future(self._commit(files))  # type: ignore[arg-type]  # our sinks
