@@ -42,7 +42,7 @@ from typing import Any, Awaitable, Iterator, TypeVar
 
 from upload_service.errors import StorageUnavailable
 from upload_service.s3client import MISSING_CODES, BotoCoreError, PartBody, aiohttp, error_code
-from upload_service.s3store import RESUMABLE_DIR, THREAD_WAIT_SECONDS, S3Store
+from upload_service.s3store import RESUMABLE_DIR, THREAD_WAIT_SECONDS, S3Store, wait_for_room
 from upload_service.storage import (
     DigestCache, Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id, new_file_id,
 )
@@ -149,13 +149,7 @@ class S3Upload(ResumableUpload):
         self._next_part += 1
         self._parts.append((number, store.submit(store.s3.upload_part(self.key, self._upload_id, number, part)), size))
         del part
-        while True:
-            sending = [future for _, future, _ in self._parts if not future.done()]
-            if len(sending) < store.s3.parts_in_flight:
-                break
-            done, _ = concurrent.futures.wait(sending, THREAD_WAIT_SECONDS, concurrent.futures.FIRST_COMPLETED)
-            if not done:
-                raise StorageUnavailable("the object store did not take a part in time")
+        wait_for_room([future for _, future, _ in self._parts], store.s3.parts_in_flight)
         self._raise_failed()
 
     def _raise_failed(self) -> None:

@@ -59,6 +59,17 @@ COMMIT_CALLS = 8  # a request's files completed (and their records written) at o
 RESUMABLE_DIR = ".resumable"  # under the prefix: resumable uploads under way (s3resumable)
 
 
+def wait_for_room(parts: list[concurrent.futures.Future[Any]], parts_in_flight: int) -> None:
+    """Block while `parts_in_flight` parts are being sent: the part to fill next counts as one in memory."""
+    while True:
+        sending = [future for future in parts if not future.done()]
+        if len(sending) < parts_in_flight:
+            return
+        done, _ = concurrent.futures.wait(sending, THREAD_WAIT_SECONDS, concurrent.futures.FIRST_COMPLETED)
+        if not done:
+            raise StorageUnavailable("the object store did not take a part in time")
+
+
 class S3Sink(FileSink):
     """One file on its way into the bucket; see the module docstring."""
 
@@ -95,13 +106,7 @@ class S3Sink(FileSink):
             self._upload_id = self._wait(self._store.start_multipart(self.key))
         self._parts.append(self._submit(self._store.upload_part(self.key, self._upload_id, len(self._parts) + 1, part)))
         del part  # the coroutine holds it until sent
-        while True:  # the part to fill next counts as one in memory
-            sending = [f for f in self._parts if not f.done()]
-            if len(sending) < self._store.parts_in_flight:
-                break
-            done, _ = concurrent.futures.wait(sending, THREAD_WAIT_SECONDS, concurrent.futures.FIRST_COMPLETED)
-            if not done:
-                raise StorageUnavailable("the object store did not take a part in time")
+        wait_for_room(self._parts, self._store.parts_in_flight)
         self._raise_failed()
 
     def _take_buffer(self) -> PartBody:
