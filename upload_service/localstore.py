@@ -32,8 +32,8 @@ READ_CHUNK_SIZE = 1 * MiB  # a download's reads: one thread hop per MiB
 class LocalSink(FileSink):
     """`.partial/<id>`, open and locked from `open` until it is committed or aborted."""
 
-    def __init__(self, partial_dir: Path, file_id: str | None = None) -> None:
-        self.id = file_id or new_file_id()
+    def __init__(self, partial_dir: Path) -> None:
+        self.id = new_file_id()
         self.path = partial_dir / self.id
         self._fd: int | None = None
 
@@ -107,8 +107,8 @@ class LocalStore(Store):
     def describe_problem(self, exc: OSError) -> str:
         return f"UPLOAD_DIR: cannot use {self.upload_dir}: {exc.strerror or exc}"
 
-    def new_file(self, file_id: str | None = None) -> LocalSink:
-        return LocalSink(self.partial_dir, file_id)
+    def new_file(self) -> LocalSink:
+        return LocalSink(self.partial_dir)
 
     async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
         """Run `before` and `commit_files` in one thread job (it fsyncs); if cancelled meanwhile, undo it.

@@ -73,8 +73,8 @@ def wait_for_room(parts: list[concurrent.futures.Future[Any]], parts_in_flight: 
 class S3Sink(FileSink):
     """One file on its way into the bucket; see the module docstring."""
 
-    def __init__(self, store: S3Store, loop: asyncio.AbstractEventLoop, file_id: str | None = None) -> None:
-        self.id = file_id or new_file_id()
+    def __init__(self, store: S3Store, loop: asyncio.AbstractEventLoop) -> None:
+        self.id = new_file_id()
         self.key = store.key(self.id)
         self._store = store
         self._loop = loop
@@ -417,8 +417,8 @@ class S3Store(Store):
     def describe_problem(self, exc: OSError) -> str:
         return str(exc)
 
-    def new_file(self, file_id: str | None = None) -> S3Sink:
-        return S3Sink(self, asyncio.get_running_loop(), file_id)
+    def new_file(self) -> S3Sink:
+        return S3Sink(self, asyncio.get_running_loop())
 
     async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
         """Store every file and record, all or none, even if this task is cancelled meanwhile."""

@@ -94,8 +94,8 @@ class Store(ABC):
         """Make the store ready and sweep a crashed process's leftovers; blocking, at startup."""
 
     @abstractmethod
-    def new_file(self, file_id: str | None = None) -> FileSink:
-        """A sink for one file, with a fresh id (or `file_id`: a finished resumable upload's)."""
+    def new_file(self) -> FileSink:
+        """A sink for one file, with a fresh id."""
 
     @abstractmethod
     async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
