@@ -138,6 +138,27 @@ async def test_a_dead_writers_lease_goes_stale(bucket: S3Backend, two_apps: Any)
     assert_only_stored(bucket, record, b"abcdef")
 
 
+async def test_a_taken_over_upload_never_reuses_the_old_holders_part_numbers(bucket: S3Backend, two_apps: Any) -> None:
+    """The old holder may only have been slow: a part it was sending could still land, so the new
+    holder numbers its parts past the ones the old one could have had in flight."""
+    data = payload(12 * MiB, seed=15)
+    first, second = two_apps
+    async with client_of(first) as a:
+        location = (await a.post("/files", headers={**TUS, "Upload-Length": str(len(data))})).headers["location"]
+        assert (await patch(a, location, 0, data[: 6 * MiB])).status_code == 204  # part 1 and a tail
+    upload_id = location.rsplit("/", 1)[1]
+    lock = f"{bucket.prefix}/.resumable/{upload_id}.lock"
+    bucket.s3.put_object(Bucket=BUCKET, Key=lock, Body=json.dumps({"expires": time.time() - 1}).encode())
+    async with client_of(second) as b:
+        assert (await patch(b, location, 6 * MiB, data[6 * MiB : 11 * MiB])).status_code == 204
+        info = json.loads(bucket.object_bytes(f".resumable/{upload_id}.info"))
+        in_flight = second.config.s3_parts_in_flight
+        assert [number for number, _, _ in info["parts"]] == [1, 2 + in_flight + 1]
+        assert (await patch(b, location, 11 * MiB, data[11 * MiB :])).status_code == 204
+        record = (await b.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, data)
+
+
 async def test_memory_stays_within_the_parts_in_flight(bucket: S3Backend, tmp_path: Path) -> None:
     size = 40 * MiB
     app = app_on(bucket, tmp_path / "m", s3_parts_in_flight=2)

@@ -168,6 +168,9 @@ class S3Upload(ResumableUpload):
         self._lease = self._store.run(self._store.renew_lease(self.info.id, self._lease))
         self._lease_at = time.monotonic()
 
+    def skip_part_numbers(self, count: int) -> None:
+        self._next_part += count
+
     # -- committing and taking back --
 
     def _save_mark(self, offset: int | None) -> None:
@@ -456,13 +459,16 @@ class S3ResumableStore(ResumableStore):
         info = UploadInfo(upload_id, length, offset, value["metadata"], value["expires"], value.get("sha256"))
         return info, saved
 
-    async def take_lease(self, upload_id: str) -> str:
-        """Create the lease object, or take over a stale one; UploadBusy if another writer holds it."""
+    async def take_lease(self, upload_id: str) -> tuple[str, bool]:
+        """Create the lease object, or take over a stale one; UploadBusy if another writer holds it.
+
+        Returns its ETag, and whether it was taken over (its holder may not be dead after all).
+        """
         key = self.lock_key(upload_id)
         for _ in range(2):
             lease = {"holder": secrets.token_hex(8), "expires": time.time() + self.lease_seconds}
             try:
-                return await self.put_json(key, lease, None)
+                return await self.put_json(key, lease, None), False
             except Conflict:
                 pass
             held = await self.get_json(key)
@@ -471,7 +477,7 @@ class S3ResumableStore(ResumableStore):
             if held[0].get("expires", 0) > time.time():
                 raise UploadBusy(upload_id)
             try:
-                return await self.put_json(key, lease, held[1])  # its holder died: take it over
+                return await self.put_json(key, lease, held[1]), True  # its holder died: take it over
             except Conflict:
                 raise UploadBusy(upload_id) from None
         raise UploadBusy(upload_id)
@@ -500,7 +506,7 @@ class S3ResumableStore(ResumableStore):
 
     def create(self, length: int | None, metadata: dict[str, str], expires: float, sha256: str | None) -> S3Upload:
         info = UploadInfo(new_file_id(), length, 0, dict(metadata), expires, sha256)
-        lease = self.run(self.take_lease(info.id))
+        lease, _ = self.run(self.take_lease(info.id))
         saved = Saved()
         try:
             saved.etag = self.run(self.write_info(info, saved, None))
@@ -512,7 +518,7 @@ class S3ResumableStore(ResumableStore):
     def acquire(self, upload_id: str) -> S3Upload | None:
         if not is_file_id(upload_id) or self.run(self.read_info(upload_id)) is None:
             return None
-        lease = self.run(self.take_lease(upload_id))
+        lease, taken_over = self.run(self.take_lease(upload_id))
         try:
             found = self.run(self.read_info(upload_id))  # as it is now that we hold it
         except BaseException:
@@ -524,7 +530,12 @@ class S3ResumableStore(ResumableStore):
             self.run_quietly(self.delete(self.lock_key(upload_id), if_match=lease))
             return None
         info, saved = found
-        return S3Upload(self, info, saved, lease, self.digests.take(upload_id, info.offset))
+        upload = S3Upload(self, info, saved, lease, self.digests.take(upload_id, info.offset))
+        if taken_over:
+            # A holder held up past its lease (a slow store) may still land the parts it
+            # was sending, numbered after the committed ones: never reuse those numbers.
+            upload.skip_part_numbers(self.s3.parts_in_flight + 1)
+        return upload
 
     def peek(self, upload_id: str) -> UploadInfo | None:
         if not is_file_id(upload_id):
@@ -575,7 +586,7 @@ class S3ResumableStore(ResumableStore):
             if found is None or found[0].expires > now:
                 return 0
             try:
-                lease = await self.take_lease(upload_id)
+                lease, _ = await self.take_lease(upload_id)
             except UploadBusy:
                 return 0  # being written now: its request renews the expiry
             await self.delete(self.info_key(upload_id))
