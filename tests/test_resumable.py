@@ -351,6 +351,33 @@ async def test_declared_digest_checked_before_commit(client: httpx.AsyncClient, 
     backend.assert_stored(await record_of(client, location), data)
 
 
+async def test_a_head_finishes_an_upload_whose_finishing_was_cut_short(
+    app: upload_asgi.UploadApp, client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every byte kept, the file not stored (the request died while finishing): a client that HEADs,
+    sees every byte there and stops must find its file, not leave the upload to expire."""
+    data = payload(3000, seed=16)
+    real_finish = type(app.resumable).finish
+    cut_short = []
+
+    async def dies_once(self: Any, *args: Any) -> None:
+        if not cut_short:
+            cut_short.append(True)
+            raise ConnectionResetError("the store went away while finishing")
+        await real_finish(self, *args)
+
+    monkeypatch.setattr(type(app.resumable), "finish", dies_once)
+    location = await create(client, len(data), "filename ZC5iaW4=")
+    assert (await patch(client, location, 0, data)).status_code >= 500
+    assert (await client.get(location)).status_code == 409  # no file yet: an upload under way
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200 and reply.headers["upload-offset"] == reply.headers["upload-length"] == "3000"
+    record = await record_of(client, location)
+    assert record["sha256"] == sha(data) and record["filename"] == "d.bin"
+    backend.assert_stored(record, data)
+    assert leftovers(backend) == []
+
+
 async def test_termination(client: httpx.AsyncClient, backend: Any) -> None:
     location = await create(client, 100)
     assert (await patch(client, location, 0, b"abc")).status_code == 204

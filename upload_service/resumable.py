@@ -225,8 +225,7 @@ class ResumableHandlers:
 
     def check_writer(self, scope: Scope, dialect: Dialect) -> None:
         """What every write (create, PATCH, DELETE) must show: the token, the protocol version."""
-        token = self.config.token
-        if token is not None and not bearer_token_matches(scope, token):
+        if not self.may_write(scope):
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
         if dialect.draft is None:
             tus.check_tus_resumable(header(scope, b"tus-resumable"))
@@ -330,6 +329,8 @@ class ResumableHandlers:
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
             await self.expire(file_id)
+        if info is not None and info.complete and self.may_write(scope):
+            info = await self.finish_cut_short(scope, outcome, dialect, file_id)
         if info is not None:
             self.files.check_read(scope)
             headers = [*dialect.headers(), (b"cache-control", b"no-store"), *self.state_headers(info, dialect)]
@@ -354,6 +355,27 @@ class ResumableHandlers:
             await send(message)
 
         await self.files.handle_download(scope, receive, send_with, head_only=True, file_id=file_id)
+
+    def may_write(self, scope: Scope) -> bool:
+        return self.config.token is None or bearer_token_matches(scope, self.config.token)
+
+    async def finish_cut_short(self, scope: Scope, outcome: Outcome, dialect: Dialect, file_id: str) -> UploadInfo | None:
+        """Every byte is in but the file is not stored: its request died while finishing it (a
+        crash, the store failing). Store it now, or a client that HEADs it, sees every byte there
+        and stops, would leave it to expire. Returns the upload's info, or None once stored."""
+        try:
+            upload = await run_blocking(self.store.acquire, file_id)
+        except UploadBusy:  # its own request is finishing it now
+            return await run_blocking(self.store.peek, file_id)
+        if upload is None:  # stored meanwhile
+            return None
+        try:
+            if not upload.info.complete:
+                return upload.info
+            await self.finish(scope, upload, outcome, dialect)
+        finally:
+            await run_blocking(upload.release)
+        return None
 
     async def patch(
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
