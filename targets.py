@@ -36,9 +36,9 @@ from upload_service.units import KiB, MiB
 # measured 256 KiB to 4 MiB), and at most ~3 blocks per upload in memory (FormReader).
 WRITE_BLOCK_SIZE = 1 * MiB
 # A file that ends before a block was handed off and is at most this big is hashed on
-# the event loop (16 KiB: ~10 µs) and held: if the body ends in the same chunk, the
-# store's commit writes it in its own thread job (one thread hand-off for a small
-# upload instead of two); if more comes, it goes to the executor like any block.
+# the event loop (16 KiB: ~10 µs) and held: if it is the last part, the store's commit
+# writes it in its own thread job (one thread hand-off for a small upload instead of
+# two); when another part begins, it goes to the executor like any block.
 HELD_FILE_SIZE = 64 * KiB
 
 
@@ -111,7 +111,7 @@ class UploadFileTarget(BaseTarget):
         self._write(data)
 
     def hand_off_held(self) -> None:
-        """The body goes on: write a held file on the executor, not holding it in memory longer."""
+        """Another part begins: write a held file on the executor, not holding it in memory longer."""
         if self._held:
             data, self._held = self._held, b""
             self.job = self._executor.submit(self._write, data, handshake=False)
@@ -352,8 +352,6 @@ class FormReader:
         self._parser.register("*", self._router, matches=lambda _registered, _name: True)
 
     def feed(self, chunk: bytes) -> None:
-        for target in self._writing:  # more body: a file held for the commit is written now
-            target.hand_off_held()
         try:
             for piece in self._framer.feed(chunk):
                 self._parser.data_received(piece)
@@ -402,6 +400,8 @@ class FormReader:
         return None if target is None else target.value
 
     def _open_target(self, info: PartInfo) -> BaseTarget:
+        for held in self._writing:  # another part follows: a file held for the commit is written now
+            held.hand_off_held()
         limits = self._limits
         target: BaseTarget
         if info.name == self._file_field and info.filename:
