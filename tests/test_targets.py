@@ -352,6 +352,23 @@ def test_another_user_of_streaming_form_data_still_gets_its_headers_parsed():
     assert note.value == b"hi"
 
 
+def test_a_form_is_read_without_the_email_package_parsing_its_part_headers(store, partial_dir, monkeypatch):
+    """streaming-form-data's parser goes through KnownLinesParser: the framer's lines never reach the email package."""
+    from email.parser import Parser
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("a part header line was parsed by the email package")
+
+    monkeypatch.setattr(Parser, "parsestr", no_parse)
+    body, files = multi_body()
+    reader = reader_for(store)
+    reader.feed(body)
+    reader.close()
+    assert reader.field("description") == "three files"
+    assert [(t.filename, t.sha256) for t in reader.files] == [(n, hashlib.sha256(d).hexdigest()) for n, _, d in files]
+    reader.abort()
+
+
 def test_the_framer_lines_parse_the_same_from_memory_as_by_the_email_package():
     from email.parser import Parser
     from email.policy import HTTP
