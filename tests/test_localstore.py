@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
-
-
 import subprocess
 import sys
 import threading
+
+import pytest
 
 import upload_asgi
 from support import file_part, form_body, multi_body, partial_files, reader_for
@@ -206,3 +207,32 @@ def test_partial_files_stay_locked_until_they_leave_partial(tmp_path, monkeypatc
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(fd)
+
+
+@pytest.mark.parametrize(
+    "fsync, files, on_the_loop",
+    [(False, 1, True), (False, localstore.INLINE_COMMIT_FILES, True),
+     (False, localstore.INLINE_COMMIT_FILES + 1, False), (True, 1, False)],
+)
+def test_a_cheap_commit_runs_on_the_loop_and_others_on_a_thread(tmp_path, monkeypatch, fsync, files, on_the_loop):
+    """Without fsync, a few files commit on the event loop: a thread hand-off would cost more
+    than the work. What fsyncs, or many files, goes to a thread: the loop never waits on a disk."""
+    store = LocalStore(tmp_path / "uploads", fsync=fsync)
+    store.prepare()
+    datas = [os.urandom(100 + i) for i in range(files)]
+    reader = reader_for(store, file_field="file")
+    reader.feed(form_body([file_part(data, f"{i}.bin") for i, data in enumerate(datas)]))
+    reader.close()
+    records = [{"id": t.id, "size": t.size} for t in reader.files]
+    threads = []
+    real_commit_files = store.commit_files
+
+    def commit_files(*args):
+        threads.append(threading.current_thread())
+        return real_commit_files(*args)
+
+    monkeypatch.setattr(store, "commit_files", commit_files)
+    asyncio.run(store.commit([(t.sink, r) for t, r in zip(reader.files, records)], before=reader.write_held))
+    assert (threads == [threading.main_thread()]) is on_the_loop
+    for record, data in zip(records, datas):
+        assert (store.upload_dir / record["id"]).read_bytes() == data

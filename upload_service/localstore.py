@@ -27,6 +27,11 @@ logger = logging.getLogger("upload_asgi")
 
 PARTIAL_DIR_NAME = ".partial"
 READ_CHUNK_SIZE = 1 * MiB  # a download's reads: one thread hop per MiB
+# Without fsync, a commit of this many files (at most one small file's bytes still to
+# write: targets.HELD_FILE_SIZE) is a few metadata syscalls, and runs on the event loop:
+# with uploads at once, handing it to a thread cost 3-10x more CPU than the work (GIL
+# and directory-lock contention between the threads; bench/README).
+INLINE_COMMIT_FILES = 4
 
 
 class LocalSink(FileSink):
@@ -113,12 +118,17 @@ class LocalStore(Store):
     async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
         """Run `before` and `commit_files` in one thread job (it fsyncs); if cancelled meanwhile, undo it.
 
+        Without fsync and with few files, on the loop instead (INLINE_COMMIT_FILES).
+
         A thread cannot be stopped: cleaning up on the loop while it still renames and
         closes the same files would race it. So wait for it, however often this task is
         cancelled meanwhile, then remove what it stored (a request stores all its files
         or none). A plain executor future, not a task: a server shutting down cancels
         every task, and a cancelled task would no longer say whether the commit happened.
         """
+        if not self.fsync and len(files) <= INLINE_COMMIT_FILES:
+            self.commit_files(files, before)
+            return
         loop = asyncio.get_running_loop()
         commit = loop.run_in_executor(None, self.commit_files, files, before)
         if await wait_through_cancel(commit):

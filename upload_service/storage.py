@@ -101,9 +101,9 @@ class Store(ABC):
     async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
         """Store every file with its record, all or none; if cancelled, store none.
 
-        `before` is blocking work the files still need (writing a small file's bytes):
-        it runs first, off the event loop, in the same thread job as the commit where
-        the store can (one hand-off for a small upload instead of two).
+        `before` is blocking work the files still need (writing a small file's bytes,
+        at most targets.HELD_FILE_SIZE): it runs first, where the commit runs (in its
+        thread job, or on the loop when the commit is that cheap).
         """
 
     @abstractmethod
