@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from support import BOUNDARY, Part, field_part, file_part, form_body, split_at
 from upload_service.errors import FormError, LimitExceeded
@@ -19,6 +19,7 @@ from upload_service.framing import (
     clean_filename,
     decode_ext_value,
     parse_header_params,
+    parse_params_slowly,
     read_part_headers,
 )
 
@@ -57,6 +58,24 @@ B = BOUNDARY.encode()
 )
 def test_parse_header_params(value, expected):
     assert parse_header_params(value) == expected
+
+
+# Parameter text made of the pieces that matter to either reading: tokens, quoted
+# strings (with escapes, semicolons, spaces), `=`, `;`, white space, stray quotes.
+_param_text = st.lists(
+    st.sampled_from(["name", "filename", "filename*", "NAME", "a", "=", ";", " ", "\t", '"', "\\", "\\\"",
+                     '"a b"', '"x;y"', '""', "UTF-8''%e2%82%ac", "é", "\r"]),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(head=st.sampled_from(["form-data", "multipart/form-data", "Text/Plain ", ""]), params=_param_text)
+def test_the_one_regex_reading_agrees_with_the_slow_one(head, params):
+    """parse_header_params reads what clients send with one regex: whatever it reads that
+    way must come out as the character-by-character reading would have it."""
+    value = f"{head};{params}"
+    assert parse_header_params(value) == (head.strip().lower(), parse_params_slowly(params))
 
 
 # -- decode_ext_value ---------------------------------------------------------------

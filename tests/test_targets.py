@@ -9,6 +9,7 @@ import hashlib
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -60,19 +61,19 @@ def test_file_target_writes_hashes_counts(store, partial_dir):
     assert target.sha256 == hashlib.sha256(data).hexdigest()
     assert target.filename == "report.pdf"
     assert target.content_type == "application/pdf"
-    assert target.sink.path.parent == partial_dir and target.sink.path.name == target.id
+    assert Path(target.sink.path).parent == partial_dir and Path(target.sink.path).name == target.id
     target.sink.sync()
     target.sink.close()
-    assert target.sink.path.read_bytes() == data
+    assert Path(target.sink.path).read_bytes() == data
 
 
 def test_file_target_abort_removes_partial_file_and_is_idempotent(store, partial_dir):
     target = UploadFileTarget(store.new_file(), PartInfo("file", "a", DEFAULT_CONTENT_TYPE), 1 << 20)
     target.start()
     target.data_received(b"partial")
-    assert target.sink.path.exists()
+    assert Path(target.sink.path).exists()
     target.abort()
-    assert not target.sink.path.exists()
+    assert not Path(target.sink.path).exists()
     target.abort()  # again: no error
     assert list(partial_dir.iterdir()) == []
 
@@ -115,7 +116,7 @@ def test_form_reader_reads_every_file(store, partial_dir, step):
     assert got == [(n, c, len(d), hashlib.sha256(d).hexdigest(), True) for n, c, d in files]
     for target, (_, _, data) in zip(reader.files, files):
         target.sink.close()
-        assert target.sink.path.read_bytes() == data
+        assert Path(target.sink.path).read_bytes() == data
 
 
 def test_form_reader_skips_other_parts(store, partial_dir):
@@ -247,7 +248,7 @@ def test_many_files_on_a_slow_disk_hold_a_bounded_number_of_blocks(tmp_path, mon
     assert [t.size for t in reader.files] == [len(d) for d in files]
     for target, data in zip(reader.files, files):
         target.sink.close()
-        assert target.sink.path.read_bytes() == data
+        assert Path(target.sink.path).read_bytes() == data
 
 
 # -- small files: held for the commit ------------------------------------------------
@@ -275,7 +276,7 @@ def test_a_small_file_at_the_end_of_the_body_is_hashed_and_held_for_the_commit(s
     assert target.job is None and list(partial_dir.iterdir()) == []  # no thread, no file yet
     reader.write_held()
     target.sink.close()
-    assert target.sink.path.read_bytes() == data
+    assert Path(target.sink.path).read_bytes() == data
 
 
 def test_a_held_file_goes_to_a_writer_thread_when_another_part_begins(store, partial_dir):
@@ -291,7 +292,7 @@ def test_a_held_file_goes_to_a_writer_thread_when_another_part_begins(store, par
     finish_writing(reader)
     for target, data in zip(reader.files, (first, second)):
         target.sink.close()
-        assert target.sink.path.read_bytes() == data
+        assert Path(target.sink.path).read_bytes() == data
 
 
 def test_many_small_files_are_not_all_held_in_memory(store, partial_dir):
@@ -310,7 +311,7 @@ def test_many_small_files_are_not_all_held_in_memory(store, partial_dir):
     for target, data in zip(reader.files, files):
         assert target.sha256 == hashlib.sha256(data).hexdigest()
         target.sink.close()
-        assert target.sink.path.read_bytes() == data
+        assert Path(target.sink.path).read_bytes() == data
 
 
 def test_an_empty_file_is_created_by_the_commit(store, partial_dir):
@@ -320,7 +321,7 @@ def test_an_empty_file_is_created_by_the_commit(store, partial_dir):
     finish_writing(reader)
     [target] = reader.files
     target.sink.close()
-    assert target.sink.path.read_bytes() == b""
+    assert Path(target.sink.path).read_bytes() == b""
 
 
 def test_aborting_a_held_file_leaves_nothing(store, partial_dir):

@@ -58,6 +58,9 @@ _SPACE_RUN_RE = re.compile(r"\s+")
 # §5.1 forbids white space there). A line that is not `name: value` is malformed, also
 # in a part the route ignores: skipping it could silently drop a part.
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# `; key="value"` or `; key=token`, without escapes: how clients write parameters.
+_PLAIN_PARAM_RE = re.compile(rf'[ \t]*;[ \t]*({_TOKEN_RE.pattern})=(?:"([^"\\]*)"|({_TOKEN_RE.pattern}))[ \t]*')
+_PLAIN_PARAMS_RE = re.compile(f"(?:{_PLAIN_PARAM_RE.pattern})*")
 
 
 # -- small pure helpers ----------------------------------------------------------
@@ -70,6 +73,16 @@ def parse_header_params(value: str) -> tuple[str, dict[str, str]]:
     `C:\\Users\\a.txt`, which old browsers sent unescaped, keeps its separators.
     """
     head, _, rest = value.partition(";")
+    if _PLAIN_PARAMS_RE.fullmatch(value, len(head)):  # what clients send: read by one regex
+        params = {}
+        for key, quoted, token in _PLAIN_PARAM_RE.findall(value, len(head)):
+            params.setdefault(key.lower(), token or quoted)
+        return head.strip().lower(), params
+    return head.strip().lower(), parse_params_slowly(rest)
+
+
+def parse_params_slowly(rest: str) -> dict[str, str]:
+    """The parameters after a header value's first `;`, however loosely written."""
     params: dict[str, str] = {}
     i, n = 0, len(rest)
     while i < n:
@@ -105,7 +118,7 @@ def parse_header_params(value: str) -> tuple[str, dict[str, str]]:
             param = rest[start:i].strip()
         if key:
             params.setdefault(key, param)
-    return head.strip().lower(), params
+    return params
 
 
 def decode_ext_value(value: str) -> str:
@@ -178,7 +191,10 @@ def read_part_headers(block: bytes) -> PartInfo | None:
         filename = decode_ext_value(disposition["filename*"])
     else:
         filename = None
-    content_type = "".join(c for c in content_type or "" if c.isprintable()).strip()
+    content_type = content_type or ""
+    if not content_type.isprintable():
+        content_type = "".join(c for c in content_type if c.isprintable())
+    content_type = content_type.strip()
     return PartInfo(name, filename, content_type or DEFAULT_CONTENT_TYPE)
 
 

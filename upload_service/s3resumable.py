@@ -44,7 +44,7 @@ from upload_service.errors import StorageUnavailable
 from upload_service.s3client import MISSING_CODES, BotoCoreError, PartBody, aiohttp, error_code
 from upload_service.s3store import RESUMABLE_DIR, THREAD_WAIT_SECONDS, S3Store, wait_for_room
 from upload_service.storage import (
-    DigestCache, Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id, new_file_id,
+    DigestCache, Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id, new_file_id, record_json,
 )
 from upload_service.units import MiB
 
@@ -295,7 +295,7 @@ class S3Upload(ResumableUpload):
     def finish(self, record: Record) -> None:
         self._complete_object()
         store = self._store
-        body = json.dumps(record, ensure_ascii=False, indent=1).encode()
+        body = record_json(record)
         store.run(store.s3.call("put_object", Key=store.s3.key(f"{self.info.id}.json"), Body=body,
                                 ContentType="application/json"))
         store.run_quietly(store.delete(store.info_key(self.info.id)))

@@ -42,7 +42,7 @@ from upload_service.s3client import (
     error_code,
     open_client,
 )
-from upload_service.storage import FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id
+from upload_service.storage import FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, record_json
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
 
@@ -449,7 +449,7 @@ class S3Store(Store):
             stored.append(sink.id)
 
         async def put_record(sink: S3Sink, record: Record) -> None:
-            body = json.dumps(record, ensure_ascii=False, indent=1).encode()
+            body = record_json(record)
             await self.call("put_object", Key=self.key(f"{sink.id}.json"), Body=body, ContentType="application/json")
 
         try:
