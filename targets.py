@@ -123,7 +123,8 @@ class UploadFileTarget(BaseTarget):
         if self.job is not None:
             self.job.result()  # a failed write (ENOSPC) raises here, on the parser's side
         chunks, self._chunks, self._buffered = self._chunks, [], 0
-        self.job = self._executor.submit(self._store, chunks, handshake=not self.finished)
+        block = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.job = self._executor.submit(self._store, [block], handshake=not self.finished)
 
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""

@@ -343,6 +343,35 @@ async def test_a_slow_store_is_not_an_idle_client(make_backend_app, backend, mon
     backend.assert_stored(reply.json(), data)
 
 
+async def test_a_client_is_cut_off_after_at_least_the_idle_timeout_of_silence(config, short_drain):
+    """The deadline moves lazily (not on every chunk), but never so that silence shorter
+    than UPLOAD_IDLE_TIMEOUT is cut off: counted from the last chunk, not the last move."""
+    idle = 0.8
+    app = upload_asgi.create_app(replace(config, idle_timeout=idle, fsync=False))
+    chunks = chunks_of(form_body([file_part(os.urandom(256 * KiB))])[: 120 * KiB], 2048)
+    last_chunk_at = answered_at = 0.0
+    never = asyncio.Event()
+
+    async def receive():
+        nonlocal last_chunk_at
+        if chunks:
+            await asyncio.sleep(0.002)  # many chunks between two moves of the deadline
+            last_chunk_at = time.monotonic()
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": True}
+        await never.wait()
+
+    reply = Reply()
+
+    async def send(message):
+        nonlocal answered_at
+        answered_at = answered_at or time.monotonic()
+        await reply.record(message)
+
+    await asyncio.wait_for(app(upload_scope(), receive, send), 10)
+    assert_error(reply, 408, "request_timeout")
+    assert idle <= answered_at - last_chunk_at < idle + idle / 16 + 1.0
+
+
 async def test_idle_timeout_is_per_chunk_not_per_upload(make_backend_app, backend):
     """A slow but steady client is not cut off: the timer restarts with each chunk."""
     app = make_backend_app(idle_timeout=1.0)
