@@ -87,7 +87,7 @@ class UploadFileTarget(BaseTarget):
                 f"file {self.filename!r} is larger than {self.max_size} bytes",
             )
         if self._executor is None:
-            self._store([chunk])
+            self._store(chunk)
             return
         self._chunks.append(chunk)
         self._buffered += len(chunk)
@@ -122,9 +122,11 @@ class UploadFileTarget(BaseTarget):
             return
         if self.job is not None:
             self.job.result()  # a failed write (ENOSPC) raises here, on the parser's side
+        # Joined here: the GIL is held for the copy wherever it runs, and here it is off
+        # the writer's path (hashing and writing, without the GIL, once each a block).
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         block = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.job = self._executor.submit(self._store, [block], handshake=not self.finished)
+        self.job = self._executor.submit(self._store, block, handshake=not self.finished)
 
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""
@@ -140,11 +142,8 @@ class UploadFileTarget(BaseTarget):
         """The part has ended and every byte of it is hashed and written."""
         return self.finished and not self._chunks and not self._held and (self.job is None or self.job.done())
 
-    def _store(self, chunks: list[bytes], started: threading.Event | None = None) -> None:
-        """Hash and write chunks, in order (on an executor thread, or inline)."""
-        # One join copy per block: hashlib and os.write then run once each, without the GIL.
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()  # the list is ours alone now: free the chunks before the work
+    def _store(self, data: bytes, started: threading.Event | None = None) -> None:
+        """Hash and write a block (on an executor thread) or a chunk (inline), in order."""
         if started is not None:
             started.set()  # WriterPool: the loop may go on; we let go of the GIL now
         self._hash.update(data)
