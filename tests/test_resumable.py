@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -376,6 +377,37 @@ async def test_a_head_finishes_an_upload_whose_finishing_was_cut_short(
     assert record["sha256"] == sha(data) and record["filename"] == "d.bin"
     backend.assert_stored(record, data)
     assert leftovers(backend) == []
+
+
+async def test_a_head_without_the_write_token_does_not_finish_a_cut_short_upload(
+    config: upload_asgi.Config, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finishing is a write: a reader's HEAD (no token, with UPLOAD_TOKEN set) says where the
+    upload stands and stores nothing; the writer's HEAD then stores the file."""
+    app = upload_asgi.create_app(replace(config, token="s3cret"))
+    auth = {"Authorization": "Bearer s3cret"}
+    data = payload(3000, seed=17)
+    real_finish = type(app.resumable).finish
+    cut_short = []
+
+    async def dies_once(self: Any, *args: Any) -> None:
+        if not cut_short:
+            cut_short.append(True)
+            raise ConnectionResetError("the store went away while finishing")
+        await real_finish(self, *args)
+
+    monkeypatch.setattr(type(app.resumable), "finish", dies_once)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        location = await create(client, len(data), **auth)
+        assert (await patch(client, location, 0, data, **auth)).status_code >= 500
+        reply = await client.head(location, headers=TUS)
+        assert reply.status_code == 200 and reply.headers["upload-offset"] == reply.headers["upload-length"] == "3000"
+        assert (await client.get(location)).status_code == 409  # still no file: an upload under way
+        assert (await client.get(f"{location}/record")).status_code == 404
+        assert (await client.head(location, headers={**TUS, **auth})).status_code == 200
+        backend.assert_stored(await record_of(client, location), data)
+        assert leftovers(backend) == []
+    await close_app(app)
 
 
 async def test_termination(client: httpx.AsyncClient, backend: Any) -> None:
