@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import resource
 import sys
 import time
@@ -125,7 +126,7 @@ class Rate:
     reconnects: int
 
 
-def measure(server: Server, load: Load, seconds: float, store_dir: Path | None) -> Rate:
+def measure(server: Server, load: Load, seconds: float) -> Rate:
     """Uploads per second from the first request to the last answer; every answer checked."""
     cpu = server.cpu_seconds()
     client = resource.getrusage(resource.RUSAGE_SELF)
@@ -136,8 +137,6 @@ def measure(server: Server, load: Load, seconds: float, store_dir: Path | None) 
         loop.close()
     used = resource.getrusage(resource.RUSAGE_SELF)
     cpu = server.cpu_seconds() - cpu
-    if store_dir is not None:
-        empty_dir(store_dir)
     if tally.bad or not tally.done:
         raise RuntimeError(f"{server}: a small upload was not stored intact: {tally.bad[:1]}")
     wall = tally.last - started
@@ -161,8 +160,13 @@ class Contenders:
             ("aiohttp", self.aiohttp.server, self.aiohttp.store_dir),
         ]
 
+    def empty_stores(self) -> None:
+        for _who, _server, store in self.runs():
+            if store is not None:
+                empty_dir(store)
 
-def bench_kind(kind: str, seconds: float, repeats: int, workdir: Path, env: dict[str, str],
+
+def bench_kind(kind: str, seconds: float, repeats: int, settle: float, workdir: Path, env: dict[str, str],
                args: tuple[str, ...]) -> list[Figure]:
     tmp = workdir / f"small-starlette-{kind}"
     tmp.mkdir()
@@ -176,11 +180,38 @@ def bench_kind(kind: str, seconds: float, repeats: int, workdir: Path, env: dict
     figures = []
     with c.fsync_off.server, c.fsync_on.server, c.starlette, c.aiohttp.server:
         for name, size, clients in WORKLOADS:
+            # What a workload stored stays until it is over: deleting thousands of files
+            # slows every file creation here for 20-90 s after (bench/README, noise).
+            c.empty_stores()
+            waited = settle_file_system(workdir, settle)
+            progress(f"small {kind} {name}: the file system settled in {waited:.0f} s")
             load = Load.build(size, clients)
-            for _who, server, store in c.runs():  # warm up, unmeasured
-                measure(server, load, min(seconds, 0.3), store)
+            for _who, server, _store in c.runs():  # warm up, unmeasured
+                measure(server, load, min(seconds, 0.3))
             figures += bench_workload(c, name, load, seconds, repeats)
+        c.empty_stores()
     return figures
+
+
+def settle_file_system(workdir: Path, most: float) -> float:
+    """After many files are deleted, creating a file here costs 0.3-0.9 ms instead of ~0.03
+    for 20-90 s, from a second or two after the deletes (bench/README, noise). Wait until that
+    is over: two probes in a row under 0.1 ms a file, at most `most` s; return the seconds."""
+    probe = workdir / "settle-probe"
+    probe.mkdir(exist_ok=True)
+    data = bytes(16 * 1024)
+    started = time.monotonic()
+    os.sync()
+    time.sleep(min(most, 3.0))
+    calm = 0
+    while time.monotonic() - started < most and calm < 2:
+        before = time.perf_counter()
+        for i in range(500):
+            (probe / str(i)).write_bytes(data)
+        calm = calm + 1 if (time.perf_counter() - before) / 500 < 0.0001 else 0
+        empty_dir(probe)  # files never flushed: deleting them leaves nothing to slow what follows
+        time.sleep(1)
+    return time.monotonic() - started
 
 
 def bench_workload(c: Contenders, name: str, load: Load, seconds: float, repeats: int) -> list[Figure]:
@@ -201,8 +232,8 @@ def bench_workload(c: Contenders, name: str, load: Load, seconds: float, repeats
     for run in range(repeats):
         runs = c.runs()
         seen: dict[str, Rate] = {}
-        for who, server, store in (runs if run % 2 == 0 else reversed(runs)):
-            seen[who] = measure(server, load, seconds, store)
+        for who, server, _store in (runs if run % 2 == 0 else reversed(runs)):
+            seen[who] = measure(server, load, seconds)
             rates.setdefault(who, []).append(seen[who])
         for fsync in ("fsync_off", "fsync_on"):
             figures[f"{fsync}.vs_starlette"].add(seen[fsync].per_s, seen["starlette"].per_s)
@@ -227,8 +258,8 @@ def bench_workload(c: Contenders, name: str, load: Load, seconds: float, repeats
     return list(figures.values())
 
 
-QUICK = {"seconds": 0.3, "repeats": 1}
-FULL = {"seconds": 2.5, "repeats": 3}
+QUICK = {"seconds": 0.3, "repeats": 1, "settle": 0.0}
+FULL = {"seconds": 2.5, "repeats": 3, "settle": 90.0}
 
 
 def run(quick: bool, workdir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
@@ -236,7 +267,7 @@ def run(quick: bool, workdir: Path, env: dict[str, str] | None = None, args: tup
     plan = QUICK if quick else FULL
     figures = []
     for kind in servers:
-        figures += bench_kind(kind, plan["seconds"], plan["repeats"], workdir, env or {}, args)
+        figures += bench_kind(kind, plan["seconds"], plan["repeats"], plan["settle"], workdir, env or {}, args)
     return figures
 
 

@@ -352,12 +352,8 @@ async def test_declared_digest_checked_before_commit(client: httpx.AsyncClient, 
     backend.assert_stored(await record_of(client, location), data)
 
 
-async def test_a_head_finishes_an_upload_whose_finishing_was_cut_short(
-    app: upload_asgi.UploadApp, client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every byte kept, the file not stored (the request died while finishing): a client that HEADs,
-    sees every byte there and stops must find its file, not leave the upload to expire."""
-    data = payload(3000, seed=16)
+def finishing_dies_once(app: upload_asgi.UploadApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first upload to finish fails there (a crash, the store failing), after every byte was kept."""
     real_finish = type(app.resumable).finish
     cut_short = []
 
@@ -368,6 +364,15 @@ async def test_a_head_finishes_an_upload_whose_finishing_was_cut_short(
         await real_finish(self, *args)
 
     monkeypatch.setattr(type(app.resumable), "finish", dies_once)
+
+
+async def test_a_head_finishes_an_upload_whose_finishing_was_cut_short(
+    app: upload_asgi.UploadApp, client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every byte kept, the file not stored (the request died while finishing): a client that HEADs,
+    sees every byte there and stops must find its file, not leave the upload to expire."""
+    data = payload(3000, seed=16)
+    finishing_dies_once(app, monkeypatch)
     location = await create(client, len(data), "filename ZC5iaW4=")
     assert (await patch(client, location, 0, data)).status_code >= 500
     assert (await client.get(location)).status_code == 409  # no file yet: an upload under way
@@ -387,16 +392,7 @@ async def test_a_head_without_the_write_token_does_not_finish_a_cut_short_upload
     app = upload_asgi.create_app(replace(config, token="s3cret"))
     auth = {"Authorization": "Bearer s3cret"}
     data = payload(3000, seed=17)
-    real_finish = type(app.resumable).finish
-    cut_short = []
-
-    async def dies_once(self: Any, *args: Any) -> None:
-        if not cut_short:
-            cut_short.append(True)
-            raise ConnectionResetError("the store went away while finishing")
-        await real_finish(self, *args)
-
-    monkeypatch.setattr(type(app.resumable), "finish", dies_once)
+    finishing_dies_once(app, monkeypatch)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         location = await create(client, len(data), **auth)
         assert (await patch(client, location, 0, data, **auth)).status_code >= 500
