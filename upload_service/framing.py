@@ -58,9 +58,11 @@ _SPACE_RUN_RE = re.compile(r"\s+")
 # §5.1 forbids white space there). A line that is not `name: value` is malformed, also
 # in a part the route ignores: skipping it could silently drop a part.
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# `; key="value"` or `; key=token`, without escapes: how clients write parameters.
-_PLAIN_PARAM_RE = re.compile(rf'[ \t]*;[ \t]*({_TOKEN_RE.pattern})=(?:"([^"\\]*)"|({_TOKEN_RE.pattern}))[ \t]*')
-_PLAIN_PARAMS_RE = re.compile(f"(?:{_PLAIN_PARAM_RE.pattern})*")
+# `; key="value"` or `; key=token`, without escapes: how clients write parameters. Each
+# piece can match in one way only (possessive white space, a `;` first): a hostile value
+# fails in linear time, never by backtracking over every split of its white space.
+_PLAIN_PARAM_RE = re.compile(rf'[ \t]*+;[ \t]*+({_TOKEN_RE.pattern})=(?:"([^"\\]*)"|({_TOKEN_RE.pattern}))')
+_PLAIN_PARAMS_RE = re.compile(f"(?:{_PLAIN_PARAM_RE.pattern})*+[ \t]*+")
 
 
 # -- small pure helpers ----------------------------------------------------------
