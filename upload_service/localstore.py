@@ -29,11 +29,13 @@ logger = logging.getLogger("upload_asgi")
 
 PARTIAL_DIR_NAME = ".partial"
 READ_CHUNK_SIZE = 1 * MiB  # a download's reads: one thread hop per MiB
-# Without fsync, a commit of this many files (at most one small file's bytes still to
-# write: targets.HELD_FILE_SIZE) is a few metadata syscalls, and runs on the event loop:
-# with uploads at once, handing it to a thread cost 3-10x more CPU than the work (GIL
-# and directory-lock contention between the threads; bench/README).
+# Without fsync, a commit of this many files and bytes (at most one small file's bytes
+# still to write: targets.HELD_FILE_SIZE) is a few metadata syscalls, and runs on the
+# event loop: with uploads at once, handing it to a thread cost 3-10x more CPU than the
+# work (GIL and directory-lock contention between the threads; bench/README). The bytes
+# bound: on NFS a close flushes what the file still has in the page cache.
 INLINE_COMMIT_FILES = 4
+INLINE_COMMIT_BYTES = 1 * MiB
 
 
 class LocalSink(FileSink):
@@ -120,7 +122,7 @@ class LocalStore(Store):
     async def commit(self, files: Sequence[tuple[FileSink, Record]], before: Callable[[], None] | None = None) -> None:
         """Run `before` and `commit_files` in one thread job (it fsyncs); if cancelled meanwhile, undo it.
 
-        Without fsync and with few files, on the loop instead (INLINE_COMMIT_FILES).
+        Without fsync and with few small files, on the loop instead (INLINE_COMMIT_FILES).
 
         A thread cannot be stopped: cleaning up on the loop while it still renames and
         closes the same files would race it. So wait for it, however often this task is
@@ -128,7 +130,7 @@ class LocalStore(Store):
         or none). A plain executor future, not a task: a server shutting down cancels
         every task, and a cancelled task would no longer say whether the commit happened.
         """
-        if not self.fsync and len(files) <= INLINE_COMMIT_FILES:
+        if self.cheap_to_commit(files):
             self.commit_files(files, before)
             return
         loop = asyncio.get_running_loop()
@@ -141,6 +143,13 @@ class LocalStore(Store):
                     logger.error("a cancelled upload stays stored: undoing its commit failed", exc_info=undo.exception())
             raise asyncio.CancelledError
         commit.result()  # a failed commit (ENOSPC) raises here
+
+    def cheap_to_commit(self, files: Sequence[tuple[FileSink, Record]]) -> bool:
+        return (
+            not self.fsync
+            and len(files) <= INLINE_COMMIT_FILES
+            and sum(record["size"] for _, record in files) <= INLINE_COMMIT_BYTES
+        )
 
     def commit_files(
         self, files: Sequence[tuple[LocalSink, Record]], before: Callable[[], None] | None = None
