@@ -53,6 +53,13 @@ def client_of(app: upload_asgi.UploadApp) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60)
 
 
+async def create(client: httpx.AsyncClient, length: int) -> str:
+    """A tus upload of `length` bytes; its location."""
+    reply = await client.post("/files", headers={**TUS, "Upload-Length": str(length)})
+    assert reply.status_code == 201, reply.text
+    return reply.headers["location"]
+
+
 async def patch(client: httpx.AsyncClient, location: str, offset: int, data: Any, **headers: str) -> httpx.Response:
     return await client.patch(location, content=data, headers={**OCTETS, "Upload-Offset": str(offset), **headers})
 
@@ -106,7 +113,7 @@ async def test_one_writer_across_servers(bucket: S3Backend, two_apps: Any) -> No
         yield data[3 * MiB :]
 
     async with client_of(first) as a, client_of(second) as b:
-        location = (await a.post("/files", headers={**TUS, "Upload-Length": str(len(data))})).headers["location"]
+        location = await create(a, len(data))
         writing = asyncio.create_task(patch(a, location, 0, held_body()))
         deadline = time.monotonic() + 20
         while not any(n.endswith(".lock") for n in bucket.objects()) and time.monotonic() < deadline:
@@ -125,7 +132,7 @@ async def test_one_writer_across_servers(bucket: S3Backend, two_apps: Any) -> No
 async def test_a_dead_writers_lease_goes_stale(bucket: S3Backend, two_apps: Any) -> None:
     first, second = two_apps
     async with client_of(first) as a:
-        location = (await a.post("/files", headers={**TUS, "Upload-Length": "6"})).headers["location"]
+        location = await create(a, 6)
         assert (await patch(a, location, 0, b"abc")).status_code == 204
     upload_id = location.rsplit("/", 1)[1]
     lock = f"{bucket.prefix}/.resumable/{upload_id}.lock"
@@ -144,7 +151,7 @@ async def test_a_taken_over_upload_never_reuses_the_old_holders_part_numbers(buc
     data = payload(12 * MiB, seed=15)
     first, second = two_apps
     async with client_of(first) as a:
-        location = (await a.post("/files", headers={**TUS, "Upload-Length": str(len(data))})).headers["location"]
+        location = await create(a, len(data))
         assert (await patch(a, location, 0, data[: 6 * MiB])).status_code == 204  # part 1 and a tail
     upload_id = location.rsplit("/", 1)[1]
     lock = f"{bucket.prefix}/.resumable/{upload_id}.lock"
@@ -170,7 +177,7 @@ async def test_memory_stays_within_the_parts_in_flight(bucket: S3Backend, tmp_pa
 
     try:
         async with client_of(app) as client:
-            location = (await client.post("/files", headers={**TUS, "Upload-Length": str(size)})).headers["location"]
+            location = await create(client, size)
             tracemalloc.start()
             try:
                 reply = await patch(client, location, 0, body())
@@ -235,7 +242,7 @@ async def test_sweeps_leave_a_live_upload_and_remove_an_expired_one(bucket: S3Ba
     app = app_on(bucket, tmp_path / "s", resumable_expiry=3)
     try:
         async with client_of(app) as client:
-            location = (await client.post("/files", headers={**TUS, "Upload-Length": str(len(data) + 1)})).headers["location"]
+            location = await create(client, len(data) + 1)
             assert (await patch(client, location, 0, data)).status_code == 204
             assert len(bucket.uploads_in_progress()) == 1
             # The S3 store's sweep of abandoned multipart uploads leaves a live resumable upload's.
@@ -287,7 +294,7 @@ async def test_a_writer_that_lost_the_upload_commits_nothing(bucket: S3Backend, 
 
     try:
         async with client_of(app) as client:
-            location = (await client.post("/files", headers={**TUS, "Upload-Length": str(len(data))})).headers["location"]
+            location = await create(client, len(data))
             key = f"{bucket.prefix}/.resumable/{location[7:]}.{'lock' if changed == 'lease' else 'info'}"
             writing = asyncio.create_task(patch(client, location, 0, body()))
             await asyncio.sleep(1.5)
@@ -332,7 +339,7 @@ async def test_an_info_write_whose_answer_was_lost_still_counts(
     monkeypatch.setattr(store, "write_info", answer_lost)
     data = payload(300, seed=14)
     async with client_of(first) as a, client_of(second) as b:
-        location = (await a.post("/files", headers={**TUS, "Upload-Length": str(len(data))})).headers["location"]
+        location = await create(a, len(data))
         assert (await patch(a, location, 0, data[:100])).status_code == 204
         assert lost and await offset_of(b, location) == 100
         assert (await patch(b, location, 100, data[100:])).status_code == 204
@@ -343,7 +350,7 @@ async def test_an_info_write_whose_answer_was_lost_still_counts(
 async def test_a_tail_not_as_its_info_says_is_503(bucket: S3Backend, two_apps: Any) -> None:
     first, _ = two_apps
     async with client_of(first) as client:
-        location = (await client.post("/files", headers={**TUS, "Upload-Length": "200"})).headers["location"]
+        location = await create(client, 200)
         assert (await patch(client, location, 0, b"x" * 100)).status_code == 204
         tail = next(n for n in bucket.objects() if ".tail-" in n)
         bucket.s3.put_object(Bucket=BUCKET, Key=f"{bucket.prefix}/{tail}", Body=b"x" * 50)
