@@ -5,8 +5,9 @@ time, 1 MiB files 16 at a time. Each client holds one keep-alive connection and
 sends the next upload as soon as the last answer came (reconnecting only if the
 server closes). For a fixed time per run, under each ASGI server asked for:
 upload-asgi with `UPLOAD_FSYNC=0` and with `UPLOAD_FSYNC=1`, Starlette's
-`request.form()` app under the same server, and aiohttp.web on its own server;
-runs interleaved. Every answer is checked (201, size, SHA-256).
+`request.form()` app under the same server, aiohttp.web on its own server, and the
+floor: `bench.apps:commit_app` (SPEC §4's commit of the file alone, no parsing)
+under the same server; runs interleaved. Every answer is checked (201, size, SHA-256).
 
 The client is asyncio on uvloop over raw streams: the request (head and body) is
 built once and written whole; the answer's head is parsed by hand and its JSON
@@ -151,6 +152,8 @@ class Contenders:
     fsync_on: Subject
     starlette: Server
     aiohttp: Peer
+    commit: Server
+    commit_dir: Path
 
     def runs(self) -> list[tuple[str, Server, Path | None]]:
         return [
@@ -158,6 +161,7 @@ class Contenders:
             ("starlette", self.starlette, None),
             ("fsync_on", self.fsync_on.server, self.fsync_on.upload_dir),
             ("aiohttp", self.aiohttp.server, self.aiohttp.store_dir),
+            ("commit", self.commit, self.commit_dir),
         ]
 
     def empty_stores(self) -> None:
@@ -170,15 +174,19 @@ def bench_kind(kind: str, seconds: float, repeats: int, settle: float, workdir: 
                args: tuple[str, ...]) -> list[Figure]:
     tmp = workdir / f"small-starlette-{kind}"
     tmp.mkdir()
+    commit_dir = workdir / f"small-commit-{kind}"
+    commit_dir.mkdir()
     c = Contenders(
         kind,
         Subject(workdir, f"small-off-{kind}", env=env, args=args, kind=kind, fsync=False),
         Subject(workdir, f"small-on-{kind}", env=env, args=args, kind=kind, fsync=True),
         Server("bench.apps:starlette_app", workdir, env={**env, "TMPDIR": str(tmp)}, args=args, kind=kind),
         Peer(workdir, f"small-{kind}", env),
+        Server("bench.apps:commit_app", workdir, env={**env, "STORE_DIR": str(commit_dir)}, args=args, kind=kind),
+        commit_dir,
     )
     figures = []
-    with c.fsync_off.server, c.fsync_on.server, c.starlette, c.aiohttp.server:
+    with c.fsync_off.server, c.fsync_on.server, c.starlette, c.aiohttp.server, c.commit:
         for name, size, clients in WORKLOADS:
             # What a workload stored stays until it is over: deleting thousands of files
             # slows every file creation here for 20-90 s after (bench/README, noise).
@@ -228,6 +236,8 @@ def bench_workload(c: Contenders, name: str, load: Load, seconds: float, repeats
         for fsync in ("fsync_off", "fsync_on") for peer in ("vs_starlette", "vs_aiohttp")
     }
     figures["fsync_cost"] = figure("fsync_cost", "upload-asgi UPLOAD_FSYNC=1", "upload-asgi UPLOAD_FSYNC=0")
+    figures["fsync_off.vs_commit"] = figure("fsync_off.vs_commit", "upload-asgi UPLOAD_FSYNC=0",
+                                            "the commit alone (bench.apps:commit_app)")
     rates: dict[str, list[Rate]] = {}
     for run in range(repeats):
         runs = c.runs()
@@ -239,15 +249,17 @@ def bench_workload(c: Contenders, name: str, load: Load, seconds: float, repeats
             figures[f"{fsync}.vs_starlette"].add(seen[fsync].per_s, seen["starlette"].per_s)
             figures[f"{fsync}.vs_aiohttp"].add(seen[fsync].per_s, seen["aiohttp"].per_s)
         figures["fsync_cost"].add(seen["fsync_on"].per_s, seen["fsync_off"].per_s)
+        figures["fsync_off.vs_commit"].add(seen["fsync_off"].per_s, seen["commit"].per_s)
         progress(f"small {c.kind} {name} run {run + 1}/{repeats}: uploads/s upload-asgi "
                  f"{seen['fsync_off'].per_s:.0f} (fsync {seen['fsync_on'].per_s:.0f}), "
-                 f"Starlette {seen['starlette'].per_s:.0f}, aiohttp.web {seen['aiohttp'].per_s:.0f}")
+                 f"Starlette {seen['starlette'].per_s:.0f}, aiohttp.web {seen['aiohttp'].per_s:.0f}, "
+                 f"the commit alone {seen['commit'].per_s:.0f}")
 
     def median(who: str, what: str) -> float:
         values = sorted(getattr(r, what) for r in rates[who])
         return round(values[len(values) // 2], 2)
 
-    peer_of = {"vs_starlette": "starlette", "vs_aiohttp": "aiohttp"}
+    peer_of = {"vs_starlette": "starlette", "vs_aiohttp": "aiohttp", "vs_commit": "commit"}
     for key, fig in figures.items():
         who, _, peer = key.partition(".") if key != "fsync_cost" else ("fsync_on", "", "")
         fig.extra["cpu_ms_per_upload"] = median(who, "cpu_ms_per_upload")
