@@ -294,9 +294,20 @@ class KnownLinesParser:
         return EmailParser(policy=self.policy).parsestr(text, headersonly)
 
 
+class KeptMessage(Message):
+    """A parsed header block that is only read: `name in message` without a list a call."""
+
+    _names: frozenset[str] | None = None
+
+    def __contains__(self, name: str) -> bool:
+        if self._names is None:
+            self._names = frozenset(key.lower() for key in self.keys())
+        return name.lower() in self._names
+
+
 def parse_for_keeps(line: str) -> Message:
     """Parse a header line once, storing its parsed header objects (a read returns them as they are)."""
-    message = EmailParser(policy=HTTP).parsestr(line)
+    message = EmailParser(KeptMessage, policy=HTTP).parsestr(line)
     for name, value in message.items():
         message.replace_header(name, value)
     return message

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from targets import FormLimits, FormReader, UploadFileTarget
@@ -79,9 +79,16 @@ def make_record(target: UploadFileTarget, description: str | None, created: str 
     }
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
 def utc_now() -> str:
     """ISO 8601 UTC to the second: a record's `created`, and a download's Last-Modified."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    global _last_second
+    second = int(time.time())
+    if second != _last_second[0]:  # formatting costs more than the rest of a record
+        _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return _last_second[1]
 
 
 async def store_form(

@@ -202,6 +202,8 @@ def read_part_headers(block: bytes) -> PartInfo | None:
 
 def refuse_costly_value(value: str) -> None:
     """Refuse a Content-Type or Content-Disposition value no real client sends (see above)."""
+    if len(value) <= MAX_HEADER_SPECIALS:  # too short to hold more than any limit below
+        return
     unquoted = _QUOTED_RE.sub('""', value)  # each quoted string counts as its two quotes
     if (
         len(_SPECIAL_RE.findall(unquoted)) > MAX_HEADER_SPECIALS
