@@ -25,8 +25,10 @@ from streaming_form_data import ParseFailedException, StreamingFormDataParser
 from streaming_form_data._parser import _Parser
 from streaming_form_data.targets import BaseTarget
 
-from upload_service.errors import FormError, LimitExceeded
-from upload_service.framing import NAMED_PART_HEADERS, UNNAMED_PART_HEADERS, Framer, PartInfo, clean_filename
+from upload_service.errors import FormError, LimitExceeded, NoFile
+from upload_service.framing import (
+    NAMED_PART_HEADERS, UNNAMED_PART_HEADERS, Framer, PartInfo, clean_filename, transfer_decoder,
+)
 from upload_service.storage import FileSink, Store
 from upload_service.threads import WriterPool
 from upload_service.units import KiB, MiB
@@ -224,6 +226,31 @@ class SkippedPartTarget(BaseTarget):
         self.finished = True
 
 
+class DecodedTarget(BaseTarget):
+    """Hand `target` a part's body with its Content-Transfer-Encoding undone."""
+
+    def __init__(self, target: BaseTarget, encoding: str) -> None:
+        super().__init__()
+        self.target = target
+        self._decoder = transfer_decoder(encoding)
+
+    @property
+    def finished(self) -> bool:
+        return self.target.finished
+
+    def on_start(self) -> None:
+        self.target.start()
+
+    def on_data_received(self, chunk: bytes) -> None:
+        if data := self._decoder.decode(chunk):
+            self.target.data_received(data)
+
+    def on_finish(self) -> None:
+        if data := self._decoder.flush():
+            self.target.data_received(data)
+        self.target.finish()
+
+
 class PartRouter(BaseTarget):
     """The one target the parser knows: each part goes to the target its headers chose.
 
@@ -415,6 +442,10 @@ class FormReader:
             held.hand_off_held()
         limits = self._limits
         target: BaseTarget
+        if info.name == self._file_field and info.filename is None:
+            # A text part where the file belongs: refused now, whatever its size (read as a
+            # skipped part, a large one would be a 413 and a small one a 422).
+            raise NoFile(f"the part named {info.name!r} has no filename: it is not a file")
         if info.name == self._file_field and info.filename:
             if len(self.files) >= limits.max_files:
                 raise LimitExceeded(
@@ -431,5 +462,7 @@ class FormReader:
             self.fields[info.name] = target
         else:  # an empty file input, or a part nobody asked for
             target = SkippedPartTarget(info.name, limits.max_field_size)
+        if info.transfer_encoding and not isinstance(target, SkippedPartTarget):
+            target = DecodedTarget(target, info.transfer_encoding)
         self._opened.append(target)
         return target
