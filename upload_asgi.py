@@ -168,6 +168,7 @@ class UploadApp:
                     logger.error("upload-asgi cannot start: %s", reason)
                     await fail_startup(send, reason)
                     return
+                warn_of_open_writes(self.config)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # The writer threads stay: an upload still running may need them, and
@@ -380,6 +381,13 @@ class UploadApp:
         await answer_before_body_end(
             receive, send, error, http_version, remaining, self.config.idle_timeout, tuple(headers)
         )
+
+
+def warn_of_open_writes(config: Config) -> None:
+    """A read token alone looks like a locked-down server, but uploads and deletes stay open."""
+    if config.read_token is not None and config.token is None:
+        logger.warning("UPLOAD_READ_TOKEN is set but UPLOAD_TOKEN is not: anyone who can reach"
+                       " the server may still upload and delete files")
 
 
 def create_app(

@@ -367,3 +367,12 @@ async def test_apps_are_independent(tmp_path):
     assert not (tmp_path / "two").exists()
     reply = await call_app(two, upload_scope(), [body])
     assert hashlib.sha256(b"1").hexdigest() == check_json(reply, 201)["sha256"]
+
+
+@pytest.mark.parametrize("tokens, warned", [({"read_token": "r"}, True), ({"read_token": "r", "token": "w"}, False),
+                                            ({}, False)])
+async def test_a_read_token_without_an_upload_token_is_warned_of_at_startup(tmp_path, caplog, tokens, warned):
+    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=tmp_path / "up", **tokens))
+    sent = await run_lifespan(app, ["startup", "shutdown"])
+    assert sent[0] == {"type": "lifespan.startup.complete"}
+    assert ("may still upload and delete" in caplog.text) == warned
