@@ -322,7 +322,7 @@ class KnownLinesParser:
 
 
 class KeptMessage(Message):
-    """A parsed header block that is only read: `name in message` without a list a call."""
+    """A parsed header block that is only read: `name in message` from a set, not a list built per call."""
 
     _names: frozenset[str] | None = None
 
