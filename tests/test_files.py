@@ -237,6 +237,24 @@ def test_if_range_allows(header, allows):
     assert if_range_allows(header, '"abc"', STAMP) is allows
 
 
+# Numbers too large for a date (OverflowError inside the parser, or on the way to UTC).
+OVERFLOWING_DATES = [
+    pytest.param("Fri, 01 Jan 9999999999999999999999 00:00:00 GMT", id="huge-year"),
+    pytest.param("Fri, 01 Jan 2100 00:00:00 +99999999999999999999", id="huge-offset"),
+    pytest.param("Fri, 31 Dec 9999 23:59:59 -2359", id="past-year-9999-in-utc"),
+]
+
+
+@pytest.mark.parametrize("text", [*OVERFLOWING_DATES, "not a date", ""])
+def test_parse_http_date_is_none_for_an_invalid_date(text):
+    assert files.parse_http_date(text) is None
+
+
+def test_parse_http_date_is_in_utc():
+    assert files.parse_http_date("Fri, 02 Jan 2026 05:04:05 +0200") == STAMP
+    assert files.parse_http_date("Fri, 02 Jan 2026 03:04:05 GMT").tzinfo == timezone.utc
+
+
 @pytest.mark.parametrize(
     "recorded, served",
     [
@@ -445,6 +463,20 @@ async def test_if_range_on_a_download(backend_client):
         reply = check(await backend_client.get(url, headers={"range": "bytes=0-9", "if-range": if_range}))
         assert reply.status_code == status, if_range
         assert reply.content == (DATA[:10] if status == 206 else DATA)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+@pytest.mark.parametrize("date", OVERFLOWING_DATES)
+async def test_an_overflowing_date_is_ignored(backend_client, method, date):
+    # RFC 9110 §13.1.3, §13.1.5: an invalid date is ignored (If-Modified-Since) or no match (If-Range).
+    record = await upload(backend_client)
+    url = f"/files/{record['id']}"
+    for headers in ({"if-modified-since": date}, {"if-range": date, "range": "bytes=0-1"}):
+        reply = check(await backend_client.request(method, url, headers=headers))
+        assert reply.status_code == 200, headers
+        assert reply.headers["content-length"] == str(len(DATA)) and "content-range" not in reply.headers
+        if method == "GET":
+            assert reply.content == DATA
 
 
 async def test_a_record_without_created_has_no_last_modified(client, upload_dir):  # local: edits a sidecar

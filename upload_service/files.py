@@ -170,13 +170,15 @@ def http_date(stamp: datetime) -> str:
 
 
 def parse_http_date(text: str) -> datetime | None:
+    """The date in UTC, or None for one that is not a valid HTTP-date (RFC 9110 §13.1.3: ignore it)."""
     try:
         stamp = parsedate_to_datetime(text.strip())
-    except (TypeError, ValueError, IndexError):
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=timezone.utc)
+        # In UTC here, where a year or offset too large fails (OverflowError), not in a comparison.
+        return stamp.astimezone(timezone.utc)
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=timezone.utc)
-    return stamp
 
 
 def opaque_tag(tag: str) -> str:
