@@ -370,10 +370,17 @@ class UploadApp:
         self, receive: Receive, send: Send, exc: BaseException, progress: BodyProgress, http_version: str,
         headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
     ) -> None:
-        """The error-to-response boundary: answer any error; drain a body not read to its end."""
+        """The error-to-response boundary of an upload: log a failure as the upload's, and answer."""
         error = as_upload_error(exc)
         if is_server_fault(error):
             logger.error("upload failed: %s", error.detail, exc_info=exc if error is not exc else None)
+        await self.answer_draining(receive, send, error, progress, http_version, headers)
+
+    async def answer_draining(
+        self, receive: Receive, send: Send, error: UploadError, progress: BodyProgress, http_version: str,
+        headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
+    ) -> None:
+        """Answer with `error`; drain a body not read to its end."""
         if progress.complete:
             await send_error(send, error, headers=headers)
             return

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from email.utils import format_datetime, parsedate_to_datetime
@@ -965,6 +966,27 @@ async def test_a_store_error_before_the_answer_is_500_without_details(backend_ap
     payload = check_error(reply, 500, "internal_error")
     assert "/srv/secret" not in reply.text and "Permission" not in json.dumps(payload)
     assert "failed" in caplog.text
+
+
+@pytest.mark.parametrize("method, broken", [("HEAD", "open"), ("DELETE", "delete")])
+async def test_a_failed_head_or_delete_is_not_logged_as_an_upload(
+    backend_app, backend_client, monkeypatch, caplog, method, broken
+):
+    record = await upload(backend_client)
+    store = backend_app.prepare()
+
+    async def broken_call(file_id: str) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(store, broken, broken_call)
+    reply = check(await backend_client.request(method, f"/files/{record['id']}"))
+    assert reply.status_code == 500
+    if method == "DELETE":
+        assert reply.json() == {"error": "internal_error", "detail": "the server failed to answer"}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [f"{method} /files/{record['id']} failed: the server failed to answer"]
+    assert errors[0].exc_info is not None  # the traceback, on the server only
+    assert not [m for m in caplog.messages if "upload failed" in m or "store the upload" in m]
 
 
 def serve_only_the_first_chunk(monkeypatch: pytest.MonkeyPatch, store: Any, then: BaseException | None) -> None:

@@ -147,8 +147,11 @@ class LimitExceeded(Exception):
         self.maximum = maximum
 
 
-def as_upload_error(exc: BaseException) -> UploadError:
-    """Translate any exception from the upload path into the error the client sees."""
+def as_upload_error(exc: BaseException, unexpected: str = "the server failed to store the upload") -> UploadError:
+    """Translate any exception from the upload path into the error the client sees.
+
+    `unexpected` is the detail of a 500: a request that stores nothing (HEAD, DELETE) says so.
+    """
     if isinstance(exc, UploadError):
         return exc
     if isinstance(exc, LimitExceeded):
@@ -157,4 +160,4 @@ def as_upload_error(exc: BaseException) -> UploadError:
         return MalformedBody(str(exc))
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorage("no space left on the upload device")
-    return InternalError("the server failed to store the upload")
+    return InternalError(unexpected)

@@ -204,13 +204,10 @@ class ResumableHandlers:
             error = exc
         except Exception as exc:
             error = exc
-            if scope["method"] == "HEAD":  # the error's status and headers, no body
-                answer = as_upload_error(exc)
-                if is_server_fault(answer):
-                    logger.error("HEAD %s failed: %s", route_path(scope), answer.detail, exc_info=exc)
-                await send_error(send, answer, headers=dialect.headers(), head_only=True)
-            else:
+            if counted:  # an upload: creation, PATCH
                 await self.app.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"), dialect.headers())
+            else:
+                await self.answer_failure(scope, receive, send, exc, progress, dialect)
         except BaseException as exc:
             error = exc
             raise
@@ -222,6 +219,19 @@ class ResumableHandlers:
                 name = outcome_of(error) if error is not None or outcome.stored else "partial"
                 metrics.observe(name, seconds)
                 log_outcome(error, progress.received, seconds, [outcome.stored] if outcome.stored else [])
+
+    async def answer_failure(
+        self, scope: Scope, receive: Receive, send: Send, exc: Exception, progress: BodyProgress, dialect: Dialect
+    ) -> None:
+        """Answer a HEAD or DELETE that failed: logged as that request, never as a failed upload."""
+        answer = as_upload_error(exc, unexpected="the server failed to answer")
+        if is_server_fault(answer):
+            logger.error("%s %s failed: %s", scope["method"], route_path(scope), answer.detail, exc_info=exc)
+        if scope["method"] == "HEAD":  # the error's status and headers, no body
+            await send_error(send, answer, headers=dialect.headers(), head_only=True)
+        else:
+            http_version = scope.get("http_version", "1.1")
+            await self.app.answer_draining(receive, send, answer, progress, http_version, dialect.headers())
 
     def check_writer(self, scope: Scope, dialect: Dialect) -> None:
         """What every write (create, PATCH, DELETE) must show: the token, the protocol version."""
