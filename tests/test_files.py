@@ -121,6 +121,13 @@ async def upload(
         pytest.param("bytes= 0-9 ,", 100, (0, 10), id="empty-list-elements"),
         pytest.param("bytes=0-" + "9" * 40, 100, (0, 100), id="huge-last"),
         pytest.param("bytes=-" + "9" * 5000, 100, (0, 100), id="huge-suffix"),
+        pytest.param("bytes=" + "0" * 36 + "5-", 10, (5, 10), id="leading-zeros-first"),
+        pytest.param("bytes=0-" + "0" * 28 + "3", 10, (0, 4), id="leading-zeros-last"),
+        pytest.param("bytes=-" + "0" * 28 + "3", 10, (7, 10), id="leading-zeros-suffix"),
+        pytest.param("bytes=" + "0" * 28 + "1-2", 10, (1, 3), id="leading-zeros-first-of-two"),
+        pytest.param("bytes=" + "0" * 40 + "-" + "0" * 40, 10, (0, 1), id="all-zeros"),
+        pytest.param("bytes=-" + "0" * 30, 10, "416", id="suffix-of-zeros"),
+        pytest.param("bytes=0-" + "0" * 20 + "9" * 40, 100, (0, 100), id="huge-last-after-zeros"),
         pytest.param("bytes=0-1,5-6", 100, None, id="several-ranges-whole-file"),
         pytest.param("bytes=0-1,200-300", 100, None, id="several-one-unsatisfiable"),
         pytest.param("items=0-9", 100, None, id="other-unit"),
@@ -373,6 +380,7 @@ async def test_content_type_the_client_sent_badly_is_served_as_octet_stream(back
         pytest.param("bytes=10000-", 10000, len(DATA), id="open"),
         pytest.param("bytes=0-", 0, len(DATA), id="whole-as-range"),
         pytest.param(f"bytes={len(DATA) - 1}-99999999", len(DATA) - 1, len(DATA), id="clamped"),
+        pytest.param(f"bytes={'0' * 30}5-{'0' * 30}9", 5, 10, id="leading-zeros"),
     ],
 )
 async def test_single_range_is_206(backend_client, range_header, start, stop):

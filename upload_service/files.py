@@ -103,6 +103,7 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
 
 def bounded_int(digits: str) -> int:
     """The number, or 10**18 for a longer one (past any file; int() of huge text is slow)."""
+    digits = digits.lstrip("0") or "0"  # leading zeros are legal (RFC 9110 1*DIGIT) and count for nothing
     return int(digits) if len(digits) <= MAX_RANGE_DIGITS else 10**MAX_RANGE_DIGITS
 
 
