@@ -269,6 +269,11 @@ def test_parse_http_date_is_in_utc():
         ("text/plain", b"text/plain"),
         ("text/plain; charset=utf-8", b"text/plain; charset=utf-8"),
         ("image/svg+xml", b"image/svg+xml"),
+        ("multipart/mixed; boundary=x", b"multipart/mixed; boundary=x"),
+        ("multipart/byteranges; boundary=x", b"application/octet-stream"),
+        ("Multipart/ByteRanges;boundary=x", b"application/octet-stream"),
+        ("multipart/byteranges ; boundary=x", b"application/octet-stream"),
+        ("multipart/byteranges", b"application/octet-stream"),
         ("weird", b"application/octet-stream"),
         ("text/plain; name=ünï", b"application/octet-stream"),
         ("te xt/plain", b"application/octet-stream"),
@@ -369,6 +374,15 @@ async def test_content_type_the_client_sent_badly_is_served_as_octet_stream(back
     assert record["content_type"] == "weird"
     reply = check(await backend_client.get(f"/files/{record['id']}"))
     assert reply.headers["content-type"] == "application/octet-stream"
+
+
+async def test_a_stored_byteranges_type_is_never_served(backend_client):
+    # RFC 9110 §14.6: no multipart answer to a single range; the uploader's boundary must not frame ours.
+    record = await upload(backend_client, DATA, "parts.bin", "multipart/byteranges; boundary=THEIRS")
+    for headers in ({}, {"range": "bytes=0-9"}):
+        reply = check(await backend_client.get(f"/files/{record['id']}", headers=headers))
+        assert reply.status_code == (206 if headers else 200)
+        assert reply.headers["content-type"] == "application/octet-stream"
 
 
 @pytest.mark.parametrize(

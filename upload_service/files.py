@@ -146,10 +146,18 @@ def entity_tag(sha256_hex: str) -> str:
 
 
 def served_type(recorded: Any) -> bytes:
-    """The recorded Content-Type if it is a well-formed media type, else octet-stream."""
-    if isinstance(recorded, str) and MEDIA_TYPE_RE.fullmatch(recorded):
+    """The recorded Content-Type if it is a well-formed media type, else octet-stream.
+
+    Never multipart/byteranges: a client would read the uploader's bytes as the parts of a
+    multipart answer, which RFC 9110 §14.6 forbids for a single range (and we send no other).
+    """
+    if isinstance(recorded, str) and MEDIA_TYPE_RE.fullmatch(recorded) and not is_byteranges(recorded):
         return recorded.encode("ascii")
     return b"application/octet-stream"
+
+
+def is_byteranges(media_type: str) -> bool:
+    return media_type.partition(";")[0].strip().lower() == "multipart/byteranges"
 
 
 def last_modified(record: Record) -> datetime | None:
