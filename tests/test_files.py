@@ -192,6 +192,22 @@ def test_parse_range(value, size, expected):
             "attachment; filename=\"x_y.txt\"; filename*=UTF-8''x%E2%80%A8y.txt",
             id="line-separator",
         ),
+        pytest.param(
+            "\u2025\uff0f\u2025\uff0fetc\uff0fpasswd",  # ‥／‥／etc／passwd: NFKD gives ../../etc/passwd
+            "attachment; filename=\".._.._etc_passwd\"; "
+            "filename*=UTF-8''%E2%80%A5%EF%BC%8F%E2%80%A5%EF%BC%8Fetc%EF%BC%8Fpasswd",
+            id="compat-slashes-and-dots",
+        ),
+        pytest.param(
+            "C\uff1a\uff3cx.txt",  # C：＼x.txt
+            "attachment; filename=\"C__x.txt\"; filename*=UTF-8''C%EF%BC%9A%EF%BC%BCx.txt",
+            id="compat-colon-and-backslash",
+        ),
+        pytest.param("a:b.txt", "attachment; filename=\"a_b.txt\"; filename*=UTF-8''a%3Ab.txt", id="colon"),
+        pytest.param("\u2025", "attachment; filename=\"download\"; filename*=UTF-8''%E2%80%A5", id="compat-dot-dot"),
+        pytest.param("\uff0e", "attachment; filename=\"download\"; filename*=UTF-8''%EF%BC%8E", id="compat-dot"),
+        pytest.param("\u0301", "attachment; filename=\"download\"; filename*=UTF-8''%CC%81", id="combining-only"),
+        pytest.param("\u3000", "attachment; filename=\"download\"; filename*=UTF-8''%E3%80%80", id="compat-space-only"),
         pytest.param("emoji-\U0001F600.png", None, id="emoji"),
         pytest.param("", 'attachment; filename="download"', id="empty"),
         pytest.param(None, 'attachment; filename="download"', id="none"),
@@ -208,6 +224,21 @@ def test_content_disposition(filename, expected):
         from urllib.parse import unquote
 
         assert unquote(encoded, encoding="utf-8", errors="strict") == filename
+
+
+def test_content_disposition_fallback_is_at_most_255_characters():
+    name = "\ufdfa" * 255  # NFKD: 18 characters each
+    text = content_disposition(name).decode("ascii")
+    fallback = text.split('filename="', 1)[1].split('"', 1)[0]
+    assert len(fallback) == 255
+    assert len(text) < 255 + 255 * 9 + 60  # the fallback and filename*'s %XX%XX%XX each
+
+
+async def test_a_name_that_normalizes_to_a_path_is_never_sent_as_one(backend_client):
+    record = await upload(backend_client, DATA, "\u2025\uff0f\u2025\uff0fetc\uff0fpasswd")
+    assert record["filename"] == "\u2025\uff0f\u2025\uff0fetc\uff0fpasswd"  # kept: no ASCII separator in it
+    reply = check(await backend_client.get(f"/files/{record['id']}"))
+    assert reply.headers["content-disposition"].startswith('attachment; filename=".._.._etc_passwd"; ')
 
 
 def test_repr_digest_is_base64_of_the_raw_sha256():

@@ -37,6 +37,12 @@ MAX_LIST_LIMIT = 1000  # a page is built in memory: bound it
 # Sizes are below 2**63; a number with more digits is only ever "larger than the file".
 MAX_RANGE_DIGITS = 18
 FALLBACK_FILENAME = "download"
+# The ASCII filename= is at most as long as a stored name may be: NFKD makes up to 18
+# characters of one (U+FDFA), so 255 of those would be 4.6 KB of it.
+MAX_FALLBACK_CHARS = 255
+# Kept out of the ASCII fallback: `"` and `\` (the quoted-string), `%` (RFC 6266 appendix D:
+# some clients percent-decode it), `/`, `\` and `:` (path separators NFKD can make of `／`, `：`).
+FALLBACK_UNSAFE_CHARS = '"\\%/:'
 
 # RFC 9110 §8.3.1 media type: token "/" token, then parameters; anything else (a
 # non-ASCII or broken type a client sent) is served as application/octet-stream.
@@ -115,8 +121,8 @@ def content_disposition(filename: str | None) -> bytes:
     """`attachment` with the original name (RFC 6266): an ASCII `filename`, and `filename*` if it differs.
 
     The fallback keeps what old clients read safely: non-ASCII letters lose their
-    accents (NFKD), and anything else outside printable ASCII, `"`, `\\` and `%`
-    (RFC 6266 appendix D: some clients unescape or percent-decode it) become `_`.
+    accents (NFKD), and anything else outside printable ASCII, and FALLBACK_UNSAFE_CHARS,
+    become `_`; it is never a path, `.` or `..`, nor empty.
     """
     name = filename or FALLBACK_FILENAME
     fallback = ascii_fallback(name)
@@ -131,8 +137,10 @@ def ascii_fallback(name: str) -> str:
     for char in unicodedata.normalize("NFKD", name):
         if unicodedata.combining(char):
             continue
-        out.append(char if " " <= char <= "~" and char not in '"\\%' else "_")
-    return "".join(out)
+        out.append(char if " " <= char <= "~" and char not in FALLBACK_UNSAFE_CHARS else "_")
+    # As framing.clean_filename does to a name, after NFKD made new dots and spaces (`‥`, U+3000).
+    fallback = "".join(out)[:MAX_FALLBACK_CHARS].strip()
+    return fallback if fallback not in ("", ".", "..") else FALLBACK_FILENAME
 
 
 def repr_digest(sha256_hex: str) -> bytes:
