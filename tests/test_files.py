@@ -29,6 +29,7 @@ import upload_asgi
 from backends import LocalBackend
 from support import Reply, call_app, http_scope, stored_ids
 from upload_service import files
+from upload_service.asgi import list_header
 from upload_service.files import (
     RangeNotSatisfiable,
     content_disposition,
@@ -255,6 +256,21 @@ def test_repr_digest_is_base64_of_the_raw_sha256():
 )
 def test_if_none_match_weak_comparison(header, matches):
     assert none_match(header, '"abc"') is matches
+
+
+def test_list_header_joins_every_line():
+    scope = http_scope("/", "GET", headers=[("if-match", '"a"'), ("range", "x"), ("if-match", '"b", "c"')])
+    assert list_header(scope, b"if-match") == '"a", "b", "c"'
+    assert list_header(scope, b"range") == "x"
+    assert list_header(scope, b"if-none-match") is None
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_if_none_match_on_two_lines_is_one_list(backend_client, method):
+    record = await upload(backend_client)
+    lines = [("if-none-match", '"other"'), ("if-none-match", f'"{record["sha256"]}"')]
+    reply = check(await backend_client.request(method, f"/files/{record['id']}", headers=lines))
+    assert reply.status_code == 304
 
 
 STAMP = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)

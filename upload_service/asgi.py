@@ -23,6 +23,12 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def list_header(scope: Scope, name: bytes) -> str | None:
+    """Return every line of a list-valued request header as one value (RFC 9110 §5.3: joined with ", ")."""
+    values = [value.decode("latin-1") for key, value in scope.get("headers", ()) if key == name]
+    return ", ".join(values) if values else None
+
+
 def route_path(scope: Scope) -> str:
     """Return the path relative to the mount point.
 

@@ -25,7 +25,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any, Callable
 from urllib.parse import parse_qs, quote
 
-from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, header, send_json
+from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, header, list_header, send_json
 from upload_service.errors import NotFound, Unauthorized, UploadError
 from upload_service.settings import Config
 from upload_service.storage import BadCursor, Record, Store, StoredFile, is_file_id
@@ -212,7 +212,7 @@ def none_match(if_none_match: str, etag: str) -> bool:
 
 def not_modified(scope: Scope, etag: str, modified: datetime | None) -> bool:
     """RFC 9110 §13.2.2 steps 3-4 for GET and HEAD: whether to answer 304."""
-    if_none_match = header(scope, b"if-none-match")
+    if_none_match = list_header(scope, b"if-none-match")
     if if_none_match is not None:
         return none_match(if_none_match, etag)  # If-Modified-Since is then ignored
     since = header(scope, b"if-modified-since")
