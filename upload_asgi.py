@@ -27,10 +27,11 @@ Errors are {"error": code, "detail": text}:
     400 malformed body, no boundary         401 token missing or wrong
         (or a bad ?limit=, ?cursor=)
     404 unknown path or file                405 other method on a known path
-    408 client idle or too slow             413 a limit passed
-    415 not multipart/form-data             416 a range outside the file
-    422 no file, or sha256 mismatch         500 unexpected (logged)
-    503 too many uploads at once            507 no space left on the device
+    408 client idle or too slow             412 a /files/<id> precondition failed
+    413 a limit passed                      415 not multipart/form-data
+    416 a range outside the file            422 no file, or sha256 mismatch
+    500 unexpected (logged)                 503 too many uploads at once
+    507 no space left on the device
     502/503 the S3 store refused / is unreachable
     resumable: 409 offset mismatch or incomplete, 410 expired, 412 tus version,
     423 another request writes it, 460 checksum mismatch (README "Resumable uploads")

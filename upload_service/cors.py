@@ -34,7 +34,7 @@ ALLOW_HEADERS = b", ".join([
     b"Upload-Complete", b"Upload-Draft-Interop-Version", b"Repr-Digest", b"Content-Digest",
     b"Want-Repr-Digest",
     # downloads
-    b"Range", b"If-None-Match", b"If-Match", b"If-Modified-Since", b"If-Range",
+    b"Range", b"If-None-Match", b"If-Match", b"If-Modified-Since", b"If-Unmodified-Since", b"If-Range",
 ])
 EXPOSE_HEADERS = b", ".join([
     b"Location", b"ETag", b"Last-Modified", b"Content-Disposition", b"Content-Range", b"Accept-Ranges",

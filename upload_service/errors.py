@@ -50,6 +50,10 @@ class RequestTimeout(UploadError):
     status, code = 408, "request_timeout"
 
 
+class PreconditionFailed(UploadError):
+    status, code = 412, "precondition_failed"
+
+
 class PayloadTooLarge(UploadError):
     status, code = 413, "payload_too_large"
 

@@ -2,10 +2,10 @@
 
 Routes, relative to `scope["root_path"]`:
 
-    GET|HEAD /files/<id>          the bytes, with validators and single-range support
+    GET|HEAD /files/<id>          the bytes, with validators, preconditions and single-range support
     GET|HEAD /files/<id>/record   the record as JSON
     GET|HEAD /files               records newest first: ?limit=, ?cursor=, Link rel="next"
-    DELETE   /files/<id>          204, then 404
+    DELETE   /files/<id>          204, then 404 (If-Match, If-Unmodified-Since, If-None-Match: 412)
 
 An id is checked with `storage.is_file_id` before the store sees it: anything else is
 404. Reads need `UPLOAD_READ_TOKEN` or `UPLOAD_TOKEN` when `UPLOAD_READ_TOKEN` is set;
@@ -26,7 +26,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, quote
 
 from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, header, list_header, send_json
-from upload_service.errors import NotFound, Unauthorized, UploadError
+from upload_service.errors import NotFound, PreconditionFailed, Unauthorized, UploadError
 from upload_service.settings import Config
 from upload_service.storage import BadCursor, Record, Store, StoredFile, is_file_id
 
@@ -210,16 +210,48 @@ def none_match(if_none_match: str, etag: str) -> bool:
     return any(opaque_tag(tag.strip()) == etag for tag in value.split(","))
 
 
-def not_modified(scope: Scope, etag: str, modified: datetime | None) -> bool:
-    """RFC 9110 §13.2.2 steps 3-4 for GET and HEAD: whether to answer 304."""
+def strong_match(if_match: str, etag: str) -> bool:
+    """Whether If-Match names our tag (strong comparison: never a W/ tag, RFC 9110 §13.1.1) or is `*`."""
+    value = if_match.strip()
+    if value == "*":
+        return True  # any current representation: the file is there
+    return any(tag.strip() == etag for tag in value.split(","))
+
+
+def unmodified_since(since: str | None, modified: datetime | None) -> bool:
+    """RFC 9110 §13.1.4: false only if the file changed after a valid date (no Last-Modified: ignored)."""
+    when = parse_http_date(since) if since is not None else None
+    return when is None or modified is None or modified <= when
+
+
+def modified_since(since: str | None, modified: datetime | None) -> bool:
+    """RFC 9110 §13.1.3: false only if the file is unchanged since a valid date."""
+    when = parse_http_date(since) if since is not None else None
+    return when is None or modified is None or modified > when
+
+
+def has_preconditions(scope: Scope) -> bool:
+    """Whether a DELETE has a condition to check (If-Modified-Since is for GET and HEAD only)."""
+    return any(header(scope, name) is not None for name in (b"if-match", b"if-unmodified-since", b"if-none-match"))
+
+
+def check_preconditions(scope: Scope, etag: str, modified: datetime | None) -> bool:
+    """RFC 9110 §13.2.2 steps 1-4, in order: raise PreconditionFailed (412) for a false condition;
+    return whether a GET or HEAD gets 304 (another method gets 412 where they would)."""
+    if_match = list_header(scope, b"if-match")
+    if if_match is not None:
+        if not strong_match(if_match, etag):
+            raise PreconditionFailed("If-Match does not name this file's version")
+    elif not unmodified_since(header(scope, b"if-unmodified-since"), modified):
+        raise PreconditionFailed("the file was stored after the If-Unmodified-Since date")
+    reading = scope["method"] in ("GET", "HEAD")
     if_none_match = list_header(scope, b"if-none-match")
-    if if_none_match is not None:
-        return none_match(if_none_match, etag)  # If-Modified-Since is then ignored
-    since = header(scope, b"if-modified-since")
-    if since is None or modified is None:
-        return False
-    when = parse_http_date(since)
-    return when is not None and modified <= when
+    if if_none_match is not None:  # If-Modified-Since is then ignored
+        matched = none_match(if_none_match, etag)
+        if matched and not reading:
+            raise PreconditionFailed("If-None-Match names this file's version")
+        return matched
+    return reading and not modified_since(header(scope, b"if-modified-since"), modified)
 
 
 def if_range_allows(if_range: str | None, etag: str, modified: datetime | None) -> bool:
@@ -339,7 +371,14 @@ class FilesResource:
         self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = ""
     ) -> None:
         self.check_write(scope)
-        if not is_file_id(file_id) or not await self.store().delete(file_id):
+        if not is_file_id(file_id):
+            raise NotFound("no such file")
+        if has_preconditions(scope):  # a missing file is 404 first, whatever they say
+            record = await self.store().record(file_id)
+            if record is None:
+                raise NotFound("no such file")
+            check_preconditions(scope, entity_tag(record["sha256"]), last_modified(record))
+        if not await self.store().delete(file_id):
             raise NotFound("no such file")
         # RFC 9110 §8.6: no Content-Length in a 204.
         await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -352,7 +391,7 @@ async def send_stored(scope: Scope, receive: Receive, send: Send, stored: Stored
     etag = entity_tag(record["sha256"])
     modified = last_modified(record)
     headers = file_headers(record, etag, modified)
-    if not_modified(scope, etag, modified):
+    if check_preconditions(scope, etag, modified):
         # RFC 9110 §15.4.5: the validators again, no content (and so no Content-Length).
         await send({"type": "http.response.start", "status": 304, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
