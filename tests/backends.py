@@ -166,6 +166,10 @@ class LocalBackend:
         (self.upload_dir / file_id).unlink()
         (self.upload_dir / f"{file_id}.json").unlink()
 
+    def overwrite_record(self, file_id: str, data: bytes) -> None:
+        """Put `data` where the file's record is (a sidecar a crash left empty, say)."""
+        (self.upload_dir / f"{file_id}.json").write_bytes(data)
+
 
 class S3Backend:
     name = "s3"
@@ -218,6 +222,9 @@ class S3Backend:
     def remove(self, file_id: str) -> None:
         for name in (file_id, f"{file_id}.json"):
             self.s3.delete_object(Bucket=BUCKET, Key=f"{self.prefix}/{name}")
+
+    def overwrite_record(self, file_id: str, data: bytes) -> None:
+        self.s3.put_object(Bucket=BUCKET, Key=f"{self.prefix}/{file_id}.json", Body=data)
 
     def object_bytes(self, name: str) -> bytes:
         return self.s3.get_object(Bucket=BUCKET, Key=f"{self.prefix}/{name}")["Body"].read()

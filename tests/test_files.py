@@ -637,6 +637,33 @@ async def test_an_overflowing_date_is_ignored(backend_client, method, date):
             assert reply.content == DATA
 
 
+@pytest.mark.parametrize(
+    "data", [b"", b'{"id": "', b"\xff\xfe{}", b"[]", b"null"], ids=["empty", "cut-short", "not-utf8", "list", "null"]
+)
+async def test_an_unreadable_record_is_a_missing_file(backend_client, backend, caplog, data):
+    record = await upload(backend_client)
+    other = await upload(backend_client, b"other")
+    backend.overwrite_record(record["id"], data)  # what a crash with UPLOAD_FSYNC=0 may leave
+    url = f"/files/{record['id']}"
+    tus = {"tus-resumable": "1.0.0"}
+    asks = [("GET", url, {}), ("HEAD", url, {}), ("HEAD", url, tus), ("GET", f"{url}/record", {}),
+            ("HEAD", f"{url}/record", {}), ("DELETE", url, {"if-match": "*"}),
+            ("PATCH", url, {**tus, "content-type": "application/offset+octet-stream", "upload-offset": "0"})]
+    for method, path, headers in asks:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="upload_asgi"):
+            reply = check(await backend_client.request(method, path, headers=headers))
+        assert reply.status_code == 404, (method, path, headers)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and record["id"] in warned[0], (method, path, headers, caplog.text)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert check(await backend_client.get("/files")).json()["files"] == [other]
+    # A DELETE still removes the file and its record.
+    assert check(await backend_client.delete(url)).status_code == 204
+    assert backend.stored_ids() == [other["id"]]
+    assert not [name for name in backend.stored_names() if record["id"] in name]
+
+
 async def test_a_record_without_created_has_no_last_modified(client, upload_dir):  # local: edits a sidecar
     record = await upload(client)
     sidecar = upload_dir / f"{record['id']}.json"

@@ -25,10 +25,10 @@ from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any, Callable
 from urllib.parse import parse_qs, quote
 
-from upload_service.asgi import Receive, Scope, Send, bearer_token_matches, header, list_header, send_json
+from upload_service.asgi import Headers, Receive, Scope, Send, bearer_token_matches, header, list_header, send_json
 from upload_service.errors import NotFound, PreconditionFailed, Unauthorized, UploadError
 from upload_service.settings import Config
-from upload_service.storage import BadCursor, Record, Store, StoredFile, is_file_id
+from upload_service.storage import BadCursor, Record, Store, StoredFile, UnreadableRecord, is_file_id
 
 logger = logging.getLogger("upload_asgi")
 
@@ -328,15 +328,33 @@ class FilesResource:
         if token is not None and not bearer_token_matches(scope, token):
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
 
+    async def open_file(self, file_id: str) -> StoredFile:
+        """The stored file, or NotFound (an id that is not one never reaches the store)."""
+        try:
+            stored = await self.store().open(file_id) if is_file_id(file_id) else None
+        except UnreadableRecord as exc:
+            stored = None
+            log_unreadable(file_id, exc)
+        if stored is None:
+            raise NotFound("no such file")
+        return stored
+
+    async def read_record(self, file_id: str) -> Record:
+        """The stored file's record, or NotFound."""
+        try:
+            record = await self.store().record(file_id) if is_file_id(file_id) else None
+        except UnreadableRecord as exc:
+            record = None
+            log_unreadable(file_id, exc)
+        if record is None:
+            raise NotFound("no such file")
+        return record
+
     async def handle_download(
         self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = ""
     ) -> None:
         self.check_read(scope)
-        if not is_file_id(file_id):
-            raise NotFound("no such file")
-        stored = await self.store().open(file_id)
-        if stored is None:
-            raise NotFound("no such file")
+        stored = await self.open_file(file_id)
         try:
             await send_stored(scope, receive, send, stored, head_only)
         finally:
@@ -346,10 +364,7 @@ class FilesResource:
         self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = ""
     ) -> None:
         self.check_read(scope)
-        record = await self.store().record(file_id) if is_file_id(file_id) else None
-        if record is None:
-            raise NotFound("no such file")
-        await send_json(send, 200, record, head_only=head_only)
+        await send_json(send, 200, await self.read_record(file_id), head_only=head_only)
 
     async def handle_list(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         self.check_read(scope)
@@ -374,9 +389,7 @@ class FilesResource:
         if not is_file_id(file_id):
             raise NotFound("no such file")
         if has_preconditions(scope):  # a missing file is 404 first, whatever they say
-            record = await self.store().record(file_id)
-            if record is None:
-                raise NotFound("no such file")
+            record = await self.read_record(file_id)
             check_preconditions(scope, entity_tag(record["sha256"]), last_modified(record))
         if not await self.store().delete(file_id):
             raise NotFound("no such file")
@@ -385,12 +398,19 @@ class FilesResource:
         await send({"type": "http.response.body", "body": b""})
 
 
-async def send_stored(scope: Scope, receive: Receive, send: Send, stored: StoredFile, head_only: bool) -> None:
-    """Answer with a stored file: 304, 206 or 200 (416 is raised), streamed in bounded chunks."""
+def log_unreadable(file_id: str, exc: UnreadableRecord) -> None:
+    # As good as not stored (the listing skips it too); a DELETE still removes it.
+    logger.warning("file %s is answered as not found: its record cannot be read: %s", file_id, exc)
+
+
+async def send_stored(
+    scope: Scope, receive: Receive, send: Send, stored: StoredFile, head_only: bool, extra_headers: Headers = ()
+) -> None:
+    """Answer with a stored file: 304, 206 or 200 (412 and 416 are raised), streamed in bounded chunks."""
     record = stored.record
     etag = entity_tag(record["sha256"])
     modified = last_modified(record)
-    headers = file_headers(record, etag, modified)
+    headers = [*file_headers(record, etag, modified), *extra_headers]
     if check_preconditions(scope, etag, modified):
         # RFC 9110 §15.4.5: the validators again, no content (and so no Content-Length).
         await send({"type": "http.response.start", "status": 304, "headers": headers})

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import heapq
-import json
 import logging
 import os
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from upload_service.storage import (
-    BadCursor, FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, record_json,
+    BadCursor, FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, parse_record, record_json,
 )
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
@@ -298,9 +297,10 @@ def format_cursor(key: tuple[int, str]) -> str:
 def read_record(path: Path) -> Record | None:
     try:
         with open(path, "rb") as f:
-            return json.loads(f.read())
+            data = f.read()
     except FileNotFoundError:
         return None
+    return parse_record(data)
 
 
 # -- disk ------------------------------------------------------------------------

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any, Callable
 from upload_service import tus
 from upload_service.appending import AppendBody, run_blocking
 from upload_service.asgi import (
-    Message,
     Receive,
     Scope,
     Send,
@@ -50,11 +49,11 @@ from upload_service.errors import (
     UnsupportedMediaType,
     as_upload_error,
 )
-from upload_service.files import FilesResource, mount_url
+from upload_service.files import FilesResource, mount_url, send_stored
 from upload_service.forms import utc_now
 from upload_service.framing import clean_filename
 from upload_service.metrics import is_server_fault, log_outcome, outcome_of
-from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id
+from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
 
 if TYPE_CHECKING:
     from upload_asgi import UploadApp
@@ -350,21 +349,22 @@ class ResumableHandlers:
             return
         # A stored file: the download headers (HEAD is GET without the body), and for a
         # tus or draft client where the upload stands (it may be resuming a finished one).
-        speaks = dialect.draft is not None or header(scope, b"tus-resumable") is not None
-        record = await self.app.store.record(file_id) if speaks and is_file_id(file_id) else None
-        extra = [*dialect.headers()] if speaks else []
-        if record is not None:
-            size = str(record["size"]).encode()
-            extra += [(b"upload-offset", size), (b"upload-length", size)]
-            if dialect.draft is not None:
-                extra.append((b"upload-complete", b"?1"))
+        self.files.check_read(scope)
+        stored = await self.files.open_file(file_id)
+        try:
+            speaks = dialect.draft is not None or header(scope, b"tus-resumable") is not None
+            extra = self.finished_headers(stored.record, dialect) if speaks else []
+            await send_stored(scope, receive, send, stored, head_only=True, extra_headers=extra)
+        finally:
+            await stored.close()
 
-        async def send_with(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), *extra]}
-            await send(message)
-
-        await self.files.handle_download(scope, receive, send_with, head_only=True, file_id=file_id)
+    def finished_headers(self, record: Record, dialect: Dialect) -> Headers:
+        """Where a finished upload stands, for a client that asks in its protocol: all there."""
+        size = str(record["size"]).encode()
+        headers = [*dialect.headers(), (b"upload-offset", size), (b"upload-length", size)]
+        if dialect.draft is not None:
+            headers.append((b"upload-complete", b"?1"))
+        return headers
 
     def may_write(self, scope: Scope) -> bool:
         return self.config.token is None or bearer_token_matches(scope, self.config.token)
@@ -434,9 +434,10 @@ class ResumableHandlers:
             raise tus.UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
         if upload is not None:
             return upload
-        record = await self.app.store.record(file_id)
-        if record is None:
-            raise NotFound(f"no upload {file_id}")
+        try:
+            record = await self.files.read_record(file_id)
+        except NotFound:
+            raise NotFound(f"no upload {file_id}") from None
         if dialect.draft is not None:
             raise tus.Problem(400, "completed-upload", "the upload is already complete")
         raise tus.UploadComplete(f"upload {file_id} is complete ({record['size']} bytes)", offset=record["size"])

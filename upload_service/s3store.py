@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import heapq
-import json
 import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
@@ -42,7 +41,9 @@ from upload_service.s3client import (
     error_code,
     open_client,
 )
-from upload_service.storage import FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, record_json
+from upload_service.storage import (
+    FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, parse_record, record_json,
+)
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
 
@@ -491,9 +492,10 @@ class S3Store(Store):
             return None
         async with answer["Body"] as body:
             try:
-                return json.loads(await body.read())
+                data = await body.read()
             except (aiohttp.ClientError, BotoCoreError, OSError, asyncio.TimeoutError) as exc:
                 raise self.problem(exc, "reading a record") from exc
+        return parse_record(data)
 
     async def list(self, limit: int, cursor: str | None = None) -> Page:
         """Newest first by (LastModified of the record, id); keeps only `limit + 1` keys.
@@ -547,7 +549,10 @@ class S3Store(Store):
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
     async def delete(self, file_id: str) -> bool:
-        if await self.record(file_id) is None:
+        if not is_file_id(file_id):
+            return False
+        # Whether the record is there, not what it says: an unreadable one goes too.
+        if await self.call_or_none("head_object", Key=self.key(f"{file_id}.json")) is None:
             return False
         await self._remove([file_id])
         return True

@@ -48,6 +48,21 @@ class BadCursor(ValueError):
     """A list cursor this store did not give out (the client sees a 400)."""
 
 
+class UnreadableRecord(ValueError):
+    """A stored record that is not a JSON object (a crash with UPLOAD_FSYNC=0 can leave it empty)."""
+
+
+def parse_record(data: bytes) -> Record:
+    """A record from its stored JSON; raise UnreadableRecord for anything else."""
+    try:
+        record = json.loads(data)
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise UnreadableRecord(f"not JSON: {exc}") from None
+    if not isinstance(record, dict):
+        raise UnreadableRecord(f"not a JSON object but {type(record).__name__}")
+    return record
+
+
 class FileSink(ABC):
     """One file on its way into the store; nothing of it is visible until `commit`."""
 
@@ -114,11 +129,14 @@ class Store(ABC):
 
     @abstractmethod
     async def open(self, file_id: str) -> StoredFile | None:
-        """Open a stored file for reading, or None if there is none (or it is not an id)."""
+        """Open a stored file for reading, or None if there is none (or it is not an id).
+
+        Raises UnreadableRecord if its record is there but not one.
+        """
 
     @abstractmethod
     async def record(self, file_id: str) -> Record | None:
-        """The record of a stored file, or None."""
+        """The record of a stored file, or None; raises UnreadableRecord as `open` does."""
 
     @abstractmethod
     async def list(self, limit: int, cursor: str | None = None) -> Page:
@@ -129,7 +147,7 @@ class Store(ABC):
 
     @abstractmethod
     async def delete(self, file_id: str) -> bool:
-        """Remove a stored file and its record; False if there was none."""
+        """Remove a stored file and its record (readable or not); False if there was none."""
 
     @abstractmethod
     async def health(self) -> dict[str, Any]:
