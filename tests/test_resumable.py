@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 from dataclasses import replace
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -27,7 +28,7 @@ import pytest
 
 import upload_asgi
 from backends import close_app
-from support import ROOT, Server, stored_ids
+from support import ROOT, Reply, Server, http_scope, stored_ids
 from upload_service.units import MiB
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -448,6 +449,75 @@ async def test_expiry(backend: Any) -> None:
         assert await asyncio.to_thread(app.resumable.sweep) == 1  # on the loop, S3's would only start one
     await close_app(app)
     backend.assert_nothing_stored()
+
+
+def trickling(pieces: list[bytes], pause: float, then: str) -> Any:
+    """An ASGI receive: `pieces` a `pause` apart, then the body's end ("end"), the client
+    leaving ("disconnect"), or silence ("silence": the idle timeout answers)."""
+    events = iter(pieces)
+    ended = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal ended
+        piece = next(events, None)
+        if piece is not None:
+            await asyncio.sleep(pause)
+            return {"type": "http.request", "body": piece, "more_body": True}
+        if then == "silence":
+            await asyncio.Event().wait()
+        if then == "end" and not ended:
+            ended = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def answer_of(app: upload_asgi.UploadApp, scope: dict[str, Any], receive: Any) -> tuple[Reply, asyncio.Task[None]]:
+    """Start one request; return once it answered or ended (a 408 drains the body for 2 s more)."""
+    reply = Reply()
+    request = asyncio.create_task(app(scope, receive, reply.record))
+    while reply.status is None and not request.done():
+        await asyncio.sleep(0.01)
+    return reply, request
+
+
+def expires_of(reply: Any) -> float:
+    """Upload-Expires as POSIX seconds (an HTTP-date: to the second, rounded down)."""
+    return parsedate_to_datetime(reply.headers["upload-expires"]).timestamp()
+
+
+@pytest.mark.parametrize("how", ["creation-with-upload", "client-leaves", "idle-timeout"])
+async def test_a_request_that_keeps_bytes_renews_the_expiry(backend: Any, how: str) -> None:
+    """A body that takes longer than UPLOAD_RESUMABLE_EXPIRY, then ends, is cut off by its client or
+    answered 408, keeps its bytes: the upload lives UPLOAD_RESUMABLE_EXPIRY from then, not from before."""
+    expiry = 1.0 if backend.name == "local" else 2.0  # S3 calls on a busy machine take a while
+    config = backend.config(fsync=False, resumable_expiry=expiry, idle_timeout=expiry / 2, min_rate=0)
+    app = upload_asgi.create_app(config)
+    data = payload(10_000, seed=18)
+    pieces = [data[i : i + 100] for i in range(0, 600, 100)]  # 600 bytes over 1.5 x the expiry
+    renewed = time.time() + 1.5 * expiry + expiry - 1  # at the earliest, once the last piece is in
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        if how == "creation-with-upload":
+            headers = {**OCTETS, "Upload-Length": str(len(data)), "Content-Length": "600"}
+            sent, request = await answer_of(app, http_scope("/files", "POST", headers.items()), trickling(pieces, expiry / 4, "end"))
+            assert sent.status == 201, sent.body
+            assert expires_of(sent) >= renewed
+            location = sent.headers["location"]
+        else:
+            location = await create(client, len(data))
+            headers = {**OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data))}
+            then = "disconnect" if how == "client-leaves" else "silence"
+            sent, request = await answer_of(app, http_scope(location, "PATCH", headers.items()), trickling(pieces, expiry / 4, then))
+            assert sent.status == (None if how == "client-leaves" else 408)
+        reply = await client.head(location, headers=TUS)
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["upload-offset"] == "600"
+        assert expires_of(reply) >= renewed
+        assert (await patch(client, location, 600, data[600:])).status_code == 204
+        backend.assert_stored(await record_of(client, location), data)
+    await request
+    await close_app(app)
 
 
 async def test_token_guards_writes_not_reads(upload_dir: Path) -> None:

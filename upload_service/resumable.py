@@ -412,12 +412,10 @@ class ResumableHandlers:
                 raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
             if new_length is not None:
                 self.declare_length(upload.info, tus.parse_number(new_length, "Upload-Length"))
+                await run_blocking(upload.save_info)  # declared, whatever becomes of the body (as tusd)
             await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
             if upload.info.complete:
                 await self.finish(scope, upload, outcome, dialect)
-            else:
-                upload.info.expires = time.time() + self.config.resumable_expiry
-                await run_blocking(upload.save_info, new_length is not None)
         finally:
             await run_blocking(upload.release)
         headers = [*dialect.headers(), *self.state_headers(upload.info, dialect)]
@@ -474,8 +472,7 @@ class ResumableHandlers:
             except (ClientGone, RequestTimeout):
                 if checksum is None:  # tus: what arrived before the client left stays
                     await consumer.flush()
-                    await run_blocking(upload.keep)
-                    outcome.received = True
+                    await self.keep(upload, outcome)
                 raise
             except PayloadTooLarge:
                 if progress.received > limit:
@@ -487,8 +484,7 @@ class ResumableHandlers:
                 info.length = info.offset
             if will_complete and not info.complete:
                 raise tus.inconsistent_length(f"Upload-Complete ?1 at offset {info.offset} of {info.length}")
-            await run_blocking(upload.keep)
-            outcome.received = True
+            await self.keep(upload, outcome)
         except BaseException:
             await consumer.settle()
             await run_blocking(upload.discard)  # nothing (after a keep) or this request's bytes
@@ -496,6 +492,15 @@ class ResumableHandlers:
         finally:
             self.app.metrics.in_flight -= 1
             self.count_rehash(upload)
+
+    async def keep(self, upload: ResumableUpload, outcome: Outcome) -> None:
+        """Keep this request's bytes, however it ended; the upload expires UPLOAD_RESUMABLE_EXPIRY from now."""
+        # Renewed here, not at the request's start: a body that took longer than the
+        # expiry (or was cut off after it) must not leave an upload already expired.
+        upload.info.expires = time.time() + self.config.resumable_expiry
+        await run_blocking(upload.keep)
+        outcome.received = True
+        await run_blocking(upload.save_info, False)
 
     async def finish(self, scope: Scope, upload: ResumableUpload, outcome: Outcome, dialect: Dialect) -> None:
         """All bytes are there: check the declared digest, store the file like a form's."""
