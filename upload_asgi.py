@@ -15,7 +15,8 @@ Routes, relative to `scope["root_path"]`:
     GET  /files            records newest first, ?limit= and ?cursor= (upload_service/files.py)
     OPTIONS, POST /files; HEAD, PATCH, DELETE /files/<id>
                            resumable uploads: tus 1.0.0 and the IETF draft (upload_service/resumable.py);
-                           GET /files/<id> of one under way -> 409 upload_incomplete
+                           GET /files/<id> of one under way -> 409 upload_incomplete; there a POST
+                           with X-HTTP-Method-Override is the method it names (tus core)
 
 A 201 carries `Location: <root_path>/files/<id>` (the first file's). A record is
 {"id", "filename", "content_type", "size", "sha256", "description", "created"};
@@ -87,7 +88,7 @@ from upload_service.lifespan import fail_startup
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
-from upload_service.resumable import ResumableHandlers
+from upload_service.resumable import ResumableHandlers, method_override
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
@@ -191,6 +192,12 @@ class UploadApp:
                 return
             send = self.cors.wrap_send(origin, send)
         path = route_path(scope)
+        try:
+            if (override := method_override(scope, path)) is not None:
+                scope = {**scope, "method": override}
+        except UploadError as exc:
+            await send_error(send, exc)
+            return
         route = self.routes.match(path)
         method = scope["method"]
         head_only = method == "HEAD"

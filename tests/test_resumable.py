@@ -295,6 +295,24 @@ async def test_patch_refused_and_nothing_moves(client: httpx.AsyncClient, backen
     check_error(await client.head("/files/" + "f" * 32, headers=TUS), 404, "not_found")
 
 
+async def test_method_override(client: httpx.AsyncClient, backend: Any) -> None:
+    """tus 1.0.0 core: a POST's X-HTTP-Method-Override is its method (tus-js-client's overridePatchMethod),
+    on /files and /files/<id>; never HEAD (a POST's answer must carry its body)."""
+    location = await create(client, 6)
+    reply = await client.post(location, content=b"abc", headers={**OCTETS, "Upload-Offset": "0", "X-HTTP-Method-Override": "PATCH"})
+    assert reply.status_code == 204, reply.text
+    check_tus(reply)
+    assert reply.headers["upload-offset"] == "3" and await offset_of(client, location) == 3
+    check_error(await client.post(location, headers={**TUS, "X-HTTP-Method-Override": "HEAD"}), 400, "invalid_header")
+    check_error(await client.post("/files", headers={**TUS, "X-HTTP-Method-Override": "PUT"}), 405, "method_not_allowed")
+    reply = await client.post(location, headers={**TUS, "X-HTTP-Method-Override": "DELETE"})
+    assert reply.status_code == 204, reply.text
+    check_error(await client.head(location, headers=TUS), 404, "not_found")
+    # Elsewhere a POST stays a POST.
+    check_error(await client.post("/upload", content=b"x", headers={"X-HTTP-Method-Override": "GET"}), 415, "unsupported_media_type")
+    backend.assert_nothing_stored()
+
+
 async def test_checksummed_chunks(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(3_000_000)
     location = await create(client, len(data))
@@ -739,6 +757,7 @@ needs_node = pytest.mark.skipif(
         pytest.param({"chunkSize": 1_000_000, "abortAfter": 2_000_000}, id="tus-abort-and-resume"),
         pytest.param({"uploadDataDuringCreation": True, "chunkSize": 2_000_000}, id="tus-creation-with-upload"),
         pytest.param({"uploadLengthDeferred": True, "chunkSize": 1_700_000}, id="tus-deferred-length"),
+        pytest.param({"overridePatchMethod": True, "chunkSize": 2_000_000}, id="tus-override-patch-method"),
         pytest.param({"protocol": "ietf-draft-05", "chunkSize": 1_000_000, "abortAfter": 3_000_000}, id="draft-6-abort-and-resume"),
         pytest.param({"protocol": "ietf-draft-05", "uploadDataDuringCreation": True}, id="draft-6-one-request"),
     ],

@@ -3,7 +3,7 @@
 //   node tests/tus_node_client.mjs <endpoint> <file> [options as JSON]
 //
 // options: protocol (tus-v1, ietf-draft-05), chunkSize (bytes), metadata {k: v}, headers {k: v}, uploadDataDuringCreation,
-// uploadLengthDeferred, abortAfter (bytes: abort there once, then resume from the upload's URL).
+// uploadLengthDeferred, overridePatchMethod, abortAfter (bytes: abort there once, then resume from the upload's URL).
 // Prints one JSON line {"url", "resumedFrom"} and exits 0, or the error on stderr and exits 1.
 import { readFileSync } from "node:fs";
 import * as tus from "tus-js-client";
@@ -25,6 +25,7 @@ function upload(uploadUrl, abortAfter) {
       headers: options.headers || {},
       uploadDataDuringCreation: !!options.uploadDataDuringCreation,
       uploadLengthDeferred: !!options.uploadLengthDeferred,
+      overridePatchMethod: !!options.overridePatchMethod,
       retryDelays: [0, 200, 500, 1000],
       onProgress(sent) {
         if (resumedFrom === null) resumedFrom = sent;

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -63,6 +64,7 @@ logger = logging.getLogger("upload_asgi")
 Headers = list[tuple[bytes, bytes]]
 
 SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, when /files is used
+RESUMABLE_PATH_RE = re.compile(r"/files(?:/[^/]+)?")  # /files and /files/<id>: where tus is spoken
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,21 @@ class Dialect:
         if self.draft is not None:
             return [(b"upload-draft-interop-version", self.draft.encode())]
         return [(b"tus-resumable", tus.TUS_VERSION.encode())]
+
+
+def method_override(scope: Scope, path: str) -> str | None:
+    """The method a POST to `/files` or `/files/<id>` names in X-HTTP-Method-Override, if any.
+
+    tus 1.0.0 core: the header "MUST be interpreted as the request's method", for clients
+    that cannot send PATCH or DELETE (tus-js-client's overridePatchMethod). Only on the
+    tus routes, as tusd, which serves nothing else, honours it on a POST.
+    """
+    if scope["method"] != "POST" or not RESUMABLE_PATH_RE.fullmatch(path):
+        return None
+    method = (header(scope, b"x-http-method-override") or "").strip()
+    if method == "HEAD":  # its answer would have no body: a POST's must have the one it announces
+        raise tus.InvalidHeader("X-HTTP-Method-Override: HEAD cannot stand for a POST; send a HEAD")
+    return method or None
 
 
 def says_body(scope: Scope) -> bool:
