@@ -202,6 +202,18 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
     assert metric(metrics, "upload_asgi_stored_files_total") == 1
 
 
+async def test_a_resumable_head_of_a_finished_upload_is_never_cached(client: httpx.AsyncClient, backend: Any) -> None:
+    """tus 1.0.0 HEAD: the server "MUST prevent the client and/or proxies from caching the response"
+    (no-store), also once the upload is a stored file; a plain HEAD keeps the files resource's no-cache."""
+    location = await create(client, 3)
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    etag = f'"{sha(b"abc")}"'
+    for speaks, status in ((TUS, 200), (draft("8"), 200), ({**TUS, "If-None-Match": etag}, 304)):
+        reply = await client.head(location, headers=speaks)
+        assert reply.status_code == status and reply.headers.get_list("cache-control") == ["no-store"]
+    assert (await client.head(location)).headers.get_list("cache-control") == ["no-cache"]
+
+
 async def test_creation_with_upload_and_deferred_length(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(100_000)
     reply = await client.post(

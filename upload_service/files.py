@@ -406,11 +406,16 @@ def log_unreadable(file_id: str, exc: UnreadableRecord) -> None:
 async def send_stored(
     scope: Scope, receive: Receive, send: Send, stored: StoredFile, head_only: bool, extra_headers: Headers = ()
 ) -> None:
-    """Answer with a stored file: 304, 206 or 200 (412 and 416 are raised), streamed in bounded chunks."""
+    """Answer with a stored file: 304, 206 or 200 (412 and 416 are raised), streamed in bounded chunks.
+
+    `extra_headers` are added, each in place of the file's own of that name (a tus HEAD's Cache-Control).
+    """
     record = stored.record
     etag = entity_tag(record["sha256"])
     modified = last_modified(record)
-    headers = [*file_headers(record, etag, modified), *extra_headers]
+    extra = list(extra_headers)
+    replaced = {name for name, _ in extra}
+    headers = [*(item for item in file_headers(record, etag, modified) if item[0] not in replaced), *extra]
     if check_preconditions(scope, etag, modified):
         # RFC 9110 §15.4.5: the validators again, no content (and so no Content-Length).
         await send({"type": "http.response.start", "status": 304, "headers": headers})

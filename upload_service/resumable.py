@@ -378,7 +378,10 @@ class ResumableHandlers:
     def finished_headers(self, record: Record, dialect: Dialect) -> Headers:
         """Where a finished upload stands, for a client that asks in its protocol: all there."""
         size = str(record["size"]).encode()
-        headers = [*dialect.headers(), (b"upload-offset", size), (b"upload-length", size)]
+        # tus 1.0.0 HEAD: "MUST prevent the client and/or proxies from caching the response";
+        # this replaces the files resource's no-cache.
+        headers = [*dialect.headers(), (b"cache-control", b"no-store")]
+        headers += [(b"upload-offset", size), (b"upload-length", size)]
         if dialect.draft is not None:
             headers.append((b"upload-complete", b"?1"))
         return headers
