@@ -28,7 +28,7 @@ import pytest
 
 import upload_asgi
 from backends import close_app
-from support import ROOT, Reply, Server, http_scope, stored_ids
+from support import ROOT, Reply, Server, field_part, file_part, form_body, form_content_type, http_scope, stored_ids
 from upload_service.units import MiB
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -212,6 +212,24 @@ async def test_a_resumable_head_of_a_finished_upload_is_never_cached(client: htt
         reply = await client.head(location, headers=speaks)
         assert reply.status_code == status and reply.headers.get_list("cache-control") == ["no-store"]
     assert (await client.head(location)).headers.get_list("cache-control") == ["no-cache"]
+
+
+async def test_metadata_is_cleaned_as_a_forms_part_is(client: httpx.AsyncClient, backend: Any) -> None:
+    """SPEC §10, the same records: control characters leave a filetype and a filename as they leave a form
+    part's Content-Type and filename; a description is kept as sent, as a form's text field is."""
+    filetype, filename, description = "text/plain;\x01 charset=utf-8\t", "a\x01b\x7f.txt", "two\r\nlines"
+    body = form_body([file_part(b"abc", filename, content_type=filetype), field_part("description", description)])
+    reply = await client.post("/upload", content=body, headers={"Content-Type": form_content_type()})
+    assert reply.status_code == 201, reply.text
+    form = reply.json()
+    location = await create(client, 3, f"filename {b64(filename)},filetype {b64(filetype)},description {b64(description)}")
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    record = await record_of(client, location)
+    shown = ("text/plain; charset=utf-8", "ab.txt", "two\r\nlines")
+    assert (record["content_type"], record["filename"], record["description"]) == shown
+    assert (form["content_type"], form["filename"], form["description"]) == shown
+    location = await create(client, 0, "filetype " + b64("text/plain\r\nX-Evil: 1"))
+    assert (await record_of(client, location))["content_type"] == "text/plainX-Evil: 1"
 
 
 async def test_creation_with_upload_and_deferred_length(client: httpx.AsyncClient, backend: Any) -> None:

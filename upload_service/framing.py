@@ -167,6 +167,13 @@ def clean_filename(raw: str) -> str:
     return name[:MAX_FILENAME_CHARS] or "unnamed"
 
 
+def clean_content_type(raw: str) -> str:
+    """A client's content type as sent, without control characters; the default if none is left."""
+    if not raw.isprintable():
+        raw = "".join(c for c in raw if c.isprintable())
+    return raw.strip() or DEFAULT_CONTENT_TYPE
+
+
 
 @dataclass(frozen=True)
 class PartInfo:
@@ -222,11 +229,7 @@ def read_part_headers(block: bytes) -> PartInfo | None:
         filename = decode_ext_value(disposition["filename*"])
     else:
         filename = None
-    content_type = content_type or ""
-    if not content_type.isprintable():
-        content_type = "".join(c for c in content_type if c.isprintable())
-    content_type = content_type.strip()
-    return PartInfo(name, filename, content_type or DEFAULT_CONTENT_TYPE, transfer_encoding or "")
+    return PartInfo(name, filename, clean_content_type(content_type or ""), transfer_encoding or "")
 
 
 def read_transfer_encoding(value: str) -> str:

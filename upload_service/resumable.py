@@ -52,7 +52,7 @@ from upload_service.errors import (
 )
 from upload_service.files import FilesResource, mount_url, send_stored
 from upload_service.forms import utc_now
-from upload_service.framing import clean_filename
+from upload_service.framing import clean_content_type, clean_filename
 from upload_service.metrics import is_server_fault, log_outcome, outcome_of
 from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
 
@@ -114,14 +114,15 @@ def body_known_empty(scope: Scope) -> bool:
 
 
 def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
-    """The stored file's record: tus `filename`/`filetype` metadata (or the draft's headers)."""
+    """The stored file's record: tus `filename`/`filetype` metadata (or the draft's headers),
+    cleaned as a form part's filename and Content-Type are (SPEC §10: the same records)."""
     filename = tus.metadata_text(info.metadata, "filename")
     content_type = tus.metadata_text(info.metadata, "filetype")
     description = tus.metadata_text(info.metadata, "description")
     return {
         "id": info.id,
         "filename": clean_filename(filename) if filename is not None else "unnamed",
-        "content_type": (content_type or "").strip()[:255] or "application/octet-stream",
+        "content_type": clean_content_type((content_type or "")[:255]),
         "size": size,
         "sha256": sha256,
         "description": description,
