@@ -702,6 +702,22 @@ async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, 
     backend.assert_stored(reply.json(), data)
 
 
+async def test_draft_filename_from_content_disposition(client: httpx.AsyncClient, backend: Any) -> None:
+    """Read as a form part's filename is: `filename*` decoded (RFC 5987) when alone, `filename` when both
+    come; the header's bytes as UTF-8 when they are UTF-8 (the ASGI server hands them over as latin-1)."""
+    cases = [
+        ("attachment; filename*=UTF-8''%E2%82%AC%20rates.txt", "€ rates.txt"),
+        ('attachment; filename="€ rates.txt"'.encode(), "€ rates.txt"),
+        (b'attachment; filename="\xe9t\xe9.txt"', "été.txt"),  # not UTF-8: latin-1, as HTTP defines it
+        ("attachment; filename=\"plain.txt\"; filename*=UTF-8''%E2%82%AC.txt", "plain.txt"),
+    ]
+    for disposition, filename in cases:
+        headers = {**draft("8", Upload_Complete="?1"), "Content-Disposition": disposition}
+        reply = await client.post("/files", content=b"abc", headers=headers)
+        assert reply.status_code == 201, reply.text
+        assert reply.json()["filename"] == filename
+
+
 async def test_draft_refusals(client: httpx.AsyncClient, backend: Any) -> None:
     check_error(await client.post("/files", content=b"abc", headers=draft("8")), 400, "invalid_header")
     check_error(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="yes")), 400, "invalid_header")

@@ -70,3 +70,9 @@ def test_repr_digest_parsing() -> None:
 
 def test_expires_is_an_http_date() -> None:
     assert tus.format_expires(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+def test_filename_of_a_content_disposition() -> None:
+    assert tus.filename_of(None) is None and tus.filename_of("attachment") is None
+    assert tus.filename_of("attachment; filename*=UTF-8''%E2%82%AC.txt") == "€.txt"
+    assert tus.filename_of("attachment; filename=a.txt; filename*=UTF-8''b.txt") == "a.txt"  # as in a form

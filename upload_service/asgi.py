@@ -29,6 +29,18 @@ def list_header(scope: Scope, name: bytes) -> str | None:
     return ", ".join(values) if values else None
 
 
+def utf8_header(scope: Scope, name: bytes) -> str | None:
+    """A request header read as UTF-8 when its bytes are UTF-8 (how clients send a non-ASCII
+    filename), else as latin-1, as `header` reads every header."""
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                return value.decode("latin-1")
+    return None
+
+
 def route_path(scope: Scope) -> str:
     """Return the path relative to the mount point.
 

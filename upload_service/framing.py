@@ -158,6 +158,16 @@ def decode_encoded_word(value: str) -> str:
         return value
 
 
+def disposition_filename(params: dict[str, str]) -> str | None:
+    """The filename a Content-Disposition's parameters name: `filename` (one RFC 2047 word decoded),
+    else `filename*` decoded."""
+    if "filename" in params:  # RFC 7578 §4.2: filename* is not for form data
+        return decode_encoded_word(params["filename"])
+    if "filename*" in params:
+        return decode_ext_value(params["filename*"])
+    return None
+
+
 def clean_filename(raw: str) -> str:
     """Keep the last path component of a client's filename, for display only."""
     name = raw.replace("\\", "/").rsplit("/", 1)[-1]
@@ -223,12 +233,7 @@ def read_part_headers(block: bytes) -> PartInfo | None:
     name = (disposition or {}).get("name", "")
     if not name:
         return None
-    if "filename" in disposition:  # RFC 7578 §4.2: filename* is not for form data
-        filename: str | None = decode_encoded_word(disposition["filename"])
-    elif "filename*" in disposition:
-        filename = decode_ext_value(disposition["filename*"])
-    else:
-        filename = None
+    filename = disposition_filename(disposition)
     return PartInfo(name, filename, clean_content_type(content_type or ""), transfer_encoding or "")
 
 

@@ -38,6 +38,7 @@ from upload_service.asgi import (
     json_bytes,
     route_path,
     send_error,
+    utf8_header,
 )
 from upload_service.body import BodyProgress, read_body
 from upload_service.errors import (
@@ -334,7 +335,7 @@ class ResumableHandlers:
         # The representation's own headers name it; tus-js-client's draft mode sends
         # Upload-Metadata instead (and the append type as the Content-Type).
         values = {}
-        filename = tus.filename_of(header(scope, b"content-disposition"))
+        filename = tus.filename_of(utf8_header(scope, b"content-disposition"))
         if filename:
             values["filename"] = filename
         media_type = tus.media_type_of(header(scope, b"content-type"))

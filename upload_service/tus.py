@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from upload_service.errors import PayloadTooLarge, UploadError
-from upload_service.framing import parse_header_params
+from upload_service.framing import disposition_filename, parse_header_params
 
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
@@ -264,11 +264,11 @@ def format_limit(max_size: int, expires_in: float | None = None) -> str:
 
 
 def filename_of(content_disposition: str | None) -> str | None:
-    """The filename of a Content-Disposition (the draft's creation request), if any."""
+    """The filename of a Content-Disposition (the draft's creation request), read as a form part's."""
     if not content_disposition:
         return None
     _, params = parse_header_params(content_disposition)
-    return params.get("filename")
+    return disposition_filename(params)
 
 
 def media_type_of(content_type: str | None) -> str | None:
