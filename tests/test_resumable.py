@@ -718,6 +718,19 @@ async def test_draft_filename_from_content_disposition(client: httpx.AsyncClient
         assert reply.json()["filename"] == filename
 
 
+async def test_draft_patch_with_a_conflicting_length_is_a_problem(client: httpx.AsyncClient, backend: Any) -> None:
+    """An Upload-Length other than the one known, or below the offset: the draft's inconsistent-upload-length."""
+    append = draft("8", Content_Type="application/partial-upload", Upload_Complete="?0", Upload_Offset="3")
+    reply = await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?0", Upload_Length="10"))
+    known = reply.headers["location"]
+    reply = await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?0"))
+    deferred = reply.headers["location"]
+    for location, length in ((known, "11"), (deferred, "2")):
+        reply = await client.patch(location, content=b"d", headers={**append, "Upload-Length": length})
+        check_problem(reply, 400, "inconsistent-upload-length", "8")
+        assert int((await client.head(location, headers=draft("8"))).headers["upload-offset"]) == 3
+
+
 async def test_draft_refusals(client: httpx.AsyncClient, backend: Any) -> None:
     check_error(await client.post("/files", content=b"abc", headers=draft("8")), 400, "invalid_header")
     check_error(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="yes")), 400, "invalid_header")

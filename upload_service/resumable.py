@@ -433,7 +433,7 @@ class ResumableHandlers:
             if offset != upload.info.offset:
                 raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
             if new_length is not None:
-                self.declare_length(upload.info, tus.parse_number(new_length, "Upload-Length"))
+                self.declare_length(upload.info, tus.parse_number(new_length, "Upload-Length"), dialect)
                 await run_blocking(upload.save_info)  # declared, whatever becomes of the body (as tusd)
             await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
             if upload.info.complete:
@@ -462,12 +462,13 @@ class ResumableHandlers:
             raise tus.Problem(400, "completed-upload", "the upload is already complete")
         raise tus.UploadComplete(f"upload {file_id} is complete ({record['size']} bytes)", offset=record["size"])
 
-    def declare_length(self, info: UploadInfo, length: int) -> None:
-        """tus creation-defer-length: a PATCH names the length once."""
+    def declare_length(self, info: UploadInfo, length: int, dialect: Dialect) -> None:
+        """tus creation-defer-length (or the draft's Upload-Length): a PATCH names the length once."""
+        draft = dialect.draft is not None
         if info.length is not None and info.length != length:
-            raise tus.InvalidHeader(f"Upload-Length is already {info.length}")
+            raise tus.length_conflict(draft, f"Upload-Length is already {info.length}")
         if length < info.offset:
-            raise tus.InvalidHeader(f"Upload-Length {length} is below the offset {info.offset}")
+            raise tus.length_conflict(draft, f"Upload-Length {length} is below the offset {info.offset}")
         self.check_length(length)
         info.length = length
 

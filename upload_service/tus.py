@@ -108,6 +108,11 @@ def inconsistent_length(detail: str) -> UploadError:
     return Problem(400, "inconsistent-upload-length", detail)
 
 
+def length_conflict(draft: bool, detail: str) -> UploadError:
+    """An Upload-Length that cannot be the upload's: another than the one known, or below the offset."""
+    return inconsistent_length(detail) if draft else InvalidHeader(detail)
+
+
 def past_length(draft: bool, length: int | None, limit: int) -> UploadError:
     if length is None:
         detail = f"the body would take the upload past the file limit; {limit} more bytes fit"
