@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,28 @@ def test_store_sweep(rstore: LocalResumableStore, upload_dir: Path) -> None:
     )
     held.release()
     assert rstore.sweep(time.time()) == 1
+
+
+def test_store_sweep_decides_on_the_info_read_under_the_lock(
+    rstore: LocalResumableStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PATCH that renews the expiry and lets go between the sweep's first read and its lock: the upload stays."""
+    upload = rstore.create(None, {}, time.time() - 1, None)
+    upload.append(b"abc")
+    upload.release()
+    real_read_info = rstore.read_info
+    renewed = []
+
+    def read_then_renew(upload_id: str) -> Any:
+        saved = real_read_info(upload_id)
+        if not renewed:  # the PATCH comes in right after this read
+            renewed.append(True)
+            patching = rstore.acquire(upload_id)
+            patching.info.expires = time.time() + 60
+            patching.save_info()
+            patching.release()
+        return saved
+
+    monkeypatch.setattr(rstore, "read_info", read_then_renew)
+    assert rstore.sweep(time.time()) == 0
+    assert rstore.peek(upload.info.id).offset == 3

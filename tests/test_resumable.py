@@ -568,6 +568,32 @@ async def test_a_request_that_keeps_bytes_renews_the_expiry(backend: Any, how: s
     await close_app(app)
 
 
+async def test_a_head_decides_expiry_on_the_info_read_under_the_lock(
+    app: upload_asgi.UploadApp, client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HEAD's first read says expired, but a PATCH renewed the upload and let go before HEAD took the
+    lock: the info read under the lock decides, and the upload stays."""
+    location = await create(client, 10)
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    store = app.resumable.store
+    real_peek = store.peek
+    stale = []
+
+    def read_before_a_renewal(upload_id: str) -> Any:
+        info = real_peek(upload_id)
+        if info is not None and not stale:
+            stale.append(True)
+            info.expires = time.time() - 1  # as it was before the PATCH renewed it
+        return info
+
+    monkeypatch.setattr(store, "peek", read_before_a_renewal)
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["upload-offset"] == "3" and expires_of(reply) > time.time()
+    assert (await patch(client, location, 3, b"defghij")).status_code == 204
+    backend.assert_stored(await record_of(client, location), b"abcdefghij")
+
+
 async def test_token_guards_writes_not_reads(upload_dir: Path) -> None:
     app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir, fsync=False, token="s3cret"))
     auth = {"Authorization": "Bearer s3cret"}

@@ -257,6 +257,43 @@ async def test_sweeps_leave_a_live_upload_and_remove_an_expired_one(bucket: S3Ba
     bucket.assert_nothing_stored()
 
 
+@pytest.mark.parametrize("race", ["renewed-before-the-lease", "changed-after-the-second-read"])
+async def test_the_sweep_removes_only_the_info_version_it_read_expired(
+    bucket: S3Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, race: str
+) -> None:
+    """The sweep's first read of an info may predate a PATCH that renewed it: it reads it again under the
+    lease, and deletes that version only (If-Match), so an info written since is never removed."""
+    app = app_on(bucket, tmp_path / "r")
+    try:
+        async with client_of(app) as client:
+            location = await create(client, 10)
+            assert (await patch(client, location, 0, b"abc")).status_code == 204
+            store = app.resumable.store
+            store.expiry = 0  # (an info this young is otherwise skipped unread)
+            real_read_info = store.read_info
+            reads = []
+
+            async def stale_read(upload_id: str) -> Any:
+                found = await real_read_info(upload_id)
+                reads.append(upload_id)
+                if race == "renewed-before-the-lease" and len(reads) == 1:
+                    found[0].expires = time.time() - 1  # as it was before the PATCH renewed it
+                elif race == "changed-after-the-second-read" and len(reads) <= 2:
+                    found[0].expires = time.time() - 1
+                    if len(reads) == 2:
+                        found[1].etag = '"written-before-the-patch"'
+                return found
+
+            monkeypatch.setattr(store, "read_info", stale_read)
+            assert await asyncio.to_thread(store.sweep, time.time()) == 0
+            assert await offset_of(client, location) == 3
+            assert (await patch(client, location, 3, b"defghij")).status_code == 204
+            record = (await client.get(f"{location}/record")).json()
+    finally:
+        await close_app(app)
+    assert_only_stored(bucket, record, b"abcdefghij")
+
+
 def test_tuspy_through_hypercorn_on_s3(bucket: S3Backend, tmp_path: Path) -> None:
     from tusclient import client as tusclient
 

@@ -220,14 +220,15 @@ class LocalResumableStore(ResumableStore):
                 saved = self.read_info(name)
                 if saved is not None and saved[0].expires > now:
                     continue
-            if self._remove_unheld(name):
+            if self._remove_unheld(name, now):
                 removed += 1
         for name in names:  # an info whose data file is gone (a crash inside finish)
             if name.endswith(".info") and name[:-5] not in names and is_file_id(name[:-5]):
                 remove_quietly(self.resumable_dir / name)
         return removed
 
-    def _remove_unheld(self, upload_id: str) -> bool:
+    def _remove_unheld(self, upload_id: str, now: float) -> bool:
+        """Remove an upload nobody holds if its info, read under its lock, expired before `now` (or is none)."""
         try:
             fd = os.open(self.data_path(upload_id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -237,6 +238,10 @@ class LocalResumableStore(ResumableStore):
         except BlockingIOError:
             return False  # being written now: its request renews the expiry
         else:
+            # Read again: the sweep's read may predate a PATCH that renewed the expiry and let go since.
+            saved = self.read_info(upload_id)
+            if os.fstat(fd).st_nlink == 0 or (saved is not None and saved[0].expires > now):
+                return False
             remove_quietly(self.data_path(upload_id))
             remove_quietly(self.info_path(upload_id))
             self.digests.take(upload_id, -1)

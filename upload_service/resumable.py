@@ -356,7 +356,7 @@ class ResumableHandlers:
             tus.check_tus_resumable(header(scope, b"tus-resumable"))
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
-            await self.expire(file_id)
+            info = await self.expire(file_id, info)
         if info is not None and info.complete and self.may_write(scope):
             info = await self.finish_cut_short(scope, outcome, dialect, file_id)
         if info is not None:
@@ -577,17 +577,22 @@ class ResumableHandlers:
             await run_blocking(upload.release)
         await send_empty(send, 204, dialect.headers())
 
-    async def expire(self, file_id: str) -> None:
-        """An expired upload was touched: remove it (unless a request holds it) and say so."""
+    async def expire(self, file_id: str, info: UploadInfo) -> UploadInfo | None:
+        """`info` says the upload expired: remove it and say so (410). Unless a request holds it, or
+        renewed it since `info` was read: then its info as it is now (None once stored or gone)."""
         try:
             upload = await run_blocking(self.store.acquire, file_id)
         except UploadBusy:
-            return
-        if upload is not None:
-            try:
-                await run_blocking(upload.terminate)
-            finally:
-                await run_blocking(upload.release)
+            return info  # being written: its request renews the expiry
+        if upload is None:
+            return None
+        try:
+            # Decided on the info read under the lock: a PATCH may have renewed it and let go since.
+            if upload.info.expires > time.time():
+                return upload.info
+            await run_blocking(upload.terminate)
+        finally:
+            await run_blocking(upload.release)
         raise tus.UploadExpired(f"upload {file_id} expired and was removed")
 
     def state_headers(self, info: UploadInfo, dialect: Dialect) -> Headers:

@@ -427,12 +427,15 @@ class S3ResumableStore(ResumableStore):
             raise
         return answer["ETag"]
 
-    async def delete(self, key: str, if_match: str | None = None) -> None:
+    async def delete(self, key: str, if_match: str | None = None) -> bool:
+        """Delete `key` (only as it is at ETag `if_match`, if given); False if that no longer matches."""
         try:
             await self.s3.call("delete_object", Key=key, **({"IfMatch": if_match} if if_match else {}))
         except StorageUnavailable as exc:
             if error_code(exc.__cause__) not in CONFLICT_CODES | MISSING_CODES:  # taken over, or gone
                 raise
+            return False
+        return True
 
     async def write_info(self, info: UploadInfo, saved: Saved, etag: str | None) -> str:
         value = {
@@ -589,16 +592,29 @@ class S3ResumableStore(ResumableStore):
                 lease, _ = await self.take_lease(upload_id)
             except UploadBusy:
                 return 0  # being written now: its request renews the expiry
-            await self.delete(self.info_key(upload_id))
-            if not (found[1].completed and await self.s3.record(upload_id) is not None):
-                await self.remove_bytes(upload_id, found[1], None)  # (else finished: the info only stayed)
-            await self.delete(self.lock_key(upload_id), if_match=lease)
-            self.digests.take(upload_id, -1)
-            return 1
+            try:
+                return await self._remove_expired(upload_id, now)
+            finally:
+                await self.delete(self.lock_key(upload_id), if_match=lease)
         for name, modified in group:
             if now - modified > STALE_LEFTOVER_SECONDS:
                 await self.delete(self._name(upload_id, name[len(upload_id):]))
         return 0
+
+    async def _remove_expired(self, upload_id: str, now: float) -> int:
+        """Under the upload's lease: remove it if its info, read again now, expired before `now`."""
+        # The sweep's first read may predate a PATCH that renewed the expiry and let go since;
+        # and only the version read here goes (If-Match), never one a late writer put since.
+        found = await self.read_info(upload_id)
+        if found is None or found[0].expires > now:
+            return 0
+        saved = found[1]
+        if not await self.delete(self.info_key(upload_id), if_match=saved.etag):
+            return 0
+        if not (saved.completed and await self.s3.record(upload_id) is not None):
+            await self.remove_bytes(upload_id, saved, None)  # (else finished: the info only stayed)
+        self.digests.take(upload_id, -1)
+        return 1
 
     async def _objects(self) -> Any:
         """(name after `.resumable/`, LastModified) of every object there, in key order."""
