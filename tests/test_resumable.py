@@ -482,11 +482,14 @@ async def test_expiry(backend: Any) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         touched = await create(client, 100)
         untouched = await create(client, 100)
+        fetched = await create(client, 100)
         assert (await patch(client, touched, 0, b"abc")).status_code == 204
         await asyncio.sleep(expiry + 0.1)
         check_error(await client.head(touched, headers=TUS), 410, "upload_expired")
         check_error(await client.head(touched, headers=TUS), 404, "not_found")
         check_error(await patch(client, untouched, 0, b"abc"), 410, "upload_expired")
+        check_error(await client.get(fetched), 410, "upload_expired")  # as HEAD says, not 409 incomplete
+        check_error(await client.get(fetched), 404, "not_found")
     await close_app(app)
     backend.assert_nothing_stored()
     # A sweep (at startup, then every minute when /files is used) removes what nobody touches.

@@ -7,7 +7,7 @@
     PATCH   /files/<id>    append at Upload-Offset (tus: application/offset+octet-stream,
                            the draft: application/partial-upload)
     DELETE  /files/<id>    terminate it (or delete the stored file)
-    GET     /files/<id>    409 upload_incomplete while it is one
+    GET     /files/<id>    409 upload_incomplete while it is one (410 once expired)
 
 A request carrying `Upload-Draft-Interop-Version: 6` or `8` speaks the draft; any
 other, tus (and so needs `Tus-Resumable: 1.0.0`). The bytes go through the same
@@ -196,12 +196,15 @@ class ResumableHandlers:
         await self.run(scope, receive, send, dialect, self.delete, dialect, file_id, counted=False)
 
     async def handle_get(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
-        """GET /files/<id>: the file, or 409 upload_incomplete while it is an upload under way."""
+        """GET /files/<id>: the file, or 409 upload_incomplete while it is an upload under way (410 once expired)."""
         try:
             await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
         except NotFound:
             # Only an id with no file costs a look for an upload (on S3, a GET of its info).
-            if await run_blocking(self.store.peek, file_id) is not None:
+            info = await run_blocking(self.store.peek, file_id)
+            if info is not None and info.expires <= time.time():
+                info = await self.expire(file_id, info)  # 410 and removed, as HEAD and PATCH answer
+            if info is not None:
                 raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset") from None
             raise
 
