@@ -22,7 +22,7 @@ import re
 import unicodedata
 from datetime import datetime, timezone
 from email.utils import format_datetime, parsedate_to_datetime
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, quote
 
 from upload_service.asgi import Headers, Receive, Scope, Send, bearer_token_matches, header, list_header, send_json
@@ -330,25 +330,22 @@ class FilesResource:
 
     async def open_file(self, file_id: str) -> StoredFile:
         """The stored file, or NotFound (an id that is not one never reaches the store)."""
-        try:
-            stored = await self.store().open(file_id) if is_file_id(file_id) else None
-        except UnreadableRecord as exc:
-            stored = None
-            log_unreadable(file_id, exc)
-        if stored is None:
-            raise NotFound("no such file")
-        return stored
+        return await self.look_up(file_id, self.store().open)
 
     async def read_record(self, file_id: str) -> Record:
         """The stored file's record, or NotFound."""
+        return await self.look_up(file_id, self.store().record)
+
+    async def look_up(self, file_id: str, fetch: Callable[[str], Awaitable[Any]]) -> Any:
+        """What `fetch` finds for a stored file; NotFound for no id, no file, or a record unread."""
         try:
-            record = await self.store().record(file_id) if is_file_id(file_id) else None
+            found = await fetch(file_id) if is_file_id(file_id) else None
         except UnreadableRecord as exc:
-            record = None
+            found = None
             log_unreadable(file_id, exc)
-        if record is None:
+        if found is None:
             raise NotFound("no such file")
-        return record
+        return found
 
     async def handle_download(
         self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = ""
