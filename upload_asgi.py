@@ -196,7 +196,7 @@ class UploadApp:
             if (override := method_override(scope, path)) is not None:
                 scope = {**scope, "method": override}
         except UploadError as exc:
-            await send_error(send, exc)
+            await self.answer_draining(receive, send, exc, BodyProgress(), scope.get("http_version", "1.1"))
             return
         route = self.routes.match(path)
         method = scope["method"]

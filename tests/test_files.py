@@ -638,7 +638,8 @@ async def test_an_overflowing_date_is_ignored(backend_client, method, date):
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b'{"id": "', b"\xff\xfe{}", b"[]", b"null"], ids=["empty", "cut-short", "not-utf8", "list", "null"]
+    "data", [b"", b'{"id": "', b"\xff\xfe{}", b"[]", b"null", b'{"id": "x"}'],
+    ids=["empty", "cut-short", "not-utf8", "list", "null", "no-digest"],
 )
 async def test_an_unreadable_record_is_a_missing_file(backend_client, backend, caplog, data):
     record = await upload(backend_client)
@@ -780,7 +781,7 @@ async def test_list_never_holds_more_than_a_page(upload_dir, monkeypatch):
     for i in range(300):
         file_id = f"{i:032x}"
         (upload_dir / file_id).write_bytes(b"x")
-        (upload_dir / f"{file_id}.json").write_text(json.dumps({"id": file_id}))
+        (upload_dir / f"{file_id}.json").write_text(json.dumps({"id": file_id, "size": 1, "sha256": "0" * 64}))
         os.utime(upload_dir / f"{file_id}.json", ns=(i * 10**9, i * 10**9))
     import heapq
 

@@ -405,8 +405,29 @@ def test_base64_of_any_text_decodes_or_is_a_400(text, cuts):
         pass
 
 
-@settings(max_examples=500, deadline=None)
-@given(st.binary(max_size=200).map(lambda raw: raw.replace(b"\x00", b"=")), st.lists(st.integers(0, 200), max_size=6))
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.sampled_from([b"=", b"\r", b"\n", b"A", b"4", b"1", b" ", b"x", b"\xff"]), max_size=40).map(b"".join),
+       st.lists(st.integers(0, 40), max_size=6))
 def test_quoted_printable_in_any_pieces_reads_as_the_whole(text, cuts):
-    """Escapes and soft line breaks cut anywhere read as `binascii.a2b_qp` reads the whole text."""
-    assert decode_in_pieces(QuotedPrintableDecoder(), text, cuts) == binascii.a2b_qp(text)
+    """Escapes and soft line breaks cut anywhere read as the whole text does, or are a 400 either way."""
+    def decoded(pieces: list[int]) -> bytes | None:
+        try:
+            return decode_in_pieces(QuotedPrintableDecoder(), text, pieces)
+        except FormError:
+            return None
+    whole = decoded([])
+    assert decoded(cuts) == whole
+    if whole is not None:
+        assert whole == binascii.a2b_qp(text)
+
+
+@pytest.mark.parametrize("text", [b"x===41", b"ab=\rXYZ\nc", b"a=\r  \nb", b"end="])
+def test_quoted_printable_with_a_stray_equals_is_a_400(text):
+    with pytest.raises(FormError):
+        decode_in_pieces(QuotedPrintableDecoder(), text, [])
+
+
+def test_base64_padding_before_the_end_is_a_400_in_one_piece_or_many():
+    for cuts in ([], [4], [6]):
+        with pytest.raises(FormError):
+            decode_in_pieces(Base64Decoder(), b"QUJD====", cuts)

@@ -265,6 +265,8 @@ class Base64Decoder:
         if self._ended:
             raise FormError("a part's base64 body goes on after its padding")
         self._ended = data[whole - 1 : whole] == b"="
+        if data.find(b"=", 0, whole - 2) >= 0:  # padding only ends a run (one chunk or many alike)
+            raise FormError("a part's base64 body goes on after its padding")
         try:
             return binascii.a2b_base64(data[:whole], strict_mode=True)
         except binascii.Error:
@@ -278,7 +280,9 @@ class Base64Decoder:
 
 class QuotedPrintableDecoder:
     """Undo quoted-printable (RFC 2045 §6.7) chunk by chunk: an `=` in a chunk's last two
-    bytes may begin an escape or a soft line break the next chunk ends, so it waits."""
+    bytes may begin an escape or a soft line break the next chunk ends, so it waits. An `=`
+    that begins neither is refused: `binascii.a2b_qp` reads those by what follows, so the
+    bytes stored would depend on where the chunks were cut."""
 
     def __init__(self) -> None:
         self._rest = b""
@@ -290,11 +294,20 @@ class QuotedPrintableDecoder:
             self._rest = b""
         else:
             data, self._rest = data[:cut], data[cut:]
-        return binascii.a2b_qp(data)
+        return decode_quoted_printable(data)
 
     def flush(self) -> bytes:
         data, self._rest = self._rest, b""
-        return binascii.a2b_qp(data)
+        return decode_quoted_printable(data)
+
+
+_QP_BAD_ESCAPE_RE = re.compile(rb"=(?![0-9A-Fa-f]{2}|\r\n|\n)")
+
+
+def decode_quoted_printable(data: bytes) -> bytes:
+    if _QP_BAD_ESCAPE_RE.search(data):
+        raise FormError("a part's quoted-printable body has an `=` that is neither an escape nor a line break")
+    return binascii.a2b_qp(data)
 
 
 def transfer_decoder(encoding: str) -> Base64Decoder | QuotedPrintableDecoder:

@@ -94,9 +94,13 @@ def method_override(scope: Scope, path: str) -> str | None:
     if scope["method"] != "POST" or not RESUMABLE_PATH_RE.fullmatch(path):
         return None
     method = (header(scope, b"x-http-method-override") or "").strip()
-    if method == "HEAD":  # its answer would have no body: a POST's must have the one it announces
-        raise tus.InvalidHeader("X-HTTP-Method-Override: HEAD cannot stand for a POST; send a HEAD")
-    return method or None
+    if method in ("", "POST"):
+        return None
+    # The methods a client cannot send otherwise, and that read the body (a GET or OPTIONS
+    # would answer without reading it, a HEAD without the body a POST's answer announces).
+    if method not in ("PATCH", "DELETE"):
+        raise tus.InvalidHeader(f"X-HTTP-Method-Override may name PATCH or DELETE, not {method[:20]!r}")
+    return method
 
 
 def says_body(scope: Scope) -> bool:

@@ -60,6 +60,8 @@ def parse_record(data: bytes) -> Record:
         raise UnreadableRecord(f"not JSON: {exc}") from None
     if not isinstance(record, dict):
         raise UnreadableRecord(f"not a JSON object but {type(record).__name__}")
+    if not isinstance(record.get("sha256"), str) or not isinstance(record.get("size"), int):
+        raise UnreadableRecord("no sha256 or size")  # what every answer about the file reads
     return record
 
 
