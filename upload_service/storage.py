@@ -49,7 +49,7 @@ class BadCursor(ValueError):
 
 
 class UnreadableRecord(ValueError):
-    """A stored record that is not a JSON object (a crash with UPLOAD_FSYNC=0 can leave it empty)."""
+    """A stored record that is not a JSON object with a size and a sha256 (a crash with UPLOAD_FSYNC=0 can leave it empty)."""
 
 
 def parse_record(data: bytes) -> Record:
