@@ -30,13 +30,16 @@ from upload_service.framing import (
     NAMED_PART_HEADERS, UNNAMED_PART_HEADERS, Framer, PartInfo, clean_filename, transfer_decoder,
 )
 from upload_service.storage import FileSink, Store
-from upload_service.threads import WriterPool
+from upload_service.threads import InOrder, WriterPool
 from upload_service.units import KiB, MiB
 
 # With an executor, a file's bytes are hashed and written in blocks of this size, one
 # block at a time: one thread handoff per MiB instead of one per 64 KiB read (bench/
-# measured 256 KiB to 4 MiB), and at most ~3 blocks per upload in memory (FormReader).
+# measured 256 KiB to 4 MiB), and at most ~5 blocks per upload in memory (FormReader).
 WRITE_BLOCK_SIZE = 1 * MiB
+# A file's blocks with the writer at once: one being written, the next waiting, so that
+# the writer goes on to it without waiting for the event loop (threads.InOrder).
+BLOCKS_IN_FLIGHT = 2
 # A file that ends before a block was handed off and is at most this big is hashed on
 # the event loop (16 KiB: ~10 µs) and held: if it is the last part, the store's commit
 # writes it in its own thread job (one thread hand-off for a small upload instead of
@@ -51,10 +54,10 @@ class UploadFileTarget(BaseTarget):
     """Stream one file part into a store's sink, hashing and counting on the way.
 
     Without an executor each chunk is hashed and written as it comes. With one, the
-    chunks are collected into blocks of WRITE_BLOCK_SIZE that the executor hashes
+    chunks are collected into blocks of WRITE_BLOCK_SIZE that a writer thread hashes
     and writes in order, one at a time, while the parser's thread goes on: when a
-    full block is waiting for the previous one, `write_backlog` returns the job to
-    wait for before feeding more. A small file (HELD_FILE_SIZE) is hashed when it
+    full block is waiting and BLOCKS_IN_FLIGHT are with the writer, `write_backlog`
+    returns the oldest one's job to wait for before feeding more. A small file (HELD_FILE_SIZE) is hashed when it
     ends and held, for `write_held` (the store's commit) or `hand_off_held`.
     """
 
@@ -70,10 +73,16 @@ class UploadFileTarget(BaseTarget):
         self._hash = hashlib.sha256()
         self._sink_open = False  # opened with the first block, on the writer thread
         self._executor = executor
+        self._writer = InOrder(executor) if executor is not None else None
         self._chunks: list[bytes] = []  # received, not yet handed to the executor
         self._buffered = 0
-        self.job: Future[None] | None = None  # the last block handed to the executor
+        self._jobs: deque[Future[None]] = deque()  # blocks with the writer, oldest first
         self._held = b""  # a small file's bytes, hashed, for `write_held`
+
+    @property
+    def job(self) -> Future[None] | None:
+        """The last block handed to the writer: done once every block is written (in order)."""
+        return self._jobs[-1] if self._jobs else None
 
     @property
     def sha256(self) -> str:
@@ -116,24 +125,26 @@ class UploadFileTarget(BaseTarget):
         """Another part begins: write a held file on the executor, not holding it in memory longer."""
         if self._held:
             data, self._held = self._held, b""
-            self.job = self._executor.submit(self._write, data, handshake=False)
+            self._jobs.append(self._writer.submit(self._write, data, handshake=False))
 
     def hand_off(self) -> None:
-        """Give a full block (or the last one) to the executor, unless it still has our last block."""
-        if not self._block_ready or (self.job is not None and not self.job.done()):
+        """Give a full block (or the last one) to the writer, unless it has BLOCKS_IN_FLIGHT of ours."""
+        if not self._block_ready:
             return
-        if self.job is not None:
-            self.job.result()  # a failed write (ENOSPC) raises here, on the parser's side
+        while self._jobs and self._jobs[0].done():
+            self._jobs.popleft().result()  # a failed write (ENOSPC) raises here, on the parser's side
+        if len(self._jobs) >= BLOCKS_IN_FLIGHT:
+            return
         # Joined here: the GIL is held for the copy wherever it runs, and here it is off
         # the writer's path (hashing and writing, without the GIL, once each a block).
         chunks, self._chunks, self._buffered = self._chunks, [], 0
         block = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self.job = self._executor.submit(self._store, block, handshake=not self.finished)
+        self._jobs.append(self._writer.submit(self._store, block, handshake=not self.finished))
 
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""
         self.hand_off()
-        return self.job if self._block_ready else None
+        return self._jobs[0] if self._block_ready else None
 
     @property
     def _block_ready(self) -> bool:
@@ -142,7 +153,7 @@ class UploadFileTarget(BaseTarget):
     @property
     def written(self) -> bool:
         """The part has ended and every byte of it is hashed and written."""
-        return self.finished and not self._chunks and not self._held and (self.job is None or self.job.done())
+        return self.finished and not self._chunks and not self._held and all(job.done() for job in self._jobs)
 
     def _store(self, data: bytes, started: threading.Event | None = None) -> None:
         """Hash and write a block (on an executor thread) or a chunk (inline), in order."""
@@ -162,10 +173,11 @@ class UploadFileTarget(BaseTarget):
         self._sink_open = True
 
     def _wait_for_job(self) -> None:
-        """Make sure the executor no longer uses our file descriptor: cancel or wait."""
+        """Make sure the writer no longer uses our file descriptor: cancel or wait."""
         self._chunks, self._buffered, self._held = [], 0, b""
-        if self.job is not None and not self.job.cancel():
-            wait_for_futures([self.job])  # at most one block's hash and write
+        for job in reversed(self._jobs):  # the waiting ones first: they never run
+            job.cancel()
+        wait_for_futures(self._jobs)  # at most one block's hash and write
 
     def abort(self) -> None:
         """Stop writing and remove what was written; safe to call more than once."""
@@ -411,10 +423,10 @@ class FormReader:
     def write_backlog(self) -> Future[None] | None:
         """A write job to wait for before feeding more, or None.
 
-        Each file has at most one block with the executor and one collected; and
-        while an ended file's last block is still with the executor, the next file
-        to end waits for it: so a form of many files holds at most ~3 blocks,
-        however slow the disk.
+        Each file has at most BLOCKS_IN_FLIGHT blocks with the writers and one
+        collected; and while an ended file's last block is still with a writer, the
+        next file to end waits for it: so a form of many files holds at most ~5
+        blocks, however slow the disk.
         """
         for target in self._writing:
             job = target.write_backlog()

@@ -80,3 +80,62 @@ def test_writer_pool_job_that_raises_still_frees_its_thread():
         pool.submit(failing).result(10)
     assert pool.submit(lambda started: started.set()).result(10) is None
     assert pool._busy == 0
+
+
+def test_in_order_runs_a_files_jobs_in_order_on_one_pool_job():
+    """A job handed in while the last one runs is taken by the same thread when it ends:
+    one pool job for the lot, in the order given, never two at once."""
+    pool = WriterPool(2)
+    jobs = threads.InOrder(pool)
+    gate = threading.Event()
+    ran, threads_seen, running = [], set(), []
+
+    def job(value, started):
+        if started is not None:
+            started.set()
+            gate.wait(10)
+        running.append(value)
+        assert len(running) == 1  # never two at once
+        ran.append(value)
+        threads_seen.add(threading.get_ident())
+        running.pop()
+
+    futures = [jobs.submit(job, 0)]
+    futures += [jobs.submit(job, i) for i in range(1, 6)]  # while the first waits at the gate
+    assert pool.busy == 1
+    gate.set()
+    for future in futures:
+        future.result(10)
+    assert ran == list(range(6)) and len(threads_seen) == 1
+    assert pool.busy == 0
+    assert jobs.submit(job, 6).result(10) is None  # idle again: a new pool job
+    assert ran[-1] == 6
+
+
+def test_in_order_fails_the_jobs_behind_a_failed_one_unrun_and_skips_cancelled_ones():
+    pool = WriterPool(1)
+    jobs = threads.InOrder(pool)
+    gate = threading.Event()
+    ran = []
+
+    def first(started):
+        started.set()
+        gate.wait(10)
+        ran.append("first")
+
+    def failing(started):
+        ran.append("failing")
+        raise OSError(28, "No space left on device")
+
+    def later(started):
+        ran.append("later")
+
+    futures = [jobs.submit(first), jobs.submit(later), jobs.submit(failing), jobs.submit(later)]
+    assert futures[1].cancel()  # an aborted upload's waiting block: never runs
+    gate.set()
+    futures[0].result(10)
+    with pytest.raises(OSError):
+        futures[2].result(10)
+    with pytest.raises(OSError):
+        futures[3].result(10)  # behind the failure: not run, failed alike
+    assert ran == ["first", "failing"]

@@ -30,7 +30,7 @@ DEFAULT_IDLE_TIMEOUT = 60.0  # seconds; a browser on a bad link stalls for less
 # UPLOAD_MAX_CONCURRENT of them would shut everyone else out. 1 KiB/s is far below any
 # real link; 0 turns the check off.
 DEFAULT_MIN_RATE = 1 * KiB
-DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write blocks
+DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write blocks (~5 for many files)
 # An incomplete resumable upload untouched this long is swept (tus expiration). A day
 # covers a laptop closed overnight; each PATCH starts the time again.
 DEFAULT_RESUMABLE_EXPIRY = 24 * 3600.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -69,6 +70,55 @@ class WriterPool:
     def _job_over(self, _future: Future[None]) -> None:
         with self._lock:
             self._busy -= 1
+
+
+class InOrder:
+    """One file's write jobs, run on the pool in the order given, one at a time.
+
+    A job handed in while the last one runs is taken by the same thread as soon as
+    that one ends, without a trip back to the event loop (its wake-up and the next
+    hand-off cost ~0.1 ms a block in process, a seventh of the block's hash and
+    write). A job that fails fails those still waiting behind it, unrun.
+    """
+
+    def __init__(self, pool: WriterPool) -> None:
+        self._pool = pool
+        self._lock = threading.Lock()
+        self._waiting: deque[tuple[Callable[..., None], tuple[Any, ...], Future[None]]] = deque()
+        self._running = False
+
+    def submit(self, fn: Callable[..., None], *args: Any, handshake: bool = True) -> Future[None]:
+        """Like `WriterPool.submit`; `fn` gets `started=None` when it follows a job of ours."""
+        future: Future[None] = Future()
+        with self._lock:
+            self._waiting.append((fn, args, future))
+            if self._running:
+                return future
+            self._running = True
+        self._pool.submit(self._run_waiting, handshake=handshake)
+        return future
+
+    def _run_waiting(self, started: threading.Event | None) -> None:
+        failure: BaseException | None = None
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    self._running = False
+                    return
+                fn, args, future = self._waiting.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # cancelled by an aborted upload
+            if failure is not None:
+                future.set_exception(failure)
+                continue
+            try:
+                fn(*args, started=started)
+            except BaseException as exc:
+                failure = exc
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+            started = None
 
 
 async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
