@@ -57,8 +57,9 @@ class UploadFileTarget(BaseTarget):
     chunks are collected into blocks of WRITE_BLOCK_SIZE that a writer thread hashes
     and writes in order, one at a time, while the parser's thread goes on: when a
     full block is waiting and BLOCKS_IN_FLIGHT are with the writer, `write_backlog`
-    returns the oldest one's job to wait for before feeding more. A small file (HELD_FILE_SIZE) is hashed when it
-    ends and held, for `write_held` (the store's commit) or `hand_off_held`.
+    returns the oldest one's job to wait for before feeding more. A small file
+    (HELD_FILE_SIZE) is hashed when it ends and held, for `write_held` (the store's
+    commit) or `hand_off_held`.
     """
 
     def __init__(self, sink: FileSink, info: PartInfo, max_size: int, executor: WriterPool | None = None) -> None:
