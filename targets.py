@@ -33,9 +33,10 @@ from upload_service.storage import FileSink, Store
 from upload_service.threads import InOrder, WriterPool
 from upload_service.units import KiB, MiB
 
-# With an executor, a file's bytes are hashed and written in blocks of this size, one
-# block at a time: one thread handoff per MiB instead of one per 64 KiB read (bench/
-# measured 256 KiB to 4 MiB), and at most ~5 blocks per upload in memory (FormReader).
+# With an executor, a file's bytes are hashed and written in blocks of this size, in
+# order, one at a time: at most one thread hand-off per MiB instead of one per 64 KiB
+# read (bench/ measured 256 KiB to 4 MiB), and at most ~3 blocks per upload in memory
+# (~5 for a form of many files, FormReader).
 WRITE_BLOCK_SIZE = 1 * MiB
 # A file's blocks with the writer at once: one being written, the next waiting, so that
 # the writer goes on to it without waiting for the event loop (threads.InOrder).
@@ -82,7 +83,8 @@ class UploadFileTarget(BaseTarget):
 
     @property
     def job(self) -> Future[None] | None:
-        """The last block handed to the writer: done once every block is written (in order)."""
+        """The last block handed to the writer: done once every block is (threads.InOrder fails
+        it too when an earlier one failed)."""
         return self._jobs[-1] if self._jobs else None
 
     @property
@@ -173,7 +175,7 @@ class UploadFileTarget(BaseTarget):
         self.sink.open()
         self._sink_open = True
 
-    def _wait_for_job(self) -> None:
+    def _wait_for_jobs(self) -> None:
         """Make sure the writer no longer uses our file descriptor: cancel or wait."""
         self._chunks, self._buffered, self._held = [], 0, b""
         for job in reversed(self._jobs):  # the waiting ones first: they never run
@@ -182,7 +184,7 @@ class UploadFileTarget(BaseTarget):
 
     def abort(self) -> None:
         """Stop writing and remove what was written; safe to call more than once."""
-        self._wait_for_job()
+        self._wait_for_jobs()
         self.sink.abort()
 
 

@@ -527,6 +527,26 @@ async def test_disk_full_answers_507_and_keeps_serving(config, upload_dir, monke
     assert_stored(upload_dir, reply.json(), data)
 
 
+async def test_disk_full_in_a_file_of_many_blocks_writes_nothing_after_the_failed_block(config, upload_dir, monkeypatch):
+    """A file's next blocks wait behind the one being written (targets.BLOCKS_IN_FLIGHT): once
+    one fails, none after it is written, and the upload is a 507 with nothing left."""
+    app = upload_asgi.create_app(replace(config, fsync=False))
+    failing = FailingWrites(upload_dir, errno.ENOSPC, after=3 * MiB // 2)
+    real_write = failing.real
+
+    def slow_write(fd: int, data: Any) -> int:
+        time.sleep(0.01)  # the loop hands off the next blocks while this one is written
+        return real_write(fd, data)
+
+    failing.real = slow_write
+    monkeypatch.setattr(localstore.os, "write", failing)
+    body = form_body([file_part(os.urandom(6 * MiB + 10))])
+    reply = await call_app(app, upload_scope(), chunks_of(body, 64 * KiB))
+    assert_error(reply, 507, "insufficient_storage")
+    assert failing.failures == 1  # the blocks behind it failed unrun
+    assert_nothing_stored(upload_dir)
+
+
 @pytest.mark.parametrize(
     "code",
     # ETIMEDOUT: Python raises it as TimeoutError, which must not pass for the idle timeout (408).

@@ -107,21 +107,34 @@ def test_in_order_runs_a_files_jobs_in_order_on_one_pool_job():
     for future in futures:
         future.result(10)
     assert ran == list(range(6)) and len(threads_seen) == 1
-    assert pool.busy == 0
+    wait_until_idle(pool)
     assert jobs.submit(job, 6).result(10) is None  # idle again: a new pool job
     assert ran[-1] == 6
 
 
-def test_in_order_fails_the_jobs_behind_a_failed_one_unrun_and_skips_cancelled_ones():
-    pool = WriterPool(1)
-    jobs = threads.InOrder(pool)
-    gate = threading.Event()
-    ran = []
+def wait_until_idle(pool: WriterPool) -> None:
+    """The pool's count drops in a done-callback that may run just after the last result."""
+    deadline = time.monotonic() + 5
+    while pool.busy and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert pool.busy == 0
 
+
+def gated_first_job(gate: threading.Event, ran: list[str]):
     def first(started):
         started.set()
         gate.wait(10)
         ran.append("first")
+    return first
+
+
+def test_in_order_fails_every_later_job_unrun_once_one_failed():
+    """Also a job handed in after the failed one's run ended: no block is written after a
+    missing one (the failed block may be followed by the file's last, the only one awaited)."""
+    pool = WriterPool(1)
+    jobs = threads.InOrder(pool)
+    gate = threading.Event()
+    ran = []
 
     def failing(started):
         ran.append("failing")
@@ -130,12 +143,54 @@ def test_in_order_fails_the_jobs_behind_a_failed_one_unrun_and_skips_cancelled_o
     def later(started):
         ran.append("later")
 
-    futures = [jobs.submit(first), jobs.submit(later), jobs.submit(failing), jobs.submit(later)]
-    assert futures[1].cancel()  # an aborted upload's waiting block: never runs
+    futures = [jobs.submit(gated_first_job(gate, ran)), jobs.submit(failing), jobs.submit(later)]
     gate.set()
     futures[0].result(10)
+    for future in futures[1:]:
+        with pytest.raises(OSError):
+            future.result(10)
+    wait_until_idle(pool)
     with pytest.raises(OSError):
-        futures[2].result(10)
-    with pytest.raises(OSError):
-        futures[3].result(10)  # behind the failure: not run, failed alike
+        jobs.submit(later).result(10)  # a new run: still failed, still unrun
     assert ran == ["first", "failing"]
+
+
+def test_in_order_cancels_every_later_job_once_one_was_cancelled():
+    pool = WriterPool(1)
+    jobs = threads.InOrder(pool)
+    gate = threading.Event()
+    ran = []
+
+    def later(started):
+        ran.append("later")
+
+    futures = [jobs.submit(gated_first_job(gate, ran)), jobs.submit(later), jobs.submit(later)]
+    assert futures[1].cancel()  # an aborted upload's waiting block
+    gate.set()
+    futures[0].result(10)
+    wait_until_idle(pool)
+    assert futures[2].cancelled()
+    assert ran == ["first"]
+
+
+def test_in_order_takes_turns_with_other_jobs_waiting_for_a_thread():
+    """A file whose next block is always waiting must not keep a thread from other uploads:
+    with jobs queued for the pool, the rest of its run goes to the back of the queue."""
+    pool = WriterPool(1)
+    long_file, other_file = threads.InOrder(pool), threads.InOrder(pool)
+    gate = threading.Event()
+    ran = []
+
+    def block(name):
+        def job(started):
+            ran.append(name)
+        return job
+
+    futures = [long_file.submit(gated_first_job(gate, ran)), long_file.submit(block("long 2")),
+               long_file.submit(block("long 3"))]
+    futures.append(other_file.submit(block("other")))  # queued for the pool's one thread
+    gate.set()
+    for future in futures:
+        future.result(10)
+    assert ran == ["first", "other", "long 2", "long 3"]
+    wait_until_idle(pool)

@@ -88,7 +88,7 @@ class S3Sink(FileSink):
     def open(self) -> None:
         """Nothing to do yet: the multipart upload starts with the first full part.
 
-        (Called on the event loop, by the parser: it must not wait for S3 here.)
+        (Called by the parser or a writer thread: it must not wait for S3 here.)
         """
 
     def write(self, data: bytes) -> None:

@@ -9,7 +9,7 @@ import asyncio
 import os
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 # Threads that hash and write files (targets.WRITE_BLOCK_SIZE blocks), per app: the
@@ -78,47 +78,70 @@ class InOrder:
     A job handed in while the last one runs is taken by the same thread as soon as
     that one ends, without a trip back to the event loop (its wake-up and the next
     hand-off cost ~0.1 ms a block in process, a seventh of the block's hash and
-    write). A job that fails fails those still waiting behind it, unrun.
+    write). When other jobs wait for a thread, the rest goes to the back of the
+    pool's queue instead, so that a long upload never keeps a thread from the others.
+    Once a job fails or is cancelled, every later job fails or is cancelled unrun: no
+    block is written after a missing one.
     """
 
     def __init__(self, pool: WriterPool) -> None:
         self._pool = pool
         self._lock = threading.Lock()
         self._waiting: deque[tuple[Callable[..., None], tuple[Any, ...], Future[None]]] = deque()
-        self._running = False
+        self._running = False  # a pool job of ours is running or queued
+        self._failure: BaseException | None = None
 
     def submit(self, fn: Callable[..., None], *args: Any, handshake: bool = True) -> Future[None]:
-        """Like `WriterPool.submit`; `fn` gets `started=None` when it follows a job of ours."""
+        """Like `WriterPool.submit` (the handshake only when no job of ours is running);
+        `fn` gets `started=None` when it follows a job of ours."""
         future: Future[None] = Future()
         with self._lock:
             self._waiting.append((fn, args, future))
             if self._running:
                 return future
             self._running = True
-        self._pool.submit(self._run_waiting, handshake=handshake)
+        try:
+            self._pool.submit(self._run_waiting, handshake=handshake)
+        except BaseException:
+            with self._lock:
+                self._waiting.pop()
+                self._running = False
+            raise
         return future
 
     def _run_waiting(self, started: threading.Event | None) -> None:
-        failure: BaseException | None = None
+        ran = False
         while True:
             with self._lock:
                 if not self._waiting:
                     self._running = False
                     return
+                if ran and self._pool.busy > self._pool.threads:
+                    break  # others wait for a thread: take turns
                 fn, args, future = self._waiting.popleft()
-            if not future.set_running_or_notify_cancel():
-                continue  # cancelled by an aborted upload
-            if failure is not None:
-                future.set_exception(failure)
-                continue
+            self._run(fn, args, future, started)
+            started, ran = None, True
+        self._pool.submit(self._run_waiting, handshake=False)
+
+    def _run(self, fn: Callable[..., None], args: tuple[Any, ...], future: Future[None],
+             started: threading.Event | None) -> None:
+        if self._failure is None and future.set_running_or_notify_cancel():
             try:
                 fn(*args, started=started)
             except BaseException as exc:
-                failure = exc
+                self._failure = exc
                 future.set_exception(exc)
             else:
                 future.set_result(None)
-            started = None
+            return
+        if started is not None:
+            started.set()  # nothing runs: the loop need not wait
+        if future.cancelled():  # by an aborted upload
+            self._failure = self._failure or CancelledError()
+        elif isinstance(self._failure, CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(self._failure)
 
 
 async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
