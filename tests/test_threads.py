@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import CancelledError
 
 import pytest
 
 from upload_service import threads
 from upload_service.threads import WriterPool
+
+
+def wait_until_idle(pool: WriterPool) -> None:
+    """The pool's count drops in a done-callback that may run just after the last result."""
+    deadline = time.monotonic() + 5
+    while pool.busy and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert pool.busy == 0
 
 
 def test_writer_pool_forgets_a_job_cancelled_before_it_ran():
@@ -27,7 +36,7 @@ def test_writer_pool_forgets_a_job_cancelled_before_it_ran():
     assert queued.cancel()
     gate.set()
     running.result(5)
-    assert pool.busy == 0
+    wait_until_idle(pool)
 
 
 def test_writer_pool_waits_for_a_free_thread_to_begin(monkeypatch):
@@ -79,7 +88,7 @@ def test_writer_pool_job_that_raises_still_frees_its_thread():
     with pytest.raises(OSError):
         pool.submit(failing).result(10)
     assert pool.submit(lambda started: started.set()).result(10) is None
-    assert pool._busy == 0
+    wait_until_idle(pool)
 
 
 def test_in_order_runs_a_files_jobs_in_order_on_one_pool_job():
@@ -110,14 +119,6 @@ def test_in_order_runs_a_files_jobs_in_order_on_one_pool_job():
     wait_until_idle(pool)
     assert jobs.submit(job, 6).result(10) is None  # idle again: a new pool job
     assert ran[-1] == 6
-
-
-def wait_until_idle(pool: WriterPool) -> None:
-    """The pool's count drops in a done-callback that may run just after the last result."""
-    deadline = time.monotonic() + 5
-    while pool.busy and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert pool.busy == 0
 
 
 def gated_first_job(gate: threading.Event, ran: list[str]):
@@ -170,6 +171,8 @@ def test_in_order_cancels_every_later_job_once_one_was_cancelled():
     futures[0].result(10)
     wait_until_idle(pool)
     assert futures[2].cancelled()
+    with pytest.raises(CancelledError):
+        jobs.submit(later).result(10)  # a new run: still cancelled, still unrun
     assert ran == ["first"]
 
 

@@ -9,7 +9,7 @@ import asyncio
 import os
 import threading
 from collections import deque
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Callable
 
 # Threads that hash and write files (targets.WRITE_BLOCK_SIZE blocks), per app: the
@@ -109,19 +109,22 @@ class InOrder:
             raise
         return future
 
-    def _run_waiting(self, started: threading.Event | None) -> None:
+    def _run_waiting(self, started: threading.Event | None, take_turns: bool = True) -> None:
         ran = False
         while True:
             with self._lock:
                 if not self._waiting:
                     self._running = False
                     return
-                if ran and self._pool.busy > self._pool.threads:
+                if ran and take_turns and self._pool.busy > self._pool.threads:
                     break  # others wait for a thread: take turns
                 fn, args, future = self._waiting.popleft()
             self._run(fn, args, future, started)
             started, ran = None, True
-        self._pool.submit(self._run_waiting, handshake=False)
+        try:
+            self._pool.submit(self._run_waiting, handshake=False)
+        except RuntimeError:  # the pool takes no more jobs (interpreter exit): finish here
+            self._run_waiting(None, take_turns=False)
 
     def _run(self, fn: Callable[..., None], args: tuple[Any, ...], future: Future[None],
              started: threading.Event | None) -> None:
@@ -141,7 +144,10 @@ class InOrder:
         elif isinstance(self._failure, CancelledError):
             future.cancel()
         else:
-            future.set_exception(self._failure)
+            try:
+                future.set_exception(self._failure)
+            except InvalidStateError:  # cancelled meanwhile by an aborted upload
+                pass
 
 
 async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
