@@ -121,6 +121,12 @@ def test_in_order_runs_a_files_jobs_in_order_on_one_pool_job():
     assert ran[-1] == 6
 
 
+def recording(ran: list[str], name: str):
+    def job(started):
+        ran.append(name)
+    return job
+
+
 def gated_first_job(gate: threading.Event, ran: list[str]):
     def first(started):
         started.set()
@@ -141,9 +147,7 @@ def test_in_order_fails_every_later_job_unrun_once_one_failed():
         ran.append("failing")
         raise OSError(28, "No space left on device")
 
-    def later(started):
-        ran.append("later")
-
+    later = recording(ran, "later")
     futures = [jobs.submit(gated_first_job(gate, ran)), jobs.submit(failing), jobs.submit(later)]
     gate.set()
     futures[0].result(10)
@@ -162,9 +166,7 @@ def test_in_order_cancels_every_later_job_once_one_was_cancelled():
     gate = threading.Event()
     ran = []
 
-    def later(started):
-        ran.append("later")
-
+    later = recording(ran, "later")
     futures = [jobs.submit(gated_first_job(gate, ran)), jobs.submit(later), jobs.submit(later)]
     assert futures[1].cancel()  # an aborted upload's waiting block
     gate.set()
@@ -184,14 +186,9 @@ def test_in_order_takes_turns_with_other_jobs_waiting_for_a_thread():
     gate = threading.Event()
     ran = []
 
-    def block(name):
-        def job(started):
-            ran.append(name)
-        return job
-
-    futures = [long_file.submit(gated_first_job(gate, ran)), long_file.submit(block("long 2")),
-               long_file.submit(block("long 3"))]
-    futures.append(other_file.submit(block("other")))  # queued for the pool's one thread
+    futures = [long_file.submit(gated_first_job(gate, ran)), long_file.submit(recording(ran, "long 2")),
+               long_file.submit(recording(ran, "long 3"))]
+    futures.append(other_file.submit(recording(ran, "other")))  # queued for the pool's one thread
     gate.set()
     for future in futures:
         future.result(10)
