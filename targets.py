@@ -74,7 +74,6 @@ class UploadFileTarget(BaseTarget):
         self.finished = False
         self._hash = hashlib.sha256()
         self._sink_open = False  # opened with the first block, on the writer thread
-        self._executor = executor
         self._writer = InOrder(executor) if executor is not None else None
         self._chunks: list[bytes] = []  # received, not yet handed to the executor
         self._buffered = 0
@@ -100,7 +99,7 @@ class UploadFileTarget(BaseTarget):
                 self.max_size,
                 f"file {self.filename!r} is larger than {self.max_size} bytes",
             )
-        if self._executor is None:
+        if self._writer is None:
             self._store(chunk)
             return
         self._chunks.append(chunk)
@@ -110,13 +109,13 @@ class UploadFileTarget(BaseTarget):
 
     def on_finish(self) -> None:
         self.finished = True
-        if self._executor is not None and self.job is None and self.size <= HELD_FILE_SIZE:
+        if self._writer is not None and self.job is None and self.size <= HELD_FILE_SIZE:
             self._held = b"".join(self._chunks)
             self._chunks, self._buffered = [], 0
             self._hash.update(self._held)
         elif self.size == 0 and not self._sink_open:
             self._open_sink()  # an empty file: no block will create it
-        elif self._executor is not None:
+        elif self._writer is not None:
             self.hand_off()
 
     def write_held(self) -> None:
