@@ -252,6 +252,29 @@ async def test_creation_with_upload_and_deferred_length(client: httpx.AsyncClien
     assert (await record_of(client, location))["filename"] == "unnamed"
 
 
+async def test_a_patch_repeating_the_known_length_saves_nothing_more(
+    client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from upload_service.localresumable import LocalUpload
+    from upload_service.s3resumable import S3Upload
+
+    saved: list[bool] = []
+    for kind in (LocalUpload, S3Upload):
+        def counting(self: Any, durable: bool = True, save: Any = kind.save_info) -> None:
+            saved.append(durable)
+            save(self, durable)
+        monkeypatch.setattr(kind, "save_info", counting)
+    data = payload(10)
+    location = await create(client, 10)
+    reply = await patch(client, location, 0, data[:4], **{"Upload-Length": "10"})
+    assert reply.status_code == 204
+    assert saved == [False]  # only the offset, as any PATCH: the length was known
+    check_error(await patch(client, location, 4, data[4:], **{"Upload-Length": "11"}), 400, "invalid_header")
+    reply = await patch(client, location, 4, data[4:], **{"Upload-Length": "10"})
+    assert reply.status_code == 204
+    backend.assert_stored(await record_of(client, location), data)
+
+
 async def test_creation_with_the_whole_file_and_an_empty_one(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(5000)
     reply = await client.post("/files", content=data, headers={**OCTETS, "Upload-Length": "5000"})
@@ -474,6 +497,32 @@ async def test_termination(client: httpx.AsyncClient, backend: Any) -> None:
     assert (await patch(client, location, 0, b"abc")).status_code == 204
     assert (await client.delete(location)).status_code == 204
     check_error(await client.get(location), 404, "not_found")
+    backend.assert_nothing_stored()
+
+
+@pytest.mark.parametrize(
+    "conditions, status",
+    [
+        pytest.param({"If-Match": "*"}, 204, id="if-match-any"),
+        pytest.param({"If-Match": '"abc"'}, 412, id="if-match-a-tag"),  # an upload under way has none yet
+        pytest.param({"If-None-Match": "*"}, 412, id="if-none-match-any"),
+        pytest.param({"If-None-Match": '"abc"'}, 204, id="if-none-match-a-tag"),
+        pytest.param({"If-Unmodified-Since": "Sat, 01 Jan 2000 00:00:00 GMT"}, 204, id="if-unmodified-since"),
+    ],
+)
+async def test_termination_with_preconditions(
+    client: httpx.AsyncClient, backend: Any, conditions: dict[str, str], status: int
+) -> None:
+    location = await create(client, 100)
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    reply = await client.delete(location, headers={**TUS, **conditions})
+    if status == 412:
+        check_error(reply, 412, "precondition_failed")
+        assert (await client.head(location, headers=TUS)).headers["upload-offset"] == "3"
+        assert (await client.delete(location, headers=TUS)).status_code == 204
+    else:
+        assert reply.status_code == 204
+    check_error(await client.head(location, headers=TUS), 404, "not_found")
     backend.assert_nothing_stored()
 
 

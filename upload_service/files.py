@@ -202,20 +202,20 @@ def opaque_tag(tag: str) -> str:
     return tag[2:] if tag.startswith("W/") else tag
 
 
-def none_match(if_none_match: str, etag: str) -> bool:
+def none_match(if_none_match: str, etag: str | None) -> bool:
     """Whether If-None-Match names our tag (weak comparison, RFC 9110 §13.1.2) or is `*`."""
     value = if_none_match.strip()
     if value == "*":
         return True
-    return any(opaque_tag(tag.strip()) == etag for tag in value.split(","))
+    return etag is not None and any(opaque_tag(tag.strip()) == etag for tag in value.split(","))
 
 
-def strong_match(if_match: str, etag: str) -> bool:
+def strong_match(if_match: str, etag: str | None) -> bool:
     """Whether If-Match names our tag (strong comparison: never a W/ tag, RFC 9110 §13.1.1) or is `*`."""
     value = if_match.strip()
     if value == "*":
         return True  # any current representation: the file is there
-    return any(tag.strip() == etag for tag in value.split(","))
+    return etag is not None and any(tag.strip() == etag for tag in value.split(","))
 
 
 def unmodified_since(since: str | None, modified: datetime | None) -> bool:
@@ -235,9 +235,10 @@ def has_preconditions(scope: Scope) -> bool:
     return any(header(scope, name) is not None for name in (b"if-match", b"if-unmodified-since", b"if-none-match"))
 
 
-def check_preconditions(scope: Scope, etag: str, modified: datetime | None) -> bool:
+def check_preconditions(scope: Scope, etag: str | None, modified: datetime | None) -> bool:
     """RFC 9110 §13.2.2 steps 1-4, in order: raise PreconditionFailed (412) for a false condition;
-    return whether a GET or HEAD gets 304 (another method gets 412 where they would)."""
+    return whether a GET or HEAD gets 304 (another method gets 412 where they would). `etag` None:
+    the resource has no tag yet (an upload under way), so only `*` matches it."""
     if_match = list_header(scope, b"if-match")
     if if_match is not None:
         if not strong_match(if_match, etag):

@@ -51,7 +51,7 @@ from upload_service.errors import (
     UnsupportedMediaType,
     as_upload_error,
 )
-from upload_service.files import FilesResource, mount_url, send_stored
+from upload_service.files import FilesResource, check_preconditions, has_preconditions, mount_url, send_stored
 from upload_service.forms import utc_now
 from upload_service.framing import clean_content_type, clean_filename
 from upload_service.metrics import is_server_fault, log_outcome, outcome_of
@@ -440,8 +440,9 @@ class ResumableHandlers:
             if offset != upload.info.offset:
                 raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
             if new_length is not None:
-                self.declare_length(upload.info, tus.parse_number(new_length, "Upload-Length"), dialect)
-                await run_blocking(upload.save_info)  # declared, whatever becomes of the body (as tusd)
+                length = tus.parse_number(new_length, "Upload-Length")
+                if self.declare_length(upload.info, length, dialect):
+                    await run_blocking(upload.save_info)  # declared, whatever becomes of the body (as tusd)
             await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
             if upload.info.complete:
                 await self.finish(scope, upload, outcome, dialect)
@@ -469,15 +470,19 @@ class ResumableHandlers:
             raise tus.Problem(400, "completed-upload", "the upload is already complete")
         raise tus.UploadComplete(f"upload {file_id} is complete ({record['size']} bytes)", offset=record["size"])
 
-    def declare_length(self, info: UploadInfo, length: int, dialect: Dialect) -> None:
-        """tus creation-defer-length (or the draft's Upload-Length): a PATCH names the length once."""
+    def declare_length(self, info: UploadInfo, length: int, dialect: Dialect) -> bool:
+        """tus creation-defer-length (or the draft's Upload-Length): a PATCH names the length once.
+        Return whether it is new (repeating the known one is allowed, and changes nothing)."""
         draft = dialect.draft is not None
-        if info.length is not None and info.length != length:
-            raise tus.length_conflict(draft, f"Upload-Length is already {info.length}")
+        if info.length is not None:
+            if info.length != length:
+                raise tus.length_conflict(draft, f"Upload-Length is already {info.length}")
+            return False
         if length < info.offset:
             raise tus.length_conflict(draft, f"Upload-Length {length} is below the offset {info.offset}")
         self.check_length(length)
         info.length = length
+        return True
 
     async def append(
         self, scope: Scope, receive: Receive, upload: ResumableUpload, progress: BodyProgress, outcome: Outcome,
@@ -571,6 +576,8 @@ class ResumableHandlers:
             await self.files.handle_delete(scope, receive, send, file_id=file_id)
             return
         self.check_writer(scope, dialect)
+        if has_preconditions(scope):  # as for a stored file; an upload under way has no entity tag yet
+            check_preconditions(scope, None, None)
         try:
             upload = await run_blocking(self.store.acquire, file_id)
         except UploadBusy:
