@@ -476,6 +476,33 @@ async def test_sweep_removes_what_a_crash_left_without_an_info(bucket: S3Backend
     bucket.assert_nothing_stored()
 
 
+async def test_a_store_that_ignores_conditional_writes_is_refused(
+    bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without If-None-Match and If-Match the lease would not keep one writer at a time (SPEC §10)."""
+    first, _ = two_apps
+    s3 = first.resumable.store.s3
+    real_call = s3.call
+
+    async def ignoring_conditions(operation: str, **params: Any) -> Any:
+        if operation == "put_object":
+            params.pop("IfMatch", None)
+            params.pop("IfNoneMatch", None)
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(s3, "call", ignoring_conditions)
+    async with client_of(first) as client:
+        for _ in range(2):  # refused every time, not only when first found out
+            reply = await client.post("/files", headers={**TUS, "Upload-Length": "3"})
+            assert (reply.status_code, reply.json()["error"]) == (502, "storage_refused"), reply.text
+            assert "conditional writes" in reply.json()["detail"]
+        assert "ignores conditional writes" in caplog.text
+        bucket.assert_nothing_stored()
+        reply = await client.post("/upload", files={"file": ("a.txt", b"abc")})  # forms need no conditions
+        assert reply.status_code == 201, reply.text
+    assert in_progress(bucket) == []
+
+
 @pytest.mark.parametrize("problem, status, code", [("no_bucket", 502, "storage_refused"),
                                                    ("unreachable", 503, "storage_unavailable")])
 async def test_a_store_that_cannot_be_used(bucket: S3Backend, tmp_path: Path, problem: str, status: int, code: str) -> None:

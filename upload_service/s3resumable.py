@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Iterator, TypeVar
 
-from upload_service.errors import StorageUnavailable
+from upload_service.errors import StorageRefused, StorageUnavailable
 from upload_service.s3client import MISSING_CODES, BotoCoreError, PartBody, aiohttp, error_code
 from upload_service.s3store import RESUMABLE_DIR, THREAD_WAIT_SECONDS, S3Store, wait_for_room
 from upload_service.storage import (
@@ -336,6 +336,7 @@ class S3ResumableStore(ResumableStore):
         self._loop_lock = threading.Lock()
         self._closed = False
         self.digests = DigestCache()  # hash states of uploads this process wrote last
+        self._conditions_hold = False  # the store refuses a failed If-None-Match / If-Match (checked once)
 
     # -- keys --
 
@@ -467,6 +468,7 @@ class S3ResumableStore(ResumableStore):
 
         Returns its ETag, and whether it was taken over (its holder may not be dead after all).
         """
+        await self.check_conditional_writes()
         key = self.lock_key(upload_id)
         for _ in range(2):
             lease = {"holder": secrets.token_hex(8), "expires": time.time() + self.lease_seconds}
@@ -484,6 +486,28 @@ class S3ResumableStore(ResumableStore):
             except Conflict:
                 raise UploadBusy(upload_id) from None
         raise UploadBusy(upload_id)
+
+    async def check_conditional_writes(self) -> None:
+        """Once: make sure the store refuses a PUT whose If-None-Match or If-Match fails. Some
+        S3-compatible stores ignore both, and then two writers could hold one lease (SPEC §10)."""
+        if self._conditions_hold:
+            return
+        key = self.lock_key(new_file_id())  # a lease without an info: the sweep removes it if left
+        await self.put_json(key, {}, None)
+        try:
+            for if_match in (None, '"not-its-etag"'):
+                try:
+                    await self.put_json(key, {}, if_match)
+                except Conflict:
+                    continue
+                logger.error("%s ignores conditional writes: resumable uploads are refused", self.s3.url)
+                raise StorageRefused(
+                    "the object store ignores conditional writes (If-None-Match, If-Match), which resumable "
+                    "uploads need to keep one writer at a time"
+                )
+        finally:
+            await self.delete(key)
+        self._conditions_hold = True
 
     async def renew_lease(self, upload_id: str, etag: str) -> str:
         lease = {"holder": secrets.token_hex(8), "expires": time.time() + self.lease_seconds}
