@@ -166,6 +166,35 @@ async def test_a_taken_over_upload_never_reuses_the_old_holders_part_numbers(buc
     assert_only_stored(bucket, record, data)
 
 
+async def test_a_patch_writes_the_info_once(bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its bytes and its new expiry in one PUT of the info; a PATCH of no bytes still renews the expiry."""
+    first, second = two_apps
+    s3 = first.resumable.store.s3
+    real_call = s3.call
+    info_puts: list[str] = []
+
+    async def counting(operation: str, **params: Any) -> Any:
+        if operation == "put_object" and params["Key"].endswith(".info"):
+            info_puts.append(params["Key"])
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(s3, "call", counting)
+    data = payload(300, seed=15)
+    async with client_of(first) as a, client_of(second) as b:
+        location = await create(a, len(data))
+        info_puts.clear()
+        assert (await patch(a, location, 0, data[:100])).status_code == 204
+        assert len(info_puts) == 1
+        expires = (await b.head(location, headers=TUS)).headers["upload-expires"]
+        await asyncio.sleep(1.1)  # Upload-Expires counts in whole seconds
+        assert (await patch(a, location, 100, b"")).status_code == 204
+        assert len(info_puts) == 2
+        assert (await b.head(location, headers=TUS)).headers["upload-expires"] != expires  # seen by another server
+        assert (await patch(b, location, 100, data[100:])).status_code == 204
+        record = (await a.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, data)
+
+
 async def test_memory_stays_within_the_parts_in_flight(bucket: S3Backend, tmp_path: Path) -> None:
     size = 40 * MiB
     app = app_on(bucket, tmp_path / "m", s3_parts_in_flight=2)

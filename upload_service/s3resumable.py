@@ -37,7 +37,7 @@ import logging
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Iterator, TypeVar
 
 from upload_service.errors import StorageRefused, StorageUnavailable
@@ -87,6 +87,7 @@ class S3Upload(ResumableUpload):
         super().__init__(info, digest)
         self._store = store
         self._saved = saved
+        self._info_saved = replace(info)  # the info as the bucket has it
         self._lease: str | None = lease  # the lease object's ETag while held
         self._lease_at = time.monotonic()
         self._upload_id = saved.upload_id
@@ -203,7 +204,7 @@ class S3Upload(ResumableUpload):
 
     def _write_info(self, new: Saved) -> None:
         new.etag = self._store.run(self._store.write_info(self.info, new, self._saved.etag))
-        self._saved = new
+        self._saved, self._info_saved = new, replace(self.info)
 
     def _info_landed(self, new: Saved) -> bool:
         """Whether a failed info write landed after all (a retried PUT whose first answer was lost)."""
@@ -213,7 +214,7 @@ class S3Upload(ResumableUpload):
             return False
         if found is None or (found[1].generation, found[1].tail) != (new.generation, new.tail):
             return False
-        self._saved = found[1]
+        self._saved, self._info_saved = found[1], replace(self.info)
         return True
 
     def _truncate(self, offset: int) -> None:
@@ -233,6 +234,8 @@ class S3Upload(ResumableUpload):
 
     def save_info(self, durable: bool = True) -> None:
         self._commit()
+        if self.info == self._info_saved:
+            return  # the commit wrote it as it is (a PATCH's bytes and its new expiry: one PUT)
         new = Saved(self._saved.upload_id, self._saved.parts, self._saved.tail, self._saved.generation + 1,
                     self._saved.completed)
         self._write_info(new)
