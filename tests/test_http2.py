@@ -186,10 +186,11 @@ class RawH2:
 
     def request(
         self, path: str, body: bytes = b"", headers: dict[str, str] | None = None, method: str = "POST",
-        stop_after: int | None = None, stream_id: int | None = None,
+        stop_after: int | None = None, stream_id: int | None = None, keep_sending: bool = False,
     ) -> tuple[int | None, bytes, str]:
-        """Send a request, keep reading; stop sending when an answer comes (or at `stop_after`
-        bytes, then reset the stream). Return (status, body, how the stream ended)."""
+        """Send a request, keep reading; stop sending when an answer comes (`keep_sending`: when
+        the stream ends; or at `stop_after` bytes, then reset the stream). Return (status, body,
+        how the stream ended)."""
         if stream_id is None:
             stream_id = self.conn.get_next_available_stream_id()
             fields = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "127.0.0.1")]
@@ -200,7 +201,7 @@ class RawH2:
         deadline = time.monotonic() + 30
         while not ended:
             assert time.monotonic() < deadline, "no answer in time"
-            while status is None and sent < limit:
+            while (status is None or keep_sending) and sent < limit:
                 window = min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
                 if window <= 0:
                     break
@@ -284,6 +285,30 @@ def test_http2_early_413_reaches_a_client_that_reads_while_sending(h2c_server, u
         assert (status, ended) == (201, "ended")
     finally:
         client.close()
+    [file_id] = stored_ids(upload_dir)
+    assert (upload_dir / file_id).read_bytes() == data
+
+
+def test_http2_413_past_the_request_limit_spares_the_other_uploads(upload_dir):
+    """A body without Content-Length refused when it passes UPLOAD_MAX_REQUEST_SIZE: what the client
+    still has in flight is drained too (not only what the limit allowed, which is nothing), so the
+    connection and its next upload survive."""
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_MAX_REQUEST_SIZE": "4M"}
+    body = form_body([file_part(os.urandom(6 * MiB), "too-big.bin")])
+    with Server(upload_dir, env=env) as server:
+        client = RawH2(server.port)
+        try:
+            status, answer, ended = client.request(
+                "/upload", body, {"content-type": form_content_type()}, keep_sending=True
+            )
+            assert (status, ended) == (413, "ended")
+            assert b'"error":"payload_too_large"' in answer
+            data = os.urandom(300_000)
+            second = form_body([file_part(data, "after-413.bin")])
+            status, answer, ended = client.request("/upload", second, upload_headers(second))
+            assert (status, ended) == (201, "ended"), answer
+        finally:
+            client.close()
     [file_id] = stored_ids(upload_dir)
     assert (upload_dir / file_id).read_bytes() == data
 

@@ -67,13 +67,14 @@ async def answer_before_body_end(
         # protocol and drops the whole connection, other uploads included (a
         # browser's parallel uploads, or every client behind an HTTP/2 proxy). So
         # the answer stays open while we read and drop the rest of the body for as
-        # long as it keeps coming, within what a valid request may send and one
-        # idle timeout (a refused client must not hold a stream for ever); a client
-        # that stopped when it saw the answer gets the end of it 2 s later.
+        # long as it keeps coming, within what a valid request may send (at least
+        # DRAIN_LIMIT_BYTES: one refused for passing the limit still has bytes in
+        # flight) and one idle timeout (a refused client must not hold a stream for
+        # ever); a client that stopped when it saw the answer gets the end of it 2 s later.
         await send_error(send, error, headers=headers, more_body=True)
         await drain_body(
             receive,
-            max_bytes=max(remaining_allowed, 0),
+            max_bytes=max(remaining_allowed, DRAIN_LIMIT_BYTES),
             seconds=max(idle_timeout, DRAIN_LIMIT_SECONDS),
             pause=DRAIN_LIMIT_SECONDS,
         )
