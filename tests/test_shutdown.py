@@ -4,14 +4,17 @@ On both storage backends (on S3 the upload has a part sent when the signal comes
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import socket
 import time
 from typing import Any
 
+import httpx
 import pytest
 
-from support import HeldUpload, Server, file_part, form_body, wait_for
+from support import HeldUpload, Server, file_part, form_body, request_head, wait_for
 
 MiB = 1024 * 1024
 
@@ -81,3 +84,42 @@ def test_an_upload_that_ends_within_the_graceful_timeout_is_stored(backend):
     assert status == 201, record
     backend.assert_stored(record, data)
     backend.assert_nothing_in_flight()
+
+
+@pytest.mark.slow
+def test_a_patch_cut_off_by_sigterm_keeps_what_arrived(backend):
+    """Cut off at the graceful timeout, a tus PATCH keeps the bytes that arrived, as when its
+    client leaves (SPEC §12: it stays resumable); a restarted server finishes the upload."""
+    data = os.urandom(12 * MiB)
+    tus = {"Tus-Resumable": "1.0.0"}
+    server = upload_server(backend)
+    try:
+        created = httpx.post(f"{server.url}/files", headers={**tus, "Upload-Length": str(len(data))})
+        location = created.headers["location"]
+        upload_id = location.rsplit("/", 1)[1]
+        head = request_head(location, [*tus.items(), ("Content-Type", "application/offset+octet-stream"),
+                                       ("Upload-Offset", "0"), ("Content-Length", str(len(data)))], method="PATCH")
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(head + data[: 7 * MiB])
+            if backend.name == "local":
+                staged = backend.upload_dir / ".resumable" / upload_id
+                wait_for(lambda: staged.stat().st_size == 7 * MiB)
+            else:
+                wait_for(lambda: backend.in_flight())  # a part sent; the rest is held in memory
+                time.sleep(1)
+            terminate(server)
+            assert server.proc.wait(timeout=30) is not None
+    finally:
+        server.stop()
+    server = upload_server(backend)
+    try:
+        offset = int(httpx.head(f"{server.url}{location}", headers=tus).headers["upload-offset"])
+        assert offset == 7 * MiB if backend.name == "local" else 5 * MiB <= offset <= 7 * MiB
+        reply = httpx.patch(f"{server.url}{location}", content=data[offset:], timeout=60, headers={
+            **tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": str(offset)})
+        assert reply.status_code == 204, reply.text
+        record = httpx.get(f"{server.url}{location}/record").json()
+    finally:
+        server.stop()
+    assert record["sha256"] == hashlib.sha256(data).hexdigest()
+    backend.assert_stored(record, data)

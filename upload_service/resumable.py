@@ -504,8 +504,10 @@ class ResumableHandlers:
                 await read_body(receive, consumer, progress, min(limit, config.max_request_size),
                                 config.idle_timeout, config.min_rate)
                 await consumer.flush()
-            except (ClientGone, RequestTimeout):
-                if checksum is None:  # tus: what arrived before the client left stays
+            except (ClientGone, RequestTimeout, asyncio.CancelledError):
+                # What arrived before the client left, or the server stopped (cancelled at its
+                # graceful timeout), stays: the upload resumes from there.
+                if checksum is None:
                     await consumer.flush()
                     await self.keep(upload, outcome)
                 raise
