@@ -53,6 +53,19 @@ def test_a_bad_setting_stops_the_command_naming_the_variable(tmp_path):
     assert not (tmp_path / "u").exists()
 
 
+@pytest.mark.parametrize("value", ["2.5", "-5", "inf"])
+def test_a_graceful_timeout_hypercorn_would_refuse_stops_the_command(value, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--graceful-timeout", value])
+    assert stopped.value.code == 2
+    assert "--graceful-timeout" in capsys.readouterr().err
+
+
+def test_a_large_graceful_timeout_reaches_hypercorn_as_written():
+    args, rest = cli.build_parser().parse_known_args(["--graceful-timeout", "1000000"])
+    assert cli.hypercorn_argv(args, rest)[-3:-1] == ["--graceful-timeout", "1000000"]
+
+
 def test_hypercorn_gets_the_defaults_and_the_options_it_does_not_know():
     args, rest = cli.build_parser().parse_known_args(["--dir", "x", "--certfile", "c.pem", "--access-logfile", "-"])
     argv = cli.hypercorn_argv(args, rest)

@@ -41,6 +41,7 @@ from support import ROOT, free_port
         pytest.param("UPLOAD_MIN_RATE", "0", "min_rate", 0, id="rate-off"),
         pytest.param("UPLOAD_RESUMABLE_EXPIRY", "30m", "resumable_expiry", 1800.0, id="expiry-30m"),
         pytest.param("UPLOAD_RESUMABLE_EXPIRY", "90", "resumable_expiry", 90.0, id="expiry-seconds"),
+        pytest.param("UPLOAD_RESUMABLE_EXPIRY", "3650d", "resumable_expiry", 3650 * 86400.0, id="expiry-ten-years"),
         pytest.param("UPLOAD_READ_TOKEN", "r34d", "read_token", "r34d", id="read-token"),
     ],
 )
@@ -138,6 +139,8 @@ BAD_VALUES = [
     pytest.param("UPLOAD_MIN_RATE", "fast", id="rate-word"),
     pytest.param("UPLOAD_RESUMABLE_EXPIRY", "0", id="expiry-zero"),
     pytest.param("UPLOAD_RESUMABLE_EXPIRY", "a day", id="expiry-words"),
+    pytest.param("UPLOAD_RESUMABLE_EXPIRY", "3651d", id="expiry-past-ten-years"),
+    pytest.param("UPLOAD_RESUMABLE_EXPIRY", "100000000d", id="expiry-past-year-9999"),
     pytest.param("UPLOAD_CORS_ORIGINS", "example.com/upload", id="cors-not-an-origin"),
     pytest.param("UPLOAD_CORS_ORIGINS", "*, https://a.example", id="cors-star-and-more"),
     pytest.param("UPLOAD_LOG_LEVEL", "loud", id="log-level-word"),

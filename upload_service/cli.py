@@ -21,7 +21,7 @@ APP = "upload_asgi:app"
 DEFAULT_BIND = "127.0.0.1:8000"
 # hypercorn's own default (3 s) cuts off nearly every upload in flight at a restart;
 # 60 s stays under systemd's default stop timeout (90 s). README "Shutdown".
-DEFAULT_GRACEFUL_TIMEOUT = 60.0
+DEFAULT_GRACEFUL_TIMEOUT = 60
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root-path", default="", metavar="PATH",
                         help="the prefix a proxy strips, e.g. /files (default none)")
     parser.add_argument("--dir", metavar="PATH", help="upload directory: sets UPLOAD_DIR (default ./uploads)")
-    parser.add_argument("--graceful-timeout", type=float, default=DEFAULT_GRACEFUL_TIMEOUT, metavar="SECONDS",
-                        help=f"how long uploads in flight may take to finish at SIGTERM "
-                             f"(default {DEFAULT_GRACEFUL_TIMEOUT:g}; hypercorn's own is 3)")
+    parser.add_argument("--graceful-timeout", type=int, default=DEFAULT_GRACEFUL_TIMEOUT, metavar="SECONDS",
+                        help=f"how long uploads in flight may take to finish at SIGTERM, whole seconds "
+                             f"as hypercorn takes them (default {DEFAULT_GRACEFUL_TIMEOUT}; hypercorn's own is 3)")
     return parser
 
 
@@ -59,7 +59,7 @@ def hypercorn_argv(args: argparse.Namespace, passthrough: Sequence[str]) -> list
     argv = [sys.executable, "-m", "hypercorn"]
     for bind in args.bind or [DEFAULT_BIND]:
         argv += ["--bind", bind]
-    argv += ["--workers", str(args.workers), "--graceful-timeout", f"{args.graceful_timeout:g}"]
+    argv += ["--workers", str(args.workers), "--graceful-timeout", str(args.graceful_timeout)]
     if args.root_path:
         argv += ["--root-path", args.root_path]
     return [*argv, *passthrough, APP]
@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, passthrough = parser.parse_known_args(argv)
     if args.workers < 0:
         parser.error("--workers must be 0 (serve in this process) or more")
+    if args.graceful_timeout < 0:
+        parser.error("--graceful-timeout must be 0 or more seconds")
     if args.dir is not None:
         os.environ["UPLOAD_DIR"] = args.dir
     try:

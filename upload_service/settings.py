@@ -34,6 +34,9 @@ DEFAULT_MAX_CONCURRENT = 64  # each upload holds an fd and up to ~3 MiB of write
 # An incomplete resumable upload untouched this long is swept (tus expiration). A day
 # covers a laptop closed overnight; each PATCH starts the time again.
 DEFAULT_RESUMABLE_EXPIRY = 24 * 3600.0
+# Ten years: far past any real client's patience, and far from the year 9999, past which
+# Upload-Expires (an HTTP-date) cannot be written.
+MAX_RESUMABLE_EXPIRY = 3650 * 24 * 3600.0
 # S3 (SPEC §11): parts of 8 MiB, two per upload in memory at once (one filling while one
 # is sent); S3 refuses parts under 5 MiB (but the last) and over 5 GiB.
 DEFAULT_S3_PART_SIZE = 8 * MiB
@@ -176,6 +179,13 @@ def check_seconds(value: Any) -> float:
     return float(value)
 
 
+def check_expiry(value: Any) -> float:
+    seconds = check_seconds(value)
+    if seconds > MAX_RESUMABLE_EXPIRY:
+        raise ValueError(f"must be at most 3650d (ten years), got {value!r} seconds")
+    return seconds
+
+
 def check_flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{value!r} is not True or False")
@@ -260,8 +270,8 @@ class Config:
         "UPLOAD_MIN_RATE", parse_size, check_rate, DEFAULT_MIN_RATE, "bytes/s a body must average (0: off)"
     )
     resumable_expiry: float = setting(
-        "UPLOAD_RESUMABLE_EXPIRY", parse_duration, check_seconds, DEFAULT_RESUMABLE_EXPIRY,
-        "an incomplete resumable upload idle this long is removed (3600, 30m, 24h, 7d)",
+        "UPLOAD_RESUMABLE_EXPIRY", parse_duration, check_expiry, DEFAULT_RESUMABLE_EXPIRY,
+        "an incomplete resumable upload idle this long is removed (3600, 30m, 24h, 7d; at most 3650d)",
     )
 
     storage: str = setting(
