@@ -186,8 +186,9 @@ class UploadApp:
         return self.store
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.cors is not None and (origin := header(scope, b"origin")) is not None:
-            if is_preflight(scope):
+        if self.cors is not None:
+            origin = header(scope, b"origin")
+            if origin is not None and is_preflight(scope):
                 await self.cors.answer_preflight(scope, send, origin)
                 return
             send = self.cors.wrap_send(origin, send)

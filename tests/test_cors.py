@@ -92,9 +92,11 @@ async def test_an_answer_to_an_allowed_origin_carries_cors_headers(cors_app, upl
     assert refused.status == 415 and cors_headers(refused)["access-control-allow-origin"] == PAGE_ORIGIN
 
 
-async def test_an_answer_to_another_origin_has_no_cors_headers(cors_app):
-    reply = await call_app(cors_app, http_scope("/health", "GET", headers=[("Origin", "https://evil.example")]))
-    assert reply.status == 200 and cors_headers(reply) == {}
+@pytest.mark.parametrize("origin", [[("Origin", "https://evil.example")], []], ids=["another-origin", "no-origin"])
+async def test_an_answer_to_another_origin_or_none_has_no_cors_headers_but_varies(cors_app, origin):
+    """A shared cache keyed without Origin would give this answer (no CORS headers) to a listed page."""
+    reply = await call_app(cors_app, http_scope("/health", "GET", headers=origin))
+    assert reply.status == 200 and cors_headers(reply) == {"vary": "Origin"}
 
 
 async def test_any_origin(config, upload_dir):

@@ -126,11 +126,16 @@ class Cors:
         await send({"type": "http.response.start", "status": 204, "headers": headers})
         await send({"type": "http.response.body", "body": b""})
 
-    def wrap_send(self, origin: str, send: Send) -> Send:
-        """A send that adds the origin's CORS headers to the response head."""
-        if not self.allowed(origin):
+    def wrap_send(self, origin: str | None, send: Send) -> Send:
+        """A send that adds the origin's CORS headers to the response head. With a list of
+        origins every answer says `Vary: Origin`, also to no Origin or an unlisted one: a
+        shared cache must not give their answer (no CORS headers) to a listed origin's page."""
+        if origin is not None and self.allowed(origin):
+            extra = [*self.origin_headers(origin), (b"access-control-expose-headers", EXPOSE_HEADERS)]
+        elif not self.any_origin:
+            extra = [(b"vary", b"Origin")]
+        else:
             return send
-        extra = [*self.origin_headers(origin), (b"access-control-expose-headers", EXPOSE_HEADERS)]
 
         async def send_with_cors(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
