@@ -609,6 +609,25 @@ async def test_health_is_kept_a_few_seconds(store: S3Store, monkeypatch: pytest.
     assert calls == 1
 
 
+async def test_health_of_a_store_that_hangs_is_quick_and_one_probe(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that takes connections and never answers: /health says so within HEALTH_TIMEOUT,
+    and the probes that come meanwhile wait for the one HeadBucket under way."""
+    calls = 0
+
+    async def hanging(operation: str, **params: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(store, "call", hanging)
+    monkeypatch.setattr(s3store, "HEALTH_TIMEOUT", 0.3)
+    started = time.monotonic()
+    results = await asyncio.gather(*(store.health() for _ in range(5)), return_exceptions=True)
+    assert time.monotonic() - started < 2
+    assert calls == 1
+    assert all(isinstance(r, StorageUnavailable) and "did not answer" in str(r) for r in results), results
+
+
 async def test_no_credentials_is_refused_naming_them(
     seaweedfs: SeaweedFS, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

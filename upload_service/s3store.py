@@ -51,6 +51,9 @@ logger = logging.getLogger("upload_asgi")
 
 READ_CHUNK_SIZE = 1 * MiB  # a download's reads from the GET's stream
 HEALTH_TTL = 5.0  # seconds a HeadBucket answer (or failure) stands for /health
+# A load balancer's probe gives up after a few seconds: a store that hangs is unavailable by then
+# (the client's own timeouts and retries would take minutes).
+HEALTH_TIMEOUT = 3.0
 SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
 # A writer thread waits for the loop's S3 calls at most this long: botocore's own
 # timeouts and retries end a call sooner; this only frees the thread if the loop is gone.
@@ -245,6 +248,7 @@ class S3Store(Store):
         self._clients: dict[asyncio.AbstractEventLoop, asyncio.Future[Any]] = {}
         self._sweepers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self._health: tuple[float, dict[str, Any] | OSError] | None = None
+        self._health_probes: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}  # one HeadBucket at a time
         self._tasks: set[asyncio.Task[Any]] = set()  # cleanups left running: held until done
 
     def keep(self, task: asyncio.Task[Any]) -> None:
@@ -558,19 +562,29 @@ class S3Store(Store):
         return True
 
     async def health(self) -> dict[str, Any]:
-        """HeadBucket, its answer (or failure) kept HEALTH_TTL seconds."""
+        """HeadBucket, its answer (or failure) kept HEALTH_TTL seconds; callers meanwhile share one."""
         now = time.monotonic()
         if self._health is None or now - self._health[0] > HEALTH_TTL:
-            try:
-                await self.call("head_bucket")
-                result: dict[str, Any] | OSError = {"storage": self.url}
-            except StorageUnavailable as exc:
-                result = exc
-            self._health = (time.monotonic(), result)
+            loop = asyncio.get_running_loop()
+            probe = self._health_probes.get(loop)
+            if probe is None or probe.done():
+                probe = self._health_probes[loop] = loop.create_task(self._probe_bucket())
+            await asyncio.shield(probe)
         result = self._health[1]
         if isinstance(result, OSError):
             raise result
         return dict(result)
+
+    async def _probe_bucket(self) -> None:
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await self.call("head_bucket")
+            result: dict[str, Any] | OSError = {"storage": self.url}
+        except StorageUnavailable as exc:
+            result = exc
+        except TimeoutError:
+            result = StorageUnavailable(f"the object store at {self.url} did not answer within {HEALTH_TIMEOUT:g} s")
+        self._health = (time.monotonic(), result)
 
 
 async def all_of(calls: list[Awaitable[Any]]) -> None:
