@@ -505,6 +505,40 @@ async def test_sweep_removes_what_a_crash_left_without_an_info(bucket: S3Backend
     bucket.assert_nothing_stored()
 
 
+async def test_a_lease_the_store_was_away_for_is_released_once_it_is_back(
+    bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request ends while the store is away: its lease stays, and would lock the upload (423) for
+    twice the idle timeout after the store came back. It is deleted as soon as the store answers."""
+    from upload_service import s3store
+
+    monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
+    first, second = two_apps
+    store = first.resumable.store
+    real_delete = store.delete
+    failed: list[str] = []
+
+    async def away_once(key: str, if_match: Any = None) -> bool:
+        if key.endswith(".lock") and if_match is not None and not failed:  # a release, not the probe
+            failed.append(key)
+            raise StorageUnavailable("down")
+        return await real_delete(key, if_match)
+
+    monkeypatch.setattr(store, "delete", away_once)
+    data = payload(200, seed=16)
+    async with client_of(first) as a, client_of(second) as b:
+        location = await create(a, len(data))  # its lease, taken to write the info, is not released
+        assert failed and "tried again later" in caplog.text
+        deadline = time.monotonic() + 10
+        while any(n.endswith(".lock") for n in bucket.objects()):
+            assert time.monotonic() < deadline, "the lease stayed"
+            await asyncio.sleep(0.05)
+        assert (await patch(b, location, 0, data[:100])).status_code == 204
+        assert (await patch(a, location, 100, data[100:])).status_code == 204
+        record = (await b.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, data)
+
+
 async def test_a_store_that_ignores_conditional_writes_is_refused(
     bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

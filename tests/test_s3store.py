@@ -700,9 +700,42 @@ def test_without_the_s3_extra_the_setting_says_how_to_get_it(monkeypatch: pytest
         upload_asgi.create_app(Config(storage="s3://bucket/prefix"))
 
 
-async def test_an_abort_that_fails_is_logged_for_the_sweep(
+async def wait_until(condition: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_an_abort_that_fails_is_tried_again(
     store: S3Store, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The store was away when the upload failed: its multipart upload goes once it is back, not a day later."""
+    monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
+    sink = store.new_file()
+    await write(sink, os.urandom(PART))
+    real_abort = store.abort_multipart
+    tries = []
+
+    async def failing_twice(key: str, upload_id: str) -> None:
+        tries.append(key)
+        if len(tries) <= 2:
+            raise StorageUnavailable("down")
+        await real_abort(key, upload_id)
+
+    monkeypatch.setattr(store, "abort_multipart", failing_twice)
+    await asyncio.to_thread(sink.abort)  # no raise: the upload failed anyway
+    assert "tried again later" in caplog.text
+    await wait_until(lambda: not bucket.uploads_in_progress())
+    assert len(tries) == 3
+    bucket.assert_nothing_stored()
+
+
+async def test_an_abort_that_keeps_failing_is_left_to_the_sweep(
+    store: S3Store, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(s3store, "ABORT_RETRY_FOR_SECONDS", 0.5)
     sink = store.new_file()
     await write(sink, os.urandom(PART))
 
@@ -710,9 +743,9 @@ async def test_an_abort_that_fails_is_logged_for_the_sweep(
         raise StorageUnavailable("down")
 
     monkeypatch.setattr(store, "abort_multipart", failing_abort)
-    await asyncio.to_thread(sink.abort)  # no raise: the upload failed anyway
-    assert "the sweep will" in caplog.text
-    assert bucket.uploads_in_progress() == [sink.id]  # left for the sweep
+    await asyncio.to_thread(sink.abort)
+    await wait_until(lambda: "left to the sweep" in caplog.text)
+    assert bucket.uploads_in_progress() == [sink.id]
     with pytest.raises(StorageUnavailable):  # aborting still fails (the sweeper logs it, tested below)
         await store.sweep(now=time.time() + store.sweep_after + 60)
     monkeypatch.undo()

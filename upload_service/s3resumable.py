@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import json
 import logging
@@ -325,7 +326,7 @@ class S3Upload(ResumableUpload):
         if not self.gone and not self._dirty:
             self._store.digests.keep(self.info.id, self.info.offset, self.digest_state)
         self._chunks, self._buffered = [], 0
-        self._store.run_quietly(self._store.delete(self._store.lock_key(self.info.id), if_match=lease))
+        self._store.let_go(self.info.id, lease)
 
 
 class S3ResumableStore(ResumableStore):
@@ -395,6 +396,7 @@ class S3ResumableStore(ResumableStore):
             loop.call_soon_threadsafe(loop.stop)
 
     async def _wind_down(self) -> None:
+        await self.s3.stop_retries()
         while others := asyncio.all_tasks() - {asyncio.current_task()}:
             await asyncio.wait(others)
         await self.s3.aclose()
@@ -511,6 +513,21 @@ class S3ResumableStore(ResumableStore):
         finally:
             await self.delete(key)
         self._conditions_hold = True
+
+    def let_go(self, upload_id: str, lease: str) -> None:
+        """Delete our lease (blocking). If the store is not there, try again in the background until
+        the lease would be stale anyway: the upload must not stay locked (423) after a blip."""
+        key = self.lock_key(upload_id)
+        try:
+            self.run(self.delete(key, if_match=lease))
+        except Exception as exc:
+            logger.warning("releasing the lease of resumable upload %s failed (tried again later): %s", upload_id, exc)
+            with contextlib.suppress(StorageUnavailable):  # closed: nothing runs any more
+                self.submit(self._retry_let_go(upload_id, key, lease))
+
+    async def _retry_let_go(self, upload_id: str, key: str, lease: str) -> None:
+        what = f"releasing the lease of resumable upload {upload_id}"
+        self.s3.retry_later(what, lambda: self.delete(key, if_match=lease), self.lease_seconds)
 
     async def renew_lease(self, upload_id: str, etag: str) -> str:
         lease = {"holder": secrets.token_hex(8), "expires": time.time() + self.lease_seconds}

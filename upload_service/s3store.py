@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import heapq
 import logging
 import time
@@ -59,6 +60,11 @@ SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
 # timeouts and retries end a call sooner; this only frees the thread if the loop is gone.
 THREAD_WAIT_SECONDS = 600.0
 RECORD_READS = 16  # records fetched at once for a page of the listing
+# A cleanup the store was not there for (an abort, a lease's release) is tried again in the
+# background, first after this many seconds, then less often, until it works or its time is up.
+CLEANUP_RETRY_SECONDS = 5.0
+CLEANUP_RETRY_MAX_SECONDS = 60.0
+ABORT_RETRY_FOR_SECONDS = 3600.0  # then an abandoned multipart upload is the sweep's
 COMMIT_CALLS = 8  # a request's files completed (and their records written) at once
 RESUMABLE_DIR = ".resumable"  # under the prefix: resumable uploads under way (s3resumable)
 
@@ -166,7 +172,11 @@ class S3Sink(FileSink):
         if self._parts:
             await asyncio.wait([asyncio.wrap_future(f) for f in self._parts])
         if self._upload_id is not None:
-            await self._store.abort_multipart(self.key, self._upload_id)
+            try:
+                await self._store.abort_multipart(self.key, self._upload_id)
+            except StorageUnavailable:
+                self._store.retry_abort_later(self.key, self._upload_id)
+                raise
 
     def abort(self) -> None:
         """Drop the part being filled, let the parts being sent end, abort the multipart upload."""
@@ -183,8 +193,10 @@ class S3Sink(FileSink):
         if self._upload_id is not None:
             try:
                 self._wait(self._store.abort_multipart(self.key, self._upload_id))
-            except Exception:
-                logger.warning("aborting multipart upload %s failed; the sweep will", self.key, exc_info=True)
+            except Exception as exc:
+                logger.warning("aborting multipart upload %s failed (tried again later): %s", self.key, exc)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: then it is the sweep's
+                    self._loop.call_soon_threadsafe(self._store.retry_abort_later, self.key, self._upload_id)
 
 
 class S3File(StoredFile):
@@ -250,6 +262,7 @@ class S3Store(Store):
         self._health: tuple[float, dict[str, Any] | OSError] | None = None
         self._health_probes: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}  # one HeadBucket at a time
         self._tasks: set[asyncio.Task[Any]] = set()  # cleanups left running: held until done
+        self._retries: set[asyncio.Task[None]] = set()  # failed cleanups tried again (retry_later)
 
     def keep(self, task: asyncio.Task[Any]) -> None:
         """Hold a background task until it is done (the loop keeps only weak references)."""
@@ -283,6 +296,7 @@ class S3Store(Store):
 
     async def aclose(self) -> None:
         """Close this loop's client and stop its sweeper (tests; a server just exits)."""
+        await self.stop_retries()
         loop = asyncio.get_running_loop()
         sweeper = self._sweepers.pop(loop, None)
         if sweeper is not None:
@@ -314,6 +328,42 @@ class S3Store(Store):
     def problem(self, exc: BaseException, operation: str) -> StorageUnavailable:
         """Say what went wrong with the store, naming what to fix."""
         return describe_failure(exc, operation, self.bucket, self.url, self.endpoint_url)
+
+    async def retry_cleanup(self, what: str, cleanup: Callable[[], Awaitable[Any]], for_seconds: float) -> None:
+        """Try a cleanup that failed (the store was unreachable) again until it works or
+        `for_seconds` have gone by. A background task: started with `keep` on this loop."""
+        deadline = time.monotonic() + for_seconds
+        wait = CLEANUP_RETRY_SECONDS
+        while time.monotonic() + wait < deadline:
+            await asyncio.sleep(wait)
+            try:
+                await cleanup()
+            except StorageUnavailable as exc:
+                logger.debug("%s failed again: %s", what, exc)
+                wait = min(wait * 2, CLEANUP_RETRY_MAX_SECONDS)
+                continue
+            logger.info("%s done on a later try", what)
+            return
+        logger.warning("%s kept failing; left to the sweep", what)
+
+    def retry_later(self, what: str, cleanup: Callable[[], Awaitable[Any]], for_seconds: float) -> None:
+        """On the running loop: try a cleanup that failed again in the background (retry_cleanup)."""
+        task = asyncio.get_running_loop().create_task(self.retry_cleanup(what, cleanup, for_seconds))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    def retry_abort_later(self, key: str, upload_id: str) -> None:
+        self.retry_later(f"aborting multipart upload {key}", lambda: self.abort_multipart(key, upload_id),
+                         ABORT_RETRY_FOR_SECONDS)
+
+    async def stop_retries(self) -> None:
+        """Cancel this loop's retries (closing)."""
+        loop = asyncio.get_running_loop()
+        retries = [task for task in self._retries if task.get_loop() is loop]
+        for task in retries:
+            task.cancel()
+        if retries:
+            await asyncio.wait(retries)
 
     # -- multipart uploads (coroutines the sinks hand to the loop) --------------------------
 
@@ -472,7 +522,7 @@ class S3Store(Store):
             try:
                 await sink.abort_upload()
             except StorageUnavailable as exc:
-                logger.warning("aborting multipart upload %s failed (the sweep will): %s", sink.key, exc)
+                logger.warning("aborting multipart upload %s failed (tried again later): %s", sink.key, exc)
         try:
             await self._remove(stored)
         except StorageUnavailable:
