@@ -67,7 +67,7 @@ from upload_service.asgi import (
 )
 from upload_service.body import BodyProgress
 from upload_service.cors import Cors, is_preflight
-from upload_service.early_answer import answer_before_body_end
+from upload_service.early_answer import answer_before_body_end, discard_body
 from upload_service.errors import (
     ClientGone,
     ConfigError,
@@ -88,7 +88,7 @@ from upload_service.lifespan import fail_startup
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
-from upload_service.resumable import ResumableHandlers, method_override
+from upload_service.resumable import ResumableHandlers, method_override, says_body
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
@@ -144,6 +144,11 @@ class UploadApp:
             },
             "/files/{file_id}/record": {"GET": files.handle_record},
         })
+        # The handlers that read a request's body; any other route's is read and dropped first.
+        self.body_readers = {
+            self.handle_upload, self.handle_upload_multiple,
+            resumable.handle_create, resumable.handle_patch, resumable.handle_delete,
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -186,12 +191,9 @@ class UploadApp:
         return self.store
 
     async def handle_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        plain_send = send
         if self.cors is not None:
-            origin = header(scope, b"origin")
-            if origin is not None and is_preflight(scope):
-                await self.cors.answer_preflight(scope, send, origin)
-                return
-            send = self.cors.wrap_send(origin, send)
+            send = self.cors.wrap_send(header(scope, b"origin"), send)
         path = route_path(scope)
         try:
             if (override := method_override(scope, path)) is not None:
@@ -201,12 +203,18 @@ class UploadApp:
             return
         route = self.routes.match(path)
         method = scope["method"]
+        handler = None if route is None else pick_handler(route[0], method)
+        if handler not in self.body_readers and says_body(scope) and (error := await discard_body(receive)):
+            await self.answer_draining(receive, send, error, BodyProgress(), scope.get("http_version", "1.1"))
+            return
+        if self.cors is not None and (origin := header(scope, b"origin")) is not None and is_preflight(scope):
+            await self.cors.answer_preflight(scope, plain_send, origin)
+            return
         head_only = method == "HEAD"
         if route is None:
             await send_error(send, NotFound(f"no route for {path}"), head_only=head_only)
             return
         methods, params = route
-        handler = pick_handler(methods, method)
         if handler is None:
             await send_error(
                 send,

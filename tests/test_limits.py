@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -376,6 +377,50 @@ def test_server_keeps_serving_after_refusals(limited_server):
     assert_stored(limited_server.upload_dir, record, data)
     os.unlink(limited_server.upload_dir / record["id"])
     os.unlink(limited_server.upload_dir / f"{record['id']}.json")
+
+
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer (its Content-Length, or none: a 204), read off a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):  # none on a 204
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [("GET", "/health", 200), ("GET", "/files", 200), ("POST", "/nowhere", 404), ("POST", "/health", 405),
+     ("GET", "/files/" + "0" * 32, 404), ("OPTIONS", "/files", 204)],
+)
+def test_a_body_the_route_does_not_read_keeps_the_connection_going(limited_server, method, path, status):
+    """SPEC §8: a body in many small chunks to a route that reads none (hypercorn queues them;
+    an app that returned without reading them left the connection hanging): read and dropped
+    first, so the answer comes and the next request on the connection too."""
+    body = b"".join(chunked(chunks_of(os.urandom(20_000), 7)))
+    head = request_head(path, [("Content-Type", "application/octet-stream"), ("Transfer-Encoding", "chunked"),
+                               ("Tus-Resumable", "1.0.0")], method=method)
+    with socket.create_connection(("127.0.0.1", limited_server.port), timeout=10) as sock:
+        sock.sendall(head + body)
+        answer = read_answer(sock)
+        assert answer[0] == status, answer
+        assert answer[1].get("connection") != "close"
+        sock.sendall(request_head("/health", [], method="GET"))
+        assert read_answer(sock)[0] == 200
+
+
+def test_a_body_too_long_for_a_route_that_reads_none_is_413_and_closes(limited_server):
+    reply = raw_request(limited_server.port, request_head("/health", headers_for(None), method="GET"),
+                        chunked(itertools.repeat(BLOCK, 40)), timeout=30, close_wait=15)
+    assert reply.status == 413 and reply.json()["error"] == "payload_too_large"
+    assert reply.headers.get("connection") == "close" and reply.closed
 
 
 class AwaitingSend:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from upload_service.asgi import Receive, Send, send_error
-from upload_service.errors import UploadError
+from upload_service.errors import PayloadTooLarge, RequestTimeout, UploadError
 
 logger = logging.getLogger("upload_asgi")
 
@@ -49,6 +49,24 @@ async def drain_body(receive: Receive, max_bytes: int, seconds: float, pause: fl
                 drained += len(message.get("body", b""))
     except TimeoutError:
         pass
+
+
+async def discard_body(receive: Receive) -> UploadError | None:
+    """Read and drop a body that the route does not read, before it answers: hypercorn 0.18 stops
+    reading a connection whose app returned with unread body messages queued (SPEC §8). None once
+    the body ended (or the client left); the error to answer if it is longer or slower than the
+    drain's bounds (DRAIN_LIMIT_BYTES, DRAIN_LIMIT_SECONDS)."""
+    dropped = 0
+    try:
+        async with asyncio.timeout(DRAIN_LIMIT_SECONDS):
+            while dropped <= DRAIN_LIMIT_BYTES:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return None
+                dropped += len(message.get("body", b""))
+    except TimeoutError:
+        return RequestTimeout(f"a body this route does not read took over {DRAIN_LIMIT_SECONDS:g} s")
+    return PayloadTooLarge(f"a body this route does not read is over {DRAIN_LIMIT_BYTES} bytes")
 
 
 async def answer_before_body_end(
