@@ -609,7 +609,9 @@ async def test_health_is_kept_a_few_seconds(store: S3Store, monkeypatch: pytest.
     assert calls == 1
 
 
-async def test_health_of_a_store_that_hangs_is_quick_and_one_probe(store: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_health_of_a_store_that_hangs_is_quick_and_one_probe(
+    store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A store that takes connections and never answers: /health says so within HEALTH_TIMEOUT,
     and the probes that come meanwhile wait for the one HeadBucket under way."""
     calls = 0

@@ -331,7 +331,7 @@ class S3Store(Store):
 
     async def retry_cleanup(self, what: str, cleanup: Callable[[], Awaitable[Any]], for_seconds: float) -> None:
         """Try a cleanup that failed (the store was unreachable) again until it works or
-        `for_seconds` have gone by. A background task: started with `keep` on this loop."""
+        `for_seconds` have gone by (a background task: `retry_later`)."""
         deadline = time.monotonic() + for_seconds
         wait = CLEANUP_RETRY_SECONDS
         while time.monotonic() + wait < deadline:
@@ -633,7 +633,7 @@ class S3Store(Store):
         except StorageUnavailable as exc:
             result = exc
         except TimeoutError:
-            result = StorageUnavailable(f"the object store at {self.url} did not answer within {HEALTH_TIMEOUT:g} s")
+            result = StorageUnavailable(f"{self.url} did not answer within {HEALTH_TIMEOUT:g} s")
         self._health = (time.monotonic(), result)
 
 
