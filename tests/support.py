@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import os
 import signal
 import socket
@@ -467,6 +466,22 @@ def serving_pid(server: "Server") -> int:
     return server.proc.pid
 
 
+def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer (its Content-Length, or none: a 204), read off a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):  # none on a 204
+        body += sock.recv(65536)
+    return int(lines[0].split()[1]), headers, body
+
+
 class HeldUpload:
     """An HTTP/1.1 upload sent by hand: head and first bytes now, the rest on demand."""
 
@@ -482,17 +497,8 @@ class HeldUpload:
 
     def finish(self) -> tuple[int, dict]:
         self.sock.sendall(self.body[self.first :])
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed without an answer after {data!r}")
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-        while len(rest) < length:
-            rest += self.sock.recv(65536)
-        return int(head.split()[1]), json.loads(rest[:length])
+        status, _, body = read_answer(self.sock)
+        return status, json.loads(body)
 
     def answer_after_waiting(self) -> bytes:
         """What the server sends without more body: its bytes until it closes."""

@@ -267,6 +267,16 @@ def test_h2c_upgrade_on_an_upload_is_answered_in_http11(h2c_server, upload_dir):
     assert_stored(upload_dir, response.json(), data)
 
 
+def next_upload_goes_through(client: RawH2, upload_dir: Path) -> None:
+    """After a refusal, the connection's next upload is stored, and it alone."""
+    data = os.urandom(300_000)
+    second = form_body([file_part(data, "after-413.bin")])
+    status, answer, ended = client.request("/upload", second, upload_headers(second))
+    assert (status, ended) == (201, "ended"), answer
+    [file_id] = stored_ids(upload_dir)
+    assert (upload_dir / file_id).read_bytes() == data
+
+
 def test_http2_early_413_reaches_a_client_that_reads_while_sending(h2c_server, upload_dir):
     body = form_body([file_part(os.urandom(20 * MiB), "too-big.bin")])  # limit is 16 MiB
     client = RawH2(h2c_server.port)
@@ -279,14 +289,9 @@ def test_http2_early_413_reaches_a_client_that_reads_while_sending(h2c_server, u
         # ends, and a DATA frame still in flight would then drop the connection
         # (KeyError in hypercorn/protocol/h2.py); the app keeps the answer open while
         # it drains, so the next stream on the same connection still uploads.
-        data = os.urandom(300_000)
-        second = form_body([file_part(data, "after-413.bin")])
-        status, answer, ended = client.request("/upload", second, upload_headers(second))
-        assert (status, ended) == (201, "ended")
+        next_upload_goes_through(client, upload_dir)
     finally:
         client.close()
-    [file_id] = stored_ids(upload_dir)
-    assert (upload_dir / file_id).read_bytes() == data
 
 
 def test_http2_413_past_the_request_limit_spares_the_other_uploads(upload_dir):
@@ -303,14 +308,9 @@ def test_http2_413_past_the_request_limit_spares_the_other_uploads(upload_dir):
             )
             assert (status, ended) == (413, "ended")
             assert b'"error":"payload_too_large"' in answer
-            data = os.urandom(300_000)
-            second = form_body([file_part(data, "after-413.bin")])
-            status, answer, ended = client.request("/upload", second, upload_headers(second))
-            assert (status, ended) == (201, "ended"), answer
+            next_upload_goes_through(client, upload_dir)
         finally:
             client.close()
-    [file_id] = stored_ids(upload_dir)
-    assert (upload_dir / file_id).read_bytes() == data
 
 
 @pytest.mark.slow
@@ -359,14 +359,9 @@ def test_http2_early_413_to_a_client_that_keeps_sending_spares_the_connection(h2
         assert status == 413
         assert time.monotonic() - answered_at > 2.5  # kept sending past the HTTP/1.1 drain bound
         client.sock.settimeout(20)
-        data = os.urandom(300_000)
-        second = form_body([file_part(data, "after-413.bin")])
-        status, answer, how = client.request("/upload", second, upload_headers(second))
-        assert (status, how) == (201, "ended"), answer
+        next_upload_goes_through(client, upload_dir)
     finally:
         client.close()
-    [file_id] = stored_ids(upload_dir)
-    assert (upload_dir / file_id).read_bytes() == data
 
 
 def test_http2_stream_reset_mid_upload_leaves_nothing(h2c_server, upload_dir):

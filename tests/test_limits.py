@@ -35,6 +35,7 @@ from support import (
     form_body,
     form_content_type,
     raw_request,
+    read_answer,
     request_head,
 )
 
@@ -377,22 +378,6 @@ def test_server_keeps_serving_after_refusals(limited_server):
     assert_stored(limited_server.upload_dir, record, data)
     os.unlink(limited_server.upload_dir / record["id"])
     os.unlink(limited_server.upload_dir / f"{record['id']}.json")
-
-
-def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 answer (its Content-Length, or none: a 204), read off a keep-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):  # none on a 204
-        body += sock.recv(65536)
-    return int(lines[0].split()[1]), headers, body
 
 
 @pytest.mark.parametrize(
