@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import socket
 from dataclasses import dataclass, field
@@ -406,6 +407,16 @@ def test_a_body_too_long_for_a_route_that_reads_none_is_413_and_closes(limited_s
                         chunked(itertools.repeat(BLOCK, 40)), timeout=30, close_wait=15)
     assert reply.status == 413 and reply.json()["error"] == "payload_too_large"
     assert reply.headers.get("connection") == "close" and reply.closed
+
+
+def test_a_slow_body_for_a_route_that_reads_none_is_408_and_closes(limited_server):
+    head = request_head("/health", [("Content-Length", "100")], method="GET")
+    with socket.create_connection(("127.0.0.1", limited_server.port), timeout=10) as sock:
+        sock.sendall(head + b"x" * 10)  # and nothing more: past the 2 s the route waits for it
+        status, headers, body = read_answer(sock)
+        assert (status, json.loads(body)["error"]) == (408, "request_timeout")
+        assert headers.get("connection") == "close"
+        assert sock.recv(1) == b""  # closed
 
 
 class AwaitingSend:

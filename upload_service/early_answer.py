@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from upload_service.asgi import Receive, Send, send_error
 from upload_service.errors import PayloadTooLarge, RequestTimeout, UploadError
@@ -30,9 +31,10 @@ async def read_to_end(receive: Receive) -> None:
             return
 
 
-async def drain_body(receive: Receive, max_bytes: int, seconds: float, pause: float | None = None) -> None:
+async def drain_body(receive: Receive, max_bytes: int, seconds: float, pause: float | None = None) -> bool:
     """Read and drop what is left of a body until it ends, passes `max_bytes`, `seconds`
-    have gone by, or (with `pause`) it stops coming for that long (SPEC §8).
+    have gone by, or (with `pause`) it stops coming for that long (SPEC §8). Return whether
+    it ended (or the client left).
 
     Hypercorn 0.18 stops reading a connection whose app returned while its receive
     queue was full; draining lets it deliver our answer and then close. Over HTTP/2
@@ -45,10 +47,11 @@ async def drain_body(receive: Receive, max_bytes: int, seconds: float, pause: fl
                 async with asyncio.timeout(pause):  # None: no bound per message
                     message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):
-                    return
+                    return True
                 drained += len(message.get("body", b""))
     except TimeoutError:
         pass
+    return False
 
 
 async def discard_body(receive: Receive) -> UploadError | None:
@@ -56,15 +59,10 @@ async def discard_body(receive: Receive) -> UploadError | None:
     reading a connection whose app returned with unread body messages queued (SPEC §8). None once
     the body ended (or the client left); the error to answer if it is longer or slower than the
     drain's bounds (DRAIN_LIMIT_BYTES, DRAIN_LIMIT_SECONDS)."""
-    dropped = 0
-    try:
-        async with asyncio.timeout(DRAIN_LIMIT_SECONDS):
-            while dropped <= DRAIN_LIMIT_BYTES:
-                message = await receive()
-                if message["type"] != "http.request" or not message.get("more_body", False):
-                    return None
-                dropped += len(message.get("body", b""))
-    except TimeoutError:
+    started = time.monotonic()
+    if await drain_body(receive, DRAIN_LIMIT_BYTES, DRAIN_LIMIT_SECONDS):
+        return None
+    if time.monotonic() - started >= DRAIN_LIMIT_SECONDS:
         return RequestTimeout(f"a body this route does not read took over {DRAIN_LIMIT_SECONDS:g} s")
     return PayloadTooLarge(f"a body this route does not read is over {DRAIN_LIMIT_BYTES} bytes")
 

@@ -522,12 +522,11 @@ class S3ResumableStore(ResumableStore):
             self.run(self.delete(key, if_match=lease))
         except Exception as exc:
             logger.warning("releasing the lease of resumable upload %s failed (tried again later): %s", upload_id, exc)
-            with contextlib.suppress(StorageUnavailable):  # closed: nothing runs any more
-                self.submit(self._retry_let_go(upload_id, key, lease))
-
-    async def _retry_let_go(self, upload_id: str, key: str, lease: str) -> None:
-        what = f"releasing the lease of resumable upload {upload_id}"
-        self.s3.retry_later(what, lambda: self.delete(key, if_match=lease), self.lease_seconds)
+            what = f"releasing the lease of resumable upload {upload_id}"
+            with contextlib.suppress(StorageUnavailable, RuntimeError):  # closed: nothing runs any more
+                self.loop().call_soon_threadsafe(
+                    self.s3.retry_later, what, lambda: self.delete(key, if_match=lease), self.lease_seconds
+                )
 
     async def renew_lease(self, upload_id: str, etag: str) -> str:
         lease = {"holder": secrets.token_hex(8), "expires": time.time() + self.lease_seconds}
