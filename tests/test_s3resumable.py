@@ -25,7 +25,7 @@ from backends import S3Backend, close_app
 from s3server import BUCKET
 from support import Server
 from test_resumable import OCTETS, TUS, metric, payload, sha
-from upload_service.errors import StorageUnavailable
+from upload_service.errors import StorageUnavailable, UploadLocked
 from upload_service.units import MiB
 
 LIMIT = 64 * MiB
@@ -348,7 +348,7 @@ def test_tuspy_through_hypercorn_on_s3(bucket: S3Backend, tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("changed", ["lease", "info"])
 async def test_a_writer_that_lost_the_upload_commits_nothing(bucket: S3Backend, tmp_path: Path, changed: str) -> None:
-    """Another writer took the lease over (ours went stale) or wrote the info: 503, nothing of ours counts."""
+    """Another writer took the lease over (ours went stale) or wrote the info: 423, nothing of ours counts."""
     app = app_on(bucket, tmp_path / "w", idle_timeout=2)  # a lease of 5 s, renewed after 1.25 s
     data = payload(2 * MiB, seed=2)
     go_on = asyncio.Event()
@@ -371,8 +371,8 @@ async def test_a_writer_that_lost_the_upload_commits_nothing(bucket: S3Backend, 
                 bucket.s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps({**info, "generation": 99}).encode())
             go_on.set()
             reply = await writing
-            assert reply.status_code == 503, reply.text
-            assert reply.json()["error"] == "storage_unavailable"
+            assert reply.status_code == 423, reply.text
+            assert reply.json()["error"] == "upload_locked"
             assert "another writer" in reply.json()["detail"]
             if changed == "lease":
                 bucket.s3.delete_object(Bucket=BUCKET, Key=key)  # the other writer is done
@@ -398,7 +398,7 @@ async def test_an_info_write_whose_answer_was_lost_still_counts(
         if saved.tail is None or lost:
             return written
         lost.append(saved.tail)
-        with pytest.raises(StorageUnavailable):  # what botocore's retry then gets: a 412
+        with pytest.raises(UploadLocked):  # what botocore's retry then gets: a 412
             await real_write_info(info, saved, etag)
         raise StorageUnavailable("the object store did not answer in time")
 

@@ -74,6 +74,12 @@ class ChecksumMismatch(UploadError):
     status, code = 422, "sha256_mismatch"
 
 
+class UploadLocked(UploadError):
+    """Another request, on this server or another, is writing the upload (423)."""
+
+    status, code = 423, "upload_locked"
+
+
 class ServiceUnavailable(UploadError):
     status, code = 503, "too_many_uploads"
     headers = ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),)

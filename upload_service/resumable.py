@@ -49,6 +49,7 @@ from upload_service.errors import (
     ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
+    UploadLocked,
     as_upload_error,
 )
 from upload_service.files import FilesResource, check_preconditions, has_preconditions, mount_url, send_stored
@@ -459,7 +460,7 @@ class ResumableHandlers:
         try:
             upload = await run_blocking(self.store.acquire, file_id)
         except UploadBusy:
-            raise tus.UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
+            raise UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
         if upload is not None:
             return upload
         try:
@@ -583,7 +584,7 @@ class ResumableHandlers:
         try:
             upload = await run_blocking(self.store.acquire, file_id)
         except UploadBusy:
-            raise tus.UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
+            raise UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
         if upload is None:  # finished or terminated meanwhile
             await self.files.handle_delete(scope, receive, send, file_id=file_id)
             return

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Iterator, TypeVar
 
-from upload_service.errors import StorageRefused, StorageUnavailable
+from upload_service.errors import StorageRefused, StorageUnavailable, UploadLocked
 from upload_service.s3client import MISSING_CODES, BotoCoreError, PartBody, aiohttp, error_code
 from upload_service.s3store import RESUMABLE_DIR, THREAD_WAIT_SECONDS, S3Store, wait_for_room
 from upload_service.storage import (
@@ -452,7 +452,7 @@ class S3ResumableStore(ResumableStore):
         try:
             return await self.put_json(self.info_key(info.id), value, etag)
         except Conflict:
-            raise StorageUnavailable(f"resumable upload {info.id} was changed by another writer") from None
+            raise UploadLocked(f"resumable upload {info.id} was changed by another writer") from None
 
     async def read_info(self, upload_id: str) -> tuple[UploadInfo, Saved] | None:
         found = await self.get_json(self.info_key(upload_id))
@@ -533,7 +533,7 @@ class S3ResumableStore(ResumableStore):
         try:
             return await self.put_json(self.lock_key(upload_id), lease, etag)
         except Conflict:
-            raise StorageUnavailable(f"resumable upload {upload_id} was taken over by another writer") from None
+            raise UploadLocked(f"resumable upload {upload_id} was taken over by another writer") from None
 
     async def object_size(self, key: str) -> int | None:
         head = await self.s3.call_or_none("head_object", Key=key)

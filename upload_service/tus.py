@@ -55,10 +55,6 @@ class OffsetMismatch(UploadError):
     status, code = 409, "offset_mismatch"
 
 
-class UploadLocked(UploadError):
-    status, code = 423, "upload_locked"
-
-
 class UploadExpired(UploadError):
     status, code = 410, "upload_expired"
 
