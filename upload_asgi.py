@@ -265,21 +265,21 @@ class UploadApp:
         # A load balancer reads the status: a store that cannot be used (an upload dir
         # not creatable, removed since, read-only) would fail every upload, so it is a 503.
         try:
-            facts = await self.store.health()
+            facts, status = await self.store.health(), "ok"
         except OSError as exc:
             logger.warning("upload-asgi is unavailable: %s", self.store.describe_problem(exc))
-            facts = None
+            facts, status = {"reason": public_reason(exc)}, "unavailable"
         payload = {
-            "status": "ok" if facts is not None else "unavailable",
+            "status": status,
             "free_bytes": None,
-            **(facts or {}),
+            **facts,
             "uploads_in_flight": self.metrics.in_flight,
             "max_concurrent": self.config.max_concurrent,
             "max_file_size": self.config.max_file_size,
             "max_request_size": self.config.max_request_size,
             "token_required": self.config.token is not None,
         }
-        await send_json(send, 200 if facts is not None else 503, payload, head_only=head_only)
+        await send_json(send, 200 if status == "ok" else 503, payload, head_only=head_only)
 
     async def handle_metrics(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         body = self.metrics.exposition().encode()
@@ -405,6 +405,14 @@ class UploadApp:
         await answer_before_body_end(
             receive, send, error, http_version, remaining, self.config.idle_timeout, tuple(headers)
         )
+
+
+def public_reason(exc: OSError) -> str:
+    """Why /health says unavailable, as an upload answer would say it: a store's own error
+    says what to fix; an OSError from the upload dir says what failed, not the path (logged)."""
+    if isinstance(exc, UploadError):
+        return exc.detail
+    return f"the store cannot be used: {exc.strerror or type(exc).__name__}"
 
 
 def warn_of_open_writes(config: Config) -> None:

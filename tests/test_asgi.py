@@ -329,6 +329,7 @@ async def test_health_is_503_while_the_upload_dir_cannot_be_used(tmp_path, caplo
     reply = await call_app(app, http_scope("/health", "GET"))
     payload = check_json(reply, 503)
     assert payload["status"] == "unavailable" and payload["free_bytes"] is None
+    assert payload["reason"] == "the store cannot be used: Not a directory"  # the path only in the log
     assert f"UPLOAD_DIR: cannot use {blocker / 'uploads'}" in caplog.text
     head = await call_app(app, http_scope("/health", "HEAD"))
     assert (head.status, head.body) == (503, b"")

@@ -592,6 +592,7 @@ async def test_upload_dir_unusable_under_the_app_answers_500_and_health_503(conf
     assert str(upload_dir) not in reply.body.decode()
     health = await call_app(app, http_scope("/health", "GET"))
     assert health.status == 503 and health.json()["status"] == "unavailable"
+    assert str(upload_dir) not in health.body.decode()
 
 
 @pytest.fixture

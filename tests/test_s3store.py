@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -423,6 +424,8 @@ async def test_upload_to_a_store_that_cannot_be_used(
         assert (reply.status_code, reply.json()["error"]) == (status, code), reply.text
         health = await client.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "unavailable"
+        reason = {"no_bucket": "does not exist", "bad_secret": "refused access", "unreachable": "not answer|cannot reach"}
+        assert re.search(reason[problem], health.json()["reason"]), health.text
     await app.store.aclose()
     bucket.assert_nothing_stored()
 
