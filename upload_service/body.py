@@ -58,9 +58,9 @@ async def read_body(
     # a new timer: 0.1 ms a MiB at 64 KiB chunks), and to `idle + slack` past the move:
     # a client is cut off after between `idle` and `idle + slack` seconds of silence.
     slack = idle / 16
-    moved = -math.inf
+    moved = floor.started
     try:
-        async with asyncio.timeout(idle) as deadline:
+        async with asyncio.timeout_at(moved + idle + slack) as deadline:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
