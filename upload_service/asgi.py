@@ -68,8 +68,12 @@ def bearer_token_matches(scope: Scope, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
+# One encoder for every answer: json.dumps with arguments builds a new one each call.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def json_bytes(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode_json(payload).encode()
 
 
 def error_payload(error: UploadError) -> dict[str, Any]:

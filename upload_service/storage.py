@@ -34,9 +34,13 @@ def new_file_id() -> str:
     return secrets.token_hex(16)
 
 
+# One line (`indent` takes the pure-Python encoder), one encoder (json.dumps with arguments makes one a call).
+_encode_record = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def record_json(record: Record) -> bytes:
-    """A record as its stored JSON (one line: the C encoder; `indent` takes the slow one)."""
-    return json.dumps(record, ensure_ascii=False).encode()
+    """A record as its stored JSON."""
+    return _encode_record(record).encode()
 
 
 def is_file_id(text: str) -> bool:
