@@ -386,3 +386,41 @@ def test_http2_stream_reset_mid_upload_leaves_nothing(h2c_server, upload_dir):
     with httpx.Client(base_url=h2c_server.url) as http:
         metrics = http.get("/metrics").text.splitlines()
     assert 'upload_asgi_uploads_total{outcome="disconnected"} 1.0' in metrics
+
+
+def files_open_by(pids: list[int], path: Path) -> int:
+    count = 0
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                count += os.readlink(fd) == str(path)
+            except OSError:
+                pass  # closed meanwhile
+    return count
+
+
+def test_http2_download_the_client_resets_lets_go_of_the_file(h2c_server, upload_dir):
+    """hypercorn takes a download's body whole while the client's window is shut, then its last send
+    waits for good; once the client resets the stream, the app gives that send up and closes the file."""
+    with h2c_server.client() as http:
+        record = http.post("/upload", files={"file": ("big.bin", os.urandom(8 * MiB))}).json()
+    path = upload_dir / record["id"]
+    client = RawH2(h2c_server.port)  # never acknowledges data: the stream's window stays shut
+    try:
+        stream_id = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(stream_id, [(":method", "GET"), (":path", f"/files/{record['id']}"),
+                                             (":scheme", "http"), (":authority", "127.0.0.1")], end_stream=True)
+        client.flush()
+        while not any(isinstance(event, h2.events.ResponseReceived) for event in client.events()):
+            pass
+        time.sleep(0.5)  # hypercorn has taken the whole body by now
+        client.conn.reset_stream(stream_id)
+        client.flush()
+        deadline = time.monotonic() + 10
+        while files_open_by(h2c_server.pids(), path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert files_open_by(h2c_server.pids(), path) == 0
+        status, answer, ended = client.request("/health", method="GET")
+        assert (status, ended) == (200, "ended")
+    finally:
+        client.close()

@@ -25,7 +25,9 @@ from email.utils import format_datetime, parsedate_to_datetime
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, quote
 
-from upload_service.asgi import Headers, Receive, Scope, Send, bearer_token_matches, header, list_header, send_json
+from upload_service.asgi import (
+    Headers, Message, Receive, Scope, Send, bearer_token_matches, header, list_header, send_json,
+)
 from upload_service.errors import NotFound, PreconditionFailed, Unauthorized, UploadError
 from upload_service.settings import Config
 from upload_service.storage import BadCursor, Record, Store, StoredFile, UnreadableRecord, is_file_id
@@ -442,21 +444,19 @@ async def send_stored(
 async def stream_chunks(receive: Receive, send: Send, stored: StoredFile, start: int, stop: int) -> None:
     """Send bytes start..stop; stop reading as soon as the client has gone.
 
-    Hypercorn's send does not fail once the client is gone (it drops the data), so a
-    task watches receive() for http.disconnect; other servers raise OSError from send.
+    Hypercorn's send does not fail once the client is gone: over HTTP/1.1 it drops the
+    data, over HTTP/2 the last send can wait for good (for a window the client will never
+    open). So a task watches receive() for http.disconnect, and each send is given up
+    when it comes; other servers raise OSError from send.
     """
-    gone = asyncio.Event()
-    watcher = asyncio.create_task(wait_for_disconnect(receive, gone))
+    watcher = asyncio.create_task(wait_for_disconnect(receive))
     position = start
     try:
         async for chunk in stored.chunks(start, stop):
-            if gone.is_set():
-                return
             position += len(chunk)
-            try:
-                await send({"type": "http.response.body", "body": chunk, "more_body": position < stop})
-            except OSError:
-                return  # the client left (uvicorn's ClientDisconnected)
+            message = {"type": "http.response.body", "body": chunk, "more_body": position < stop}
+            if not await send_unless_gone(send, message, watcher):
+                return
         if position < stop:
             # Never end a short body as if whole: raising makes the server cut the connection.
             raise RuntimeError(f"file {stored.record.get('id')} ended at byte {position} of {stop}")
@@ -464,10 +464,25 @@ async def stream_chunks(receive: Receive, send: Send, stored: StoredFile, start:
         watcher.cancel()
 
 
-async def wait_for_disconnect(receive: Receive, gone: asyncio.Event) -> None:
+async def wait_for_disconnect(receive: Receive) -> None:
     try:
         while (await receive())["type"] != "http.disconnect":
             pass
     except Exception:  # a receive that fails: the connection is no more use either
         pass
-    gone.set()
+
+
+async def send_unless_gone(send: Send, message: Message, gone: asyncio.Task[None]) -> bool:
+    """Send `message`; False, the send cancelled, if the client is gone first (or the send says so)."""
+    if gone.done():
+        return False
+    sending = asyncio.ensure_future(send(message))
+    await asyncio.wait((sending, gone), return_when=asyncio.FIRST_COMPLETED)
+    if not sending.done():
+        sending.cancel()
+        return False
+    try:
+        sending.result()
+    except OSError:  # the client left (uvicorn's ClientDisconnected)
+        return False
+    return True
