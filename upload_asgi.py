@@ -88,7 +88,7 @@ from upload_service.lifespan import fail_startup
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
-from upload_service.resumable import ResumableHandlers, method_override, says_body
+from upload_service.resumable import ResumableHandlers, body_known_empty, method_override
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
@@ -204,7 +204,7 @@ class UploadApp:
         route = self.routes.match(path)
         method = scope["method"]
         handler = None if route is None else pick_handler(route[0], method)
-        if handler not in self.body_readers and says_body(scope) and (error := await discard_body(receive)):
+        if handler not in self.body_readers and not body_known_empty(scope) and (error := await discard_body(receive)):
             await self.answer_draining(receive, send, error, BodyProgress(), scope.get("http_version", "1.1"))
             return
         if self.cors is not None and (origin := header(scope, b"origin")) is not None and is_preflight(scope):

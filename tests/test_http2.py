@@ -424,3 +424,18 @@ def test_http2_download_the_client_resets_lets_go_of_the_file(h2c_server, upload
         assert (status, ended) == (200, "ended")
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/health", 200), ("GET", "/nowhere", 404), ("PUT", "/upload", 405)])
+def test_http2_body_without_a_length_to_a_route_that_reads_none_spares_the_connection(
+    h2c_server, upload_dir, method, path, status
+):
+    """HTTP/2 needs no Content-Length: such a body is read and dropped before the answer, or its next
+    DATA frame would reach hypercorn for a stream already ended and drop the whole connection."""
+    client = RawH2(h2c_server.port)
+    try:
+        answer = client.request(path, os.urandom(MiB), method=method, keep_sending=True)
+        assert answer[0] == status and answer[2] == "ended"
+        next_upload_goes_through(client, upload_dir)
+    finally:
+        client.close()
