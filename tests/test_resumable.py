@@ -458,6 +458,41 @@ async def test_a_head_finishes_an_upload_whose_finishing_was_cut_short(
     assert leftovers(backend) == []
 
 
+async def test_an_upload_being_finished_is_never_a_404(
+    client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Locally the data file is moved into the upload dir before its record is written: a HEAD, GET,
+    PATCH or DELETE meanwhile waits for the finish (a tus client takes a 404 as gone and starts over)."""
+    if backend.name != "local":
+        pytest.skip("the local store's finish")
+    from upload_service import localresumable
+
+    real_write_sidecar = localresumable.write_sidecar
+
+    def slow_write_sidecar(*args: Any) -> None:
+        time.sleep(0.3)
+        real_write_sidecar(*args)
+
+    monkeypatch.setattr(localresumable, "write_sidecar", slow_write_sidecar)
+    data = payload(6000, seed=17)
+    location = await create(client, len(data))
+    assert (await patch(client, location, 0, data[:1000])).status_code == 204
+    finishing = asyncio.create_task(patch(client, location, 1000, data[1000:]))
+    staged = backend.upload_dir / ".resumable" / location.rsplit("/", 1)[1]
+    while staged.exists():
+        await asyncio.sleep(0.005)
+    head, get, again, delete = await asyncio.gather(
+        client.head(location, headers=TUS), client.get(location), patch(client, location, 1000, data[1000:]),
+        client.delete(location, headers={**TUS, "If-Match": '"no such tag"'}),
+    )
+    assert (await finishing).status_code == 204
+    assert head.status_code == 200 and head.headers["upload-offset"] == "6000"
+    assert get.status_code == 200 and get.content == data
+    check_error(again, 409, "upload_complete")
+    assert delete.status_code == 412  # it found the stored file
+    backend.assert_stored(await record_of(client, location), data)
+
+
 async def test_a_head_without_the_write_token_does_not_finish_a_cut_short_upload(
     config: upload_asgi.Config, backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -339,6 +339,13 @@ class FilesResource:
         """The stored file's record, or NotFound."""
         return await self.look_up(file_id, self.store().record)
 
+    async def is_stored(self, file_id: str) -> bool:
+        """Whether a readable record is there now (quietly: for a second look)."""
+        try:
+            return is_file_id(file_id) and await self.store().record(file_id) is not None
+        except UnreadableRecord:
+            return False
+
     async def look_up(self, file_id: str, fetch: Callable[[str], Awaitable[Any]]) -> Any:
         """What `fetch` finds for a stored file; NotFound for no id, no file, or a record unread."""
         try:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -44,6 +45,9 @@ READ_BLOCK_SIZE = 1 * MiB  # re-hashing on resume: one pread per MiB
 KEPT_DIGESTS = 1024
 # A temporary info file older than this was left by a crash (one lives for a rename).
 STALE_TEMP_SECONDS = 3600
+# How long a request waits for an upload that is being finished (its data file is moved into
+# the upload dir before its record is written) before it takes it as gone.
+FINISH_WAIT_SECONDS = 2.0
 
 
 class LocalUpload(ResumableUpload):
@@ -159,7 +163,7 @@ class LocalResumableStore(ResumableStore):
         try:
             fd = os.open(self.data_path(upload_id), os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            return self.acquire(upload_id) if self.back_after_finishing(upload_id) else None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -193,9 +197,21 @@ class LocalResumableStore(ResumableStore):
         try:
             size = os.stat(self.data_path(upload_id)).st_size
         except FileNotFoundError:
-            return None
+            return self.peek(upload_id) if self.back_after_finishing(upload_id) else None
         info.offset = size if unverified_from is None else min(size, unverified_from)
         return info
+
+    def back_after_finishing(self, upload_id: str) -> bool:
+        """An upload with an info but no data file is being finished or terminated: wait until
+        that is done (its info removed), then say whether it is still an upload (a finish that
+        failed moves the data back). Not answering at once: a stored file without its record yet
+        would be a 404, and a tus client takes a 404 as gone and sends the whole file anew."""
+        deadline = time.monotonic() + FINISH_WAIT_SECONDS
+        while self.info_path(upload_id).exists() and time.monotonic() < deadline:
+            if self.data_path(upload_id).exists():
+                return True
+            time.sleep(0.002)
+        return self.data_path(upload_id).exists()
 
     def sweep(self, now: float) -> int:
         """Remove expired uploads nobody holds, data files without info, old temporary files."""

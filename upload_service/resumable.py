@@ -203,7 +203,7 @@ class ResumableHandlers:
     async def handle_get(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
         """GET /files/<id>: the file, or 409 upload_incomplete while it is an upload under way (410 once expired)."""
         try:
-            await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
+            return await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
         except NotFound:
             # Only an id with no file costs a look for an upload (on S3, a GET of its info).
             info = await run_blocking(self.store.peek, file_id)
@@ -211,7 +211,10 @@ class ResumableHandlers:
                 info = await self.expire(file_id, info)  # 410 and removed, as HEAD and PATCH answer
             if info is not None:
                 raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset") from None
-            raise
+            if not await self.files.is_stored(file_id):
+                raise
+        # It was being finished (peek waited for that): a file now.
+        await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
 
     # -- one request: check, run, count, answer or say why --
 
