@@ -29,6 +29,7 @@ import pytest
 import upload_asgi
 from backends import close_app
 from support import ROOT, Reply, Server, field_part, file_part, form_body, form_content_type, http_scope, stored_ids
+from upload_service.storage import UploadBusy
 from upload_service.units import MiB
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -455,6 +456,34 @@ async def test_a_head_finishes_an_upload_whose_finishing_was_cut_short(
     record = await record_of(client, location)
     assert record["sha256"] == sha(data) and record["filename"] == "d.bin"
     backend.assert_stored(record, data)
+    assert leftovers(backend) == []
+
+
+async def test_a_head_of_a_complete_upload_held_by_a_dead_request_is_423_not_all_there(
+    app: upload_asgi.UploadApp, client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On S3 the lease of a request that died with the store down outlives it: a HEAD cannot store
+    the file then, and must not say every byte is there (the client would stop, the upload expire)."""
+    from upload_service import resumable
+
+    data = payload(3000, seed=18)
+    finishing_dies_once(app, monkeypatch)
+    location = await create(client, len(data))
+    assert (await patch(client, location, 0, data)).status_code >= 500
+    store = app.resumable.store
+    real_acquire = store.acquire
+
+    def held(upload_id: str) -> Any:
+        raise UploadBusy(upload_id)
+
+    monkeypatch.setattr(resumable, "FINISH_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(store, "acquire", held)
+    for dialect in (TUS, {"Upload-Draft-Interop-Version": "6"}):
+        check_error(await client.head(location, headers=dialect), 423, "")
+    monkeypatch.setattr(store, "acquire", real_acquire)  # the lease released
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200 and reply.headers["upload-offset"] == "3000"
+    backend.assert_stored(await record_of(client, location), data)
     assert leftovers(backend) == []
 
 

@@ -66,6 +66,9 @@ logger = logging.getLogger("upload_asgi")
 Headers = list[tuple[bytes, bytes]]
 
 SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, when /files is used
+# A HEAD of a complete upload another request holds waits this long for it to be stored.
+FINISH_WAIT_SECONDS = 2.0
+FINISH_POLL_SECONDS = 0.05
 RESUMABLE_PATH_RE = re.compile(r"/files(?:/[^/]+)?")  # /files and /files/<id>: where tus is spoken
 
 
@@ -408,8 +411,8 @@ class ResumableHandlers:
         and stops, would leave it to expire. Returns the upload's info, or None once stored."""
         try:
             upload = await run_blocking(self.store.acquire, file_id)
-        except UploadBusy:  # its own request is finishing it now
-            return await run_blocking(self.store.peek, file_id)
+        except UploadBusy:
+            return await self.wait_for_finishing(file_id)
         if upload is None:  # stored meanwhile
             return None
         try:
@@ -419,6 +422,17 @@ class ResumableHandlers:
         finally:
             await run_blocking(upload.release)
         return None
+
+    async def wait_for_finishing(self, file_id: str) -> None:
+        """A complete upload another request holds: its own last request storing it now, or (S3) one
+        that died with the store down, whose lease outlives it. Wait a little for the file; else 423,
+        never "all there" for a file not stored (the client would stop, and the upload expire)."""
+        deadline = time.monotonic() + FINISH_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            await asyncio.sleep(FINISH_POLL_SECONDS)
+            if await run_blocking(self.store.peek, file_id) is None:
+                return None
+        raise UploadLocked(f"upload {file_id} has every byte but is held by another request; retry shortly")
 
     async def patch(
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
