@@ -301,6 +301,9 @@ async def test_creation_with_the_whole_file_and_an_empty_one(client: httpx.Async
         pytest.param({**TUS, "Upload-Length": "10", "Upload-Metadata": "filename ***"}, 400, "invalid_header", id="bad-metadata"),
         pytest.param({**TUS, "Upload-Length": "10", "Upload-Metadata": f"sha256 {b64('abc')}"}, 400, "invalid_header", id="bad-sha256"),
         pytest.param({**TUS, "Upload-Length": "10", "Repr-Digest": "sha-256=:nope:"}, 400, "invalid_header", id="bad-repr-digest"),
+        # Concatenation is not offered (tus-js-client's parallelUploads would store each half as a file).
+        pytest.param({**TUS, "Upload-Length": "10", "Upload-Concat": "partial"}, 400, "concatenation_unsupported", id="partial"),
+        pytest.param({**TUS, "Upload-Concat": "final;/files/a /files/b"}, 400, "concatenation_unsupported", id="final"),
     ],
 )
 async def test_creation_refused(

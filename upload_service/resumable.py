@@ -320,6 +320,8 @@ class ResumableHandlers:
             await send_empty(send, 201, headers)
 
     def tus_creation(self, scope: Scope) -> tuple[int | None, dict[str, str], bool]:
+        if header(scope, b"upload-concat") is not None:  # as tusd without concatenation
+            raise tus.ConcatenationUnsupported("Upload-Concat is not supported: this server has no concatenation")
         length_text = header(scope, b"upload-length")
         defer = header(scope, b"upload-defer-length")
         if (length_text is None) == (defer is None):

@@ -51,6 +51,10 @@ class UnsupportedVersion(UploadError):
     headers = ((b"tus-version", TUS_VERSION.encode()),)
 
 
+class ConcatenationUnsupported(UploadError):
+    status, code = 400, "concatenation_unsupported"
+
+
 class OffsetMismatch(UploadError):
     status, code = 409, "offset_mismatch"
 
