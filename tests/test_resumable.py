@@ -1300,3 +1300,31 @@ def test_startup_sweeps_expired_uploads(tmp_path: Path) -> None:
     time.sleep(1.2)
     with Server(upload_dir, env=env):
         assert resumable_files(upload_dir) == []  # gone at startup, before any request
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_shows_a_file_stored_though_the_last_answer_was_lost(tmp_path: Path, server: Server, chromium_page: Any) -> None:
+    """The last PATCH stores the file but its answer never reaches the page: the page's HEAD then
+    finds a stored file (200, Upload-Complete: ?1) and shows it as stored, not as failed."""
+    data = payload(33 * MiB, seed=13)
+    path = tmp_path / "files" / "video.mp4"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    page = chromium_page(server.url + "/", 0)
+
+    def lose_the_last_answer(route: Any) -> None:
+        if route.request.method == "PATCH" and route.request.headers.get("upload-complete") == "?1":
+            route.fetch()  # the server gets every byte and stores the file
+            route.abort("connectionreset")  # the page never sees the answer
+        else:
+            route.continue_()
+
+    page.route("**/files/**", lose_the_last_answer)
+    page.set_input_files("#picker", str(path))
+    wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
+    assert row_state(page) == "done", page.evaluate("document.querySelector('#rows tr .msg').textContent")
+    assert page.evaluate("document.querySelector('#rows tr td.sha code').textContent") == sha(data)
+    assert page.evaluate("Object.keys(localStorage).length") == 0  # nothing left to resume
+    [file_id] = stored_ids(server.upload_dir)
+    assert (server.upload_dir / file_id).read_bytes() == data
