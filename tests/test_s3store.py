@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Iterator
 import aiohttp
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 from hypercorn.utils import LifespanFailureError
 
 import upload_asgi
@@ -787,29 +788,56 @@ async def test_the_sweeper_survives_a_store_that_is_down(
         await store.aclose()
 
 
-async def test_a_commit_whose_cleanup_fails_says_what_it_left(
+async def test_a_failed_commit_is_removed_once_the_store_is_back(
     store: S3Store, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The record cannot be written and the file cannot be deleted: the 5xx stands, the log names it."""
+    """The record's PUT landed but its answer was lost, and then the store went away: the upload
+    failed (5xx), so its file and record go once the store is back, or readers would see it stored."""
+    monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
     data = b"small"
     sink = store.new_file()
     await write(sink, data)
     real_call = store.call
+    down = [True]
 
     async def store_going_down(operation: str, **params: Any) -> Any:
-        if operation == "delete_object" or params.get("Key", "").endswith(".json"):
+        if down[0] and operation == "delete_object":
             raise StorageUnavailable("down")
-        return await real_call(operation, **params)
+        answer = await real_call(operation, **params)
+        if operation == "put_object" and params["Key"].endswith(".json"):
+            raise StorageUnavailable("the answer was lost")
+        return answer
 
     monkeypatch.setattr(store, "call", store_going_down)
     with pytest.raises(StorageUnavailable):
         await store.commit([(sink, make_record(sink.id, data))])
-    assert "left objects behind" in caplog.text and sink.id in caplog.text
-    assert bucket.objects() == [sink.id]  # a file without a record: invisible, and the sweep's
-    monkeypatch.undo()
+    assert "tried again later" in caplog.text
+    assert await store.open(sink.id) is not None  # there, while the store is away
+    down[0] = False
+    await wait_until(lambda: bucket.objects() == [])
     assert await store.open(sink.id) is None
-    assert await store.sweep(now=time.time() + store.sweep_after + 60) == 1
     bucket.assert_nothing_stored()
+
+
+async def test_a_completion_whose_answer_was_lost_counts(
+    store: S3Store, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore retries a CompleteMultipartUpload whose answer was lost and gets NoSuchUpload: the
+    object is there, whole, so the file is stored (not a 502 with the object left behind)."""
+    data = os.urandom(PART + 10)
+    sink = store.new_file()
+    await write(sink, data)
+    real_complete = store.complete_multipart
+
+    async def answer_lost(key: str, upload_id: str, etags: list[str]) -> None:
+        await real_complete(key, upload_id, etags)
+        gone = ClientError({"Error": {"Code": "NoSuchUpload", "Message": "gone"}}, "CompleteMultipartUpload")
+        raise store.problem(gone, "complete_multipart_upload") from gone  # what the retry sees
+
+    monkeypatch.setattr(store, "complete_multipart", answer_lost)
+    record = make_record(sink.id, data)
+    await store.commit([(sink, record)])
+    bucket.assert_stored(record, data)
 
 
 @pytest.mark.slow

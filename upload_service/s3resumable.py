@@ -254,7 +254,7 @@ class S3Upload(ResumableUpload):
         except StorageUnavailable as exc:
             # Completed already: a crash came before the info could say so.
             gone = error_code(exc.__cause__) == "NoSuchUpload"
-            if not gone or store.run(store.object_size(self.key)) != self.info.offset:
+            if not gone or store.run(store.s3.object_size(self.key)) != self.info.offset:
                 raise
         old_tail = self._saved.tail
         self._parts, self._chunks, self._buffered, self._dirty, self._upload_id = [], [], 0, False, None
@@ -534,10 +534,6 @@ class S3ResumableStore(ResumableStore):
             return await self.put_json(self.lock_key(upload_id), lease, etag)
         except Conflict:
             raise UploadLocked(f"resumable upload {upload_id} was taken over by another writer") from None
-
-    async def object_size(self, key: str) -> int | None:
-        head = await self.s3.call_or_none("head_object", Key=key)
-        return None if head is None else head["ContentLength"]
 
     async def remove_bytes(self, upload_id: str, saved: Saved, multipart: str | None) -> None:
         """Everything of an upload but its info: the multipart upload or object, the tail, the lease."""

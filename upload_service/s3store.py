@@ -93,6 +93,7 @@ class S3Sink(FileSink):
         self._upload_id: str | None = None
         self._parts: list[concurrent.futures.Future[str]] = []  # each part's ETag, in order
         self._over = False  # completed or aborted: nothing more to do
+        self.size = 0
 
     def open(self) -> None:
         """Nothing to do yet: the multipart upload starts with the first full part.
@@ -103,6 +104,7 @@ class S3Sink(FileSink):
     def write(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
+        self.size += len(data)
         if self._buffered >= self._store.part_size:
             self._send_part()
 
@@ -160,7 +162,12 @@ class S3Sink(FileSink):
             await self._store.call("put_object", Key=self.key, Body=self._take_buffer())
         else:
             etags = [future.result() for future in self._parts]
-            await self._store.complete_multipart(self.key, self._upload_id, etags)
+            try:
+                await self._store.complete_multipart(self.key, self._upload_id, etags)
+            except StorageUnavailable as exc:
+                # botocore's retry of a completion whose answer was lost finds the upload gone: done?
+                if error_code(exc.__cause__) != "NoSuchUpload" or await self._store.object_size(self.key) != self.size:
+                    raise
         self._over = True
 
     async def abort_upload(self) -> None:
@@ -378,6 +385,10 @@ class S3Store(Store):
         parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
         await self.call("complete_multipart_upload", Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
 
+    async def object_size(self, key: str) -> int | None:
+        head = await self.call_or_none("head_object", Key=key)
+        return None if head is None else head["ContentLength"]
+
     async def abort_multipart(self, key: str, upload_id: str) -> None:
         try:
             await self.call("abort_multipart_upload", Key=key, UploadId=upload_id)
@@ -405,7 +416,8 @@ class S3Store(Store):
             try:
                 swept = await self.sweep()
                 if swept:
-                    logger.info("aborted %d abandoned multipart uploads under %s", swept, self.url)
+                    logger.info("swept %d abandoned multipart uploads and objects without a record under %s",
+                                swept, self.url)
             except StorageUnavailable as exc:
                 logger.warning("sweeping %s failed: %s", self.url, exc)
             await asyncio.sleep(SWEEP_INTERVAL)
@@ -497,11 +509,11 @@ class S3Store(Store):
         work.result()
 
     async def _commit(self, files: Sequence[tuple[S3Sink, Record]]) -> None:
-        stored: list[str] = []  # ids whose object appeared
+        stored: list[str] = []  # ids whose object may have appeared (a failed completion may have landed)
 
         async def complete(sink: S3Sink) -> None:
-            await sink.complete()
             stored.append(sink.id)
+            await sink.complete()
 
         async def put_record(sink: S3Sink, record: Record) -> None:
             body = record_json(record)
@@ -525,8 +537,11 @@ class S3Store(Store):
                 logger.warning("aborting multipart upload %s failed (tried again later): %s", sink.key, exc)
         try:
             await self._remove(stored)
-        except StorageUnavailable:
-            logger.error("a failed upload left objects behind in %s: %s", self.url, stored, exc_info=True)
+        except StorageUnavailable as exc:
+            # Its records (a PUT whose answer was lost may have landed) would show it as stored.
+            logger.warning("removing the files of a failed upload from %s failed (tried again later): %s", self.url, exc)
+            self.retry_later(f"removing the files of a failed upload {stored}", lambda: self._remove(stored),
+                             ABORT_RETRY_FOR_SECONDS)
 
     async def _remove(self, ids: list[str]) -> None:
         """Delete files and their records: the records first (a reader goes by them)."""
