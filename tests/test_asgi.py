@@ -19,10 +19,8 @@ from hypercorn.utils import LifespanFailureError
 
 import upload_asgi
 from support import (
-    upload_scope,
     BOUNDARY,
     assert_nothing_stored,
-    assert_stored,
     call_app,
     chunks_of,
     field_part,
@@ -32,6 +30,7 @@ from support import (
     http_scope,
     split_at,
     stored_ids,
+    upload_scope,
 )
 
 B = BOUNDARY.encode()
