@@ -509,10 +509,10 @@ class S3Store(Store):
         work.result()
 
     async def _commit(self, files: Sequence[tuple[S3Sink, Record]]) -> None:
-        stored: list[str] = []  # ids whose object may have appeared (a failed completion may have landed)
+        begun: list[str] = []  # ids whose completion began: their object may be there (a failure may have landed)
 
         async def complete(sink: S3Sink) -> None:
-            stored.append(sink.id)
+            begun.append(sink.id)
             await sink.complete()
 
         async def put_record(sink: S3Sink, record: Record) -> None:
@@ -525,22 +525,22 @@ class S3Store(Store):
             await all_of([complete(sink) for sink, _ in files])
             await all_of([put_record(sink, record) for sink, record in files])
         except BaseException:
-            cleanup = asyncio.ensure_future(self._undo(files, stored))
+            cleanup = asyncio.ensure_future(self._undo(files, begun))
             await wait_through_cancel(cleanup)
             raise
 
-    async def _undo(self, files: Sequence[tuple[S3Sink, Record]], stored: list[str]) -> None:
+    async def _undo(self, files: Sequence[tuple[S3Sink, Record]], begun: list[str]) -> None:
         for sink, _ in files:
             try:
                 await sink.abort_upload()
             except StorageUnavailable as exc:
                 logger.warning("aborting multipart upload %s failed (tried again later): %s", sink.key, exc)
         try:
-            await self._remove(stored)
+            await self._remove(begun)
         except StorageUnavailable as exc:
             # Its records (a PUT whose answer was lost may have landed) would show it as stored.
             logger.warning("removing the files of a failed upload from %s failed (tried again later): %s", self.url, exc)
-            self.retry_later(f"removing the files of a failed upload {stored}", lambda: self._remove(stored),
+            self.retry_later(f"removing the files of a failed upload {begun}", lambda: self._remove(begun),
                              ABORT_RETRY_FOR_SECONDS)
 
     async def _remove(self, ids: list[str]) -> None:
