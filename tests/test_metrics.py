@@ -567,8 +567,10 @@ def subprocess_pid_that_exited() -> int:
 
 @pytest.mark.slow
 def test_totals_survive_worker_restarts(upload_dir):
-    # --max-requests 2: each worker is replaced after its third request; the counts of
-    # the workers that left stay in every later scrape.
+    # --max-requests 2: a worker is replaced after its third to fifth request (hypercorn 0.18
+    # takes the jitter from --max-requests, not --max-requests-jitter), so 12 uploads on two
+    # workers restart one at least; the counts of the workers that left stay in every later scrape.
+    uploads = 12
     args = ["-w", "2", "--max-requests", "2", "--max-requests-jitter", "0"]
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, args=args) as server:
         deadline = time.monotonic() + 30
@@ -576,7 +578,7 @@ def test_totals_survive_worker_restarts(upload_dir):
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.05)
         first_workers = set(server.pids()[1:])
-        for i in range(8):
+        for i in range(uploads):
             with server.client() as client:  # a connection per upload: any worker may take it
                 body = form_body([file_part(b"x" * (1000 + i), f"{i}.bin")])
                 reply = client.post("/upload", content=body,
@@ -588,6 +590,6 @@ def test_totals_survive_worker_restarts(upload_dir):
             time.sleep(0.05)
         with server.client() as client:
             values = snapshot(parse_exposition(client.get("/metrics", headers={"connection": "close"}).text))
-    assert values["uploads.stored"] == 8 and values["stored_files"] == 8
-    assert values["stored_bytes"] == sum(1000 + i for i in range(8))
+    assert values["uploads.stored"] == uploads and values["stored_files"] == uploads
+    assert values["stored_bytes"] == sum(1000 + i for i in range(uploads))
     assert values["in_flight"] == 0
