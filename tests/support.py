@@ -17,6 +17,9 @@ from typing import Any, Iterable, Iterator
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.client import read_head  # noqa: E402  (the bench's raw HTTP/1.1 reader, on ROOT)
 BOUNDARY = "----upload-asgi-test-boundary-7MA4YWxkTrZu0gW"
 
 
@@ -468,18 +471,13 @@ def serving_pid(server: "Server") -> int:
 
 def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 answer (its Content-Length, or none: a 204), read off a keep-alive connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):  # none on a 204
-        body += sock.recv(65536)
-    return int(lines[0].split()[1]), headers, body
+    status, headers, body = read_head(sock)
+    while len(body) < int(headers.get("content-length", 0)):
+        received = sock.recv(65536)
+        if not received:
+            raise ConnectionError(f"closed after {len(body)} bytes of the body")
+        body += received
+    return status, headers, body
 
 
 class HeldUpload:

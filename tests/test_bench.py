@@ -17,9 +17,7 @@ from typing import Any
 
 import pytest
 
-from support import ROOT
-
-sys.path.insert(0, str(ROOT))
+from support import ROOT  # support also puts ROOT on sys.path, for bench
 
 from bench import __main__ as bench_main  # noqa: E402
 from bench import payloads, resources  # noqa: E402
