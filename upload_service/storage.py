@@ -27,6 +27,8 @@ Record = dict[str, Any]
 
 # 128 random bits as lowercase hex: what `new_file_id` makes and all an id may be.
 FILE_ID_RE = re.compile(r"[0-9a-f]{32}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+TEXT_FIELDS = ("filename", "content_type", "description", "created")  # each a string or null in a record
 
 
 def new_file_id() -> str:
@@ -64,9 +66,27 @@ def parse_record(data: bytes) -> Record:
         raise UnreadableRecord(f"not JSON: {exc}") from None
     if not isinstance(record, dict):
         raise UnreadableRecord(f"not a JSON object but {type(record).__name__}")
-    if not isinstance(record.get("sha256"), str) or not isinstance(record.get("size"), int):
-        raise UnreadableRecord("no sha256 or size")  # what every answer about the file reads
+    sha256, size = record.get("sha256"), record.get("size")
+    if not isinstance(sha256, str) or not SHA256_RE.fullmatch(sha256):
+        raise UnreadableRecord("no sha256 of 64 hexadecimal digits")  # every answer about the file reads it
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise UnreadableRecord("no size of 0 or more")
+    if not all(is_text_or_none(record.get(key)) for key in TEXT_FIELDS):
+        raise UnreadableRecord(f"one of {', '.join(TEXT_FIELDS)} is not text")
     return record
+
+
+def is_text_or_none(value: Any) -> bool:
+    """A string that is all Unicode text (JSON's `\\udc80` decodes to a lone surrogate), or None."""
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class FileSink(ABC):
