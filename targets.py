@@ -27,7 +27,8 @@ from streaming_form_data.targets import BaseTarget
 
 from upload_service.errors import FormError, LimitExceeded, NoFile
 from upload_service.framing import (
-    NAMED_PART_HEADERS, UNNAMED_PART_HEADERS, Framer, PartInfo, clean_filename, transfer_decoder,
+    NAMED_PART_HEADERS, UNNAMED_PART_HEADERS, Framer, PartInfo, clean_filename, field_charset,
+    parse_header_params, transfer_decoder,
 )
 from upload_service.storage import FileSink, Store
 from upload_service.threads import InOrder, WriterPool
@@ -46,6 +47,8 @@ BLOCKS_IN_FLIGHT = 2
 # writes it in its own thread job (one thread hand-off for a small upload instead of
 # two); when another part begins, it goes to the executor like any block.
 HELD_FILE_SIZE = 64 * KiB
+# RFC 7578 §4.6: a field of this name says the charset of the text fields that declare none.
+CHARSET_FIELD = "_charset_"
 
 
 # -- targets ------------------------------------------------------------------
@@ -188,12 +191,13 @@ class UploadFileTarget(BaseTarget):
 
 
 class FieldTarget(BaseTarget):
-    """Keep a text field in memory, up to `max_size` bytes."""
+    """Keep a text field in memory, up to `max_size` bytes; `charset`: the one its part declared."""
 
-    def __init__(self, name: str, max_size: int) -> None:
+    def __init__(self, name: str, max_size: int, charset: str | None = None) -> None:
         super().__init__()
         self.name = name
         self.max_size = max_size
+        self.charset = charset
         self.finished = False
         self._value = bytearray()
 
@@ -209,25 +213,33 @@ class FieldTarget(BaseTarget):
     def on_finish(self) -> None:
         self.finished = True
 
-    @property
-    def value(self) -> str:
+    def text(self, form_charset: str | None = None) -> str:
+        """The value, read in its part's charset, else the form's (`_charset_`), else UTF-8."""
+        charset = self.charset or form_charset or "utf-8"
         try:
-            return self._value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FormError(f"field {self.name!r} is not valid UTF-8") from None
+            return self._value.decode(charset)
+        except UnicodeError:
+            raise FormError(f"field {self.name!r} is not valid {charset}") from None
 
 
 class SkippedPartTarget(BaseTarget):
-    """Count and drop a part nobody asked for, bounded like a text field."""
+    """Count and drop a part nobody asked for, bounded like a text field.
 
-    def __init__(self, name: str, max_size: int) -> None:
+    `empty_input`: the file part of an empty file input (`filename=""`); content in it is
+    a file without a name (requests' `('', data)`, `curl -F 'f=@x;filename='`): 422 at once,
+    whatever its size, as for a file part without a filename."""
+
+    def __init__(self, name: str, max_size: int, empty_input: bool = False) -> None:
         super().__init__()
         self.name = name
         self.max_size = max_size
+        self.empty_input = empty_input
         self.size = 0
         self.finished = False
 
     def on_data_received(self, chunk: bytes) -> None:
+        if self.empty_input and chunk:
+            raise NoFile(f"the part named {self.name!r} has content but an empty filename: name the file")
         self.size += len(chunk)
         if self.size > self.max_size:
             raise LimitExceeded(
@@ -449,7 +461,10 @@ class FormReader:
 
     def field(self, name: str) -> str | None:
         target = self.fields.get(name)
-        return None if target is None else target.value
+        if target is None:
+            return None
+        form_charset = self.fields.get(CHARSET_FIELD)
+        return target.text(field_charset(form_charset.text("latin-1")) if form_charset else None)
 
     def _open_target(self, info: PartInfo) -> BaseTarget:
         for held in self._writing:  # another part follows: a file held for the commit is written now
@@ -469,13 +484,16 @@ class FormReader:
             self.files.append(target)
             if self._executor is not None:
                 self._writing.append(target)
-        elif info.name in self._text_fields:  # with a filename too (curl -F sha256=@digest.txt)
+        elif info.name in self._text_fields or info.name == CHARSET_FIELD:
+            # with a filename too (curl -F sha256=@digest.txt)
             if info.name in self.fields:  # each would be held in memory
                 raise FormError(f"field {info.name!r} is given more than once")
-            target = FieldTarget(info.name, limits.max_field_size)
+            charset = field_charset(parse_header_params(info.content_type)[1].get("charset"))
+            target = FieldTarget(info.name, limits.max_field_size, charset)
             self.fields[info.name] = target
         else:  # an empty file input, or a part nobody asked for
-            target = SkippedPartTarget(info.name, limits.max_field_size)
+            empty_input = info.name == self._file_field
+            target = SkippedPartTarget(info.name, limits.max_field_size, empty_input)
         if info.transfer_encoding and not isinstance(target, SkippedPartTarget):
             target = DecodedTarget(target, info.transfer_encoding)
         self._opened.append(target)

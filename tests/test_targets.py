@@ -123,7 +123,7 @@ def test_form_reader_skips_other_parts(store, partial_dir):
     body = form_body([
         field_part("unknown", "dropped"),
         file_part(b"not ours", "x.txt", name="other"),
-        file_part(b"empty filename", "", name="files"),
+        file_part(b"", "", name="files"),  # an empty file input
         file_part(b"ours", "y.txt", name="files"),
     ])
     reader = reader_for(store)

@@ -43,6 +43,17 @@ MAX_PART_HEADER_LINES = 32
 # A display name longer than any filesystem's NAME_MAX (255) is not a real filename.
 MAX_FILENAME_CHARS = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+# The charsets a text field may declare (RFC 7578 §4.4: Apache HttpClient's text parts say
+# ISO-8859-1) or a form's `_charset_` field may name (§4.6: a browser's, from a page in a
+# legacy charset), by label, and the codec that reads each; any other label counts as none.
+# A fixed table: a client's label never picks a codec of its own (idna, rot13, base64...).
+FIELD_CHARSETS = {
+    "utf-8": "utf-8", "utf8": "utf-8", "us-ascii": "ascii", "ascii": "ascii",
+    "iso-8859-1": "latin-1", "latin1": "latin-1", "iso-8859-2": "iso8859-2", "iso-8859-15": "iso8859-15",
+    "windows-1250": "cp1250", "windows-1251": "cp1251", "windows-1252": "cp1252", "cp1252": "cp1252",
+    "koi8-r": "koi8-r", "shift_jis": "shift_jis", "euc-jp": "euc_jp", "iso-2022-jp": "iso2022_jp",
+    "gb2312": "gbk", "gbk": "gbk", "gb18030": "gb18030", "big5": "big5", "euc-kr": "euc_kr",
+}
 
 CRLF = b"\r\n"
 # What the parser is fed for each part's headers (see Framer.feed).
@@ -63,6 +74,9 @@ _ENCODED_WORD_RE = re.compile(r"=\?(utf-8|iso-8859-1)\?([bq])\?([^?\s]*)\?=", re
 _QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"?')
 _SPECIAL_RE = re.compile(r'[;,:<>@\[\]\\()"]|\s+')  # RFC 5322 specials, quotes, white space
 _SPACE_RUN_RE = re.compile(r"\s+")
+_ESCAPED_RE = re.compile(r'\\(["\\])')
+# Bidirectional controls (Cf): a display name with U+202E shows `exe.pdf` for `fdp.exe`.
+_BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # RFC 9110 §5.1: a field name is a token (§5.6.2), right before the colon (RFC 9112
 # §5.1 forbids white space there). A line that is not `name: value` is malformed, also
 # in a part the route ignores: skipping it could silently drop a part.
@@ -111,6 +125,7 @@ def parse_params_slowly(rest: str) -> dict[str, str]:
         while i < n and rest[i] in " \t":
             i += 1
         if i < n and rest[i] == '"':
+            opened = i
             i += 1
             chars = []
             while i < n and rest[i] != '"':
@@ -120,8 +135,14 @@ def parse_params_slowly(rest: str) -> dict[str, str]:
                 i += 1
             i += 1  # the closing quote, if any
             param = "".join(chars)
-            while i < n and rest[i] != ";":
-                i += 1
+            end = rest.find(";", i)
+            end = n if end < 0 else end
+            tail = rest[i:end].rstrip()
+            if tail.endswith('"'):
+                # `"my "quoted" name"`: Node's form-data (axios, got) leaves inner quotes
+                # unescaped; the value runs to the last quote before the next `;`.
+                param = _ESCAPED_RE.sub(r"\1", rest[opened + 1 : i + len(tail) - 1])
+            i = end
         else:
             start = i
             while i < n and rest[i] != ";":
@@ -168,10 +189,15 @@ def disposition_filename(params: dict[str, str]) -> str | None:
     return None
 
 
+def field_charset(label: str | None) -> str | None:
+    """The codec for a charset label of FIELD_CHARSETS (any case), else None."""
+    return FIELD_CHARSETS.get(label.strip().lower()) if label else None
+
+
 def clean_filename(raw: str) -> str:
     """Keep the last path component of a client's filename, for display only."""
     name = raw.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(c for c in name if unicodedata.category(c) != "Cc").strip()
+    name = "".join(c for c in name if unicodedata.category(c) != "Cc" and c not in _BIDI_CONTROLS).strip()
     if name in (".", ".."):
         name = ""
     return name[:MAX_FILENAME_CHARS] or "unnamed"
