@@ -826,8 +826,15 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, v
     record = reply.json()
     assert record["filename"] == "rows.csv" and record["content_type"] == "text/csv"
     backend.assert_stored(record, data)
-    check_problem(await client.patch(location, content=b"x", headers={**complete, "Upload-Offset": str(len(data))}),
-                  400, "completed-upload", version)
+    # Complete: since interop 8, bytes appended are an inconsistent length, an empty append 410;
+    # in 6 (drafts -04/-05) any append is 400 completed-upload.
+    at_end = {**complete, "Upload-Offset": str(len(data))}
+    if version == "6":
+        check_problem(await client.patch(location, content=b"x", headers=at_end), 400, "completed-upload", version)
+    else:
+        check_problem(await client.patch(location, content=b"x", headers=at_end), 400, "inconsistent-upload-length", version)
+        check_problem(await client.patch(location, content=b"", headers=at_end), 410, "completed-upload", version)
+    backend.assert_stored(record, data)
     reply = await client.head(location, headers=draft(version))  # now a stored file: its download headers
     assert reply.status_code == 200 and reply.headers["upload-complete"] == "?1"
     assert reply.headers["upload-offset"] == str(len(data)) and reply.headers["etag"] == f'"{sha(data)}"'
@@ -850,13 +857,13 @@ async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, 
 
 
 async def test_draft_filename_from_content_disposition(client: httpx.AsyncClient, backend: Any) -> None:
-    """Read as a form part's filename is: `filename*` decoded (RFC 5987) when alone, `filename` when both
-    come; the header's bytes as UTF-8 when they are UTF-8 (the ASGI server hands them over as latin-1)."""
+    """`filename*` decoded (RFC 8187), and when both come it wins (RFC 6266 §4.3, unlike a form part);
+    the header's bytes as UTF-8 when they are UTF-8 (the ASGI server hands them over as latin-1)."""
     cases = [
         ("attachment; filename*=UTF-8''%E2%82%AC%20rates.txt", "€ rates.txt"),
         ('attachment; filename="€ rates.txt"'.encode(), "€ rates.txt"),
         (b'attachment; filename="\xe9t\xe9.txt"', "été.txt"),  # not UTF-8: latin-1, as HTTP defines it
-        ("attachment; filename=\"plain.txt\"; filename*=UTF-8''%E2%82%AC.txt", "plain.txt"),
+        ("attachment; filename=\"plain.txt\"; filename*=UTF-8''%E2%82%AC.txt", "€.txt"),  # RFC 6266 §4.3
     ]
     for disposition, filename in cases:
         headers = {**draft("8", Upload_Complete="?1"), "Content-Disposition": disposition}
@@ -878,6 +885,93 @@ async def test_draft_patch_with_a_conflicting_length_is_a_problem(client: httpx.
         assert int((await client.head(location, headers=draft("8"))).headers["upload-offset"]) == 3
 
 
+def limits(reply: httpx.Response) -> dict[str, int]:
+    """Upload-Limit as a dictionary of integers."""
+    return {key: int(value) for key, _, value in (m.strip().partition("=") for m in reply.headers["upload-limit"].split(","))}
+
+
+@pytest.mark.parametrize("version, age", [("6", "expires"), ("8", "max-age")])
+async def test_draft_limits_as_each_version_names_them(
+    client: httpx.AsyncClient, backend: Any, config: upload_asgi.Config, version: str, age: str
+) -> None:
+    """Upload-Limit: the lifetime is `expires` in interop 6, `max-age` in 8. OPTIONS names the append
+    type (Accept-Patch); a 413 for a limit of ours carries the limits too (the draft: MUST)."""
+    expiry = int(config.resumable_expiry)
+    reply = await client.options("/files", headers=draft(version))
+    assert reply.status_code == 204
+    assert reply.headers["accept-patch"] == "application/partial-upload"
+    assert limits(reply) == {"max-size": 10_000_000, age: expiry}
+    reply = await client.post("/files", content=b"abc", headers=draft(version, Upload_Complete="?0"))
+    assert set(limits(reply)) == {"max-size", age} and expiry - 5 <= limits(reply)[age] <= expiry
+    head = await client.head(reply.headers["location"], headers=draft(version))
+    assert set(limits(head)) == {"max-size", age}
+    for length in ("10000001", None):
+        if length is None:  # over the file limit by its body, the length deferred
+            reply = await client.patch(
+                head.request.url, content=b"x" * (10_000_001 - 3),
+                headers=draft(version, Content_Type="application/partial-upload", Upload_Complete="?0", Upload_Offset="3"))
+        else:
+            reply = await client.post("/files", headers=draft(version, Upload_Complete="?0", Upload_Length=length))
+        body = check_error(reply, 413, "payload_too_large")
+        assert body["limit"] == "file_size" and body["max"] == 10_000_000
+        assert reply.headers["upload-draft-interop-version"] == version
+        assert limits(reply) == {"max-size": 10_000_000}  # a refusal does not renew the upload: no time left named
+    assert int((await client.head(head.request.url, headers=draft(version))).headers["upload-offset"]) == 3
+    assert "accept-patch" not in (await client.options("/files")).headers  # tus: no draft headers
+
+
+async def test_draft_limits_name_the_append_size_when_a_request_may_carry_less_than_a_file(backend: Any) -> None:
+    """UPLOAD_MAX_REQUEST_SIZE below UPLOAD_MAX_FILE_SIZE: `max-append-size`, so a draft client sends
+    the file in appends of at most that; one over it is 413 with the limits."""
+    app = upload_asgi.create_app(backend.config(fsync=False, max_file_size=10_000, max_request_size=4_000))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+            reply = await client.options("/files", headers=draft("8"))
+            assert limits(reply)["max-append-size"] == 4_000 and limits(reply)["max-size"] == 10_000
+            data = payload(9_000)
+            reply = await client.post("/files", content=data[:4_000], headers=draft("8", Upload_Complete="?0"))
+            assert reply.status_code == 201, reply.text
+            location = reply.headers["location"]
+            append = draft("8", Content_Type="application/partial-upload", Upload_Complete="?1", Upload_Offset="4000")
+            reply = await client.patch(location, content=data[4_000:], headers=append)
+            assert check_error(reply, 413, "payload_too_large")["limit"] == "request_size"
+            assert limits(reply)["max-append-size"] == 4_000
+            assert (await client.head(location, headers=draft("8"))).headers["upload-offset"] == "4000"
+            reply = await client.patch(location, content=data[4_000:8_000], headers={**append, "Upload-Complete": "?0"})
+            assert reply.status_code == 204, reply.text
+            reply = await client.patch(location, content=data[8_000:], headers={**append, "Upload-Offset": "8000"})
+            assert reply.status_code == 200, reply.text
+            backend.assert_stored(reply.json(), data)
+    finally:
+        await close_app(app)
+
+
+@pytest.mark.parametrize("version", [None, "8"])
+async def test_an_offset_mismatch_names_the_offset_in_a_header(client: httpx.AsyncClient, backend: Any, version: str | None) -> None:
+    """The draft: the 409 MUST carry the right `Upload-Offset`; tus gets it too (and in the body, as before)."""
+    if version is None:
+        reply = await client.post("/files", content=b"abc", headers={**OCTETS, "Upload-Length": "10"})
+        append = OCTETS
+    else:
+        reply = await client.post("/files", content=b"abc", headers=draft(version, Upload_Complete="?0"))
+        append = draft(version, Content_Type="application/partial-upload", Upload_Complete="?0")
+    location = reply.headers["location"]
+    reply = await client.patch(location, content=b"d", headers={**append, "Upload-Offset": "1"})
+    assert reply.status_code == 409, reply.text
+    assert reply.headers["upload-offset"] == "3"
+    assert int(reply.headers["content-length"]) == len(reply.content)
+    assert int((await client.head(location, headers=draft(version) if version else TUS)).headers["upload-offset"]) == 3
+
+
+async def test_draft_creation_keeps_the_content_type_as_sent(client: httpx.AsyncClient, backend: Any) -> None:
+    """As a form part's: the parameters (a charset) stay in the record and the download."""
+    reply = await client.post("/files", content=b"caf\xc3\xa9", headers=draft(
+        "8", Upload_Complete="?1", Content_Type="text/plain; charset=utf-8"))
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["content_type"] == "text/plain; charset=utf-8"
+    assert (await client.get(reply.headers["location"])).headers["content-type"] == "text/plain; charset=utf-8"
+
+
 async def test_draft_refusals(client: httpx.AsyncClient, backend: Any) -> None:
     check_error(await client.post("/files", content=b"abc", headers=draft("8")), 400, "invalid_header")
     check_error(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="yes")), 400, "invalid_header")
@@ -890,9 +984,10 @@ async def test_draft_refusals(client: httpx.AsyncClient, backend: Any) -> None:
     assert reply.status_code == 201 and reply.json()["size"] == 0
     assert (await client.delete(f"/files/{reply.json()['id']}")).status_code == 204
     wrong = f"sha-256=:{b64(hashlib.sha256(b'other').digest())}:"
-    body = check_problem(await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?1", Repr_Digest=wrong)),
-                         422, "digest-mismatch", "8")
+    reply = await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?1", Repr_Digest=wrong))
+    body = check_problem(reply, 422, "digest-mismatched-values", "8")  # SPEC §10: 422
     assert body["sha256"] == sha(b"abc")
+    assert reply.headers["upload-complete"] == "?1"  # the draft: an answer about the whole representation
     reply = await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?0"))
     location = reply.headers["location"]
     append = draft("8", Content_Type="application/partial-upload", Upload_Offset="3")

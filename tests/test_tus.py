@@ -34,6 +34,16 @@ def test_metadata_parsing() -> None:
     assert tus.parse_metadata(tus.format_metadata(parsed)) == parsed
 
 
+def test_metadata_keys_are_what_tus_allows() -> None:
+    """tus 1.0.0 forbids only spaces, commas and empty keys (tusd takes `user:id`): any other
+    printable ASCII is a key, and echoes back as it came."""
+    keys = ["user:id", "a/b", "x@y", "meta[owner]", 'q"uote', "~!#$%&*+-.^_`|"]
+    text = ",".join(f"{key} {b64(key)}" for key in keys)
+    parsed = tus.parse_metadata(text)
+    assert [tus.metadata_text(parsed, key) for key in keys] == keys
+    assert tus.format_metadata(parsed) == text
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -41,6 +51,9 @@ def test_metadata_parsing() -> None:
         pytest.param(f"a {b64('x')},a {b64('y')}", id="duplicate"),
         pytest.param(f"k\x01ey {b64('x')}", id="bad-key"),
         pytest.param(",", id="empty-key"),
+        pytest.param(f"filename {b64('x')},", id="trailing-comma"),
+        pytest.param(f"n\u00e4me {b64('x')}", id="non-ascii-key"),
+        pytest.param(f"k\x7fey {b64('x')}", id="delete-in-key"),
         pytest.param("k " + "A" * 9000, id="too-long"),
         pytest.param(",".join(f"k{i}" for i in range(40)), id="too-many"),
     ],
@@ -68,6 +81,23 @@ def test_repr_digest_parsing() -> None:
             tus.parse_repr_digest(bad)
 
 
+def test_repr_digest_is_read_as_a_structured_dictionary() -> None:
+    """RFC 9651: the last member of a key wins, a member's parameters are ignored, and a byte
+    sequence's `=` padding may be left out."""
+    digest, other = hashlib.sha256(b"x").digest(), hashlib.sha256(b"y").digest()
+    assert tus.parse_repr_digest(f"sha-256=:{b64(other)}:, sha-256=:{b64(digest)}:") == digest.hex()
+    assert tus.parse_repr_digest(f"sha-256=:{b64(digest)}:;note=1") == digest.hex()
+    assert tus.parse_repr_digest(f"sha-256=:{b64(digest).rstrip('=')}:") == digest.hex()
+
+
+@pytest.mark.parametrize("version, age", [("6", "expires"), ("8", "max-age")])
+def test_upload_limit_names_the_lifetime_as_the_version_does(version: str, age: str) -> None:
+    """Interop version 6 (drafts -04/-05) calls an upload's lifetime `expires`; later drafts `max-age`."""
+    assert tus.format_limit(version, 100, expires_in=60.7) == f"max-size=100, {age}=60"
+    assert tus.format_limit(version, 100, max_append=10, expires_in=-5) == f"max-size=100, max-append-size=10, {age}=0"
+    assert tus.format_limit(version, 100) == "max-size=100"
+
+
 def test_expires_is_an_http_date() -> None:
     assert tus.format_expires(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
 
@@ -75,4 +105,7 @@ def test_expires_is_an_http_date() -> None:
 def test_filename_of_a_content_disposition() -> None:
     assert tus.filename_of(None) is None and tus.filename_of("attachment") is None
     assert tus.filename_of("attachment; filename*=UTF-8''%E2%82%AC.txt") == "€.txt"
-    assert tus.filename_of("attachment; filename=a.txt; filename*=UTF-8''b.txt") == "a.txt"  # as in a form
+    # RFC 6266 §4.3, not a form part's rule: with both, filename* wins, unless it does not decode whole.
+    assert tus.filename_of("attachment; filename=a.txt; filename*=UTF-8''b%C3%A9.txt") == "bé.txt"
+    assert tus.filename_of("attachment; filename=a.txt; filename*=UTF-8''") == "a.txt"
+    assert tus.filename_of("attachment; filename=a.txt; filename*=UTF-8''%FF.txt") == "a.txt"  # not UTF-8

@@ -42,7 +42,7 @@ EXPOSE_HEADERS = b", ".join([
     b"Tus-Resumable", b"Tus-Version", b"Tus-Extension", b"Tus-Max-Size", b"Tus-Checksum-Algorithm",
     b"Upload-Offset", b"Upload-Length", b"Upload-Expires", b"Upload-Metadata", b"Upload-Defer-Length",
     b"Upload-Concat", b"Upload-Complete", b"Upload-Draft-Interop-Version", b"Upload-Limit",
-    b"Repr-Digest", b"Content-Digest",
+    b"Repr-Digest", b"Content-Digest", b"Accept-Patch",
 ])
 # How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).
 MAX_AGE_SECONDS = b"600"

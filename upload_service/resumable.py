@@ -184,7 +184,8 @@ class ResumableHandlers:
         dialect = Dialect.of(scope)
         if dialect.draft is not None:
             headers.append((b"upload-draft-interop-version", dialect.draft.encode()))
-            headers.append((b"upload-limit", tus.format_limit(config.max_file_size, config.resumable_expiry).encode()))
+            headers.append((b"upload-limit", self.format_upload_limit(dialect.draft, config.resumable_expiry)))
+            headers.append((b"accept-patch", tus.DRAFT_CONTENT_TYPE.encode()))
         await send_empty(send, 204, headers)
 
     async def handle_create(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
@@ -236,10 +237,11 @@ class ResumableHandlers:
             error = exc
         except Exception as exc:
             error = exc
+            headers = self.headers_for_error(exc, dialect)
             if counted:  # an upload: creation, PATCH
-                await self.app.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"), dialect.headers())
+                await self.app.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"), headers)
             else:
-                await self.answer_failure(scope, receive, send, exc, progress, dialect)
+                await self.answer_failure(scope, receive, send, exc, progress, headers)
         except BaseException as exc:
             error = exc
             raise
@@ -252,18 +254,32 @@ class ResumableHandlers:
                 metrics.observe(name, seconds)
                 log_outcome(error, progress.received, seconds, [outcome.stored] if outcome.stored else [])
 
+    def headers_for_error(self, exc: Exception, dialect: Dialect) -> Headers:
+        """The protocol's headers on an error; the draft's 413 for a limit of ours also names the
+        size limits (not the time left: a refused PATCH does not renew the upload)."""
+        headers = dialect.headers()
+        if dialect.draft is not None and isinstance(exc, PayloadTooLarge):
+            headers.append((b"upload-limit", self.format_upload_limit(dialect.draft)))
+        return headers
+
+    def format_upload_limit(self, draft: str, expires_in: float | None = None) -> bytes:
+        """The draft's Upload-Limit: the file limit, a smaller request limit, the seconds left."""
+        config = self.config
+        max_append = config.max_request_size if config.max_request_size < config.max_file_size else None
+        return tus.format_limit(draft, config.max_file_size, max_append, expires_in).encode()
+
     async def answer_failure(
-        self, scope: Scope, receive: Receive, send: Send, exc: Exception, progress: BodyProgress, dialect: Dialect
+        self, scope: Scope, receive: Receive, send: Send, exc: Exception, progress: BodyProgress, headers: Headers
     ) -> None:
         """Answer a HEAD or DELETE that failed: logged as that request, never as a failed upload."""
         answer = as_upload_error(exc, unexpected="the server failed to answer")
         if is_server_fault(answer):
             logger.error("%s %s failed: %s", scope["method"], route_path(scope), answer.detail, exc_info=exc)
         if scope["method"] == "HEAD":  # the error's status and headers, no body
-            await send_error(send, answer, headers=dialect.headers(), head_only=True)
+            await send_error(send, answer, headers=headers, head_only=True)
         else:
             http_version = scope.get("http_version", "1.1")
-            await self.app.answer_draining(receive, send, answer, progress, http_version, dialect.headers())
+            await self.app.answer_draining(receive, send, answer, progress, http_version, headers)
 
     def check_writer(self, scope: Scope, dialect: Dialect) -> None:
         """What every write (create, PATCH, DELETE) must show: the token, the protocol version."""
@@ -354,9 +370,9 @@ class ResumableHandlers:
         filename = tus.filename_of(utf8_header(scope, b"content-disposition"))
         if filename:
             values["filename"] = filename
-        media_type = tus.media_type_of(header(scope, b"content-type"))
-        if media_type and media_type != tus.DRAFT_CONTENT_TYPE:
-            values["filetype"] = media_type
+        content_type = header(scope, b"content-type")
+        if content_type and tus.media_type_of(content_type) != tus.DRAFT_CONTENT_TYPE:
+            values["filetype"] = content_type.strip()  # as a form part's: its parameters kept
         metadata = tus.parse_metadata(header(scope, b"upload-metadata"))
         return length, {**metadata, **tus.encode_metadata(values)}, will_complete
 
@@ -486,9 +502,15 @@ class ResumableHandlers:
             record = await self.files.read_record(file_id)
         except NotFound:
             raise NotFound(f"no upload {file_id}") from None
-        if dialect.draft is not None:
-            raise tus.Problem(400, "completed-upload", "the upload is already complete")
-        raise tus.UploadComplete(f"upload {file_id} is complete ({record['size']} bytes)", offset=record["size"])
+        detail = f"upload {file_id} is already complete ({record['size']} bytes)"
+        if dialect.draft is None:
+            raise tus.UploadComplete(detail, offset=record["size"])
+        if dialect.draft == "6":  # drafts -04/-05: any append
+            raise tus.Problem(400, "completed-upload", detail)
+        # Since: bytes appended (or maybe, a body of unknown length) are an inconsistent length; none, 410.
+        if progress.complete:
+            raise tus.Problem(410, "completed-upload", detail)
+        raise tus.inconsistent_length(detail)
 
     def declare_length(self, info: UploadInfo, length: int, dialect: Dialect) -> bool:
         """tus creation-defer-length (or the draft's Upload-Length): a PATCH names the length once.
@@ -509,15 +531,17 @@ class ResumableHandlers:
         dialect: Dialect, will_complete: bool | None,
     ) -> None:
         """Read this request's body onto the end of the upload; take all of it back if it is wrong."""
-        info = upload.info
-        limit = (info.length if info.length is not None else self.config.max_file_size) - info.offset
+        info, config = upload.info, self.config
+        limit = (info.length if info.length is not None else config.max_file_size) - info.offset
         body_length = declared_length(scope)
         if body_length is not None and body_length > limit:
-            raise tus.past_length(dialect.draft is not None, info.length, limit)
+            raise tus.past_length(dialect.draft is not None, info.length, limit, config.max_file_size)
+        if body_length is not None and body_length > config.max_request_size:
+            raise PayloadTooLarge(f"the body is larger than the request limit of {config.max_request_size} bytes",
+                                  limit="request_size", max=config.max_request_size)
         checksum = tus.parse_checksum(header(scope, b"upload-checksum")) if dialect.draft is None else None
         await run_blocking(upload.mark, checksum is not None)
         consumer = AppendBody(upload, self.app.write_executor(), checksum[0] if checksum else None)
-        config = self.config
         self.app.metrics.in_flight += 1
         try:
             try:
@@ -533,7 +557,7 @@ class ResumableHandlers:
                 raise
             except PayloadTooLarge:
                 if progress.received > limit:
-                    raise tus.past_length(dialect.draft is not None, info.length, limit) from None
+                    raise tus.past_length(dialect.draft is not None, info.length, limit, config.max_file_size) from None
                 raise
             if checksum is not None and consumer.checksum.digest() != checksum[1]:
                 raise tus.ChunkChecksumMismatch(f"the chunk does not match its Upload-Checksum ({checksum[0]})")
@@ -568,9 +592,11 @@ class ResumableHandlers:
         if info.sha256 is not None and info.sha256 != sha256:
             await run_blocking(upload.terminate)
             detail = f"the file's SHA-256 is {sha256}, not {info.sha256}; the upload was removed"
-            if dialect.draft is not None:
-                raise tus.Problem(422, "digest-mismatch", detail, sha256=sha256)
-            raise tus.DigestMismatch(detail, sha256=sha256)
+            if dialect.draft is None:
+                raise tus.DigestMismatch(detail, sha256=sha256)
+            problem = tus.Problem(422, "digest-mismatched-values", detail, sha256=sha256)  # SPEC §10: 422
+            problem.headers = ((b"upload-complete", b"?1"),)  # the draft: an answer about the whole file
+            raise problem
         record = record_of(info, info.offset, sha256)
         await run_blocking(upload.finish, record)
         outcome.stored = record
@@ -640,8 +666,7 @@ class ResumableHandlers:
             headers.append((b"upload-defer-length", b"1"))
         if dialect.draft is not None:
             headers.append((b"upload-complete", tus.format_boolean(info.complete)))
-            limit = tus.format_limit(self.config.max_file_size, info.expires - time.time())
-            headers.append((b"upload-limit", limit.encode()))
+            headers.append((b"upload-limit", self.format_upload_limit(dialect.draft, info.expires - time.time())))
         elif not info.complete:
             headers.append((b"upload-expires", tus.format_expires(info.expires).encode()))
         return headers

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from upload_service.errors import PayloadTooLarge, UploadError
-from upload_service.framing import disposition_filename, parse_header_params
+from upload_service.framing import decode_ext_value, disposition_filename, parse_header_params
 
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
@@ -35,7 +35,9 @@ MAX_METADATA_PAIRS = 32
 # A length or offset: digits only, at most 2**63 - 1 (what a signed 64-bit file offset holds).
 NUMBER_RE = re.compile(r"[0-9]{1,19}")
 MAX_NUMBER = 2**63 - 1
-KEY_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token: no space, no comma
+# tus 1.0.0: a key "MUST NOT contain spaces and commas and MUST NOT be empty" (tusd takes
+# `user:id` or `a/b`); printable ASCII, so that it echoes back in a header as it came.
+KEY_RE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
 SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
@@ -98,10 +100,15 @@ class Problem(UploadError):
 
 
 def offset_mismatch(draft: bool, expected: int, given: int) -> UploadError:
+    """409, with the right offset in `Upload-Offset` too (the draft: MUST; tus clients may read it)."""
     detail = f"Upload-Offset is {given}, the upload is at {expected}"
     if draft:
-        return Problem(409, "mismatching-upload-offset", detail, **{"expected-offset": expected, "provided-offset": given})
-    return OffsetMismatch(detail, offset=expected)
+        error: UploadError = Problem(409, "mismatching-upload-offset", detail,
+                                     **{"expected-offset": expected, "provided-offset": given})
+    else:
+        error = OffsetMismatch(detail, offset=expected)
+    error.headers = ((b"upload-offset", str(expected).encode()),)
+    return error
 
 
 def inconsistent_length(detail: str) -> UploadError:
@@ -113,11 +120,12 @@ def length_conflict(draft: bool, detail: str) -> UploadError:
     return inconsistent_length(detail) if draft else InvalidHeader(detail)
 
 
-def past_length(draft: bool, length: int | None, limit: int) -> UploadError:
+def past_length(draft: bool, length: int | None, limit: int, max_file_size: int) -> UploadError:
+    """A body past the upload's length is inconsistent (the draft); past our file limit, 413 in both."""
     if length is None:
         detail = f"the body would take the upload past the file limit; {limit} more bytes fit"
-    else:
-        detail = f"the body would take the upload past its Upload-Length {length}; {limit} more bytes fit"
+        return PayloadTooLarge(detail, limit="file_size", max=max_file_size)
+    detail = f"the body would take the upload past its Upload-Length {length}; {limit} more bytes fit"
     if draft:
         return Problem(400, "inconsistent-upload-length", detail)
     return PayloadTooLarge(detail, limit="upload_length", max=limit)
@@ -159,7 +167,7 @@ def parse_metadata(text: str | None) -> dict[str, str]:
         key, _, value = pair.strip().partition(" ")
         value = value.strip()
         if not KEY_RE.fullmatch(key):
-            raise InvalidHeader(f"Upload-Metadata key {key[:40]!r} is not a token")
+            raise InvalidHeader(f"Upload-Metadata key {key[:40]!r} is empty or not printable ASCII")
         if key in metadata:
             raise InvalidHeader(f"Upload-Metadata key {key!r} is given twice")
         try:
@@ -199,24 +207,29 @@ def declared_sha256(metadata: dict[str, str], repr_digest: str | None) -> str | 
 
 
 def parse_repr_digest(text: str | None) -> str | None:
-    """RFC 9530 Repr-Digest, a structured dictionary: the `sha-256` member as hex, if any."""
+    """RFC 9530 Repr-Digest, a structured dictionary: the `sha-256` member as hex, if any.
+
+    As RFC 9651 reads a dictionary: the last of a key given twice wins, a member's
+    parameters are ignored, and a byte sequence may leave out its `=` padding."""
     if text is None or not text.strip():
         return None
+    value = None
     for member in text.split(","):
-        key, _, value = member.strip().partition("=")
-        if key.strip().lower() != "sha-256":
-            continue  # another algorithm: not one we check
-        value = value.strip()
-        try:
-            if len(value) < 2 or value[0] != ":" or value[-1] != ":":
-                raise ValueError
-            raw = base64.b64decode(value[1:-1], validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidHeader("Repr-Digest sha-256 must be a byte sequence, :base64:") from None
-        if len(raw) != 32:
-            raise InvalidHeader("Repr-Digest sha-256 must be 32 bytes")
-        return raw.hex()
-    return None
+        key, _, item = member.strip().partition("=")
+        if key.strip().lower() == "sha-256":  # another algorithm: not one we check
+            value = item.partition(";")[0].strip()
+    if value is None:
+        return None
+    try:
+        if len(value) < 2 or value[0] != ":" or value[-1] != ":":
+            raise ValueError
+        encoded = value[1:-1]
+        raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidHeader("Repr-Digest sha-256 must be a byte sequence, :base64:") from None
+    if len(raw) != 32:
+        raise InvalidHeader("Repr-Digest sha-256 must be 32 bytes")
+    return raw.hex()
 
 
 def parse_checksum(text: str | None) -> tuple[str, bytes] | None:
@@ -260,20 +273,26 @@ def format_expires(timestamp: float) -> str:
     return email.utils.formatdate(timestamp, usegmt=True)
 
 
-def format_limit(max_size: int, expires_in: float | None = None) -> str:
-    """Upload-Limit, a structured dictionary of the server's limits."""
+def format_limit(draft: str, max_size: int, max_append: int | None = None, expires_in: float | None = None) -> str:
+    """Upload-Limit, a structured dictionary of the server's limits: the seconds an upload has
+    left are `expires` in interop version 6 (drafts -04/-05), `max-age` since."""
     limit = f"max-size={max_size}"
+    if max_append is not None:
+        limit += f", max-append-size={max_append}"
     if expires_in is not None:
-        limit += f", expires={max(0, int(expires_in))}"
+        limit += f", {'expires' if draft == '6' else 'max-age'}={max(0, int(expires_in))}"
     return limit
 
 
 def filename_of(content_disposition: str | None) -> str | None:
-    """The filename of a Content-Disposition (the draft's creation request), read as a form part's."""
+    """The filename of a Content-Disposition (the draft's creation request). RFC 6266 §4.3, not
+    RFC 7578 (form parts): with both, `filename*` wins (unless it does not decode whole)."""
     if not content_disposition:
         return None
     _, params = parse_header_params(content_disposition)
-    return disposition_filename(params)
+    if "filename*" in params and (name := decode_ext_value(params["filename*"])) and "\ufffd" not in name:
+        return name
+    return disposition_filename({k: v for k, v in params.items() if k != "filename*"})
 
 
 def media_type_of(content_type: str | None) -> str | None:
