@@ -507,7 +507,7 @@ class ResumableHandlers:
             raise tus.UploadComplete(detail, offset=record["size"])
         if dialect.draft == "6":  # drafts -04/-05: any append
             raise tus.Problem(400, "completed-upload", detail)
-        # Since: bytes appended (or maybe, a body of unknown length) are an inconsistent length; none, 410.
+        # Version 8: bytes appended, or a body of unknown length, are an inconsistent length; none is 410.
         if progress.complete:
             raise tus.Problem(410, "completed-upload", detail)
         raise tus.inconsistent_length(detail)
