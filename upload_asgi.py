@@ -58,6 +58,7 @@ from upload_service.asgi import (
     Scope,
     Send,
     bearer_token_matches,
+    body_known_empty,
     declared_length,
     header,
     route_path,
@@ -88,7 +89,7 @@ from upload_service.lifespan import fail_startup
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
-from upload_service.resumable import ResumableHandlers, body_known_empty, method_override
+from upload_service.resumable import ResumableHandlers, method_override
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store

@@ -62,6 +62,21 @@ def declared_length(scope: Scope) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
+def says_body(scope: Scope) -> bool:
+    """Whether the request says it carries a body: a Content-Length above 0, or chunked coding."""
+    length = declared_length(scope)
+    if length is not None:
+        return length > 0
+    return header(scope, b"transfer-encoding") is not None
+
+
+def body_known_empty(scope: Scope) -> bool:
+    """Whether the request has no body at all (HTTP/2 may send one without a Content-Length)."""
+    if declared_length(scope) == 0:
+        return True
+    return scope.get("http_version") != "2" and not says_body(scope)
+
+
 def bearer_token_matches(scope: Scope, token: str) -> bool:
     """Compare the request's bearer token with ours in constant time."""
     scheme, _, given = (header(scope, b"authorization") or "").partition(" ")

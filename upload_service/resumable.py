@@ -33,10 +33,12 @@ from upload_service.asgi import (
     Scope,
     Send,
     bearer_token_matches,
+    body_known_empty,
     declared_length,
     header,
     json_bytes,
     route_path,
+    says_body,
     send_error,
     utf8_header,
 )
@@ -105,21 +107,6 @@ def method_override(scope: Scope, path: str) -> str | None:
     if method not in ("PATCH", "DELETE"):
         raise tus.InvalidHeader(f"X-HTTP-Method-Override may name PATCH or DELETE, not {method[:20]!r}")
     return method
-
-
-def says_body(scope: Scope) -> bool:
-    """Whether the request says it carries a body: a Content-Length above 0, or chunked coding."""
-    length = declared_length(scope)
-    if length is not None:
-        return length > 0
-    return header(scope, b"transfer-encoding") is not None
-
-
-def body_known_empty(scope: Scope) -> bool:
-    """Whether the request has no body at all (HTTP/2 may send one without a Content-Length)."""
-    if declared_length(scope) == 0:
-        return True
-    return scope.get("http_version") != "2" and not says_body(scope)
 
 
 def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
