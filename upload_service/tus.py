@@ -216,7 +216,7 @@ def parse_repr_digest(text: str | None) -> str | None:
     value = None
     for member in text.split(","):
         key, _, item = member.strip().partition("=")
-        if key.strip().lower() == "sha-256":  # another algorithm: not one we check
+        if key.strip().lower() == "sha-256":  # the one algorithm we check
             value = item.partition(";")[0].strip()
     if value is None:
         return None
@@ -292,7 +292,7 @@ def filename_of(content_disposition: str | None) -> str | None:
     _, params = parse_header_params(content_disposition)
     if "filename*" in params and (name := decode_ext_value(params["filename*"])) and "\ufffd" not in name:
         return name
-    return disposition_filename({k: v for k, v in params.items() if k != "filename*"})
+    return disposition_filename(params)  # `filename` if there is one, else `filename*` as it decodes
 
 
 def media_type_of(content_type: str | None) -> str | None:
