@@ -196,6 +196,11 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
     assert reply.headers["content-disposition"] == "attachment; filename=\"report e.pdf\"; filename*=UTF-8''report%20%C3%A9.pdf"
     reply = await client.head(location, headers=TUS)  # a finished upload still says where it stands
     assert reply.headers["upload-offset"] == reply.headers["upload-length"] == str(len(data))
+    # and, as tus says a HEAD MUST, its metadata: what the record kept of it
+    metadata = dict(pair.split(" ") for pair in reply.headers["upload-metadata"].split(","))
+    assert {key: base64.b64decode(value).decode() for key, value in metadata.items()} == {
+        "filename": "report é.pdf", "filetype": "application/pdf", "description": "Q3"}
+    assert "upload-metadata" not in (await client.head(location, headers=draft("8"))).headers
     metrics = (await client.get("/metrics")).text
     assert metric(metrics, 'upload_asgi_uploads_total{outcome="stored"}') == 1
     assert metric(metrics, 'upload_asgi_uploads_total{outcome="partial"}') == 4

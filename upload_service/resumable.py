@@ -405,6 +405,9 @@ class ResumableHandlers:
         headers += [(b"upload-offset", size), (b"upload-length", size)]
         if dialect.draft is not None:
             headers.append((b"upload-complete", b"?1"))
+        elif metadata := kept_metadata(record):
+            # tus: a HEAD MUST say the upload's metadata; what the record kept of it
+            headers.append((b"upload-metadata", tus.format_metadata(metadata).encode()))
         return headers
 
     def may_write(self, scope: Scope) -> bool:
@@ -670,6 +673,13 @@ class Outcome:
 
     received: bool = False
     stored: Record | None = None
+
+
+def kept_metadata(record: Record) -> dict[str, str]:
+    """The tus metadata a stored file's record keeps (filename, filetype, description), base64."""
+    kept = {"filename": record.get("filename"), "filetype": record.get("content_type"),
+            "description": record.get("description")}
+    return tus.encode_metadata({key: value for key, value in kept.items() if value})
 
 
 async def send_empty(send: Send, status: int, headers: Any, length: int | None = 0) -> None:
