@@ -98,6 +98,12 @@ def test_upload_limit_names_the_lifetime_as_the_version_does(version: str, age: 
     assert tus.format_limit(version, 100) == "max-size=100"
 
 
+def test_the_interop_version_is_read_as_a_structured_integer() -> None:
+    assert [tus.draft_version(text) for text in ("8", " 08 ", "006", "6")] == ["8", "8", "6", "6"]
+    for text in (None, "", "7", "8.0", "+8", "-8", "８", "8" * 16, "0" * 15 + "8"):
+        assert tus.draft_version(text) is None, text
+
+
 def test_expires_is_an_http_date() -> None:
     assert tus.format_expires(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
 

@@ -265,6 +265,8 @@ def format_boolean(value: bool) -> bytes:
 def draft_version(text: str | None) -> str | None:
     """The IETF draft interop version a request speaks, if one we accept; else None (tus)."""
     value = (text or "").strip()
+    if value.isascii() and value.isdigit() and len(value) <= 15:  # an RFC 9651 integer: "08" is 8
+        value = str(int(value))
     return value if value in DRAFT_VERSIONS else None
 
 
