@@ -194,8 +194,11 @@ def bench_kind(kind: str, seconds: float, repeats: int, settle: float, workdir: 
             waited = settle_file_system(workdir, settle)
             progress(f"small {kind} {name}: the file system settled in {waited:.0f} s")
             load = Load.build(size, clients)
-            for _who, server, _store in c.runs():  # warm up, unmeasured
-                measure(server, load, min(seconds, 0.3))
+            # Warm up, unmeasured, each for as long as a run: for ~3-6 s after the settle wait,
+            # files are still created slowly, and with a short warm-up the first contender of the
+            # first run paid for it (4x fewer uploads/s, whichever app it was; bench/README).
+            for _who, server, _store in c.runs():
+                measure(server, load, seconds)
             figures += bench_workload(c, name, load, seconds, repeats)
         c.empty_stores()
     return figures
