@@ -220,6 +220,19 @@ async def test_a_resumable_head_of_a_finished_upload_is_never_cached(client: htt
     assert (await client.head(location)).headers.get_list("cache-control") == ["no-cache"]
 
 
+async def test_a_finished_uploads_metadata_stays_within_what_a_creation_may_send(
+    client: httpx.AsyncClient, backend: Any
+) -> None:
+    """A form's description may be 64 KiB; a tus HEAD of its file leaves it out past 8 KiB of metadata
+    (a Node client refuses a header over 16 KiB), and keeps the filename and the type."""
+    body = form_body([file_part(b"abc", "a.txt", content_type="text/plain"), field_part("description", "d" * 9000)])
+    reply = await client.post("/upload", content=body, headers={"Content-Type": form_content_type()})
+    assert reply.status_code == 201, reply.text
+    reply = await client.head(f"/files/{reply.json()['id']}", headers=TUS)
+    assert reply.status_code == 200
+    assert reply.headers["upload-metadata"] == f"filename {b64('a.txt')},filetype {b64('text/plain')}"
+
+
 async def test_metadata_is_cleaned_as_a_forms_part_is(client: httpx.AsyncClient, backend: Any) -> None:
     """SPEC §10, the same records: control characters leave a filetype and a filename as they leave a form
     part's Content-Type and filename; a description is kept as sent, as a form's text field is."""

@@ -407,7 +407,7 @@ class ResumableHandlers:
             headers.append((b"upload-complete", b"?1"))
         elif metadata := kept_metadata(record):
             # tus: a HEAD MUST say the upload's metadata; what the record kept of it
-            headers.append((b"upload-metadata", tus.format_metadata(metadata).encode()))
+            headers.append((b"upload-metadata", metadata.encode()))
         return headers
 
     def may_write(self, scope: Scope) -> bool:
@@ -675,11 +675,15 @@ class Outcome:
     stored: Record | None = None
 
 
-def kept_metadata(record: Record) -> dict[str, str]:
-    """The tus metadata a stored file's record keeps (filename, filetype, description), base64."""
+def kept_metadata(record: Record) -> str:
+    """The tus Upload-Metadata of what a stored file's record keeps: filename, filetype and,
+    unless that makes it longer than a creation may send (a form's description can be), description."""
     kept = {"filename": record.get("filename"), "filetype": record.get("content_type"),
             "description": record.get("description")}
-    return tus.encode_metadata({key: value for key, value in kept.items() if value})
+    metadata = tus.format_metadata(tus.encode_metadata({key: value for key, value in kept.items() if value}))
+    if len(metadata) > tus.MAX_METADATA_BYTES:
+        return kept_metadata({**record, "description": None})
+    return metadata
 
 
 async def send_empty(send: Send, status: int, headers: Any, length: int | None = 0) -> None:
