@@ -98,6 +98,14 @@ def test_upload_limit_names_the_lifetime_as_the_version_does(version: str, age: 
     assert tus.format_limit(version, 100) == "max-size=100"
 
 
+def test_a_stored_files_metadata_is_what_its_record_keeps() -> None:
+    assert tus.stored_metadata("a.txt", "text/plain", "Q3") == f"filename {b64(b'a.txt')},filetype {b64(b'text/plain')},description {b64(b'Q3')}"
+    assert tus.stored_metadata("a.txt", None, "") == f"filename {b64(b'a.txt')}"
+    assert tus.stored_metadata(None, None, None) == ""
+    long = tus.stored_metadata("é" * 255, "t/" + "x" * 253, "d" * 6000)
+    assert long == f"filename {b64(('é' * 255).encode())},filetype {b64(('t/' + 'x' * 253).encode())}"
+
+
 def test_the_interop_version_is_read_as_a_structured_integer() -> None:
     assert [tus.draft_version(text) for text in ("8", " 08 ", "006", "6")] == ["8", "8", "6", "6"]
     for text in (None, "", "7", "8.0", "+8", "-8", "８", "8" * 16, "0" * 15 + "8"):

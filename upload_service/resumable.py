@@ -405,7 +405,7 @@ class ResumableHandlers:
         headers += [(b"upload-offset", size), (b"upload-length", size)]
         if dialect.draft is not None:
             headers.append((b"upload-complete", b"?1"))
-        elif metadata := kept_metadata(record):
+        elif metadata := tus.stored_metadata(record.get("filename"), record.get("content_type"), record.get("description")):
             # tus: a HEAD MUST say the upload's metadata; what the record kept of it
             headers.append((b"upload-metadata", metadata.encode()))
         return headers
@@ -673,17 +673,6 @@ class Outcome:
 
     received: bool = False
     stored: Record | None = None
-
-
-def kept_metadata(record: Record) -> str:
-    """The tus Upload-Metadata of what a stored file's record keeps: filename, filetype and,
-    unless that makes it longer than a creation may send (a form's description can be), description."""
-    kept = {"filename": record.get("filename"), "filetype": record.get("content_type"),
-            "description": record.get("description")}
-    metadata = tus.format_metadata(tus.encode_metadata({key: value for key, value in kept.items() if value}))
-    if len(metadata) > tus.MAX_METADATA_BYTES:
-        return kept_metadata({**record, "description": None})
-    return metadata
 
 
 async def send_empty(send: Send, status: int, headers: Any, length: int | None = 0) -> None:
