@@ -1,10 +1,10 @@
-"""What streaming-form-data drives: the targets, and the form reader that feeds it.
+"""The form's targets (streaming-form-data's `BaseTarget`), and the reader that drives them.
 
 Nothing here knows ASGI. `FormReader` takes a request body chunk by chunk: the
-`framing.Framer` reads the multipart structure, streaming-form-data finds where each
-part's body ends, and `PartRouter` hands each part to its target. A file part's
-`UploadFileTarget` hashes and counts it and writes it, block by block on a writer
-thread, into a `FileSink` of the store; nothing is visible until the store commits.
+`framing.Framer` finds each part's headers and body, in one scan, and the reader hands
+each part to the target its headers chose. A file part's `UploadFileTarget` hashes
+and counts it and writes it, block by block on a writer thread, into a `FileSink` of
+the store; nothing is visible until the store commits.
 """
 
 from __future__ import annotations
@@ -14,21 +14,13 @@ import threading
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_for_futures
-from email.message import Message
-from email.parser import Parser as EmailParser
-from email.policy import HTTP
 from dataclasses import dataclass
-from typing import Callable
 
-import streaming_form_data._parser as sfd_parser
-from streaming_form_data import ParseFailedException, StreamingFormDataParser
-from streaming_form_data._parser import _Parser
 from streaming_form_data.targets import BaseTarget
 
 from upload_service.errors import FormError, LimitExceeded, NoFile
 from upload_service.framing import (
-    NAMED_PART_HEADERS, UNNAMED_PART_HEADERS, Framer, PartInfo, clean_filename, field_charset,
-    parse_header_params, transfer_decoder,
+    Framer, PartInfo, clean_filename, field_charset, parse_header_params, transfer_decoder,
 )
 from upload_service.storage import FileSink, Store
 from upload_service.threads import InOrder, WriterPool
@@ -59,7 +51,7 @@ class UploadFileTarget(BaseTarget):
 
     Without an executor each chunk is hashed and written as it comes. With one, the
     chunks are collected into blocks of WRITE_BLOCK_SIZE that a writer thread hashes
-    and writes in order, one at a time, while the parser's thread goes on: when a
+    and writes in order, one at a time, while the reader goes on: when a
     full block is waiting and BLOCKS_IN_FLIGHT are with the writer, `write_backlog`
     returns the oldest one's job to wait for before feeding more. A small file
     (HELD_FILE_SIZE) is hashed when it ends and held, for `write_held` (the store's
@@ -137,7 +129,7 @@ class UploadFileTarget(BaseTarget):
         if not self._block_ready:
             return
         while self._jobs and self._jobs[0].done():
-            self._jobs.popleft().result()  # a failed write (ENOSPC) raises here, on the parser's side
+            self._jobs.popleft().result()  # a failed write (ENOSPC) raises here, on the reader's side
         if len(self._jobs) >= BLOCKS_IN_FLIGHT:
             return
         # Joined here: the GIL is held for the copy wherever it runs, and here it is off
@@ -198,7 +190,6 @@ class FieldTarget(BaseTarget):
         self.name = name
         self.max_size = max_size
         self.charset = charset
-        self.finished = False
         self._value = bytearray()
 
     def on_data_received(self, chunk: bytes) -> None:
@@ -209,9 +200,6 @@ class FieldTarget(BaseTarget):
                 f"field {self.name!r} is larger than {self.max_size} bytes",
             )
         self._value += chunk
-
-    def on_finish(self) -> None:
-        self.finished = True
 
     def text(self, form_charset: str | None = None) -> str:
         """The value, read in its part's charset, else the form's (`_charset_`), else UTF-8."""
@@ -235,7 +223,6 @@ class SkippedPartTarget(BaseTarget):
         self.max_size = max_size
         self.empty_input = empty_input
         self.size = 0
-        self.finished = False
 
     def on_data_received(self, chunk: bytes) -> None:
         if self.empty_input and chunk:
@@ -248,9 +235,6 @@ class SkippedPartTarget(BaseTarget):
                 f"unexpected part {self.name!r} is larger than {self.max_size} bytes",
             )
 
-    def on_finish(self) -> None:
-        self.finished = True
-
 
 class DecodedTarget(BaseTarget):
     """Hand `target` a part's body with its Content-Transfer-Encoding undone."""
@@ -259,10 +243,6 @@ class DecodedTarget(BaseTarget):
         super().__init__()
         self.target = target
         self._decoder = transfer_decoder(encoding)
-
-    @property
-    def finished(self) -> bool:
-        return self.target.finished
 
     def on_start(self) -> None:
         self.target.start()
@@ -277,99 +257,7 @@ class DecodedTarget(BaseTarget):
         self.target.finish()
 
 
-class PartRouter(BaseTarget):
-    """The one target the parser knows: each part goes to the target its headers chose.
-
-    The parser calls `start` for every part that has a name; the framer has queued
-    that part's `PartInfo` just before, so the two stay in step.
-    """
-
-    def __init__(self, parts: deque[PartInfo], open_target: Callable[[PartInfo], BaseTarget]) -> None:
-        super().__init__()
-        self._parts = parts
-        self._open_target = open_target
-        self.current: BaseTarget | None = None
-        self.sizes: list[int] = []  # bytes the parser gave each part
-
-    def on_start(self) -> None:
-        if not self._parts or self.current is not None:
-            raise FormError("the parts of the form cannot be told apart")
-        self.current = self._open_target(self._parts.popleft())
-        self.sizes.append(0)
-        self.current.start()
-
-    def on_data_received(self, chunk: bytes) -> None:
-        self.sizes[-1] += len(chunk)
-        self.current.data_received(chunk)
-
-    def on_finish(self) -> None:
-        if self.current is not None:
-            self.current.finish()
-            self.current = None
-
-
 # -- the form reader ----------------------------------------------------------
-
-
-class KnownBoundaryParser(StreamingFormDataParser):
-    """streaming-form-data's parser, given the boundary we already read from the request.
-
-    Its own constructor parses a Content-Type again with the email package: two email
-    parses a request (a tenth of a small upload's time), and a legal boundary such as
-    "=?utf-8?q?x?=" would be read there as an RFC 2047 word and become another one.
-    """
-
-    def __init__(self, boundary: bytes) -> None:  # mirrors StreamingFormDataParser.__init__ (2.x)
-        self.headers = {}
-        self._parser = _Parser(b"\r\n--" + boundary + b"\r\n", b"\r\n--" + boundary + b"--", False)
-        self._running = False
-
-
-class KnownLinesParser:
-    """Stands in for `email.parser.Parser` inside streaming-form-data's parser.
-
-    It parses each part header line with the email package, and the header again on
-    every read of it: a third of a small upload's CPU. The framer feeds it only two
-    lines of its own (`framing.NAMED_PART_HEADERS`, `UNNAMED_PART_HEADERS`): those are
-    parsed once, kept with their values parsed, and shared (the parser only reads
-    them). Any other text, from another user of streaming-form-data in this
-    process, goes to the email package as before.
-    """
-
-    known: dict[str, Message] = {}
-
-    def __init__(self, policy: object = HTTP) -> None:
-        self.policy = policy
-
-    def parsestr(self, text: str, headersonly: bool = False) -> Message:
-        if self.policy is HTTP and (message := self.known.get(text)) is not None:
-            return message
-        return EmailParser(policy=self.policy).parsestr(text, headersonly)
-
-
-class KeptMessage(Message):
-    """A parsed header block that is only read: `name in message` from a set, not a list built per call."""
-
-    _names: frozenset[str] | None = None
-
-    def __contains__(self, name: str) -> bool:
-        if self._names is None:
-            self._names = frozenset(key.lower() for key in self.keys())
-        return name.lower() in self._names
-
-
-def parse_for_keeps(line: str) -> Message:
-    """Parse a header line once, storing its parsed header objects (a read returns them as they are)."""
-    message = EmailParser(KeptMessage, policy=HTTP).parsestr(line)
-    for name, value in message.items():
-        message.replace_header(name, value)
-    return message
-
-
-for _block in (NAMED_PART_HEADERS, UNNAMED_PART_HEADERS):
-    for _line in _block.decode().splitlines(keepends=True)[:-1]:  # the header lines, not the blank one
-        KnownLinesParser.known[_line] = parse_for_keeps(_line)
-sfd_parser.Parser = KnownLinesParser  # the name its parser calls, looked up at each call
 
 
 @dataclass
@@ -409,30 +297,32 @@ class FormReader:
         self._limits = limits
         self._file_field = file_field
         self._text_fields = text_fields
-        self._framer = Framer(boundary, limits.max_parts)
-        self._router = PartRouter(self._framer.parts, self._open_target)
-        self._opened: list[BaseTarget] = []
-        self._parser = KnownBoundaryParser(boundary)
-        self._parser.register("*", self._router, matches=lambda _registered, _name: True)
+        self._framer = Framer(boundary, limits.max_parts, self)
+        self._part: BaseTarget | None = None  # the target of the part being read, if any
 
     def feed(self, chunk: bytes) -> None:
-        try:
-            for piece in self._framer.feed(chunk):
-                self._parser.data_received(piece)
-        except ParseFailedException as exc:
-            raise FormError(f"malformed multipart body ({exc})") from None
+        self._framer.feed(chunk)
 
     def close(self) -> None:
-        """Check that the body was whole: closing boundary read, every part ended."""
+        """Check that the body was whole: the closing boundary was read."""
         if not self._framer.complete:
             raise FormError("the body ended before the closing boundary")
-        if self._framer.parts or not all(t.finished for t in self._opened):
-            raise FormError("the parts of the form cannot be told apart")
-        # streaming-form-data can drop body bytes next to a "\r\n--boundary" that is
-        # not a delimiter (RFC 2046 forbids it in a body, but it must not give a short
-        # file and a 201): every part must have got exactly what the framing says.
-        if self._router.sizes != self._framer.body_sizes:
-            raise FormError("the parts of the form cannot be told apart")
+
+    # framing.PartHandler: the framer's parts, each to the target its headers chose
+
+    def part_started(self, info: PartInfo | None) -> None:
+        if info is not None:
+            self._part = self._open_target(info)
+            self._part.start()
+
+    def part_data(self, data: bytes) -> None:
+        if self._part is not None:
+            self._part.data_received(data)
+
+    def part_ended(self) -> None:
+        if self._part is not None:
+            self._part.finish()
+            self._part = None
 
     def write_backlog(self) -> Future[None] | None:
         """A write job to wait for before feeding more, or None.
@@ -496,5 +386,4 @@ class FormReader:
             target = SkippedPartTarget(info.name, limits.max_field_size, empty_input)
         if info.transfer_encoding and not isinstance(target, SkippedPartTarget):
             target = DecodedTarget(target, info.transfer_encoding)
-        self._opened.append(target)
         return target

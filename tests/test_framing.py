@@ -9,7 +9,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from support import BOUNDARY, Part, field_part, file_part, form_body, split_at
+from support import BOUNDARY, Part, field_part, file_part, form_body
 from upload_service.errors import FormError, LimitExceeded
 from upload_service.framing import (
     DEFAULT_CONTENT_TYPE,
@@ -17,7 +17,6 @@ from upload_service.framing import (
     MAX_PART_HEADER_BYTES,
     MAX_PART_HEADER_LINES,
     MAX_PREAMBLE,
-    NAMED_PART_HEADERS,
     Base64Decoder,
     Framer,
     PartInfo,
@@ -231,18 +230,41 @@ def test_read_part_headers_refuses(block):
 # -- Framer --------------------------------------------------------------------
 
 
-def as_parser_sees(parts: list[Part]) -> bytes:
-    """The form with every part's headers replaced by the framer's own (a name or none)."""
-    named = NAMED_PART_HEADERS[: -len(b"\r\n\r\n")]
-    plain = [Part(p.name, p.data, headers=[named]) for p in parts]
-    body = form_body(plain)
-    return body[: body.rindex(b"--") + 2]
+class Recorder:
+    """A PartHandler that keeps what the framer told: [info, body, ended] a part."""
+
+    def __init__(self) -> None:
+        self.parts: list[list] = []
+        self.pieces: list[bytes] = []
+
+    def part_started(self, info: PartInfo | None) -> None:
+        assert not self.parts or self.parts[-1][2], "a part started before the last one ended"
+        self.parts.append([info, b"", False])
+
+    def part_data(self, data: bytes) -> None:
+        assert data and not self.parts[-1][2]
+        self.pieces.append(data)
+        self.parts[-1][1] += data
+
+    def part_ended(self) -> None:
+        self.parts[-1][2] = True
 
 
-def framed(body: bytes, chunks: list[bytes], max_parts: int = 20) -> tuple[bytes, Framer]:
-    framer = Framer(B, max_parts)
-    out = b"".join(piece for chunk in chunks for piece in framer.feed(chunk))
-    return out, framer
+def framed(chunks: list[bytes], max_parts: int = 20) -> tuple[Recorder, Framer]:
+    recorder = Recorder()
+    framer = Framer(B, max_parts, recorder)
+    for chunk in chunks:
+        framer.feed(chunk)
+    return recorder, framer
+
+
+def as_sent(parts: list[Part]) -> list[tuple[str | None, bytes]]:
+    return [(part.name, part.data) for part in parts]
+
+
+def as_told(recorder: Recorder) -> list[tuple[str | None, bytes]]:
+    assert all(ended for _, _, ended in recorder.parts)
+    return [(info.name if info else None, body) for info, body, _ in recorder.parts]
 
 
 GOLDEN_PARTS = [
@@ -257,66 +279,77 @@ GOLDEN_PARTS = [
 def test_framer_cuts_preamble_and_epilogue(step):
     inner = form_body(GOLDEN_PARTS)
     body = b"preamble line\r\n" + inner + b"epilogue --" + B + b"\r\n"
-    chunks = [body[i : i + step] for i in range(0, len(body), step)]
-    out, framer = framed(body, chunks)
-    # The parser sees the form from its first boundary to its closing one, nothing else,
-    # and headers that only say each part has a name.
-    assert out == as_parser_sees(GOLDEN_PARTS)
+    recorder, framer = framed([body[i : i + step] for i in range(0, len(body), step)])
+    assert as_told(recorder) == as_sent(GOLDEN_PARTS)
     assert framer.complete
-    assert [(p.name, p.filename, p.content_type) for p in framer.parts] == [
+    assert [(p.name, p.filename, p.content_type) for p, _, _ in recorder.parts] == [
         ("description", None, DEFAULT_CONTENT_TYPE),
         ("files", "a.txt", "text/plain"),
         ("files", "b.png", "image/png"),
     ]
 
 
-@pytest.mark.parametrize("step", [1, 2, 5, 49, 50, 51, 10**6], ids=lambda s: f"chunks-of-{s}")
-def test_framer_counts_each_queued_body(step):
-    parts = [
-        Part("x", b"no name: not queued", headers=[b"Content-Type: text/plain"]),
-        field_part("description", ""),
-        file_part(b"-" + B + b"--", "a", "files"),
-        file_part(b"\r\n--" + B[:-1], "b", "files"),
-    ]
-    body = form_body(parts, preamble=b"pre\r\n", epilogue=b"\r\n--" + B + b"\r\n")
-    _, framer = framed(body, [body[i : i + step] for i in range(0, len(body), step)])
-    assert framer.body_sizes == [0, len(B) + 3, len(B) + 3]
+TRICKY_PARTS = [
+    Part("x", b"no name: not for a target", headers=[b"Content-Type: text/plain"]),
+    field_part("description", ""),
+    file_part(b"-" + B + b"--", "a", "files"),
+    file_part(b"\r\n--" + B[:-1], "b", "files"),
+    file_part(b"\r\n--" + B + b"X\r\n--" + B + b"-x", "c", "files"),  # markers that begin no boundary line
+    file_part(b"\r\r\n\r\n-\r\n--\r", "d", "files"),
+]
 
 
-def test_framer_holds_headers_until_body_bytes_follow():
-    # streaming-form-data must never get a part's first body byte at the end of a piece.
-    body = form_body([file_part(b"one", "1", "files"), file_part(b"-x", "2", "files")])
-    second = body.index(b"-x")
-    framer = Framer(B, 20)
-    pieces = [p for chunk in split_at(body, [second + 1]) for p in framer.feed(chunk)]
-    assert not any(p.endswith(b"\r\n\r\n-") for p in pieces)
-    assert b"".join(pieces) == as_parser_sees([file_part(b"one", "1", "files"), file_part(b"-x", "2", "files")])
+def test_framer_hands_on_each_body_whole_however_the_body_is_cut():
+    body = form_body(TRICKY_PARTS, preamble=b"pre\r\n", epilogue=b"\r\n--" + B + b"\r\n")
+    expected = [(None if p.name == "x" else p.name, p.data) for p in TRICKY_PARTS]
+    for cut in range(len(body) + 1):
+        recorder, framer = framed([body[:cut], body[cut:]])
+        assert as_told(recorder) == expected and framer.complete, cut
+    for step in (1, 2, 5, 49, 50, 51):
+        recorder, _ = framed([body[i : i + step] for i in range(0, len(body), step)])
+        assert as_told(recorder) == expected, step
+
+
+def test_framer_hands_on_a_chunk_of_body_as_it_is():
+    head, tail = form_body([file_part(b"")]).split(b"\r\n--" + B + b"--")
+    middle = bytes(range(256)) * 256  # CRs, but none that may begin a boundary line at its end
+    recorder, _ = framed([head, middle, middle, b"\r\n--" + B + b"--" + tail])
+    assert recorder.pieces == [middle, middle] and all(piece is middle for piece in recorder.pieces)
+
+
+@pytest.mark.parametrize("tail", [b"\r", b"\r\n-", b"\r\n--" + B, b"\r\n--" + B + b"-"])
+def test_framer_holds_what_may_begin_a_delimiter_until_the_next_chunk(tail):
+    head = form_body([file_part(b"")]).split(b"\r\n--" + B + b"--")[0]
+    recorder, framer = framed([head, b"data" + tail])
+    assert recorder.parts[0][1] == b"data"
+    framer.feed(b"xy")  # not a delimiter after all: body bytes
+    assert recorder.parts[0][1] == b"data" + tail + b"xy"
+    framer.feed(b"\r\n--" + B + b"--\r\n")
+    assert as_told(recorder) == [("file", b"data" + tail + b"xy")] and framer.complete
 
 
 def test_framer_incomplete_body_is_not_complete():
     body = form_body([file_part(b"data")])
     for cut in range(len(body) - 2):
-        _, framer = framed(body, [body[:cut]])
+        _, framer = framed([body[:cut]])
         assert not framer.complete, cut
 
 
 def test_framer_bounds_the_preamble():
-    framer = Framer(B, 20)
     with pytest.raises(FormError):
-        for chunk in [b"x" * 4096] * (MAX_PREAMBLE // 4096 + 2):
-            list(framer.feed(chunk))
+        framed([b"x" * 4096] * (MAX_PREAMBLE // 4096 + 2))
 
 
 def test_framer_bounds_a_header_block():
     body = b"--" + B + b"\r\nX-Long: " + b"a" * (MAX_PART_HEADER_BYTES + 10)
     with pytest.raises(FormError):
-        framed(body, [body[i : i + 1000] for i in range(0, len(body), 1000)])
+        framed([body[i : i + 1000] for i in range(0, len(body), 1000)])
 
 
 def test_framer_counts_parts():
     body = form_body([field_part(f"f{i}", "x") for i in range(5)])
     with pytest.raises(LimitExceeded):
-        framed(body, [body], max_parts=4)
+        framed([body], max_parts=4)
 
 
 # -- header lines that are not `name: value`, bodies without parts (issue 11) --------
@@ -362,12 +395,8 @@ def test_a_broken_line_in_a_part_without_name_is_still_malformed():
         read_part_headers(b"Content-Type: text/plain\r\nno colon here")
 
 
-def feed_all(body: bytes, step: int) -> Framer:
-    framer = Framer(B, 20)
-    for i in range(0, len(body), step):
-        for _ in framer.feed(body[i : i + step]):
-            pass
-    return framer
+def feed_all(body: bytes, step: int) -> tuple[Recorder, Framer]:
+    return framed([body[i : i + step] for i in range(0, len(body), step)])
 
 
 @pytest.mark.parametrize(
@@ -388,8 +417,8 @@ def test_a_body_without_parts_is_malformed(body, step):
 
 def test_a_body_with_one_part_is_read():
     body = b"--" + B + b"\r\n" + DISPOSITION + b"\r\n\r\nx\r\n--" + B + b"--\r\n"
-    framer = feed_all(body, 3)
-    assert framer.complete and list(framer.parts)[0].name == "a"
+    recorder, framer = feed_all(body, 3)
+    assert framer.complete and as_told(recorder) == [("a", b"x")]
 
 
 # -- Content-Transfer-Encoding decoders ------------------------------------------

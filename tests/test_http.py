@@ -624,8 +624,8 @@ async def test_part_headers_within_bounds_are_fine(every_way):
     ],
 )
 async def test_later_part_starting_like_a_delimiter(every_way, start):
-    # streaming-form-data carries state from one delimiter into the next part's body:
-    # a body starting with "-" whose first byte ends a chunk made it fail (fixed in Framer).
+    # A body that begins like a delimiter, cut anywhere (streaming-form-data failed on a
+    # "-" that ended a chunk, when it read the bodies).
     data = start + b" and then the rest"
     body = form_body([file_part(b"first", "1.txt", "files"), file_part(data, "2.txt", "files"),
                       file_part(start, "3.txt", "files")])
@@ -762,11 +762,17 @@ def test_random_split_points_give_the_same_records(backend):
     check()
 
 
-def test_near_delimiters_give_the_right_records_or_400(backend):
-    # "\r\n--boundary" followed by anything but CRLF or "--" is not a delimiter, but RFC
-    # 2046 forbids it in a body, and streaming-form-data can lose bytes around it
-    # depending on the chunking. The app may refuse such a body; it must never store
-    # a wrong file.
+def is_padded(content: bytes) -> bool:
+    """The body holds "\r\n--boundary" then a space or tab: transport padding, refused (400)."""
+    framed = content + b"\r\n"
+    return any(framed[i + len(MARKER) : i + len(MARKER) + 1] in (b" ", b"\t")
+               for i in range(len(framed)) if framed.startswith(MARKER, i))
+
+
+def test_near_delimiters_are_content_however_the_body_is_cut(backend):
+    # "\r\n--boundary" followed by anything but CRLF or "--" is not a delimiter: RFC 2046
+    # forbids it in a body, but it is content, whatever the chunks (streaming-form-data,
+    # when it read the bodies, lost bytes around it depending on the chunking).
     app = upload_asgi.create_app(backend.config(fsync=False))
 
     @settings(deadline=None, max_examples=backend.examples(100), suppress_health_check=[HealthCheck.too_slow])
@@ -776,17 +782,19 @@ def test_near_delimiters_give_the_right_records_or_400(backend):
     )
     def check(files, data):
         body, expected = random_form([(c, n, t) for c, (n, t) in files], None, data)
+        if any(is_padded(content) for content, _ in files):
+            expected = (400, "malformed_multipart")
         for points in [[], *random_cuts(body, data)]:
-            assert upload_in_chunks(backend, app, body, points) in (expected, (400, "malformed_multipart"))
+            assert upload_in_chunks(backend, app, body, points) == expected
 
     check()
 
 
-def test_known_parser_slip_is_refused_not_stored(backend):
+def test_a_known_parser_slip_is_stored_whole(backend):
     # Found by the property above: split before the last "-", streaming-form-data
-    # handed the file over without its last 51 bytes, and the upload was stored short.
+    # handed the file over without its last 51 bytes.
     content = MARKER + b"x" + MARKER + b"x" + MARKER + b"-\x00\x00\x00\x00-"
     body = form_body([file_part(content, "a.txt", "files", "text/plain")])
     cut = body.index(content) + len(content) - 1
     outcome = upload_in_chunks(backend, upload_asgi.create_app(backend.config(fsync=False)), body, [cut])
-    assert outcome in ((201, [record("a.txt", content, "text/plain")]), (400, "malformed_multipart"))
+    assert outcome == (201, [record("a.txt", content, "text/plain")])
