@@ -313,19 +313,44 @@ def test_framer_hands_on_each_body_whole_however_the_body_is_cut():
 def test_framer_hands_on_a_chunk_of_body_as_it_is():
     head, tail = form_body([file_part(b"")]).split(b"\r\n--" + B + b"--")
     middle = bytes(range(256)) * 256  # CRs, but none that may begin a boundary line at its end
-    recorder, _ = framed([head, middle, middle, b"\r\n--" + B + b"--" + tail])
-    assert recorder.pieces == [middle, middle] and all(piece is middle for piece in recorder.pieces)
+    recorder, _ = framed([head + b"abc", middle, middle, b"\r\n--" + B + b"--" + tail])
+    assert recorder.pieces == [b"abc", middle, middle] and recorder.pieces[1] is recorder.pieces[2] is middle
 
 
-@pytest.mark.parametrize("tail", [b"\r", b"\r\n-", b"\r\n--" + B, b"\r\n--" + B + b"-"])
+@pytest.mark.parametrize("tail", [b"\r", b"\r\r\r\n-", b"\r\n--" + B, b"\r\n--" + B + b"-"])
 def test_framer_holds_what_may_begin_a_delimiter_until_the_next_chunk(tail):
     head = form_body([file_part(b"")]).split(b"\r\n--" + B + b"--")[0]
     recorder, framer = framed([head, b"data" + tail])
-    assert recorder.parts[0][1] == b"data"
+    assert recorder.parts[0][1] == b"data" + tail[: tail.rindex(b"\r")]  # up to the CR that may begin one
     framer.feed(b"xy")  # not a delimiter after all: body bytes
     assert recorder.parts[0][1] == b"data" + tail + b"xy"
     framer.feed(b"\r\n--" + B + b"--\r\n")
     assert as_told(recorder) == [("file", b"data" + tail + b"xy")] and framer.complete
+
+
+def test_a_part_without_a_body_ends_at_its_blank_line():
+    # RFC 2046 §5.1.1: `body-part := headers [CRLF *OCTET]`; the blank line's CRLF begins the delimiter.
+    d = b"--" + B
+    body = (d + b'\r\nContent-Disposition: form-data; name="a"\r\n\r\n'
+            + d + b'\r\nContent-Disposition: form-data; name="b"\r\n\r\nbee\r\n'
+            + d + b'\r\nContent-Disposition: form-data; name="c"\r\n\r\n' + d + b"--\r\n")
+    for cut in range(len(body) + 1):
+        recorder, framer = framed([body[:cut], body[cut:]])
+        assert as_told(recorder) == [("a", b""), ("b", b"bee"), ("c", b"")] and framer.complete, cut
+    recorder, _ = framed([body[i : i + 1] for i in range(len(body))])
+    assert as_told(recorder) == [("a", b""), ("b", b"bee"), ("c", b"")]
+
+
+def test_a_header_block_of_the_largest_size_is_read_however_it_is_cut():
+    line = b'Content-Disposition: form-data; name="a"\r\nX-Pad: '
+    block = line + b"p" * (MAX_PART_HEADER_BYTES - len(line))
+    body = b"--" + B + b"\r\n" + block + b"\r\n\r\nx\r\n--" + B + b"--\r\n"
+    start = body.index(block)
+    for cut in range(start + MAX_PART_HEADER_BYTES - 2, start + MAX_PART_HEADER_BYTES + 6):
+        recorder, _ = framed([body[:cut], body[cut:]])
+        assert as_told(recorder) == [("a", b"x")], cut
+    with pytest.raises(FormError, match="longer than"):
+        framed([body.replace(b"X-Pad: ", b"X-Pad: p")])
 
 
 def test_framer_incomplete_body_is_not_complete():

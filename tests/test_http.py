@@ -634,6 +634,20 @@ async def test_later_part_starting_like_a_delimiter(every_way, start):
     )
 
 
+async def test_a_part_without_a_body_is_an_empty_one(every_way):
+    # RFC 2046: `body-part := headers [CRLF *OCTET]`. Without the body, the blank line's CRLF
+    # begins the delimiter. Read as a body that begins "--boundary", the first part would
+    # swallow the next: a form read otherwise by a front end that follows the RFC.
+    d = b"--" + B
+    body = (d + b"\r\n" + file_part(b"", "empty.txt", "files").head() + b"\r\n\r\n"
+            + d + b"\r\n" + file_part(b"two", "2.txt", "files").head() + b"\r\n\r\ntwo\r\n"
+            + d + b"\r\n" + field_part("description", "").head() + b"\r\n\r\n"
+            + d + b"--\r\n")
+    assert await every_way(body, "/upload-multiple") == (
+        201, [record("empty.txt", b"", description=""), record("2.txt", b"two", description="")]
+    )
+
+
 # -- golden browser-shaped bodies ---------------------------------------------------------------
 
 

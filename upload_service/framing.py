@@ -454,17 +454,17 @@ class Framer:
         return i + len(self.marker) + 2
 
     def _partial_marker_at(self, data: bytes, start: int) -> int:
-        """Where the tail of `data` that may begin a delimiter starts (len(data) if none does)."""
-        r = data.find(b"\r", max(start, len(data) - len(self.marker) + 1))
-        while r >= 0 and not self.marker.startswith(data[r:]):
-            r = data.find(b"\r", r + 1)
-        return r if r >= 0 else len(data)
+        """Where the tail of `data` that may begin a delimiter starts (len(data) if none does).
+        A boundary holds no CR (forms.BOUNDARY_RE), so only the last CR can begin one."""
+        r = data.rfind(b"\r", max(start, len(data) - len(self.marker) + 1))
+        return r if r >= 0 and self.marker.startswith(data[r:]) else len(data)
 
     def _read_headers(self, data: bytes, pos: int) -> int:
-        """Read a part's header block; return where its body begins, or -1 (held) when
-        `data` ends before the block does."""
+        """Read a part's header block; return where its body begins (or what follows a part
+        without one), or -1 (held) when `data` ends before that can be told."""
         end = self._find_headers_end(data, pos)
-        if end < 0:
+        after = self._delimiter_after_headers(data, end) if end >= 0 else None
+        if after is None:
             self._held = data[pos:]
             return -1
         self.part_count += 1
@@ -473,14 +473,30 @@ class Framer:
                 "parts", self.max_parts, f"the form has more than {self.max_parts} parts"
             )
         self._handler.part_started(read_part_headers(data[pos:end]))
-        self.state = self.BODY
-        return end + 4
+        if not after:
+            self.state = self.BODY
+            return end + 4
+        self._handler.part_ended()
+        self.state = self.EPILOGUE if after == b"--" else self.HEADERS
+        return -1 if after == b"--" else end + 2 + len(self.marker) + 2
+
+    def _delimiter_after_headers(self, data: bytes, end: int) -> bytes | None:
+        """RFC 2046 §5.1.1: `body-part := headers [CRLF *OCTET]`, so a part may have no body
+        at all, the blank line's CRLF beginning its delimiter. Return the two bytes after
+        such a delimiter, b"" when a body follows, None when `data` ends too soon to tell."""
+        window = data[end + 2 : end + 4 + len(self.marker)]
+        i, after = find_boundary_line(window, self.marker)
+        if i == 0:
+            return after or None
+        if len(window) < len(self.marker) and self.marker.startswith(window):
+            return None
+        return b""
 
     def _find_headers_end(self, data: bytes, start: int) -> int:
         if len(data) - start >= 2 and data[start : start + 2] == CRLF:
             raise FormError("a part has no headers")
         end = data.find(b"\r\n\r\n", start, start + MAX_PART_HEADER_BYTES + 4)
-        if end < 0 and len(data) - start > MAX_PART_HEADER_BYTES:
+        if end < 0 and len(data) - start >= MAX_PART_HEADER_BYTES + 4:
             raise FormError(f"a part's headers are longer than {MAX_PART_HEADER_BYTES} bytes")
         return end
 
