@@ -446,12 +446,17 @@ class Framer:
             return -1
         if i > pos:
             self._handler.part_data(data[pos:i])
+        return self._end_part(after, i + len(self.marker) + 2)
+
+    def _end_part(self, after: bytes, next_part: int) -> int:
+        """The part's delimiter was read, `after` the two bytes after it: return where the next
+        part's headers begin, or -1 after the close delimiter."""
         self._handler.part_ended()
         if after == b"--":
             self.state = self.EPILOGUE
             return -1
         self.state = self.HEADERS
-        return i + len(self.marker) + 2
+        return next_part
 
     def _partial_marker_at(self, data: bytes, start: int) -> int:
         """Where the tail of `data` that may begin a delimiter starts (len(data) if none does).
@@ -476,9 +481,7 @@ class Framer:
         if not after:
             self.state = self.BODY
             return end + 4
-        self._handler.part_ended()
-        self.state = self.EPILOGUE if after == b"--" else self.HEADERS
-        return -1 if after == b"--" else end + 2 + len(self.marker) + 2
+        return self._end_part(after, end + 2 + len(self.marker) + 2)
 
     def _delimiter_after_headers(self, data: bytes, end: int) -> bytes | None:
         """RFC 2046 §5.1.1: `body-part := headers [CRLF *OCTET]`, so a part may have no body
