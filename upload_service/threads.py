@@ -159,4 +159,6 @@ async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
             await asyncio.wait([future])
         except asyncio.CancelledError:
             cancelled = True
+    if not future.cancelled():
+        future.exception()  # the caller reads the outcome (often from the thread's own future): not "never retrieved"
     return cancelled
