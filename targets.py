@@ -140,6 +140,8 @@ class UploadFileTarget(BaseTarget):
 
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""
+        if self._buffered < WRITE_BLOCK_SIZE and not self.finished:
+            return None  # most chunks: no block is full
         self.hand_off()
         return self._jobs[0] if self._block_ready else None
 
@@ -317,7 +319,7 @@ class FormReader:
 
     def part_data(self, data: bytes) -> None:
         if self._part is not None:
-            self._part.data_received(data)
+            self._part.on_data_received(data)  # BaseTarget.data_received, without its validator (none is set)
 
     def part_ended(self) -> None:
         if self._part is not None:
@@ -336,6 +338,8 @@ class FormReader:
             job = target.write_backlog()
             if job is not None:
                 return job
+        if len(self._writing) < 2:
+            return None  # one file: the common case, checked above (per chunk)
         self._writing = [t for t in self._writing if not t.written]
         ended = [t for t in self._writing if t.finished]
         return ended[0].job if len(ended) > 1 else None

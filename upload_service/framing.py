@@ -437,7 +437,9 @@ class Framer:
     def _read_body(self, data: bytes, pos: int) -> int:
         """Hand on the body bytes up to the next delimiter; return where the headers or
         the epilogue begin, or -1 when `data` ends first (holding what may be a delimiter)."""
-        i, after = find_boundary_line(data, self.marker, pos)
+        i, after = data.find(self.marker, pos), b""  # most chunks: no marker, no call below
+        if i >= 0:
+            i, after = find_boundary_line(data, self.marker, i)
         if not after:  # no delimiter, or one that the next chunk ends
             end = i if i >= 0 else self._partial_marker_at(data, pos)
             if end > pos:
