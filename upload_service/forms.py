@@ -20,14 +20,13 @@ from upload_service.body import BodyProgress, read_body
 from upload_service.errors import ChecksumMismatch, InvalidField, MissingBoundary, NoFile, UnsupportedMediaType
 from upload_service.framing import parse_header_params
 from upload_service.settings import Config
-from upload_service.storage import Record, Store
+from upload_service.storage import DECLARED_SHA256_RE, Record, Store
 from upload_service.threads import WriterPool, wait_through_cancel
 
 logger = logging.getLogger("upload_asgi")
 
 # RFC 2046 §5.1.1: 1-70 characters from bchars, not ending in a space.
 BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
-SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def check_form(reader: FormReader, route: UploadRoute) -> list[Record]:
     if expected is not None:
         # The field, or a digest file's first word (`sha256sum` writes "<hex>  <name>").
         expected = (expected.split() or [""])[0]
-        if not SHA256_RE.fullmatch(expected):
+        if not DECLARED_SHA256_RE.fullmatch(expected):
             raise InvalidField("the sha256 field must be 64 hexadecimal digits")
         if expected.lower() != records[0]["sha256"]:
             raise ChecksumMismatch(

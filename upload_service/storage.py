@@ -28,6 +28,7 @@ Record = dict[str, Any]
 # 128 random bits as lowercase hex: what `new_file_id` makes and all an id may be.
 FILE_ID_RE = re.compile(r"[0-9a-f]{32}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+DECLARED_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")  # a digest a client declares: either case
 TEXT_FIELDS = ("filename", "content_type", "description", "created")  # each a string or null in a record
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from upload_service.errors import PayloadTooLarge, UploadError
 from upload_service.framing import decode_ext_value, disposition_filename, parse_header_params
+from upload_service.storage import DECLARED_SHA256_RE
 
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
@@ -38,7 +39,6 @@ MAX_NUMBER = 2**63 - 1
 # tus 1.0.0: a key "MUST NOT contain spaces and commas and MUST NOT be empty" (tusd takes
 # `user:id` or `a/b`); printable ASCII, so that it echoes back in a header as it came.
 KEY_RE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
-SHA256_HEX_RE = re.compile(r"[0-9a-fA-F]{64}")
 
 
 # -- errors --------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def stored_metadata(filename: str | None, filetype: str | None, description: str
 def declared_sha256(metadata: dict[str, str], repr_digest: str | None) -> str | None:
     """The whole-file SHA-256 (hex) the client declared: `sha256` metadata or Repr-Digest."""
     from_metadata = metadata_text(metadata, "sha256")
-    if from_metadata is not None and not SHA256_HEX_RE.fullmatch(from_metadata.strip()):
+    if from_metadata is not None and not DECLARED_SHA256_RE.fullmatch(from_metadata.strip()):
         raise InvalidHeader("the sha256 metadata must be 64 hexadecimal digits")
     from_digest = parse_repr_digest(repr_digest)
     if from_metadata is not None and from_digest is not None and from_metadata.strip().lower() != from_digest:
