@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 
 import pytest
 
@@ -60,17 +61,22 @@ def test_a_full_block_waits_for_the_oldest_once_the_writer_has_its_share():
     asyncio.run(main())
 
 
-def test_the_writer_goes_on_to_the_next_block_on_its_own_thread():
-    """The block handed in while the last one is appended is taken by the same thread (threads.InOrder)."""
+def test_the_writer_goes_on_to_the_next_block_without_the_event_loop():
+    """The block handed in while the last one is appended is taken by the same thread
+    (threads.InOrder), with no round trip through the loop (blocked here)."""
 
     async def main() -> None:
         upload = GatedUpload()
         consumer = AppendBody(upload, WriterPool(2), None)
         for chunk in chunks_of(BLOCKS_IN_FLIGHT):
             consumer.feed(chunk)
+            assert consumer.write_backlog() is None
         upload.gate.set()
-        await consumer.flush()
+        deadline = time.monotonic() + 5
+        while len(upload.written) < BLOCKS_IN_FLIGHT and time.monotonic() < deadline:
+            time.sleep(0.01)  # the event loop runs nothing meanwhile
         assert len(upload.written) == BLOCKS_IN_FLIGHT and len(upload.threads) == 1
+        await consumer.flush()
 
     asyncio.run(main())
 
