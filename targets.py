@@ -140,8 +140,8 @@ class UploadFileTarget(BaseTarget):
 
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""
-        if self._buffered < WRITE_BLOCK_SIZE and not self.finished:
-            return None  # most chunks: no block is full
+        if not self._block_ready:
+            return None  # most chunks
         self.hand_off()
         return self._jobs[0] if self._block_ready else None
 
@@ -339,7 +339,7 @@ class FormReader:
             if job is not None:
                 return job
         if len(self._writing) < 2:
-            return None  # one file: the common case, checked above (per chunk)
+            return None  # one file (the common case, per chunk): no other to wait behind
         self._writing = [t for t in self._writing if not t.written]
         ended = [t for t in self._writing if t.finished]
         return ended[0].job if len(ended) > 1 else None

@@ -160,5 +160,5 @@ async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
         except asyncio.CancelledError:
             cancelled = True
     if not future.cancelled():
-        future.exception()  # the caller reads the outcome (often from the thread's own future): not "never retrieved"
+        future.exception()  # read: callers take the outcome from the thread's own future
     return cancelled
