@@ -11,29 +11,20 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections import deque
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass
 
 from streaming_form_data.targets import BaseTarget
 
+from upload_service.blocks import BlockQueue
 from upload_service.errors import FormError, LimitExceeded, NoFile
 from upload_service.framing import (
     Framer, PartInfo, clean_filename, field_charset, parse_header_params, transfer_decoder,
 )
 from upload_service.storage import FileSink, Store
-from upload_service.threads import InOrder, WriterPool
-from upload_service.units import KiB, MiB
+from upload_service.threads import WriterPool
+from upload_service.units import KiB
 
-# With an executor, a file's bytes are hashed and written in blocks of this size, in
-# order, one at a time: at most one thread hand-off per MiB instead of one per 64 KiB
-# read (bench/ measured 256 KiB to 4 MiB), and at most ~3 blocks per upload in memory
-# (~5 for a form of many files, FormReader).
-WRITE_BLOCK_SIZE = 1 * MiB
-# A file's blocks with the writer at once: one being written, the next waiting, so that
-# the writer goes on to it without waiting for the event loop (threads.InOrder).
-BLOCKS_IN_FLIGHT = 2
 # A file that ends before a block was handed off and is at most this big is hashed on
 # the event loop (16 KiB: ~10 µs) and held: if it is the last part, the store's commit
 # writes it in its own thread job (one thread hand-off for a small upload instead of
@@ -50,12 +41,10 @@ class UploadFileTarget(BaseTarget):
     """Stream one file part into a store's sink, hashing and counting on the way.
 
     Without an executor each chunk is hashed and written as it comes. With one, the
-    chunks are collected into blocks of WRITE_BLOCK_SIZE that a writer thread hashes
-    and writes in order, one at a time, while the reader goes on: when a
-    full block is waiting and BLOCKS_IN_FLIGHT are with the writer, `write_backlog`
-    returns the oldest one's job to wait for before feeding more. A small file
-    (HELD_FILE_SIZE) is hashed when it ends and held, for `write_held` (the store's
-    commit) or `hand_off_held`.
+    chunks are collected into 1 MiB blocks that a writer thread hashes and writes in
+    order while the reader goes on (`blocks.BlockQueue`): `write_backlog` returns the
+    job to wait for before feeding more. A small file (HELD_FILE_SIZE) is hashed when
+    it ends and held, for `write_held` (the store's commit) or `hand_off_held`.
     """
 
     def __init__(self, sink: FileSink, info: PartInfo, max_size: int, executor: WriterPool | None = None) -> None:
@@ -69,17 +58,13 @@ class UploadFileTarget(BaseTarget):
         self.finished = False
         self._hash = hashlib.sha256()
         self._sink_open = False  # opened with the first block, on the writer thread
-        self._writer = InOrder(executor) if executor is not None else None
-        self._chunks: list[bytes] = []  # received, not yet handed to the executor
-        self._buffered = 0
-        self._jobs: deque[Future[None]] = deque()  # blocks with the writer, oldest first
+        self._blocks = BlockQueue(executor, self._store) if executor is not None else None
         self._held = b""  # a small file's bytes, hashed, for `write_held`
 
     @property
     def job(self) -> Future[None] | None:
-        """The last block handed to the writer: done once every block is (threads.InOrder fails
-        it too when an earlier one failed)."""
-        return self._jobs[-1] if self._jobs else None
+        """The last write job: done once every block is written (or one failed)."""
+        return self._blocks.last if self._blocks is not None else None
 
     @property
     def sha256(self) -> str:
@@ -94,24 +79,21 @@ class UploadFileTarget(BaseTarget):
                 self.max_size,
                 f"file {self.filename!r} is larger than {self.max_size} bytes",
             )
-        if self._writer is None:
+        if self._blocks is None:
             self._store(chunk)
-            return
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered >= WRITE_BLOCK_SIZE:
-            self.hand_off()
+        else:
+            self._blocks.add(chunk)
 
     def on_finish(self) -> None:
         self.finished = True
-        if self._writer is not None and self.job is None and self.size <= HELD_FILE_SIZE:
-            self._held = b"".join(self._chunks)
-            self._chunks, self._buffered = [], 0
+        blocks = self._blocks
+        if blocks is not None and blocks.last is None and self.size <= HELD_FILE_SIZE:
+            self._held = blocks.take()
             self._hash.update(self._held)
+        elif blocks is not None:
+            blocks.end()
         elif self.size == 0 and not self._sink_open:
-            self._open_sink()  # an empty file: no block will create it
-        elif self._writer is not None:
-            self.hand_off()
+            self._open_sink()  # an empty file: no chunk created it
 
     def write_held(self) -> None:
         """Create the file if no block did, and write the bytes held for the commit (blocking)."""
@@ -122,37 +104,16 @@ class UploadFileTarget(BaseTarget):
         """Another part begins: write a held file on the executor, not holding it in memory longer."""
         if self._held:
             data, self._held = self._held, b""
-            self._jobs.append(self._writer.submit(self._write, data, handshake=False))
-
-    def hand_off(self) -> None:
-        """Give a full block (or the last one) to the writer, unless it has BLOCKS_IN_FLIGHT of ours."""
-        if not self._block_ready:
-            return
-        while self._jobs and self._jobs[0].done():
-            self._jobs.popleft().result()  # a failed write (ENOSPC) raises here, on the reader's side
-        if len(self._jobs) >= BLOCKS_IN_FLIGHT:
-            return
-        # Joined here: the GIL is held for the copy wherever it runs, and here it is off
-        # the writer's path (hashing and writing, without the GIL, once each a block).
-        chunks, self._chunks, self._buffered = self._chunks, [], 0
-        block = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        self._jobs.append(self._writer.submit(self._store, block, handshake=not self.finished))
+            self._blocks.submit(self._write, data)
 
     def write_backlog(self) -> Future[None] | None:
         """The job to wait for before feeding more: a full block (or the last one) waits on it."""
-        if not self._block_ready:
-            return None  # most chunks
-        self.hand_off()
-        return self._jobs[0] if self._block_ready else None
-
-    @property
-    def _block_ready(self) -> bool:
-        return self._buffered >= WRITE_BLOCK_SIZE or (self.finished and bool(self._chunks))
+        return self._blocks.backlog()
 
     @property
     def written(self) -> bool:
         """The part has ended and every byte of it is hashed and written."""
-        return self.finished and not self._chunks and not self._held and all(job.done() for job in self._jobs)
+        return self.finished and not self._held and self._blocks.written
 
     def _store(self, data: bytes, started: threading.Event | None = None) -> None:
         """Hash and write a block (on an executor thread) or a chunk (inline), in order."""
@@ -171,16 +132,11 @@ class UploadFileTarget(BaseTarget):
         self.sink.open()
         self._sink_open = True
 
-    def _wait_for_jobs(self) -> None:
-        """Make sure the writer no longer uses our file descriptor: cancel or wait."""
-        self._chunks, self._buffered, self._held = [], 0, b""
-        for job in reversed(self._jobs):  # the waiting ones first: they never run
-            job.cancel()
-        wait_for_futures(self._jobs)  # at most one block's hash and write
-
     def abort(self) -> None:
         """Stop writing and remove what was written; safe to call more than once."""
-        self._wait_for_jobs()
+        self._held = b""
+        if self._blocks is not None:
+            self._blocks.cancel()  # the writer no longer uses the file when this returns
         self.sink.abort()
 
 
@@ -329,7 +285,7 @@ class FormReader:
     def write_backlog(self) -> Future[None] | None:
         """A write job to wait for before feeding more, or None.
 
-        Each file has at most BLOCKS_IN_FLIGHT blocks with the writers and one
+        Each file has at most `blocks.BLOCKS_IN_FLIGHT` blocks with the writers and one
         collected; and while an ended file's last block is still with a writer, the
         next file to end waits for it: so a form of many files holds at most ~5
         blocks, however slow the disk.

@@ -75,7 +75,7 @@ def checking_client(seaweedfs: SeaweedFS) -> Any:
 
 class LocalBackend:
     name = "local"
-    write_unit = MiB  # a writer thread's block (targets.WRITE_BLOCK_SIZE)
+    write_unit = MiB  # a writer thread's block (blocks.BLOCK_SIZE)
     # Records' mtimes order the listing; a kernel stamps them at its tick (1-4 ms).
     listing_tick = 0.02
 

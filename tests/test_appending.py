@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from upload_service.appending import APPEND_BLOCK_SIZE, BLOCKS_IN_FLIGHT, AppendBody
+from upload_service.appending import AppendBody
+from upload_service.blocks import BLOCK_SIZE, BLOCKS_IN_FLIGHT
 from upload_service.threads import WriterPool
 
 CHUNK = 64 * 1024
@@ -34,7 +35,7 @@ class GatedUpload:
 
 def chunks_of(blocks: int) -> list[bytes]:
     """`blocks` blocks' worth of 64 KiB chunks, each block's bytes its own."""
-    per_block = APPEND_BLOCK_SIZE // CHUNK
+    per_block = BLOCK_SIZE // CHUNK
     return [bytes([block]) * CHUNK for block in range(blocks) for _ in range(per_block)]
 
 
@@ -55,7 +56,7 @@ def test_a_full_block_waits_for_the_oldest_once_the_writer_has_its_share():
         upload.gate.set()
         await asyncio.wrap_future(backlog)
         await consumer.flush()
-        assert [len(block) for block in upload.written] == [APPEND_BLOCK_SIZE] * (BLOCKS_IN_FLIGHT + 1)
+        assert [len(block) for block in upload.written] == [BLOCK_SIZE] * (BLOCKS_IN_FLIGHT + 1)
         assert b"".join(upload.written) == b"".join(chunks)
 
     asyncio.run(main())

@@ -528,7 +528,7 @@ async def test_disk_full_answers_507_and_keeps_serving(config, upload_dir, monke
 
 
 async def test_disk_full_in_a_file_of_many_blocks_writes_nothing_after_the_failed_block(config, upload_dir, monkeypatch):
-    """A file's next blocks wait behind the one being written (targets.BLOCKS_IN_FLIGHT): once
+    """A file's next blocks wait behind the one being written (blocks.BLOCKS_IN_FLIGHT): once
     one fails, none after it is written, and the upload is a 507 with nothing left."""
     app = upload_asgi.create_app(replace(config, fsync=False))
     failing = FailingWrites(upload_dir, errno.ENOSPC, after=3 * MiB // 2)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from support import BOUNDARY, chunks_of, field_part, file_part, form_body, multi_body, reader_for, split_at
-from targets import BLOCKS_IN_FLIGHT, FormLimits, FormReader, UploadFileTarget
+from targets import FormLimits, FormReader, UploadFileTarget
 from upload_service import localstore, threads
+from upload_service.blocks import BLOCKS_IN_FLIGHT
 from upload_service.errors import FormError, LimitExceeded
 from upload_service.framing import DEFAULT_CONTENT_TYPE, PartInfo
 

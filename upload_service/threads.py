@@ -12,7 +12,7 @@ from collections import deque
 from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any, Callable
 
-# Threads that hash and write files (targets.WRITE_BLOCK_SIZE blocks), per app: the
+# Threads that hash and write files (blocks.BLOCK_SIZE blocks), per app: the
 # event loop parses while they work, mostly without the GIL. No more than the cores:
 # on 2 cores, 32 uploads at once went 744 MB/s with 2 threads, 628 with 4 (bench/).
 WRITE_THREADS = min(4, os.cpu_count() or 1)
