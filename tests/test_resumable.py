@@ -484,7 +484,8 @@ async def test_a_head_of_a_complete_upload_held_by_a_dead_request_is_423_not_all
     app: upload_asgi.UploadApp, client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On S3 the lease of a request that died with the store down outlives it: a HEAD cannot store
-    the file then, and must not say every byte is there (the client would stop, the upload expire)."""
+    the file then, and must not say every byte is there (the client would stop, the upload expire).
+    The draft's HEAD says Upload-Complete ?0: its client completes it with an empty ?1 append."""
     from upload_service import resumable
 
     data = payload(3000, seed=18)
@@ -499,8 +500,9 @@ async def test_a_head_of_a_complete_upload_held_by_a_dead_request_is_423_not_all
 
     monkeypatch.setattr(resumable, "FINISH_WAIT_SECONDS", 0.2)
     monkeypatch.setattr(store, "acquire", held)
-    for dialect in (TUS, {"Upload-Draft-Interop-Version": "6"}):
-        check_error(await client.head(location, headers=dialect), 423, "")
+    check_error(await client.head(location, headers=TUS), 423, "")
+    reply = await client.head(location, headers={"Upload-Draft-Interop-Version": "6"})
+    assert (reply.status_code, reply.headers["upload-complete"], reply.headers["upload-offset"]) == (204, "?0", "3000")
     monkeypatch.setattr(store, "acquire", real_acquire)  # the lease released
     reply = await client.head(location, headers=TUS)
     assert reply.status_code == 200 and reply.headers["upload-offset"] == "3000"
@@ -872,6 +874,35 @@ async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, 
     reply = await client.patch(location, content=data[10:], headers=append)
     assert reply.status_code == 200
     backend.assert_stored(reply.json(), data)
+
+
+@pytest.mark.parametrize("version", ["6", "8"])
+async def test_draft_offset_at_the_length_is_complete_only_when_the_client_says_so(
+    client: httpx.AsyncClient, backend: Any, version: str
+) -> None:
+    """"The offset could match the length, but the upload can still be incomplete": every byte sent
+    with ?0, in the creation or an append, is still an upload; an empty ?1 append stores it."""
+    data = payload(6)
+    created = await client.post("/files", content=data, headers=draft(version, Upload_Complete="?0", Upload_Length="6"))
+    deferred = await client.post("/files", content=data[:3], headers=draft(version, Upload_Complete="?0"))
+    append = draft(version, Content_Type="application/partial-upload", Upload_Complete="?0", Upload_Offset="3")
+    appended = await client.patch(deferred.headers["location"], content=data[3:], headers={**append, "Upload-Length": "6"})
+    for reply in (created, appended):
+        assert reply.status_code in (201, 204), reply.text
+        assert reply.content == b""
+        assert (reply.headers["upload-complete"], reply.headers["upload-offset"]) == ("?0", "6")
+        location = reply.request.url if reply is appended else reply.headers["location"]
+        head = await client.head(location, headers=draft(version))
+        assert head.status_code == 204
+        assert (head.headers["upload-complete"], head.headers["upload-offset"], head.headers["upload-length"]) == ("?0", "6", "6")
+        check_error(await client.get(location), 409, "upload_incomplete")
+    assert (await client.get("/files")).json()["files"] == []  # nothing stored yet
+    complete = {**append, "Upload-Complete": "?1", "Upload-Offset": "6"}
+    for location in (created.headers["location"], deferred.headers["location"]):
+        reply = await client.patch(location, content=b"", headers=complete)
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["upload-complete"] == "?1"
+        backend.assert_stored(reply.json(), data)
 
 
 async def test_draft_filename_from_content_disposition(client: httpx.AsyncClient, backend: Any) -> None:

@@ -123,3 +123,11 @@ def test_filename_of_a_content_disposition() -> None:
     assert tus.filename_of("attachment; filename=a.txt; filename*=UTF-8''b%C3%A9.txt") == "bé.txt"
     assert tus.filename_of("attachment; filename=a.txt; filename*=UTF-8''") == "a.txt"
     assert tus.filename_of("attachment; filename=a.txt; filename*=UTF-8''%FF.txt") == "a.txt"  # not UTF-8
+
+
+def test_draft_booleans_may_carry_parameters() -> None:
+    """RFC 8941: an Item is a bare item and its parameters."""
+    assert tus.parse_boolean("?1;a=1", "Upload-Complete") is True
+    assert tus.parse_boolean(" ?0 ; x", "Upload-Complete") is False
+    with pytest.raises(tus.InvalidHeader):
+        tus.parse_boolean("?2;a", "Upload-Complete")

@@ -308,7 +308,7 @@ class ResumableHandlers:
                     upload.info.length = 0
                 if not upload.info.complete:
                     raise tus.inconsistent_length(f"Upload-Complete ?1 with no body, Upload-Length {upload.info.length}")
-            if upload.info.complete:
+            if completes(upload.info, will_complete):
                 await self.finish(scope, upload, outcome, dialect)
         except BaseException:
             # Nobody knows its Location yet: an upload whose creation failed is no one's.
@@ -316,7 +316,8 @@ class ResumableHandlers:
             raise
         finally:
             await run_blocking(upload.release)
-        headers = [*dialect.headers(), (b"location", location), *self.state_headers(upload.info, dialect)]
+        headers = [*dialect.headers(), (b"location", location),
+                   *self.state_headers(upload.info, dialect, stored=bool(outcome.stored))]
         if outcome.stored and dialect.draft is not None:
             await send_record(send, 201, outcome.stored, headers)
         else:
@@ -376,7 +377,7 @@ class ResumableHandlers:
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
             info = await self.expire(file_id, info)
-        if info is not None and info.complete and self.may_write(scope):
+        if info is not None and info.complete and dialect.draft is None and self.may_write(scope):
             info = await self.finish_cut_short(scope, outcome, dialect, file_id)
         if info is not None:
             self.files.check_read(scope)
@@ -470,11 +471,11 @@ class ResumableHandlers:
                 if self.declare_length(upload.info, length, dialect):
                     await run_blocking(upload.save_info)  # declared, whatever becomes of the body (as tusd)
             await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
-            if upload.info.complete:
+            if completes(upload.info, will_complete):
                 await self.finish(scope, upload, outcome, dialect)
         finally:
             await run_blocking(upload.release)
-        headers = [*dialect.headers(), *self.state_headers(upload.info, dialect)]
+        headers = [*dialect.headers(), *self.state_headers(upload.info, dialect, stored=bool(outcome.stored))]
         if outcome.stored and dialect.draft is not None:
             await send_record(send, 200, outcome.stored, headers)
         else:
@@ -647,7 +648,7 @@ class ResumableHandlers:
             await run_blocking(upload.release)
         raise tus.UploadExpired(f"upload {file_id} expired and was removed")
 
-    def state_headers(self, info: UploadInfo, dialect: Dialect) -> Headers:
+    def state_headers(self, info: UploadInfo, dialect: Dialect, stored: bool = False) -> Headers:
         """Where an upload stands: its offset, length, expiry (or the draft's completeness, limits)."""
         headers = [(b"upload-offset", str(info.offset).encode())]
         if info.length is not None:
@@ -655,11 +656,17 @@ class ResumableHandlers:
         elif dialect.draft is None:
             headers.append((b"upload-defer-length", b"1"))
         if dialect.draft is not None:
-            headers.append((b"upload-complete", tus.format_boolean(info.complete)))
+            headers.append((b"upload-complete", tus.format_boolean(stored)))
             headers.append((b"upload-limit", self.format_upload_limit(dialect.draft, info.expires - time.time())))
         elif not info.complete:
             headers.append((b"upload-expires", tus.format_expires(info.expires).encode()))
         return headers
+
+
+def completes(info: UploadInfo, will_complete: bool | None) -> bool:
+    """Whether this request ends the upload: tus at its length; the draft only when it says
+    Upload-Complete ?1 (its offset may reach the length with more requests to come)."""
+    return info.complete if will_complete is None else will_complete
 
 
 def log_sweep_failure(future: asyncio.Future[int]) -> None:

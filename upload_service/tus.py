@@ -259,8 +259,8 @@ def parse_checksum(text: str | None) -> tuple[str, bytes] | None:
 
 
 def parse_boolean(text: str | None, name: str) -> bool:
-    """A structured-field boolean (RFC 8941): `?1` or `?0`."""
-    value = (text or "").strip()
+    """A structured-field boolean (RFC 8941): `?1` or `?0`, its parameters (`;name=value`) ignored."""
+    value = (text or "").partition(";")[0].strip()
     if value == "?1":
         return True
     if value == "?0":
