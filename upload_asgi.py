@@ -148,7 +148,7 @@ class UploadApp:
         # The handlers that read a request's body; any other route's is read and dropped first.
         self.body_readers = {
             self.handle_upload, self.handle_upload_multiple,
-            resumable.handle_create, resumable.handle_patch, resumable.handle_delete,
+            resumable.handle_create, resumable.handle_patch,
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -400,6 +401,31 @@ def test_a_body_the_route_does_not_read_keeps_the_connection_going(limited_serve
         assert answer[1].get("connection") != "close"
         sock.sendall(request_head("/health", [], method="GET"))
         assert read_answer(sock)[0] == 200
+
+
+@pytest.mark.parametrize("what", ["upload", "stored file"])
+def test_a_delete_with_a_body_keeps_the_connection_going(limited_server, what):
+    """A DELETE reads no body: one sent anyway (a tus termination, a file's delete) is read and
+    dropped before the 204, so the next request on the connection is answered."""
+    with socket.create_connection(("127.0.0.1", limited_server.port), timeout=10) as sock:
+        if what == "upload":
+            sock.sendall(request_head("/files", [("Tus-Resumable", "1.0.0"), ("Upload-Length", "10"),
+                                                 ("Content-Length", "0")]))
+        else:
+            body = form_body([file_part(b"abc")])
+            sock.sendall(request_head("/upload", [("Content-Type", form_content_type()),
+                                                  ("Content-Length", str(len(body)))]) + body)
+        status, headers, _ = read_answer(sock)
+        assert status == 201
+        path = urllib.parse.urlsplit(headers["location"]).path
+        body = os.urandom(5 * MiB)
+        head = request_head(path, [("Tus-Resumable", "1.0.0"), ("Content-Type", "application/octet-stream"),
+                                   ("Content-Length", str(len(body)))], method="DELETE")
+        sock.sendall(head + body)
+        status, headers, _ = read_answer(sock)
+        assert status == 204 and headers.get("connection") != "close"
+        sock.sendall(request_head(path, [], method="GET"))
+        assert read_answer(sock)[0] == 404
 
 
 def test_a_body_too_long_for_a_route_that_reads_none_is_413_and_closes(limited_server):
