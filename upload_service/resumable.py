@@ -289,6 +289,8 @@ class ResumableHandlers:
         repr_digest = header(scope, b"repr-digest")
         if dialect.draft is None:
             length, metadata, with_upload = self.tus_creation(scope)
+            if not with_upload and (says_body(scope) or not progress.complete and await has_bytes(receive, progress)):
+                raise UnsupportedMediaType(f"a creation request's body must be {tus.TUS_CONTENT_TYPE}")
             will_complete = None
         else:
             length, metadata, will_complete = self.draft_creation(scope)
@@ -337,8 +339,6 @@ class ResumableHandlers:
             self.check_length(length)
         metadata = tus.parse_metadata(header(scope, b"upload-metadata"))
         with_upload = tus.media_type_of(header(scope, b"content-type")) == tus.TUS_CONTENT_TYPE
-        if says_body(scope) and not with_upload:
-            raise UnsupportedMediaType(f"a creation request's body must be {tus.TUS_CONTENT_TYPE}")
         return length, metadata, with_upload
 
     def draft_creation(self, scope: Scope) -> tuple[int | None, dict[str, str], bool]:
@@ -661,6 +661,20 @@ class ResumableHandlers:
         elif not info.complete:
             headers.append((b"upload-expires", tus.format_expires(info.expires).encode()))
         return headers
+
+
+async def has_bytes(receive: Receive, progress: BodyProgress) -> bool:
+    """Read a body of unknown length (HTTP/2 sends DATA without one) to its end, or to its first bytes."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone()
+        if message.get("body"):
+            progress.received += len(message["body"])
+            return True
+        if not message.get("more_body", False):
+            progress.complete = True
+            return False
 
 
 def completes(info: UploadInfo, will_complete: bool | None) -> bool:
