@@ -89,7 +89,7 @@ from upload_service.lifespan import fail_startup
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
-from upload_service.resumable import ResumableHandlers, method_override
+from upload_service.resumable import ResumableHandlers, method_override, protocol_headers
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store
@@ -200,7 +200,9 @@ class UploadApp:
             if (override := method_override(scope, path)) is not None:
                 scope = {**scope, "method": override}
         except UploadError as exc:
-            await self.answer_draining(receive, send, exc, BodyProgress(), scope.get("http_version", "1.1"))
+            await self.answer_draining(
+                receive, send, exc, BodyProgress(), scope.get("http_version", "1.1"), protocol_headers(scope)
+            )
             return
         route = self.routes.match(path)
         method = scope["method"]
@@ -220,7 +222,7 @@ class UploadApp:
             await send_error(
                 send,
                 MethodNotAllowed(f"{method} is not allowed on {path}"),
-                headers=[(b"allow", allowed_methods(methods).encode())],
+                headers=[(b"allow", allowed_methods(methods).encode()), *protocol_headers(scope)],
                 head_only=head_only,
             )
             return

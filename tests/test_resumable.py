@@ -390,6 +390,27 @@ async def test_method_override(client: httpx.AsyncClient, backend: Any) -> None:
     backend.assert_nothing_stored()
 
 
+async def test_answers_outside_the_upload_handlers_speak_the_clients_protocol(
+    client: httpx.AsyncClient, backend: Any
+) -> None:
+    """tus 1.0.0: Tus-Resumable "MUST be included in every request and response except for OPTIONS";
+    so for a stored file's DELETE, a 405 and a refused method override too (the draft: its version)."""
+    location = await create(client, 3)
+    assert (await patch(client, location, 0, b"abc")).status_code == 204  # stored
+    drafted = {"Upload-Draft-Interop-Version": "8"}
+    for sent, expected in ((TUS, ("tus-resumable", "1.0.0")), (drafted, ("upload-draft-interop-version", "8"))):
+        refused = await client.put(location, headers=sent)
+        check_error(refused, 405, "method_not_allowed")
+        overridden = await client.post(location, headers={**sent, "X-HTTP-Method-Override": "GET"})
+        check_error(overridden, 400, "invalid_header")
+        for reply in (refused, overridden):
+            assert reply.headers.get(expected[0]) == expected[1], reply.headers
+    reply = await client.delete(location, headers=TUS)
+    assert reply.status_code == 204 and reply.headers["tus-resumable"] == "1.0.0"
+    reply = await client.put("/files", headers={})
+    assert reply.status_code == 405 and "tus-resumable" not in reply.headers  # a client that speaks neither
+
+
 async def test_checksummed_chunks(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(3_000_000)
     location = await create(client, len(data))

@@ -390,7 +390,8 @@ class FilesResource:
         await send_json(send, 200, payload, headers, head_only=head_only)
 
     async def handle_delete(
-        self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = ""
+        self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "",
+        headers: Headers = (),
     ) -> None:
         self.check_write(scope)
         if not is_file_id(file_id):
@@ -401,7 +402,7 @@ class FilesResource:
         if not await self.store().delete(file_id):
             raise NotFound("no such file")
         # RFC 9110 §8.6: no Content-Length in a 204.
-        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.start", "status": 204, "headers": list(headers)})
         await send({"type": "http.response.body", "body": b""})
 
 

@@ -84,10 +84,23 @@ class Dialect:
     def of(cls, scope: Scope) -> Dialect:
         return cls(tus.draft_version(header(scope, b"upload-draft-interop-version")))
 
+    @classmethod
+    def spoken(cls, scope: Scope) -> Dialect | None:
+        """The protocol a request says it speaks (the draft's header, or Tus-Resumable), if any."""
+        dialect = cls.of(scope)
+        return dialect if dialect.draft is not None or header(scope, b"tus-resumable") is not None else None
+
     def headers(self) -> Headers:
         if self.draft is not None:
             return [(b"upload-draft-interop-version", self.draft.encode())]
         return [(b"tus-resumable", tus.TUS_VERSION.encode())]
+
+
+def protocol_headers(scope: Scope) -> Headers:
+    """For an answer outside the resumable handlers (a 405, a stored file's DELETE): the
+    protocol's headers when the request speaks tus or the draft, none otherwise."""
+    dialect = Dialect.spoken(scope)
+    return dialect.headers() if dialect is not None else []
 
 
 def method_override(scope: Scope, path: str) -> str | None:
@@ -391,8 +404,7 @@ class ResumableHandlers:
         self.files.check_read(scope)
         stored = await self.files.open_file(file_id)
         try:
-            speaks = dialect.draft is not None or header(scope, b"tus-resumable") is not None
-            extra = self.finished_headers(stored.record, dialect) if speaks else []
+            extra = self.finished_headers(stored.record, dialect) if Dialect.spoken(scope) else []
             await send_stored(scope, receive, send, stored, head_only=True, extra_headers=extra)
         finally:
             await stored.close()
@@ -612,7 +624,7 @@ class ResumableHandlers:
     ) -> None:
         """tus termination of an upload under way; a stored file is deleted as the files resource does."""
         if await run_blocking(self.store.peek, file_id) is None:
-            await self.files.handle_delete(scope, receive, send, file_id=file_id)
+            await self.files.handle_delete(scope, receive, send, file_id=file_id, headers=protocol_headers(scope))
             return
         self.check_writer(scope, dialect)
         if has_preconditions(scope):  # as for a stored file; an upload under way has no entity tag yet
@@ -622,7 +634,7 @@ class ResumableHandlers:
         except UploadBusy:
             raise UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
         if upload is None:  # finished or terminated meanwhile
-            await self.files.handle_delete(scope, receive, send, file_id=file_id)
+            await self.files.handle_delete(scope, receive, send, file_id=file_id, headers=protocol_headers(scope))
             return
         try:
             await run_blocking(upload.terminate)
