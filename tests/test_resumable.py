@@ -562,7 +562,11 @@ async def test_an_upload_being_finished_is_never_a_404(
     assert head.status_code == 200 and head.headers["upload-offset"] == "6000"
     assert get.status_code == 200 and get.content == data
     check_error(again, 409, "upload_complete")
+    assert again.headers["upload-offset"] == "6000"
     assert delete.status_code == 412  # it found the stored file
+    at_end = await patch(client, location, 6000, b"")  # nothing to append, at the end: where it stands
+    assert at_end.status_code == 204 and at_end.headers["upload-offset"] == "6000"
+    check_tus(at_end)
     backend.assert_stored(await record_of(client, location), data)
 
 
@@ -878,6 +882,7 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, v
     backend.assert_stored(record, data)
     reply = await client.head(location, headers=draft(version))  # now a stored file: its download headers
     assert reply.status_code == 200 and reply.headers["upload-complete"] == "?1"
+    assert limits(reply) == {"max-size": 10_000_000}
     assert reply.headers["upload-offset"] == str(len(data)) and reply.headers["etag"] == f'"{sha(data)}"'
 
 

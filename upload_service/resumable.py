@@ -418,6 +418,7 @@ class ResumableHandlers:
         headers += [(b"upload-offset", size), (b"upload-length", size)]
         if dialect.draft is not None:
             headers.append((b"upload-complete", b"?1"))
+            headers.append((b"upload-limit", self.format_upload_limit(dialect.draft)))  # the draft: a HEAD MUST
         elif metadata := tus.stored_metadata(record.get("filename"), record.get("content_type"), record.get("description")):
             # tus: a HEAD MUST say the upload's metadata; what the record kept of it
             headers.append((b"upload-metadata", metadata.encode()))
@@ -471,7 +472,14 @@ class ResumableHandlers:
         new_length = header(scope, b"upload-length")
         await self.app.ask_before_upload(scope)
         self.check_capacity()
-        upload = await self.acquire(file_id, dialect, offset, progress)
+        try:
+            upload = await self.acquire(file_id, dialect, offset, progress)
+        except tus.UploadComplete as complete:
+            if offset != complete.extra["offset"] or not progress.complete:
+                raise
+            # Nothing appended at the end of a stored upload: where it stands (as tusd answers).
+            await send_empty(send, 204, [*dialect.headers(), *complete.headers])
+            return
         try:
             if upload.info.expires <= time.time():
                 await run_blocking(upload.terminate)
@@ -507,7 +515,9 @@ class ResumableHandlers:
             raise NotFound(f"no upload {file_id}") from None
         detail = f"upload {file_id} is already complete ({record['size']} bytes)"
         if dialect.draft is None:
-            raise tus.UploadComplete(detail, offset=record["size"])
+            error = tus.UploadComplete(detail, offset=record["size"])
+            error.headers = ((b"upload-offset", str(record["size"]).encode()),)
+            raise error
         if dialect.draft == "6":  # drafts -04/-05: any append
             raise tus.Problem(400, "completed-upload", detail)
         # Version 8: bytes appended, or a body of unknown length, are an inconsistent length; none is 410.
