@@ -13,6 +13,7 @@ from support import BOUNDARY, Part, field_part, file_part, form_body
 from upload_service.errors import FormError, LimitExceeded
 from upload_service.framing import (
     DEFAULT_CONTENT_TYPE,
+    MAX_CONTENT_TYPE_CHARS,
     MAX_FILENAME_CHARS,
     MAX_PART_HEADER_BYTES,
     MAX_PART_HEADER_LINES,
@@ -21,6 +22,7 @@ from upload_service.framing import (
     Framer,
     PartInfo,
     QuotedPrintableDecoder,
+    clean_content_type,
     clean_filename,
     decode_ext_value,
     parse_header_params,
@@ -156,6 +158,22 @@ def test_decode_ext_value(value, expected):
 )
 def test_clean_filename(raw, expected):
     assert clean_filename(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        pytest.param("text/csv; charset=utf-8", "text/csv; charset=utf-8", id="as-sent"),
+        pytest.param(" image/png\x07 ", "image/png", id="control-characters"),
+        pytest.param("text/plain; " + "a=1; " * 60, "text/plain", id="long-parameters-dropped"),
+        pytest.param("application/x-" + "a" * 16_000, DEFAULT_CONTENT_TYPE, id="too-long-a-type"),
+        pytest.param("\x00", DEFAULT_CONTENT_TYPE, id="nothing-left"),
+    ],
+)
+def test_clean_content_type(raw, expected):
+    """It is served back as a header: at most MAX_CONTENT_TYPE_CHARS, printable."""
+    cleaned = clean_content_type(raw)
+    assert cleaned == expected and len(cleaned) <= MAX_CONTENT_TYPE_CHARS
 
 
 # -- read_part_headers -------------------------------------------------------------

@@ -36,6 +36,9 @@ MAX_PART_HEADER_BYTES = 16 * KiB
 MAX_PART_HEADER_LINES = 32
 # A display name longer than any filesystem's NAME_MAX (255) is not a real filename.
 MAX_FILENAME_CHARS = 255
+# A stored content type is served as a header (and in a tus HEAD's metadata): a media type
+# is at most 255 characters (RFC 6838 §4.2: 127 for a type and for a subtype).
+MAX_CONTENT_TYPE_CHARS = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # The charsets a text field may declare (RFC 7578 §4.4: Apache HttpClient's text parts say
 # ISO-8859-1) or a form's `_charset_` field may name (§4.6: a browser's, from a page in a
@@ -195,10 +198,16 @@ def clean_filename(raw: str) -> str:
 
 
 def clean_content_type(raw: str) -> str:
-    """A client's content type as sent, without control characters; the default if none is left."""
+    """A client's content type as sent, without control characters; past MAX_CONTENT_TYPE_CHARS,
+    without its parameters; the default if nothing (or nothing that short) is left."""
     if not raw.isprintable():
         raw = "".join(c for c in raw if c.isprintable())
-    return raw.strip() or DEFAULT_CONTENT_TYPE
+    raw = raw.strip()
+    if len(raw) > MAX_CONTENT_TYPE_CHARS:
+        raw = raw.partition(";")[0].strip()
+        if len(raw) > MAX_CONTENT_TYPE_CHARS:
+            raw = ""
+    return raw or DEFAULT_CONTENT_TYPE
 
 
 

@@ -131,7 +131,7 @@ def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
     return {
         "id": info.id,
         "filename": clean_filename(filename) if filename is not None else "unnamed",
-        "content_type": clean_content_type((content_type or "")[:255]),
+        "content_type": clean_content_type(content_type or ""),
         "size": size,
         "sha256": sha256,
         "description": description,
