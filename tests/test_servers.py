@@ -97,6 +97,27 @@ def test_an_early_answer_reaches_a_client_that_keeps_sending(served, upload_dir)
     assert_nothing_stored(upload_dir)
 
 
+@pytest.mark.parametrize("kind", ["hypercorn", "uvicorn", "granian"])
+def test_a_client_that_reads_only_once_its_body_is_sent_gets_the_early_answer(kind, upload_dir):
+    """A 401 while the client sends 3 MB in steady pieces, reading nothing until it has sent
+    them all (as `requests` does): the rest is read and dropped before the answer ends, so the
+    client gets the answer, not a reset (hypercorn closed as soon as the answer ended)."""
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_TOKEN": "secret"}
+    body = form_body([file_part(os.urandom(3 * MiB))])
+    with Server(upload_dir, env=env, kind=kind) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(request_head(body))
+            for start in range(0, len(body), 100_000):
+                sock.sendall(body[start : start + 100_000])
+                time.sleep(0.01)
+            answer = b""
+            while not whole_answer(answer) and (data := sock.recv(65536)):
+                answer += data
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b'"error":"unauthorized"' in answer
+    assert_nothing_stored(upload_dir)
+
+
 def test_a_client_that_leaves_mid_upload_leaves_nothing(served, upload_dir):
     body = form_body([file_part(os.urandom(6 * MiB))])
     head = request_head(body)

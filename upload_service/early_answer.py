@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable
 
-from upload_service.asgi import Receive, Send, send_error
+from upload_service.asgi import Message, Receive, Send, send_error
 from upload_service.errors import PayloadTooLarge, RequestTimeout, UploadError
 
 logger = logging.getLogger("upload_asgi")
@@ -21,6 +22,8 @@ logger = logging.getLogger("upload_asgi")
 # so that the server can still deliver the answer (SPEC §8), and for how long.
 DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
 DRAIN_LIMIT_SECONDS = 2.0
+# A client that stopped sending this long after the answer has given up its body.
+DRAIN_PAUSE_SECONDS = 0.5
 
 
 async def read_to_end(receive: Receive) -> None:
@@ -96,18 +99,50 @@ async def answer_before_body_end(
         )
         await send({"type": "http.response.body", "body": b""})
         return
-    # Keep receiving while we answer: hypercorn 0.18 puts http.disconnect into the
-    # receive queue inside our final send and blocks there while that queue (10
-    # messages) is full (SPEC §8), as it is whenever something awaited between our
-    # last receive() and this answer (a middleware's send, say). Once the answer is
-    # out, read a bounded rest so that the server can deliver it and close.
+    # HTTP/1.1: the answer goes out now but for its last byte, which waits while we read and
+    # drop a bounded rest of the body. A server closes a `Connection: close` connection as soon
+    # as the answer's Content-Length is sent (hypercorn, granian), and a client still sending
+    # (one that reads only once its body is sent, as `requests` does) got a reset, not the answer.
+    held = HeldLastByte(send)
+    answer = send_error(held.send, error, headers=((b"connection", b"close"), *headers), more_body=True)
+    if not await send_while_reading(receive, answer):
+        await drain_body(receive, DRAIN_LIMIT_BYTES, DRAIN_LIMIT_SECONDS, pause=DRAIN_PAUSE_SECONDS)
+    await send_while_reading(receive, held.end())
+
+
+class HeldLastByte:
+    """A `send` that holds back the last byte of the response body, until `end`."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._last = b""
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            body = message["body"]
+            self._last = body[-1:]
+            message = {**message, "body": body[:-1]}
+        await self._send(message)
+
+    async def end(self) -> None:
+        await self._send({"type": "http.response.body", "body": self._last})
+
+
+async def send_while_reading(receive: Receive, sending: Awaitable[None]) -> bool:
+    """Send, reading and dropping the body meanwhile; return whether it ended (or the client left).
+
+    hypercorn 0.18 puts http.disconnect into the receive queue inside an answer's last send
+    and blocks there while that queue (10 messages) is full (SPEC §8), as it is whenever
+    something awaited since our last receive() (a middleware's send, say).
+    """
     reading = asyncio.ensure_future(read_to_end(receive))
     try:
-        await send_error(send, error, headers=((b"connection", b"close"), *headers))
+        await sending
     finally:
         reading.cancel()  # nothing if it saw the end already
     await asyncio.wait([reading])
     if reading.cancelled():
-        await drain_body(receive, DRAIN_LIMIT_BYTES, DRAIN_LIMIT_SECONDS)
-    elif reading.exception() is not None:
+        return False
+    if reading.exception() is not None:
         logger.debug("reading the rest of a refused body failed", exc_info=reading.exception())
+    return True
