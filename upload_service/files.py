@@ -81,8 +81,9 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
     RFC 9110 §14.2: a Range header we do not understand (another unit, bad syntax, a
     last position before the first) is ignored, and so are several ranges (we answer
     200 with the whole file rather than a multipart/byteranges body). A single range
-    that starts past the end, a `-0` suffix, or any range of an empty file raises
-    `RangeNotSatisfiable` (416).
+    that starts past the end (any `first-` range of an empty file) or a `-0` suffix raises
+    `RangeNotSatisfiable` (416); a suffix of an empty file is satisfiable (§14.1.1) but
+    no range of nothing can be sent, so it is the whole (empty) file.
     """
     if value is None:
         return None
@@ -104,8 +105,10 @@ def parse_range(value: str | None, size: int) -> tuple[int, int] | None:
             raise RangeNotSatisfiable(size)
         return start, size if not last else min(bounded_int(last) + 1, size)
     suffix = bounded_int(last)  # bytes=-N: the last N bytes
-    if suffix == 0 or size == 0:
+    if suffix == 0:
         raise RangeNotSatisfiable(size)
+    if size == 0:
+        return None
     return max(0, size - suffix), size
 
 
