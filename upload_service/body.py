@@ -95,3 +95,17 @@ async def read_body(
         if deadline.expired():  # ours, not an OSError with ETIMEDOUT from below
             raise RequestTimeout(f"the client sent no body bytes for {idle:g} seconds") from None
         raise
+
+
+async def has_bytes(receive: Receive, progress: BodyProgress) -> bool:
+    """Read a body of unknown length (HTTP/2 sends DATA without one) to its end, or to its first bytes."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone()
+        if message.get("body"):
+            progress.received += len(message["body"])
+            return True
+        if not message.get("more_body", False):
+            progress.complete = True
+            return False

@@ -42,7 +42,7 @@ from upload_service.asgi import (
     send_error,
     utf8_header,
 )
-from upload_service.body import BodyProgress, read_body
+from upload_service.body import BodyProgress, has_bytes, read_body
 from upload_service.errors import (
     ClientGone,
     NotFound,
@@ -683,20 +683,6 @@ class ResumableHandlers:
         elif not info.complete:
             headers.append((b"upload-expires", tus.format_expires(info.expires).encode()))
         return headers
-
-
-async def has_bytes(receive: Receive, progress: BodyProgress) -> bool:
-    """Read a body of unknown length (HTTP/2 sends DATA without one) to its end, or to its first bytes."""
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientGone()
-        if message.get("body"):
-            progress.received += len(message["body"])
-            return True
-        if not message.get("more_body", False):
-            progress.complete = True
-            return False
 
 
 def completes(info: UploadInfo, will_complete: bool | None) -> bool:
