@@ -101,7 +101,7 @@ async def answer_before_body_end(
         return
     # HTTP/1.1: the answer goes out now but for its last byte, which waits while we read and
     # drop a bounded rest of the body. A server closes a `Connection: close` connection as soon
-    # as the answer's Content-Length is sent (hypercorn, granian), and a client still sending
+    # as the answer's Content-Length is sent (all three servers), and a client still sending
     # (one that reads only once its body is sent, as `requests` does) got a reset, not the answer.
     held = HeldLastByte(send)
     answer = send_error(held.send, error, headers=((b"connection", b"close"), *headers), more_body=True)
