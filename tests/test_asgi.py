@@ -262,6 +262,23 @@ async def test_root_path_gets(app, root_path, path, status):
     reply.check_length()
 
 
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        pytest.param("http://example.com/health", 200, id="absolute-form"),
+        pytest.param("HTTPS://example.com:8443/health", 200, id="scheme-any-case"),
+        pytest.param("http://example.com", 200, id="no-path-is-the-page"),
+        pytest.param("http://example.com/files/health", 200, id="under-root"),
+        pytest.param("ftp://example.com/health", 404, id="not-http"),
+        pytest.param("*", 404, id="asterisk-form"),
+    ],
+)
+async def test_absolute_form_targets(app, path, status):
+    root_path = "/files" if "/files/" in path else ""
+    reply = await call_app(app, http_scope(path, "GET", root_path=root_path))
+    assert reply.status == status
+
+
 async def test_page_links_under_root_path(app):
     reply = await call_app(app, http_scope("/files/", "GET", root_path="/files"))
     assert reply.headers["content-type"].startswith("text/html")

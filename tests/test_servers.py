@@ -26,6 +26,7 @@ from support import (
     form_body,
     form_content_type,
     partial_files,
+    raw_request,
     wait_for,
 )
 
@@ -67,6 +68,24 @@ def test_an_upload_is_stored_and_served_back(served, upload_dir):
         assert download.status_code == 200 and download.content == data
         part = client.get(f"/files/{record['id']}", headers={"range": "bytes=100-199"})
         assert part.status_code == 206 and part.content == data[100:200]
+
+
+@pytest.mark.parametrize("kind", ["hypercorn", "uvicorn", "granian"])
+def test_an_absolute_form_target_is_routed_by_its_path(kind, upload_dir):
+    """RFC 9112 §3.2.2: a server MUST accept `POST http://host/upload` (hypercorn hands the app
+    the whole URL as the path; uvicorn and granian its path)."""
+    data = b"absolute form"
+    body = form_body([file_part(data)])
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, kind=kind) as server:
+        url = f"http://127.0.0.1:{server.port}"
+        head = request_head(body).replace(b"POST /upload ", f"POST {url}/upload ".encode(), 1)
+        reply = raw_request(server.port, head, [body])
+        assert reply.status == 201, reply.body
+        record = reply.json()
+        assert_stored(upload_dir, record, data)
+        fetch = f"GET {url}/files/{record['id']} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        download = raw_request(server.port, fetch)
+        assert download.status == 200 and download.body == data
 
 
 def test_an_early_answer_reaches_a_client_that_keeps_sending(served, upload_dir):

@@ -50,10 +50,21 @@ def route_path(scope: Scope) -> str:
     boundary.
     """
     path = scope.get("path") or "/"
+    if not path.startswith("/"):
+        path = path_of_absolute_form(path)
     root = scope.get("root_path") or ""
     if root and (path == root or path.startswith(root.rstrip("/") + "/")):
         path = path[len(root.rstrip("/")):]
     return path or "/"
+
+
+def path_of_absolute_form(target: str) -> str:
+    """The path of `http://host/path` (RFC 9112 §3.2.2: a server MUST accept the absolute
+    form; hypercorn passes it through as the path). Any other target is left as it is."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return target
+    return "/" + rest.partition("/")[2]
 
 
 def declared_length(scope: Scope) -> int | None:
