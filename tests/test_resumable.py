@@ -886,6 +886,35 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, v
     assert reply.headers["upload-offset"] == str(len(data)) and reply.headers["etag"] == f'"{sha(data)}"'
 
 
+async def test_draft_offset_never_goes_back(client: httpx.AsyncClient, backend: Any) -> None:
+    """A HEAD while a PATCH streams a body that is then refused (it passes the length) said no
+    more than the offset after the refusal (the draft: the offset MUST NOT decrease)."""
+    reply = await client.post("/files", content=b"01234", headers=draft("8", Upload_Complete="?0", Upload_Length="10"))
+    location = reply.headers["location"]
+    paused, go_on = asyncio.Event(), asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:  # no Content-Length: it passes the length only at its end
+        yield b"567"
+        paused.set()
+        await go_on.wait()
+        yield b"8901"
+
+    append = draft("8", Content_Type="application/partial-upload", Upload_Complete="?0", Upload_Offset="5")
+    patching = asyncio.create_task(client.patch(location, content=body(), headers=append))
+    await paused.wait()
+    await asyncio.sleep(0.3)  # past the idle hand-off: the 3 bytes are on disk
+    during = await client.head(location, headers=draft("8"))
+    go_on.set()
+    check_problem(await patching, 400, "inconsistent-upload-length", "8")
+    after = await client.head(location, headers=draft("8"))
+    assert during.headers["upload-offset"] == after.headers["upload-offset"] == "5"
+    complete = {**append, "Upload-Complete": "?1"}
+    check_problem(await client.patch(location, content=b"56", headers=complete), 400, "inconsistent-upload-length", "8")
+    reply = await client.patch(location, content=b"56789", headers=complete)
+    assert reply.status_code == 200, reply.text
+    backend.assert_stored(reply.json(), b"0123456789")
+
+
 @pytest.mark.parametrize("version", ["6", "8"])
 async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, backend: Any, version: str) -> None:
     data = payload(300_000)

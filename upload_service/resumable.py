@@ -552,8 +552,15 @@ class ResumableHandlers:
         if body_length is not None and body_length > config.max_request_size:
             raise PayloadTooLarge(f"the body is larger than the request limit of {config.max_request_size} bytes",
                                   limit="request_size", max=config.max_request_size)
+        if will_complete and info.length is not None and body_length is not None \
+                and info.offset + body_length != info.length:
+            raise tus.inconsistent_length(
+                f"Upload-Complete ?1 with {body_length} bytes at offset {info.offset} of {info.length}")
         checksum = tus.parse_checksum(header(scope, b"upload-checksum")) if dialect.draft is None else None
-        await run_blocking(upload.mark, checksum is not None)
+        # A body that may yet be refused whole (a checksum; no length, so it may pass the
+        # limit) is marked durably: meanwhile a HEAD says the offset before it, so the offset
+        # it said never goes back (the draft: MUST NOT), and a crash takes the body back.
+        await run_blocking(upload.mark, checksum is not None or body_length is None)
         consumer = AppendBody(upload, self.app.write_executor(), checksum[0] if checksum else None)
         self.app.metrics.in_flight += 1
         try:
