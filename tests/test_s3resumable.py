@@ -10,7 +10,9 @@ behaviour shared with the local backend runs on both in test_resumable.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import hashlib
 import json
 import time
 import tracemalloc
@@ -536,6 +538,42 @@ async def test_a_lease_the_store_was_away_for_is_released_once_it_is_back(
         assert (await patch(b, location, 0, data[:100])).status_code == 204
         assert (await patch(a, location, 100, data[100:])).status_code == 204
         record = (await b.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, data)
+
+
+async def test_a_multipart_upload_the_store_was_away_for_is_aborted_once_it_is_back(
+    bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PATCH taken back (its checksum fails) aborts the multipart upload it began; if the store
+    is away then, the abort is tried again (the sweep leaves it while the upload's info is there)."""
+    from upload_service import s3store
+
+    monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
+    first, _ = two_apps
+    s3 = first.resumable.store.s3
+    real_abort = s3.abort_multipart
+    failed: list[str] = []
+
+    async def away_once(key: str, upload_id: str) -> None:
+        if not failed:
+            failed.append(upload_id)
+            raise StorageUnavailable("down")
+        await real_abort(key, upload_id)
+
+    monkeypatch.setattr(s3, "abort_multipart", away_once)
+    data = payload(12 * MiB, seed=17)
+    wrong = "sha256 " + base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    async with client_of(first) as a:
+        location = await create(a, len(data))
+        reply = await patch(a, location, 0, data, **{"Upload-Checksum": wrong})
+        assert reply.status_code == 460, reply.text
+        assert failed and "tried again later" in caplog.text
+        deadline = time.monotonic() + 10
+        while bucket.uploads_in_progress():
+            assert time.monotonic() < deadline, "the multipart upload stayed"
+            await asyncio.sleep(0.05)
+        assert (await patch(a, location, 0, data)).status_code == 204
+        record = (await a.get(f"{location}/record")).json()
     assert_only_stored(bucket, record, data)
 
 

@@ -222,7 +222,7 @@ class S3Upload(ResumableUpload):
         """Back to the committed state (`offset` is its offset: a mark is only set right after a commit)."""
         self._settle_parts()
         if self._upload_id is not None and self._saved.upload_id is None:  # begun by the piece taken back
-            self._store.run_quietly(self._store.s3.abort_multipart(self.key, self._upload_id))
+            self._store.abort_quietly(self.key, self._upload_id)
         self._upload_id = self._saved.upload_id
         self._chunks, self._buffered, self._tail_loaded, self._dirty = [], 0, False, False
         if offset != self._saved.offset and not self._saved.completed:
@@ -322,7 +322,7 @@ class S3Upload(ResumableUpload):
             return
         self._settle_parts()
         if self._upload_id is not None and self._saved.upload_id is None and not self.gone:
-            self._store.run_quietly(self._store.s3.abort_multipart(self.key, self._upload_id))  # never committed
+            self._store.abort_quietly(self.key, self._upload_id)  # never committed
         if not self.gone and not self._dirty:
             self._store.digests.keep(self.info.id, self.info.offset, self.digest_state)
         self._chunks, self._buffered = [], 0
@@ -386,6 +386,16 @@ class S3ResumableStore(ResumableStore):
             self.run(work)
         except Exception as exc:
             logger.warning("resumable cleanup in %s failed (the sweep will retry): %s", self.s3.url, exc)
+
+    def abort_quietly(self, key: str, upload_id: str) -> None:
+        """Abort a multipart upload no info names. If the store is not there, try again in the
+        background: the sweep leaves an upload's key alone while its info is there."""
+        try:
+            self.run(self.s3.abort_multipart(key, upload_id))
+        except Exception as exc:
+            logger.warning("aborting multipart upload %s failed (tried again later): %s", key, exc)
+            with contextlib.suppress(StorageUnavailable, RuntimeError):  # closed: nothing runs any more
+                self.loop().call_soon_threadsafe(self.s3.retry_abort_later, key, upload_id)
 
     def close(self) -> None:
         """Let the work under way end, close the client, stop our loop's thread (tests; a server just exits)."""
