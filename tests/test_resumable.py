@@ -506,7 +506,8 @@ async def test_a_head_of_a_complete_upload_held_by_a_dead_request_is_423_not_all
 ) -> None:
     """On S3 the lease of a request that died with the store down outlives it: a HEAD cannot store
     the file then, and must not say every byte is there (the client would stop, the upload expire).
-    The draft's HEAD says Upload-Complete ?0: its client completes it with an empty ?1 append."""
+    The draft's version 8 HEAD says Upload-Complete ?0: its client completes it with an empty ?1
+    append (version 6 completes an upload at its length, as tus: 423 as tus)."""
     from upload_service import resumable
 
     data = payload(3000, seed=18)
@@ -521,8 +522,9 @@ async def test_a_head_of_a_complete_upload_held_by_a_dead_request_is_423_not_all
 
     monkeypatch.setattr(resumable, "FINISH_WAIT_SECONDS", 0.2)
     monkeypatch.setattr(store, "acquire", held)
-    check_error(await client.head(location, headers=TUS), 423, "")
-    reply = await client.head(location, headers={"Upload-Draft-Interop-Version": "6"})
+    for dialect in (TUS, {"Upload-Draft-Interop-Version": "6"}):
+        check_error(await client.head(location, headers=dialect), 423, "")
+    reply = await client.head(location, headers={"Upload-Draft-Interop-Version": "8"})
     assert (reply.status_code, reply.headers["upload-complete"], reply.headers["upload-offset"]) == (204, "?0", "3000")
     monkeypatch.setattr(store, "acquire", real_acquire)  # the lease released
     reply = await client.head(location, headers=TUS)
@@ -931,12 +933,12 @@ async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, 
     backend.assert_stored(reply.json(), data)
 
 
-@pytest.mark.parametrize("version", ["6", "8"])
 async def test_draft_offset_at_the_length_is_complete_only_when_the_client_says_so(
-    client: httpx.AsyncClient, backend: Any, version: str
+    client: httpx.AsyncClient, backend: Any
 ) -> None:
-    """"The offset could match the length, but the upload can still be incomplete": every byte sent
-    with ?0, in the creation or an append, is still an upload; an empty ?1 append stores it."""
+    """Version 8: "the offset could match the length, but the upload can still be incomplete": every
+    byte sent with ?0, in the creation or an append, is still an upload; an empty ?1 append stores it."""
+    version = "8"
     data = payload(6)
     created = await client.post("/files", content=data, headers=draft(version, Upload_Complete="?0", Upload_Length="6"))
     deferred = await client.post("/files", content=data[:3], headers=draft(version, Upload_Complete="?0"))
@@ -958,6 +960,35 @@ async def test_draft_offset_at_the_length_is_complete_only_when_the_client_says_
         assert reply.status_code == 200, reply.text
         assert reply.headers["upload-complete"] == "?1"
         backend.assert_stored(reply.json(), data)
+
+
+async def test_draft_6_stores_an_upload_at_its_length_as_tusd(client: httpx.AsyncClient, backend: Any) -> None:
+    """Version 6 is what tus-js-client sends, and its draft mode says ?0 on a stream's last PATCH
+    (tusd stores an upload once its offset reaches its length): stored at once. A client that then
+    sends the draft's empty ?1 append, or sends it again, gets the record as from the append that stored it."""
+    data = payload(6)
+    created = await client.post("/files", content=data, headers=draft("6", Upload_Complete="?0", Upload_Length="6"))
+    deferred = await client.post("/files", content=data[:3], headers=draft("6", Upload_Complete="?0"))
+    assert deferred.status_code == 201 and deferred.headers["upload-complete"] == "?0"
+    append = draft("6", Content_Type="application/partial-upload", Upload_Complete="?0", Upload_Offset="3")
+    appended = await client.patch(deferred.headers["location"], content=data[3:], headers={**append, "Upload-Length": "6"})
+    for reply, status in ((created, 201), (appended, 200)):
+        assert reply.status_code == status, reply.text
+        assert (reply.headers["upload-complete"], reply.headers["upload-offset"]) == ("?1", "6")
+        backend.assert_stored(reply.json(), data)
+        location = reply.request.url if reply is appended else reply.headers["location"]
+        head = await client.head(location, headers=draft("6"))
+        assert (head.status_code, head.headers["upload-complete"], head.headers["upload-offset"]) == (200, "?1", "6")
+        for _ in range(2):
+            again = await client.patch(location, content=b"", headers={**append, "Upload-Complete": "?1", "Upload-Offset": "6"})
+            assert again.status_code == 200, again.text
+            assert (again.headers["upload-complete"], again.headers["upload-offset"]) == ("?1", "6")
+            assert again.json() == reply.json()
+        more = await client.patch(location, content=b"x", headers={**append, "Upload-Offset": "6"})
+        check_problem(more, 400, "completed-upload", "6")
+        check_problem(await client.patch(location, content=b"", headers={**append, "Upload-Offset": "5"}),
+                      400, "completed-upload", "6")
+    assert len((await client.get("/files")).json()["files"]) == 2
 
 
 async def test_draft_filename_from_content_disposition(client: httpx.AsyncClient, backend: Any) -> None:

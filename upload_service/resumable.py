@@ -90,6 +90,13 @@ class Dialect:
         dialect = cls.of(scope)
         return dialect if dialect.draft is not None or header(scope, b"tus-resumable") is not None else None
 
+    @property
+    def completes_at_length(self) -> bool:
+        """Whether an upload whose offset reaches its length is complete: in tus, and in interop
+        version 6 as tusd does it (tus-js-client's draft mode, which sends version 6, says ?0 on
+        a stream's last PATCH). Version 8 waits for Upload-Complete ?1, as the draft says."""
+        return self.draft in (None, "6")
+
     def headers(self) -> Headers:
         if self.draft is not None:
             return [(b"upload-draft-interop-version", self.draft.encode())]
@@ -323,7 +330,7 @@ class ResumableHandlers:
                     upload.info.length = 0
                 if not upload.info.complete:
                     raise tus.inconsistent_length(f"Upload-Complete ?1 with no body, Upload-Length {upload.info.length}")
-            if completes(upload.info, will_complete):
+            if completes(upload.info, will_complete, dialect):
                 await self.finish(scope, upload, outcome, dialect)
         except BaseException:
             # Nobody knows its Location yet: an upload whose creation failed is no one's.
@@ -390,7 +397,7 @@ class ResumableHandlers:
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
             info = await self.expire(file_id, info)
-        if info is not None and info.complete and dialect.draft is None and self.may_write(scope):
+        if info is not None and info.complete and dialect.completes_at_length and self.may_write(scope):
             info = await self.finish_cut_short(scope, outcome, dialect, file_id)
         if info is not None:
             self.files.check_read(scope)
@@ -480,6 +487,9 @@ class ResumableHandlers:
             # Nothing appended at the end of a stored upload: where it stands (as tusd answers).
             await send_empty(send, 204, [*dialect.headers(), *complete.headers])
             return
+        except StoredAtLength as stored:
+            await send_record(send, 200, stored.record, self.finished_headers(stored.record, dialect))
+            return
         try:
             if upload.info.expires <= time.time():
                 await run_blocking(upload.terminate)
@@ -491,7 +501,7 @@ class ResumableHandlers:
                 if self.declare_length(upload.info, length, dialect):
                     await run_blocking(upload.save_info)  # declared, whatever becomes of the body (as tusd)
             await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
-            if completes(upload.info, will_complete):
+            if completes(upload.info, will_complete, dialect):
                 await self.finish(scope, upload, outcome, dialect)
         finally:
             await run_blocking(upload.release)
@@ -518,7 +528,9 @@ class ResumableHandlers:
             error = tus.UploadComplete(detail, offset=record["size"])
             error.headers = ((b"upload-offset", str(record["size"]).encode()),)
             raise error
-        if dialect.draft == "6":  # drafts -04/-05: any append
+        if dialect.draft == "6":  # drafts -04/-05: any append, but an empty one at its end
+            if progress.complete and offset == record["size"]:
+                raise StoredAtLength(record)
             raise tus.Problem(400, "completed-upload", detail)
         # Version 8: bytes appended, or a body of unknown length, are an inconsistent length; none is 410.
         if progress.complete:
@@ -692,10 +704,19 @@ class ResumableHandlers:
         return headers
 
 
-def completes(info: UploadInfo, will_complete: bool | None) -> bool:
-    """Whether this request ends the upload: tus at its length; the draft only when it says
-    Upload-Complete ?1 (its offset may reach the length with more requests to come)."""
-    return info.complete if will_complete is None else will_complete
+def completes(info: UploadInfo, will_complete: bool | None, dialect: Dialect) -> bool:
+    """Whether this request ends the upload: Upload-Complete ?1, or its offset at its length
+    where that completes it (`Dialect.completes_at_length`)."""
+    return bool(will_complete) or (dialect.completes_at_length and info.complete)
+
+
+class StoredAtLength(Exception):
+    """An empty append at the end of an upload that interop version 6 stored at its length:
+    its client's Upload-Complete ?1 (or a retry of it) is answered as the append that stored it."""
+
+    def __init__(self, record: Record) -> None:
+        super().__init__(record["id"])
+        self.record = record
 
 
 def log_sweep_failure(future: asyncio.Future[int]) -> None:
