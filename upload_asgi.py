@@ -404,10 +404,8 @@ class UploadApp:
         if progress.complete:
             await send_error(send, error, headers=headers)
             return
-        remaining = self.config.max_request_size - progress.received
-        await answer_before_body_end(
-            receive, send, error, http_version, remaining, self.config.idle_timeout, tuple(headers)
-        )
+        config = self.config
+        await answer_before_body_end(receive, send, error, http_version, config.min_rate, config.idle_timeout, tuple(headers))
 
 
 def public_reason(exc: OSError) -> str:

@@ -313,6 +313,67 @@ def test_http2_413_past_the_request_limit_spares_the_other_uploads(upload_dir):
             client.close()
 
 
+def test_http2_a_refused_stream_that_keeps_sending_spares_the_upload_beside_it(upload_dir):
+    """One connection: a valid upload, and beside it a stream refused at once (its Content-Length is
+    over UPLOAD_MAX_REQUEST_SIZE) whose client keeps sending, steadily, for longer than every drain
+    bound (UPLOAD_IDLE_TIMEOUT 1 s, 2 s). Its answer stays open until its body ends: hypercorn 0.18,
+    given DATA for a stream whose answer ended, drops the connection, or with another stream's app
+    running wedges it for good (the upload beside it never answered, SIGTERM no longer stops it)."""
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_MAX_REQUEST_SIZE": "1M", "UPLOAD_IDLE_TIMEOUT": "1"}
+    data = os.urandom(600_000)
+    valid = form_body([file_part(data, "beside.bin")])
+    refused_length = 6 * MiB
+    fields = [(":method", "POST"), (":path", "/upload"), (":scheme", "http"), (":authority", "127.0.0.1")]
+    with Server(upload_dir, env=env) as server:
+        client = RawH2(server.port)
+        conn = client.conn
+        beside = conn.get_next_available_stream_id()
+        conn.send_headers(beside, fields + list(upload_headers(valid).items()))
+        refused = conn.get_next_available_stream_id()
+        conn.send_headers(refused, fields + [("content-type", form_content_type()), ("content-length", str(refused_length))])
+        client.flush()
+        client.sock.settimeout(0.005)
+        # ~200 KB/s beside (3 s), ~1.6 MB/s refused (4 s): both still sending when the old bounds ran out.
+        plan = {beside: (valid, 2048), refused: (b"x" * refused_length, 16384)}
+        sent = {beside: 0, refused: 0}
+        status: dict[int, int] = {}
+        answers = {beside: b"", refused: b""}
+        ended: set[int] = set()
+        deadline = time.monotonic() + 60
+        try:
+            while len(ended) < 2 or sent[refused] < refused_length:
+                assert time.monotonic() < deadline, (status, sent, ended)
+                for stream_id, (body, step) in plan.items():
+                    step = min(step, len(body) - sent[stream_id], conn.local_flow_control_window(stream_id))
+                    if step > 0:
+                        done = sent[stream_id] + step == len(body)
+                        conn.send_data(stream_id, body[sent[stream_id] : sent[stream_id] + step], end_stream=done)
+                        sent[stream_id] += step
+                client.flush()
+                time.sleep(0.01)
+                try:
+                    events = client.events()
+                except socket.timeout:
+                    continue
+                for event in events:
+                    stream_id = getattr(event, "stream_id", None)
+                    if isinstance(event, h2.events.ResponseReceived):
+                        status[stream_id] = int(dict(event.headers)[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        answers[stream_id] += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                    elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                        ended.add(stream_id)
+                client.flush()
+            assert status == {beside: 201, refused: 413}, answers
+            [file_id] = stored_ids(upload_dir)
+            assert (upload_dir / file_id).read_bytes() == data
+            client.sock.settimeout(20)
+            assert client.request("/health", method="GET")[0] == 200  # the connection serves on
+        finally:
+            client.close()
+
+
 @pytest.mark.slow
 def test_http2_early_413_to_a_client_that_keeps_sending_spares_the_connection(h2c_server, upload_dir):
     """A client that goes on sending after the 413, for longer than the HTTP/1.1 drain

@@ -14,6 +14,7 @@ import time
 from typing import Awaitable
 
 from upload_service.asgi import Message, Receive, Send, send_error
+from upload_service.body import RateFloor
 from upload_service.errors import PayloadTooLarge, RequestTimeout, UploadError
 
 logger = logging.getLogger("upload_asgi")
@@ -70,33 +71,41 @@ async def discard_body(receive: Receive) -> UploadError | None:
     return PayloadTooLarge(f"a body this route does not read is over {DRAIN_LIMIT_BYTES} bytes")
 
 
+async def drain_while_coming(receive: Receive, pause: float, floor: RateFloor) -> None:
+    """Read and drop the rest of a body while it keeps coming: until it ends, pauses for
+    `pause` seconds, or comes slower than `floor` (UPLOAD_MIN_RATE, as a body being stored)."""
+    loop = asyncio.get_running_loop()
+    drained = 0
+    try:
+        while True:
+            async with asyncio.timeout(pause):
+                message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
+            drained += len(message.get("body", b""))
+            floor.check(drained, loop.time())
+    except (TimeoutError, RequestTimeout):
+        pass
+
+
 async def answer_before_body_end(
-    receive: Receive,
-    send: Send,
-    error: UploadError,
-    http_version: str,
-    remaining_allowed: int,
-    idle_timeout: float,
+    receive: Receive, send: Send, error: UploadError, http_version: str, min_rate: int, idle_timeout: float,
     headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> None:
     """Answer `error` to a request whose body was not read to its end, and drain the rest."""
     if http_version == "2":
-        # Hypercorn 0.18 forgets an HTTP/2 stream as soon as its response ends, and
-        # a DATA frame the client still sends then raises KeyError in its h2
-        # protocol and drops the whole connection, other uploads included (a
-        # browser's parallel uploads, or every client behind an HTTP/2 proxy). So
-        # the answer stays open while we read and drop the rest of the body for as
-        # long as it keeps coming, within what a valid request may send (at least
-        # DRAIN_LIMIT_BYTES: one refused for passing the limit still has bytes in
-        # flight) and one idle timeout (a refused client must not hold a stream for
-        # ever); a client that stopped when it saw the answer gets the end of it 2 s later.
+        # Hypercorn 0.18 forgets an HTTP/2 stream as soon as its response ends, and a DATA
+        # frame the client still sends then raises KeyError in its h2 protocol: the
+        # connection is dropped, or with another stream's app running, wedged for good (that
+        # app's answer never goes out, the worker no longer stops on SIGTERM). No byte or
+        # time bound is safe, and an app cannot reset a stream; so the answer stays open
+        # while we read and drop the rest of the body for as long as it keeps coming at the
+        # rate a stored body must keep (a declared Content-Length bounds it: h2 refuses more).
+        # A client that stopped when it saw the answer gets the end of it after
+        # DRAIN_LIMIT_SECONDS of silence.
         await send_error(send, error, headers=headers, more_body=True)
-        await drain_body(
-            receive,
-            max_bytes=max(remaining_allowed, DRAIN_LIMIT_BYTES),
-            seconds=max(idle_timeout, DRAIN_LIMIT_SECONDS),
-            pause=DRAIN_LIMIT_SECONDS,
-        )
+        floor = RateFloor(min_rate, grace=idle_timeout, started=asyncio.get_running_loop().time())
+        await drain_while_coming(receive, DRAIN_LIMIT_SECONDS, floor)
         await send({"type": "http.response.body", "body": b""})
         return
     # HTTP/1.1: the answer goes out now but for its last byte, which waits while we read and
