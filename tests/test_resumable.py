@@ -1196,6 +1196,9 @@ needs_node = pytest.mark.skipif(
         pytest.param({"overridePatchMethod": True, "chunkSize": 2_000_000}, id="tus-override-patch-method"),
         pytest.param({"protocol": "ietf-draft-05", "chunkSize": 1_000_000, "abortAfter": 3_000_000}, id="draft-6-abort-and-resume"),
         pytest.param({"protocol": "ietf-draft-05", "uploadDataDuringCreation": True}, id="draft-6-one-request"),
+        # A stream's last PATCH says Upload-Complete ?0: stored at its length, as tusd does.
+        pytest.param({"protocol": "ietf-draft-05", "stream": True, "chunkSize": 1_000_000}, id="draft-6-stream"),
+        pytest.param({"stream": True, "chunkSize": 1_500_000}, id="tus-stream"),
     ],
 )
 def test_tus_js_client_in_node(

@@ -3,9 +3,10 @@
 //   node tests/tus_node_client.mjs <endpoint> <file> [options as JSON]
 //
 // options: protocol (tus-v1, ietf-draft-05), chunkSize (bytes), metadata {k: v}, headers {k: v}, uploadDataDuringCreation,
-// uploadLengthDeferred, overridePatchMethod, abortAfter (bytes: abort there once, then resume from the upload's URL).
+// uploadLengthDeferred, overridePatchMethod, abortAfter (bytes: abort there once, then resume from the upload's URL),
+// stream (send the file as a Node stream, with uploadSize: tus-js-client then cannot tell the last chunk).
 // Prints one JSON line {"url", "resumedFrom"} and exits 0, or the error on stderr and exits 1.
-import { readFileSync } from "node:fs";
+import { createReadStream, readFileSync } from "node:fs";
 import * as tus from "tus-js-client";
 
 const [endpoint, path, optionsText] = process.argv.slice(2);
@@ -16,8 +17,10 @@ function upload(uploadUrl, abortAfter) {
   return new Promise((resolve, reject) => {
     let aborted = false;
     let resumedFrom = null;
-    const job = new tus.Upload(data, {
+    const source = options.stream ? createReadStream(path) : data;
+    const job = new tus.Upload(source, {
       endpoint,
+      uploadSize: options.stream ? data.length : undefined,
       uploadUrl,
       protocol: options.protocol || "tus-v1",
       chunkSize: options.chunkSize || Infinity,
