@@ -477,6 +477,8 @@ BOUNDARIES = [
     pytest.param("0'()+_,-./:=? " * 4 + "0123456789abcd", None, id="length-70-every-bchar"),
     pytest.param("-", "-", id="a-single-dash"),
     pytest.param("simple", None, id="quoted-token"),
+    pytest.param("*****", "*****", id="android-asterisks"),  # not bchars, but token characters clients send
+    pytest.param("a!#$%&*^`|~b", "a!#$%&*^`|~b", id="every-token-char-not-a-bchar"),
 ]
 
 

@@ -25,8 +25,10 @@ from upload_service.threads import WriterPool, wait_through_cancel
 
 logger = logging.getLogger("upload_asgi")
 
-# RFC 2046 §5.1.1: 1-70 characters from bchars, not ending in a space.
-BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+# RFC 2046 §5.1.1: 1-70 characters from bchars, not ending in a space; and the token characters
+# it leaves out (RFC 9110 §5.6.2: `!#$%&*^`|~`), as clients send them (Android's well-known
+# HttpURLConnection snippet: `*****`) and other multipart readers take them.
+BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? !#$%&*^`|~]{0,69}[0-9A-Za-z'()+_,\-./:=?!#$%&*^`|~]")
 
 
 @dataclass(frozen=True)
