@@ -62,7 +62,8 @@ async def test_a_preflight_is_answered_with_the_methods_and_headers(cors_app, up
     allowed = {h.strip().lower() for h in ALLOW_HEADERS.decode().split(",")}
     assert {"authorization", "content-type", "tus-resumable", "upload-length", "upload-offset", "upload-metadata",
             "upload-checksum", "upload-defer-length", "upload-complete", "upload-draft-interop-version",
-            "repr-digest", "range", "if-none-match", "if-match", "if-unmodified-since"} <= allowed
+            "repr-digest", "range", "if-none-match", "if-match", "if-unmodified-since",
+            "x-request-id", "content-disposition"} <= allowed
     assert not upload_dir.exists()
 
 

@@ -27,6 +27,8 @@ from upload_service.errors import UploadError
 ALLOW_METHODS = b"GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 ALLOW_HEADERS = b", ".join([
     b"Authorization", b"Content-Type", b"X-Requested-With", b"X-HTTP-Method-Override",
+    b"X-Request-ID",  # tus-js-client's addRequestId
+    b"Content-Disposition",  # a draft creation's filename
     # tus 1.0.0
     b"Tus-Resumable", b"Upload-Length", b"Upload-Offset", b"Upload-Metadata", b"Upload-Checksum",
     b"Upload-Defer-Length", b"Upload-Concat",
