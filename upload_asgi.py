@@ -89,7 +89,8 @@ from upload_service.lifespan import fail_startup
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
-from upload_service.resumable import ResumableHandlers, method_override, protocol_headers
+from upload_service.dialects import method_override, protocol_headers
+from upload_service.resumable import ResumableHandlers
 from upload_service.routing import Routes, allowed_methods, pick_handler
 from upload_service.settings import Config
 from upload_service.storage import Record, Store

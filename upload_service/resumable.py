@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -43,6 +42,7 @@ from upload_service.asgi import (
     utf8_header,
 )
 from upload_service.body import BodyProgress, has_bytes, read_body
+from upload_service.dialects import Dialect, completes, protocol_headers
 from upload_service.errors import (
     ClientGone,
     NotFound,
@@ -71,62 +71,6 @@ SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, w
 # A HEAD of a complete upload another request holds waits this long for it to be stored.
 FINISH_WAIT_SECONDS = 2.0
 FINISH_POLL_SECONDS = 0.05
-RESUMABLE_PATH_RE = re.compile(r"/files(?:/[^/]+)?")  # /files and /files/<id>: where tus is spoken
-
-
-@dataclass(frozen=True)
-class Dialect:
-    """Which protocol a request speaks: tus (draft None) or the IETF draft's interop version."""
-
-    draft: str | None
-
-    @classmethod
-    def of(cls, scope: Scope) -> Dialect:
-        return cls(tus.draft_version(header(scope, b"upload-draft-interop-version")))
-
-    @classmethod
-    def spoken(cls, scope: Scope) -> Dialect | None:
-        """The protocol a request says it speaks (the draft's header, or Tus-Resumable), if any."""
-        dialect = cls.of(scope)
-        return dialect if dialect.draft is not None or header(scope, b"tus-resumable") is not None else None
-
-    @property
-    def completes_at_length(self) -> bool:
-        """Whether an upload whose offset reaches its length is complete: in tus, and in interop
-        version 6 as tusd does it (tus-js-client's draft mode, which sends version 6, says ?0 on
-        a stream's last PATCH). Version 8 waits for Upload-Complete ?1, as the draft says."""
-        return self.draft in (None, "6")
-
-    def headers(self) -> Headers:
-        if self.draft is not None:
-            return [(b"upload-draft-interop-version", self.draft.encode())]
-        return [(b"tus-resumable", tus.TUS_VERSION.encode())]
-
-
-def protocol_headers(scope: Scope) -> Headers:
-    """For an answer outside the resumable handlers (a 405, a stored file's DELETE): the
-    protocol's headers when the request speaks tus or the draft, none otherwise."""
-    dialect = Dialect.spoken(scope)
-    return dialect.headers() if dialect is not None else []
-
-
-def method_override(scope: Scope, path: str) -> str | None:
-    """The method a POST to `/files` or `/files/<id>` names in X-HTTP-Method-Override, if any.
-
-    tus 1.0.0 core: the header "MUST be interpreted as the request's method", for clients
-    that cannot send PATCH or DELETE (tus-js-client's overridePatchMethod). Only on the
-    tus routes, as tusd, which serves nothing else, honours it on a POST.
-    """
-    if scope["method"] != "POST" or not RESUMABLE_PATH_RE.fullmatch(path):
-        return None
-    method = (header(scope, b"x-http-method-override") or "").strip()
-    if method in ("", "POST"):
-        return None
-    # The methods a client cannot send otherwise, and that read the body (a GET or OPTIONS
-    # would answer without reading it, a HEAD without the body a POST's answer announces).
-    if method not in ("PATCH", "DELETE"):
-        raise tus.InvalidHeader(f"X-HTTP-Method-Override may name PATCH or DELETE, not {method[:20]!r}")
-    return method
 
 
 def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
@@ -702,12 +646,6 @@ class ResumableHandlers:
         elif not info.complete:
             headers.append((b"upload-expires", tus.format_expires(info.expires).encode()))
         return headers
-
-
-def completes(info: UploadInfo, will_complete: bool | None, dialect: Dialect) -> bool:
-    """Whether this request ends the upload: Upload-Complete ?1, or its offset at its length
-    where that completes it (`Dialect.completes_at_length`)."""
-    return bool(will_complete) or (dialect.completes_at_length and info.complete)
 
 
 class StoredAtLength(Exception):

@@ -1,0 +1,78 @@
+"""Which resumable protocol a request speaks (tus 1.0.0 or the IETF draft's interop version),
+and the choices that differ between them: the headers every answer carries, when an upload
+is complete, tus' method override.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from upload_service import tus
+from upload_service.asgi import Scope, header
+from upload_service.storage import UploadInfo
+
+Headers = list[tuple[bytes, bytes]]
+
+RESUMABLE_PATH_RE = re.compile(r"/files(?:/[^/]+)?")  # /files and /files/<id>: where tus is spoken
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """Which protocol a request speaks: tus (draft None) or the IETF draft's interop version."""
+
+    draft: str | None
+
+    @classmethod
+    def of(cls, scope: Scope) -> Dialect:
+        return cls(tus.draft_version(header(scope, b"upload-draft-interop-version")))
+
+    @classmethod
+    def spoken(cls, scope: Scope) -> Dialect | None:
+        """The protocol a request says it speaks (the draft's header, or Tus-Resumable), if any."""
+        dialect = cls.of(scope)
+        return dialect if dialect.draft is not None or header(scope, b"tus-resumable") is not None else None
+
+    @property
+    def completes_at_length(self) -> bool:
+        """Whether an upload whose offset reaches its length is complete: in tus, and in interop
+        version 6 as tusd does it (tus-js-client's draft mode, which sends version 6, says ?0 on
+        a stream's last PATCH). Version 8 waits for Upload-Complete ?1, as the draft says."""
+        return self.draft in (None, "6")
+
+    def headers(self) -> Headers:
+        if self.draft is not None:
+            return [(b"upload-draft-interop-version", self.draft.encode())]
+        return [(b"tus-resumable", tus.TUS_VERSION.encode())]
+
+
+def protocol_headers(scope: Scope) -> Headers:
+    """For an answer outside the resumable handlers (a 405, a stored file's DELETE): the
+    protocol's headers when the request speaks tus or the draft, none otherwise."""
+    dialect = Dialect.spoken(scope)
+    return dialect.headers() if dialect is not None else []
+
+
+def method_override(scope: Scope, path: str) -> str | None:
+    """The method a POST to `/files` or `/files/<id>` names in X-HTTP-Method-Override, if any.
+
+    tus 1.0.0 core: the header "MUST be interpreted as the request's method", for clients
+    that cannot send PATCH or DELETE (tus-js-client's overridePatchMethod). Only on the
+    tus routes, as tusd, which serves nothing else, honours it on a POST.
+    """
+    if scope["method"] != "POST" or not RESUMABLE_PATH_RE.fullmatch(path):
+        return None
+    method = (header(scope, b"x-http-method-override") or "").strip()
+    if method in ("", "POST"):
+        return None
+    # The methods a client cannot send otherwise, and that read the body (a GET or OPTIONS
+    # would answer without reading it, a HEAD without the body a POST's answer announces).
+    if method not in ("PATCH", "DELETE"):
+        raise tus.InvalidHeader(f"X-HTTP-Method-Override may name PATCH or DELETE, not {method[:20]!r}")
+    return method
+
+
+def completes(info: UploadInfo, will_complete: bool | None, dialect: Dialect) -> bool:
+    """Whether this request ends the upload: Upload-Complete ?1, or its offset at its length
+    where that completes it (`Dialect.completes_at_length`)."""
+    return bool(will_complete) or (dialect.completes_at_length and info.complete)
