@@ -263,6 +263,9 @@ class FormReader:
 
     def close(self) -> None:
         """Check that the body was whole: the closing boundary was read."""
+        if not self._framer.found_boundary:
+            # Most often a body whose lines end in LF alone (RFC 2046 §5.1.1: CRLF).
+            raise FormError("the body has no boundary line ('--' and the boundary, then CRLF)")
         if not self._framer.complete:
             raise FormError("the body ended before the closing boundary")
 

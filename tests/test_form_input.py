@@ -88,6 +88,16 @@ async def test_transport_padding_is_refused_never_misread(backend_app, backend, 
     backend.assert_nothing_stored()
 
 
+@pytest.mark.parametrize("size", [100, 200_000])
+async def test_a_body_with_lf_line_endings_is_told_it_has_no_boundary_line(backend_app, backend, size):
+    """A hand-built body whose lines end in LF alone holds no delimiter (RFC 2046: CRLF)."""
+    body = form_body([file_part(b"x" * size)]).replace(b"\r\n", b"\n")
+    reply = await call_app(backend_app, upload_scope(), chunks_of(body, 64 * 1024))
+    assert_error(reply, 400, "malformed_multipart")
+    assert "boundary line" in reply.json()["detail"]
+    backend.assert_nothing_stored()
+
+
 async def test_a_repeated_text_field_is_refused(backend_app, backend):
     """Each text field lives in memory: 200 copies of one would hold 200 x the field limit."""
     parts = [field_part("description", "x" * 1000) for _ in range(3)] + [file_part(b"data")]

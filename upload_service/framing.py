@@ -429,6 +429,11 @@ class Framer:
         """True once the closing boundary has been read."""
         return self.state == self.EPILOGUE
 
+    @property
+    def found_boundary(self) -> bool:
+        """True once the first boundary line has been read."""
+        return self.state != self.PREAMBLE
+
     def feed(self, data: bytes) -> None:
         if self.state == self.EPILOGUE:
             return
@@ -533,5 +538,8 @@ class Framer:
     def _count_preamble(self, size: int) -> None:
         self._preamble_bytes += size
         if self._preamble_bytes > MAX_PREAMBLE:
-            raise FormError(f"more than {MAX_PREAMBLE} bytes before the first boundary")
+            raise FormError(
+                f"more than {MAX_PREAMBLE} bytes before the first boundary line"
+                " ('--' and the boundary, then CRLF)"
+            )
 
