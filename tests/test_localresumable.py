@@ -72,6 +72,30 @@ def test_store_one_writer_at_a_time(rstore: LocalResumableStore) -> None:
     rstore.acquire(upload.info.id).release()
 
 
+def test_store_a_writer_in_another_process_is_asked_to_stop(rstore: LocalResumableStore, upload_dir: Path) -> None:
+    """Another worker's request asks the holder to let go (a stop file); whoever takes the
+    upload next clears the request; a request left behind goes with its upload."""
+    upload = rstore.create(10, {}, time.time() + 60, None)
+    elsewhere = LocalResumableStore(upload_dir, True)
+    assert not upload.stop_asked()
+    with pytest.raises(UploadBusy):
+        elsewhere.acquire(upload.info.id)
+    elsewhere.ask_to_stop(upload.info.id)
+    assert upload.stop_asked()
+    upload.release()
+    taken = elsewhere.acquire(upload.info.id)
+    assert not taken.stop_asked()
+    rstore.ask_to_stop(taken.info.id)  # asked, then the upload was removed
+    taken.terminate()
+    assert resumable_files(upload_dir) == []
+    gone = rstore.create(10, {}, time.time() + 60, None)
+    rstore.ask_to_stop(gone.info.id)
+    (upload_dir / ".resumable" / gone.info.id).unlink()  # a crash inside finish: data moved, info and stop left
+    gone.release()
+    rstore.sweep(time.time())
+    assert resumable_files(upload_dir) == []
+
+
 def test_store_discard_takes_back_a_piece(rstore: LocalResumableStore) -> None:
     upload = rstore.create(None, {}, time.time() + 60, None)
     upload.append(b"kept")

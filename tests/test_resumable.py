@@ -2,7 +2,7 @@
 
 Raw requests in process for every status; then real servers with independent
 clients (tuspy, tus-js-client in Node and in Chromium), a restart and a cut
-connection mid-upload, two PATCHes racing on one upload, two workers, HTTP/2, and
+connection mid-upload, a PATCH taking over from a silent one, two workers, HTTP/2, and
 the page resuming in Chromium. The pure helpers are in test_tus.py, the store
 driven directly in test_localresumable.py.
 """
@@ -570,6 +570,76 @@ async def test_an_upload_being_finished_is_never_a_404(
     assert at_end.status_code == 204 and at_end.headers["upload-offset"] == "6000"
     check_tus(at_end)
     backend.assert_stored(await record_of(client, location), data)
+
+
+async def start_silent_patch(client: httpx.AsyncClient, location: str, data: bytes, sent: int) -> asyncio.Task:
+    """A PATCH of all of `data` whose client loses its connection unseen once the app has read
+    `sent` bytes: nothing more comes, and the server cannot tell."""
+    read = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield data[:sent]
+        read.set()  # the app asked for more: it has the first `sent` bytes
+        await asyncio.Event().wait()
+
+    headers = {**OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data))}
+    task = asyncio.create_task(client.patch(location, content=body(), headers=headers))
+    await asyncio.wait_for(read.wait(), 20)
+    return task
+
+
+async def resume(client: httpx.AsyncClient, location: str, data: bytes) -> httpx.Response:
+    """What a tus client does after a dropped connection: HEAD, PATCH the rest; once more on 409
+    (on S3 the bytes the old request held are kept only when it stops)."""
+    for _ in range(2):
+        offset = await offset_of(client, location)
+        reply = await patch(client, location, offset, data[offset:])
+        if reply.status_code != 409:
+            break
+    return reply
+
+
+@pytest.mark.parametrize("through", ["same app", "another app"])
+async def test_a_patch_takes_over_from_a_writer_gone_silent(
+    app: upload_asgi.UploadApp, config: upload_asgi.Config, backend: Any, through: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose connection died unseen resumes at the offset HEAD gives: its PATCH asks the
+    request still holding the upload to stop, which keeps what it got (as tusd does), instead of a
+    423 until the idle timeout. Another app on the same upload dir is another worker (a stop file);
+    on S3 another server is left to the lease's expiry: 423."""
+    from upload_service import resumable
+
+    monkeypatch.setattr(resumable, "TAKEOVER_WAIT_SECONDS", 2.0)
+    data = payload(3 * MiB, seed=21)
+    sent = MiB + 5
+    other = app if through == "same app" else upload_asgi.create_app(config)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as first, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=other), base_url="http://t") as second:
+        location = await create(first, len(data))
+        silent = await start_silent_patch(first, location, data, sent)
+        reply = await resume(second, location, data)
+        if backend.name == "s3" and other is not app:
+            check_error(reply, 423, "upload_locked")
+            silent.cancel()
+            await asyncio.gather(silent, return_exceptions=True)
+        else:
+            assert reply.status_code == 204, reply.text
+            check_error(await silent, 400, "upload_interrupted")
+            backend.assert_stored(await record_of(second, location), data)
+            assert leftovers(backend) == []
+    if other is not app:
+        await close_app(other)
+
+
+async def test_a_termination_takes_over_from_a_writer_gone_silent(client: httpx.AsyncClient, backend: Any) -> None:
+    data = payload(2 * MiB, seed=22)
+    location = await create(client, len(data))
+    silent = await start_silent_patch(client, location, data, MiB)
+    assert (await client.delete(location, headers=TUS)).status_code == 204
+    check_error(await silent, 400, "upload_interrupted")
+    assert (await client.head(location, headers=TUS)).status_code == 404
+    assert leftovers(backend) == []
+    backend.assert_nothing_stored()
 
 
 async def test_a_head_without_the_write_token_does_not_finish_a_cut_short_upload(
@@ -1312,26 +1382,49 @@ def test_patches_through_two_workers(tmp_path: Path) -> None:
     assert stored_record(upload_dir, location)["sha256"] == sha(data)
 
 
-def test_two_patches_racing_on_one_upload(server: Server) -> None:
+@pytest.mark.slow
+def test_a_silent_patch_is_taken_over_through_either_worker(tmp_path: Path) -> None:
+    """With -w 2 the resuming PATCH lands in the worker that holds the upload (asked directly)
+    or in the other (asked through a stop file): either way it is taken over, not a 423."""
+    data = payload(1_000_000, seed=4)
+    with Server(tmp_path / "uploads", env={"UPLOAD_FSYNC": "0"}, args=["-w", "2"]) as server:
+        for _ in range(4):
+            with server.client() as http:
+                location = http.post("/files", headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+                sock = send_partial_patch(server.port, location, 0, data[:300_000], len(data))
+                wait_for_offset(http, location, 300_000)
+            with server.client() as http:  # a new connection: either worker
+                reply = http.patch(location, content=data[300_000:], headers={**OCTETS, "Upload-Offset": "300000"})
+                assert reply.status_code == 204, reply.text
+                assert http.get(location).content == data
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+            sock.close()
+        assert resumable_files(server.upload_dir) == []
+
+
+def test_a_second_patch_takes_over_and_never_interleaves(server: Server) -> None:
+    """A second PATCH while the first still holds the upload (its client silent, the server
+    cannot tell it is gone): the first is told to stop and keeps what it got (400
+    upload_interrupted); the second, sent from offset 0, is refused (409); resuming where HEAD
+    says completes the file. Never 423 until the idle timeout, never two writers interleaved."""
     data = payload(2_000_000)
     with server.client() as http:
         location = http.post("/files", headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
         sock = send_partial_patch(server.port, location, 0, data[:1_500_000], len(data))
         wait_for_offset(http, location, 1_500_000)
-        # The same offset from a second client while the first is still sending: refused, never interleaved.
         reply = http.patch(location, content=data, headers={**OCTETS, "Upload-Offset": "0"})
-        check_error(reply, 423, "upload_locked")
+        check_error(reply, 409, "offset_mismatch")
         check_tus(reply)
-        reply = http.delete(location, headers=TUS)
-        check_error(reply, 423, "upload_locked")
-        sock.sendall(data[1_500_000:])
         answer = sock.recv(65536)
         sock.close()
-        assert answer.startswith(b"HTTP/1.1 204"), answer
-        reply = http.patch(location, content=b"", headers={**OCTETS, "Upload-Offset": "0"})
-        check_error(reply, 409, "upload_complete")
+        assert answer.startswith(b"HTTP/1.1 400") and b"upload_interrupted" in answer, answer
+        offset = int(http.head(location, headers=TUS).headers["upload-offset"])
+        assert offset == 1_500_000
+        reply = http.patch(location, content=data[offset:], headers={**OCTETS, "Upload-Offset": str(offset)})
+        assert reply.status_code == 204, reply.text
         assert http.get(location).content == data
     assert stored_record(server.upload_dir, location)["sha256"] == sha(data)
+    assert resumable_files(server.upload_dir) == []
 
 
 def test_over_http2(tmp_path: Path) -> None:

@@ -6,10 +6,10 @@ import asyncio
 import math
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from upload_service.asgi import Receive
-from upload_service.errors import ClientGone, PayloadTooLarge, RequestTimeout
+from upload_service.errors import ClientGone, PayloadTooLarge, RequestTimeout, UploadInterrupted
 
 
 class BodyConsumer(Protocol):
@@ -47,11 +47,50 @@ class RateFloor:
             )
 
 
+class Interrupt:
+    """Lets another request end the reading of a body early: `read_body` then raises
+    UploadInterrupted (at once if it waits for the client, else once its disk wait ends)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.deadline: asyncio.Timeout | None = None  # read_body's, while it reads
+        self._watch: asyncio.TimerHandle | None = None
+
+    def request(self) -> None:
+        self.requested = True
+        deadline = self.deadline
+        if deadline is not None and deadline.when() is not None and not deadline.expired():
+            deadline.reschedule(asyncio.get_running_loop().time())
+
+    def watch(self, asked: Callable[[], bool], every: float) -> None:
+        """Call `asked()` on the loop every `every` seconds until `unwatch`; request when it says so."""
+        def check() -> None:
+            if asked():
+                self.request()
+            else:
+                self._watch = loop.call_later(every, check)
+
+        loop = asyncio.get_running_loop()
+        self._watch = loop.call_later(every, check)
+
+    def unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+
+
+def check_interrupt(interrupt: Interrupt | None) -> None:
+    if interrupt is not None and interrupt.requested:
+        raise UploadInterrupted("another request for this upload took it over; what this one sent is kept")
+
+
 async def read_body(
-    receive: Receive, consumer: BodyConsumer, progress: BodyProgress, limit: int, idle: float, min_rate: int
+    receive: Receive, consumer: BodyConsumer, progress: BodyProgress, limit: int, idle: float, min_rate: int,
+    interrupt: Interrupt | None = None,
 ) -> None:
     """Feed every http.request body chunk to `consumer`: at most `limit` bytes, none
-    `idle` seconds apart, at `min_rate` bytes a second on average after the first `idle`."""
+    `idle` seconds apart, at `min_rate` bytes a second on average after the first `idle`;
+    until `interrupt` is requested, if one is given."""
+    check_interrupt(interrupt)
     loop = asyncio.get_running_loop()
     floor = RateFloor(min_rate, grace=idle, started=loop.time())
     # The idle deadline moves at most every `slack` seconds, not per chunk (each move is
@@ -61,6 +100,8 @@ async def read_body(
     moved = floor.started
     try:
         async with asyncio.timeout_at(moved + idle + slack) as deadline:
+            if interrupt is not None:
+                interrupt.deadline = deadline
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
@@ -89,12 +130,17 @@ async def read_body(
                 now = loop.time()
                 floor.check(progress.received, now)
                 if now - moved > slack:
+                    check_interrupt(interrupt)  # before its wake-up is moved away
                     deadline.reschedule(now + idle + slack)
                     moved = now
     except TimeoutError:
         if deadline.expired():  # ours, not an OSError with ETIMEDOUT from below
+            check_interrupt(interrupt)
             raise RequestTimeout(f"the client sent no body bytes for {idle:g} seconds") from None
         raise
+    finally:
+        if interrupt is not None:
+            interrupt.deadline = None
 
 
 async def has_bytes(receive: Receive, progress: BodyProgress) -> bool:

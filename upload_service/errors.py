@@ -74,6 +74,12 @@ class ChecksumMismatch(UploadError):
     status, code = 422, "sha256_mismatch"
 
 
+class UploadInterrupted(UploadError):
+    """Another request for a resumable upload asked this one, which was writing it, to stop (as tusd does)."""
+
+    status, code = 400, "upload_interrupted"
+
+
 class UploadLocked(UploadError):
     """Another request, on this server or another, is writing the upload (423)."""
 

@@ -5,7 +5,8 @@ An upload is two files: `<id>` (the bytes so far: its size is the offset) and
 bytes begin while a chunk with a checksum is being written). A request writes an
 upload only while it holds an exclusive flock on `<id>`, taken without waiting: a
 second writer, in this worker or another, is refused (`UploadBusy`), and the lock
-goes when its process dies, so a crash never leaves an upload locked. Nothing here
+goes when its process dies, so a crash never leaves an upload locked. A request in
+another worker asks the holder to let go by creating `<id>.stop`. Nothing here
 lives in memory but the SHA-256 state of uploads this process wrote last, so an
 upload survives a restart and a switch of worker. `finish` moves the bytes into
 the upload dir with a sidecar, like `LocalStore.commit_files`.
@@ -64,6 +65,9 @@ class LocalUpload(ResumableUpload):
     def path(self) -> Path:
         return self._store.data_path(self.info.id)
 
+    def stop_asked(self) -> bool:
+        return os.path.exists(self._store.stop_path(self.info.id))
+
     def _write(self, data: bytes) -> None:
         offset = self.info.offset
         written = os.pwrite(self._fd, data, offset)
@@ -107,6 +111,7 @@ class LocalUpload(ResumableUpload):
             os.rename(final, self.path)  # still resumable: the client may try again
             raise
         remove_quietly(store.info_path(upload_id))
+        remove_quietly(store.stop_path(upload_id))
         self.gone = True
         self.release()
 
@@ -114,6 +119,7 @@ class LocalUpload(ResumableUpload):
         # The data file first: a request that opened it meanwhile finds it unlinked once it holds the lock.
         remove_quietly(self.path)
         remove_quietly(self._store.info_path(self.info.id))
+        remove_quietly(self._store.stop_path(self.info.id))
         self.gone = True
         self.release()
 
@@ -140,6 +146,9 @@ class LocalResumableStore(ResumableStore):
 
     def info_path(self, upload_id: str) -> Path:
         return self.resumable_dir / f"{upload_id}.info"
+
+    def stop_path(self, upload_id: str) -> str:
+        return os.path.join(self.resumable_dir, f"{upload_id}.stop")
 
     # -- the interface --
 
@@ -172,6 +181,7 @@ class LocalResumableStore(ResumableStore):
             if os.fstat(fd).st_nlink == 0:  # finished or terminated while we waited for the lock
                 os.close(fd)
                 return None
+            remove_quietly(self.stop_path(upload_id))  # asked of the holder before us
             saved = self.read_info(upload_id)
             if saved is None:
                 os.close(fd)
@@ -186,6 +196,13 @@ class LocalResumableStore(ResumableStore):
             os.close(fd)
             raise
         return LocalUpload(self, info, fd, self.digests.take(upload_id, info.offset))
+
+    def ask_to_stop(self, upload_id: str) -> None:
+        if is_file_id(upload_id):
+            try:
+                os.close(os.open(self.stop_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            except FileNotFoundError:  # no resumable dir: nothing to stop
+                pass
 
     def peek(self, upload_id: str) -> UploadInfo | None:
         if not is_file_id(upload_id):
@@ -238,8 +255,9 @@ class LocalResumableStore(ResumableStore):
                     continue
             if self._remove_unheld(name, now):
                 removed += 1
-        for name in names:  # an info whose data file is gone (a crash inside finish)
-            if name.endswith(".info") and name[:-5] not in names and is_file_id(name[:-5]):
+        for name in names:  # an info or a stop request whose data file is gone (a crash inside finish)
+            stem, _, suffix = name.partition(".")
+            if suffix in ("info", "stop") and stem not in names and is_file_id(stem):
                 remove_quietly(self.resumable_dir / name)
         return removed
 
@@ -260,6 +278,7 @@ class LocalResumableStore(ResumableStore):
                 return False
             remove_quietly(self.data_path(upload_id))
             remove_quietly(self.info_path(upload_id))
+            remove_quietly(self.stop_path(upload_id))
             self.digests.take(upload_id, -1)
             return True
         finally:

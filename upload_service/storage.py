@@ -246,6 +246,11 @@ class ResumableUpload(ABC):
             self._hash.update(data)
         self.info.offset += len(data)
 
+    def stop_asked(self) -> bool:
+        """Whether a request in another process asked the one holding this upload to let go
+        (`ResumableStore.ask_to_stop`). Cheap: called on the event loop about once a second."""
+        return False
+
     def mark(self, durable: bool = False) -> None:
         """Begin a piece that `discard` can take back (a chunk with a checksum, a body that may overflow).
 
@@ -367,6 +372,10 @@ class ResumableStore(ABC):
     @abstractmethod
     def acquire(self, upload_id: str) -> ResumableUpload | None:
         """Hold an upload for writing, or None if there is none; raise UploadBusy if held elsewhere."""
+
+    def ask_to_stop(self, upload_id: str) -> None:
+        """Ask the request in another process that holds this upload to let go (its
+        `stop_asked()` then says so). A store that cannot leaves it to the idle timeout."""
 
     @abstractmethod
     def peek(self, upload_id: str) -> UploadInfo | None:
