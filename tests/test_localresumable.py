@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from upload_service import localresumable
 from upload_service.localresumable import LocalResumableStore
 from upload_service.localstore import LocalStore
 from upload_service.storage import UploadBusy
@@ -94,6 +98,40 @@ def test_store_a_writer_in_another_process_is_asked_to_stop(rstore: LocalResumab
     gone.release()
     rstore.sweep(time.time())
     assert resumable_files(upload_dir) == []
+
+
+KILLED_IN_FINISH = """
+import os, sys, time
+from pathlib import Path
+from upload_service import localresumable
+store = localresumable.LocalResumableStore(Path(sys.argv[1]), False)
+upload = store.create(3000, {}, time.time() + 60, None)
+upload.append(bytes(range(250)) * 12)
+print(upload.info.id, flush=True)
+localresumable.write_sidecar = lambda *args: os._exit(9)  # killed between moving the bytes in and the record
+upload.finish({"id": upload.info.id, "size": 3000})
+"""
+
+
+def test_store_a_finish_killed_half_way_is_resumable_again(upload_dir: Path) -> None:
+    """The bytes were moved into the upload dir, the record never written: the next start's
+    sweeps move them back (never a stored file without a record, never an upload lost)."""
+    data = bytes(range(250)) * 12
+    LocalStore(upload_dir, fsync=False).prepare()
+    run = subprocess.run([sys.executable, "-c", KILLED_IN_FINISH, str(upload_dir)], capture_output=True, text=True,
+                         cwd=Path(localresumable.__file__).parent.parent)
+    assert run.returncode == 9, run.stderr
+    upload_id = run.stdout.strip()
+    assert (upload_dir / upload_id).exists() and not (upload_dir / f"{upload_id}.json").exists()
+    LocalStore(upload_dir, fsync=False).prepare()  # as at startup: the form store's sweep first
+    store = LocalResumableStore(upload_dir, False)
+    store.sweep(time.time())
+    assert resumable_files(upload_dir) == sorted([upload_id, f"{upload_id}.info"])
+    assert sorted(os.listdir(upload_dir)) == [".partial", ".resumable"]
+    upload = store.acquire(upload_id)
+    assert upload.info.offset == 3000 and upload.sha256() == sha(data)
+    upload.finish({"id": upload_id, "size": 3000})
+    assert (upload_dir / upload_id).read_bytes() == data and resumable_files(upload_dir) == []
 
 
 def test_store_discard_takes_back_a_piece(rstore: LocalResumableStore) -> None:

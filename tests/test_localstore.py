@@ -36,6 +36,45 @@ def test_commit_files_moves_and_writes_sidecars(store, partial_dir):
     assert len(list(upload_dir.iterdir())) == 2 * len(files) + 1  # + .partial/
 
 
+KILLED_IN_COMMIT = """
+import os, sys
+from upload_service import localstore
+upload_dir, files, die_at = localstore.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+store = localstore.LocalStore(upload_dir, fsync=False)
+store.prepare()
+kept = store.new_file()
+kept.open(); kept.write(b"stored before")
+store.commit_files([(kept, {"id": kept.id, "size": 13})])
+real, calls = localstore.write_sidecar, []
+def write_sidecar(*args):
+    calls.append(1)
+    if len(calls) == die_at:
+        os._exit(9)  # killed between moving a file in and writing its record
+    real(*args)
+localstore.write_sidecar = write_sidecar
+sinks = [store.new_file() for _ in range(files)]
+for sink in sinks:
+    sink.open(); sink.write(b"x" * 1000)
+print(kept.id, flush=True)
+store.commit_files([(sink, {"id": sink.id, "size": 1000}) for sink in sinks])
+"""
+
+
+@pytest.mark.parametrize("files, die_at", [(1, 1), (3, 1), (3, 2), (3, 3)])
+def test_a_commit_killed_half_way_leaves_nothing_after_the_next_start(tmp_path, files, die_at):
+    """SPEC §4: all of a request's files or none, across a kill -9 inside the commit too; no
+    stored file without its record. A file stored before stays."""
+    upload_dir = tmp_path / "uploads"
+    run = subprocess.run([sys.executable, "-c", KILLED_IN_COMMIT, str(upload_dir), str(files), str(die_at)],
+                         capture_output=True, text=True, cwd=localstore.Path(upload_asgi.__file__).parent)
+    assert run.returncode == 9, run.stderr
+    kept = run.stdout.strip()
+    assert len(os.listdir(upload_dir)) > 3  # what the kill left: files, maybe records, the marker
+    prepare_upload_dir(upload_dir)
+    assert sorted(os.listdir(upload_dir)) == sorted([".partial", kept, f"{kept}.json"])
+    assert os.listdir(upload_dir / ".partial") == []
+
+
 def test_prepare_upload_dir_creates_and_sweeps_only_stale_files(tmp_path):
     upload_dir = tmp_path / "deep" / "uploads"
     LocalStore(upload_dir).prepare()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from upload_service.localstore import remove_quietly, sync_dir, write_all, write_sidecar
+from upload_service.localstore import RESUMABLE_DIR_NAME, held_by_nobody, remove_quietly, sync_dir, write_all, write_sidecar
 from upload_service.storage import (
     DigestCache,
     Record,
@@ -39,7 +39,6 @@ from upload_service.units import MiB
 
 logger = logging.getLogger("upload_asgi")
 
-RESUMABLE_DIR_NAME = ".resumable"
 READ_BLOCK_SIZE = 1 * MiB  # re-hashing on resume: one pread per MiB
 # SHA-256 states kept between requests, per process (~400 bytes each): enough for
 # every upload a worker is likely to see resumed; one not kept is re-read from disk.
@@ -255,11 +254,30 @@ class LocalResumableStore(ResumableStore):
                     continue
             if self._remove_unheld(name, now):
                 removed += 1
-        for name in names:  # an info or a stop request whose data file is gone (a crash inside finish)
+        for name in names:  # an info, stop request or record whose data file is gone
             stem, _, suffix = name.partition(".")
-            if suffix in ("info", "stop") and stem not in names and is_file_id(stem):
-                remove_quietly(self.resumable_dir / name)
+            if suffix not in ("info", "stop", "json") or stem in names or not is_file_id(stem):
+                continue
+            if self.data_path(stem).exists() or (f"{stem}.info" in names and self._being_finished(stem)):
+                continue
+            remove_quietly(self.resumable_dir / name)
         return removed
+
+    def _being_finished(self, upload_id: str) -> bool:
+        """Whether the bytes of an upload with an info are in the upload dir without their record:
+        being finished now (held), or left so by a process killed inside `finish`; then move them
+        back (the upload is whole again, and its next HEAD or PATCH finishes it)."""
+        final = self.upload_dir / upload_id
+        if not final.exists() or (self.upload_dir / f"{upload_id}.json").exists():
+            return False
+        if (fd := held_by_nobody(str(final))) is not None:
+            try:
+                os.rename(final, self.data_path(upload_id))
+                remove_quietly(self.resumable_dir / f"{upload_id}.json")
+                logger.warning("resumable upload %s: its finishing was cut short; it is whole again", upload_id)
+            finally:
+                os.close(fd)
+        return True
 
     def _remove_unheld(self, upload_id: str, now: float) -> bool:
         """Remove an upload nobody holds if its info, read under its lock, expired before `now` (or is none)."""

@@ -3,7 +3,10 @@
 A file is written to `<dir>/.partial/<id>` under an exclusive flock (a live writer's
 mark: a starting worker's sweep removes only unlocked partial files), fsynced, and
 renamed to `<dir>/<id>` with its record beside it as `<dir>/<id>.json` (written to
-`.partial/` and renamed too). A reader of the directory never sees half a file.
+`.partial/` and renamed too). A reader of the directory never sees half a file. A
+request's files are committed under a locked `.partial/<id>.commit` listing them all: a
+process killed inside the commit leaves it unlocked, and the next start removes every
+file it names (all or none), then any stored file without its record that no one holds.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from upload_service.units import MiB
 logger = logging.getLogger("upload_asgi")
 
 PARTIAL_DIR_NAME = ".partial"
+RESUMABLE_DIR_NAME = ".resumable"  # localresumable's: an upload being finished is not a leftover
 READ_CHUNK_SIZE = 1 * MiB  # a download's reads: one thread hop per MiB
 # Without fsync, a commit of this many files and bytes (at most one small file's bytes
 # still to write: targets.HELD_FILE_SIZE) is a few metadata syscalls, and runs on the
@@ -163,6 +167,7 @@ class LocalStore(Store):
                 sink.sync()
         moved: list[str] = []
         upload_dir, partial_dir = str(self.upload_dir), str(self.partial_dir)
+        marker = self.begin_commit([sink.id for sink, _ in files]) if len(files) > 1 else None
         try:
             for sink, record in files:
                 final = f"{upload_dir}/{sink.id}"
@@ -181,6 +186,23 @@ class LocalStore(Store):
             for sink, _ in files:
                 sink.abort()
             raise
+        finally:
+            if marker is not None:
+                end_commit(*marker)
+
+    def begin_commit(self, ids: list[str]) -> tuple[int, str]:
+        """Name a request's files in `.partial/<first id>.commit`, held locked while they are moved
+        in: a process killed meanwhile leaves it unlocked, for the next start to undo (all or none)."""
+        path = f"{self.partial_dir}/{ids[0]}.commit"
+        fd = create_locked(path)
+        try:
+            write_all(fd, "\n".join(ids).encode())
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            end_commit(fd, path)
+            raise
+        return fd, path
 
     def uncommit_files(self, ids: list[str]) -> None:
         """Remove files that `commit_files` stored, and their sidecars."""
@@ -346,30 +368,75 @@ def remove_quietly(path: str | Path) -> bool:
     return True
 
 
+def end_commit(fd: int, path: str) -> None:
+    remove_quietly(path)
+    os.close(fd)
+
+
 def prepare_upload_dir(upload_dir: Path) -> Path:
-    """Create the upload dir and its `.partial/`, sweep stale partial files, return it."""
+    """Create the upload dir and its `.partial/`, sweep what a killed process left, return it."""
     partial_dir = upload_dir / PARTIAL_DIR_NAME
     partial_dir.mkdir(parents=True, exist_ok=True)
+    undo_dead_commits(upload_dir, partial_dir)
     sweep_stale_partials(partial_dir)
+    sweep_files_without_records(upload_dir)
     return partial_dir
+
+
+def held_by_nobody(path: str) -> int | None:
+    """An fd holding `path`'s exclusive flock if no live process holds it (close it), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def undo_dead_commits(upload_dir: Path, partial_dir: Path) -> None:
+    """Remove every file (and record) named by a commit marker no live process holds."""
+    for entry in os.scandir(partial_dir):
+        if not entry.name.endswith(".commit") or (fd := held_by_nobody(entry.path)) is None:
+            continue
+        try:
+            ids = [i for i in os.read(fd, 1 << 20).decode("ascii", "replace").split("\n") if is_file_id(i)]
+            for file_id in ids:
+                remove_quietly(upload_dir / f"{file_id}.json")
+                remove_quietly(upload_dir / file_id)
+            remove_quietly(entry.path)
+            logger.warning("undid the commit of %d file(s) a killed process left half done", len(ids))
+        finally:
+            os.close(fd)
+
+
+def sweep_files_without_records(upload_dir: Path) -> None:
+    """Remove stored files without their record (a process killed between the two renames),
+    unless a live process is committing them, or it is a resumable upload being finished."""
+    names = {entry.name for entry in os.scandir(upload_dir)}
+    for name in names:
+        if not is_file_id(name) or f"{name}.json" in names:
+            continue
+        if os.path.exists(upload_dir / RESUMABLE_DIR_NAME / f"{name}.info"):
+            continue  # localresumable's sweep moves it back
+        if (fd := held_by_nobody(str(upload_dir / name))) is not None:
+            try:
+                if not (upload_dir / f"{name}.json").exists():
+                    remove_quietly(upload_dir / name)
+            finally:
+                os.close(fd)
 
 
 def sweep_stale_partials(partial_dir: Path) -> int:
     """Remove partial files no live process holds a lock on; return how many."""
     removed = 0
     for entry in os.scandir(partial_dir):
-        try:
-            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # another worker is writing it
-        else:
-            remove_quietly(Path(entry.path))
+        if (fd := held_by_nobody(entry.path)) is not None:  # else another worker is writing it
+            remove_quietly(entry.path)
             removed += 1
-        finally:
             os.close(fd)
     return removed
 
