@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -116,6 +119,9 @@ def test_parse_size_refuses(text):
 BAD_VALUES = [
     pytest.param("UPLOAD_DIR", "", id="dir-empty"),
     pytest.param("UPLOAD_DIR", "up\0loads", id="dir-nul"),
+    pytest.param("UPLOAD_DIR", "/srv/uploads ", id="dir-trailing-space"),
+    pytest.param("UPLOAD_DIR", " /srv/uploads", id="dir-leading-space"),
+    pytest.param("UPLOAD_DIR", "~/uploads", id="dir-tilde"),
     pytest.param("UPLOAD_MAX_FILE_SIZE", "lots", id="file-word"),
     pytest.param("UPLOAD_MAX_FILE_SIZE", "0", id="file-zero"),
     pytest.param("UPLOAD_MAX_FILE_SIZE", "1.5G", id="file-fraction"),
@@ -282,9 +288,24 @@ async def test_unusable_upload_dir_fails_startup_naming_it(tmp_path):
     assert str(blocker / "uploads") in sent[0]["message"]
 
 
-def run_hypercorn(tmp_path: Path, env: dict[str, str], workers: str) -> subprocess.CompletedProcess:
-    import os
+async def test_an_upload_dir_where_commits_fail_fails_startup(tmp_path):
+    """A `.partial/` on another file system (here tmpfs): every commit's rename would fail
+    (EXDEV), so startup fails, not each upload with a 500."""
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system")
+    elsewhere = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        (tmp_path / "uploads").mkdir()
+        (tmp_path / "uploads" / ".partial").symlink_to(elsewhere)
+        sent = await run_lifespan(upload_asgi.create_app(Config(upload_dir=tmp_path / "uploads")))
+        assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+        assert sent[0]["message"].startswith("UPLOAD_DIR: ")
+        assert os.listdir(elsewhere) == [] and os.listdir(tmp_path / "uploads") == [".partial"]
+    finally:
+        shutil.rmtree(elsewhere)
 
+
+def run_hypercorn(tmp_path: Path, env: dict[str, str], workers: str) -> subprocess.CompletedProcess:
     full_env = {
         **os.environ,
         "UPLOAD_DIR": str(tmp_path / "uploads"),

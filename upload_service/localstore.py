@@ -377,10 +377,23 @@ def prepare_upload_dir(upload_dir: Path) -> Path:
     """Create the upload dir and its `.partial/`, sweep what a killed process left, return it."""
     partial_dir = upload_dir / PARTIAL_DIR_NAME
     partial_dir.mkdir(parents=True, exist_ok=True)
+    check_commits_work(upload_dir, partial_dir)
     undo_dead_commits(upload_dir, partial_dir)
     sweep_stale_partials(partial_dir)
     sweep_files_without_records(upload_dir)
     return partial_dir
+
+
+def check_commits_work(upload_dir: Path, partial_dir: Path) -> None:
+    """Raise (at startup, not at every upload) unless a file can be created in `.partial/` and
+    renamed into the upload dir: a dir left read-only for this user, `.partial/` on another file system."""
+    probe = f"{partial_dir}/{new_file_id()}"
+    os.close(create_locked(probe))
+    try:
+        os.rename(probe, f"{upload_dir}/{Path(probe).name}")
+    finally:
+        remove_quietly(probe)
+    os.unlink(f"{upload_dir}/{Path(probe).name}")
 
 
 def held_by_nobody(path: str) -> int | None:

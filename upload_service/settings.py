@@ -94,6 +94,10 @@ def parse_dir(text: str) -> Path:
     # An empty UPLOAD_DIR would silently mean the working directory.
     if not text.strip() or "\0" in text:
         raise ValueError(f"{text!r} is not a directory path")
+    if text != text.strip():  # an env file's stray space would name another directory
+        raise ValueError(f"{text!r} begins or ends with white space")
+    if text.startswith("~"):  # only a shell expands it; env files and systemd do not
+        raise ValueError(f"{text!r} begins with '~': write the full path")
     return Path(text)
 
 
