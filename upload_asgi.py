@@ -85,7 +85,7 @@ from upload_service.errors import (
 from upload_service.files import FilesResource, mount_url
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
 from upload_service.hooks import BeforeUpload, UploadCallback
-from upload_service.lifespan import fail_startup
+from upload_service.lifespan import fail_startup, finish_uploads_on_sigterm
 from upload_service.logs import set_up_logging
 from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
 from upload_service.page import PAGE_CSP, render_page
@@ -178,6 +178,7 @@ class UploadApp:
                     await fail_startup(send, reason)
                     return
                 warn_of_open_writes(self.config)
+                finish_uploads_on_sigterm()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # The writer threads stay: an upload still running may need them, and

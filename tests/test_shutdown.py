@@ -33,12 +33,14 @@ def upload_server(backend: Any, args: list[str] | None = None) -> Server:
     return Server(backend.upload_dir, env={"UPLOAD_FSYNC": "0", **backend.server_env()}, args=args or []).start()
 
 
-def terminate(server: Server) -> None:
+def terminate(server: Server, group: bool = False) -> None:
     """SIGTERM to hypercorn's main process only, without waiting (`docker stop`, systemd's
-    KillMode=mixed). Its workers install no handler for SIGTERM: sent to the whole group
-    (KillMode=control-group) it kills them at once, without any grace (README "Shutdown")."""
+    KillMode=mixed), or to every process of the server (KillMode=control-group)."""
     assert server.proc is not None
-    os.kill(server.proc.pid, signal.SIGTERM)
+    if group:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+    else:
+        os.kill(server.proc.pid, signal.SIGTERM)
 
 
 @pytest.mark.slow
@@ -67,14 +69,18 @@ def test_an_upload_cut_off_by_sigterm_leaves_nothing(backend):
 
 
 @pytest.mark.slow
-def test_an_upload_that_ends_within_the_graceful_timeout_is_stored(backend):
+@pytest.mark.parametrize("workers, group", [("1", False), ("2", False), ("2", True)], ids=["w1", "w2", "w2-group"])
+def test_an_upload_that_ends_within_the_graceful_timeout_is_stored(backend, workers, group):
+    """With -w 2 the idle worker stops at once, and hypercorn's main process then sends SIGTERM to
+    the other: it ignores it and finishes the upload. So does every worker when the signal goes to
+    the whole group (systemd's default KillMode=control-group)."""
     data = os.urandom(12 * MiB)
     body = form_body([file_part(data, "finishes.bin")])
-    server = upload_server(backend, ["--graceful-timeout", "30"])
+    server = upload_server(backend, ["-w", workers, "--graceful-timeout", "30"])
     held = HeldUpload(server.port, body, first=7 * MiB)
     try:
         wait_for(lambda: writing(backend))
-        terminate(server)
+        terminate(server, group)
         time.sleep(4)  # past hypercorn's default 3 s: the upload is still being taken
         status, record = held.finish()
         server.proc.wait(timeout=30)
