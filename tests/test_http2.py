@@ -487,6 +487,44 @@ def test_http2_download_the_client_resets_lets_go_of_the_file(h2c_server, upload
         client.close()
 
 
+UNKNOWN = "/files/" + "0" * 32
+TUS = {"tus-resumable": "1.0.0"}
+
+
+@pytest.mark.parametrize(
+    "method, path, headers, status",
+    [
+        ("GET", "/health", {}, 200),
+        ("PUT", UNKNOWN, {}, 405),
+        ("GET", UNKNOWN, {}, 404),
+        ("DELETE", UNKNOWN, TUS, 404),
+        ("HEAD", UNKNOWN, TUS, 404),
+        ("OPTIONS", "/files", {}, 204),
+        ("PATCH", UNKNOWN, {**TUS, "content-type": "application/offset+octet-stream", "upload-offset": "0"}, 404),
+        ("POST", "/files", {**TUS, "upload-length": "5"}, 201),
+        ("POST", "/upload", {"content-type": "multipart/form-data; boundary=x"}, 400),
+    ],
+)
+def test_http2_a_stream_that_ends_after_content_length_0_spares_the_connection(
+    h2c_server, upload_dir, method, path, headers, status
+):
+    """`content-length: 0`, then the stream's end in an empty DATA frame of its own (httpx sends a PUT
+    without content so): answered only after that end, or hypercorn drops the whole connection."""
+    client = RawH2(h2c_server.port)
+    try:
+        stream_id = client.conn.get_next_available_stream_id()
+        fields = [(":method", method), (":path", path), (":scheme", "http"), (":authority", "127.0.0.1")]
+        client.conn.send_headers(stream_id, [*fields, ("content-length", "0"), *headers.items()])
+        client.flush()
+        time.sleep(0.2)  # time to answer before the end, if the app did not wait for it
+        client.conn.end_stream(stream_id)
+        answer = client.request(path, method=method, stream_id=stream_id)
+        assert answer[0] == status and answer[2] == "ended"
+        next_upload_goes_through(client, upload_dir)
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("method, path, status", [("GET", "/health", 200), ("GET", "/nowhere", 404), ("PUT", "/upload", 405)])
 def test_http2_body_without_a_length_to_a_route_that_reads_none_spares_the_connection(
     h2c_server, upload_dir, method, path, status

@@ -82,9 +82,9 @@ def says_body(scope: Scope) -> bool:
 
 
 def body_known_empty(scope: Scope) -> bool:
-    """Whether the request has no body at all (HTTP/2 may send one without a Content-Length)."""
-    if declared_length(scope) == 0:
-        return True
+    """Whether the request has no body at all, its end included. Over HTTP/2, never before it is read:
+    a body needs no Content-Length, and after `content-length: 0` the stream may end in a DATA frame of
+    its own (httpx does so), which reaching hypercorn 0.18 after the answer drops the connection."""
     return scope.get("http_version") != "2" and not says_body(scope)
 
 

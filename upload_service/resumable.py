@@ -428,6 +428,9 @@ class ResumableHandlers:
             will_complete = tus.parse_boolean(header(scope, b"upload-complete"), "Upload-Complete")
         offset = tus.parse_number(header(scope, b"upload-offset"), "Upload-Offset")
         new_length = header(scope, b"upload-length")
+        if not progress.complete and declared_length(scope) == 0 and await has_bytes(receive, progress):
+            # HTTP/2: its end read here (asgi.body_known_empty); h2 itself refuses bytes past the length.
+            raise tus.InvalidHeader("Content-Length is 0 but the body has bytes")
         await self.app.ask_before_upload(scope)
         self.check_capacity()
         try:
