@@ -385,7 +385,7 @@ def test_server_keeps_serving_after_refusals(limited_server):
 @pytest.mark.parametrize(
     "method, path, status",
     [("GET", "/health", 200), ("GET", "/files", 200), ("POST", "/nowhere", 404), ("POST", "/health", 405),
-     ("GET", "/files/" + "0" * 32, 404), ("OPTIONS", "/files", 204)],
+     ("GET", "/files/" + "0" * 32, 404), ("OPTIONS", "/files", 204), ("DELETE", "/files/" + "0" * 32, 404)],
 )
 def test_a_body_the_route_does_not_read_keeps_the_connection_going(limited_server, method, path, status):
     """SPEC §8: a body in many small chunks to a route that reads none (hypercorn queues them;

@@ -185,7 +185,8 @@ class ResumableHandlers:
         counted: bool = True,
     ) -> None:
         started = time.monotonic()
-        progress = BodyProgress(complete=body_known_empty(scope))
+        # Only an upload (creation, PATCH) reads its body; the front door read the others' already.
+        progress = BodyProgress(complete=not counted or body_known_empty(scope))
         error: BaseException | None = None
         outcome = Outcome()
         try:
