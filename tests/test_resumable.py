@@ -737,6 +737,20 @@ async def test_expiry(backend: Any) -> None:
     backend.assert_nothing_stored()
 
 
+async def test_a_reader_without_its_token_cannot_expire_an_upload(backend: Any) -> None:
+    """With UPLOAD_READ_TOKEN the token is asked before the id is looked at: 401, and the expired
+    upload stays for its writer to be told 410."""
+    config = backend.config(fsync=False, resumable_expiry=0.5, token="w", read_token="r")
+    app = upload_asgi.create_app(config)
+    writer = {**TUS, "Authorization": "Bearer w"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        location = await create(client, 100, **writer)
+        await asyncio.sleep(0.6)
+        check_error(await client.head(location, headers=TUS), 401, "")
+        check_error(await client.head(location, headers=writer), 410, "")
+    await close_app(app)
+
+
 def trickling(pieces: list[bytes], pause: float, then: str) -> Any:
     """An ASGI receive: `pieces` a `pause` apart, then the body's end ("end"), the client
     leaving ("disconnect"), or silence ("silence": the idle timeout answers)."""

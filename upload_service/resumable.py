@@ -346,13 +346,13 @@ class ResumableHandlers:
     ) -> None:
         if dialect.draft is None and header(scope, b"tus-resumable") is not None:
             tus.check_tus_resumable(header(scope, b"tus-resumable"))
+        self.files.check_read(scope)  # before the id is looked at: an expired upload is not a reader's to remove
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
             info = await self.expire(file_id, info)
         if info is not None and info.complete and dialect.completes_at_length and self.may_write(scope):
             info = await self.finish_cut_short(scope, outcome, dialect, file_id)
         if info is not None:
-            self.files.check_read(scope)
             headers = [*dialect.headers(), (b"cache-control", b"no-store"), *self.state_headers(info, dialect)]
             if dialect.draft is None and info.metadata:
                 headers.append((b"upload-metadata", tus.format_metadata(info.metadata).encode()))
@@ -360,7 +360,6 @@ class ResumableHandlers:
             return
         # A stored file: the download headers (HEAD is GET without the body), and for a
         # tus or draft client where the upload stands (it may be resuming a finished one).
-        self.files.check_read(scope)
         stored = await self.files.open_file(file_id)
         try:
             extra = self.finished_headers(stored.record, dialect) if Dialect.spoken(scope) else []
