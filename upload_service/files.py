@@ -49,7 +49,10 @@ FALLBACK_UNSAFE_CHARS = '"\\%/:'
 # RFC 9110 §8.3.1 media type: token "/" token, then parameters; anything else (a
 # non-ASCII or broken type a client sent) is served as application/octet-stream.
 TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-MEDIA_TYPE_RE = re.compile(rf"{TOKEN}/{TOKEN}(?:[ \t]*;[ -~\t]*)?")
+QUOTED_STRING = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
+PARAMETER = rf"{TOKEN}=(?:{TOKEN}|{QUOTED_STRING})"
+# Parameters read strictly: `text/plain;a=b, text/html` is two types to a browser (Fetch splits on commas).
+MEDIA_TYPE_RE = re.compile(rf"{TOKEN}/{TOKEN}(?:[ \t]*;[ \t]*(?:{PARAMETER})?)*")
 RANGE_SPEC_RE = re.compile(r"([0-9]*)-([0-9]*)")  # ASCII digits: \d takes any script's
 # RFC 8187 attr-char: what may stay unescaped in filename*=UTF-8''...
 ATTR_CHAR_SAFE = "!#$&+-.^_`|~"
