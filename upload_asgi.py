@@ -59,6 +59,7 @@ from upload_service.asgi import (
     Send,
     bearer_token_matches,
     body_known_empty,
+    check_framing,
     declared_length,
     header,
     route_path,
@@ -199,6 +200,7 @@ class UploadApp:
             send = self.cors.wrap_send(header(scope, b"origin"), send)
         path = route_path(scope)
         try:
+            check_framing(scope)
             if (override := method_override(scope, path)) is not None:
                 scope = {**scope, "method": override}
         except UploadError as exc:

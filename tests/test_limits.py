@@ -403,6 +403,21 @@ def test_a_body_the_route_does_not_read_keeps_the_connection_going(limited_serve
         assert read_answer(sock)[0] == 200
 
 
+def test_both_transfer_encoding_and_content_length_is_refused_and_closes(limited_server):
+    """RFC 9112 §6.1: the mark of request smuggling; hypercorn 0.18 took the chunked body and kept
+    the connection, so what a proxy in front read as the body could be read here as a request."""
+    body = form_body([file_part(b"smuggled")])
+    head = request_head("/upload", [("Content-Type", form_content_type()), ("Transfer-Encoding", "chunked"),
+                                    ("Content-Length", "5")])
+    with socket.create_connection(("127.0.0.1", limited_server.port), timeout=10) as sock:
+        sock.sendall(head + b"".join(chunked([body])) + request_head("/health", [], method="GET"))
+        status, headers, answer = read_answer(sock)
+        assert status == 400 and headers["connection"] == "close", answer
+        assert json.loads(answer)["error"] == "ambiguous_length"
+        assert sock.recv(65536) == b""  # the request after it is never read
+    assert_nothing_stored(limited_server.upload_dir)
+
+
 @pytest.mark.parametrize("what", ["upload", "stored file"])
 def test_a_delete_with_a_body_keeps_the_connection_going(limited_server, what):
     """A DELETE reads no body: one sent anyway (a tus termination, a file's delete) is read and

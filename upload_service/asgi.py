@@ -6,7 +6,7 @@ import hmac
 import json
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 
-from upload_service.errors import UploadError
+from upload_service.errors import AmbiguousLength, UploadError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -79,6 +79,13 @@ def says_body(scope: Scope) -> bool:
     if length is not None:
         return length > 0
     return header(scope, b"transfer-encoding") is not None
+
+
+def check_framing(scope: Scope) -> None:
+    """Refuse a request that says both Transfer-Encoding and Content-Length (RFC 9112 §6.1)."""
+    if scope.get("http_version") != "2" and header(scope, b"transfer-encoding") is not None \
+            and header(scope, b"content-length") is not None:
+        raise AmbiguousLength("the request has both Transfer-Encoding and Content-Length")
 
 
 def body_known_empty(scope: Scope) -> bool:

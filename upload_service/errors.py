@@ -29,6 +29,14 @@ class MalformedBody(UploadError):
     status, code = 400, "malformed_multipart"
 
 
+class AmbiguousLength(UploadError):
+    """RFC 9112 §6.1: both Transfer-Encoding and Content-Length, a sign of request smuggling
+    (hypercorn 0.18 takes the chunked body and keeps the connection): refused, the connection closed."""
+
+    status, code = 400, "ambiguous_length"
+    headers = ((b"connection", b"close"),)
+
+
 class MissingBoundary(UploadError):
     status, code = 400, "missing_boundary"
 
