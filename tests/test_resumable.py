@@ -335,6 +335,28 @@ async def test_creation_refused(
     backend.assert_nothing_stored()
 
 
+@pytest.mark.parametrize("order", [1, -1])
+async def test_a_protocol_header_on_two_lines_is_never_read_as_one_of_them(
+    client: httpx.AsyncClient, backend: Any, order: int
+) -> None:
+    """RFC 9110 §5.3: two lines mean their values joined with ", ", a malformed value; reading the
+    first (as a proxy in front may read the last) would let the two disagree on the request."""
+    reply = await client.post("/files", headers=[("Tus-Resumable", "1.0.0"), *[("Upload-Length", "5"), ("Upload-Length", "7")][::order]])
+    check_error(reply, 400, "invalid_header")
+    reply = await client.post("/files", headers=[*[("Tus-Resumable", "1.0.0"), ("Tus-Resumable", "2.0.0")][::order], ("Upload-Length", "5")])
+    check_error(reply, 412, "unsupported_version")
+    location = await create(client, 10)
+    offsets = [("Upload-Offset", "0"), ("Upload-Offset", "5")][::order]
+    reply = await client.patch(location, content=b"abcde", headers=[*OCTETS.items(), *offsets])
+    check_error(reply, 400, "invalid_header")
+    complete = [("Upload-Complete", "?0"), ("Upload-Complete", "?1")][::order]
+    reply = await client.post("/files", content=b"abcde", headers=[("Upload-Draft-Interop-Version", "8"), *complete])
+    assert reply.status_code == 400, reply.text
+    assert await offset_of(client, location) == 0
+    assert (await client.delete(location, headers=TUS)).status_code == 204
+    backend.assert_nothing_stored()
+
+
 async def test_creation_body_of_another_type_is_415(client: httpx.AsyncClient, backend: Any) -> None:
     reply = await client.post("/files", content=b"abc", headers={**TUS, "Upload-Length": "3", "Content-Type": "text/plain"})
     check_error(reply, 415, "unsupported_media_type")

@@ -126,8 +126,13 @@ def test_filename_of_a_content_disposition() -> None:
 
 
 def test_draft_booleans_may_carry_parameters() -> None:
-    """RFC 8941: an Item is a bare item and its parameters."""
+    """RFC 9651: an Item is a bare item and its parameters."""
     assert tus.parse_boolean("?1;a=1", "Upload-Complete") is True
-    assert tus.parse_boolean(" ?0 ; x", "Upload-Complete") is False
+    assert tus.parse_boolean(" ?0; x", "Upload-Complete") is False
+    assert tus.parse_boolean('?1;a=?0;b=1.5;c=tok/x;d=:YQ==:;e="q \\" "', "Upload-Complete") is True
+
+
+@pytest.mark.parametrize("text", ["?2;a", "?1;=b", '?1;a="x', "?1;", "?1 ;a", "?1;A=b", "?1, ?0", "1", ""])
+def test_a_malformed_draft_boolean_is_refused(text: str) -> None:
     with pytest.raises(tus.InvalidHeader):
-        tus.parse_boolean("?2;a", "Upload-Complete")
+        tus.parse_boolean(text, "Upload-Complete")

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 
 from upload_service import tus
-from upload_service.asgi import Scope, header
+from upload_service.asgi import Scope, header, list_header
 from upload_service.storage import UploadInfo
 
 Headers = list[tuple[bytes, bytes]]
@@ -25,13 +25,13 @@ class Dialect:
 
     @classmethod
     def of(cls, scope: Scope) -> Dialect:
-        return cls(tus.draft_version(header(scope, b"upload-draft-interop-version")))
+        return cls(tus.draft_version(list_header(scope, b"upload-draft-interop-version")))
 
     @classmethod
     def spoken(cls, scope: Scope) -> Dialect | None:
         """The protocol a request says it speaks (the draft's header, or Tus-Resumable), if any."""
         dialect = cls.of(scope)
-        return dialect if dialect.draft is not None or header(scope, b"tus-resumable") is not None else None
+        return dialect if dialect.draft is not None or list_header(scope, b"tus-resumable") is not None else None
 
     @property
     def completes_at_length(self) -> bool:

@@ -14,7 +14,9 @@ other, tus (and so needs `Tus-Resumable: 1.0.0`). The bytes go through the same
 body reader as a form (limits, idle timeout, rate floor, backpressure) into a
 `ResumableUpload` held for this request alone; once all of them are there, the
 upload is checked against any digest the client declared and stored like a
-form's file (same ids, records, `/files/<id>`, metrics).
+form's file (same ids, records, `/files/<id>`, metrics). A protocol header sent on
+two lines is read as one value joined with ", " (RFC 9110 §5.3): two values are a
+malformed one, never the first line's (a proxy may read the last).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from upload_service.asgi import (
     declared_length,
     header,
     json_bytes,
+    list_header,
     route_path,
     says_body,
     send_error,
@@ -245,7 +248,7 @@ class ResumableHandlers:
         if not self.may_write(scope):
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
         if dialect.draft is None:
-            tus.check_tus_resumable(header(scope, b"tus-resumable"))
+            tus.check_tus_resumable(list_header(scope, b"tus-resumable"))
 
     def check_length(self, length: int) -> None:
         if length > self.config.max_file_size:
@@ -298,10 +301,10 @@ class ResumableHandlers:
             await send_empty(send, 201, headers)
 
     def tus_creation(self, scope: Scope) -> tuple[int | None, dict[str, str], bool]:
-        if header(scope, b"upload-concat") is not None:  # as tusd without concatenation
+        if list_header(scope, b"upload-concat") is not None:  # as tusd without concatenation
             raise tus.ConcatenationUnsupported("Upload-Concat is not supported: this server has no concatenation")
-        length_text = header(scope, b"upload-length")
-        defer = header(scope, b"upload-defer-length")
+        length_text = list_header(scope, b"upload-length")
+        defer = list_header(scope, b"upload-defer-length")
         if (length_text is None) == (defer is None):
             raise tus.InvalidHeader("give exactly one of Upload-Length and Upload-Defer-Length: 1")
         if defer is not None and defer.strip() != "1":
@@ -309,13 +312,13 @@ class ResumableHandlers:
         length = None if length_text is None else tus.parse_number(length_text, "Upload-Length")
         if length is not None:
             self.check_length(length)
-        metadata = tus.parse_metadata(header(scope, b"upload-metadata"))
+        metadata = tus.parse_metadata(list_header(scope, b"upload-metadata"))
         with_upload = tus.media_type_of(header(scope, b"content-type")) == tus.TUS_CONTENT_TYPE
         return length, metadata, with_upload
 
     def draft_creation(self, scope: Scope) -> tuple[int | None, dict[str, str], bool]:
-        will_complete = tus.parse_boolean(header(scope, b"upload-complete"), "Upload-Complete")
-        length_text = header(scope, b"upload-length")
+        will_complete = tus.parse_boolean(list_header(scope, b"upload-complete"), "Upload-Complete")
+        length_text = list_header(scope, b"upload-length")
         length = None if length_text is None else tus.parse_number(length_text, "Upload-Length")
         body_length = declared_length(scope)
         if will_complete and body_length is not None:
@@ -333,7 +336,7 @@ class ResumableHandlers:
         content_type = header(scope, b"content-type")
         if content_type and tus.media_type_of(content_type) != tus.DRAFT_CONTENT_TYPE:
             values["filetype"] = content_type.strip()  # as a form part's: its parameters kept
-        metadata = tus.parse_metadata(header(scope, b"upload-metadata"))
+        metadata = tus.parse_metadata(list_header(scope, b"upload-metadata"))
         return length, {**metadata, **tus.encode_metadata(values)}, will_complete
 
     def check_capacity(self) -> None:
@@ -344,8 +347,8 @@ class ResumableHandlers:
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
         dialect: Dialect, file_id: str,
     ) -> None:
-        if dialect.draft is None and header(scope, b"tus-resumable") is not None:
-            tus.check_tus_resumable(header(scope, b"tus-resumable"))
+        if dialect.draft is None and list_header(scope, b"tus-resumable") is not None:
+            tus.check_tus_resumable(list_header(scope, b"tus-resumable"))
         self.files.check_read(scope)  # before the id is looked at: an expired upload is not a reader's to remove
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
@@ -425,9 +428,9 @@ class ResumableHandlers:
             raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {media_type!r}")
         will_complete = None
         if dialect.draft is not None:
-            will_complete = tus.parse_boolean(header(scope, b"upload-complete"), "Upload-Complete")
-        offset = tus.parse_number(header(scope, b"upload-offset"), "Upload-Offset")
-        new_length = header(scope, b"upload-length")
+            will_complete = tus.parse_boolean(list_header(scope, b"upload-complete"), "Upload-Complete")
+        offset = tus.parse_number(list_header(scope, b"upload-offset"), "Upload-Offset")
+        new_length = list_header(scope, b"upload-length")
         if not progress.complete and declared_length(scope) == 0 and await has_bytes(receive, progress):
             # HTTP/2: its end read here (asgi.body_known_empty); h2 itself refuses bytes past the length.
             raise tus.InvalidHeader("Content-Length is 0 but the body has bytes")
@@ -537,7 +540,7 @@ class ResumableHandlers:
                 and info.offset + body_length != info.length:
             raise tus.inconsistent_length(
                 f"Upload-Complete ?1 with {body_length} bytes at offset {info.offset} of {info.length}")
-        checksum = tus.parse_checksum(header(scope, b"upload-checksum")) if dialect.draft is None else None
+        checksum = tus.parse_checksum(list_header(scope, b"upload-checksum")) if dialect.draft is None else None
         # A body that may yet be refused whole (a checksum; no length, so it may pass the
         # limit) is marked durably: meanwhile a HEAD says the offset before it, so the offset
         # it said never goes back (the draft: MUST NOT), and a crash takes the body back.

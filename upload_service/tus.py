@@ -258,14 +258,18 @@ def parse_checksum(text: str | None) -> tuple[str, bytes] | None:
     return algorithm, digest
 
 
+# RFC 9651 §3.1.2 parameters: `;key` or `;key=bare-item` (integer, decimal, string, token, bytes, boolean).
+SF_KEY = r"[a-z*][a-z0-9_.*-]*"
+SF_BARE_ITEM = r'(?:-?[0-9]{1,15}(?:\.[0-9]{1,3})?|"(?:[ !#-\[\]-~]|\\["\\])*"|[A-Za-z*][!#$%&\'*+.^_`|~0-9A-Za-z:/-]*|:[A-Za-z0-9+/=]*:|\?[01])'
+SF_BOOLEAN_RE = re.compile(rf"\?([01])(?:; *{SF_KEY}(?:={SF_BARE_ITEM})?)*")
+
+
 def parse_boolean(text: str | None, name: str) -> bool:
-    """A structured-field boolean (RFC 8941): `?1` or `?0`, its parameters (`;name=value`) ignored."""
-    value = (text or "").partition(";")[0].strip()
-    if value == "?1":
-        return True
-    if value == "?0":
-        return False
-    raise InvalidHeader(f"{name} must be ?1 or ?0")
+    """A structured-field boolean (RFC 9651): `?1` or `?0`, its parameters (`;key=value`) checked, then ignored."""
+    match = SF_BOOLEAN_RE.fullmatch((text or "").strip(" "))
+    if match is None:
+        raise InvalidHeader(f"{name} must be ?1 or ?0")
+    return match[1] == "1"
 
 
 def format_boolean(value: bool) -> bytes:
