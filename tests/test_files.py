@@ -829,6 +829,13 @@ async def test_delete_of_a_multipart_file_leaves_nothing(backend, backend_client
     backend.assert_nothing_stored()
 
 
+async def test_of_deletes_at_once_one_is_204(backend_client, backend):
+    record = await upload(backend_client)
+    replies = await asyncio.gather(*(backend_client.delete(f"/files/{record['id']}") for _ in range(8)))
+    assert sorted(reply.status_code for reply in replies) == [204] + [404] * 7
+    backend.assert_nothing_stored()
+
+
 async def test_delete_then_404(backend_client, backend):
     record = await upload(backend_client)
     url = f"/files/{record['id']}"

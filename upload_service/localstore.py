@@ -282,10 +282,13 @@ class LocalStore(Store):
         return await asyncio.to_thread(self._delete, file_id)
 
     def _delete(self, file_id: str) -> bool:
-        # The record first: a lister that still sees the file finds no record and skips it.
-        found = remove_quietly(self.sidecar_path(file_id))
-        found = remove_quietly(self.upload_dir / file_id) or found
-        return found
+        # The record first: a lister that still sees the file finds no record and skips it. Its
+        # removal decides, so of two DELETEs at once one gets 204 (a file left without a record
+        # by a crash is the startup sweep's).
+        if not remove_quietly(self.sidecar_path(file_id)):
+            return False
+        remove_quietly(self.upload_dir / file_id)
+        return True
 
     async def health(self) -> dict[str, Any]:
         return await asyncio.to_thread(self._health)
