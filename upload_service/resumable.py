@@ -44,7 +44,7 @@ from upload_service.asgi import (
     send_error,
     utf8_header,
 )
-from upload_service.body import BodyProgress, Interrupt, has_bytes, read_body
+from upload_service.body import BodyProgress, has_bytes
 from upload_service.dialects import Dialect, completes, protocol_headers
 from upload_service.errors import (
     ClientGone,
@@ -63,6 +63,7 @@ from upload_service.forms import utc_now
 from upload_service.framing import clean_content_type, clean_filename
 from upload_service.metrics import is_server_fault, log_outcome, outcome_of
 from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
+from upload_service.writers import Writers
 
 if TYPE_CHECKING:
     from upload_asgi import UploadApp
@@ -75,11 +76,6 @@ SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, w
 # A HEAD of a complete upload another request holds waits this long for it to be stored.
 FINISH_WAIT_SECONDS = 2.0
 FINISH_POLL_SECONDS = 0.05
-# A PATCH or DELETE of an upload another request writes asks that one to stop and waits this
-# long for it (polling); the holder checks for a request from another worker this often.
-TAKEOVER_WAIT_SECONDS = 5.0
-TAKEOVER_POLL_SECONDS = 0.2
-STOP_CHECK_SECONDS = 1.0
 
 
 def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
@@ -107,7 +103,7 @@ class ResumableHandlers:
         self.store = store
         self.files = files  # a stored file (a finished upload) is served and deleted by it
         self._last_sweep = float("-inf")
-        self._writing: dict[str, Interrupt] = {}  # upload id -> the body read of its PATCH in this process
+        self.writers = Writers(store)  # one writer per upload, and taking an upload over
 
     @property
     def config(self):
@@ -470,7 +466,7 @@ class ResumableHandlers:
 
     async def acquire(self, file_id: str, dialect: Dialect, offset: int, progress: BodyProgress) -> ResumableUpload:
         """Hold the upload for this request, or say why not (busy, complete, unknown)."""
-        upload = await self.take_over(file_id)
+        upload = await self.writers.take_over(file_id)
         if upload is not None:
             return upload
         try:
@@ -490,24 +486,6 @@ class ResumableHandlers:
         if progress.complete:
             raise tus.Problem(410, "completed-upload", detail)
         raise tus.inconsistent_length(detail)
-
-    async def take_over(self, file_id: str) -> ResumableUpload | None:
-        """Hold the upload (None if there is none). If another request writes it, most often a
-        PATCH whose client lost its connection unseen and came back, ask that one to stop: it
-        keeps what it got and lets go (as tusd does). 423 if it does not within a few seconds
-        (it is storing the file, or on S3 it is another server's)."""
-        deadline = time.monotonic() + TAKEOVER_WAIT_SECONDS
-        while True:
-            try:
-                return await run_blocking(self.store.acquire, file_id)
-            except UploadBusy:
-                if time.monotonic() >= deadline:
-                    raise UploadLocked(f"upload {file_id} is being written by another request; retry later") from None
-            if (writer := self._writing.get(file_id)) is not None:
-                writer.request()
-            else:
-                await run_blocking(self.store.ask_to_stop, file_id)
-            await asyncio.sleep(TAKEOVER_POLL_SECONDS)
 
     def declare_length(self, info: UploadInfo, length: int, dialect: Dialect) -> bool:
         """tus creation-defer-length (or the draft's Upload-Length): a PATCH names the length once.
@@ -549,7 +527,8 @@ class ResumableHandlers:
         self.app.metrics.in_flight += 1
         try:
             try:
-                await self.read_appended(receive, upload, consumer, progress, min(limit, config.max_request_size))
+                await self.writers.read_body(receive, upload, consumer, progress, min(limit, config.max_request_size),
+                                             config.idle_timeout, config.min_rate)
                 await consumer.flush()
             except (ClientGone, RequestTimeout, UploadInterrupted, asyncio.CancelledError):
                 # What arrived before the client left, or another request took over, or the server
@@ -576,22 +555,6 @@ class ResumableHandlers:
         finally:
             self.app.metrics.in_flight -= 1
             self.count_rehash(upload)
-
-    async def read_appended(
-        self, receive: Receive, upload: ResumableUpload, consumer: AppendBody, progress: BodyProgress, limit: int
-    ) -> None:
-        """Read the body onto the upload until it ends, or another request asks for the upload
-        (`take_over`: in this process directly, from another through the store)."""
-        interrupt = Interrupt()
-        file_id = upload.info.id
-        self._writing[file_id] = interrupt
-        interrupt.watch(upload.stop_asked, STOP_CHECK_SECONDS)
-        try:
-            await read_body(receive, consumer, progress, limit, self.config.idle_timeout, self.config.min_rate, interrupt)
-        finally:
-            interrupt.unwatch()
-            if self._writing.get(file_id) is interrupt:
-                del self._writing[file_id]
 
     async def keep(self, upload: ResumableUpload, outcome: Outcome) -> None:
         """Keep this request's bytes, however it ended; the upload expires UPLOAD_RESUMABLE_EXPIRY from now."""
@@ -645,7 +608,7 @@ class ResumableHandlers:
         self.check_writer(scope, dialect)
         if has_preconditions(scope):  # as for a stored file; an upload under way has no entity tag yet
             check_preconditions(scope, None, None)
-        upload = await self.take_over(file_id)
+        upload = await self.writers.take_over(file_id)
         if upload is None:  # finished or terminated meanwhile
             await self.files.handle_delete(scope, receive, send, file_id=file_id, headers=protocol_headers(scope))
             return
