@@ -1,7 +1,8 @@
 """Two gaps of hypercorn 0.18 that lifespan startup closes.
 
-A startup failure that a middleware cannot swallow: hypercorn 0.18's `DispatcherMiddleware` forwards lifespan to every mounted app but
-drops `lifespan.startup.failed` (it acts on the two `complete` messages only): a bad
+A startup failure that a middleware cannot swallow: hypercorn 0.18's
+`DispatcherMiddleware` forwards lifespan to every mounted app but drops
+`lifespan.startup.failed` (it acts on the two `complete` messages only): a bad
 setting then left the server waiting its `startup_timeout` (60 s) and ending in
 `LifespanTimeoutError`, without the reason. hypercorn's own lifespan raises
 `LifespanFailureError` from inside `send` when it gets the message; when `send`

@@ -390,13 +390,14 @@ def prepare_upload_dir(upload_dir: Path) -> Path:
 def check_commits_work(upload_dir: Path, partial_dir: Path) -> None:
     """Raise (at startup, not at every upload) unless a file can be created in `.partial/` and
     renamed into the upload dir: a dir left read-only for this user, `.partial/` on another file system."""
-    probe = f"{partial_dir}/{new_file_id()}"
+    name = new_file_id()
+    probe, moved = f"{partial_dir}/{name}", f"{upload_dir}/{name}"
     os.close(create_locked(probe))
     try:
-        os.rename(probe, f"{upload_dir}/{Path(probe).name}")
+        os.rename(probe, moved)
     finally:
         remove_quietly(probe)
-    os.unlink(f"{upload_dir}/{Path(probe).name}")
+    os.unlink(moved)
 
 
 def held_by_nobody(path: str) -> int | None:
