@@ -108,7 +108,9 @@ def test_parse_size_is_binary(text, size):
     assert settings.parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "M", "1.5G", "-1", "10X", "10 G B", "ten", "1e9", "0x10"])
+@pytest.mark.parametrize(
+    "text", ["", "M", "1.5G", "-1", "10X", "10 G B", "ten", "1e9", "0x10", "1_000", "\uff11\uff10M", "\u0661K"]
+)
 def test_parse_size_refuses(text):
     with pytest.raises(ValueError):
         settings.parse_size(text)
@@ -125,9 +127,12 @@ BAD_VALUES = [
     pytest.param("UPLOAD_MAX_FILE_SIZE", "lots", id="file-word"),
     pytest.param("UPLOAD_MAX_FILE_SIZE", "0", id="file-zero"),
     pytest.param("UPLOAD_MAX_FILE_SIZE", "1.5G", id="file-fraction"),
+    pytest.param("UPLOAD_MAX_FILE_SIZE", "99999999999999T", id="file-past-2**63"),
     pytest.param("UPLOAD_MAX_REQUEST_SIZE", "-1", id="request-negative"),
     pytest.param("UPLOAD_MAX_FILES", "many", id="files-word"),
     pytest.param("UPLOAD_MAX_FILES", "0", id="files-zero"),
+    pytest.param("UPLOAD_MAX_FILES", "\uff15", id="files-fullwidth-digit"),
+    pytest.param("UPLOAD_MAX_FILES", "1_000", id="files-underscore"),
     pytest.param("UPLOAD_MAX_PARTS", "-3", id="parts-negative"),
     pytest.param("UPLOAD_MAX_FIELD_SIZE", "64Q", id="field-unit"),
     pytest.param("UPLOAD_TOKEN", "two words", id="token-space"),
@@ -139,6 +144,8 @@ BAD_VALUES = [
     pytest.param("UPLOAD_IDLE_TIMEOUT", "0", id="idle-zero"),
     pytest.param("UPLOAD_IDLE_TIMEOUT", "nan", id="idle-nan"),
     pytest.param("UPLOAD_IDLE_TIMEOUT", "inf", id="idle-inf"),
+    pytest.param("UPLOAD_IDLE_TIMEOUT", "1_0", id="idle-underscore"),
+    pytest.param("UPLOAD_IDLE_TIMEOUT", "\u0663", id="idle-arabic-digit"),
     pytest.param("UPLOAD_MAX_CONCURRENT", "0", id="concurrent-zero"),
     pytest.param("UPLOAD_MAX_CONCURRENT", "4.5", id="concurrent-fraction"),
     pytest.param("UPLOAD_MIN_RATE", "-1", id="rate-negative"),
@@ -146,6 +153,7 @@ BAD_VALUES = [
     pytest.param("UPLOAD_RESUMABLE_EXPIRY", "0", id="expiry-zero"),
     pytest.param("UPLOAD_RESUMABLE_EXPIRY", "a day", id="expiry-words"),
     pytest.param("UPLOAD_RESUMABLE_EXPIRY", "3651d", id="expiry-past-ten-years"),
+    pytest.param("UPLOAD_RESUMABLE_EXPIRY", "\uff11d", id="expiry-fullwidth-digit"),
     pytest.param("UPLOAD_RESUMABLE_EXPIRY", "100000000d", id="expiry-past-year-9999"),
     pytest.param("UPLOAD_CORS_ORIGINS", "example.com/upload", id="cors-not-an-origin"),
     pytest.param("UPLOAD_CORS_ORIGINS", "*, https://a.example", id="cors-star-and-more"),
@@ -203,6 +211,8 @@ def test_config_object_refuses_non_positive(setting, tmp_path):
         pytest.param("idle_timeout", "60", id="idle-string"),
         pytest.param("min_rate", -1, id="rate-negative"),
         pytest.param("min_rate", 0.5, id="rate-fraction"),
+        pytest.param("min_rate", 2**63, id="rate-past-2**63"),
+        pytest.param("max_file_size", 2**63, id="size-past-2**63"),
     ],
 )
 def test_config_object_refuses_what_the_environment_would(setting, value, tmp_path):

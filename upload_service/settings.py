@@ -48,9 +48,15 @@ DEFAULT_S3_SWEEP_AFTER = 24 * 3600.0  # a multipart upload older than this is a 
 
 # -- parsers (environment text -> value) -------------------------------------------
 
-SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE)
+# ASCII digits only: int() and float() also take "1_000" and other scripts' digits.
+SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE | re.ASCII)
 SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
-DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
+DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE | re.ASCII)
+COUNT_RE = re.compile(r"\s*\d+\s*", re.ASCII)
+SECONDS_RE = re.compile(r"\s*\d+(?:\.\d+)?\s*", re.ASCII)
+# The largest file offset (off_t): a size or count past it is a typo, and tus clients read
+# Tus-Max-Size as a signed 64-bit integer.
+MAX_WHOLE = 2**63 - 1
 DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -72,10 +78,9 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value != value or value == float("inf"):
+    if not SECONDS_RE.fullmatch(text) or not float(text) > 0:
         raise ValueError(f"{text!r} is not a positive number of seconds")
-    return value
+    return float(text)
 
 
 def parse_duration(text: str) -> float:
@@ -87,7 +92,9 @@ def parse_duration(text: str) -> float:
 
 
 def parse_count(text: str) -> int:
-    return int(text.strip())
+    if not COUNT_RE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
 
 
 def parse_dir(text: str) -> Path:
@@ -163,15 +170,15 @@ def as_whole(value: Any) -> int:
 
 def check_whole(value: Any) -> int:
     value = as_whole(value)
-    if value <= 0:
-        raise ValueError(f"must be positive, got {value!r}")
+    if not 0 < value <= MAX_WHOLE:
+        raise ValueError(f"must be from 1 to 2**63 - 1, got {value!r}")
     return value
 
 
 def check_rate(value: Any) -> int:
     value = as_whole(value)
-    if value < 0:
-        raise ValueError(f"must be 0 (off) or more, got {value!r}")
+    if not 0 <= value <= MAX_WHOLE:
+        raise ValueError(f"must be 0 (off) to 2**63 - 1, got {value!r}")
     return value
 
 
