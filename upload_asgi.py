@@ -32,8 +32,8 @@ Errors are {"error": code, "detail": text}:
     413 a limit passed                      415 not multipart/form-data
     416 a range outside the file            422 no file, or sha256 mismatch
     500 unexpected (logged)                 503 too many uploads at once
-    507 no space left on the device
-    502/503 the S3 store refused / is unreachable
+    507 no space left on the device (or the file too large for it)
+    502/503 the S3 store refused / the store is unreachable or read-only
     resumable: 409 offset mismatch or incomplete, 410 expired, 412 tus version,
     423 another request writes it, 460 checksum mismatch (README "Resumable uploads")
 

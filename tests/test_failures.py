@@ -549,19 +549,25 @@ async def test_disk_full_in_a_file_of_many_blocks_writes_nothing_after_the_faile
 
 
 @pytest.mark.parametrize(
-    "code",
-    # ETIMEDOUT: Python raises it as TimeoutError, which must not pass for the idle timeout (408).
-    [errno.EIO, errno.EACCES, errno.EROFS, errno.EFBIG, errno.ETIMEDOUT],
-    ids=errno.errorcode.get,
+    "code, status, error",
+    [
+        (errno.EIO, 500, "internal_error"),
+        # ETIMEDOUT: Python raises it as TimeoutError, which must not pass for the idle timeout (408).
+        (errno.ETIMEDOUT, 500, "internal_error"),
+        (errno.EFBIG, 507, "insufficient_storage"),  # `ulimit -f`, a file system's largest file
+        (errno.EROFS, 503, "storage_unavailable"),  # remounted read-only after errors
+        (errno.EACCES, 503, "storage_unavailable"),
+    ],
+    ids=lambda value: errno.errorcode.get(value) if isinstance(value, int) and value < 100 else None,
 )
-async def test_other_disk_errors_answer_500_without_details(config, upload_dir, monkeypatch, caplog, code):
+async def test_other_disk_errors_answer_without_details(config, upload_dir, monkeypatch, caplog, code, status, error):
     app = upload_asgi.create_app(replace(config, fsync=False))
     failing = FailingWrites(upload_dir, code, after=1000)
     monkeypatch.setattr(localstore.os, "write", failing)
     body = form_body([file_part(os.urandom(100 * KiB))])
     with caplog.at_level(logging.ERROR, logger="upload_asgi"):
         reply = await call_app(app, upload_scope(), chunks_of(body, 8192))
-    assert_error(reply, 500, "internal_error")
+    assert_error(reply, status, error)
     text = reply.body.decode()
     for secret in (str(upload_dir), "Traceback", "Errno", os.strerror(code), ".partial"):
         assert secret not in text

@@ -184,4 +184,8 @@ def as_upload_error(exc: BaseException, unexpected: str = "the server failed to 
         return MalformedBody(str(exc))
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return InsufficientStorage("no space left on the upload device")
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:  # the file system's or `ulimit -f`'s limit
+        return InsufficientStorage("the file is larger than the upload device can hold")
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES):  # a remount, a chmod: retry later
+        return StorageUnavailable("the upload dir cannot be written")
     return InternalError(unexpected)
