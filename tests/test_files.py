@@ -470,6 +470,21 @@ async def test_several_or_unreadable_ranges_get_the_whole_file(backend_client, r
     assert "content-range" not in reply.headers
 
 
+async def test_two_range_or_if_range_lines_get_the_whole_file(backend_client):
+    """RFC 9110 §5.3: two lines of a header that is not a list are not one value we can read
+    (a proxy in front may have read either): the whole file, not the first line's range."""
+    record = await upload(backend_client)
+    url = f"/files/{record['id']}"
+    etag = f'"{record["sha256"]}"'
+    for headers in (
+        [("range", "bytes=0-9"), ("range", "bytes=10-19")],
+        [("range", "bytes=0-9"), ("if-range", etag), ("if-range", etag)],
+    ):
+        reply = check(await backend_client.get(url, headers=headers))
+        assert reply.status_code == 200 and reply.content == DATA, headers
+        assert "content-range" not in reply.headers
+
+
 @pytest.mark.parametrize("range_header", [f"bytes={len(DATA)}-", "bytes=999999-1000000", "bytes=-0"])
 async def test_unsatisfiable_range_is_416(backend_client, range_header):
     record = await upload(backend_client)

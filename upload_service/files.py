@@ -436,9 +436,11 @@ async def send_stored(
         await send({"type": "http.response.body", "body": b""})
         return
     byte_range = None
-    # RFC 9110 §14.2: range handling is defined for GET only (a HEAD ignores Range).
-    if scope["method"] == "GET" and if_range_allows(header(scope, b"if-range"), etag, modified):
-        byte_range = parse_range(header(scope, b"range"), stored.size)
+    # RFC 9110 §14.2: range handling is defined for GET only (a HEAD ignores Range). Each
+    # header's lines are read joined, so two lines (a proxy may read either) are not understood
+    # and the whole file is sent.
+    if scope["method"] == "GET" and if_range_allows(list_header(scope, b"if-range"), etag, modified):
+        byte_range = parse_range(list_header(scope, b"range"), stored.size)
     start, stop = byte_range or (0, stored.size)
     headers += [
         (b"content-type", served_type(record.get("content_type"))),
