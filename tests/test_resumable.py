@@ -994,6 +994,53 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, v
     assert reply.headers["upload-offset"] == str(len(data)) and reply.headers["etag"] == f'"{sha(data)}"'
 
 
+async def test_interop_3_as_apples_urlsession_speaks_it(client: httpx.AsyncClient, backend: Any) -> None:
+    """Draft -01 (interop 3; URLSession since iOS 17 and macOS 14): `Upload-Incomplete`, the
+    inverse of Upload-Complete, and a PATCH without it is the last (as tusd takes it)."""
+    data = payload(200_000)
+    reply = await client.post("/files", content=data, headers=draft("3", Upload_Incomplete="?0"))
+    assert reply.status_code == 201, reply.text
+    assert reply.headers["upload-draft-interop-version"] == "3"
+    assert reply.headers["upload-incomplete"] == "?0" and "upload-complete" not in reply.headers
+    backend.assert_stored(reply.json(), data)
+    # Cut after its first bytes, resumed after a HEAD.
+    reply = await client.post("/files", content=data[:1000], headers=draft("3", Upload_Incomplete="?1"))
+    assert reply.status_code == 201 and reply.headers["upload-incomplete"] == "?1"
+    location = reply.headers["location"]
+    head = await client.head(location, headers=draft("3"))
+    assert (head.status_code, head.headers["upload-offset"], head.headers["upload-incomplete"]) == (204, "1000", "?1")
+    assert head.headers["cache-control"] == "no-store"
+    reply = await client.patch(location, content=data[1000:5000], headers=draft("3", Upload_Offset="1000", Upload_Incomplete="?1"))
+    assert (reply.status_code, reply.headers["upload-offset"], reply.headers["upload-incomplete"]) == (204, "5000", "?1")
+    conflict = await client.patch(location, content=b"x", headers=draft("3", Upload_Offset="10"))
+    check_problem(conflict, 409, "mismatching-upload-offset", "3")
+    assert conflict.headers["upload-offset"] == "5000"
+    check_error(await client.patch(location, content=b"x", headers=draft("3", Upload_Offset="5000", Upload_Incomplete="no")),
+                400, "invalid_header")
+    # Neither Upload-Incomplete nor a Content-Type: the last bytes.
+    reply = await client.patch(location, content=data[5000:], headers=draft("3", Upload_Offset="5000"))
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["upload-incomplete"] == "?0" and reply.headers["upload-offset"] == str(len(data))
+    backend.assert_stored(reply.json(), data)
+    head = await client.head(location, headers=draft("3"))
+    assert (head.status_code, head.headers["upload-incomplete"]) == (200, "?0")
+
+
+@pytest.mark.parametrize("version", ["4", "5"])
+async def test_interop_4_and_5_take_appends_of_any_media_type(client: httpx.AsyncClient, backend: Any, version: str) -> None:
+    """Drafts -02 and -03 named no media type for an append (tusd takes any)."""
+    data = payload(10_000)
+    reply = await client.post("/files", content=data[:100], headers=draft(version, Upload_Complete="?0"))
+    assert (reply.status_code, reply.headers["upload-complete"]) == (201, "?0")
+    location = reply.headers["location"]
+    append = draft(version, Upload_Offset="100", Upload_Complete="?0", Content_Type="application/octet-stream")
+    reply = await client.patch(location, content=data[100:5000], headers=append)
+    assert (reply.status_code, reply.headers["upload-offset"]) == (204, "5000")
+    reply = await client.patch(location, content=data[5000:], headers=draft(version, Upload_Offset="5000", Upload_Complete="?1"))
+    assert (reply.status_code, reply.headers["upload-complete"]) == (200, "?1"), reply.text
+    backend.assert_stored(reply.json(), data)
+
+
 async def test_draft_offset_never_goes_back(client: httpx.AsyncClient, backend: Any) -> None:
     """A HEAD while a PATCH streams a body that is then refused (it passes the length) said no
     more than the offset after the refusal (the draft: the offset MUST NOT decrease)."""
@@ -1238,7 +1285,7 @@ async def test_draft_refusals(client: httpx.AsyncClient, backend: Any) -> None:
     assert reply.headers["upload-draft-interop-version"] == "8"
     backend.assert_nothing_stored()
     # An interop version we do not speak is tus, which wants its own header.
-    check_error(await client.post("/files", headers={"Upload-Draft-Interop-Version": "5", "Upload-Complete": "?1"}),
+    check_error(await client.post("/files", headers={"Upload-Draft-Interop-Version": "7", "Upload-Complete": "?1"}),
                 412, "unsupported_version")
 
 

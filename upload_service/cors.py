@@ -33,7 +33,7 @@ ALLOW_HEADERS = b", ".join([
     b"Tus-Resumable", b"Upload-Length", b"Upload-Offset", b"Upload-Metadata", b"Upload-Checksum",
     b"Upload-Defer-Length", b"Upload-Concat",
     # IETF resumable uploads draft, digests (RFC 9530)
-    b"Upload-Complete", b"Upload-Draft-Interop-Version", b"Repr-Digest", b"Content-Digest",
+    b"Upload-Complete", b"Upload-Incomplete", b"Upload-Draft-Interop-Version", b"Repr-Digest", b"Content-Digest",
     b"Want-Repr-Digest",
     # downloads
     b"Range", b"If-None-Match", b"If-Match", b"If-Modified-Since", b"If-Unmodified-Since", b"If-Range",
@@ -43,7 +43,7 @@ EXPOSE_HEADERS = b", ".join([
     b"Content-Length", b"Link", b"Retry-After", b"WWW-Authenticate",
     b"Tus-Resumable", b"Tus-Version", b"Tus-Extension", b"Tus-Max-Size", b"Tus-Checksum-Algorithm",
     b"Upload-Offset", b"Upload-Length", b"Upload-Expires", b"Upload-Metadata", b"Upload-Defer-Length",
-    b"Upload-Concat", b"Upload-Complete", b"Upload-Draft-Interop-Version", b"Upload-Limit",
+    b"Upload-Concat", b"Upload-Complete", b"Upload-Incomplete", b"Upload-Draft-Interop-Version", b"Upload-Limit",
     b"Repr-Digest", b"Content-Digest", b"Accept-Patch",
 ])
 # How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).

@@ -36,9 +36,35 @@ class Dialect:
     @property
     def completes_at_length(self) -> bool:
         """Whether an upload whose offset reaches its length is complete: in tus, and in interop
-        version 6 as tusd does it (tus-js-client's draft mode, which sends version 6, says ?0 on
-        a stream's last PATCH). Version 8 waits for Upload-Complete ?1, as the draft says."""
-        return self.draft in (None, "6")
+        versions 3 to 6 as tusd does it (tus-js-client's draft mode, which sends version 6, says ?0
+        on a stream's last PATCH). Version 8 waits for Upload-Complete ?1, as the draft says."""
+        return self.draft != "8"
+
+    @property
+    def append_media_type(self) -> str | None:
+        """The media type a PATCH body must have; None: any (interop versions 3 to 5 named none)."""
+        if self.draft is None:
+            return tus.TUS_CONTENT_TYPE
+        return tus.DRAFT_CONTENT_TYPE if self.draft in ("6", "8") else None
+
+    def will_complete(self, scope: Scope, appending: bool) -> bool | None:
+        """Whether the draft's client says this request ends the upload (None: tus, which does not say).
+
+        Interop version 3 (draft -01, Apple's URLSession since iOS 17) says the opposite,
+        `Upload-Incomplete`, and a PATCH without it is the last.
+        """
+        if self.draft is None:
+            return None
+        if self.draft == "3":
+            text = list_header(scope, b"upload-incomplete")
+            return True if text is None and appending else not tus.parse_boolean(text, "Upload-Incomplete")
+        return tus.parse_boolean(list_header(scope, b"upload-complete"), "Upload-Complete")
+
+    def completeness(self, complete: bool) -> tuple[bytes, bytes]:
+        """The draft's header saying whether the upload is complete, in this version's words."""
+        if self.draft == "3":
+            return b"upload-incomplete", tus.format_boolean(not complete)
+        return b"upload-complete", tus.format_boolean(complete)
 
     def headers(self) -> Headers:
         if self.draft is not None:

@@ -264,7 +264,7 @@ class ResumableHandlers:
                 raise UnsupportedMediaType(f"a creation request's body must be {tus.TUS_CONTENT_TYPE}")
             will_complete = None
         else:
-            length, metadata, will_complete = self.draft_creation(scope)
+            length, metadata, will_complete = self.draft_creation(scope, dialect)
             with_upload = True
         sha256 = tus.declared_sha256(metadata, repr_digest)
         await self.app.ask_before_upload(scope)
@@ -280,7 +280,7 @@ class ResumableHandlers:
                 if upload.info.length is None:
                     upload.info.length = 0
                 if not upload.info.complete:
-                    raise tus.inconsistent_length(f"Upload-Complete ?1 with no body, Upload-Length {upload.info.length}")
+                    raise tus.inconsistent_length(f"said complete with no body, Upload-Length {upload.info.length}")
             if completes(upload.info, will_complete, dialect):
                 await self.finish(scope, upload, outcome, dialect)
         except BaseException:
@@ -312,8 +312,8 @@ class ResumableHandlers:
         with_upload = tus.media_type_of(header(scope, b"content-type")) == tus.TUS_CONTENT_TYPE
         return length, metadata, with_upload
 
-    def draft_creation(self, scope: Scope) -> tuple[int | None, dict[str, str], bool]:
-        will_complete = tus.parse_boolean(list_header(scope, b"upload-complete"), "Upload-Complete")
+    def draft_creation(self, scope: Scope, dialect: Dialect) -> tuple[int | None, dict[str, str], bool | None]:
+        will_complete = dialect.will_complete(scope, appending=False)
         length_text = list_header(scope, b"upload-length")
         length = None if length_text is None else tus.parse_number(length_text, "Upload-Length")
         body_length = declared_length(scope)
@@ -374,7 +374,7 @@ class ResumableHandlers:
         headers = [*dialect.headers(), (b"cache-control", b"no-store")]
         headers += [(b"upload-offset", size), (b"upload-length", size)]
         if dialect.draft is not None:
-            headers.append((b"upload-complete", b"?1"))
+            headers.append(dialect.completeness(True))
             headers.append((b"upload-limit", self.format_upload_limit(dialect.draft)))  # the draft: a HEAD MUST
         elif metadata := tus.stored_metadata(record.get("filename"), record.get("content_type"), record.get("description")):
             # tus: a HEAD MUST say the upload's metadata; what the record kept of it
@@ -419,12 +419,10 @@ class ResumableHandlers:
     ) -> None:
         self.check_writer(scope, dialect)
         media_type = tus.media_type_of(header(scope, b"content-type"))
-        wanted = tus.TUS_CONTENT_TYPE if dialect.draft is None else tus.DRAFT_CONTENT_TYPE
-        if media_type != wanted:
+        wanted = dialect.append_media_type
+        if wanted is not None and media_type != wanted:
             raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {media_type!r}")
-        will_complete = None
-        if dialect.draft is not None:
-            will_complete = tus.parse_boolean(list_header(scope, b"upload-complete"), "Upload-Complete")
+        will_complete = dialect.will_complete(scope, appending=True)
         offset = tus.parse_number(list_header(scope, b"upload-offset"), "Upload-Offset")
         new_length = list_header(scope, b"upload-length")
         if not progress.complete and declared_length(scope) == 0 and await has_bytes(receive, progress):
@@ -478,7 +476,7 @@ class ResumableHandlers:
             error = tus.UploadComplete(detail, offset=record["size"])
             error.headers = ((b"upload-offset", str(record["size"]).encode()),)
             raise error
-        if dialect.draft == "6":  # drafts -04/-05: any append, but an empty one at its end
+        if dialect.completes_at_length:  # versions 3 to 6: any append, but an empty one at its end
             if progress.complete and offset == record["size"]:
                 raise StoredAtLength(record)
             raise tus.Problem(400, "completed-upload", detail)
@@ -517,7 +515,7 @@ class ResumableHandlers:
         if will_complete and info.length is not None and body_length is not None \
                 and info.offset + body_length != info.length:
             raise tus.inconsistent_length(
-                f"Upload-Complete ?1 with {body_length} bytes at offset {info.offset} of {info.length}")
+                f"said complete with {body_length} bytes at offset {info.offset} of {info.length}")
         checksum = tus.parse_checksum(list_header(scope, b"upload-checksum")) if dialect.draft is None else None
         # A body that may yet be refused whole (a checksum; no length, so it may pass the
         # limit) is marked durably: meanwhile a HEAD says the offset before it, so the offset
@@ -546,7 +544,7 @@ class ResumableHandlers:
             if will_complete and info.length is None:
                 info.length = info.offset
             if will_complete and not info.complete:
-                raise tus.inconsistent_length(f"Upload-Complete ?1 at offset {info.offset} of {info.length}")
+                raise tus.inconsistent_length(f"said complete at offset {info.offset} of {info.length}")
             await self.keep(upload, outcome)
         except BaseException:
             await consumer.settle()
@@ -577,7 +575,7 @@ class ResumableHandlers:
             if dialect.draft is None:
                 raise tus.DigestMismatch(detail, sha256=sha256)
             problem = tus.Problem(422, "digest-mismatched-values", detail, sha256=sha256)  # SPEC §10: 422
-            problem.headers = ((b"upload-complete", b"?1"),)  # the draft: an answer about the whole file
+            problem.headers = (dialect.completeness(True),)  # the draft: an answer about the whole file
             raise problem
         record = record_of(info, info.offset, sha256)
         await run_blocking(upload.finish, record)
@@ -644,7 +642,7 @@ class ResumableHandlers:
         elif dialect.draft is None:
             headers.append((b"upload-defer-length", b"1"))
         if dialect.draft is not None:
-            headers.append((b"upload-complete", tus.format_boolean(stored)))
+            headers.append(dialect.completeness(stored))
             headers.append((b"upload-limit", self.format_upload_limit(dialect.draft, info.expires - time.time())))
         elif not info.complete:
             headers.append((b"upload-expires", tus.format_expires(info.expires).encode()))

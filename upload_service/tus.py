@@ -2,10 +2,11 @@
 
 Pure functions and the errors they raise, no ASGI: `resumable.py` drives them.
 tus 1.0.0: https://tus.io/protocols/resumable-upload. The IETF draft:
-draft-ietf-httpbis-resumable-upload (interop versions 6, from drafts -04/-05, and
-8, the latest this server speaks); both use `Upload-Offset`, `Upload-Complete` as a
-structured boolean, `Upload-Length`, `Upload-Limit`, `application/partial-upload`
-for appends and RFC 9457 problem details on a mismatch.
+draft-ietf-httpbis-resumable-upload (interop versions 3 to 6, from drafts -01 to -05,
+and 8, the latest this server speaks); all use `Upload-Offset`, `Upload-Complete` as a
+structured boolean (version 3: `Upload-Incomplete`), `Upload-Length`, `Upload-Limit`,
+`application/partial-upload` for appends (from version 6) and RFC 9457 problem details on
+a mismatch.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from upload_service.storage import DECLARED_SHA256_RE
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")  # Upload-Checksum: what hashlib does without a second thought
-DRAFT_VERSIONS = ("6", "8")
+# Interop versions: 3 is draft -01, 4 and 5 are -02 and -03, 6 is -04/-05, 8 is -06 on
+# (what differs between them: dialects.Dialect).
+DRAFT_VERSIONS = ("3", "4", "5", "6", "8")
 TUS_CONTENT_TYPE = "application/offset+octet-stream"
 DRAFT_CONTENT_TYPE = "application/partial-upload"
 PROBLEM_BASE = "https://iana.org/assignments/http-problem-types#"
@@ -291,12 +294,13 @@ def format_expires(timestamp: float) -> str:
 
 def format_limit(draft: str, max_size: int, max_append: int | None = None, expires_in: float | None = None) -> str:
     """Upload-Limit, a structured dictionary of the server's limits: the seconds an upload has
-    left are `expires` in interop version 6 (drafts -04/-05), `max-age` since."""
+    left are `expires` up to interop version 6 (drafts -04/-05; earlier ones had no such header,
+    tusd sends it anyway), `max-age` since."""
     limit = f"max-size={max_size}"
     if max_append is not None:
         limit += f", max-append-size={max_append}"
     if expires_in is not None:
-        limit += f", {'expires' if draft == '6' else 'max-age'}={max(0, int(expires_in))}"
+        limit += f", {'max-age' if draft == '8' else 'expires'}={max(0, int(expires_in))}"
     return limit
 
 
