@@ -52,12 +52,12 @@ DEFAULT_S3_SWEEP_AFTER = 24 * 3600.0  # a multipart upload older than this is a 
 SIZE_RE = re.compile(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", re.IGNORECASE | re.ASCII)
 SIZE_UNITS = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}
 DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE | re.ASCII)
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 COUNT_RE = re.compile(r"\s*\d+\s*", re.ASCII)
 SECONDS_RE = re.compile(r"\s*\d+(?:\.\d+)?\s*", re.ASCII)
 # The largest file offset (off_t): a size or count past it is a typo, and tus clients read
 # Tus-Max-Size as a signed 64-bit integer.
 MAX_WHOLE = 2**63 - 1
-DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_size(text: str) -> int:
