@@ -175,6 +175,32 @@ def test_store_sweep(rstore: LocalResumableStore, upload_dir: Path) -> None:
     assert rstore.sweep(time.time()) == 1
 
 
+def test_a_sweep_between_creation_and_its_lock_does_not_lose_the_upload(
+    rstore: LocalResumableStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep (another worker's, or this one's thread) that finds a new data file before its
+    creator locked it takes it for a crash's leftover and removes it: the creator must notice
+    and start over, or its client gets 201 for an upload that is gone (404 on the next PATCH)."""
+    real_open = os.open
+    swept = []
+
+    def open_then_sweep(path: Any, flags: int, *args: Any) -> int:
+        fd = real_open(path, flags, *args)
+        if flags & os.O_EXCL and not swept:
+            swept.append(rstore.sweep(time.time()))
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_sweep)
+    upload = rstore.create(None, {}, time.time() + 60, None)
+    monkeypatch.undo()
+    assert swept == [1]
+    upload.append(b"kept")
+    upload.keep()
+    upload.release()
+    assert rstore.peek(upload.info.id).offset == 4
+    assert rstore.acquire(upload.info.id).info.offset == 4
+
+
 def test_store_sweep_decides_on_the_info_read_under_the_lock(
     rstore: LocalResumableStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

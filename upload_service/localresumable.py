@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from upload_service.localstore import RESUMABLE_DIR_NAME, held_by_nobody, remove_quietly, sync_dir, write_all, write_sidecar
+from upload_service.localstore import (
+    RESUMABLE_DIR_NAME, create_locked, held_by_nobody, remove_quietly, sync_dir, write_all, write_sidecar,
+)
 from upload_service.storage import (
     DigestCache,
     Record,
@@ -155,9 +157,10 @@ class LocalResumableStore(ResumableStore):
         # Made here, not at startup: a server that never sees a resumable upload has no such dir.
         self.resumable_dir.mkdir(parents=True, exist_ok=True)
         info = UploadInfo(new_file_id(), length, 0, dict(metadata), expires, sha256)
-        fd = os.open(self.data_path(info.id), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        # Locked before the info exists: a sweep that got there first takes it for a crash's
+        # leftover, and create_locked then starts over.
+        fd = create_locked(self.data_path(info.id), os.O_RDWR)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.write_info(info, None)
         except BaseException:
             os.close(fd)

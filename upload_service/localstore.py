@@ -340,13 +340,14 @@ def write_all(fd: int, data: bytes) -> None:
             written += os.write(fd, view[written:])
 
 
-def create_locked(path: str | Path) -> int:
+def create_locked(path: str | Path, access: int = os.O_WRONLY) -> int:
     """Create `path` and hold an exclusive flock on it while it is being written.
 
-    The lock tells a starting worker's sweep that the file is alive: a lock is
-    released when its process dies, so an unlocked partial file is stale.
+    The lock tells a sweep (a starting worker's, or the resumable uploads') that the
+    file is alive: a lock is released when its process dies, so an unlocked file
+    without its record or info is stale.
     """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         # Blocking: a sweep that opened the file before we locked it holds the lock only
         # to unlink it (LOCK_NB would fail this upload with EWOULDBLOCK).
@@ -358,7 +359,7 @@ def create_locked(path: str | Path) -> int:
         raise
     if removed:
         os.close(fd)
-        return create_locked(path)
+        return create_locked(path, access)
     return fd
 
 

@@ -72,7 +72,7 @@ logger = logging.getLogger("upload_asgi")
 
 Headers = list[tuple[bytes, bytes]]
 
-SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, when /files is used
+SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, when resumable requests come
 # A HEAD of a complete upload another request holds waits this long for it to be stored.
 FINISH_WAIT_SECONDS = 2.0
 FINISH_POLL_SECONDS = 0.05
