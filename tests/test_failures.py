@@ -551,14 +551,13 @@ async def test_disk_full_in_a_file_of_many_blocks_writes_nothing_after_the_faile
 @pytest.mark.parametrize(
     "code, status, error",
     [
-        (errno.EIO, 500, "internal_error"),
+        pytest.param(errno.EIO, 500, "internal_error", id="EIO"),
         # ETIMEDOUT: Python raises it as TimeoutError, which must not pass for the idle timeout (408).
-        (errno.ETIMEDOUT, 500, "internal_error"),
-        (errno.EFBIG, 507, "insufficient_storage"),  # `ulimit -f`, a file system's largest file
-        (errno.EROFS, 503, "storage_unavailable"),  # remounted read-only after errors
-        (errno.EACCES, 503, "storage_unavailable"),
+        pytest.param(errno.ETIMEDOUT, 500, "internal_error", id="ETIMEDOUT"),
+        pytest.param(errno.EFBIG, 507, "insufficient_storage", id="EFBIG"),  # `ulimit -f`, a file system's largest file
+        pytest.param(errno.EROFS, 503, "storage_unavailable", id="EROFS"),  # remounted read-only after errors
+        pytest.param(errno.EACCES, 503, "storage_unavailable", id="EACCES"),
     ],
-    ids=lambda value: errno.errorcode.get(value) if isinstance(value, int) and value < 100 else None,
 )
 async def test_other_disk_errors_answer_without_details(config, upload_dir, monkeypatch, caplog, code, status, error):
     app = upload_asgi.create_app(replace(config, fsync=False))
