@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import logging
@@ -1196,7 +1197,7 @@ async def test_a_failed_head_or_delete_is_not_logged_as_an_upload(
     store = backend_app.prepare()
 
     async def broken_call(file_id: str) -> None:
-        raise PermissionError(13, "Permission denied")
+        raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(store, broken, broken_call)
     reply = check(await backend_client.request(method, f"/files/{record['id']}"))

@@ -187,5 +187,5 @@ def as_upload_error(exc: BaseException, unexpected: str = "the server failed to 
     if isinstance(exc, OSError) and exc.errno == errno.EFBIG:  # the file system's or `ulimit -f`'s limit
         return InsufficientStorage("the file is larger than the upload device can hold")
     if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES):  # a remount, a chmod: retry later
-        return StorageUnavailable("the upload dir cannot be written")
+        return StorageUnavailable("the upload dir is read-only or this server may not use it")
     return InternalError(unexpected)
