@@ -1,6 +1,6 @@
 """Which resumable protocol a request speaks (tus 1.0.0 or the IETF draft's interop version),
-and the choices that differ between them: the headers every answer carries, when an upload
-is complete, tus' method override.
+and the choices that differ between them: the headers every answer carries, how a client says
+an upload is complete and when it is, an append's media type, tus' method override.
 """
 
 from __future__ import annotations
@@ -99,6 +99,6 @@ def method_override(scope: Scope, path: str) -> str | None:
 
 
 def completes(info: UploadInfo, will_complete: bool | None, dialect: Dialect) -> bool:
-    """Whether this request ends the upload: Upload-Complete ?1, or its offset at its length
-    where that completes it (`Dialect.completes_at_length`)."""
+    """Whether this request ends the upload: its client says so (`Dialect.will_complete`), or its
+    offset is at its length where that completes it (`Dialect.completes_at_length`)."""
     return bool(will_complete) or (dialect.completes_at_length and info.complete)

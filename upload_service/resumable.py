@@ -343,8 +343,8 @@ class ResumableHandlers:
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
         dialect: Dialect, file_id: str,
     ) -> None:
-        if dialect.draft is None and list_header(scope, b"tus-resumable") is not None:
-            tus.check_tus_resumable(list_header(scope, b"tus-resumable"))
+        if dialect.draft is None and (version := list_header(scope, b"tus-resumable")) is not None:
+            tus.check_tus_resumable(version)
         self.files.check_read(scope)  # before the id is looked at: an expired upload is not a reader's to remove
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
@@ -650,8 +650,8 @@ class ResumableHandlers:
 
 
 class StoredAtLength(Exception):
-    """An empty append at the end of an upload that interop version 6 stored at its length:
-    its client's Upload-Complete ?1 (or a retry of it) is answered as the append that stored it."""
+    """An empty append at the end of an upload that interop versions 3 to 6 stored at its length:
+    its client's "complete" (or a retry of it) is answered as the append that stored it."""
 
     def __init__(self, record: Record) -> None:
         super().__init__(record["id"])
