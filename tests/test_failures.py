@@ -423,9 +423,11 @@ async def test_a_trickling_client_is_cut_off_below_the_minimum_rate(make_backend
 
 
 async def test_a_slow_client_above_the_minimum_rate_gets_through(make_backend_app, backend):
-    app = make_backend_app(idle_timeout=0.2, min_rate=1_000)
+    # An idle timeout of 1 s, not 0.2: the floor is checked after it, over the last ~0.7 s of the
+    # body; at 0.2 the first chunk was sometimes late for it under CI's load (a 408 after 0 bytes).
+    app = make_backend_app(idle_timeout=1.0, min_rate=1_000)
     data = os.urandom(8 * KiB)
-    body = form_body([file_part(data)])  # 5 KB/s against a floor of 1 KB/s
+    body = form_body([file_part(data)])  # 5 KB/s against a floor of 1 KB/s, ~1.7 s
     reply = Reply()
     send = reply.record
 
