@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -303,6 +304,33 @@ async def test_prepare_sweeps_at_startup(bucket: S3Backend, seaweedfs: SeaweedFS
 
 async def test_health(store: S3Store) -> None:
     assert await store.health() == {"storage": store.url}
+
+
+async def test_making_the_client_parses_no_model_file_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3's model files take ~0.1 s to parse: on the loop, every request in flight would wait."""
+    import botocore.loaders
+    from aiobotocore.session import get_session
+
+    from upload_service import s3client
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_CONFIG_FILE": os.devnull}.items():
+        monkeypatch.setenv(name, value)
+    session = get_session()
+    session.register_component("data_loader", botocore.loaders.create_loader())  # nothing cached yet
+    monkeypatch.setattr(s3client, "get_session", lambda: session)
+    parsed_on = []
+    parse = botocore.loaders.JSONFileLoader.load_file
+
+    def spy(self: Any, *args: Any) -> Any:
+        if (data := parse(self, *args)) is not None:  # None: no such file, only looked for
+            parsed_on.append(threading.get_ident())
+        return data
+
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", spy)
+    client = await s3client.open_client(f"http://127.0.0.1:{free_port()}", 4)
+    await client.close()
+    assert parsed_on, "botocore read no model file: the spy is in the wrong place"
+    assert threading.get_ident() not in parsed_on
 
 
 @pytest.mark.parametrize(

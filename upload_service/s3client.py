@@ -4,6 +4,7 @@ bodies sent without copies, and S3's errors said as ours (502 refused, 503 unrea
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import itertools
 import os
@@ -15,7 +16,9 @@ try:
     import aiohttp
     from aiobotocore.config import AioConfig
     from aiobotocore.session import get_session
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import (
+        BotoCoreError, ClientError, DataNotFoundError, NoCredentialsError, PartialCredentialsError,
+    )
 except ImportError as exc:  # pragma: no cover - the extra not installed
     raise ConfigError(
         f"UPLOAD_STORAGE: s3:// needs the S3 client: pip install 'upload-asgi[s3]' ({exc})"
@@ -49,8 +52,25 @@ async def open_client(endpoint_url: str | None, max_connections: int) -> Any:
         response_checksum_validation="when_required",
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    context = get_session().create_client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+    session = get_session()
+    # Parsing S3's model files takes ~0.1 s: on a thread, the loop goes on serving (a file's
+    # parse still holds the GIL up to ~20 ms); making the client then finds them parsed.
+    await asyncio.to_thread(load_s3_model, session)
+    context = session.create_client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
     return await context.__aenter__()
+
+
+def load_s3_model(session: Any) -> None:
+    """Load into the session's loader what making an S3 client reads from botocore's data files
+    (a file another botocore lacks is left to the client to look for)."""
+    loader = session.get_component("data_loader")
+    try:
+        loader.load_service_model("s3", "service-2")
+        loader.load_service_model("s3", "endpoint-rule-set-1")
+        for name in ("endpoints", "partitions", "sdk-default-configuration"):
+            loader.load_data(name)
+    except DataNotFoundError:
+        pass
 
 
 def error_code(exc: BaseException | None) -> str | None:
