@@ -107,14 +107,16 @@ def test_the_command_serves_an_upload(tmp_path, command):
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
         data = os.urandom(300_000)
+        # Paths as the README's nginx passes them on: whole, the prefix kept.
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            reply = client.post("/upload", files={"file": ("a.bin", data)})
+            reply = client.post("/files/upload", files={"file": ("a.bin", data)})
             assert reply.status_code == 201, reply.text
             record = reply.json()
-            assert "/files/upload" in client.get("/").text  # the page, built from --root-path
+            assert "/files/upload" in client.get("/files/").text  # the page, built from --root-path
             assert reply.headers["location"] == f"/files/files/{record['id']}"  # under the mount point
+            assert client.get(reply.headers["location"]).content == data
             assert record["sha256"] == hashlib.sha256(data).hexdigest()
-            assert 'upload_asgi_stored_files_total 1.0' in client.get("/metrics").text
+            assert 'upload_asgi_stored_files_total 1.0' in client.get("/files/metrics").text
         assert_stored(upload_dir, record, data)
     finally:
         os.kill(proc.pid, signal.SIGTERM)  # the exec'd hypercorn's main process

@@ -70,6 +70,32 @@ def test_an_upload_is_stored_and_served_back(served, upload_dir):
         assert part.status_code == 206 and part.content == data[100:200]
 
 
+@pytest.mark.parametrize(
+    "kind, prefix_option, proxy_strips",
+    [("hypercorn", "--root-path", False), ("uvicorn", "--root-path", True), ("granian", "--url-path-prefix", False)],
+)
+def test_behind_a_proxy_under_the_apps_own_prefix(kind, prefix_option, proxy_strips, upload_dir):
+    """The README's nginx under /files: hypercorn and granian take the path whole, uvicorn
+    stripped (it puts --root-path back in front); /files/<id> is then no longer ambiguous."""
+    data = os.urandom(100_000)
+
+    def forwarded(path):  # what nginx sends on for the client's path
+        return path.removeprefix("/files") if proxy_strips else path
+
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, kind=kind, args=[prefix_option, "/files"]) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            reply = client.post(forwarded("/files/upload"), files={"file": ("a.bin", data)})
+            assert reply.status_code == 201, reply.text
+            record = reply.json()
+            assert reply.headers["location"] == f"/files/files/{record['id']}"
+            assert client.get(forwarded(reply.headers["location"])).content == data
+            assert "/files/upload" in client.get(forwarded("/files/")).text  # the page
+            created = client.post(forwarded("/files/files"), headers={"tus-resumable": "1.0.0", "upload-length": "3"})
+            assert created.status_code == 201 and created.headers["location"].startswith("/files/files/")
+            head = client.head(forwarded(created.headers["location"]), headers={"tus-resumable": "1.0.0"})
+            assert head.status_code == 200 and head.headers["upload-offset"] == "0"
+
+
 @pytest.mark.parametrize("kind", ["hypercorn", "uvicorn", "granian"])
 def test_an_absolute_form_target_is_routed_by_its_path(kind, upload_dir):
     """RFC 9112 §3.2.2: a server MUST accept `POST http://host/upload` (hypercorn hands the app
