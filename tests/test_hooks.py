@@ -183,6 +183,62 @@ def test_a_refusal_needs_an_error_status(status):
         UploadRefused(status, "no")
 
 
+@pytest.mark.parametrize(
+    "header",
+    [("Content-Length", "3"), ("content-type", "text/html"), ("Transfer-Encoding", "chunked"),
+     ("Connection", "keep-alive"), ("X-A", "1\r\nSet-Cookie: a=b"), ("X-A", "nul\0"), ("bad name", "1"), ("", "1")],
+)
+def test_a_refusal_cannot_set_headers_that_frame_or_break_the_answer(header):
+    with pytest.raises(ValueError):
+        UploadRefused(429, "slow down", headers=[header])
+
+
+async def test_a_hook_refusing_with_a_framing_header_fails_as_a_500_with_one_length(make_backend_app, backend):
+    """Sent, a second Content-Length made hypercorn drop the answer and left uvicorn's client
+    reading 3 bytes of it."""
+
+    def refuse(scope, headers):
+        raise UploadRefused(429, "slow down", headers=[("Retry-After", "5"), ("Content-Length", "3")])
+
+    app = make_backend_app(before_upload=refuse)
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
+    assert reply.status == 500 and reply.json()["error"] == "internal_error"
+    [start] = [m for m in reply.messages if m["type"] == "http.response.start"]
+    assert [name.lower() for name, _ in start["headers"]].count(b"content-length") == 1
+    reply.check_length()
+    backend.assert_nothing_stored()
+
+
+async def test_a_refusal_says_a_detail_that_is_not_text_as_text(make_backend_app, backend):
+    def refuse(scope, headers):
+        raise UploadRefused(400, 42, code="bad")  # type: ignore[arg-type]
+
+    app = make_backend_app(before_upload=refuse)
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
+    assert reply.status == 400 and reply.json() == {"error": "bad", "detail": "42"}
+    assert app.metrics.outcomes == {"rejected": 1}
+
+
+async def test_a_hooks_own_cancelled_error_is_its_failure_not_a_disconnect(make_backend_app, backend):
+    """A hook that awaits something cancelled raises CancelledError while its request is not
+    being cancelled: a 500 like any failing hook (with the ids of what was stored)."""
+
+    async def awaits_a_cancelled_task(*args):
+        task = asyncio.ensure_future(asyncio.sleep(10))
+        task.cancel()
+        await task
+
+    app = make_backend_app(before_upload=awaits_a_cancelled_task)
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
+    assert reply.json() == {"error": "internal_error", "detail": "the server's before_upload hook failed"}
+    backend.assert_nothing_stored()
+    app = make_backend_app(on_upload=awaits_a_cancelled_task)
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"kept")])])
+    assert reply.status == 500 and reply.json()["ids"] == backend.stored_ids()
+    backend.assert_stored(backend.stored_record(reply.json()["ids"][0]), b"kept")
+    assert app.metrics.outcomes == {"failed": 1}
+
+
 # -- through hypercorn -----------------------------------------------------------------------
 
 

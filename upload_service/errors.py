@@ -7,6 +7,7 @@ door's `as_upload_error` turns them, and anything else, into an `UploadError`.
 from __future__ import annotations
 
 import errno
+import re
 from typing import Any, Iterable
 
 # Seconds a client told 503 waits before trying again.
@@ -140,10 +141,29 @@ class UploadRefused(UploadError):
     ) -> None:
         if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
             raise ValueError(f"a refusal needs a 4xx or 5xx status, not {status!r}")
-        super().__init__(detail)
+        super().__init__(str(detail))
         self.status = status
-        self.code = code
-        self.headers = tuple((as_latin1(k).lower(), as_latin1(v)) for k, v in headers)
+        self.code = str(code)
+        self.headers = tuple(refusal_header(name, value) for name, value in headers)
+
+
+# The app frames its JSON answer itself; these would contradict it (RFC 9110 §7.6.1, RFC 9112 §6).
+FRAMING_HEADERS = frozenset({
+    b"content-length", b"content-type", b"transfer-encoding", b"connection", b"keep-alive", b"te",
+    b"trailer", b"upgrade", b"proxy-connection",
+})
+HEADER_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_VALUE_RE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
+
+
+def refusal_header(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]:
+    """A header a refusal may add: a valid one, and none that frames the answer."""
+    name, value = as_latin1(name).lower(), as_latin1(value).strip(b" \t")
+    if not HEADER_NAME_RE.fullmatch(name) or not HEADER_VALUE_RE.fullmatch(value):
+        raise ValueError(f"a refusal's header must be a valid one, not {name!r}: {value!r}")
+    if name in FRAMING_HEADERS:
+        raise ValueError(f"a refusal cannot set {name.decode()}: the app frames its answer itself")
+    return name, value
 
 
 def as_latin1(text: str | bytes) -> bytes:

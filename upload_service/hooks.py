@@ -11,6 +11,7 @@ Either may be a plain function or a coroutine function.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from typing import Any, Callable
 
@@ -45,11 +46,22 @@ def takes_scope(callback: UploadCallback) -> bool:
     return positional >= 2
 
 
+class HookCancelled(Exception):
+    """A hook raised CancelledError while its request was not being cancelled (it awaited
+    something cancelled): the hook's failure, not the server letting go of the request."""
+
+
 async def call(callback: Callable[..., Any], *args: Any) -> None:
     """Call a hook, awaiting what it returns if that is awaitable."""
-    result = callback(*args)
-    if inspect.isawaitable(result):
-        await result
+    try:
+        result = callback(*args)
+        if inspect.isawaitable(result):
+            await result
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        raise HookCancelled(f"{callback!r} raised CancelledError") from exc
 
 
 async def before_upload(hook: BeforeUpload | None, scope: Scope) -> None:
