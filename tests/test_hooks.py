@@ -17,7 +17,6 @@ import support
 from support import (
     Reply,
     Server,
-    assert_nothing_stored,
     assert_stored,
     call_app,
     file_part,
