@@ -67,6 +67,23 @@ async def test_a_preflight_is_answered_with_the_methods_and_headers(cors_app, up
     assert not upload_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "requested, extra",
+    [
+        ("X-User, authorization", ", x-user"),  # a header of the host's own, for its hooks
+        ("x-b, X-A, x-b, upload-offset", ", x-b, x-a"),
+        ("x-a", ", x-a"),
+        ("x a, x-b", ""),  # not a list of header names: the routes' own only
+        ("x-a,,x-b", ""),
+        ("", ""),
+    ],
+)
+async def test_a_preflight_also_allows_the_other_headers_the_page_asks_for(cors_app, requested, extra):
+    reply = await call_app(cors_app, preflight("/upload", headers=requested))
+    assert reply.status == 204
+    assert reply.headers["access-control-allow-headers"] == ALLOW_HEADERS.decode() + extra
+
+
 async def test_a_preflight_from_another_origin_is_refused(cors_app, upload_dir):
     reply = await call_app(cors_app, preflight("/upload", origin="https://evil.example"))
     assert reply.status == 403
@@ -158,9 +175,9 @@ function body(bytes) {
   form.append("file", new Blob([new Uint8Array(bytes)], {type: "application/octet-stream"}), "from-page.bin");
   return form;
 }
-async function upload(base, token, bytes) {
+async function upload(base, token, bytes, extraHeaders = {}) {
   try {
-    const headers = token ? {Authorization: "Bearer " + token} : {};
+    const headers = token ? {Authorization: "Bearer " + token, ...extraHeaders} : extraHeaders;
     const r = await fetch(base + "/upload", {method: "POST", headers, body: body(bytes)});
     return {status: r.status, json: await r.json(), wwwAuthenticate: r.headers.get("WWW-Authenticate"),
             contentType: r.headers.get("Content-Type"), location: r.headers.get("Location")};
@@ -231,7 +248,10 @@ def test_a_page_on_another_origin_uploads_and_reads_the_answer(chromium, page_or
         page = open_page(chromium, page_origin)
         try:
             # Authorization makes it a preflighted request: OPTIONS first, then the POST.
-            done = page.evaluate("([base, bytes]) => upload(base, 's3cret', bytes)", [server.url, data])
+            # With a header of the host's own (for its hooks), which the preflight must allow.
+            done = page.evaluate(
+                "([base, bytes]) => upload(base, 's3cret', bytes, {'X-Host-User': 'ann'})", [server.url, data]
+            )
             xhr = page.evaluate("([base, bytes]) => xhrUpload(base, 's3cret', bytes)", [server.url, data])
             # Without the token: the 401 and its exposed WWW-Authenticate are readable from the page.
             refused = page.evaluate("([base, bytes]) => upload(base, '', bytes)", [server.url, [1, 2, 3]])

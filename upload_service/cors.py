@@ -5,7 +5,8 @@ app sends no CORS header at all and an OPTIONS request is routed like any other.
 
 - A preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`) is
   answered here, for every path of the app, with the methods and request headers
-  the upload, files and resumable (tus, IETF draft) routes use. A plain `OPTIONS`
+  the upload, files and resumable (tus, IETF draft) routes use, and any other header
+  the page asks to send (for the embedding app's hooks). A plain `OPTIONS`
   without `Access-Control-Request-Method` (tus's capability request) is not a
   preflight: it goes to the routes.
 - Every other answer to an allowed `Origin` carries `Access-Control-Allow-Origin`
@@ -18,10 +19,11 @@ No `Access-Control-Allow-Credentials`: uploads are authorized by a bearer token
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from upload_service.asgi import Scope, Send, header, send_error
+from upload_service.asgi import Scope, Send, header, list_header, send_error
 from upload_service.errors import UploadError
 
 ALLOW_METHODS = b"GET, HEAD, POST, PATCH, DELETE, OPTIONS"
@@ -46,9 +48,23 @@ EXPOSE_HEADERS = b", ".join([
     b"Upload-Concat", b"Upload-Complete", b"Upload-Incomplete", b"Upload-Draft-Interop-Version", b"Upload-Limit",
     b"Repr-Digest", b"Content-Digest", b"Accept-Patch",
 ])
+ALLOWED_NAMES = frozenset(name.strip().lower() for name in ALLOW_HEADERS.split(b","))
+# Access-Control-Request-Headers: a comma list of header names (Fetch standard).
+HEADER_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+REQUEST_HEADERS_RE = re.compile(rf"[ \t]*{HEADER_NAME}(?:[ \t]*,[ \t]*{HEADER_NAME})*[ \t]*")
 # How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).
 MAX_AGE_SECONDS = b"600"
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def allow_headers(scope: Scope) -> bytes:
+    """The headers the routes read, and any other the page asks to send: an embedding app's
+    hooks may read a header of its own. Without credentials the origin is what CORS checks."""
+    requested = list_header(scope, b"access-control-request-headers")
+    if requested is None or not REQUEST_HEADERS_RE.fullmatch(requested):
+        return ALLOW_HEADERS
+    names = dict.fromkeys(name.strip().lower().encode() for name in requested.split(","))
+    return b", ".join([ALLOW_HEADERS, *(name for name in names if name not in ALLOWED_NAMES)])
 
 
 class CorsRefused(UploadError):
@@ -121,7 +137,7 @@ class Cors:
         headers = [
             *self.origin_headers(origin),
             (b"access-control-allow-methods", ALLOW_METHODS),
-            (b"access-control-allow-headers", ALLOW_HEADERS),
+            (b"access-control-allow-headers", allow_headers(scope)),
             (b"access-control-max-age", MAX_AGE_SECONDS),
             (b"content-length", b"0"),
         ]
