@@ -90,6 +90,7 @@ def test_behind_a_proxy_under_the_apps_own_prefix(kind, prefix_option, proxy_str
             assert reply.headers["location"] == f"/files/files/{record['id']}"
             assert client.get(forwarded(reply.headers["location"])).content == data
             assert "/files/upload" in client.get(forwarded("/files/")).text  # the page
+            assert client.get(forwarded("/files/files")).json()["files"] == [record]  # the listing, not the page
             created = client.post(forwarded("/files/files"), headers={"tus-resumable": "1.0.0", "upload-length": "3"})
             assert created.status_code == 201 and created.headers["location"].startswith("/files/files/")
             head = client.head(forwarded(created.headers["location"]), headers={"tus-resumable": "1.0.0"})
