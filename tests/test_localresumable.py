@@ -100,6 +100,26 @@ def test_store_a_writer_in_another_process_is_asked_to_stop(rstore: LocalResumab
     assert resumable_files(upload_dir) == []
 
 
+@pytest.mark.parametrize("end", ["terminate", "finish"])
+def test_store_asking_a_holder_that_just_let_go_leaves_no_stop_file(
+    rstore: LocalResumableStore, upload_dir: Path, end: str
+) -> None:
+    """The race of two DELETEs (or a PATCH storing the file and a DELETE): the second found the
+    upload busy, and asks after the holder removed it and its stop file."""
+    upload = rstore.create(3, {}, time.time() + 60, None)
+    upload.append(b"abc")
+    elsewhere = LocalResumableStore(upload_dir, True)
+    with pytest.raises(UploadBusy):
+        elsewhere.acquire(upload.info.id)
+    if end == "terminate":
+        upload.terminate()
+    else:
+        upload.finish({"id": upload.info.id, "size": 3, "sha256": sha(b"abc")})
+    elsewhere.ask_to_stop(upload.info.id)
+    assert resumable_files(upload_dir) == []
+    assert elsewhere.acquire(upload.info.id) is None
+
+
 KILLED_IN_FINISH = """
 import os, sys, time
 from pathlib import Path

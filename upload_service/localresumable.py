@@ -200,11 +200,17 @@ class LocalResumableStore(ResumableStore):
         return LocalUpload(self, info, fd, self.digests.take(upload_id, info.offset))
 
     def ask_to_stop(self, upload_id: str) -> None:
-        if is_file_id(upload_id):
-            try:
-                os.close(os.open(self.stop_path(upload_id), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
-            except FileNotFoundError:  # no resumable dir: nothing to stop
-                pass
+        if not is_file_id(upload_id):
+            return
+        stop = self.stop_path(upload_id)
+        try:
+            os.close(os.open(stop, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+        except FileNotFoundError:  # no resumable dir: nothing to stop
+            return
+        # A holder that finished or terminated the upload just before removed its stop file
+        # already (after its data file): this one would stay behind until a sweep.
+        if not os.path.exists(self.data_path(upload_id)):
+            remove_quietly(stop)
 
     def peek(self, upload_id: str) -> UploadInfo | None:
         if not is_file_id(upload_id):
