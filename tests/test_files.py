@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from datetime import datetime, timezone
 from email.utils import format_datetime, parsedate_to_datetime
 from pathlib import Path
@@ -832,6 +833,37 @@ async def test_list_never_holds_more_than_a_page(upload_dir, monkeypatch):
         if cursor is None:
             break
     assert ids == [f"{i:032x}" for i in range(299, -1, -1)]
+
+
+async def test_listings_never_hold_back_downloads_deletes_health_or_resumable_uploads(client, monkeypatch):
+    """Slow scans (many stored files) run one at a time on a thread of their own: with more listings
+    at once than the default executor has threads, the rest still answers."""
+    kept = await upload(client, b"kept bytes", "kept.txt")
+    doomed = await upload(client, b"doomed", "doomed.txt")
+    release = threading.Event()
+    scan = LocalStore._list
+
+    def slow_scan(self: LocalStore, limit: int, cursor: str | None) -> Any:
+        release.wait(30)
+        return scan(self, limit, cursor)
+
+    monkeypatch.setattr(LocalStore, "_list", slow_scan)
+    default_threads = min(32, (os.cpu_count() or 1) + 4)
+    listings = [asyncio.create_task(client.get("/files")) for _ in range(default_threads + 2)]
+    try:
+        await asyncio.sleep(0.2)  # every listing is waiting for its scan
+        download, deleted, health, created = await asyncio.wait_for(asyncio.gather(
+            client.get(f"/files/{kept['id']}"),
+            client.delete(f"/files/{doomed['id']}"),
+            client.get("/health"),
+            client.post("/files", headers={"Tus-Resumable": "1.0.0", "Upload-Length": "3"}),
+        ), 10)
+    finally:
+        release.set()
+    assert download.status_code == 200 and download.content == b"kept bytes"
+    assert deleted.status_code == 204 and health.status_code == 200 and created.status_code == 201
+    for reply in await asyncio.gather(*listings):
+        assert check(reply).status_code == 200 and reply.json()["files"] == [kept]
 
 
 async def test_delete_of_a_multipart_file_leaves_nothing(backend, backend_client):
