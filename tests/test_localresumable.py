@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -152,6 +153,81 @@ def test_store_a_finish_killed_half_way_is_resumable_again(upload_dir: Path) -> 
     assert upload.info.offset == 3000 and upload.sha256() == sha(data)
     upload.finish({"id": upload_id, "size": 3000})
     assert (upload_dir / upload_id).read_bytes() == data and resumable_files(upload_dir) == []
+
+
+def left_inside_finish(rstore: LocalResumableStore, upload_dir: Path, data: bytes) -> str:
+    """An upload as a kill -9 inside `finish` leaves it: its bytes moved in, no record, its info kept."""
+    upload = rstore.create(len(data), {}, time.time() + 3600, None)
+    upload.append(data)
+    upload.save_info()
+    os.rename(rstore.data_path(upload.info.id), upload_dir / upload.info.id)
+    upload.release()
+    return upload.info.id
+
+
+def is_whole_again(rstore: LocalResumableStore, upload_id: str, data: bytes) -> bool:
+    return rstore.data_path(upload_id).read_bytes() == data and rstore.info_path(upload_id).exists()
+
+
+@pytest.mark.parametrize("moved_back", ["before this sweep looks", "between its open and its lock"])
+def test_a_sweep_keeps_an_upload_another_workers_sweep_moved_back(
+    rstore: LocalResumableStore, upload_dir: Path, monkeypatch: pytest.MonkeyPatch, moved_back: str
+) -> None:
+    """Workers starting together after a crash inside `finish`: one's sweep moves the bytes back
+    while another's looks at them. The upload stays whole (not its info removed, not a failed start)."""
+    data = payload(1000)
+    upload_id = left_inside_finish(rstore, upload_dir, data)
+    other = LocalResumableStore(upload_dir, True)
+    if moved_back == "before this sweep looks":
+        assert other._being_finished(upload_id)
+    else:
+        held_by_nobody = localresumable.held_by_nobody
+
+        def opened_then_moved_back(path: str) -> int:
+            monkeypatch.setattr(localresumable, "held_by_nobody", held_by_nobody)  # the other's own
+            fd = os.open(path, os.O_RDONLY)
+            assert other._being_finished(upload_id)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+
+        monkeypatch.setattr(localresumable, "held_by_nobody", opened_then_moved_back)
+    assert rstore._being_finished(upload_id)
+    rstore.sweep(time.time())
+    assert is_whole_again(rstore, upload_id, data)
+    assert sorted(os.listdir(upload_dir)) == [".partial", ".resumable"]
+
+
+STARTING_WORKER = """
+import sys, time
+from pathlib import Path
+from upload_service.localresumable import LocalResumableStore
+from upload_service.localstore import LocalStore
+upload_dir, start = Path(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+LocalStore(upload_dir, fsync=False).prepare()
+LocalResumableStore(upload_dir, False).sweep(time.time())
+"""
+
+
+@pytest.mark.slow
+def test_workers_starting_together_after_a_crash_keep_every_upload(rstore: LocalResumableStore, upload_dir: Path) -> None:
+    """`hypercorn -w 4` started after a kill -9 inside `finish` of many uploads: the four startup
+    sweeps at once start cleanly and leave every upload whole (they lost some, or failed a start)."""
+    uploads = {left_inside_finish(rstore, upload_dir, payload(512, i)): payload(512, i) for i in range(300)}
+    for round_ in range(3):
+        if round_:
+            for upload_id in uploads:
+                os.rename(rstore.data_path(upload_id), upload_dir / upload_id)
+        start = time.time() + 2
+        workers = [
+            subprocess.Popen([sys.executable, "-c", STARTING_WORKER, str(upload_dir), str(start)],
+                             cwd=Path(localresumable.__file__).parent.parent, stderr=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        for worker in workers:
+            _, errors = worker.communicate(timeout=60)
+            assert worker.returncode == 0, errors
+        assert all(is_whole_again(rstore, upload_id, data) for upload_id, data in uploads.items())
 
 
 def test_store_discard_takes_back_a_piece(rstore: LocalResumableStore) -> None:

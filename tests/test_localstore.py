@@ -210,6 +210,57 @@ def test_a_new_partial_file_survives_a_sweep_that_locks_it_first(tmp_path, monke
         os.close(fd)
 
 
+def test_a_sweep_undoes_nothing_of_a_commit_that_ended_while_it_looked(tmp_path, monkeypatch):
+    """A starting worker opened a live commit's marker, and the commit ended (files stored, marker
+    removed, then unlocked) before the sweep took the lock: the files it names stay stored."""
+    store = LocalStore(tmp_path / "uploads", fsync=False)
+    store.prepare()
+    sinks = [store.new_file() for _ in range(2)]
+    for sink in sinks:
+        sink.open()
+        sink.write(b"kept")
+    records = [{"id": sink.id, "size": 4} for sink in sinks]
+    marker_fd, marker = store.begin_commit([sinks[1].id, sinks[0].id])  # the commit's, held
+    real_open = os.open
+    ended = []
+
+    def open_then_the_commit_ends(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if path == marker and not ended:
+            ended.append(path)
+            store.commit_files(list(zip(sinks, records)))
+            localstore.end_commit(marker_fd, marker)
+        return fd
+
+    monkeypatch.setattr(localstore.os, "open", open_then_the_commit_ends)
+    localstore.undo_dead_commits(store.upload_dir, store.partial_dir)
+    monkeypatch.undo()
+    assert ended == [marker]
+    for sink, record in zip(sinks, records):
+        assert (store.upload_dir / sink.id).read_bytes() == b"kept"
+        assert json.loads((store.upload_dir / f"{sink.id}.json").read_text()) == record
+
+
+def test_the_startup_probe_survives_another_workers_sweep(tmp_path, monkeypatch):
+    """Workers start together: one's sweep of `.partial/` runs while another's probe of the commit
+    (create in `.partial/`, rename into the dir) is between the two: that start must not fail."""
+    upload_dir = tmp_path / "uploads"
+    prepare_upload_dir(upload_dir)
+    real_rename = os.rename
+    swept = []
+
+    def sweep_then_rename(src, dst, *args, **kwargs):
+        if not swept:
+            swept.append(sweep_stale_partials(upload_dir / ".partial"))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(localstore.os, "rename", sweep_then_rename)
+    localstore.check_commits_work(upload_dir, upload_dir / ".partial")
+    monkeypatch.undo()
+    assert swept == [0]
+    assert sorted(os.listdir(upload_dir)) == [".partial"] and os.listdir(upload_dir / ".partial") == []
+
+
 def test_partial_files_stay_locked_until_they_leave_partial(tmp_path, monkeypatch):
     """A worker starting while another commits a multi-file upload must not sweep the
     files that are finished but not yet renamed."""

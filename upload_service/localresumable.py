@@ -275,17 +275,26 @@ class LocalResumableStore(ResumableStore):
     def _being_finished(self, upload_id: str) -> bool:
         """Whether the bytes of an upload with an info are in the upload dir without their record:
         being finished now (held), or left so by a process killed inside `finish`; then move them
-        back (the upload is whole again, and its next HEAD or PATCH finishes it)."""
+        back (the upload is whole again, and its next HEAD or PATCH finishes it). Workers starting
+        together sweep at once: each step allows for another worker's sweep or finish meanwhile."""
         final = self.upload_dir / upload_id
-        if not final.exists() or (self.upload_dir / f"{upload_id}.json").exists():
+        record = self.upload_dir / f"{upload_id}.json"
+        if record.exists():
             return False
-        if (fd := held_by_nobody(str(final))) is not None:
-            try:
-                os.rename(final, self.data_path(upload_id))
-                remove_quietly(self.resumable_dir / f"{upload_id}.json")
-                logger.warning("resumable upload %s: its finishing was cut short; it is whole again", upload_id)
-            finally:
-                os.close(fd)
+        if not final.exists():
+            return self.data_path(upload_id).exists()  # moved back since
+        if (fd := held_by_nobody(str(final))) is None:
+            return True  # being finished now
+        try:
+            if record.exists():  # finished between the look and the lock
+                return False
+            os.rename(final, self.data_path(upload_id))
+        except FileNotFoundError:
+            return True  # moved back first by another worker's sweep
+        finally:
+            os.close(fd)
+        remove_quietly(self.resumable_dir / f"{upload_id}.json")
+        logger.warning("resumable upload %s: its finishing was cut short; it is whole again", upload_id)
         return True
 
     def _remove_unheld(self, upload_id: str, now: float) -> bool:

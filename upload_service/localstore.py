@@ -400,26 +400,33 @@ def check_commits_work(upload_dir: Path, partial_dir: Path) -> None:
     renamed into the upload dir: a dir left read-only for this user, `.partial/` on another file system."""
     name = new_file_id()
     probe, moved = f"{partial_dir}/{name}", f"{upload_dir}/{name}"
-    os.close(create_locked(probe))
+    fd = create_locked(probe)  # held to the end: another worker starting now sweeps unlocked files
     try:
         os.rename(probe, moved)
+        os.unlink(moved)
     finally:
         remove_quietly(probe)
-    os.unlink(moved)
+        os.close(fd)
 
 
 def held_by_nobody(path: str) -> int | None:
-    """An fd holding `path`'s exclusive flock if no live process holds it (close it), else None."""
+    """An fd holding `path`'s exclusive flock if no live process holds it (close it), else None.
+
+    None too for a file removed between the open and the lock: its holder was done with it
+    (a commit marker is removed, then unlocked), not killed.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_nlink > 0:
+            return fd
     except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+        pass
+    os.close(fd)
+    return None
 
 
 def undo_dead_commits(upload_dir: Path, partial_dir: Path) -> None:
@@ -433,7 +440,8 @@ def undo_dead_commits(upload_dir: Path, partial_dir: Path) -> None:
                 remove_quietly(upload_dir / f"{file_id}.json")
                 remove_quietly(upload_dir / file_id)
             remove_quietly(entry.path)
-            logger.warning("undid the commit of %d file(s) a killed process left half done", len(ids))
+            if ids:  # else a marker just created, not locked yet: its committer makes another
+                logger.warning("undid the commit of %d file(s) a killed process left half done", len(ids))
         finally:
             os.close(fd)
 
