@@ -1234,6 +1234,35 @@ async def test_draft_limits_name_the_append_size_when_a_request_may_carry_less_t
         await close_app(app)
 
 
+@pytest.mark.parametrize("length", ["declared", "deferred"])
+async def test_an_upload_over_a_file_limit_lowered_since_is_refused_not_stored(backend: Any, length: str) -> None:
+    """A restart with a smaller UPLOAD_MAX_FILE_SIZE: an upload begun under the old limit whose
+    length (or, deferred, offset) is over the new one gets 413 at each PATCH, never a file over it."""
+    data = payload(9_000)
+    before = upload_asgi.create_app(backend.config(fsync=False, max_file_size=10_000))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=before), base_url="http://testserver") as client:
+            location = await create(client, len(data) if length == "declared" else None)
+            assert (await patch(client, location, 0, data[:6_000])).status_code == 204
+    finally:
+        await close_app(before)
+    after = upload_asgi.create_app(backend.config(fsync=False, max_file_size=4_000))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=after), base_url="http://testserver") as client:
+            extra = {"Upload-Length": str(len(data))} if length == "deferred" else {}
+            for body, headers in ((data[6_000:], extra), (b"", {})):
+                body_json = check_error(await patch(client, location, 6_000, body, **headers), 413, "payload_too_large")
+                assert body_json["limit"] == "file_size" and body_json["max"] == 4_000
+            what = "length 9000" if length == "declared" else "offset 6000"
+            assert body_json["detail"] == f"the upload's {what} is over the file limit of 4000 bytes"
+            assert await offset_of(client, location) == 6_000
+            assert (await client.get("/files")).json()["files"] == []
+            assert (await client.delete(location, headers=TUS)).status_code == 204
+            assert leftovers(backend) == []
+    finally:
+        await close_app(after)
+
+
 @pytest.mark.parametrize("version", [None, "8"])
 async def test_an_offset_mismatch_names_the_offset_in_a_header(client: httpx.AsyncClient, backend: Any, version: str | None) -> None:
     """The draft: the 409 MUST carry the right `Upload-Offset`; tus gets it too (and in the body, as before)."""

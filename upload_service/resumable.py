@@ -253,6 +253,17 @@ class ResumableHandlers:
                 limit="file_size", max=self.config.max_file_size,
             )
 
+    def check_still_storable(self, info: UploadInfo) -> None:
+        """The file limit may have been lowered since the upload began (a restart with a smaller
+        UPLOAD_MAX_FILE_SIZE): an upload whose length, or offset so far, is over it now can never
+        be stored, so each PATCH is refused rather than a file over the limit stored."""
+        size, what = (info.length, "length") if info.length is not None else (info.offset, "offset")
+        if size > self.config.max_file_size:
+            raise PayloadTooLarge(
+                f"the upload's {what} {size} is over the file limit of {self.config.max_file_size} bytes",
+                limit="file_size", max=self.config.max_file_size,
+            )
+
     async def create(
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome, dialect: Dialect
     ) -> None:
@@ -505,6 +516,7 @@ class ResumableHandlers:
     ) -> None:
         """Read this request's body onto the end of the upload; take all of it back if it is wrong."""
         info, config = upload.info, self.config
+        self.check_still_storable(info)
         limit = (info.length if info.length is not None else config.max_file_size) - info.offset
         body_length = declared_length(scope)
         if body_length is not None and body_length > limit:
