@@ -1147,6 +1147,32 @@ async def test_a_delete_during_a_download_never_tears_it(backend_app, backend_cl
     check_error(await backend_client.get(f"/files/{record['id']}"), 404, "not_found")
 
 
+@pytest.mark.parametrize("ranged", [False, True])
+async def test_a_delete_between_the_record_and_the_bytes_is_a_404_or_every_byte(
+    backend_app, backend_client, backend, monkeypatch, ranged
+):
+    """A DELETE just after a GET read the record: locally the open file still gives every byte;
+    on S3, whose object is read only then, a 404 before any status, never a 200 or 206 cut off."""
+    data = os.urandom(2 * MiB + 5)
+    record = await upload(backend_client, data)
+    store = backend_app.prepare()
+    real_open = type(store).open
+
+    async def open_then_deleted(self: Any, file_id: str) -> Any:
+        stored = await real_open(self, file_id)
+        assert await store.delete(file_id) is True
+        return stored
+
+    monkeypatch.setattr(type(store), "open", open_then_deleted)
+    reply = await backend_client.get(f"/files/{record['id']}", headers={"Range": "bytes=5-"} if ranged else {})
+    if backend.name == "local":
+        assert reply.status_code == (206 if ranged else 200)
+        assert check(reply).content == (data[5:] if ranged else data)
+    else:
+        check_error(reply, 404, "not_found")
+    backend.assert_nothing_stored()
+
+
 async def test_local_file_keeps_reading_after_delete(upload_dir, app, client):  # the local store's open file
     data = os.urandom(2 * MiB + 1)
     record = await upload(client, data)

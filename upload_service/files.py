@@ -22,7 +22,7 @@ import re
 import unicodedata
 from datetime import datetime, timezone
 from email.utils import format_datetime, parsedate_to_datetime
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, quote
 
 from upload_service.asgi import (
@@ -450,15 +450,21 @@ async def send_stored(
     ]
     if byte_range is not None:
         headers.append((b"content-range", content_range(start, stop, stored.size)))
+    chunks = None if head_only or start == stop else stored.chunks(start, stop)
+    # The first bytes are read before the status: a file deleted since its record was read (S3
+    # reads the object only now) is a 404, never a 200 cut off before its body.
+    first = b"" if chunks is None else await anext(chunks, b"")
     await send({"type": "http.response.start", "status": 206 if byte_range else 200, "headers": headers})
-    if head_only or start == stop:
+    if chunks is None:
         await send({"type": "http.response.body", "body": b""})
         return
-    await stream_chunks(receive, send, stored, start, stop)
+    await stream_chunks(receive, send, stored, chunks, first, start, stop)
 
 
-async def stream_chunks(receive: Receive, send: Send, stored: StoredFile, start: int, stop: int) -> None:
-    """Send bytes start..stop; stop reading as soon as the client has gone.
+async def stream_chunks(
+    receive: Receive, send: Send, stored: StoredFile, chunks: AsyncIterator[bytes], first: bytes, start: int, stop: int,
+) -> None:
+    """Send bytes start..stop, `first` then the rest of `chunks`; stop reading as soon as the client has gone.
 
     Hypercorn's send does not fail once the client is gone: over HTTP/1.1 it drops the
     data, over HTTP/2 the last send can wait for good (for a window the client will never
@@ -466,13 +472,14 @@ async def stream_chunks(receive: Receive, send: Send, stored: StoredFile, start:
     when it comes; other servers raise OSError from send.
     """
     watcher = asyncio.create_task(wait_for_disconnect(receive))
-    position = start
+    position, chunk = start, first
     try:
-        async for chunk in stored.chunks(start, stop):
+        while chunk:
             position += len(chunk)
             message = {"type": "http.response.body", "body": chunk, "more_body": position < stop}
             if not await send_unless_gone(send, message, watcher):
                 return
+            chunk = await anext(chunks, b"")
         if position < stop:
             # Never end a short body as if whole: raising makes the server cut the connection.
             raise RuntimeError(f"file {stored.record.get('id')} ended at byte {position} of {stop}")

@@ -30,7 +30,7 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
-from upload_service.errors import StorageUnavailable
+from upload_service.errors import NotFound, StorageUnavailable
 from upload_service.localstore import parse_cursor
 from upload_service.s3client import (
     MISSING_CODES,
@@ -219,7 +219,9 @@ class S3File(StoredFile):
         stop = self.size if stop is None else min(stop, self.size)
         if start >= stop:
             return
-        response = await self._store.call("get_object", Key=self._key, Range=f"bytes={start}-{stop - 1}")
+        response = await self._store.call_or_none("get_object", Key=self._key, Range=f"bytes={start}-{stop - 1}")
+        if response is None:  # deleted since its record was read
+            raise NotFound(f"file {self.record.get('id')} was deleted")
         body = response["Body"]
         pieces: list[bytes] = []  # gathered to READ_CHUNK_SIZE: one send per MiB, as locally
         gathered = 0
