@@ -1263,6 +1263,32 @@ async def test_an_upload_over_a_file_limit_lowered_since_is_refused_not_stored(b
         await close_app(after)
 
 
+async def test_a_head_does_not_store_a_cut_short_upload_over_a_file_limit_lowered_since(
+    backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every byte in, its finishing cut short, then a restart with a smaller UPLOAD_MAX_FILE_SIZE:
+    the writer's HEAD says where it stands and stores nothing, as each PATCH is refused."""
+    data = payload(9_000, seed=19)
+    before = upload_asgi.create_app(backend.config(fsync=False, max_file_size=10_000))
+    finishing_dies_once(before, monkeypatch)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=before), base_url="http://testserver") as client:
+            location = await create(client, len(data))
+            assert (await patch(client, location, 0, data)).status_code >= 500
+    finally:
+        await close_app(before)
+    after = upload_asgi.create_app(backend.config(fsync=False, max_file_size=4_000))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=after), base_url="http://testserver") as client:
+            reply = await client.head(location, headers=TUS)
+            assert reply.status_code == 200 and reply.headers["upload-offset"] == "9000"
+            check_error(await patch(client, location, 9_000, b""), 413, "payload_too_large")
+            assert (await client.get("/files")).json()["files"] == []
+            assert (await client.get(location)).status_code == 409
+    finally:
+        await close_app(after)
+
+
 @pytest.mark.parametrize("version", [None, "8"])
 async def test_an_offset_mismatch_names_the_offset_in_a_header(client: httpx.AsyncClient, backend: Any, version: str | None) -> None:
     """The draft: the 409 MUST carry the right `Upload-Offset`; tus gets it too (and in the body, as before)."""

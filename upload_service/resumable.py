@@ -360,7 +360,8 @@ class ResumableHandlers:
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
             info = await self.expire(file_id, info)
-        if info is not None and info.complete and dialect.completes_at_length and self.may_write(scope):
+        if info is not None and info.complete and dialect.completes_at_length and self.may_write(scope) \
+                and info.offset <= self.config.max_file_size:  # else over a limit lowered since: never stored
             info = await self.finish_cut_short(scope, outcome, dialect, file_id)
         if info is not None:
             headers = [*dialect.headers(), (b"cache-control", b"no-store"), *self.state_headers(info, dialect)]
