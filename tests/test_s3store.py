@@ -411,6 +411,29 @@ async def s3_client(s3_config: Config) -> AsyncIterator[httpx.AsyncClient]:
     await app.store.aclose()
 
 
+async def test_a_listing_never_holds_the_loop_other_requests_need(
+    s3_client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each page parses every key under the prefix (~30 ms a 1000): a listing runs on a loop of
+    its own. Its stretch here blocks until another request has been answered, or 5 s."""
+    answered, saw = threading.Event(), []
+
+    async def long_parse(self: S3Store) -> AsyncIterator[tuple[int, str]]:
+        answered.wait(5)
+        saw.append(answered.is_set())
+        return
+        yield
+
+    monkeypatch.setattr(S3Store, "_record_keys", long_parse)
+    listing = asyncio.create_task(s3_client.get("/files"))
+    await asyncio.sleep(0.1)
+    reply = await s3_client.options("/files")
+    answered.set()
+    assert reply.status_code == 204
+    assert (await listing).json() == {"files": [], "next_cursor": None}
+    assert saw == [True]
+
+
 async def post_form(client: httpx.AsyncClient, path: str, *parts: Any) -> httpx.Response:
     return await client.post(path, content=form_body(parts), headers={"content-type": form_content_type()})
 

@@ -27,6 +27,7 @@ import concurrent.futures
 import contextlib
 import heapq
 import logging
+import threading
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
@@ -272,6 +273,8 @@ class S3Store(Store):
         self._health_probes: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}  # one HeadBucket at a time
         self._tasks: set[asyncio.Task[Any]] = set()  # cleanups left running: held until done
         self._retries: set[asyncio.Task[None]] = set()  # failed cleanups tried again (retry_later)
+        self._lister: asyncio.AbstractEventLoop | None = None  # listings' loop, on a thread of its own
+        self._lister_lock = threading.Lock()
 
     def keep(self, task: asyncio.Task[Any]) -> None:
         """Hold a background task until it is done (the loop keeps only weak references)."""
@@ -304,14 +307,23 @@ class S3Store(Store):
         return await open_client(self.endpoint_url, self.max_connections)
 
     async def aclose(self) -> None:
-        """Close this loop's client and stop its sweeper (tests; a server just exits)."""
+        """Close this loop's client and stop its sweeper, and the listings' loop (tests; a server just exits)."""
         await self.stop_retries()
         loop = asyncio.get_running_loop()
         sweeper = self._sweepers.pop(loop, None)
         if sweeper is not None:
             sweeper.cancel()
             await asyncio.wait([sweeper])
-        made = self._clients.pop(loop, None)
+        await self.close_client()
+        with self._lister_lock:
+            lister, self._lister = self._lister, None
+        if lister is not None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.close_client(), lister))
+            lister.call_soon_threadsafe(lister.stop)
+
+    async def close_client(self) -> None:
+        """Close the running loop's client, if it made one."""
+        made = self._clients.pop(asyncio.get_running_loop(), None)
         if made is not None and made.done() and not made.cancelled() and made.exception() is None:
             await made.result().__aexit__(None, None, None)
 
@@ -569,6 +581,17 @@ class S3Store(Store):
         return parse_record(data)
 
     async def list(self, limit: int, cursor: str | None = None) -> Page:
+        # Every page reads the whole listing (~30 ms of parsing a 1000 keys): on a loop of its own,
+        # on its own thread, so that clients paging at once do not hold up this loop's requests
+        # (30 of them through 6,000 files held /health 24 s, answered 503 for a store that was fine).
+        with self._lister_lock:
+            if self._lister is None:
+                self._lister = asyncio.new_event_loop()
+                threading.Thread(target=self._lister.run_forever, name="s3-list", daemon=True).start()
+            lister = self._lister
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._list(limit, cursor), lister))
+
+    async def _list(self, limit: int, cursor: str | None) -> Page:
         """Newest first by (LastModified of the record, id); keeps only `limit + 1` keys.
 
         S3 lists keys by name, so every page reads the whole listing (ListObjectsV2,
