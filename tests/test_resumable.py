@@ -13,6 +13,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import re
 import shutil
 import socket
@@ -1659,10 +1660,12 @@ def chromium_page() -> Any:
         browser = playwright.chromium.launch(executable_path=str(chromium), args=["--no-sandbox", "--disable-gpu"])
         errors: list[str] = []
 
-        def open_page(url: str, upload_bytes_per_second: int) -> Any:
+        def open_page(url: str, upload_bytes_per_second: int, init_script: str | None = None) -> Any:
             context = browser.new_context()
             page = context.new_page()
             page.on("pageerror", lambda error: errors.append(str(error)))
+            if init_script is not None:
+                page.add_init_script(init_script)
             cdp = context.new_cdp_session(page)
             cdp.send("Network.enable")
             cdp.send("Network.emulateNetworkConditions", {
@@ -1756,6 +1759,149 @@ def test_page_resumes_after_a_reload(tmp_path: Path, server: Server, chromium_pa
     [file_id] = stored_ids(server.upload_dir)
     assert stored_record(server.upload_dir, f"/files/{file_id}")["sha256"] == sha(data)
     assert resumable_files(server.upload_dir) == []
+
+
+def row_states(page: Any) -> list[str]:
+    return page.evaluate("Array.from(document.querySelectorAll('#rows tr')).map(r => r.getAttribute('data-state'))")
+
+
+def row_message(page: Any, index: int = 0) -> str:
+    return page.evaluate(f"document.querySelectorAll('#rows tr .msg')[{index}].textContent")
+
+
+SITE_DATA_BLOCKED = """Object.defineProperty(window, "localStorage", {
+  get() { throw new DOMException("The user blocked site data", "SecurityError"); }
+});"""
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_uploads_large_files_with_site_data_blocked(tmp_path: Path, server: Server, chromium_page: Any) -> None:
+    """Reading localStorage throws then: a large file goes resumably all the same (it cannot go on
+    after a reload), and the files picked with it are not dropped."""
+    big, small = payload(33 * MiB, seed=21), payload(MiB, seed=22)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "big.bin").write_bytes(big)
+    (folder / "small.bin").write_bytes(small)
+    page = chromium_page(server.url + "/", 0, SITE_DATA_BLOCKED)
+    page.set_input_files("#picker", [str(folder / "big.bin"), str(folder / "small.bin")])
+    wait_for(lambda: len(row_states(page)) == 2 and all(s in ("done", "error") for s in row_states(page)), timeout=120)
+    assert row_states(page) == ["done", "done"], [row_message(page, 0), row_message(page, 1)]
+    stored = sorted((server.upload_dir / i).read_bytes() for i in stored_ids(server.upload_dir))
+    assert stored == sorted([big, small])
+    assert resumable_files(server.upload_dir) == []
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_shows_the_servers_words_for_a_failure_not_worth_waiting_out(
+    tmp_path: Path, server: Server, chromium_page: Any
+) -> None:
+    """A 507 (disk full) to a PATCH is not a lost connection: the row says the server's words at
+    once; Retry later goes on from where the server stopped."""
+    data = payload(33 * MiB, seed=23)
+    path = tmp_path / "files" / "big.bin"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    page = chromium_page(server.url + "/", 0)
+    full = {"on": True}
+
+    def disk_full(route: Any) -> None:
+        if full["on"] and route.request.method == "PATCH":
+            route.fulfill(status=507, content_type="application/json",
+                          body=json.dumps({"error": "insufficient_storage", "detail": "no space left on the disk"}))
+        else:
+            route.continue_()
+
+    page.route("**/files/**", disk_full)
+    started = time.monotonic()
+    page.set_input_files("#picker", str(path))
+    wait_for(lambda: row_state(page) in ("done", "error"), timeout=60)
+    assert row_state(page) == "error" and time.monotonic() - started < 20
+    assert "(507): no space left on the disk" in row_message(page)
+    full["on"] = False
+    page.click("#rows tr button.retry")
+    wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
+    assert row_state(page) == "done", row_message(page)
+    [file_id] = stored_ids(server.upload_dir)
+    assert (server.upload_dir / file_id).read_bytes() == data
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_creates_the_upload_again_when_its_creation_got_no_answer(
+    tmp_path: Path, server: Server, chromium_page: Any
+) -> None:
+    """The server unreachable when the upload is created: the page tries the creation again (it
+    asked `HEAD null`, which a host app under the same prefix may answer 200)."""
+    data = payload(33 * MiB, seed=24)
+    path = tmp_path / "files" / "big.bin"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    page = chromium_page(server.url + "/", 0)
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(f"{request.method} {request.url}"))
+    lost = []
+
+    def unreachable_once(route: Any) -> None:
+        if route.request.method == "POST" and not lost:
+            lost.append(True)
+            route.abort("connectionrefused")
+        else:
+            route.continue_()
+
+    page.route("**/files", unreachable_once)
+    page.set_input_files("#picker", str(path))
+    wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
+    assert row_state(page) == "done", row_message(page)
+    assert lost and not [r for r in requests if "null" in r]
+    [file_id] = stored_ids(server.upload_dir)
+    assert (server.upload_dir / file_id).read_bytes() == data
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_sends_the_same_large_file_picked_twice_as_two_uploads(
+    tmp_path: Path, server: Server, chromium_page: Any
+) -> None:
+    """Both rows once shared one upload (the saved key is the file's): one took it over from the
+    other, which then failed though the file was stored."""
+    data = payload(33 * MiB, seed=25)
+    path = tmp_path / "files" / "big.bin"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    page = chromium_page(server.url + "/", 40_000_000)
+    page.set_input_files("#picker", str(path))
+    page.set_input_files("#picker", str(path))
+    wait_for(lambda: len(row_states(page)) == 2 and all(s in ("done", "error") for s in row_states(page)), timeout=120)
+    assert row_states(page) == ["done", "done"], [row_message(page, 0), row_message(page, 1)]
+    assert [(server.upload_dir / i).read_bytes() == data for i in stored_ids(server.upload_dir)] == [True, True]
+    assert resumable_files(server.upload_dir) == []
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_page_never_goes_on_from_another_files_bytes_after_a_reload(
+    tmp_path: Path, server: Server, chromium_page: Any
+) -> None:
+    """After a reload, another file with the same name, size and time is picked: it is sent whole,
+    not spliced onto the first file's bytes on the server."""
+    first, second = payload(40 * MiB, seed=26), payload(40 * MiB, seed=27)
+    one, other = tmp_path / "one" / "disk.img", tmp_path / "other" / "disk.img"
+    for path, data in ((one, first), (other, second)):
+        path.parent.mkdir()
+        path.write_bytes(data)
+        os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+    page = chromium_page(server.url + "/", 8_000_000)
+    page.set_input_files("#picker", str(one))
+    wait_for(lambda: staged_size(server.upload_dir) >= 17 * MiB)
+    page.reload()
+    page.set_input_files("#picker", str(other))
+    wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
+    assert row_state(page) == "done", row_message(page)
+    [file_id] = stored_ids(server.upload_dir)
+    assert (server.upload_dir / file_id).read_bytes() == second
 
 
 @pytest.mark.slow
