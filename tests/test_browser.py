@@ -359,10 +359,13 @@ def test_cancel_aborts_the_upload_and_the_server_drops_it(open_tab, expect, tmp_
         tab.page.set_input_files("#picker", str(path))
         row = tab.row("slow.bin")
         wait_for_page(tab.page, "Number(document.querySelector('#rows progress').value) > 2")
-        row.get_by_role("button", name="Cancel upload of slow.bin").click()
+        row.get_by_role("button", name="Cancel upload of slow.bin").focus()
+        tab.page.keyboard.press("Enter")
         expect(row).to_have_attribute("data-state", "cancelled")
         expect(row.locator(".msg")).to_have_text("Cancelled; the server discards what it received.")
-        expect(row.get_by_role("button", name="Retry upload of slow.bin")).to_be_visible()
+        retry = row.get_by_role("button", name="Retry upload of slow.bin")
+        expect(retry).to_be_visible()
+        expect(retry).to_be_focused()  # the pressed button is gone: the focus stays in the row
         expect(tab.page.locator("#status")).to_have_text("Finished: 1 cancelled.")
         wait_until(lambda: assert_nothing_stored(upload_dir))
         with server.client() as http:  # the server saw the client go, not a stuck upload
