@@ -341,7 +341,10 @@ def test_token_field_sends_a_bearer_token(open_tab, expect, tmp_path, upload_dir
         tab.page.set_input_files("#picker", str(path))
         row = tab.row("secret.txt")
         expect(row).to_have_attribute("data-state", "error")
-        expect(row.locator(".msg")).to_contain_text("Not authorized (401): ")
+        expect(row.locator(".msg")).to_have_text(
+            "Not authorized (401): a valid 'Authorization: Bearer <token>' header is required."
+            " Enter the token above, then Retry."
+        )
         assert_nothing_stored(upload_dir)
 
         token.fill("s3cret-token")
