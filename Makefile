@@ -21,7 +21,7 @@ run: install
 	$(BIN)/hypercorn --bind $(HOST):$(PORT) upload_asgi:app
 
 test: install-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-fast: install-test
 	$(BIN)/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
