@@ -1761,6 +1761,30 @@ def test_page_resumes_after_a_reload(tmp_path: Path, server: Server, chromium_pa
     assert resumable_files(server.upload_dir) == []
 
 
+def write_big(tmp_path: Path, data: bytes, name: str = "big.bin", folder: str = "files") -> Path:
+    path = tmp_path / folder / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def settled(page: Any, timeout: float = 120) -> str:
+    """The first row's state once it is done or failed."""
+    wait_for(lambda: row_state(page) in ("done", "error"), timeout=timeout)
+    return row_state(page)
+
+
+def all_settled(page: Any, rows: int, timeout: float = 120) -> list[str]:
+    """Every row's state once all `rows` are done or failed."""
+    wait_for(lambda: len(row_states(page)) == rows and all(s in ("done", "error") for s in row_states(page)), timeout)
+    return row_states(page)
+
+
+def assert_only_stored(upload_dir: Path, data: bytes) -> None:
+    [file_id] = stored_ids(upload_dir)
+    assert (upload_dir / file_id).read_bytes() == data
+
+
 def row_states(page: Any) -> list[str]:
     return page.evaluate("Array.from(document.querySelectorAll('#rows tr')).map(r => r.getAttribute('data-state'))")
 
@@ -1780,14 +1804,10 @@ def test_page_uploads_large_files_with_site_data_blocked(tmp_path: Path, server:
     """Reading localStorage throws then: a large file goes resumably all the same (it cannot go on
     after a reload), and the files picked with it are not dropped."""
     big, small = payload(33 * MiB, seed=21), payload(MiB, seed=22)
-    folder = tmp_path / "files"
-    folder.mkdir()
-    (folder / "big.bin").write_bytes(big)
-    (folder / "small.bin").write_bytes(small)
+    paths = [write_big(tmp_path, big), write_big(tmp_path, small, "small.bin")]
     page = chromium_page(server.url + "/", 0, SITE_DATA_BLOCKED)
-    page.set_input_files("#picker", [str(folder / "big.bin"), str(folder / "small.bin")])
-    wait_for(lambda: len(row_states(page)) == 2 and all(s in ("done", "error") for s in row_states(page)), timeout=120)
-    assert row_states(page) == ["done", "done"], [row_message(page, 0), row_message(page, 1)]
+    page.set_input_files("#picker", [str(path) for path in paths])
+    assert all_settled(page, 2) == ["done", "done"], [row_message(page, 0), row_message(page, 1)]
     stored = sorted((server.upload_dir / i).read_bytes() for i in stored_ids(server.upload_dir))
     assert stored == sorted([big, small])
     assert resumable_files(server.upload_dir) == []
@@ -1801,9 +1821,7 @@ def test_page_shows_the_servers_words_for_a_failure_not_worth_waiting_out(
     """A 507 (disk full) to a PATCH is not a lost connection: the row says the server's words at
     once; Retry later goes on from where the server stopped."""
     data = payload(33 * MiB, seed=23)
-    path = tmp_path / "files" / "big.bin"
-    path.parent.mkdir()
-    path.write_bytes(data)
+    path = write_big(tmp_path, data)
     page = chromium_page(server.url + "/", 0)
     full = {"on": True}
 
@@ -1817,15 +1835,12 @@ def test_page_shows_the_servers_words_for_a_failure_not_worth_waiting_out(
     page.route("**/files/**", disk_full)
     started = time.monotonic()
     page.set_input_files("#picker", str(path))
-    wait_for(lambda: row_state(page) in ("done", "error"), timeout=60)
-    assert row_state(page) == "error" and time.monotonic() - started < 20
+    assert settled(page, timeout=60) == "error" and time.monotonic() - started < 20
     assert "(507): no space left on the disk" in row_message(page)
     full["on"] = False
     page.click("#rows tr button.retry")
-    wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
-    assert row_state(page) == "done", row_message(page)
-    [file_id] = stored_ids(server.upload_dir)
-    assert (server.upload_dir / file_id).read_bytes() == data
+    assert settled(page) == "done", row_message(page)
+    assert_only_stored(server.upload_dir, data)
 
 
 @pytest.mark.browser
@@ -1836,9 +1851,7 @@ def test_page_creates_the_upload_again_when_its_creation_got_no_answer(
     """The server unreachable when the upload is created: the page tries the creation again (it
     asked `HEAD null`, which a host app under the same prefix may answer 200)."""
     data = payload(33 * MiB, seed=24)
-    path = tmp_path / "files" / "big.bin"
-    path.parent.mkdir()
-    path.write_bytes(data)
+    path = write_big(tmp_path, data)
     page = chromium_page(server.url + "/", 0)
     requests: list[str] = []
     page.on("request", lambda request: requests.append(f"{request.method} {request.url}"))
@@ -1853,11 +1866,9 @@ def test_page_creates_the_upload_again_when_its_creation_got_no_answer(
 
     page.route("**/files", unreachable_once)
     page.set_input_files("#picker", str(path))
-    wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
-    assert row_state(page) == "done", row_message(page)
+    assert settled(page) == "done", row_message(page)
     assert lost and not [r for r in requests if "null" in r]
-    [file_id] = stored_ids(server.upload_dir)
-    assert (server.upload_dir / file_id).read_bytes() == data
+    assert_only_stored(server.upload_dir, data)
 
 
 @pytest.mark.browser
@@ -1868,14 +1879,11 @@ def test_page_sends_the_same_large_file_picked_twice_as_two_uploads(
     """Both rows once shared one upload (the saved key is the file's): one took it over from the
     other, which then failed though the file was stored."""
     data = payload(33 * MiB, seed=25)
-    path = tmp_path / "files" / "big.bin"
-    path.parent.mkdir()
-    path.write_bytes(data)
+    path = write_big(tmp_path, data)
     page = chromium_page(server.url + "/", 40_000_000)
     page.set_input_files("#picker", str(path))
     page.set_input_files("#picker", str(path))
-    wait_for(lambda: len(row_states(page)) == 2 and all(s in ("done", "error") for s in row_states(page)), timeout=120)
-    assert row_states(page) == ["done", "done"], [row_message(page, 0), row_message(page, 1)]
+    assert all_settled(page, 2) == ["done", "done"], [row_message(page, 0), row_message(page, 1)]
     assert [(server.upload_dir / i).read_bytes() == data for i in stored_ids(server.upload_dir)] == [True, True]
     assert resumable_files(server.upload_dir) == []
 
@@ -1888,20 +1896,16 @@ def test_page_never_goes_on_from_another_files_bytes_after_a_reload(
     """After a reload, another file with the same name, size and time is picked: it is sent whole,
     not spliced onto the first file's bytes on the server."""
     first, second = payload(40 * MiB, seed=26), payload(40 * MiB, seed=27)
-    one, other = tmp_path / "one" / "disk.img", tmp_path / "other" / "disk.img"
-    for path, data in ((one, first), (other, second)):
-        path.parent.mkdir()
-        path.write_bytes(data)
+    one, other = write_big(tmp_path, first, "disk.img", "one"), write_big(tmp_path, second, "disk.img", "other")
+    for path in (one, other):
         os.utime(path, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
     page = chromium_page(server.url + "/", 8_000_000)
     page.set_input_files("#picker", str(one))
     wait_for(lambda: staged_size(server.upload_dir) >= 17 * MiB)
     page.reload()
     page.set_input_files("#picker", str(other))
-    wait_for(lambda: row_state(page) in ("done", "error"), timeout=120)
-    assert row_state(page) == "done", row_message(page)
-    [file_id] = stored_ids(server.upload_dir)
-    assert (server.upload_dir / file_id).read_bytes() == second
+    assert settled(page) == "done", row_message(page)
+    assert_only_stored(server.upload_dir, second)
 
 
 @pytest.mark.slow
