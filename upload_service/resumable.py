@@ -253,12 +253,15 @@ class ResumableHandlers:
                 limit="file_size", max=self.config.max_file_size,
             )
 
+    def storable(self, info: UploadInfo) -> bool:
+        """Whether the upload's length (or offset so far) fits the file limit, which may have been
+        lowered since it began (a restart with a smaller UPLOAD_MAX_FILE_SIZE): if not, it can
+        never be stored, and neither a PATCH nor a HEAD stores it."""
+        return (info.length if info.length is not None else info.offset) <= self.config.max_file_size
+
     def check_still_storable(self, info: UploadInfo) -> None:
-        """The file limit may have been lowered since the upload began (a restart with a smaller
-        UPLOAD_MAX_FILE_SIZE): an upload whose length, or offset so far, is over it now can never
-        be stored, so each PATCH is refused rather than a file over the limit stored."""
-        size, what = (info.length, "length") if info.length is not None else (info.offset, "offset")
-        if size > self.config.max_file_size:
+        if not self.storable(info):
+            size, what = (info.length, "length") if info.length is not None else (info.offset, "offset")
             raise PayloadTooLarge(
                 f"the upload's {what} {size} is over the file limit of {self.config.max_file_size} bytes",
                 limit="file_size", max=self.config.max_file_size,
@@ -361,7 +364,7 @@ class ResumableHandlers:
         if info is not None and info.expires <= time.time():
             info = await self.expire(file_id, info)
         if info is not None and info.complete and dialect.completes_at_length and self.may_write(scope) \
-                and info.offset <= self.config.max_file_size:  # else over a limit lowered since: never stored
+                and self.storable(info):
             info = await self.finish_cut_short(scope, outcome, dialect, file_id)
         if info is not None:
             headers = [*dialect.headers(), (b"cache-control", b"no-store"), *self.state_headers(info, dialect)]
