@@ -20,11 +20,12 @@ install-test: $(BIN)/python
 run: install
 	$(BIN)/hypercorn --bind $(HOST):$(PORT) upload_asgi:app
 
+# Two workers, each test module on one (its servers are started once): half the time on 2 cores.
 test: install-test
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadscope --durations=15 $(PYTEST_ARGS)
 
 test-fast: install-test
-	$(BIN)/python -m pytest -m "not slow and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadscope -m "not slow and not browser" $(PYTEST_ARGS)
 
 bench: install-test
 	$(BIN)/python -m bench $(BENCH_ARGS)
