@@ -939,7 +939,7 @@ def check_problem(reply: httpx.Response, status: int, kind: str, version: str) -
     return body
 
 
-@pytest.mark.parametrize("version", ["6", "8"])
+@pytest.mark.parametrize("version", ["6", "7", "8", "9"])
 async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, version: str) -> None:
     data = payload(1_234_567)
     reply = await client.post(
@@ -980,14 +980,18 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, v
     record = reply.json()
     assert record["filename"] == "rows.csv" and record["content_type"] == "text/csv"
     backend.assert_stored(record, data)
-    # Complete: since interop 8, bytes appended are an inconsistent length, an empty append 410;
-    # in 6 (drafts -04/-05) any append is 400 completed-upload.
+    # Complete: since interop 7, bytes appended are an inconsistent length, an empty append 410 (7, 8)
+    # or the final answer again (9); in 6 (drafts -04/-05) any append but that is 400 completed-upload.
     at_end = {**complete, "Upload-Offset": str(len(data))}
     if version == "6":
         check_problem(await client.patch(location, content=b"x", headers=at_end), 400, "completed-upload", version)
     else:
         check_problem(await client.patch(location, content=b"x", headers=at_end), 400, "inconsistent-upload-length", version)
+    if version in ("7", "8"):
         check_problem(await client.patch(location, content=b"", headers=at_end), 410, "completed-upload", version)
+    else:
+        again = await client.patch(location, content=b"", headers=at_end)
+        assert (again.status_code, again.json(), again.headers["upload-complete"]) == (200, record, "?1")
     backend.assert_stored(record, data)
     reply = await client.head(location, headers=draft(version))  # now a stored file: its download headers
     assert reply.status_code == 200 and reply.headers["upload-complete"] == "?1"
@@ -1071,7 +1075,7 @@ async def test_draft_offset_never_goes_back(client: httpx.AsyncClient, backend: 
     backend.assert_stored(reply.json(), b"0123456789")
 
 
-@pytest.mark.parametrize("version", ["6", "8"])
+@pytest.mark.parametrize("version", ["6", "7", "8", "9"])
 async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, backend: Any, version: str) -> None:
     data = payload(300_000)
     reply = await client.post("/files", content=data, headers=draft(version, Upload_Complete="?1"))
@@ -1087,12 +1091,12 @@ async def test_draft_one_request_and_deferred_length(client: httpx.AsyncClient, 
     backend.assert_stored(reply.json(), data)
 
 
+@pytest.mark.parametrize("version", ["7", "8", "9"])
 async def test_draft_offset_at_the_length_is_complete_only_when_the_client_says_so(
-    client: httpx.AsyncClient, backend: Any
+    client: httpx.AsyncClient, backend: Any, version: str
 ) -> None:
-    """Version 8: "the offset could match the length, but the upload can still be incomplete": every
+    """Versions 7 on: "the offset could match the length, but the upload can still be incomplete": every
     byte sent with ?0, in the creation or an append, is still an upload; an empty ?1 append stores it."""
-    version = "8"
     data = payload(6)
     created = await client.post("/files", content=data, headers=draft(version, Upload_Complete="?0", Upload_Length="6"))
     deferred = await client.post("/files", content=data[:3], headers=draft(version, Upload_Complete="?0"))
@@ -1114,6 +1118,48 @@ async def test_draft_offset_at_the_length_is_complete_only_when_the_client_says_
         assert reply.status_code == 200, reply.text
         assert reply.headers["upload-complete"] == "?1"
         backend.assert_stored(reply.json(), data)
+
+
+async def test_draft_9_says_whose_answer_it_is_and_takes_a_get_as_a_head(client: httpx.AsyncClient, backend: Any) -> None:
+    """Drafts -12 on (interop 9): `Upload-Complete` on an answer says whether it is the uploaded file's
+    (?1) or the protocol's (?0), refusals included; a GET retrieves an upload's offset as a HEAD does;
+    an empty append to a stored upload gets its final answer again (a client whose answer was lost)."""
+    data = payload(10)
+    reply = await client.post("/files", content=data[:4], headers=draft("9", Upload_Complete="?0", Upload_Length="10"))
+    assert (reply.status_code, reply.headers["upload-complete"]) == (201, "?0")
+    location = reply.headers["location"]
+    got = await client.get(location, headers=draft("9"))
+    assert (got.status_code, got.content, got.headers["cache-control"]) == (204, b"", "no-store")
+    assert (got.headers["upload-offset"], got.headers["upload-complete"], got.headers["upload-length"]) == ("4", "?0", "10")
+    append = draft("9", Content_Type="application/partial-upload", Upload_Complete="?0")
+    mismatch = await client.patch(location, content=b"x", headers={**append, "Upload-Offset": "3"})
+    check_problem(mismatch, 409, "mismatching-upload-offset", "9")
+    assert (mismatch.headers["upload-complete"], mismatch.headers["upload-offset"]) == ("?0", "4")
+    short = await client.patch(location, content=data[4:9], headers={**append, "Upload-Offset": "4", "Upload-Complete": "?1"})
+    check_problem(short, 400, "inconsistent-upload-length", "9")
+    unknown = await client.patch("/files/" + "0" * 32, content=b"x", headers={**append, "Upload-Offset": "0"})
+    for refusal in (short, unknown):
+        assert refusal.headers.get_list("upload-complete") == ["?0"], refusal.text
+    assert unknown.status_code == 404
+    done = await client.patch(location, content=data[4:], headers={**append, "Upload-Offset": "4", "Upload-Complete": "?1"})
+    assert (done.status_code, done.headers["upload-complete"]) == (200, "?1")
+    record = done.json()
+    backend.assert_stored(record, data)
+    got = await client.get(location, headers=draft("9"))  # a stored file: its bytes, and where it stands
+    assert (got.status_code, got.content, got.headers["etag"]) == (200, data, f'"{sha(data)}"')
+    assert (got.headers["upload-offset"], got.headers["upload-complete"]) == ("10", "?1")
+    at_end = {**append, "Upload-Offset": "10", "Upload-Complete": "?1"}
+    again = await client.patch(location, content=b"", headers=at_end)
+    assert (again.status_code, again.json(), again.headers["upload-complete"]) == (200, record, "?1")
+    body = check_problem(await client.patch(location, content=b"", headers={**at_end, "Upload-Offset": "4"}),
+                         409, "mismatching-upload-offset", "9")
+    assert (body["expected-offset"], body["provided-offset"]) == (10, 4)
+    check_problem(await client.patch(location, content=b"x", headers=at_end), 400, "inconsistent-upload-length", "9")
+    backend.assert_stored(record, data)
+    wrong = f"sha-256=:{b64(hashlib.sha256(b'other').digest())}:"
+    reply = await client.post("/files", content=b"abc", headers=draft("9", Upload_Complete="?1", Repr_Digest=wrong))
+    check_problem(reply, 422, "digest-mismatched-values", "9")
+    assert reply.headers.get_list("upload-complete") == ["?1"]  # about the file: the file's answer
 
 
 async def test_draft_6_stores_an_upload_at_its_length_as_tusd(client: httpx.AsyncClient, backend: Any) -> None:
@@ -1179,11 +1225,11 @@ def limits(reply: httpx.Response) -> dict[str, int]:
     return {key: int(value) for key, _, value in (m.strip().partition("=") for m in reply.headers["upload-limit"].split(","))}
 
 
-@pytest.mark.parametrize("version, age", [("6", "expires"), ("8", "max-age")])
+@pytest.mark.parametrize("version, age", [("6", "expires"), ("7", "max-age"), ("8", "max-age"), ("9", "max-age")])
 async def test_draft_limits_as_each_version_names_them(
     client: httpx.AsyncClient, backend: Any, config: upload_asgi.Config, version: str, age: str
 ) -> None:
-    """Upload-Limit: the lifetime is `expires` in interop 6, `max-age` in 8. OPTIONS names the append
+    """Upload-Limit: the lifetime is `expires` in interop 6, `max-age` since 7. OPTIONS names the append
     type (Accept-Patch); a 413 for a limit of ours carries the limits too (the draft: MUST)."""
     expiry = int(config.resumable_expiry)
     reply = await client.options("/files", headers=draft(version))
@@ -1341,7 +1387,7 @@ async def test_draft_refusals(client: httpx.AsyncClient, backend: Any) -> None:
     assert reply.headers["upload-draft-interop-version"] == "8"
     backend.assert_nothing_stored()
     # An interop version we do not speak is tus, which wants its own header.
-    check_error(await client.post("/files", headers={"Upload-Draft-Interop-Version": "7", "Upload-Complete": "?1"}),
+    check_error(await client.post("/files", headers={"Upload-Draft-Interop-Version": "10", "Upload-Complete": "?1"}),
                 412, "unsupported_version")
 
 

@@ -90,7 +90,7 @@ def test_repr_digest_is_read_as_a_structured_dictionary() -> None:
     assert tus.parse_repr_digest(f"sha-256=:{b64(digest).rstrip('=')}:") == digest.hex()
 
 
-@pytest.mark.parametrize("version, age", [("6", "expires"), ("8", "max-age")])
+@pytest.mark.parametrize("version, age", [("6", "expires"), ("7", "max-age"), ("9", "max-age")])
 def test_upload_limit_names_the_lifetime_as_the_version_does(version: str, age: str) -> None:
     """Interop version 6 (drafts -04/-05) calls an upload's lifetime `expires`; later drafts `max-age`."""
     assert tus.format_limit(version, 100, expires_in=60.7) == f"max-size=100, {age}=60"
@@ -107,8 +107,8 @@ def test_a_stored_files_metadata_is_what_its_record_keeps() -> None:
 
 
 def test_the_interop_version_is_read_as_a_structured_integer() -> None:
-    assert [tus.draft_version(text) for text in ("8", " 08 ", "006", "6")] == ["8", "8", "6", "6"]
-    for text in (None, "", "7", "8.0", "+8", "-8", "８", "8" * 16, "0" * 15 + "8"):
+    assert [tus.draft_version(text) for text in ("8", " 08 ", "006", "7", "9")] == ["8", "8", "6", "7", "9"]
+    for text in (None, "", "2", "10", "8.0", "+8", "-8", "８", "8" * 16, "0" * 15 + "8"):
         assert tus.draft_version(text) is None, text
 
 

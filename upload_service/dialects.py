@@ -34,18 +34,47 @@ class Dialect:
         return dialect if dialect.draft is not None or list_header(scope, b"tus-resumable") is not None else None
 
     @property
+    def interop(self) -> int:
+        """The draft's interop version as a number; 0 for tus."""
+        return int(self.draft) if self.draft is not None else 0
+
+    @property
     def completes_at_length(self) -> bool:
         """Whether an upload whose offset reaches its length is complete: in tus, and in interop
         versions 3 to 6 as tusd does it (tus-js-client's draft mode, which sends version 6, says ?0
-        on a stream's last PATCH). Version 8 waits for Upload-Complete ?1, as the draft says."""
-        return self.draft != "8"
+        on a stream's last PATCH). Versions 7 on wait for Upload-Complete ?1, as the draft says."""
+        return self.interop <= 6
 
     @property
     def append_media_type(self) -> str | None:
         """The media type a PATCH body must have; None: any (interop versions 3 to 5 named none)."""
         if self.draft is None:
             return tus.TUS_CONTENT_TYPE
-        return tus.DRAFT_CONTENT_TYPE if self.draft in ("6", "8") else None
+        return tus.DRAFT_CONTENT_TYPE if self.interop >= 6 else None
+
+    @property
+    def names_completed_uploads(self) -> bool:
+        """Whether the `completed-upload` problem type exists: drafts -06 to -11 (versions 7 and 8)
+        answer an empty append to a completed upload with it; -12 removed it."""
+        return self.interop in (7, 8)
+
+    @property
+    def replays_final_answer(self) -> bool:
+        """Whether an empty append at the end of a stored upload gets the answer that stored it again:
+        versions 3 to 6 (whose "complete" may come after the append that stored it) and, as drafts
+        -12 on allow, 9 (a client whose final answer was lost)."""
+        return self.completes_at_length or self.interop >= 9
+
+    @property
+    def refusals_say_incomplete(self) -> bool:
+        """Drafts -12 on (version 9): `Upload-Complete` on an answer says whose it is, ?1 the
+        uploaded file's, ?0 the protocol's, so a refusal of the protocol's says ?0."""
+        return self.interop >= 9
+
+    @property
+    def gets_offset(self) -> bool:
+        """Drafts -12 on (version 9): a GET of an upload retrieves its offset, as a HEAD does."""
+        return self.interop >= 9
 
     def will_complete(self, scope: Scope, appending: bool) -> bool | None:
         """Whether the draft's client says this request ends the upload (None: tus, which does not say).

@@ -162,7 +162,11 @@ class ResumableHandlers:
         await self.run(scope, receive, send, dialect, self.delete, dialect, file_id, counted=False)
 
     async def handle_get(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "") -> None:
-        """GET /files/<id>: the file, or 409 upload_incomplete while it is an upload under way (410 once expired)."""
+        """GET /files/<id>: the file, or 409 upload_incomplete while it is an upload under way (410 once
+        expired). To a draft client of version 9, which may retrieve an offset by GET, as HEAD answers."""
+        dialect = Dialect.of(scope)
+        if dialect.gets_offset and not head_only:
+            return await self.run(scope, receive, send, dialect, self.head, dialect, file_id, True, counted=False)
         try:
             return await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
         except NotFound:
@@ -214,10 +218,14 @@ class ResumableHandlers:
 
     def headers_for_error(self, exc: Exception, dialect: Dialect) -> Headers:
         """The protocol's headers on an error; the draft's 413 for a limit of ours also names the
-        size limits (not the time left: a refused PATCH does not renew the upload)."""
+        size limits (not the time left: a refused PATCH does not renew the upload); version 9 says
+        whose answer it is."""
         headers = dialect.headers()
         if dialect.draft is not None and isinstance(exc, PayloadTooLarge):
             headers.append((b"upload-limit", self.format_upload_limit(dialect.draft)))
+        says_complete = any(name == b"upload-complete" for name, _ in getattr(exc, "headers", ()))
+        if dialect.refusals_say_incomplete and not says_complete:  # a 422 is the file's: ?1
+            headers.append(dialect.completeness(False))
         return headers
 
     def format_upload_limit(self, draft: str, expires_in: float | None = None) -> bytes:
@@ -355,8 +363,9 @@ class ResumableHandlers:
 
     async def head(
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
-        dialect: Dialect, file_id: str,
+        dialect: Dialect, file_id: str, with_file: bool = False,
     ) -> None:
+        """Where an upload stands; a stored file's headers (`with_file`: a GET, and its bytes too)."""
         if dialect.draft is None and (version := list_header(scope, b"tus-resumable")) is not None:
             tus.check_tus_resumable(version)
         self.files.check_read(scope)  # before the id is looked at: an expired upload is not a reader's to remove
@@ -377,7 +386,7 @@ class ResumableHandlers:
         stored = await self.files.open_file(file_id)
         try:
             extra = self.finished_headers(stored.record, dialect) if Dialect.spoken(scope) else []
-            await send_stored(scope, receive, send, stored, head_only=True, extra_headers=extra)
+            await send_stored(scope, receive, send, stored, head_only=not with_file, extra_headers=extra)
         finally:
             await stored.close()
 
@@ -491,14 +500,17 @@ class ResumableHandlers:
             error = tus.UploadComplete(detail, offset=record["size"])
             error.headers = ((b"upload-offset", str(record["size"]).encode()),)
             raise error
-        if dialect.completes_at_length:  # versions 3 to 6: any append, but an empty one at its end
-            if progress.complete and offset == record["size"]:
-                raise StoredAtLength(record)
+        if dialect.replays_final_answer and progress.complete and offset == record["size"]:
+            raise StoredAtLength(record)
+        if dialect.completes_at_length:  # versions 3 to 6: any other append
             raise tus.Problem(400, "completed-upload", detail)
-        # Version 8: bytes appended, or a body of unknown length, are an inconsistent length; none is 410.
-        if progress.complete:
+        # Since version 7: bytes appended, or a body of unknown length, are an inconsistent length;
+        # no bytes are 410 completed-upload (7, 8), or in 9, which dropped that type, at another offset 409.
+        if not progress.complete:
+            raise tus.inconsistent_length(detail)
+        if dialect.names_completed_uploads:
             raise tus.Problem(410, "completed-upload", detail)
-        raise tus.inconsistent_length(detail)
+        raise tus.offset_mismatch(True, record["size"], offset)
 
     def declare_length(self, info: UploadInfo, length: int, dialect: Dialect) -> bool:
         """tus creation-defer-length (or the draft's Upload-Length): a PATCH names the length once.
@@ -666,8 +678,9 @@ class ResumableHandlers:
 
 
 class StoredAtLength(Exception):
-    """An empty append at the end of an upload that interop versions 3 to 6 stored at its length:
-    its client's "complete" (or a retry of it) is answered as the append that stored it."""
+    """An empty append at the end of a stored upload, in interop versions 3 to 6 (which store an
+    upload at its length: its client's "complete" may come after) and 9 (a client whose final answer
+    was lost): answered as the append that stored it."""
 
     def __init__(self, record: Record) -> None:
         super().__init__(record["id"])

@@ -2,8 +2,8 @@
 
 Pure functions and the errors they raise, no ASGI: `resumable.py` drives them.
 tus 1.0.0: https://tus.io/protocols/resumable-upload. The IETF draft:
-draft-ietf-httpbis-resumable-upload (interop versions 3 to 6, from drafts -01 to -05,
-and 8, the latest this server speaks); all use `Upload-Offset`, `Upload-Complete` as a
+draft-ietf-httpbis-resumable-upload (interop versions 3 to 9: drafts -01 to -12 and
+the later ones that kept 9); all use `Upload-Offset`, `Upload-Complete` as a
 structured boolean (version 3: `Upload-Incomplete`), `Upload-Length`, `Upload-Limit`,
 `application/partial-upload` for appends (from version 6) and RFC 9457 problem details on
 a mismatch.
@@ -25,9 +25,9 @@ from upload_service.storage import DECLARED_SHA256_RE
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,creation-with-upload,creation-defer-length,termination,expiration,checksum"
 CHECKSUM_ALGORITHMS = ("sha1", "sha256")  # Upload-Checksum: what hashlib does without a second thought
-# Interop versions: 3 is draft -01, 4 and 5 are -02 and -03, 6 is -04/-05, 8 is -06 on
-# (what differs between them: dialects.Dialect).
-DRAFT_VERSIONS = ("3", "4", "5", "6", "8")
+# Interop versions: 3 is draft -01, 4 and 5 are -02 and -03, 6 is -04/-05, 7 is -06 to -08,
+# 8 is -09 to -11, 9 is -12 on (what differs between them: dialects.Dialect).
+DRAFT_VERSIONS = ("3", "4", "5", "6", "7", "8", "9")
 TUS_CONTENT_TYPE = "application/offset+octet-stream"
 DRAFT_CONTENT_TYPE = "application/partial-upload"
 PROBLEM_BASE = "https://iana.org/assignments/http-problem-types#"
@@ -295,12 +295,12 @@ def format_expires(timestamp: float) -> str:
 def format_limit(draft: str, max_size: int, max_append: int | None = None, expires_in: float | None = None) -> str:
     """Upload-Limit, a structured dictionary of the server's limits: the seconds an upload has
     left are `expires` up to interop version 6 (drafts -04/-05; earlier ones had no such header,
-    tusd sends it anyway), `max-age` since."""
+    tusd sends it anyway), `max-age` since (-06, version 7)."""
     limit = f"max-size={max_size}"
     if max_append is not None:
         limit += f", max-append-size={max_append}"
     if expires_in is not None:
-        limit += f", {'max-age' if draft == '8' else 'expires'}={max(0, int(expires_in))}"
+        limit += f", {'max-age' if int(draft) >= 7 else 'expires'}={max(0, int(expires_in))}"
     return limit
 
 
