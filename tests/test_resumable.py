@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from email.utils import parsedate_to_datetime
@@ -30,7 +31,7 @@ import pytest
 import upload_asgi
 from backends import close_app
 from support import ROOT, Reply, Server, field_part, file_part, form_body, form_content_type, http_scope, stored_ids
-from upload_service.storage import UploadBusy
+from upload_service.storage import ResumableUpload, UploadBusy
 from upload_service.units import MiB
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -663,6 +664,47 @@ async def test_a_termination_takes_over_from_a_writer_gone_silent(client: httpx.
     assert (await client.head(location, headers=TUS)).status_code == 404
     assert leftovers(backend) == []
     backend.assert_nothing_stored()
+
+
+async def test_uploads_hashed_again_never_hold_back_other_requests(
+    client: httpx.AsyncClient, config: upload_asgi.Config, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload written by another worker (or before a restart) is hashed again from what is stored
+    (locally at its next PATCH, on S3 when it completes). Those re-reads run on threads of their own:
+    with more at once than the default executor has threads, downloads and form uploads still answer."""
+    count = min(32, (os.cpu_count() or 1) + 4) + 2
+    locations = [await create(client, 4) for _ in range(count)]
+    for location in locations:
+        assert (await patch(client, location, 0, b"ab")).status_code == 204
+    kept = (await client.post("/upload", content=form_body([file_part(b"kept", "k.txt")]),
+                              headers={"Content-Type": form_content_type()})).json()
+    release = threading.Event()
+    ensure_hash = ResumableUpload._ensure_hash
+
+    def slow_rehash(self: ResumableUpload) -> None:
+        if self.hash_unknown:
+            release.wait(30)
+        ensure_hash(self)
+
+    monkeypatch.setattr(ResumableUpload, "_ensure_hash", slow_rehash)
+    restarted = upload_asgi.create_app(config)  # knows none of the uploads' hashes
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=restarted), base_url="http://t") as after:
+        patches = [asyncio.create_task(patch(after, location, 2, b"cd")) for location in locations]
+        try:
+            await asyncio.sleep(0.3)  # every PATCH is waiting for its re-read
+            download, stored = await asyncio.wait_for(asyncio.gather(
+                after.get(f"/files/{kept['id']}"),
+                after.post("/upload", content=form_body([file_part(b"new", "n.txt")]),
+                           headers={"Content-Type": form_content_type()}),
+            ), 10)
+        finally:
+            release.set()
+        assert (download.status_code, download.content, stored.status_code) == (200, b"kept", 201)
+        for reply in await asyncio.gather(*patches):
+            assert reply.status_code == 204, reply.text
+        for location in locations:
+            backend.assert_stored(await record_of(after, location), b"abcd")
+    await close_app(restarted)
 
 
 async def test_a_head_without_the_write_token_does_not_finish_a_cut_short_upload(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from typing import Any, Callable, TypeVar
 
 from upload_service.blocks import BlockQueue
@@ -92,9 +92,10 @@ class AppendBody:
         self.upload.append(data)
 
 
-async def run_blocking(fn: Callable[..., T], *args: Any) -> T:
-    """Run store work on a thread; if cancelled meanwhile, let it finish first (it holds a lock)."""
-    future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+async def run_blocking(fn: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
+    """Run store work on a thread (of `executor`, else the loop's default); if cancelled meanwhile,
+    let it finish first (it holds a lock)."""
+    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
     if await wait_through_cancel(future):
         raise asyncio.CancelledError
     return future.result()

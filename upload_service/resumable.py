@@ -25,7 +25,8 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from upload_service import tus
 from upload_service.appending import AppendBody, run_blocking
@@ -76,6 +77,10 @@ SWEEP_INTERVAL_SECONDS = 60.0  # expired uploads are swept at most this often, w
 # A HEAD of a complete upload another request holds waits this long for it to be stored.
 FINISH_WAIT_SECONDS = 2.0
 FINISH_POLL_SECONDS = 0.05
+# Threads that re-read uploads to hash them again: hashing lets go of the GIL, one a core here.
+REHASH_THREADS = 2
+
+T = TypeVar("T")
 
 
 def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
@@ -104,6 +109,7 @@ class ResumableHandlers:
         self.files = files  # a stored file (a finished upload) is served and deleted by it
         self._last_sweep = float("-inf")
         self.writers = Writers(store)  # one writer per upload, and taking an upload over
+        self._rehasher: ThreadPoolExecutor | None = None
 
     @property
     def config(self):
@@ -548,7 +554,7 @@ class ResumableHandlers:
         # A body that may yet be refused whole (a checksum; no length, so it may pass the
         # limit) is marked durably: meanwhile a HEAD says the offset before it, so the offset
         # it said never goes back (the draft: MUST NOT), and a crash takes the body back.
-        await run_blocking(upload.mark, checksum is not None or body_length is None)
+        await self.hashing(upload, upload.mark, checksum is not None or body_length is None)
         consumer = AppendBody(upload, self.app.write_executor(), checksum[0] if checksum else None)
         self.app.metrics.in_flight += 1
         try:
@@ -595,7 +601,7 @@ class ResumableHandlers:
         """All bytes are there: check the declared digest, store the file like a form's."""
         info = upload.info
         started = time.monotonic()
-        sha256 = await run_blocking(upload.sha256)
+        sha256 = await self.hashing(upload, upload.sha256, finishing=True)
         self.count_rehash(upload)
         if info.sha256 is not None and info.sha256 != sha256:
             await run_blocking(upload.terminate)
@@ -612,6 +618,15 @@ class ResumableHandlers:
         self.app.metrics.bytes_stored += record["size"]
         logger.debug("resumable upload %s stored in %.3f s", info.id, time.monotonic() - started)
         await self.app.notify([record], scope)
+
+    async def hashing(self, upload: ResumableUpload, fn: Callable[..., T], *args: Any, finishing: bool = False) -> T:
+        """Run store work `fn` on a thread: on threads of their own if it first re-reads the whole
+        upload to hash it (written by another worker or before a restart; on S3 when finishing), so
+        that re-reads of big uploads never fill the default executor every request's file work shares."""
+        rereads = upload.hash_unknown and (finishing or not upload.defers_hash)
+        if rereads and self._rehasher is None:
+            self._rehasher = ThreadPoolExecutor(REHASH_THREADS, thread_name_prefix="upload-asgi-rehash")
+        return await run_blocking(fn, *args, executor=self._rehasher if rereads else None)
 
     def count_rehash(self, upload: ResumableUpload) -> None:
         """Count (once) the bytes this request re-read to rebuild the upload's SHA-256."""

@@ -283,6 +283,11 @@ class ResumableUpload(ABC):
         self._ensure_hash()
         return self._hash.hexdigest()
 
+    @property
+    def hash_unknown(self) -> bool:
+        """Whether hashing re-reads the bytes so far first (slow for a big upload)."""
+        return self._hash is None and self.info.offset > 0
+
     def _ensure_hash(self) -> None:
         if self._hash is None:
             started = time.monotonic()
