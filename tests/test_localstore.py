@@ -328,3 +328,20 @@ def test_a_cheap_commit_runs_on_the_loop_and_others_on_a_thread(tmp_path, monkey
     assert (threads == [threading.main_thread()]) is on_the_loop
     for record, data in zip(records, datas):
         assert (store.upload_dir / record["id"]).read_bytes() == data
+
+
+def test_a_lock_that_fails_otherwise_than_busy_closes_what_it_opened(tmp_path, monkeypatch) -> None:
+    """held_by_nobody: a flock failing with another error (ENOLCK on some network file systems) is
+    raised, and its fd does not stay open (a sweep of many markers would run out of fds)."""
+    marker = tmp_path / "x.commit"
+    marker.write_bytes(b"")
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(OSError):
+            localstore.held_by_nobody(str(marker))
+    assert len(os.listdir("/proc/self/fd")) == before

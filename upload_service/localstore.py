@@ -425,6 +425,9 @@ def held_by_nobody(path: str) -> int | None:
             return fd
     except BlockingIOError:
         pass
+    except BaseException:
+        os.close(fd)
+        raise
     os.close(fd)
     return None
 
