@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from support import ROOT, Server, assert_nothing_stored, assert_stored, stored_ids
+from support import ROOT, HeldUpload, Server, assert_nothing_stored, assert_stored, file_part, form_body, stored_ids
 
 pytestmark = pytest.mark.browser
 
@@ -290,6 +290,38 @@ def test_over_limit_file_shows_the_servers_413(open_tab, expect, tmp_path, uploa
         expect(row.locator(".msg")).to_have_text("Too large: the server takes files up to 64.0 KiB (65,536 bytes).")
         assert tab.posts == []
     assert stored_ids(upload_dir) == [only]
+
+
+def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expect, tmp_path, upload_dir):
+    """Every upload slot taken (UPLOAD_MAX_CONCURRENT): the server answers 503 with Retry-After before
+    storing anything. The page sends the file again after that wait, and it is stored once a slot is
+    free; a file cancelled while it waits is not sent again."""
+    kept_data = b"worth the wait " * 100
+    kept = write_file(tmp_path / "files", "kept.txt", kept_data)
+    dropped = write_file(tmp_path / "files", "dropped.txt", b"never stored")
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_MAX_CONCURRENT": "1"}) as server:
+        held = HeldUpload(server.port, form_body([file_part(b"x" * 100_000, "held.bin")]), 1000)
+        with server.client() as http:
+            def slot_taken() -> None:
+                assert http.get("/health").json()["uploads_in_flight"] == 1
+
+            wait_until(slot_taken)
+        tab = open_tab(server.url + "/")
+        tab.page.set_input_files("#picker", [str(kept), str(dropped)])
+        for name in ("kept.txt", "dropped.txt"):
+            expect(tab.row(name).locator(".stats")).to_contain_text("The server is busy; trying again in")
+        tab.row("dropped.txt").get_by_role("button", name="Cancel upload of dropped.txt").click()
+        expect(tab.row("dropped.txt")).to_have_attribute("data-state", "cancelled")
+        expect(tab.row("dropped.txt").locator(".msg")).to_have_text("Cancelled before it was sent again.")
+        status, held_record = held.finish()
+        assert status == 201
+        held.close()
+        expect(tab.row("kept.txt")).to_have_attribute("data-state", "done")
+        expect(tab.page.locator("#status")).to_have_text("Finished: 1 stored, 1 cancelled.")
+        assert len(tab.posts) >= 3  # each refused once, then kept.txt sent again
+        time.sleep(1.5)  # past the Retry-After: the cancelled file is not sent again
+    (kept_id,) = set(stored_ids(upload_dir)) - {held_record["id"]}
+    assert_stored(upload_dir, stored_record(upload_dir, kept_id), kept_data)
 
 
 def test_hostile_filenames_render_as_text(open_tab, expect, tmp_path, upload_dir):
