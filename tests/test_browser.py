@@ -324,6 +324,33 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
     assert_stored(upload_dir, stored_record(upload_dir, kept_id), kept_data)
 
 
+def test_a_file_over_the_request_limit_goes_in_pieces_within_it(open_tab, expect, tmp_path, upload_dir):
+    """UPLOAD_MAX_REQUEST_SIZE below UPLOAD_MAX_FILE_SIZE (a proxy's body limit, say): a file one POST
+    would carry past the request limit goes resumably, in PATCHes within it; only the file limit
+    refuses a file up front."""
+    big_data = os.urandom(3 * MiB + 5)
+    big = write_file(tmp_path / "files", "big.bin", big_data)
+    small = write_file(tmp_path / "files", "small.txt", b"one post" * 100)
+    huge = write_file(tmp_path / "files", "huge.bin", os.urandom(8 * MiB + 1))
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_MAX_FILE_SIZE": "8M", "UPLOAD_MAX_REQUEST_SIZE": "1M"}
+    with Server(upload_dir, env=env) as server:
+        tab = open_tab(server.url + "/")
+        expect(tab.page.locator("#zone-help")).to_contain_text("up to 8.0 MiB each")
+        patches = []
+        tab.page.on("request", lambda request: patches.append(request) if request.method == "PATCH" else None)
+        tab.page.set_input_files("#picker", [str(big), str(small), str(huge)])
+        expect(tab.row("huge.bin").locator(".msg")).to_have_text(
+            "Too large: the server takes files up to 8.0 MiB (8,388,608 bytes).")
+        for name in ("big.bin", "small.txt"):
+            expect(tab.row(name)).to_have_attribute("data-state", "done")
+        expect(tab.page.locator("#status")).to_have_text("Finished: 2 stored, 1 failed.")
+        assert len(patches) == 4  # 3 MiB + 5 bytes in pieces of 1 MiB
+        assert [request.url.endswith("/upload") for request in tab.posts].count(True) == 1  # small.txt
+        big_id = tab.row("big.bin").locator("td.id code").text_content()
+    assert_stored(upload_dir, stored_record(upload_dir, big_id), big_data)
+    assert len(stored_ids(upload_dir)) == 2
+
+
 def test_hostile_filenames_render_as_text(open_tab, expect, tmp_path, upload_dir):
     paths = [str(write_file(tmp_path / "files", name, name.encode())) for name in XSS_NAMES]
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
