@@ -588,6 +588,21 @@ async def test_partial_dir_removed_under_the_app_is_made_again(config, upload_di
     assert_stored(upload_dir, reply.json(), b"data")
 
 
+async def test_upload_dir_removed_under_the_app_lists_empty_then_is_made_again(config, upload_dir):
+    import shutil
+
+    app = upload_asgi.create_app(replace(config, fsync=False))
+    assert (await call_app(app, upload_scope(), [form_body([file_part(b"gone")])])).status == 201
+    shutil.rmtree(upload_dir)
+    for method in ("GET", "HEAD"):
+        listing = await call_app(app, http_scope("/files", method))
+        assert listing.status == 200, listing.body
+    assert listing.body == b"" and (await call_app(app, http_scope("/files", "GET"))).json()["files"] == []
+    reply = await call_app(app, upload_scope(), [form_body([file_part(b"data")])])
+    assert reply.status == 201, reply.body
+    assert (await call_app(app, http_scope("/files", "GET"))).json()["files"] == [reply.json()]
+
+
 async def test_upload_dir_unusable_under_the_app_answers_500_and_health_503(config, upload_dir, caplog):
     import shutil
 

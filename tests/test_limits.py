@@ -24,6 +24,8 @@ import upload_asgi
 from upload_service import early_answer
 from support import (
     upload_scope,
+    call_app,
+    http_scope,
     BOUNDARY,
     Part,
     Reply,
@@ -380,6 +382,18 @@ def test_server_keeps_serving_after_refusals(limited_server):
     assert_stored(limited_server.upload_dir, record, data)
     os.unlink(limited_server.upload_dir / record["id"])
     os.unlink(limited_server.upload_dir / f"{record['id']}.json")
+
+
+@pytest.mark.parametrize("extra, status", [(0, 200), (1, 413)])
+async def test_a_body_the_route_does_not_read_may_be_up_to_the_drain_limit(app, extra: int, status: int):
+    """A route that reads no body reads and drops up to DRAIN_LIMIT_BYTES of one (SPEC §8): exactly
+    that much is fine, a byte more is 413 with the limit named, as every 413 names it."""
+    size = early_answer.DRAIN_LIMIT_BYTES + extra
+    scope = http_scope("/health", "GET", headers=[("content-length", str(size))])
+    reply = await call_app(app, scope, chunks_of(b"x" * size, 1 << 20))
+    assert reply.status == status, reply.body
+    if status == 413:
+        assert (reply.json()["limit"], reply.json()["max"]) == ("request_size", early_answer.DRAIN_LIMIT_BYTES)
 
 
 @pytest.mark.parametrize(

@@ -276,7 +276,7 @@ async def test_metrics_of_a_fresh_app(app):
     }
     values = snapshot(families)
     assert {k for k in values if k.startswith("uploads.")} >= {
-        "uploads.stored", "uploads.rejected", "uploads.failed", "uploads.disconnected"
+        "uploads.stored", "uploads.partial", "uploads.rejected", "uploads.failed", "uploads.disconnected"
     }
     assert all(v == 0 for v in values.values())
     head = await call_app(app, http_scope("/metrics", method="HEAD"))

@@ -47,7 +47,7 @@ async def drain_body(receive: Receive, max_bytes: int, seconds: float, pause: fl
     drained = 0
     try:
         async with asyncio.timeout(seconds):
-            while drained < max_bytes:
+            while drained <= max_bytes:  # a body of exactly max_bytes ends with one more message
                 async with asyncio.timeout(pause):  # None: no bound per message
                     message = await receive()
                 if message["type"] != "http.request" or not message.get("more_body", False):
@@ -68,7 +68,8 @@ async def discard_body(receive: Receive) -> UploadError | None:
         return None
     if time.monotonic() - started >= DRAIN_LIMIT_SECONDS:
         return RequestTimeout(f"a body this route does not read took over {DRAIN_LIMIT_SECONDS:g} s")
-    return PayloadTooLarge(f"a body this route does not read is over {DRAIN_LIMIT_BYTES} bytes")
+    return PayloadTooLarge(f"a body this route does not read is over {DRAIN_LIMIT_BYTES} bytes",
+                           limit="request_size", max=DRAIN_LIMIT_BYTES)
 
 
 async def drain_while_coming(receive: Receive, pause: float, floor: RateFloor) -> None:

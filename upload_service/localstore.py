@@ -271,7 +271,11 @@ class LocalStore(Store):
             return None
 
     def _sidecar_keys(self, before: tuple[int, str] | None) -> Iterator[tuple[int, str]]:
-        with os.scandir(self.upload_dir) as entries:
+        try:
+            entries = os.scandir(self.upload_dir)
+        except FileNotFoundError:  # removed while the app runs: no file there (the next upload makes it again)
+            return
+        with entries:
             for entry in entries:
                 name = entry.name
                 if not name.endswith(".json") or not is_file_id(name[:-5]):

@@ -32,7 +32,7 @@ from upload_service.storage import Record
 logger = logging.getLogger("upload_asgi")
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
-OUTCOMES = ("stored", "rejected", "failed", "disconnected")
+OUTCOMES = ("stored", "partial", "rejected", "failed", "disconnected")  # partial: a resumable PATCH that kept its bytes
 MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 RUN_DIR_PREFIX = "upload-asgi-metrics-"
 LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
