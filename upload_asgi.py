@@ -205,7 +205,7 @@ class UploadApp:
                 scope = {**scope, "method": override}
         except UploadError as exc:
             await self.answer_draining(
-                receive, send, exc, BodyProgress(), scope.get("http_version", "1.1"), protocol_headers(scope)
+                receive, send, exc, BodyProgress(), scope.get("http_version", "1.1"), protocol_headers(scope, refusal=True)
             )
             return
         route = self.routes.match(path)
@@ -226,7 +226,7 @@ class UploadApp:
             await send_error(
                 send,
                 MethodNotAllowed(f"{method} is not allowed on {path}"),
-                headers=[(b"allow", allowed_methods(methods).encode()), *protocol_headers(scope)],
+                headers=[(b"allow", allowed_methods(methods).encode()), *protocol_headers(scope, refusal=True)],
                 head_only=head_only,
             )
             return

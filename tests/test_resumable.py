@@ -1153,6 +1153,12 @@ async def test_draft_offset_at_the_length_is_complete_only_when_the_client_says_
         assert head.status_code == 204
         assert (head.headers["upload-complete"], head.headers["upload-offset"], head.headers["upload-length"]) == ("?0", "6", "6")
         check_error(await client.get(location), 409, "upload_incomplete")
+        under_way = await client.get(location, headers=draft(version))
+        if version == "9":  # an offset retrieval
+            assert (under_way.status_code, under_way.headers["upload-offset"]) == (204, "6")
+        else:  # the protocol's headers on its refusal too
+            check_error(under_way, 409, "upload_incomplete")
+            assert under_way.headers["upload-draft-interop-version"] == version
     assert (await client.get("/files")).json()["files"] == []  # nothing stored yet
     complete = {**append, "Upload-Complete": "?1", "Upload-Offset": "6"}
     for location in (created.headers["location"], deferred.headers["location"]):
@@ -1180,9 +1186,12 @@ async def test_draft_9_says_whose_answer_it_is_and_takes_a_get_as_a_head(client:
     short = await client.patch(location, content=data[4:9], headers={**append, "Upload-Offset": "4", "Upload-Complete": "?1"})
     check_problem(short, 400, "inconsistent-upload-length", "9")
     unknown = await client.patch("/files/" + "0" * 32, content=b"x", headers={**append, "Upload-Offset": "0"})
-    for refusal in (short, unknown):
+    put = await client.put(location, content=b"x", headers=draft("9"))
+    override = await client.post(location, content=b"x", headers=draft("9", X_HTTP_Method_Override="GET"))
+    for refusal in (short, unknown, put, override):
         assert refusal.headers.get_list("upload-complete") == ["?0"], refusal.text
-    assert unknown.status_code == 404
+        assert refusal.headers["upload-draft-interop-version"] == "9"
+    assert (unknown.status_code, put.status_code, override.status_code) == (404, 405, 400)
     done = await client.patch(location, content=data[4:], headers={**append, "Upload-Offset": "4", "Upload-Complete": "?1"})
     assert (done.status_code, done.headers["upload-complete"]) == (200, "?1")
     record = done.json()

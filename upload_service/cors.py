@@ -132,7 +132,8 @@ class Cors:
 
     async def answer_preflight(self, scope: Scope, send: Send, origin: str) -> None:
         if not self.allowed(origin):
-            await send_error(send, CorsRefused(f"the origin {origin} may not use this service"))
+            vary = [] if self.any_origin else [(b"vary", b"Origin")]  # as wrap_send says on every answer
+            await send_error(send, CorsRefused(f"the origin {origin} may not use this service"), headers=vary)
             return
         headers = [
             *self.origin_headers(origin),

@@ -100,12 +100,21 @@ class Dialect:
             return [(b"upload-draft-interop-version", self.draft.encode())]
         return [(b"tus-resumable", tus.TUS_VERSION.encode())]
 
+    def refusal_headers(self) -> Headers:
+        """The headers of a refusal: the protocol's, and in version 9 `Upload-Complete: ?0`."""
+        headers = self.headers()
+        if self.refusals_say_incomplete:
+            headers.append(self.completeness(False))
+        return headers
 
-def protocol_headers(scope: Scope) -> Headers:
+
+def protocol_headers(scope: Scope, refusal: bool = False) -> Headers:
     """For an answer outside the resumable handlers (a 405, a stored file's DELETE): the
-    protocol's headers when the request speaks tus or the draft, none otherwise."""
+    protocol's headers (`refusal`: a refusal's) when the request speaks tus or the draft, none otherwise."""
     dialect = Dialect.spoken(scope)
-    return dialect.headers() if dialect is not None else []
+    if dialect is None:
+        return []
+    return dialect.refusal_headers() if refusal else dialect.headers()
 
 
 def method_override(scope: Scope, path: str) -> str | None:

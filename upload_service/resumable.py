@@ -55,6 +55,7 @@ from upload_service.errors import (
     ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
+    UploadError,
     UploadInterrupted,
     UploadLocked,
     as_upload_error,
@@ -178,10 +179,14 @@ class ResumableHandlers:
         except NotFound:
             # Only an id with no file costs a look for an upload (on S3, a GET of its info).
             info = await run_blocking(self.store.peek, file_id)
-            if info is not None and info.expires <= time.time():
-                info = await self.expire(file_id, info)  # 410 and removed, as HEAD and PATCH answer
-            if info is not None:
-                raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset") from None
+            try:
+                if info is not None and info.expires <= time.time():
+                    info = await self.expire(file_id, info)  # 410 and removed, as HEAD and PATCH answer
+                if info is not None:
+                    raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset") from None
+            except UploadError as exc:
+                exc.headers = (*exc.headers, *protocol_headers(scope, refusal=True))
+                raise
             if not await self.files.is_stored(file_id):
                 raise
         # It was being finished (peek waited for that): a file now.
@@ -226,12 +231,10 @@ class ResumableHandlers:
         """The protocol's headers on an error; the draft's 413 for a limit of ours also names the
         size limits (not the time left: a refused PATCH does not renew the upload); version 9 says
         whose answer it is."""
-        headers = dialect.headers()
+        says_complete = any(name == b"upload-complete" for name, _ in getattr(exc, "headers", ()))
+        headers = dialect.headers() if says_complete else dialect.refusal_headers()  # a 422 is the file's: ?1
         if dialect.draft is not None and isinstance(exc, PayloadTooLarge):
             headers.append((b"upload-limit", self.format_upload_limit(dialect.draft)))
-        says_complete = any(name == b"upload-complete" for name, _ in getattr(exc, "headers", ()))
-        if dialect.refusals_say_incomplete and not says_complete:  # a 422 is the file's: ?1
-            headers.append(dialect.completeness(False))
         return headers
 
     def format_upload_limit(self, draft: str, expires_in: float | None = None) -> bytes:
