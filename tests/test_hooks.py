@@ -147,6 +147,23 @@ async def test_the_token_is_checked_before_the_hook(make_backend_app):
     assert reply.status == 201 and hook.calls[0][1]["x-user"] == "b"
 
 
+async def test_a_resumable_body_over_the_request_limit_is_refused_before_the_hook(make_backend_app):
+    """As for a form: the declared Content-Length is a header check, so the hook never sees a
+    creation or a PATCH that the request limit refuses."""
+    hook = Hook()
+    app = make_backend_app(before_upload=hook, max_request_size=1000)
+    tus = [("Tus-Resumable", "1.0.0"), ("Content-Type", "application/offset+octet-stream")]
+    creation = support.http_scope("/files", "POST", headers=[*tus, ("Upload-Length", "5000"), ("Content-Length", "2000")])
+    reply = await call_app(app, creation, [b"x" * 2000])
+    assert (reply.status, reply.json()["limit"], hook.calls) == (413, "request_size", [])
+    created = await call_app(app, support.http_scope("/files", "POST", headers=[*tus, ("Upload-Length", "5000")]))
+    assert created.status == 201 and len(hook.calls) == 1
+    patch = support.http_scope(created.headers["location"], "PATCH",
+                               headers=[*tus, ("Upload-Offset", "0"), ("Content-Length", "2000")])
+    reply = await call_app(app, patch, [b"x" * 2000])
+    assert (reply.status, reply.json()["limit"], len(hook.calls)) == (413, "request_size", 1)
+
+
 async def test_on_upload_with_one_parameter_still_gets_the_record_alone(make_backend_app):
     got: list[Any] = []
 

@@ -270,6 +270,13 @@ class ResumableHandlers:
                 limit="file_size", max=self.config.max_file_size,
             )
 
+    def check_request_size(self, scope: Scope) -> None:
+        """A body declared over UPLOAD_MAX_REQUEST_SIZE: refused on its headers, before the hook."""
+        length, limit = declared_length(scope), self.config.max_request_size
+        if length is not None and length > limit:
+            raise PayloadTooLarge(f"the body is larger than the request limit of {limit} bytes",
+                                  limit="request_size", max=limit)
+
     def storable(self, info: UploadInfo) -> bool:
         """Whether the upload's length (or offset so far) fits the file limit, which may have been
         lowered since it began (a restart with a smaller UPLOAD_MAX_FILE_SIZE): if not, it can
@@ -298,6 +305,7 @@ class ResumableHandlers:
             length, metadata, will_complete = self.draft_creation(scope, dialect)
             with_upload = True
         sha256 = tus.declared_sha256(metadata, repr_digest)
+        self.check_request_size(scope)
         await self.app.ask_before_upload(scope)
         self.check_capacity()
         expires = time.time() + self.config.resumable_expiry
@@ -461,6 +469,7 @@ class ResumableHandlers:
         if not progress.complete and declared_length(scope) == 0 and await has_bytes(receive, progress):
             # HTTP/2: its end read here (asgi.body_known_empty); h2 itself refuses bytes past the length.
             raise tus.InvalidHeader("Content-Length is 0 but the body has bytes")
+        self.check_request_size(scope)
         await self.app.ask_before_upload(scope)
         self.check_capacity()
         try:
@@ -546,9 +555,6 @@ class ResumableHandlers:
         body_length = declared_length(scope)
         if body_length is not None and body_length > limit:
             raise tus.past_length(dialect.draft is not None, info.length, limit, config.max_file_size)
-        if body_length is not None and body_length > config.max_request_size:
-            raise PayloadTooLarge(f"the body is larger than the request limit of {config.max_request_size} bytes",
-                                  limit="request_size", max=config.max_request_size)
         if will_complete and info.length is not None and body_length is not None \
                 and info.offset + body_length != info.length:
             raise tus.inconsistent_length(
