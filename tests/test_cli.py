@@ -16,7 +16,7 @@ import pytest
 
 from support import ROOT, assert_stored, free_port
 from upload_service import cli
-from upload_service.settings import variables
+from upload_service.settings import Config, describe, variables
 
 SCRIPT = Path(sys.executable).parent / "upload-asgi"
 COMMANDS = [
@@ -41,6 +41,17 @@ def test_help_lists_the_options_and_every_setting_with_its_variable(command):
     for variable in variables().values():
         assert f"\n  {variable} " in done.stdout, variable
     assert "passed to hypercorn" in done.stdout
+
+
+def test_help_shows_each_default_as_its_variable_takes_it(monkeypatch):
+    """What --help shows as a default, set as that variable, gives the default back."""
+    shown = {variable: default for variable, default, _ in describe()}
+    assert (shown["UPLOAD_MAX_FILE_SIZE"], shown["UPLOAD_FSYNC"], shown["UPLOAD_IDLE_TIMEOUT"]) == ("10G", "1", "60")
+    for name, variable in variables().items():
+        monkeypatch.delenv(variable, raising=False)
+        if shown[variable] != "unset":
+            monkeypatch.setenv(variable, shown[variable])
+    assert Config.from_env() == Config()
 
 
 def test_a_bad_setting_stops_the_command_naming_the_variable(tmp_path):

@@ -25,10 +25,9 @@ DEFAULT_GRACEFUL_TIMEOUT = 60
 
 
 def build_parser() -> argparse.ArgumentParser:
-    rows = "\n".join(
-        f"  {variable:<24} {'unset' if default in ('None', '()') else default:<12} {text}"
-        for variable, default, text in describe()
-    )
+    settings = describe()
+    width = max(len(variable) for variable, _, _ in settings)
+    rows = "\n".join(f"  {variable:<{width}} {default:<7} {text}" for variable, default, text in settings)
     parser = argparse.ArgumentParser(
         prog="upload-asgi",
         allow_abbrev=False,  # an abbreviated hypercorn option must reach hypercorn
@@ -47,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", "-w", type=int, default=1, metavar="N",
                         help="worker processes (default 1); /metrics sums them all")
     parser.add_argument("--root-path", default="", metavar="PATH",
-                        help="the prefix a proxy strips, e.g. /files (default none)")
+                        help="the prefix the app is mounted under, which the proxy keeps in the path, e.g. /files (default none)")
     parser.add_argument("--dir", metavar="PATH", help="upload directory: sets UPLOAD_DIR (default ./uploads)")
     parser.add_argument("--graceful-timeout", type=int, default=DEFAULT_GRACEFUL_TIMEOUT, metavar="SECONDS",
                         help=f"how long uploads in flight may take to finish at SIGTERM, whole seconds "

@@ -7,10 +7,11 @@
     PATCH   /files/<id>    append at Upload-Offset (tus: application/offset+octet-stream,
                            the draft: application/partial-upload)
     DELETE  /files/<id>    terminate it (or delete the stored file)
-    GET     /files/<id>    409 upload_incomplete while it is one (410 once expired)
+    GET     /files/<id>    409 upload_incomplete while it is one (410 once expired); to the
+                           draft's version 9, as HEAD
 
-A request carrying `Upload-Draft-Interop-Version: 6` or `8` speaks the draft; any
-other, tus (and so needs `Tus-Resumable: 1.0.0`). The bytes go through the same
+A request carrying an `Upload-Draft-Interop-Version` we speak (3 to 9, dialects.py) speaks
+the draft; any other, tus (and so needs `Tus-Resumable: 1.0.0`). The bytes go through the same
 body reader as a form (limits, idle timeout, rate floor, backpressure) into a
 `ResumableUpload` held for this request alone; once all of them are there, the
 upload is checked against any digest the client declared and stored like a

@@ -340,5 +340,25 @@ def variables() -> dict[str, str]:
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(variable, default, help) for every setting, for `--help` and the README."""
-    return [(f.metadata["variable"], str(f.default), f.metadata["help"]) for f in fields(Config)]
+    """(variable, default as one would set it, help) for every setting, for `--help`."""
+    return [(f.metadata["variable"], format_default(f.metadata["parse"], f.default), f.metadata["help"])
+            for f in fields(Config)]
+
+
+def format_default(parse: Callable[[str], Any], value: Any) -> str:
+    """A default in the form its variable takes: 10G, 1, 24h; "unset" for none."""
+    if value is None or value == ():
+        return "unset"
+    if value == 0 and not isinstance(value, bool):
+        return "0"
+    if parse is parse_bool:
+        return "1" if value else "0"
+    if parse is parse_size:
+        unit = next(unit for unit in "GMK " if value % SIZE_UNITS[unit.strip()] == 0)
+        return f"{value // SIZE_UNITS[unit.strip()]}{unit.strip()}"
+    if parse is parse_duration:
+        unit = next(unit for unit in "dhm " if value % DURATION_UNITS[unit.strip()] == 0)
+        return f"{value // DURATION_UNITS[unit.strip()]:g}{unit.strip()}"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
