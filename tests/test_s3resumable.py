@@ -105,6 +105,9 @@ async def test_begun_on_one_server_finished_on_another(bucket: S3Backend, two_ap
 
 
 async def test_one_writer_across_servers(bucket: S3Backend, two_apps: Any) -> None:
+    """A PATCH through another server asks the upload's holder to let go (a stop object naming its
+    lease, which it checks about once a second): the holder keeps what it got, the newcomer goes on
+    from there. Never two writers at once; the stop object goes with them."""
     data = payload(6 * MiB, seed=6)
     first, second = two_apps
     release = asyncio.Event()
@@ -120,13 +123,13 @@ async def test_one_writer_across_servers(bucket: S3Backend, two_apps: Any) -> No
         deadline = time.monotonic() + 20
         while not any(n.endswith(".lock") for n in bucket.objects()) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        assert await offset_of(b, location) == 0  # HEAD needs no lease: the info before the PATCH
         reply = await patch(b, location, 0, b"x")
-        assert reply.status_code == 423, reply.text
-        assert reply.json()["error"] == "upload_locked"
-        assert (await b.delete(location, headers=TUS)).status_code == 423
-        assert await offset_of(b, location) == 0  # HEAD needs no lease
+        assert reply.status_code == 409, reply.text  # the holder let go, keeping its 3 MiB
+        assert reply.json()["offset"] == 3 * MiB
+        assert (await writing).status_code == 400
         release.set()
-        assert (await writing).status_code == 204
+        assert (await patch(b, location, 3 * MiB, data[3 * MiB :])).status_code == 204
         record = (await b.get(f"{location}/record")).json()
     assert_only_stored(bucket, record, data)
 
@@ -261,6 +264,37 @@ def test_kill_mid_patch_resumes_from_the_info(bucket: S3Backend, tmp_path: Path)
         record = http.get(f"{location}/record").json()
     assert record["sha256"] == sha(data)
     assert_only_stored(bucket, record, data)
+
+
+@pytest.mark.slow
+def test_a_silent_patch_is_taken_over_through_either_worker(bucket: S3Backend, tmp_path: Path) -> None:
+    """With -w 2 the resuming PATCH lands in the worker that holds the upload (asked directly) or in
+    the other (asked through a stop object): either way it is taken over, not a 423 until the idle
+    timeout. The client resumes as tus clients do: from HEAD's offset, then from the 409's."""
+    from test_resumable import send_partial_patch
+
+    data = payload(1_000_000, seed=4)
+    with Server(tmp_path / "u", env=server_env(bucket), args=["-w", "2"]) as server:
+        for _ in range(4):
+            with server.client() as http:
+                location = http.post("/files", headers={**TUS, "Upload-Length": str(len(data))}).headers["location"]
+            sock = send_partial_patch(server.port, location, 0, data[:300_000], len(data))
+            lock = f".resumable/{location.rsplit('/', 1)[1]}.lock"
+            deadline = time.monotonic() + 20
+            while lock not in bucket.objects():
+                assert time.monotonic() < deadline, "the silent PATCH never took its lease"
+                time.sleep(0.05)
+            with server.client() as http:  # a new connection: either worker
+                offset = int(http.head(location, headers=TUS).headers["upload-offset"])
+                reply = http.patch(location, content=data[offset:], headers={**OCTETS, "Upload-Offset": str(offset)})
+                if reply.status_code == 409:  # the silent one kept what it got
+                    offset = reply.json()["offset"]
+                    reply = http.patch(location, content=data[offset:], headers={**OCTETS, "Upload-Offset": str(offset)})
+                assert reply.status_code == 204, reply.text
+                assert http.get(location).content == data
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+            sock.close()
+    assert [name for name in bucket.objects() if name.startswith(".resumable/")] == []
 
 
 def uploads(bucket: S3Backend) -> list[str]:

@@ -12,6 +12,8 @@ request (less than a part) is kept as a tail object. Under `<prefix>/.resumable/
                    the info names is never overwritten; the old one goes after the commit.
     <id>.lock      the lease: one writer at a time across servers (If-None-Match: *),
                    renewed while written, taken over (If-Match) once stale.
+    <id>.stop      a request elsewhere asks the lease's holder to let go: it names the
+                   lease's ETag, which the holder checks for about once a second.
 
 A request reads the tail back at its first write and commits (tail, then info) when
 its piece is kept (`keep`); until then the info in the bucket is the state before
@@ -57,6 +59,7 @@ READ_BLOCK_SIZE = 1 * MiB  # the deferred hash reads the object back a MiB at a 
 CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 # A tail or lease without an info this old was left by a crash (create writes both within a moment).
 STALE_LEFTOVER_SECONDS = 3600.0
+MAX_ASKED = 1000
 
 
 class Conflict(Exception):
@@ -91,6 +94,9 @@ class S3Upload(ResumableUpload):
         self._info_saved = replace(info)  # the info as the bucket has it
         self._lease: str | None = lease  # the lease object's ETag while held
         self._lease_at = time.monotonic()
+        self._leases = {lease}  # every ETag our lease had: a stop names one of them
+        self._stop_check: concurrent.futures.Future[str | None] | None = None
+        self._stopped = False  # a stop named our lease: ours to remove
         self._upload_id = saved.upload_id
         self._parts: list[tuple[int, concurrent.futures.Future[str], int]] = []  # sent since the commit
         self._next_part = max((number for number, _, _ in saved.parts), default=0) + 1
@@ -169,6 +175,20 @@ class S3Upload(ResumableUpload):
             return
         self._lease = self._store.run(self._store.renew_lease(self.info.id, self._lease))
         self._lease_at = time.monotonic()
+        self._leases.add(self._lease)
+
+    def stop_asked(self) -> bool:
+        """Whether `<id>.stop` names our lease. Never waits (it is called on the app's loop): it
+        answers from the last read and starts the next one on our loop."""
+        check, self._stop_check = self._stop_check, None
+        if check is not None and not check.done():
+            self._stop_check = check
+            return False
+        if check is not None and check.exception() is None and check.result() in self._leases:
+            self._stopped = True
+            return True
+        self._stop_check = self._store.submit(self._store.read_stop(self.info.id))
+        return False
 
     def skip_part_numbers(self, count: int) -> None:
         self._next_part += count
@@ -326,6 +346,8 @@ class S3Upload(ResumableUpload):
         if not self.gone and not self._dirty:
             self._store.digests.keep(self.info.id, self.info.offset, self.digest_state)
         self._chunks, self._buffered = [], 0
+        if self._stopped:
+            self._store.run_quietly(self._store.delete(self._store.stop_key(self.info.id)))
         self._store.let_go(self.info.id, lease)
 
 
@@ -341,6 +363,7 @@ class S3ResumableStore(ResumableStore):
         self._closed = False
         self.digests = DigestCache()  # hash states of uploads this process wrote last
         self._conditions_hold = False  # the store refuses a failed If-None-Match / If-Match (checked once)
+        self._asked: dict[str, str] = {}  # stops put, until we hold the upload: id -> the lease ETag named
 
     # -- keys --
 
@@ -352,6 +375,9 @@ class S3ResumableStore(ResumableStore):
 
     def lock_key(self, upload_id: str) -> str:
         return self._name(upload_id, ".lock")
+
+    def stop_key(self, upload_id: str) -> str:
+        return self._name(upload_id, ".stop")
 
     def tail_key(self, upload_id: str, generation: int) -> str:
         # The generation, and a token of this writer: a writer that lost its lease
@@ -545,6 +571,14 @@ class S3ResumableStore(ResumableStore):
         except Conflict:
             raise UploadLocked(f"resumable upload {upload_id} was taken over by another writer") from None
 
+    async def read_stop(self, upload_id: str) -> str | None:
+        """The lease ETag a stop names, if any."""
+        answer = await self.s3.call_or_none("get_object", Key=self.stop_key(upload_id))
+        if answer is None:
+            return None
+        async with answer["Body"] as body:
+            return (await self.read_block(body, None)).decode("ascii", "replace")
+
     async def remove_bytes(self, upload_id: str, saved: Saved, multipart: str | None) -> None:
         """Everything of an upload but its info: the multipart upload or object, the tail, the lease."""
         if saved.completed:
@@ -582,12 +616,30 @@ class S3ResumableStore(ResumableStore):
             self.run_quietly(self.delete(self.lock_key(upload_id), if_match=lease))
             return None
         info, saved = found
+        if self._asked.pop(upload_id, None) is not None:  # its holder died without seeing our stop
+            self.run_quietly(self.delete(self.stop_key(upload_id)))
         upload = S3Upload(self, info, saved, lease, self.digests.take(upload_id, info.offset))
         if taken_over:
             # A holder held up past its lease (a slow store) may still land the parts it
             # was sending, numbered after the committed ones: never reuse those numbers.
             upload.skip_part_numbers(self.s3.parts_in_flight + 1)
         return upload
+
+    def ask_to_stop(self, upload_id: str) -> None:
+        """Put `<id>.stop` naming the lease as it is now, for its holder in whatever process (a
+        lease renewed since is still its own; one taken over is another's, and not asked). A store
+        that fails here leaves the holder to the idle timeout, as before."""
+        if not is_file_id(upload_id):
+            return
+        try:
+            held = self.run(self.get_json(self.lock_key(upload_id)))
+            if held is not None and self._asked.get(upload_id) != held[1]:
+                self.run(self.s3.call("put_object", Key=self.stop_key(upload_id), Body=held[1].encode()))
+                if len(self._asked) > MAX_ASKED:  # asks never followed by an acquire
+                    self._asked.clear()
+                self._asked[upload_id] = held[1]  # no PUT per poll while that lease lasts
+        except StorageUnavailable as exc:
+            logger.warning("asking the writer of resumable upload %s to stop failed: %s", upload_id, exc)
 
     def peek(self, upload_id: str) -> UploadInfo | None:
         if not is_file_id(upload_id):

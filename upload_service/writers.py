@@ -5,8 +5,8 @@ connection that dropped unseen (a phone changing networks, a NAT forgetting it) 
 `PATCH` waiting for bytes that never come, holding the upload until the idle timeout, while its
 client has already come back. So, as tusd does, a `PATCH` or `DELETE` of a held upload asks the
 holder to stop: the holder's body read ends (`UploadInterrupted`), it keeps what it got and lets
-go. In this process it is asked directly; in another worker through the store
-(`ResumableStore.ask_to_stop`), which the holder checks about once a second.
+go. In this process it is asked directly; in another worker (or on S3 another server) through
+the store (`ResumableStore.ask_to_stop`), which the holder checks about once a second.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class Writers:
 
     async def take_over(self, file_id: str) -> ResumableUpload | None:
         """Hold the upload (None if there is none), asking a request that holds it to stop. 423 if
-        it has not let go within a few seconds (it is storing the file, or on S3 it runs on
-        another server: a silent one there lets go at the idle timeout)."""
+        it has not let go within a few seconds (it is storing the file, or the store could not
+        pass the request on: it lets go at the idle timeout)."""
         deadline = time.monotonic() + TAKEOVER_WAIT_SECONDS
         while True:
             try:
