@@ -1008,6 +1008,9 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, v
     assert body["expected-offset"] == 5000 and body["provided-offset"] == 4000
     reply = await client.patch(location, content=b"x", headers={**append, "Upload-Offset": "5000", "Content-Type": "application/offset+octet-stream"})
     check_error(reply, 415, "unsupported_media_type")
+    # Drafts -06 to -08 (7): "any response, successful or not" to a request that did not complete
+    # the upload says ?0; -12 on (9): a refusal is the protocol's answer, ?0.
+    assert reply.headers.get("upload-complete") == ("?0" if version in ("7", "9") else None)
     complete = {**append, "Upload-Complete": "?1", "Upload-Offset": "5000"}
     check_problem(await client.patch(location, content=data[5000:-1], headers=complete), 400, "inconsistent-upload-length", version)
     assert int((await client.head(location, headers=draft(version))).headers["upload-offset"]) == 5000
@@ -1017,14 +1020,17 @@ async def test_draft_upload_in_pieces(client: httpx.AsyncClient, backend: Any, v
     record = reply.json()
     assert record["filename"] == "rows.csv" and record["content_type"] == "text/csv"
     backend.assert_stored(record, data)
-    # Complete: since interop 7, bytes appended are an inconsistent length, an empty append 410 (7, 8)
-    # or the final answer again (9); in 6 (drafts -04/-05) any append but that is 400 completed-upload.
+    # Complete: since interop 8, bytes appended are an inconsistent length, an empty append 410 (8)
+    # or the final answer again (9); in 6 and 7 (drafts -04 to -08) any append but that (6) is
+    # 400 completed-upload.
     at_end = {**complete, "Upload-Offset": str(len(data))}
-    if version == "6":
+    if version in ("6", "7"):
         check_problem(await client.patch(location, content=b"x", headers=at_end), 400, "completed-upload", version)
     else:
         check_problem(await client.patch(location, content=b"x", headers=at_end), 400, "inconsistent-upload-length", version)
-    if version in ("7", "8"):
+    if version == "7":
+        check_problem(await client.patch(location, content=b"", headers=at_end), 400, "completed-upload", version)
+    elif version == "8":
         check_problem(await client.patch(location, content=b"", headers=at_end), 410, "completed-upload", version)
     else:
         again = await client.patch(location, content=b"", headers=at_end)
@@ -1163,6 +1169,48 @@ async def test_draft_offset_at_the_length_is_complete_only_when_the_client_says_
         backend.assert_stored(reply.json(), data)
 
 
+async def test_a_patch_taken_over_from_a_body_of_no_length_resumes_where_head_said(
+    client: httpx.AsyncClient, backend: Any
+) -> None:
+    """A body of no declared length (chunked) is counted once it ends: meanwhile HEAD says the offset
+    before it. A PATCH that takes the upload over resumes at that offset, which the draft says MUST
+    be accepted; the interrupted body is dropped, not kept."""
+    data = payload(3000)
+    reply = await client.post("/files", content=data[:1000], headers=draft("8", Upload_Complete="?0", Upload_Length="3000"))
+    location = reply.headers["location"]
+    append = draft("8", Content_Type="application/partial-upload", Upload_Complete="?0", Upload_Offset="1000")
+    release = asyncio.Event()
+
+    async def stalled() -> Any:
+        yield data[1000:1500]
+        await release.wait()
+
+    held = asyncio.create_task(client.patch(location, content=stalled(), headers=append))
+    await asyncio.sleep(0.5)
+    assert (await client.head(location, headers=draft("8"))).headers["upload-offset"] == "1000"
+    reply = await client.patch(location, content=data[1000:], headers={**append, "Upload-Complete": "?1"})
+    assert reply.status_code == 200, reply.text
+    assert (await held).status_code == 400
+    release.set()
+    backend.assert_stored(reply.json(), data)
+    assert leftovers(backend) == []
+
+
+async def test_a_refused_draft_patch_leaves_no_length_behind(client: httpx.AsyncClient, backend: Any) -> None:
+    """Its Upload-Length and its bytes disagree ("their indicated lengths MUST match"): refused, and
+    the length it named is not the upload's, so the right completion still goes through (tus keeps
+    a PATCH's declared length whatever becomes of its body, as tusd)."""
+    reply = await client.post("/files", content=b"abc", headers=draft("8", Upload_Complete="?0"))
+    location = reply.headers["location"]
+    complete = draft("8", Content_Type="application/partial-upload", Upload_Complete="?1", Upload_Offset="3")
+    refused = await client.patch(location, content=b"def", headers={**complete, "Upload-Length": "20"})
+    check_problem(refused, 400, "inconsistent-upload-length", "8")
+    assert "upload-length" not in (await client.head(location, headers=draft("8"))).headers
+    reply = await client.patch(location, content=b"def", headers=complete)
+    assert reply.status_code == 200, reply.text
+    backend.assert_stored(reply.json(), b"abcdef")
+
+
 async def test_draft_9_says_whose_answer_it_is_and_takes_a_get_as_a_head(client: httpx.AsyncClient, backend: Any) -> None:
     """Drafts -12 on (interop 9): `Upload-Complete` on an answer says whether it is the uploaded file's
     (?1) or the protocol's (?0), refusals included; a GET retrieves an upload's offset as a HEAD does;
@@ -1181,6 +1229,9 @@ async def test_draft_9_says_whose_answer_it_is_and_takes_a_get_as_a_head(client:
     short = await client.patch(location, content=data[4:9], headers={**append, "Upload-Offset": "4", "Upload-Complete": "?1"})
     check_problem(short, 400, "inconsistent-upload-length", "9")
     unknown = await client.patch("/files/" + "0" * 32, content=b"x", headers={**append, "Upload-Offset": "0"})
+    for speaks, name in ((TUS, "tus-resumable"), (draft("8"), "upload-draft-interop-version")):
+        missing = await client.get("/files/" + "0" * 32, headers=speaks)
+        assert missing.status_code == 404 and name in missing.headers  # every protocol answer says it
     put = await client.put(location, content=b"x", headers=draft("9"))
     override = await client.post(location, content=b"x", headers=draft("9", X_HTTP_Method_Override="GET"))
     for refusal in (short, unknown, put, override):

@@ -53,12 +53,6 @@ class Dialect:
         return tus.DRAFT_CONTENT_TYPE if self.interop >= 6 else None
 
     @property
-    def names_completed_uploads(self) -> bool:
-        """Whether the `completed-upload` problem type exists: drafts -06 to -11 (versions 7 and 8)
-        answer an empty append to a completed upload with it; -12 removed it."""
-        return self.interop in (7, 8)
-
-    @property
     def replays_final_answer(self) -> bool:
         """Whether an empty append at the end of a stored upload gets the answer that stored it again:
         versions 3 to 6 (whose "complete" may come after the append that stored it) and, as drafts
@@ -67,9 +61,10 @@ class Dialect:
 
     @property
     def refusals_say_incomplete(self) -> bool:
-        """Drafts -12 on (version 9): `Upload-Complete` on an answer says whose it is, ?1 the
-        uploaded file's, ?0 the protocol's, so a refusal of the protocol's says ?0."""
-        return self.interop >= 9
+        """Whether a refusal says `Upload-Complete: ?0`: drafts -06 to -08 (version 7: "any response,
+        successful or not", to a request that did not complete the upload), and -12 on (version 9:
+        ?1 is the uploaded file's answer, ?0 the protocol's)."""
+        return self.interop == 7 or self.interop >= 9
 
     @property
     def gets_offset(self) -> bool:

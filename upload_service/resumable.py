@@ -177,18 +177,18 @@ class ResumableHandlers:
             return await self.run(scope, receive, send, dialect, self.head, dialect, file_id, True, counted=False)
         try:
             return await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
-        except NotFound:
+        except NotFound as missing:
             # Only an id with no file costs a look for an upload (on S3, a GET of its info).
-            info = await run_blocking(self.store.peek, file_id)
             try:
+                info = await run_blocking(self.store.peek, file_id)
                 if info is not None and info.expires <= time.time():
                     info = await self.expire(file_id, info)  # 410 and removed, as HEAD and PATCH answer
                 if info is not None:
                     raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset") from None
-            except UploadError as exc:
+                if not await self.files.is_stored(file_id):
+                    raise missing
+            except UploadError as exc:  # a refusal: the protocol's headers, as every resumable answer has
                 exc.headers = (*exc.headers, *protocol_headers(scope, refusal=True))
-                raise
-            if not await self.files.is_stored(file_id):
                 raise
         # It was being finished (peek waited for that): a file now.
         await self.files.handle_download(scope, receive, send, head_only=head_only, file_id=file_id)
@@ -492,8 +492,10 @@ class ResumableHandlers:
                 raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
             if new_length is not None:
                 length = tus.parse_number(new_length, "Upload-Length")
-                if self.declare_length(upload.info, length, dialect):
-                    await run_blocking(upload.save_info)  # declared, whatever becomes of the body (as tusd)
+                # tus: declared whatever becomes of the body (as tusd); the draft: with the body, as a
+                # refused request's lengths must not stay ("their indicated lengths MUST match").
+                if self.declare_length(upload.info, length, dialect) and dialect.draft is None:
+                    await run_blocking(upload.save_info)
             await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
             if completes(upload.info, will_complete, dialect):
                 await self.finish(scope, upload, outcome, dialect)
@@ -521,13 +523,13 @@ class ResumableHandlers:
             raise error
         if dialect.replays_final_answer and progress.complete and offset == record["size"]:
             raise StoredAtLength(record)
-        if dialect.completes_at_length:  # versions 3 to 6: any other append
+        if dialect.interop <= 7:  # drafts -01 to -08: any other append (the type's status, 400)
             raise tus.Problem(400, "completed-upload", detail)
-        # Since version 7: bytes appended, or a body of unknown length, are an inconsistent length;
-        # no bytes are 410 completed-upload (7, 8), or in 9, which dropped that type, at another offset 409.
+        # Drafts -09 on: bytes appended, or a body of unknown length, are an inconsistent length; no
+        # bytes are 410 completed-upload (version 8), or in 9, which dropped that type, at another offset 409.
         if not progress.complete:
             raise tus.inconsistent_length(detail)
-        if dialect.names_completed_uploads:
+        if dialect.interop == 8:
             raise tus.Problem(410, "completed-upload", detail)
         raise tus.offset_mismatch(True, record["size"], offset)
 
@@ -572,10 +574,13 @@ class ResumableHandlers:
                 await self.writers.read_body(receive, upload, consumer, progress, min(limit, config.max_request_size),
                                              config.idle_timeout, config.min_rate)
                 await consumer.flush()
-            except (ClientGone, RequestTimeout, UploadInterrupted, asyncio.CancelledError):
+            except (ClientGone, RequestTimeout, UploadInterrupted, asyncio.CancelledError) as exc:
                 # What arrived before the client left, or another request took over, or the server
                 # stopped (cancelled at its graceful timeout), stays: the upload resumes from there.
-                if checksum is None:
+                # Not a body HEAD has not counted (no length) that another request took over from:
+                # the newcomer resumes at the offset HEAD gave, which the draft says MUST be accepted.
+                taken_over_uncounted = isinstance(exc, UploadInterrupted) and body_length is None
+                if checksum is None and not taken_over_uncounted:
                     await consumer.flush()
                     await self.keep(upload, outcome)
                 raise
