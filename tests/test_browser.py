@@ -108,10 +108,11 @@ class Tab:
 
 @pytest.fixture
 def open_tab(browser: Any) -> Iterator[Callable[..., Tab]]:
-    """open_tab(url, width=..., block_health=...) -> a loaded upload page; closed after the test."""
+    """open_tab(url, width=..., block_health=..., health=...) -> a loaded upload page; closed after the test."""
     tabs: list[Tab] = []
 
-    def open_tab(url: str, width: int = 1200, height: int = 900, block_health: bool = False) -> Tab:
+    def open_tab(url: str, width: int = 1200, height: int = 900, block_health: bool = False,
+                 health: tuple[int, str] | None = None) -> Tab:
         context = browser.new_context(viewport={"width": width, "height": height})
         context.set_default_timeout(TIMEOUT_MS)
         page = context.new_page()
@@ -123,6 +124,9 @@ def open_tab(browser: Any) -> Iterator[Callable[..., Tab]]:
         if block_health:
             # What an old server or a proxy in the way looks like: no limits known up front.
             page.route("**/health", lambda route: route.abort())
+        elif health is not None:  # (status, JSON body) in place of the server's
+            page.route("**/health", lambda route: route.fulfill(
+                status=health[0], body=health[1], content_type="application/json"))
         page.goto(url)
         if not block_health:
             wait_for_page(page, "document.getElementById('zone-help').textContent.includes('up to')")
@@ -310,6 +314,7 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
         tab.page.set_input_files("#picker", [str(kept), str(dropped)])
         for name in ("kept.txt", "dropped.txt"):
             expect(tab.row(name).locator(".stats")).to_contain_text("The server is busy; trying again in")
+            expect(tab.row(name).locator("progress")).to_have_attribute("value", "0")  # nothing stored yet
         tab.row("dropped.txt").get_by_role("button", name="Cancel upload of dropped.txt").click()
         expect(tab.row("dropped.txt")).to_have_attribute("data-state", "cancelled")
         expect(tab.row("dropped.txt").locator(".msg")).to_have_text("Cancelled before it was sent again.")
@@ -320,8 +325,16 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
         expect(tab.page.locator("#status")).to_have_text("Finished: 1 stored, 1 cancelled.")
         assert len(tab.posts) >= 3  # each refused once, then kept.txt sent again
         time.sleep(1.5)  # past the Retry-After: the cancelled file is not sent again
-    (kept_id,) = set(stored_ids(upload_dir)) - {held_record["id"]}
-    assert_stored(upload_dir, stored_record(upload_dir, kept_id), kept_data)
+        # The page sends no more at once than the server takes (max_concurrent 1): nothing refused.
+        tab = open_tab(server.url + "/")
+        tab.throttle(2_000_000)
+        tab.page.set_input_files("#picker", [str(write_file(tmp_path / "more", f"m{i}.bin", os.urandom(MiB)))
+                                             for i in range(3)])
+        expect(tab.page.locator("#status")).to_have_text("Finished: 3 stored.")
+        assert len(tab.posts) == 3
+    kept_ids = [i for i in stored_ids(upload_dir) if stored_record(upload_dir, i)["filename"] == "kept.txt"]
+    assert len(kept_ids) == 1 and len(stored_ids(upload_dir)) == 5  # held.bin, kept.txt, m0-m2
+    assert_stored(upload_dir, stored_record(upload_dir, kept_ids[0]), kept_data)
 
 
 def test_a_file_over_the_request_limit_goes_in_pieces_within_it(open_tab, expect, tmp_path, upload_dir):
@@ -347,8 +360,26 @@ def test_a_file_over_the_request_limit_goes_in_pieces_within_it(open_tab, expect
         assert len(patches) == 4  # 3 MiB + 5 bytes in pieces of 1 MiB
         assert [request.url.endswith("/upload") for request in tab.posts].count(True) == 1  # small.txt
         big_id = tab.row("big.bin").locator("td.id code").text_content()
-    assert_stored(upload_dir, stored_record(upload_dir, big_id), big_data)
-    assert len(stored_ids(upload_dir)) == 2
+        assert_stored(upload_dir, stored_record(upload_dir, big_id), big_data)
+        # A 503 /health (its store unavailable a moment) still names the limits: the same choices.
+        with server.client() as http:
+            facts = http.get("/health").json()
+        tab = open_tab(server.url + "/", health=(503, json.dumps({**facts, "status": "unavailable"})))
+        expect(tab.page.locator("#zone-help")).to_contain_text("up to 8.0 MiB each")
+        tab.page.set_input_files("#picker", [str(big), str(huge)])
+        expect(tab.row("huge.bin")).to_have_attribute("data-state", "error")
+        expect(tab.row("big.bin")).to_have_attribute("data-state", "done")
+        assert tab.posts == [request for request in tab.posts if "/upload" not in request.url]  # no POST /upload
+        # Cancel with a token no header can carry: the row is cancelled all the same (no script error).
+        tab = open_tab(server.url + "/")
+        tab.throttle(300_000)
+        tab.page.set_input_files("#picker", str(big))
+        wait_for_page(tab.page, "Number(document.querySelector('#rows progress').value) > 0")
+        tab.page.evaluate("document.getElementById('token').value = 'x\u20ac'")
+        tab.row("big.bin").get_by_role("button", name="Cancel upload of big.bin").click()
+        expect(tab.row("big.bin")).to_have_attribute("data-state", "cancelled")
+        expect(tab.page.locator("#status")).to_have_text("Finished: 1 cancelled.")
+    assert len(stored_ids(upload_dir)) == 3
 
 
 def test_hostile_filenames_render_as_text(open_tab, expect, tmp_path, upload_dir):
