@@ -133,6 +133,24 @@ async def test_one_writer_across_servers(bucket: S3Backend, two_apps: Any) -> No
     assert_only_stored(bucket, record, data)
 
 
+async def test_a_stop_its_holder_never_read_goes_with_the_upload(bucket: S3Backend, two_apps: Any) -> None:
+    """A holder that reads no body (a DELETE, a PATCH storing the file) never sees a stop put for it:
+    the request that put it removes it once the upload is gone, instead of the sweep an hour later."""
+    first, second = two_apps
+    async with client_of(first) as a, client_of(second) as b:
+        location = await create(a, 6)
+        upload_id = location.rsplit("/", 1)[1]
+        holder = await asyncio.to_thread(first.resumable.store.acquire, upload_id)
+        asking = asyncio.create_task(b.delete(location, headers=TUS))
+        deadline = time.monotonic() + 10
+        while f".resumable/{upload_id}.stop" not in bucket.objects():
+            assert time.monotonic() < deadline, "no stop was put"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(holder.terminate)
+        assert (await asking).status_code == 404  # terminated meanwhile: nothing left to delete
+    assert [name for name in bucket.objects() if name.startswith(".resumable/")] == []
+
+
 async def test_a_dead_writers_lease_goes_stale(bucket: S3Backend, two_apps: Any) -> None:
     first, second = two_apps
     async with client_of(first) as a:

@@ -41,7 +41,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 from upload_service.errors import StorageRefused, StorageUnavailable, UploadLocked
 from upload_service.s3client import MISSING_CODES, BotoCoreError, PartBody, aiohttp, error_code
@@ -346,8 +346,8 @@ class S3Upload(ResumableUpload):
         if not self.gone and not self._dirty:
             self._store.digests.keep(self.info.id, self.info.offset, self.digest_state)
         self._chunks, self._buffered = [], 0
-        if self._stopped:
-            self._store.run_quietly(self._store.delete(self._store.stop_key(self.info.id)))
+        if self._stopped:  # ours, unless another request has put one for the next holder since
+            self._store.run_quietly(self._store.drop_stop(self.info.id, lambda named: named in self._leases))
         self._store.let_go(self.info.id, lease)
 
 
@@ -363,7 +363,7 @@ class S3ResumableStore(ResumableStore):
         self._closed = False
         self.digests = DigestCache()  # hash states of uploads this process wrote last
         self._conditions_hold = False  # the store refuses a failed If-None-Match / If-Match (checked once)
-        self._asked: dict[str, str] = {}  # stops put, until we hold the upload: id -> the lease ETag named
+        self._asked: set[str] = set()  # uploads we put a stop for, until we hold them (or they are gone)
 
     # -- keys --
 
@@ -573,11 +573,22 @@ class S3ResumableStore(ResumableStore):
 
     async def read_stop(self, upload_id: str) -> str | None:
         """The lease ETag a stop names, if any."""
+        found = await self._stop_and_etag(upload_id)
+        return None if found is None else found[0]
+
+    async def drop_stop(self, upload_id: str, done_with: Callable[[str], bool]) -> None:
+        """Delete the stop if `done_with(the lease it names)`, and only as read (If-Match): one put
+        since, asking the next holder, stays."""
+        found = await self._stop_and_etag(upload_id)
+        if found is not None and done_with(found[0]):
+            await self.delete(self.stop_key(upload_id), if_match=found[1])
+
+    async def _stop_and_etag(self, upload_id: str) -> tuple[str, str] | None:
         answer = await self.s3.call_or_none("get_object", Key=self.stop_key(upload_id))
         if answer is None:
             return None
         async with answer["Body"] as body:
-            return (await self.read_block(body, None)).decode("ascii", "replace")
+            return (await self.read_block(body, None)).decode("ascii", "replace"), answer["ETag"]
 
     async def remove_bytes(self, upload_id: str, saved: Saved, multipart: str | None) -> None:
         """Everything of an upload but its info: the multipart upload or object, the tail, the lease."""
@@ -603,6 +614,7 @@ class S3ResumableStore(ResumableStore):
 
     def acquire(self, upload_id: str) -> S3Upload | None:
         if not is_file_id(upload_id) or self.run(self.read_info(upload_id)) is None:
+            self._forget_stop(upload_id, lambda named: True)  # gone: a stop we put there is no one's
             return None
         lease, taken_over = self.run(self.take_lease(upload_id))
         try:
@@ -614,10 +626,10 @@ class S3ResumableStore(ResumableStore):
             if found is not None:  # finished, but its process died before removing the info
                 self.run_quietly(self.delete(self.info_key(upload_id)))
             self.run_quietly(self.delete(self.lock_key(upload_id), if_match=lease))
+            self._forget_stop(upload_id, lambda named: True)
             return None
         info, saved = found
-        if self._asked.pop(upload_id, None) is not None:  # its holder died without seeing our stop
-            self.run_quietly(self.delete(self.stop_key(upload_id)))
+        self._forget_stop(upload_id, lambda named: named != lease)  # one naming us is for us
         upload = S3Upload(self, info, saved, lease, self.digests.take(upload_id, info.offset))
         if taken_over:
             # A holder held up past its lease (a slow store) may still land the parts it
@@ -633,13 +645,19 @@ class S3ResumableStore(ResumableStore):
             return
         try:
             held = self.run(self.get_json(self.lock_key(upload_id)))
-            if held is not None and self._asked.get(upload_id) != held[1]:
+            if held is not None:  # put again at each poll: a holder's clean-up may have removed it
                 self.run(self.s3.call("put_object", Key=self.stop_key(upload_id), Body=held[1].encode()))
                 if len(self._asked) > MAX_ASKED:  # asks never followed by an acquire
                     self._asked.clear()
-                self._asked[upload_id] = held[1]  # no PUT per poll while that lease lasts
+                self._asked.add(upload_id)
         except StorageUnavailable as exc:
             logger.warning("asking the writer of resumable upload %s to stop failed: %s", upload_id, exc)
+
+    def _forget_stop(self, upload_id: str, done_with: Callable[[str], bool]) -> None:
+        """Remove the stop this process put (its holder let go without seeing it, or died)."""
+        if upload_id in self._asked:
+            self._asked.discard(upload_id)
+            self.run_quietly(self.drop_stop(upload_id, done_with))
 
     def peek(self, upload_id: str) -> UploadInfo | None:
         if not is_file_id(upload_id):
