@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import CancelledError
+from concurrent.futures import wait as wait_for_futures
 
 import pytest
 
@@ -172,10 +173,33 @@ def test_in_order_cancels_every_later_job_once_one_was_cancelled():
     gate.set()
     futures[0].result(10)
     wait_until_idle(pool)
-    assert futures[2].cancelled()
+    with pytest.raises(CancelledError):
+        futures[2].result(10)
     with pytest.raises(CancelledError):
         jobs.submit(later).result(10)  # a new run: still cancelled, still unrun
     assert ran == ["first"]
+
+
+def test_in_order_tells_waiters_of_a_job_cancelled_after_an_earlier_one_failed():
+    """An upload aborted by a failed write (ENOSPC) cancels its waiting blocks and waits for them
+    all (BlockQueue.cancel): a cancelled job must count as done for concurrent.futures.wait, or the
+    abort waited for ever (a real full-disk test hung one run in a hundred)."""
+    pool = WriterPool(1)
+    jobs = threads.InOrder(pool)
+    gate = threading.Event()
+
+    def failing(started):
+        started.set()
+        gate.wait(10)
+        raise OSError(28, "No space left on device")
+
+    futures = [jobs.submit(failing), jobs.submit(recording([], "later")), jobs.submit(recording([], "last"))]
+    assert futures[2].cancel()
+    gate.set()
+    done, pending = wait_for_futures(futures, timeout=5)
+    assert pending == set()
+    with pytest.raises(OSError):
+        futures[1].result()
 
 
 def test_in_order_takes_turns_with_other_jobs_waiting_for_a_thread():

@@ -9,7 +9,7 @@ import asyncio
 import os
 import threading
 from collections import deque
-from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 # Threads that hash and write files (blocks.BLOCK_SIZE blocks), per app: the
@@ -128,7 +128,11 @@ class InOrder:
 
     def _run(self, fn: Callable[..., None], args: tuple[Any, ...], future: Future[None],
              started: threading.Event | None) -> None:
-        if self._failure is None and future.set_running_or_notify_cancel():
+        # Every future goes through set_running_or_notify_cancel: a cancelled one that is not told so
+        # stays "not done" for concurrent.futures.wait, and an aborted upload waited for ever.
+        if not future.set_running_or_notify_cancel():  # cancelled by an aborted upload
+            self._failure = self._failure or CancelledError()
+        elif self._failure is None:
             try:
                 fn(*args, started=started)
             except BaseException as exc:
@@ -137,17 +141,10 @@ class InOrder:
             else:
                 future.set_result(None)
             return
+        else:  # after a failed or cancelled one: never runs, fails the same
+            future.set_exception(self._failure)
         if started is not None:
             started.set()  # nothing runs: the loop need not wait
-        if future.cancelled():  # by an aborted upload
-            self._failure = self._failure or CancelledError()
-        elif isinstance(self._failure, CancelledError):
-            future.cancel()
-        else:
-            try:
-                future.set_exception(self._failure)
-            except InvalidStateError:  # cancelled meanwhile by an aborted upload
-                pass
 
 
 async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
