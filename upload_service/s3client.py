@@ -27,16 +27,21 @@ except ImportError as exc:  # pragma: no cover - the extra not installed
     ) from None
 
 __all__ = [
-    "BotoCoreError", "ClientError", "MISSING_CODES", "PartBody", "aiohttp", "describe_failure", "error_code",
-    "open_client",
+    "BotoCoreError", "CONFLICT_CODES", "ClientError", "Conflict", "MISSING_CODES", "PartBody", "aiohttp",
+    "describe_failure", "error_code", "open_client",
 ]
 
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}  # a condition failed
 REFUSED_CODES = {
     "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken",
 }
 FAILING_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout"}
+
+
+class Conflict(Exception):
+    """A conditional write lost: the object is not as we last saw it."""
 
 
 async def open_client(endpoint_url: str | None, max_connections: int) -> Any:

@@ -10,10 +10,8 @@ request (less than a part) is kept as a tail object. Under `<prefix>/.resumable/
                    and the tail it names are in the bucket; offset = parts + tail.
     <id>.tail-<g>  the bytes after the last part; a new one per generation, so the one
                    the info names is never overwritten; the old one goes after the commit.
-    <id>.lock      the lease: one writer at a time across servers (If-None-Match: *),
-                   renewed while written, taken over (If-Match) once stale.
-    <id>.stop      a request elsewhere asks the lease's holder to let go: it names the
-                   lease's ETag, which the holder checks for about once a second.
+    <id>.lock      the lease: one writer at a time across servers, and
+    <id>.stop      a request elsewhere asking its holder to let go (`s3leases.py`).
 
 A request reads the tail back at its first write and commits (tail, then info) when
 its piece is kept (`keep`); until then the info in the bucket is the state before
@@ -41,10 +39,13 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Iterator, TypeVar
 
-from upload_service.errors import StorageRefused, StorageUnavailable, UploadLocked
-from upload_service.s3client import MISSING_CODES, BotoCoreError, PartBody, aiohttp, error_code
+from upload_service.errors import StorageUnavailable, UploadLocked
+from upload_service.s3client import (
+    CONFLICT_CODES, MISSING_CODES, BotoCoreError, Conflict, PartBody, aiohttp, error_code,
+)
+from upload_service.s3leases import Leases
 from upload_service.s3store import RESUMABLE_DIR, THREAD_WAIT_SECONDS, S3Store, wait_for_room
 from upload_service.storage import (
     DigestCache, Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id, new_file_id, record_json,
@@ -56,14 +57,8 @@ logger = logging.getLogger("upload_asgi")
 T = TypeVar("T")
 
 READ_BLOCK_SIZE = 1 * MiB  # the deferred hash reads the object back a MiB at a time
-CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 # A tail or lease without an info this old was left by a crash (create writes both within a moment).
 STALE_LEFTOVER_SECONDS = 3600.0
-MAX_ASKED = 1000
-
-
-class Conflict(Exception):
-    """A conditional write lost: the object is not as we last saw it."""
 
 
 @dataclass
@@ -171,9 +166,9 @@ class S3Upload(ResumableUpload):
         return self._saved.parts + done
 
     def _renew_lease(self, force: bool = False) -> None:
-        if self._lease is None or (not force and time.monotonic() - self._lease_at < self._store.lease_seconds / 4):
+        if self._lease is None or (not force and time.monotonic() - self._lease_at < self._store.leases.seconds / 4):
             return
-        self._lease = self._store.run(self._store.renew_lease(self.info.id, self._lease))
+        self._lease = self._store.run(self._store.leases.renew(self.info.id, self._lease))
         self._lease_at = time.monotonic()
         self._leases.add(self._lease)
 
@@ -187,7 +182,7 @@ class S3Upload(ResumableUpload):
         if check is not None and check.exception() is None and check.result() in self._leases:
             self._stopped = True
             return True
-        self._stop_check = self._store.submit(self._store.read_stop(self.info.id))
+        self._stop_check = self._store.submit(self._store.leases.read_stop(self.info.id))
         return False
 
     def skip_part_numbers(self, count: int) -> None:
@@ -347,8 +342,8 @@ class S3Upload(ResumableUpload):
             self._store.digests.keep(self.info.id, self.info.offset, self.digest_state)
         self._chunks, self._buffered = [], 0
         if self._stopped:  # ours, unless another request has put one for the next holder since
-            self._store.run_quietly(self._store.drop_stop(self.info.id, lambda named: named in self._leases))
-        self._store.let_go(self.info.id, lease)
+            self._store.run_quietly(self._store.leases.drop_stop(self.info.id, lambda named: named in self._leases))
+        self._store.leases.let_go(self.info.id, lease)
 
 
 class S3ResumableStore(ResumableStore):
@@ -356,14 +351,12 @@ class S3ResumableStore(ResumableStore):
 
     def __init__(self, s3: S3Store, lease_seconds: float, expiry: float = 0.0) -> None:
         self.s3 = s3
-        self.lease_seconds = lease_seconds
+        self.leases = Leases(self, lease_seconds)
         self.expiry = expiry  # an info written less than this ago cannot have expired: the sweep skips it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._closed = False
         self.digests = DigestCache()  # hash states of uploads this process wrote last
-        self._conditions_hold = False  # the store refuses a failed If-None-Match / If-Match (checked once)
-        self._asked: set[str] = set()  # uploads we put a stop for, until we hold them (or they are gone)
 
     # -- keys --
 
@@ -504,92 +497,6 @@ class S3ResumableStore(ResumableStore):
         info = UploadInfo(upload_id, length, offset, value["metadata"], value["expires"], value.get("sha256"))
         return info, saved
 
-    async def take_lease(self, upload_id: str) -> tuple[str, bool]:
-        """Create the lease object, or take over a stale one; UploadBusy if another writer holds it.
-
-        Returns its ETag, and whether it was taken over (its holder may not be dead after all).
-        """
-        await self.check_conditional_writes()
-        key = self.lock_key(upload_id)
-        for _ in range(2):
-            lease = {"holder": secrets.token_hex(8), "expires": time.time() + self.lease_seconds}
-            try:
-                return await self.put_json(key, lease, None), False
-            except Conflict:
-                pass
-            held = await self.get_json(key)
-            if held is None:
-                continue  # released meanwhile
-            if held[0].get("expires", 0) > time.time():
-                raise UploadBusy(upload_id)
-            try:
-                return await self.put_json(key, lease, held[1]), True  # its holder died: take it over
-            except Conflict:
-                raise UploadBusy(upload_id) from None
-        raise UploadBusy(upload_id)
-
-    async def check_conditional_writes(self) -> None:
-        """Once: make sure the store refuses a PUT whose If-None-Match or If-Match fails. Some
-        S3-compatible stores ignore both, and then two writers could hold one lease (SPEC §10)."""
-        if self._conditions_hold:
-            return
-        key = self.lock_key(new_file_id())  # a lease without an info: the sweep removes it if left
-        await self.put_json(key, {}, None)
-        try:
-            for if_match in (None, '"not-its-etag"'):
-                try:
-                    await self.put_json(key, {}, if_match)
-                except Conflict:
-                    continue
-                logger.error("%s ignores conditional writes: resumable uploads are refused", self.s3.url)
-                raise StorageRefused(
-                    "the object store ignores conditional writes (If-None-Match, If-Match), which resumable "
-                    "uploads need to keep one writer at a time"
-                )
-        finally:
-            await self.delete(key)
-        self._conditions_hold = True
-
-    def let_go(self, upload_id: str, lease: str) -> None:
-        """Delete our lease (blocking). If the store is not there, try again in the background until
-        the lease would be stale anyway: the upload must not stay locked (423) after a blip."""
-        key = self.lock_key(upload_id)
-        try:
-            self.run(self.delete(key, if_match=lease))
-        except Exception as exc:
-            logger.warning("releasing the lease of resumable upload %s failed (tried again later): %s", upload_id, exc)
-            what = f"releasing the lease of resumable upload {upload_id}"
-            with contextlib.suppress(StorageUnavailable, RuntimeError):  # closed: nothing runs any more
-                self.loop().call_soon_threadsafe(
-                    self.s3.retry_later, what, lambda: self.delete(key, if_match=lease), self.lease_seconds
-                )
-
-    async def renew_lease(self, upload_id: str, etag: str) -> str:
-        lease = {"holder": secrets.token_hex(8), "expires": time.time() + self.lease_seconds}
-        try:
-            return await self.put_json(self.lock_key(upload_id), lease, etag)
-        except Conflict:
-            raise UploadLocked(f"resumable upload {upload_id} was taken over by another writer") from None
-
-    async def read_stop(self, upload_id: str) -> str | None:
-        """The lease ETag a stop names, if any."""
-        found = await self._stop_and_etag(upload_id)
-        return None if found is None else found[0]
-
-    async def drop_stop(self, upload_id: str, done_with: Callable[[str], bool]) -> None:
-        """Delete the stop if `done_with(the lease it names)`, and only as read (If-Match): one put
-        since, asking the next holder, stays."""
-        found = await self._stop_and_etag(upload_id)
-        if found is not None and done_with(found[0]):
-            await self.delete(self.stop_key(upload_id), if_match=found[1])
-
-    async def _stop_and_etag(self, upload_id: str) -> tuple[str, str] | None:
-        answer = await self.s3.call_or_none("get_object", Key=self.stop_key(upload_id))
-        if answer is None:
-            return None
-        async with answer["Body"] as body:
-            return (await self.read_block(body, None)).decode("ascii", "replace"), answer["ETag"]
-
     async def remove_bytes(self, upload_id: str, saved: Saved, multipart: str | None) -> None:
         """Everything of an upload but its info: the multipart upload or object, the tail, the lease."""
         if saved.completed:
@@ -603,33 +510,33 @@ class S3ResumableStore(ResumableStore):
 
     def create(self, length: int | None, metadata: dict[str, str], expires: float, sha256: str | None) -> S3Upload:
         info = UploadInfo(new_file_id(), length, 0, dict(metadata), expires, sha256)
-        lease, _ = self.run(self.take_lease(info.id))
+        lease, _ = self.run(self.leases.take(info.id))
         saved = Saved()
         try:
             saved.etag = self.run(self.write_info(info, saved, None))
         except BaseException:
-            self.run_quietly(self.delete(self.lock_key(info.id)))
+            self.run_quietly(self.leases.remove(info.id, None))
             raise
         return S3Upload(self, info, saved, lease, hashlib.sha256())
 
     def acquire(self, upload_id: str) -> S3Upload | None:
         if not is_file_id(upload_id) or self.run(self.read_info(upload_id)) is None:
-            self._forget_stop(upload_id, lambda named: True)  # gone: a stop we put there is no one's
+            self.leases.forget_stop(upload_id, lambda named: True)  # gone: a stop we put there is no one's
             return None
-        lease, taken_over = self.run(self.take_lease(upload_id))
+        lease, taken_over = self.run(self.leases.take(upload_id))
         try:
             found = self.run(self.read_info(upload_id))  # as it is now that we hold it
         except BaseException:
-            self.run_quietly(self.delete(self.lock_key(upload_id), if_match=lease))
+            self.run_quietly(self.leases.remove(upload_id, lease))
             raise
         if found is None or (found[1].completed and self.run(self.s3.record(upload_id)) is not None):
             if found is not None:  # finished, but its process died before removing the info
                 self.run_quietly(self.delete(self.info_key(upload_id)))
-            self.run_quietly(self.delete(self.lock_key(upload_id), if_match=lease))
-            self._forget_stop(upload_id, lambda named: True)
+            self.run_quietly(self.leases.remove(upload_id, lease))
+            self.leases.forget_stop(upload_id, lambda named: True)
             return None
         info, saved = found
-        self._forget_stop(upload_id, lambda named: named != lease)  # one naming us is for us
+        self.leases.forget_stop(upload_id, lambda named: named != lease)  # one naming us is for us
         upload = S3Upload(self, info, saved, lease, self.digests.take(upload_id, info.offset))
         if taken_over:
             # A holder held up past its lease (a slow store) may still land the parts it
@@ -638,26 +545,7 @@ class S3ResumableStore(ResumableStore):
         return upload
 
     def ask_to_stop(self, upload_id: str) -> None:
-        """Put `<id>.stop` naming the lease as it is now, for its holder in whatever process (a
-        lease renewed since is still its own; one taken over is another's, and not asked). A store
-        that fails here leaves the holder to the idle timeout, as before."""
-        if not is_file_id(upload_id):
-            return
-        try:
-            held = self.run(self.get_json(self.lock_key(upload_id)))
-            if held is not None:  # put again at each poll: a holder's clean-up may have removed it
-                self.run(self.s3.call("put_object", Key=self.stop_key(upload_id), Body=held[1].encode()))
-                if len(self._asked) > MAX_ASKED:  # asks never followed by an acquire
-                    self._asked.clear()
-                self._asked.add(upload_id)
-        except StorageUnavailable as exc:
-            logger.warning("asking the writer of resumable upload %s to stop failed: %s", upload_id, exc)
-
-    def _forget_stop(self, upload_id: str, done_with: Callable[[str], bool]) -> None:
-        """Remove the stop this process put (its holder let go without seeing it, or died)."""
-        if upload_id in self._asked:
-            self._asked.discard(upload_id)
-            self.run_quietly(self.drop_stop(upload_id, done_with))
+        self.leases.ask_to_stop(upload_id)
 
     def peek(self, upload_id: str) -> UploadInfo | None:
         if not is_file_id(upload_id):
@@ -708,13 +596,13 @@ class S3ResumableStore(ResumableStore):
             if found is None or found[0].expires > now:
                 return 0
             try:
-                lease, _ = await self.take_lease(upload_id)
+                lease, _ = await self.leases.take(upload_id)
             except UploadBusy:
                 return 0  # being written now: its request renews the expiry
             try:
                 return await self._remove_expired(upload_id, now)
             finally:
-                await self.delete(self.lock_key(upload_id), if_match=lease)
+                await self.leases.remove(upload_id, lease)
         for name, modified in group:
             if now - modified > STALE_LEFTOVER_SECONDS:
                 await self.delete(self._name(upload_id, name[len(upload_id):]))
