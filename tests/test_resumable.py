@@ -1488,6 +1488,25 @@ async def test_draft_refusals(client: httpx.AsyncClient, backend: Any) -> None:
                 412, "unsupported_version")
 
 
+async def test_draft_numbers_are_structured_integers(client: httpx.AsyncClient, backend: Any) -> None:
+    """RFC 9651: the interop version, Upload-Length and Upload-Offset are Items, whose parameters
+    are ignored, and an integer has at most 15 digits. tus' numbers are digits only."""
+    created = draft("9;p=1", Upload_Complete="?0", Upload_Length="6;q")
+    reply = await client.post("/files", content=b"abc", headers=created)
+    assert reply.status_code == 201, reply.text
+    assert reply.headers["upload-draft-interop-version"] == "9"
+    location = reply.headers["location"]
+    append = draft("9", Content_Type="application/partial-upload", Upload_Complete="?1", Upload_Offset="3;a=?1")
+    for offset in ("0" * 15 + "3", "3;", "3 ;a", "3;A"):
+        check_error(await client.patch(location, content=b"def", headers={**append, "Upload-Offset": offset}),
+                    400, "invalid_header")
+    reply = await client.patch(location, content=b"def", headers=append)
+    assert reply.status_code == 200, reply.text
+    backend.assert_stored(reply.json(), b"abcdef")
+    tus_creation = {"Tus-Resumable": "1.0.0", "Upload-Length": "3;a=1"}
+    check_error(await client.post("/files", headers=tus_creation), 400, "invalid_header")
+
+
 # -- real servers and independent clients -------------------------------------------------------
 
 

@@ -26,6 +26,17 @@ def test_numbers() -> None:
     assert tus.parse_number(str(2**63 - 1), "Upload-Offset") == 2**63 - 1
 
 
+def test_draft_numbers_are_structured_integers() -> None:
+    assert tus.parse_number("5;a=1; b", "Upload-Offset", structured=True) == 5
+    assert tus.parse_number(" 007 ", "Upload-Offset", structured=True) == 7
+    assert tus.parse_number("9" * 15, "Upload-Length", structured=True) == 10**15 - 1
+    for text in ("9" * 16, "5;", "5 ;a", "5;A", "5,6", "-1", "5;a=x y"):
+        with pytest.raises(tus.InvalidHeader):
+            tus.parse_number(text, "Upload-Offset", structured=True)
+    with pytest.raises(tus.InvalidHeader):
+        tus.parse_number("5;a=1", "Upload-Offset")  # tus: digits only
+
+
 def test_metadata_parsing() -> None:
     parsed = tus.parse_metadata(f"filename {b64('a b.txt')},is_confidential, filetype {b64('text/plain')}")
     assert parsed == {"filename": b64("a b.txt"), "is_confidential": "", "filetype": b64("text/plain")}
@@ -107,8 +118,9 @@ def test_a_stored_files_metadata_is_what_its_record_keeps() -> None:
 
 
 def test_the_interop_version_is_read_as_a_structured_integer() -> None:
-    assert [tus.draft_version(text) for text in ("8", " 08 ", "006", "7", "9")] == ["8", "8", "6", "7", "9"]
-    for text in (None, "", "2", "10", "8.0", "+8", "-8", "８", "8" * 16, "0" * 15 + "8"):
+    assert [tus.draft_version(text) for text in ("8", " 08 ", "006", "7", "9", "9;a=1", "8; x")] == [
+        "8", "8", "6", "7", "9", "9", "8"]
+    for text in (None, "", "2", "10", "8.0", "+8", "-8", "８", "8" * 16, "0" * 15 + "8", "9;", "9;A", "9 ;a"):
         assert tus.draft_version(text) is None, text
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from upload_service.asgi import Scope, Send, header, list_header, send_error
-from upload_service.errors import UploadError
+from upload_service.errors import TOKEN, UploadError
 
 ALLOW_METHODS = b"GET, HEAD, POST, PATCH, DELETE, OPTIONS"
 ALLOW_HEADERS = b", ".join([
@@ -50,8 +50,7 @@ EXPOSE_HEADERS = b", ".join([
 ])
 ALLOWED_NAMES = frozenset(name.strip().lower() for name in ALLOW_HEADERS.split(b","))
 # Access-Control-Request-Headers: a comma list of header names (Fetch standard).
-HEADER_NAME = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-REQUEST_HEADERS_RE = re.compile(rf"[ \t]*{HEADER_NAME}(?:[ \t]*,[ \t]*{HEADER_NAME})*[ \t]*")
+REQUEST_HEADERS_RE = re.compile(rf"[ \t]*{TOKEN}(?:[ \t]*,[ \t]*{TOKEN})*[ \t]*")
 # How long a browser may reuse a preflight's answer (Chromium caps it at 2 hours).
 MAX_AGE_SECONDS = b"600"
 DEFAULT_PORTS = {"http": 80, "https": 443}

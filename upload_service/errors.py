@@ -152,7 +152,9 @@ FRAMING_HEADERS = frozenset({
     b"content-length", b"content-type", b"transfer-encoding", b"connection", b"keep-alive", b"te",
     b"trailer", b"upgrade", b"proxy-connection",
 })
-HEADER_NAME_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# RFC 9110 §5.6.2: a token (header names, media types, parameter names and values).
+TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+HEADER_NAME_RE = re.compile(TOKEN.encode())
 HEADER_VALUE_RE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 
 

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, quote
 from upload_service.asgi import (
     Headers, Message, Receive, Scope, Send, bearer_token_matches, header, list_header, send_json,
 )
-from upload_service.errors import NotFound, PreconditionFailed, Unauthorized, UploadError
+from upload_service.errors import TOKEN, NotFound, PreconditionFailed, Unauthorized, UploadError
 from upload_service.settings import Config
 from upload_service.storage import BadCursor, Record, Store, StoredFile, UnreadableRecord, is_file_id
 
@@ -48,7 +48,6 @@ FALLBACK_UNSAFE_CHARS = '"\\%/:'
 
 # RFC 9110 §8.3.1 media type: token "/" token, then parameters; anything else (a
 # non-ASCII or broken type a client sent) is served as application/octet-stream.
-TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 QUOTED_STRING = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
 PARAMETER = rf"{TOKEN}=(?:{TOKEN}|{QUOTED_STRING})"
 # Parameters read strictly: `text/plain;a=b, text/html` is two types to a browser (Fetch splits on commas).

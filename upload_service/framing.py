@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote
 
-from upload_service.errors import FormError, LimitExceeded
+from upload_service.errors import TOKEN, FormError, LimitExceeded
 from upload_service.units import KiB
 
 # RFC 2046 §5.1.1 allows a preamble before the first boundary; nothing real sends
@@ -74,7 +74,7 @@ _BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u20
 # RFC 9110 §5.1: a field name is a token (§5.6.2), right before the colon (RFC 9112
 # §5.1 forbids white space there). A line that is not `name: value` is malformed, also
 # in a part the route ignores: skipping it could silently drop a part.
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_RE = re.compile(TOKEN)
 # `; key="value"` or `; key=token`, without escapes: how clients write parameters. Each
 # piece can match in one way only (possessive white space, a `;` first): a hostile value
 # fails in linear time, never by backtracking over every split of its white space.

@@ -355,7 +355,7 @@ class ResumableHandlers:
     def draft_creation(self, scope: Scope, dialect: Dialect) -> tuple[int | None, dict[str, str], bool | None]:
         will_complete = dialect.will_complete(scope, appending=False)
         length_text = list_header(scope, b"upload-length")
-        length = None if length_text is None else tus.parse_number(length_text, "Upload-Length")
+        length = None if length_text is None else tus.parse_number(length_text, "Upload-Length", structured=True)
         body_length = declared_length(scope)
         if will_complete and body_length is not None:
             if length is not None and length != body_length:
@@ -465,7 +465,7 @@ class ResumableHandlers:
         if wanted is not None and media_type != wanted:
             raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {media_type!r}")
         will_complete = dialect.will_complete(scope, appending=True)
-        offset = tus.parse_number(list_header(scope, b"upload-offset"), "Upload-Offset")
+        offset = tus.parse_number(list_header(scope, b"upload-offset"), "Upload-Offset", dialect.draft is not None)
         new_length = list_header(scope, b"upload-length")
         if not progress.complete and declared_length(scope) == 0 and await has_bytes(receive, progress):
             # HTTP/2: its end read here (asgi.body_known_empty); h2 itself refuses bytes past the length.
@@ -491,7 +491,7 @@ class ResumableHandlers:
             if offset != upload.info.offset:
                 raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
             if new_length is not None:
-                length = tus.parse_number(new_length, "Upload-Length")
+                length = tus.parse_number(new_length, "Upload-Length", dialect.draft is not None)
                 # tus: declared whatever becomes of the body (as tusd); the draft: with the body, as a
                 # refused request's lengths must not stay ("their indicated lengths MUST match").
                 if self.declare_length(upload.info, length, dialect) and dialect.draft is None:

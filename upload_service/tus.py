@@ -37,7 +37,7 @@ PROBLEM_BASE = "https://iana.org/assignments/http-problem-types#"
 MAX_METADATA_BYTES = 8 * 1024
 MAX_METADATA_PAIRS = 32
 # A length or offset: digits only, at most 2**63 - 1 (what a signed 64-bit file offset holds).
-NUMBER_RE = re.compile(r"[0-9]{1,19}")
+NUMBER_RE = re.compile(r"([0-9]{1,19})")
 MAX_NUMBER = 2**63 - 1
 # tus 1.0.0: a key "MUST NOT contain spaces and commas and MUST NOT be empty" (tusd takes
 # `user:id` or `a/b`); printable ASCII, so that it echoes back in a header as it came.
@@ -138,13 +138,16 @@ def past_length(draft: bool, length: int | None, limit: int, max_file_size: int)
 # -- headers -------------------------------------------------------------------------
 
 
-def parse_number(text: str | None, name: str) -> int:
-    """A non-negative integer header (Upload-Length, Upload-Offset), or 400."""
+def parse_number(text: str | None, name: str, structured: bool = False) -> int:
+    """A non-negative integer header (Upload-Length, Upload-Offset), or 400. `structured`: the
+    draft's RFC 9651 integer (at most 15 digits, its parameters checked, then ignored)."""
     value = (text or "").strip()
-    if not NUMBER_RE.fullmatch(value) or int(value) > MAX_NUMBER:
+    match = (SF_INTEGER_RE if structured else NUMBER_RE).fullmatch(value)
+    if match is None or int(match[1]) > MAX_NUMBER:
         shown = value if len(value) <= 40 else value[:40] + "..."
-        raise InvalidHeader(f"{name} must be a non-negative integer below 2^63, not {shown!r}")
-    return int(value)
+        most = "a structured integer (at most 15 digits)" if structured else "an integer below 2^63"
+        raise InvalidHeader(f"{name} must be {most}, not negative, not {shown!r}")
+    return int(match[1])
 
 
 def check_tus_resumable(text: str | None) -> None:
@@ -264,7 +267,9 @@ def parse_checksum(text: str | None) -> tuple[str, bytes] | None:
 # RFC 9651 §3.1.2 parameters: `;key` or `;key=bare-item` (integer, decimal, string, token, bytes, boolean).
 SF_KEY = r"[a-z*][a-z0-9_.*-]*"
 SF_BARE_ITEM = r'(?:-?[0-9]{1,15}(?:\.[0-9]{1,3})?|"(?:[ !#-\[\]-~]|\\["\\])*"|[A-Za-z*][!#$%&\'*+.^_`|~0-9A-Za-z:/-]*|:[A-Za-z0-9+/=]*:|\?[01])'
-SF_BOOLEAN_RE = re.compile(rf"\?([01])(?:; *{SF_KEY}(?:={SF_BARE_ITEM})?)*")
+SF_PARAMETERS = rf"(?:; *{SF_KEY}(?:={SF_BARE_ITEM})?)*"
+SF_BOOLEAN_RE = re.compile(rf"\?([01]){SF_PARAMETERS}")
+SF_INTEGER_RE = re.compile(rf"([0-9]{{1,15}}){SF_PARAMETERS}")
 
 
 def parse_boolean(text: str | None, name: str) -> bool:
@@ -281,10 +286,9 @@ def format_boolean(value: bool) -> bytes:
 
 def draft_version(text: str | None) -> str | None:
     """The IETF draft interop version a request speaks, if one we accept; else None (tus)."""
-    value = (text or "").strip()
-    if value.isascii() and value.isdigit() and len(value) <= 15:  # an RFC 9651 integer: "08" is 8
-        value = str(int(value))
-    return value if value in DRAFT_VERSIONS else None
+    match = SF_INTEGER_RE.fullmatch((text or "").strip())  # an RFC 9651 integer: "08" is 8
+    version = None if match is None else str(int(match[1]))
+    return version if version in DRAFT_VERSIONS else None
 
 
 def format_expires(timestamp: float) -> str:
