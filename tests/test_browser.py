@@ -299,10 +299,11 @@ def test_over_limit_file_shows_the_servers_413(open_tab, expect, tmp_path, uploa
 def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expect, tmp_path, upload_dir):
     """Every upload slot taken (UPLOAD_MAX_CONCURRENT): the server answers 503 with Retry-After before
     storing anything. The page sends the file again after that wait, and it is stored once a slot is
-    free; a file cancelled while it waits is not sent again."""
+    free; a file cancelled while it waits is not sent again; files waiting count as uploading."""
     kept_data = b"worth the wait " * 100
     kept = write_file(tmp_path / "files", "kept.txt", kept_data)
     dropped = write_file(tmp_path / "files", "dropped.txt", b"never stored")
+    late = write_file(tmp_path / "files", "late.txt", b"picked while the others wait")
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_MAX_CONCURRENT": "1"}) as server:
         held = HeldUpload(server.port, form_body([file_part(b"x" * 100_000, "held.bin")]), 1000)
         with server.client() as http:
@@ -315,6 +316,8 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
         for name in ("kept.txt", "dropped.txt"):
             expect(tab.row(name).locator(".stats")).to_contain_text("The server is busy; trying again in")
             expect(tab.row(name).locator("progress")).to_have_attribute("value", "0")  # nothing stored yet
+        tab.page.set_input_files("#picker", str(late))
+        expect(tab.page.locator("#status")).to_have_text("Uploading 3 file(s)\u2026")
         tab.row("dropped.txt").get_by_role("button", name="Cancel upload of dropped.txt").click()
         expect(tab.row("dropped.txt")).to_have_attribute("data-state", "cancelled")
         expect(tab.row("dropped.txt").locator(".msg")).to_have_text("Cancelled before it was sent again.")
@@ -322,8 +325,9 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
         assert status == 201
         held.close()
         expect(tab.row("kept.txt")).to_have_attribute("data-state", "done")
-        expect(tab.page.locator("#status")).to_have_text("Finished: 1 stored, 1 cancelled.")
-        assert len(tab.posts) >= 3  # each refused once, then kept.txt sent again
+        expect(tab.row("late.txt")).to_have_attribute("data-state", "done")
+        expect(tab.page.locator("#status")).to_have_text("Finished: 2 stored, 1 cancelled.")
+        assert len(tab.posts) >= 5  # each refused once, then kept.txt and late.txt sent again
         time.sleep(1.5)  # past the Retry-After: the cancelled file is not sent again
         # The page sends no more at once than the server takes (max_concurrent 1): nothing refused.
         tab = open_tab(server.url + "/")
@@ -333,7 +337,7 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
         expect(tab.page.locator("#status")).to_have_text("Finished: 3 stored.")
         assert len(tab.posts) == 3
     kept_ids = [i for i in stored_ids(upload_dir) if stored_record(upload_dir, i)["filename"] == "kept.txt"]
-    assert len(kept_ids) == 1 and len(stored_ids(upload_dir)) == 5  # held.bin, kept.txt, m0-m2
+    assert len(kept_ids) == 1 and len(stored_ids(upload_dir)) == 6  # held.bin, kept.txt, late.txt, m0-m2
     assert_stored(upload_dir, stored_record(upload_dir, kept_ids[0]), kept_data)
 
 
@@ -378,6 +382,7 @@ def test_a_file_over_the_request_limit_goes_in_pieces_within_it(open_tab, expect
         tab.page.evaluate("document.getElementById('token').value = 'x\u20ac'")
         tab.row("big.bin").get_by_role("button", name="Cancel upload of big.bin").click()
         expect(tab.row("big.bin")).to_have_attribute("data-state", "cancelled")
+        expect(tab.row("big.bin").locator(".stats")).to_have_text("Not stored.")
         expect(tab.page.locator("#status")).to_have_text("Finished: 1 cancelled.")
     assert len(stored_ids(upload_dir)) == 3
 
@@ -456,6 +461,7 @@ def test_cancel_aborts_the_upload_and_the_server_drops_it(open_tab, expect, tmp_
         tab.page.keyboard.press("Enter")
         expect(row).to_have_attribute("data-state", "cancelled")
         expect(row.locator(".msg")).to_have_text("Cancelled; the server discards what it received.")
+        expect(row.locator(".stats")).to_have_text("Not stored.")  # not its last speed
         retry = row.get_by_role("button", name="Retry upload of slow.bin")
         expect(retry).to_be_visible()
         expect(retry).to_be_focused()  # the pressed button is gone: the focus stays in the row
