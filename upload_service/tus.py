@@ -145,8 +145,8 @@ def parse_number(text: str | None, name: str, structured: bool = False) -> int:
     match = (SF_INTEGER_RE if structured else NUMBER_RE).fullmatch(value)
     if match is None or int(match[1]) > MAX_NUMBER:
         shown = value if len(value) <= 40 else value[:40] + "..."
-        most = "a structured integer (at most 15 digits)" if structured else "an integer below 2^63"
-        raise InvalidHeader(f"{name} must be {most}, not negative, not {shown!r}")
+        kind = "structured integer of at most 15 digits" if structured else "integer below 2^63"
+        raise InvalidHeader(f"{name} must be a non-negative {kind}, not {shown!r}")
     return int(match[1])
 
 
