@@ -777,6 +777,49 @@ async def test_list_is_stable_while_files_come_and_go(backend, backend_client):
     assert check(await backend_client.get("/files?limit=1")).json()["files"] == [newer]
 
 
+async def test_a_page_of_long_records_ends_early_and_the_next_goes_on(backend, backend_client, monkeypatch):
+    """A page stops once its records pass PAGE_BYTES as stored (records may hold a 64 KiB
+    description: a page of 1000 was hundreds of MiB); the cursor goes on from its last record."""
+    monkeypatch.setattr("upload_service.localstore.PAGE_BYTES", 2000)
+    monkeypatch.setattr("upload_service.s3store.PAGE_BYTES", 2000)
+    records = []
+    for i in range(5):
+        reply = check(await backend_client.post("/upload", files={"file": (f"{i}.txt", b"x")},
+                                                data={"description": f"{i}" * 1000}))
+        records.append(reply.json())
+        await asyncio.sleep(backend.listing_tick)
+    seen, url, sizes = [], "/files?limit=1000", []
+    while url:
+        reply = check(await backend_client.get(url))
+        page = reply.json()
+        seen += page["files"]
+        sizes.append(len(page["files"]))
+        url = reply.headers["link"][1 : reply.headers["link"].index(">")] if page["next_cursor"] else None
+    assert seen == records[::-1]
+    assert sizes == [2, 2, 1]  # each record is ~1.2 KB: the second passes 2000 bytes
+
+
+async def test_a_page_of_64_kib_descriptions_stays_near_a_mib(upload_dir):
+    store = LocalStore(upload_dir, fsync=False)
+    store.prepare()
+    for i in range(40):
+        file_id = f"{i:032x}"
+        (upload_dir / file_id).write_bytes(b"x")
+        record = {"id": file_id, "size": 1, "sha256": "0" * 64, "description": "\x01" * 65536}
+        (upload_dir / f"{file_id}.json").write_text(json.dumps(record))  # \u0001: 6 bytes each
+        os.utime(upload_dir / f"{file_id}.json", ns=(i * 10**9, i * 10**9))
+    page = await store.list(1000)
+    assert 1 <= len(page.records) <= 3 and page.next_cursor is not None
+    ids, cursor = [], None
+    while True:
+        page = await store.list(1000, cursor)
+        ids += [r["id"] for r in page.records]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert ids == [f"{i:032x}" for i in range(39, -1, -1)]
+
+
 async def test_list_skips_an_unreadable_record(client, upload_dir):  # local: edits a sidecar (S3: test_s3store)
     records = await upload_several(LocalBackend(upload_dir), client, 3)
     (upload_dir / f"{records[1]['id']}.json").write_text("{not json")

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from upload_service.storage import (
-    BadCursor, FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, parse_record, record_json,
+    PAGE_BYTES, BadCursor, FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, parse_record,
+    record_json,
 )
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
@@ -252,20 +253,31 @@ class LocalStore(Store):
         """Newest first by (mtime_ns, id) of the sidecars, in one pass over the directory.
 
         Memory holds a heap of `limit + 1` keys, never the directory: os.scandir reads
-        entries in batches and heapq.nlargest keeps the newest. A record deleted or
-        unreadable meanwhile is left out of the page (the cursor still moves past it).
+        entries in batches and heapq.nlargest keeps the newest; then records up to PAGE_BYTES.
+        A record deleted or unreadable meanwhile is left out of the page (the cursor still
+        moves past it).
         """
         if limit < 1:
             raise ValueError(f"limit must be 1 or more, not {limit}")
         newest = heapq.nlargest(limit + 1, self._sidecar_keys(parse_cursor(cursor)))
-        page = newest[:limit]
-        records = [record for record in map(self._listed_record, page) if record is not None]
-        next_cursor = format_cursor(page[-1]) if len(newest) > limit else None
+        records: list[Record] = []
+        size = taken = 0
+        for key in newest[:limit]:
+            if size >= PAGE_BYTES:
+                break
+            taken += 1
+            found = self._listed_record(key)
+            if found is not None:
+                records.append(found[0])
+                size += found[1]
+        next_cursor = format_cursor(newest[taken - 1]) if taken < len(newest) else None
         return Page(records, next_cursor)
 
-    def _listed_record(self, key: tuple[int, str]) -> Record | None:
+    def _listed_record(self, key: tuple[int, str]) -> tuple[Record, int] | None:
+        """A record and its size as stored; None when it is gone or unreadable."""
         try:
-            return read_record(self.sidecar_path(key[1]))
+            data = read_sidecar(self.sidecar_path(key[1]))
+            return None if data is None else (parse_record(data), len(data))
         except (OSError, ValueError) as exc:  # a corrupt sidecar must not hide every other file
             logger.warning("listing skips file %s: its record cannot be read: %s", key[1], exc)
             return None
@@ -331,12 +343,16 @@ def format_cursor(key: tuple[int, str]) -> str:
 
 
 def read_record(path: Path) -> Record | None:
+    data = read_sidecar(path)
+    return None if data is None else parse_record(data)
+
+
+def read_sidecar(path: Path) -> bytes | None:
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         return None
-    return parse_record(data)
 
 
 # -- disk ------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from upload_service.s3client import (
     open_client,
 )
 from upload_service.storage import (
-    FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, parse_record, record_json,
+    PAGE_BYTES, FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, parse_record, record_json,
 )
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
@@ -568,6 +568,10 @@ class S3Store(Store):
         return None if record is None else S3File(self, file_id, record)
 
     async def record(self, file_id: str) -> Record | None:
+        data = await self._record_data(file_id)
+        return None if data is None else parse_record(data)
+
+    async def _record_data(self, file_id: str) -> bytes | None:
         if not is_file_id(file_id):
             return None
         answer = await self.call_or_none("get_object", Key=self.key(f"{file_id}.json"))
@@ -578,7 +582,7 @@ class S3Store(Store):
                 data = await body.read()
             except (aiohttp.ClientError, BotoCoreError, OSError, asyncio.TimeoutError) as exc:
                 raise self.problem(exc, "reading a record") from exc
-        return parse_record(data)
+        return data
 
     async def list(self, limit: int, cursor: str | None = None) -> Page:
         # Every page reads the whole listing (~30 ms of parsing a 1000 keys): on a loop of its own,
@@ -592,7 +596,8 @@ class S3Store(Store):
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self._list(limit, cursor), lister))
 
     async def _list(self, limit: int, cursor: str | None) -> Page:
-        """Newest first by (LastModified of the record, id); keeps only `limit + 1` keys.
+        """Newest first by (LastModified of the record, id); keeps only `limit + 1` keys, then
+        reads records, RECORD_READS at once, up to PAGE_BYTES.
 
         S3 lists keys by name, so every page reads the whole listing (ListObjectsV2,
         1000 keys a call), as the local store scans the whole directory. LastModified
@@ -611,19 +616,28 @@ class S3Store(Store):
             elif key > newest[0]:
                 heapq.heapreplace(newest, key)
         newest.sort(reverse=True)
-        reads = asyncio.Semaphore(RECORD_READS)
+        records: list[Record] = []
+        size = taken = 0
+        while taken < min(limit, len(newest)) and size < PAGE_BYTES:
+            batch = newest[taken:min(limit, taken + RECORD_READS)]
+            for found in await asyncio.gather(*(self._listed_record(file_id) for _, file_id in batch)):
+                taken += 1
+                if found is not None:
+                    records.append(found[0])
+                    size += found[1]
+                if size >= PAGE_BYTES:
+                    break
+        next_cursor = f"{newest[taken - 1][0]}-{newest[taken - 1][1]}" if taken < len(newest) else None
+        return Page(records, next_cursor)
 
-        async def read(file_id: str) -> Record | None:
-            async with reads:
-                try:
-                    return await self.record(file_id)
-                except ValueError as exc:  # a corrupt record must not hide every other file
-                    logger.warning("listing skips file %s: its record cannot be read: %s", file_id, exc)
-                    return None
-
-        records = await asyncio.gather(*(read(file_id) for _, file_id in newest[:limit]))
-        next_cursor = f"{newest[limit - 1][0]}-{newest[limit - 1][1]}" if len(newest) > limit else None
-        return Page([r for r in records if r is not None], next_cursor)
+    async def _listed_record(self, file_id: str) -> tuple[Record, int] | None:
+        """A record and its size as stored; None when it is gone or unreadable."""
+        try:
+            data = await self._record_data(file_id)
+            return None if data is None else (parse_record(data), len(data))
+        except ValueError as exc:  # a corrupt record must not hide every other file
+            logger.warning("listing skips file %s: its record cannot be read: %s", file_id, exc)
+            return None
 
     async def _record_keys(self) -> AsyncIterator[tuple[int, str]]:
         """(LastModified in microseconds, id) of every record under the prefix."""

@@ -126,6 +126,11 @@ class StoredFile(ABC):
         """Let go of the file."""
 
 
+# A page of the listing ends early once its records pass this many bytes (as stored): a record
+# may hold a 64 KiB description, and a page of 1000 of them was hundreds of MiB in memory.
+PAGE_BYTES = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Page:
     """One page of records, newest first, and the cursor of the next (None: the last)."""
