@@ -468,6 +468,24 @@ async def test_patch_past_the_length_stores_nothing_of_it(client: httpx.AsyncCli
     backend.assert_stored(await record_of(client, location), b"0123456789")
 
 
+@pytest.mark.parametrize("refused", ["past-the-length", "checksum"])
+async def test_a_refused_patch_whose_length_completes_the_upload_stores_it(
+    client: httpx.AsyncClient, backend: Any, refused: str
+) -> None:
+    """tus keeps a refused PATCH's Upload-Length (as tusd). When that length is the offset, the
+    upload has every byte: it is stored then, not left until a HEAD comes (or the expiry sweep)."""
+    location = await create(client, None)
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    if refused == "past-the-length":
+        check_error(await patch(client, location, 3, b"de", **{"Upload-Length": "3"}), 413, "payload_too_large")
+    else:
+        wrong = f"sha1 {b64(hashlib.sha1(b'other').digest())}"
+        reply = await patch(client, location, 3, b"", **{"Upload-Length": "3", "Upload-Checksum": wrong})
+        check_error(reply, 460, "checksum_mismatch")
+    backend.assert_stored(await record_of(client, location), b"abc")  # no HEAD in between
+    assert (await client.get(location)).content == b"abc"
+
+
 async def test_deferred_length_stops_at_the_file_limit(client: httpx.AsyncClient, backend: Any) -> None:
     location = await create(client, None)
     check_error(await patch(client, location, 0, b"x" * 10_000_001), 413, "payload_too_large")

@@ -490,13 +490,22 @@ class ResumableHandlers:
                 raise tus.UploadExpired(f"upload {file_id} expired and was removed")
             if offset != upload.info.offset:
                 raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
+            declared = False
             if new_length is not None:
                 length = tus.parse_number(new_length, "Upload-Length", dialect.draft is not None)
                 # tus: declared whatever becomes of the body (as tusd); the draft: with the body, as a
                 # refused request's lengths must not stay ("their indicated lengths MUST match").
-                if self.declare_length(upload.info, length, dialect) and dialect.draft is None:
+                declared = self.declare_length(upload.info, length, dialect) and dialect.draft is None
+                if declared:
                     await run_blocking(upload.save_info)
-            await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
+            try:
+                await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
+            except UploadError:
+                if declared and completes(upload.info, will_complete, dialect):
+                    # The length that stays made the upload complete by itself: store it now (no
+                    # PATCH could add a byte, and a file with every byte must not wait for a HEAD).
+                    await self.finish(scope, upload, outcome, dialect)
+                raise
             if completes(upload.info, will_complete, dialect):
                 await self.finish(scope, upload, outcome, dialect)
         finally:
