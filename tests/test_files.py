@@ -208,6 +208,7 @@ def test_parse_range(value, size, expected):
         ),
         pytest.param("a:b.txt", "attachment; filename=\"a_b.txt\"; filename*=UTF-8''a%3Ab.txt", id="colon"),
         pytest.param("\u2025", "attachment; filename=\"download\"; filename*=UTF-8''%E2%80%A5", id="compat-dot-dot"),
+        pytest.param("...", "attachment; filename=\"download\"; filename*=UTF-8''...", id="only-dots"),
         pytest.param("\uff0e", "attachment; filename=\"download\"; filename*=UTF-8''%EF%BC%8E", id="compat-dot"),
         pytest.param("\u0301", "attachment; filename=\"download\"; filename*=UTF-8''%CC%81", id="combining-only"),
         pytest.param("\u3000", "attachment; filename=\"download\"; filename*=UTF-8''%E3%80%80", id="compat-space-only"),
@@ -341,7 +342,7 @@ def test_served_type(recorded, served):
 
 @pytest.mark.parametrize(
     "values, limit",
-    [(None, 100), ([], 100), (["1"], 1), (["1000"], 1000), ([" 7 "], 7),
+    [(None, 100), ([], 100), (["1"], 1), (["1000"], 1000), ([" 7 "], 7), (["0000001"], 1),
      (["0"], None), (["1001"], None), (["-1"], None), (["abc"], None), ([""], None), (["1.5"], None),
      (["\u0663"], None), (["1", "2"], None), (["9" * 5000], None)],
 )
@@ -830,7 +831,8 @@ async def test_list_skips_an_unreadable_record(client, upload_dir):  # local: ed
 
 @pytest.mark.parametrize(
     "query",
-    ["limit=0", "limit=-1", "limit=abc", "limit=1001", "limit=1.5", "limit=", "limit=1&limit=2", "limit=%D9%A3"],
+    ["limit=0", "limit=-1", "limit=abc", "limit=1001", "limit=1.5", "limit=", "limit=1&limit=2", "limit=%D9%A3",
+     "limit=000", "cursor=&cursor="],
 )
 async def test_list_bad_limit_is_400(backend_client, query):
     check_error(await backend_client.get(f"/files?{query}"), 400, "invalid_query")

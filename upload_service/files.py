@@ -129,7 +129,7 @@ def content_disposition(filename: str | None) -> bytes:
 
     The fallback keeps what old clients read safely: non-ASCII letters lose their
     accents (NFKD), and anything else outside printable ASCII, and FALLBACK_UNSAFE_CHARS,
-    become `_`; it is never a path, `.` or `..`, nor empty.
+    become `_`; it is never a path, nor only dots, nor empty.
     """
     name = filename or FALLBACK_FILENAME
     fallback = ascii_fallback(name)
@@ -147,7 +147,7 @@ def ascii_fallback(name: str) -> str:
         out.append(char if " " <= char <= "~" and char not in FALLBACK_UNSAFE_CHARS else "_")
     # As framing.clean_filename does to a name, after NFKD made new dots and spaces (`‥`, U+3000).
     fallback = "".join(out)[:MAX_FALLBACK_CHARS].strip()
-    return fallback if fallback not in ("", ".", "..") else FALLBACK_FILENAME
+    return fallback if fallback.strip(".") else FALLBACK_FILENAME  # not `.`, `..`, `...` (Windows drops end dots)
 
 
 def repr_digest(sha256_hex: str) -> bytes:
@@ -291,7 +291,7 @@ def parse_limit(values: list[str] | None) -> int:
     """?limit=N: 1 to MAX_LIST_LIMIT; absent means the default; anything else is a 400."""
     if not values:
         return DEFAULT_LIST_LIMIT
-    text = values[-1].strip()
+    text = values[-1].strip().lstrip("0") or "0"
     # Length first: int() of thousands of digits raises (and costs) before the range check.
     well_formed = len(values) == 1 and text.isascii() and text.isdigit() and len(text) <= 6
     if not well_formed or not 1 <= int(text) <= MAX_LIST_LIMIT:
@@ -382,7 +382,10 @@ class FilesResource:
         self.check_read(scope)
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         limit = parse_limit(query.get("limit"))
-        cursor = (query.get("cursor") or [""])[-1] or None
+        cursors = query.get("cursor") or [""]
+        if len(cursors) > 1:
+            raise InvalidQuery("give one cursor")
+        cursor = cursors[0] or None
         try:
             page = await self.store().list(limit, cursor)
         except BadCursor:
