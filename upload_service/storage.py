@@ -23,6 +23,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
+from upload_service.units import MiB
+
 Record = dict[str, Any]
 
 # 128 random bits as lowercase hex: what `new_file_id` makes and all an id may be.
@@ -128,7 +130,7 @@ class StoredFile(ABC):
 
 # A page of the listing ends early once its records pass this many bytes (as stored): a record
 # may hold a 64 KiB description, and a page of 1000 of them was hundreds of MiB in memory.
-PAGE_BYTES = 1024 * 1024
+PAGE_BYTES = 1 * MiB
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,7 @@ class Store(ABC):
     @abstractmethod
     async def list(self, limit: int, cursor: str | None = None) -> Page:
         """Records newest first, `limit` (1 or more) at most, after `cursor`; never all in memory.
+        A page ends early once its records pass PAGE_BYTES as stored (at least one record).
 
         Raises `BadCursor` for a cursor this store did not make.
         """
