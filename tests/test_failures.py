@@ -672,6 +672,23 @@ def test_real_full_filesystem_through_hypercorn(small_tmpfs, tmp_path):
             assert http.get("/health").status_code == 200
 
 
+async def test_a_file_system_remounted_read_only_is_named_by_health(small_tmpfs, caplog):
+    """/health says the system's own reason: an operator told "Permission denied" looks at
+    permissions when the file system was remounted read-only (after errors, typically)."""
+    upload_dir = small_tmpfs / "uploads"
+    app = upload_asgi.create_app(upload_asgi.Config(upload_dir=upload_dir))
+    assert (await call_app(app, http_scope("/health", "GET"))).status == 200
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    try:
+        reply = await call_app(app, http_scope("/health", "GET"))
+        assert reply.status == 503
+        assert reply.json()["reason"] == "the store cannot be used: Read-only file system"
+        refused = await call_app(app, upload_scope(), [form_body([file_part(b"x")])])
+        assert_error(refused, 503, "storage_unavailable")
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
+
+
 # -- crashes ------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ file it names (all or none), then any stored file without its record that no one
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import heapq
 import logging
@@ -320,8 +321,9 @@ class LocalStore(Store):
         self.prepare()
         if not self.partial_dir.is_dir():
             prepare_upload_dir(self.upload_dir)
-        if not os.access(self.partial_dir, os.W_OK):  # a read-only mount, a chmod
-            raise PermissionError(13, os.strerror(13))
+        if not os.access(self.partial_dir, os.W_OK):  # a read-only mount, a chmod: say which
+            code = errno.EROFS if os.statvfs(self.partial_dir).f_flag & os.ST_RDONLY else errno.EACCES
+            raise OSError(code, os.strerror(code))
         return {"free_bytes": shutil.disk_usage(self.partial_dir).free}
 
 
