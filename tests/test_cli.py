@@ -64,6 +64,15 @@ def test_a_bad_setting_stops_the_command_naming_the_variable(tmp_path):
     assert not (tmp_path / "u").exists()
 
 
+def test_an_upload_dir_that_cannot_be_used_stops_the_command(tmp_path):
+    """The most common failure at startup: hypercorn would exit 0 after its worker failed."""
+    (tmp_path / "a-file").write_text("not a dir")
+    wanted = tmp_path / "a-file" / "uploads"
+    done = run([sys.executable, "-m", "upload_asgi"], "--dir", str(wanted))
+    assert done.returncode == 2
+    assert f"upload-asgi: UPLOAD_DIR: cannot use {wanted}: Not a directory" in done.stderr
+
+
 @pytest.mark.parametrize("value", ["2.5", "-5", "inf"])
 def test_a_graceful_timeout_hypercorn_would_refuse_stops_the_command(value, capsys):
     with pytest.raises(SystemExit) as stopped:

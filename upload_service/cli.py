@@ -1,7 +1,8 @@
 """`upload-asgi` and `python -m upload_asgi`: run hypercorn with the README's defaults.
 
-The command checks the settings (a bad one stops it here, with exit status 2 and the
-variable named: hypercorn itself exits 0 when a worker fails startup), puts `--dir` in
+The command checks the settings and that a local upload dir can be made and committed into
+(a bad one stops it here, with exit status 2 and the variable named: hypercorn itself exits 0
+when a worker fails startup), puts `--dir` in
 `UPLOAD_DIR`, and then becomes `python -m hypercorn ... upload_asgi:app` (exec: same
 process id, so a supervisor signals hypercorn's main process directly). Options it does
 not know are handed to hypercorn as they are (`--certfile`, `--access-logfile -`...).
@@ -15,7 +16,9 @@ import sys
 from typing import Sequence
 
 from upload_service.errors import ConfigError
+from upload_service.localstore import LocalStore, check_commits_work
 from upload_service.settings import Config, describe
+from upload_service.stores import S3_SCHEME
 
 APP = "upload_asgi:app"
 DEFAULT_BIND = "127.0.0.1:8000"
@@ -64,6 +67,18 @@ def hypercorn_argv(args: argparse.Namespace, passthrough: Sequence[str]) -> list
     return [*argv, *passthrough, APP]
 
 
+def check_upload_dir(config: Config) -> None:
+    """What each worker's startup checks of a local store (the dirs made, a commit works), said here."""
+    if config.storage.startswith(S3_SCHEME):
+        return
+    store = LocalStore(config.upload_dir, config.fsync)
+    try:
+        store.partial_dir.mkdir(parents=True, exist_ok=True)
+        check_commits_work(store.upload_dir, store.partial_dir)
+    except OSError as exc:
+        raise ConfigError(store.describe_problem(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, passthrough = parser.parse_known_args(argv)
@@ -74,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dir is not None:
         os.environ["UPLOAD_DIR"] = args.dir
     try:
-        Config.from_env()
+        check_upload_dir(Config.from_env())
     except ConfigError as exc:
         print(f"upload-asgi: {exc}", file=sys.stderr)
         return 2
