@@ -91,6 +91,7 @@ def test_a_host_log_config_gets_json_lines_and_no_fallback_copy(upload_dir, tmp_
         "formatters": {"json": {"()": "upload_service.logs.JsonFormatter"}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}},
         "root": {"handlers": ["stderr"], "level": "INFO"},
+        "loggers": {"hypercorn.error": {"handlers": ["stderr"], "propagate": False}},
     }
     path = tmp_path / "logging.json"
     path.write_text(json.dumps(config))
@@ -106,6 +107,10 @@ def test_a_host_log_config_gets_json_lines_and_no_fallback_copy(upload_dir, tmp_
     ]
     assert ours[0]["sha256"] == record["sha256"] and ours[0]["size"] == 5
     assert app_lines(server.log()) == []  # the fallback stood down
+    # hypercorn's own lines too, once each and as JSON (its plain handler replaced, not doubled)
+    assert [e["message"] for e in entries if e["logger"] == "hypercorn.error"][:1] == [
+        f"Running on http://127.0.0.1:{server.port} (CTRL + C to quit)"]
+    assert "Running on" not in "".join(line for line in server.log().splitlines() if not line.startswith("{"))
 
 
 # -- the rule, in process ------------------------------------------------------------
