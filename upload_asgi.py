@@ -204,6 +204,8 @@ class UploadApp:
             if (override := method_override(scope, path)) is not None:
                 scope = {**scope, "method": override}
         except UploadError as exc:
+            if self.is_upload(path, scope["method"]):  # counted and logged as an upload refused
+                self.record_outcome(exc, time.monotonic(), BodyProgress(), [])
             await self.answer_draining(
                 receive, send, exc, BodyProgress(), scope.get("http_version", "1.1"), protocol_headers(scope, refusal=True)
             )
@@ -235,6 +237,10 @@ class UploadApp:
             await send_error(send, InternalError("the server is misconfigured"), head_only=head_only)
             return
         await self.run_handler(handler, scope, receive, send, head_only, params)
+
+    def is_upload(self, path: str, method: str) -> bool:
+        route = self.routes.match(path)
+        return route is not None and pick_handler(route[0], method) in self.body_readers
 
     async def run_handler(
         self, handler: Handler, scope: Scope, receive: Receive, send: Send, head_only: bool, params: dict[str, str]

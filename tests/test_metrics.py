@@ -338,6 +338,12 @@ async def test_counters_move_with_each_outcome(config, upload_dir):
     assert reply.status is None
     assert delta == {"uploads.disconnected": 1, "received": len(half), "duration_count": 1}
 
+    smuggling = http_scope("/upload", content_type=form_content_type(),
+                           headers=[("transfer-encoding", "chunked"), ("content-length", "5")])
+    reply, delta = await step([body], smuggling)
+    assert reply.status == 400 and reply.json()["error"] == "ambiguous_length"
+    assert delta == {"uploads.rejected": 1, "duration_count": 1}  # refused at the door, still an upload refused
+
     hooked = form_body([file_part(b"stored, then the hook fails", "hook-fails.bin")])
     reply, delta = await step([hooked])
     assert reply.status == 500
@@ -346,7 +352,7 @@ async def test_counters_move_with_each_outcome(config, upload_dir):
 
     final = await scrape(app)
     duration = final["upload_asgi_upload_duration_seconds"]
-    assert duration.value("upload_asgi_upload_duration_seconds_count") == 8
+    assert duration.value("upload_asgi_upload_duration_seconds_count") == 9
     assert duration.value("upload_asgi_upload_duration_seconds_sum") > 0
     assert snapshot(final)["in_flight"] == 0
 
