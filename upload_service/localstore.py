@@ -51,6 +51,7 @@ class LocalSink(FileSink):
         self.id = new_file_id()
         self.path = f"{partial_dir}/{self.id}"  # a str: per small upload, pathlib cost ~20 µs
         self._fd: int | None = None
+        self._created = False
 
     def open(self) -> None:
         try:
@@ -58,6 +59,7 @@ class LocalSink(FileSink):
         except FileNotFoundError:  # the upload dir or .partial/ was removed under us: make it again
             prepare_upload_dir(Path(self.path).parent.parent)
             self._fd = create_locked(self.path)
+        self._created = True
 
     def write(self, data: bytes) -> None:
         write_all(self._fd, data)
@@ -74,7 +76,8 @@ class LocalSink(FileSink):
 
     def abort(self) -> None:
         self.close()
-        remove_quietly(self.path)
+        if self._created:  # (a file never made is not unlinked: on a read-only mount that fails too)
+            remove_quietly(self.path)
 
 
 class LocalFile(StoredFile):
