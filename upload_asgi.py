@@ -104,6 +104,10 @@ Handler = Callable[..., Awaitable[None]]
 
 logger = logging.getLogger("upload_asgi")
 
+# /health logs a store problem when it starts or changes, then at most this often while it lasts:
+# a load balancer probing every second would fill the log.
+UNAVAILABLE_LOG_SECONDS = 60.0
+
 
 class UploadApp:
     """The ASGI callable. Build it with `create_app`."""
@@ -122,6 +126,7 @@ class UploadApp:
         self.cors = Cors(config.cors_origins) if config is not None and config.cors_origins else None
         self.config_error = config_error
         self.metrics = Metrics(multiprocess_dir())
+        self.unavailable: tuple[str, float] | None = None  # the store problem /health last logged, and when
         self.store: Store | None = None if config is None else make_store(config)
         self.writer: WriterPool | None = None  # started on the first upload
         files = FilesResource(config, self.prepare)
@@ -280,8 +285,12 @@ class UploadApp:
         try:
             facts, status = await self.store.health(), "ok"
         except OSError as exc:
-            logger.warning("upload-asgi is unavailable: %s", self.store.describe_problem(exc))
+            self.log_unavailable(self.store.describe_problem(exc))
             facts, status = {"reason": public_reason(exc)}, "unavailable"
+        else:
+            if self.unavailable is not None:
+                logger.warning("upload-asgi is available again")
+                self.unavailable = None
         payload = {
             "status": status,
             "free_bytes": None,
@@ -293,6 +302,12 @@ class UploadApp:
             "token_required": self.config.token is not None,
         }
         await send_json(send, 200 if status == "ok" else 503, payload, head_only=head_only)
+
+    def log_unavailable(self, problem: str) -> None:
+        now, last = time.monotonic(), self.unavailable
+        if last is None or last[0] != problem or now - last[1] >= UNAVAILABLE_LOG_SECONDS:
+            logger.warning("upload-asgi is unavailable: %s", problem)
+            self.unavailable = (problem, now)
 
     async def handle_metrics(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
         body = self.metrics.exposition().encode()
