@@ -126,6 +126,7 @@ class UploadApp:
         self.cors = Cors(config.cors_origins) if config is not None and config.cors_origins else None
         self.config_error = config_error
         self.metrics = Metrics(multiprocess_dir())
+        self.started = False  # by lifespan startup, or by the first request without it
         self.unavailable: tuple[str, float] | None = None  # the store problem /health last logged, and when
         self.store: Store | None = None if config is None else make_store(config)
         self.writer: WriterPool | None = None  # started on the first upload
@@ -161,6 +162,8 @@ class UploadApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
+            if not self.started:  # a host that never forwards lifespan (Starlette's Mount)
+                self.start()
             await self.handle_http(scope, receive, send)
         elif kind == "lifespan":
             await self.handle_lifespan(receive, send)
@@ -183,14 +186,20 @@ class UploadApp:
                     logger.error("upload-asgi cannot start: %s", reason)
                     await fail_startup(send, reason)
                     return
-                warn_of_open_writes(self.config)
-                finish_uploads_on_sigterm()
+                self.start()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 # The writer threads stay: an upload still running may need them, and
                 # idle threads cost nothing (they are joined at interpreter exit).
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def start(self) -> None:
+        """What startup does besides the store (which `prepare` makes ready on first use)."""
+        self.started = True
+        if self.config is not None:
+            warn_of_open_writes(self.config)
+        finish_uploads_on_sigterm()
 
     def prepare(self) -> Store:
         """Make the store ready (at startup, or on first use when a host skips lifespan)."""

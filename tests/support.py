@@ -483,12 +483,12 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 class HeldUpload:
     """An HTTP/1.1 upload sent by hand: head and first bytes now, the rest on demand."""
 
-    def __init__(self, port: int, body: bytes, first: int) -> None:
+    def __init__(self, port: int, body: bytes, first: int, path: str = "/upload") -> None:
         self.body = body
         self.first = first
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         head = (
-            "POST /upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             f"Content-Type: {form_content_type()}\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         self.sock.sendall(head.encode() + body[:first])

@@ -393,3 +393,9 @@ async def test_a_read_token_without_an_upload_token_is_warned_of_at_startup(tmp_
     sent = await run_lifespan(app, ["startup", "shutdown"])
     assert sent[0] == {"type": "lifespan.startup.complete"}
     assert ("may still upload and delete" in caplog.text) == warned
+    # Mounted by a host that never forwards lifespan: at the first request instead, once.
+    caplog.clear()
+    mounted = upload_asgi.create_app(upload_asgi.Config(upload_dir=tmp_path / "up", **tokens))
+    for _ in range(2):
+        assert (await call_app(mounted, http_scope("/health", "GET"))).status == 200
+    assert caplog.text.count("may still upload and delete") == (1 if warned else 0)

@@ -29,8 +29,9 @@ def writing(backend: Any) -> bool:
     return bool(backend.in_flight())
 
 
-def upload_server(backend: Any, args: list[str] | None = None) -> Server:
-    return Server(backend.upload_dir, env={"UPLOAD_FSYNC": "0", **backend.server_env()}, args=args or []).start()
+def upload_server(backend: Any, args: list[str] | None = None, app: str = "upload_asgi:app") -> Server:
+    env = {"UPLOAD_FSYNC": "0", **backend.server_env()}
+    return Server(backend.upload_dir, app=app, env=env, args=args or []).start()
 
 
 def terminate(server: Server, group: bool = False) -> None:
@@ -69,15 +70,21 @@ def test_an_upload_cut_off_by_sigterm_leaves_nothing(backend):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers, group", [("1", False), ("2", False), ("2", True)], ids=["w1", "w2", "w2-group"])
-def test_an_upload_that_ends_within_the_graceful_timeout_is_stored(backend, workers, group):
+@pytest.mark.parametrize(
+    "workers, group, app, path",
+    [("1", False, "upload_asgi:app", "/upload"), ("2", False, "upload_asgi:app", "/upload"),
+     ("2", True, "upload_asgi:app", "/upload"), ("2", False, "embed_apps:starlette", "/files/upload")],
+    ids=["w1", "w2", "w2-group", "w2-mounted-without-lifespan"],
+)
+def test_an_upload_that_ends_within_the_graceful_timeout_is_stored(backend, workers, group, app, path):
     """With -w 2 the idle worker stops at once, and hypercorn's main process then sends SIGTERM to
     the other: it ignores it and finishes the upload. So does every worker when the signal goes to
-    the whole group (systemd's default KillMode=control-group)."""
+    the whole group (systemd's default KillMode=control-group), and one whose app is mounted by a
+    host that never forwards lifespan (Starlette's Mount: the first request starts it)."""
     data = os.urandom(12 * MiB)
     body = form_body([file_part(data, "finishes.bin")])
-    server = upload_server(backend, ["-w", workers, "--graceful-timeout", "30"])
-    held = HeldUpload(server.port, body, first=7 * MiB)
+    server = upload_server(backend, ["-w", workers, "--graceful-timeout", "30"], app)
+    held = HeldUpload(server.port, body, first=7 * MiB, path=path)
     try:
         wait_for(lambda: writing(backend))
         terminate(server, group)
