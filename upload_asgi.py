@@ -47,9 +47,10 @@ requests to them and turns every error into its answer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from upload_service import hooks
 from upload_service.asgi import (
@@ -107,6 +108,8 @@ logger = logging.getLogger("upload_asgi")
 # /health logs a store problem when it starts or changes, then at most this often while it lasts:
 # a load balancer probing every second would fill the log.
 UNAVAILABLE_LOG_SECONDS = 60.0
+# At lifespan shutdown, how long requests the server cancelled may take to remove what they wrote.
+CLEANUP_SECONDS = 10.0
 
 
 class UploadApp:
@@ -127,6 +130,7 @@ class UploadApp:
         self.config_error = config_error
         self.metrics = Metrics(multiprocess_dir())
         self.started = False  # by lifespan startup, or by the first request without it
+        self.requests: set[asyncio.Task[Any]] = set()  # HTTP requests being handled
         self.unavailable: tuple[str, float] | None = None  # the store problem /health last logged, and when
         self.store: Store | None = None if config is None else make_store(config)
         self.writer: WriterPool | None = None  # started on the first upload
@@ -164,7 +168,12 @@ class UploadApp:
         if kind == "http":
             if not self.started:  # a host that never forwards lifespan (Starlette's Mount)
                 self.start()
-            await self.handle_http(scope, receive, send)
+            task = asyncio.current_task()
+            self.requests.add(task)  # type: ignore[arg-type]
+            try:
+                await self.handle_http(scope, receive, send)
+            finally:
+                self.requests.discard(task)  # type: ignore[arg-type]
         elif kind == "lifespan":
             await self.handle_lifespan(receive, send)
         elif kind == "websocket":
@@ -191,8 +200,16 @@ class UploadApp:
             elif message["type"] == "lifespan.shutdown":
                 # The writer threads stay: an upload still running may need them, and
                 # idle threads cost nothing (they are joined at interpreter exit).
+                await self.let_cancelled_requests_clean_up()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def let_cancelled_requests_clean_up(self) -> None:
+        """uvicorn cancels the requests still running at its graceful timeout, sends
+        `lifespan.shutdown`, then exits: give them the time to remove their partial files."""
+        cancelled = [task for task in self.requests if task.cancelling()]
+        if cancelled:
+            await asyncio.wait(cancelled, timeout=CLEANUP_SECONDS)
 
     def start(self) -> None:
         """What startup does besides the store (which `prepare` makes ready on first use)."""

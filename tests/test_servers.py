@@ -176,6 +176,21 @@ def test_a_client_that_leaves_mid_upload_leaves_nothing(served, upload_dir):
         assert client.get("/health").json()["uploads_in_flight"] == 0
 
 
+def test_an_upload_uvicorn_cuts_off_at_its_graceful_timeout_leaves_nothing(upload_dir):
+    """uvicorn cancels what still runs at --timeout-graceful-shutdown, sends lifespan.shutdown and
+    exits: the app holds the shutdown until the cancelled upload has removed its partial file."""
+    body = form_body([file_part(os.urandom(6 * MiB))])
+    server = Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, kind="uvicorn", args=["--timeout-graceful-shutdown", "1"])
+    with server, socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(request_head(body) + body[: 3 * MiB])
+        wait_for(lambda: partial_files(upload_dir), what="the upload on disk")
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+    assert partial_files(upload_dir) == []
+    assert_nothing_stored(upload_dir)
+    assert "upload cancelled by the server after" in server.log()
+
+
 @pytest.mark.parametrize("kind", ["uvicorn", "granian"])
 def test_a_bad_setting_stops_startup_naming_the_variable(kind, tmp_path):
     server = Server(tmp_path / "uploads", env={"UPLOAD_MAX_FILES": "0"}, kind=kind)
