@@ -988,6 +988,7 @@ async def test_mounted_location_and_link_carry_the_prefix(backend, backend_app):
 @pytest.mark.parametrize(
     "root_path, expected",
     [("", "/files/x?a=1"), ("/up/", "/up/files/x?a=1"), ("/a b/ü?>%", "/a%20b/%C3%BC%3F%3E%25/files/x?a=1"),
+     ("//evil.example", "/evil.example/files/x?a=1"),
      ("/x\r\nSet-Cookie: a=b", "/x%0D%0ASet-Cookie:%20a=b/files/x?a=1")],
 )
 def test_mount_url(root_path, expected):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from urllib.parse import unquote
 from dataclasses import replace
 from html.parser import HTMLParser
 
@@ -115,10 +116,21 @@ def test_hostile_root_path_stays_data(root_path):
     assert page.count("</script>") == template.count("</script>")
     assert page.count("<!--") == template.count("<!--")
     assert page.count("<img") == template.count("<img")
-    assert settings_of(page)["root"] == root_path.rstrip("/")
+    root = settings_of(page)["root"]  # a URL path: what a browser sends, and the server decodes back
+    assert unquote(root) == root_path.rstrip("/") and root.isascii() and not any(c in root for c in '"<> #')
     forms = [attrs for tag, attrs in parse(page).tags if tag == "form"]
-    assert forms[0]["action"] == root_path.rstrip("/") + "/upload"
+    assert forms[0]["action"] == root + "/upload"
     assert "\u2028" not in page.split("var SETTINGS", 1)[1].split("\n", 1)[0]
+
+
+@pytest.mark.parametrize(
+    "root_path, action",
+    [("/x%41", "/x%2541/upload"), ("/c#", "/c%23/upload"), ("//double", "/double/upload"), ("/", "/upload")],
+)
+def test_the_form_posts_under_the_mount_point_as_a_url(root_path, action):
+    """A `%` or `#` in a mount point is encoded (as in Location); `//x` would be another host's URL."""
+    forms = [attrs for tag, attrs in parse(page_module.render_page(root_path, False).decode()).tags if tag == "form"]
+    assert forms[0]["action"] == action
 
 
 def test_self_contained_no_external_urls():

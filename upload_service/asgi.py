@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from urllib.parse import quote
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 
 from upload_service.errors import AmbiguousLength, UploadError
@@ -13,6 +14,14 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = Iterable[tuple[bytes, bytes]]
+
+
+def url_root(root_path: str | None) -> str:
+    """The mount point as a URL path: percent-encoded (the root path is decoded text, and may hold
+    `?`, `%`, `#`, spaces or non-ASCII), no trailing slash, and one leading slash (`//host` would be
+    another server's URL)."""
+    root = quote((root_path or "").rstrip("/"), safe="/:@!$&'()*+,;=-._~")
+    return "/" + root.lstrip("/") if root else ""
 
 
 def header(scope: Scope, name: bytes) -> str | None:

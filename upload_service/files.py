@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, quote
 
 from upload_service.asgi import (
-    Headers, Message, Receive, Scope, Send, bearer_token_matches, header, list_header, send_json,
+    Headers, Message, Receive, Scope, Send, bearer_token_matches, header, list_header, send_json, url_root,
 )
 from upload_service.errors import TOKEN, NotFound, PreconditionFailed, Unauthorized, UploadError
 from upload_service.settings import Config
@@ -278,13 +278,9 @@ def if_range_allows(if_range: str | None, etag: str, modified: datetime | None) 
 
 
 def mount_url(scope: Scope, path: str) -> str:
-    """`path` (ours, already URL-safe) under the mount point, for a Location or Link header.
-
-    The root path is percent-encoded (it is decoded text, and may hold `?`, `%`, `>`,
-    spaces or non-ASCII); `path` may carry a query string.
-    """
-    root = (scope.get("root_path") or "").rstrip("/")
-    return quote(root, safe="/:@!$&'()*+,;=-._~") + path
+    """`path` (ours, already URL-safe; it may carry a query string) under the mount point, for a
+    Location or Link header."""
+    return url_root(scope.get("root_path")) + path
 
 
 def parse_limit(values: list[str] | None) -> int:

@@ -7,7 +7,7 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-from upload_service.asgi import json_bytes
+from upload_service.asgi import json_bytes, url_root
 
 # The page is self-contained: it may only talk to this server and post its form here.
 # Inline script and style are its own (it puts client data in the DOM with textContent
@@ -25,7 +25,7 @@ def page_template() -> str:
 
 def render_page(root_path: str, token_required: bool, read_token_required: bool = False) -> bytes:
     """Return the upload page, with its URLs under `root_path`."""
-    root = root_path.rstrip("/")
+    root = url_root(root_path)
     values = {"root": root, "tokenRequired": token_required, "readTokenRequired": read_token_required}
     settings = json_bytes(values).decode()
     # Keep "</script>" or "<!--" in a value from ending the inline script; \u003c is
