@@ -800,25 +800,34 @@ async def test_a_page_of_long_records_ends_early_and_the_next_goes_on(backend, b
     assert sizes == [2, 2, 1]  # each record is ~1.2 KB: the second passes 2000 bytes
 
 
-async def test_a_page_of_64_kib_descriptions_stays_near_a_mib(upload_dir):
+def stored_files(upload_dir: Path, count: int, **extra: Any) -> LocalStore:
+    """A local store of `count` one-byte files, the i-th written i seconds after the epoch."""
     store = LocalStore(upload_dir, fsync=False)
     store.prepare()
-    for i in range(40):
+    for i in range(count):
         file_id = f"{i:032x}"
         (upload_dir / file_id).write_bytes(b"x")
-        record = {"id": file_id, "size": 1, "sha256": "0" * 64, "description": "\x01" * 65536}
-        (upload_dir / f"{file_id}.json").write_text(json.dumps(record))  # \u0001: 6 bytes each
+        (upload_dir / f"{file_id}.json").write_text(json.dumps({"id": file_id, "size": 1, "sha256": "0" * 64, **extra}))
         os.utime(upload_dir / f"{file_id}.json", ns=(i * 10**9, i * 10**9))
-    page = await store.list(1000)
-    assert 1 <= len(page.records) <= 3 and page.next_cursor is not None
+    return store
+
+
+async def every_id(store: LocalStore, limit: int) -> list[str]:
+    """The ids of every page, following the cursors."""
     ids, cursor = [], None
     while True:
-        page = await store.list(1000, cursor)
+        page = await store.list(limit, cursor)
         ids += [r["id"] for r in page.records]
         cursor = page.next_cursor
         if cursor is None:
-            break
-    assert ids == [f"{i:032x}" for i in range(39, -1, -1)]
+            return ids
+
+
+async def test_a_page_of_64_kib_descriptions_stays_near_a_mib(upload_dir):
+    store = stored_files(upload_dir, 40, description="\x01" * 65536)  # \u0001 in JSON: 6 bytes each
+    page = await store.list(1000)
+    assert 1 <= len(page.records) <= 3 and page.next_cursor is not None
+    assert await every_id(store, 1000) == [f"{i:032x}" for i in range(39, -1, -1)]
 
 
 async def test_list_skips_an_unreadable_record(client, upload_dir):  # local: edits a sidecar (S3: test_s3store)
@@ -849,13 +858,7 @@ async def test_list_bad_cursor_is_400(backend_client, cursor):
 
 async def test_list_never_holds_more_than_a_page(upload_dir, monkeypatch):
     """The listing keeps limit + 1 keys: heapq.nlargest over a generator, not a list of the dir."""
-    store = LocalStore(upload_dir, fsync=False)
-    store.prepare()
-    for i in range(300):
-        file_id = f"{i:032x}"
-        (upload_dir / file_id).write_bytes(b"x")
-        (upload_dir / f"{file_id}.json").write_text(json.dumps({"id": file_id, "size": 1, "sha256": "0" * 64}))
-        os.utime(upload_dir / f"{file_id}.json", ns=(i * 10**9, i * 10**9))
+    store = stored_files(upload_dir, 300)
     import heapq
 
     sizes = []
@@ -870,14 +873,7 @@ async def test_list_never_holds_more_than_a_page(upload_dir, monkeypatch):
     page = await store.list(7)
     assert [r["id"] for r in page.records] == [f"{i:032x}" for i in range(299, 292, -1)]
     assert sizes == [8]
-    ids, cursor = [], None
-    while True:
-        page = await store.list(50, cursor)
-        ids += [r["id"] for r in page.records]
-        cursor = page.next_cursor
-        if cursor is None:
-            break
-    assert ids == [f"{i:032x}" for i in range(299, -1, -1)]
+    assert await every_id(store, 50) == [f"{i:032x}" for i in range(299, -1, -1)]
 
 
 async def test_listings_never_hold_back_downloads_deletes_health_or_resumable_uploads(client, monkeypatch):
