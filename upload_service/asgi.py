@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from urllib.parse import quote
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+from urllib.parse import quote
 
 from upload_service.errors import AmbiguousLength, UploadError
 
