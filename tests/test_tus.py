@@ -28,9 +28,10 @@ def test_numbers() -> None:
 
 def test_draft_numbers_are_structured_integers() -> None:
     assert tus.parse_number("5;a=1; b", "Upload-Offset", structured=True) == 5
+    assert tus.parse_number('5;a=@1700000000;b=%"caf%c3%a9"', "Upload-Offset", structured=True) == 5  # date, display
     assert tus.parse_number(" 007 ", "Upload-Offset", structured=True) == 7
     assert tus.parse_number("9" * 15, "Upload-Length", structured=True) == 10**15 - 1
-    for text in ("9" * 16, "5;", "5 ;a", "5;A", "5,6", "-1", "5;a=x y"):
+    for text in ("9" * 16, "5;", "5 ;a", "5;A", "5,6", "-1", "5;a=x y", '5;a=%"%C3"', "5;a=@x"):
         with pytest.raises(tus.InvalidHeader):
             tus.parse_number(text, "Upload-Offset", structured=True)
     with pytest.raises(tus.InvalidHeader):

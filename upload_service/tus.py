@@ -264,9 +264,13 @@ def parse_checksum(text: str | None) -> tuple[str, bytes] | None:
     return algorithm, digest
 
 
-# RFC 9651 §3.1.2 parameters: `;key` or `;key=bare-item` (integer, decimal, string, token, bytes, boolean).
+# RFC 9651 §3.1.2 parameters: `;key` or `;key=bare-item` (integer, decimal, string, token, bytes,
+# boolean, date, display string).
 SF_KEY = r"[a-z*][a-z0-9_.*-]*"
-SF_BARE_ITEM = r'(?:-?[0-9]{1,15}(?:\.[0-9]{1,3})?|"(?:[ !#-\[\]-~]|\\["\\])*"|[A-Za-z*][!#$%&\'*+.^_`|~0-9A-Za-z:/-]*|:[A-Za-z0-9+/=]*:|\?[01])'
+SF_BARE_ITEM = (
+    r'(?:-?[0-9]{1,15}(?:\.[0-9]{1,3})?|"(?:[ !#-\[\]-~]|\\["\\])*"|[A-Za-z*][!#$%&\'*+.^_`|~0-9A-Za-z:/-]*'
+    r'|:[A-Za-z0-9+/=]*:|\?[01]|@-?[0-9]{1,15}|%"(?:[ !#$&-\[\]-~]|%[0-9a-f]{2})*")'
+)
 SF_PARAMETERS = rf"(?:; *{SF_KEY}(?:={SF_BARE_ITEM})?)*"
 SF_BOOLEAN_RE = re.compile(rf"\?([01]){SF_PARAMETERS}")
 SF_INTEGER_RE = re.compile(rf"([0-9]{{1,15}}){SF_PARAMETERS}")
