@@ -470,7 +470,7 @@ async def test_patch_past_the_length_stores_nothing_of_it(client: httpx.AsyncCli
 
 @pytest.mark.parametrize("refused", ["past-the-length", "checksum"])
 async def test_a_refused_patch_whose_length_completes_the_upload_stores_it(
-    client: httpx.AsyncClient, backend: Any, refused: str
+    client: httpx.AsyncClient, backend: Any, refused: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """tus keeps a refused PATCH's Upload-Length (as tusd). When that length is the offset, the
     upload has every byte: it is stored then, not left until a HEAD comes (or the expiry sweep)."""
@@ -482,8 +482,10 @@ async def test_a_refused_patch_whose_length_completes_the_upload_stores_it(
         wrong = f"sha1 {b64(hashlib.sha1(b'other').digest())}"
         reply = await patch(client, location, 3, b"", **{"Upload-Length": "3", "Upload-Checksum": wrong})
         check_error(reply, 460, "checksum_mismatch")
-    backend.assert_stored(await record_of(client, location), b"abc")  # no HEAD in between
+    record = await record_of(client, location)
+    backend.assert_stored(record, b"abc")  # no HEAD in between
     assert (await client.get(location)).content == b"abc"
+    assert f"upload stored: id={record['id']} size=3" in caplog.text  # logged as stored, then as refused
 
 
 async def test_deferred_length_stops_at_the_file_limit(client: httpx.AsyncClient, backend: Any) -> None:

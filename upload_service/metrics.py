@@ -265,22 +265,26 @@ def is_server_fault(error: UploadError) -> bool:
 
 
 def log_outcome(error: BaseException | None, received: int, seconds: float, stored: list[Record]) -> None:
-    """Log one line per stored file, or one line for a request that stored nothing.
+    """Log one line per stored file, and one for a request that failed (after storing, too).
 
     Each line also carries its facts as `extra={"upload": {...}}` for a structured
     formatter (`upload_service.logs.JsonFormatter`).
     """
     facts: dict[str, object] = {"outcome": outcome_of(error), "received_bytes": received, "seconds": round(seconds, 6)}
+    rate = received / seconds / 1e6 if seconds > 0 else 0.0
+    # Stored and then failed too (the on_upload hook; a tus length that completed the upload of a
+    # refused PATCH): each stored file has its line all the same, before the failure's.
+    answered = {"status": 201} if error is None else {}
+    for record in stored:
+        logger.info(
+            "upload stored: id=%s size=%d sha256=%s in %.3f s (%.1f MB/s)",
+            record["id"], record["size"], record["sha256"], seconds, rate,
+            extra={"upload": {**facts, "outcome": "stored", **answered, "id": record["id"], "size": record["size"],
+                              "sha256": record["sha256"]}},
+        )
     if error is None:
-        rate = received / seconds / 1e6 if seconds > 0 else 0.0
-        for record in stored:
-            logger.info(
-                "upload stored: id=%s size=%d sha256=%s in %.3f s (%.1f MB/s)",
-                record["id"], record["size"], record["sha256"], seconds, rate,
-                extra={"upload": {**facts, "status": 201, "id": record["id"], "size": record["size"],
-                                  "sha256": record["sha256"]}},
-            )
-    elif isinstance(error, ClientGone):
+        return
+    if isinstance(error, ClientGone):
         logger.info("upload abandoned by the client after %d bytes", received, extra={"upload": facts})
     elif isinstance(error, asyncio.CancelledError):
         logger.info("upload cancelled by the server after %d bytes", received, extra={"upload": facts})
