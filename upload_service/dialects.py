@@ -67,6 +67,12 @@ class Dialect:
         return self.interop == 7 or self.interop >= 9
 
     @property
+    def completed_upload_status(self) -> int | None:
+        """The status of the `completed-upload` problem, to an append to a stored upload: 400 in
+        drafts -01 to -08 (versions 3 to 7), 410 in -09 to -11 (8); -12 on (9) dropped the type."""
+        return 400 if self.interop <= 7 else 410 if self.interop == 8 else None
+
+    @property
     def gets_offset(self) -> bool:
         """Drafts -12 on (version 9): a GET of an upload retrieves its offset, as a HEAD does."""
         return self.interop >= 9

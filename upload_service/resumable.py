@@ -532,14 +532,15 @@ class ResumableHandlers:
             raise error
         if dialect.replays_final_answer and progress.complete and offset == record["size"]:
             raise StoredAtLength(record)
-        if dialect.interop <= 7:  # drafts -01 to -08: any other append (the type's status, 400)
+        completed = dialect.completed_upload_status
+        if completed == 400:  # drafts -01 to -08: any other append
             raise tus.Problem(400, "completed-upload", detail)
         # Drafts -09 on: bytes appended, or a body of unknown length, are an inconsistent length; no
         # bytes are 410 completed-upload (version 8), or in 9, which dropped that type, at another offset 409.
         if not progress.complete:
             raise tus.inconsistent_length(detail)
-        if dialect.interop == 8:
-            raise tus.Problem(410, "completed-upload", detail)
+        if completed is not None:
+            raise tus.Problem(completed, "completed-upload", detail)
         raise tus.offset_mismatch(True, record["size"], offset)
 
     def declare_length(self, info: UploadInfo, length: int, dialect: Dialect) -> bool:
