@@ -156,6 +156,8 @@ class UploadApp:
                 "OPTIONS": resumable.handle_options,
             },
             "/files/{file_id}/record": {"GET": files.handle_record},
+            # OPTIONS * (RFC 9110 §9.3.7): every creation route here has the same limits.
+            "*": {"OPTIONS": resumable.handle_options},
         })
         # The handlers that read a request's body; any other route's is read and dropped first.
         self.body_readers = {

@@ -30,7 +30,7 @@ import pytest
 
 import upload_asgi
 from backends import close_app
-from support import ROOT, Reply, Server, field_part, file_part, form_body, form_content_type, http_scope, stored_ids
+from support import ROOT, Reply, Server, call_app, field_part, file_part, form_body, form_content_type, http_scope, stored_ids
 from upload_service.storage import ResumableUpload, UploadBusy
 from upload_service.units import MiB
 
@@ -1370,6 +1370,19 @@ async def test_draft_limits_as_each_version_names_them(
         assert limits(reply) == {"max-size": 10_000_000}  # a refusal does not renew the upload: no time left named
     assert int((await client.head(head.request.url, headers=draft(version))).headers["upload-offset"]) == 3
     assert "accept-patch" not in (await client.options("/files")).headers  # tus: no draft headers
+
+
+async def test_options_star_names_the_limits_every_creation_route_has(
+    app: upload_asgi.UploadApp, config: upload_asgi.Config
+) -> None:
+    """The draft: a server whose resources all create uploads with the same limits SHOULD answer them
+    to `OPTIONS *`; tus' discovery headers too. `*` is for OPTIONS alone."""
+    reply = await call_app(app, http_scope("*", "OPTIONS", draft("9").items()))
+    assert reply.status == 204
+    assert reply.headers["upload-limit"] == f"max-size=10000000, max-age={int(config.resumable_expiry)}"
+    assert reply.headers["tus-version"] == "1.0.0" and reply.headers["tus-max-size"] == "10000000"
+    reply = await call_app(app, http_scope("*", "GET"))
+    assert reply.status == 405 and reply.headers["allow"] == "OPTIONS"
 
 
 async def test_draft_limits_name_the_append_size_when_a_request_may_carry_less_than_a_file(backend: Any) -> None:
