@@ -488,8 +488,9 @@ def create_app(
     (README "Embedding").
 
     A bad environment does not raise here (that would only show as an import
-    traceback); the app logs it, fails lifespan startup with the message, and
-    answers 500 if a host never runs lifespan.
+    traceback), nor is it logged (a host that builds its own app in code would see
+    the module-level `app`'s error): the app fails lifespan startup with the message,
+    or logs it and answers 500 if a host never runs lifespan.
     """
     if config is None:
         try:
@@ -499,7 +500,6 @@ def create_app(
             return UploadApp(config, on_upload, before_upload=before_upload)
         except ConfigError as exc:
             set_up_logging("info")
-            logger.error("upload-asgi configuration error: %s", exc)
             return UploadApp(None, on_upload, config_error=str(exc), before_upload=before_upload)
     set_up_logging(config.log_level)
     return UploadApp(config, on_upload, before_upload=before_upload)

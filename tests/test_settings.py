@@ -260,7 +260,8 @@ async def run_lifespan(app) -> list[dict]:
 async def test_bad_env_fails_lifespan_startup(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("UPLOAD_DIR", str(tmp_path / "uploads"))
     monkeypatch.setenv("UPLOAD_MAX_REQUEST_SIZE", "big")
-    app = upload_asgi.create_app()  # does not raise: the failure shows at startup
+    app = upload_asgi.create_app()  # neither raises nor logs: the failure shows at startup
+    assert "UPLOAD_MAX_REQUEST_SIZE" not in caplog.text
     sent = await run_lifespan(app)
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert sent[0]["message"].startswith("UPLOAD_MAX_REQUEST_SIZE: ")
@@ -268,7 +269,7 @@ async def test_bad_env_fails_lifespan_startup(monkeypatch, tmp_path, caplog):
     assert not (tmp_path / "uploads").exists()
 
 
-async def test_bad_env_without_lifespan_answers_500(monkeypatch, tmp_path):
+async def test_bad_env_without_lifespan_answers_500(monkeypatch, tmp_path, caplog):
     from support import call_app, http_scope
 
     monkeypatch.setenv("UPLOAD_DIR", str(tmp_path / "uploads"))
@@ -279,6 +280,7 @@ async def test_bad_env_without_lifespan_answers_500(monkeypatch, tmp_path):
     reply.check_length()
     assert reply.json()["error"] == "internal_error"
     assert "UPLOAD_FSYNC" not in reply.body.decode()  # the detail stays in the server log
+    assert "upload-asgi is misconfigured: UPLOAD_FSYNC" in caplog.text
 
 
 async def test_good_env_starts(monkeypatch, tmp_path):
