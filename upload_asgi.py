@@ -89,7 +89,8 @@ from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRout
 from upload_service.hooks import BeforeUpload, UploadCallback
 from upload_service.lifespan import fail_startup, finish_uploads_on_sigterm
 from upload_service.logs import set_up_logging
-from upload_service.metrics import Metrics, is_server_fault, log_outcome, multiprocess_dir, outcome_of
+from upload_service.metrics import Metrics, is_server_fault, log_outcome, outcome_of
+from upload_service.metricsdir import shared_dir
 from upload_service.page import PAGE_CSP, render_page
 from upload_service.dialects import method_override, protocol_headers
 from upload_service.resumable import ResumableHandlers
@@ -128,7 +129,7 @@ class UploadApp:
         self.before_upload = before_upload
         self.cors = Cors(config.cors_origins) if config is not None and config.cors_origins else None
         self.config_error = config_error
-        self.metrics = Metrics(multiprocess_dir())
+        self.metrics = Metrics(shared_dir())
         self.started = False  # by lifespan startup, or by the first request without it
         self.requests: set[asyncio.Task[Any]] = set()  # HTTP requests being handled
         self.unavailable: tuple[str, float] | None = None  # the store problem /health last logged, and when

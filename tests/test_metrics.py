@@ -8,15 +8,22 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 import upload_asgi
+from upload_service.metricsdir import SharedDir, summed, write_values
 from support import (
+    ROOT,
     Reply,
     Server,
     assert_nothing_stored,
@@ -528,7 +535,7 @@ def test_every_scrape_shows_the_totals_of_all_workers(upload_dir):
 
 
 def test_the_run_directory_is_private_and_dead_runs_go(tmp_path, monkeypatch):
-    from upload_service import metrics
+    from upload_service import metricsdir as metrics
 
     dead = subprocess_pid_that_exited()
     old_run = tmp_path / f"{metrics.RUN_DIR_PREFIX}{dead}-1"
@@ -553,13 +560,103 @@ def test_the_run_directory_is_private_and_dead_runs_go(tmp_path, monkeypatch):
 
 
 def test_a_single_process_keeps_plain_counters(monkeypatch):
-    from upload_service import metrics
+    from upload_service import metricsdir
 
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.delenv("prometheus_multiproc_dir", raising=False)
-    assert metrics.multiprocess_dir() is None
+    assert metricsdir.shared_dir() is None
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/somewhere")
-    assert metrics.multiprocess_dir() == "/somewhere"
+    assert metricsdir.shared_dir() == metricsdir.SharedDir("/somewhere", ours=False)  # the operator's: never folded
+
+
+# -- the files of exited workers, folded -------------------------------------------------
+
+WORKER = """
+import sys
+from upload_service.metrics import Metrics
+from upload_service.metricsdir import SharedDir
+metrics = Metrics(SharedDir(sys.argv[1], ours=False))
+metrics.observe("stored", 0.2)
+metrics.observe("stored", 3.0)
+metrics.files_stored += 2
+metrics.bytes_stored += int(sys.argv[2])
+metrics.bytes_received += int(sys.argv[2]) + 10
+"""
+
+
+def worker_that_exited(path, stored_bytes: int) -> None:
+    """A worker process that stored two files, writing its series to `path`, and exited."""
+    subprocess.run([sys.executable, "-c", WORKER, str(path), str(stored_bytes)], cwd=ROOT, check=True)
+
+
+def scraped(path) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, str(path))
+    return generate_latest(registry).decode()
+
+
+def folded_kinds(path) -> set[str]:
+    """The counter and histogram files in `path` (gauges are not folded)."""
+    return {f.name for f in path.glob("*.db") if not f.name.startswith("gauge_")}
+
+
+def test_the_files_of_exited_workers_fold_into_one_archive_per_kind(tmp_path):
+    shared = SharedDir(str(tmp_path), ours=True)
+    for stored_bytes in (100, 200, 300):
+        worker_that_exited(tmp_path, stored_bytes)
+    live = tmp_path / f"counter_{os.getpid()}.db"  # a worker still running: its file stays its own
+    shutil.copy(next(tmp_path.glob("counter_*.db")), live)
+    before = scraped(tmp_path)
+    shared.fold_exited_workers()
+    assert sorted(scraped(tmp_path).splitlines()) == sorted(before.splitlines())
+    assert folded_kinds(tmp_path) == {"counter_archive-1.db", "histogram_archive-1.db", live.name}
+    live.unlink()
+    worker_that_exited(tmp_path, 400)
+    shared.fold_exited_workers()
+    assert folded_kinds(tmp_path) == {"counter_archive-2.db", "histogram_archive-2.db"}
+    values = snapshot(parse_exposition(scraped(tmp_path)))
+    assert values["uploads.stored"] == 8 and values["stored_files"] == 8 and values["duration_count"] == 8
+    assert values["stored_bytes"] == 1000 and values["received"] == 1040
+
+
+@pytest.mark.parametrize("cut", ["before the new archive", "after the new archive"])
+def test_a_fold_cut_short_is_undone_or_finished_by_the_next(tmp_path, cut):
+    shared = SharedDir(str(tmp_path), ours=True)
+    worker_that_exited(tmp_path, 100)
+    shared.fold_exited_workers()
+    worker_that_exited(tmp_path, 200)
+    worker_that_exited(tmp_path, 300)
+    expected = sorted(scraped(tmp_path).splitlines())
+    # The second fold of counters, cut short: the files moved aside, the new archive in or not.
+    exited = [f for f in tmp_path.glob("counter_*.db") if "archive" not in f.name]
+    staging = tmp_path / ".folding-counter-2"
+    staging.mkdir()
+    if cut == "after the new archive":
+        write_values(tmp_path / "counter_archive-2.db", summed([tmp_path / "counter_archive-1.db", *exited]))
+    else:
+        (tmp_path / ".counter_archive-2.tmp").write_bytes(b"half")
+    for file in exited:
+        file.rename(staging / file.name)
+    shared.fold_exited_workers()
+    assert sorted(scraped(tmp_path).splitlines()) == expected
+    assert folded_kinds(tmp_path) == {"counter_archive-2.db", "histogram_archive-2.db"}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".lock"]
+
+
+def test_a_fold_waits_for_a_scrape_that_is_reading(tmp_path):
+    shared = SharedDir(str(tmp_path), ours=True)
+    worker_that_exited(tmp_path, 100)
+    unfolded = folded_kinds(tmp_path)
+    with shared.reading():
+        folding = threading.Thread(target=shared.fold_exited_workers)
+        folding.start()
+        folding.join(0.5)
+        assert folding.is_alive() and folded_kinds(tmp_path) == unfolded
+    folding.join(10)
+    assert folded_kinds(tmp_path) == {"counter_archive-1.db", "histogram_archive-1.db"}
 
 
 def subprocess_pid_that_exited() -> int:
@@ -596,6 +693,12 @@ def test_totals_survive_worker_restarts(upload_dir):
             time.sleep(0.05)
         with server.client() as client:
             values = snapshot(parse_exposition(client.get("/metrics", headers={"connection": "close"}).text))
+        run_dir, = Path(tempfile.gettempdir()).glob(f"upload-asgi-metrics-{server.proc.pid}-*")
+        workers = [int(name.split("_")[1][:-3]) for name in os.listdir(run_dir) if re.fullmatch(r"counter_\d+\.db", name)]
+        alive = set(server.pids()[1:])
     assert values["uploads.stored"] == uploads and values["stored_files"] == uploads
     assert values["stored_bytes"] == sum(1000 + i for i in range(uploads))
     assert values["in_flight"] == 0
+    # The workers that left are folded into one archive when the next starts: the files stay few.
+    assert list(run_dir.glob("counter_archive-*.db"))
+    assert len([pid for pid in workers if pid not in alive]) <= 1, workers

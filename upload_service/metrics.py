@@ -3,39 +3,27 @@
 The series live in prometheus-client, for its multiprocess mode: under `hypercorn -w N`
 each worker is a process with its own counters, and a scrape is answered by whichever
 worker gets it; in multiprocess mode every worker writes its values to small mmap
-files in one directory and each scrape sums them all (README "Monitoring"). The
-directory is `PROMETHEUS_MULTIPROC_DIR` when set, or else, for a process started by
-`multiprocessing` (every hypercorn worker, also with `-w 1`), one the workers of the
-same server run find by their parent: `<tmp>/upload-asgi-metrics-<parent pid>-<its
-start time>`. A single process (tests, `-w 0`, uvicorn) keeps plain per-app counters.
+files in one directory and each scrape sums them all (`metricsdir.py`, README
+"Monitoring"). A single process (tests, `-w 0`, uvicorn) keeps plain per-app counters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import os
-import re
-import shutil
-import stat
-import tempfile
-from pathlib import Path
 from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from upload_service.errors import ClientGone, ServiceUnavailable, UploadError, UploadRefused, as_upload_error
+from upload_service.metricsdir import SharedDir, forget_dead_workers, use_multiprocess_values
 from upload_service.storage import Record
 
 logger = logging.getLogger("upload_asgi")
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
 OUTCOMES = ("stored", "partial", "rejected", "failed", "disconnected")  # partial: a resumable PATCH that kept its bytes
-MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
-RUN_DIR_PREFIX = "upload-asgi-metrics-"
-LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 
 
 class Series:
@@ -92,22 +80,22 @@ class Metrics:
     over every worker in multiprocess mode.
     """
 
-    def __init__(self, multiprocess_dir: str | None = None) -> None:
+    def __init__(self, shared: SharedDir | None = None) -> None:
         global _process_series
         self.outcomes: dict[str, int] = {}
         self._in_flight = self._files_stored = self._bytes_stored = self._bytes_received = 0
         self._rehashed_bytes = 0
-        self.multiprocess_dir = multiprocess_dir
-        if multiprocess_dir is None:
+        self.shared = shared
+        if shared is None:
             self._registry = CollectorRegistry(auto_describe=True)
             self._series = Series(self._registry)
             return
-        use_multiprocess_values(multiprocess_dir)
+        use_multiprocess_values(shared.path)
         if _process_series is None:
             _process_series = Series(None)  # unregistered: the collector reads the files
         self._series = _process_series
         self._registry = CollectorRegistry()
-        MultiProcessCollector(self._registry, multiprocess_dir)
+        MultiProcessCollector(self._registry, shared.path)
 
     def observe(self, outcome: str, seconds: float) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -162,92 +150,11 @@ class Metrics:
 
     def exposition(self) -> str:
         """Prometheus text: this app's series, or every worker's summed in multiprocess mode."""
-        if self.multiprocess_dir is None:
+        if self.shared is None:
             return generate_latest(WithoutCreated(self._registry)).decode()
-        forget_dead_workers(self.multiprocess_dir)
-        return generate_latest(self._registry).decode()
-
-
-# -- multiprocess mode ------------------------------------------------------------
-
-
-def multiprocess_dir() -> str | None:
-    """Where the workers of this server run share their values; None for plain counters."""
-    explicit = os.environ.get(MULTIPROC_VARIABLE) or os.environ.get(MULTIPROC_VARIABLE.lower())
-    if explicit:
-        return explicit
-    parent = multiprocessing.parent_process()
-    if parent is None or parent.pid is None:
-        return None
-    path = Path(tempfile.gettempdir()) / f"{RUN_DIR_PREFIX}{parent.pid}-{start_time(parent.pid)}"
-    try:
-        make_private_dir(path)
-    except OSError as exc:
-        logger.warning("metrics stay per worker: cannot use %s (%s)", path, exc)
-        return None
-    remove_dead_runs(path.parent)
-    return str(path)
-
-
-def start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (Linux), so a reused pid is told apart."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return fields[19]  # field 22 of proc(5), counted after "pid (comm)"
-    except (OSError, IndexError):
-        return "0"
-
-
-def make_private_dir(path: Path) -> None:
-    """Create `path` for this user only, or accept it if this user made it (another worker)."""
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    info = path.lstat()  # not a symlink someone else planted in the shared temp dir
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise OSError(f"{path} is not a private directory of this user")
-
-
-def remove_dead_runs(tmp: Path) -> None:
-    """Remove the directories of server runs whose parent process is gone."""
-    for entry in tmp.glob(RUN_DIR_PREFIX + "*"):
-        pid = entry.name[len(RUN_DIR_PREFIX) :].split("-")[0]
-        if pid.isdigit() and not is_alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
-
-
-def use_multiprocess_values(path: str) -> None:
-    """Make prometheus-client write this process's values to mmap files under `path`.
-
-    It picks its value class when first imported, from the environment; a directory
-    chosen here, later, is set the same way before any of our series exist.
-    """
-    os.environ[MULTIPROC_VARIABLE] = path
-    if values.ValueClass is values.MutexValue:
-        values.ValueClass = values.MultiProcessValue()
-
-
-def forget_dead_workers(path: str) -> None:
-    """Drop the in-flight gauge files of workers that died (a crash or a restart)."""
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return
-    for name in names:
-        match = LIVE_GAUGE_FILE.fullmatch(name)
-        if match and not is_alive(int(match[1])):
-            mark_process_dead(int(match[1]), path)
+        forget_dead_workers(self.shared.path)
+        with self.shared.reading():
+            return generate_latest(self._registry).decode()
 
 
 def outcome_of(error: BaseException | None) -> str:
