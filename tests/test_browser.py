@@ -341,6 +341,42 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
     assert_stored(upload_dir, stored_record(upload_dir, kept_ids[0]), kept_data)
 
 
+def test_a_file_in_pieces_waits_out_a_busy_server_s_retry_after(open_tab, expect, tmp_path, upload_dir):
+    """The resumable path's retries wait at least the Retry-After of a 503 (1 s), not only their own
+    schedule (0.5 s first); the file is stored once the slot is free."""
+    data = os.urandom(2 * MiB)
+    pieces = write_file(tmp_path / "files", "pieces.bin", data)
+    env = {"UPLOAD_FSYNC": "0", "UPLOAD_MAX_CONCURRENT": "1", "UPLOAD_MAX_REQUEST_SIZE": "1M"}
+    with Server(upload_dir, env=env) as server:
+        held = HeldUpload(server.port, form_body([file_part(b"x" * 100_000, "held.bin")]), 1000)
+        with server.client() as http:
+            def slot_taken() -> None:
+                assert http.get("/health").json()["uploads_in_flight"] == 1
+
+            wait_until(slot_taken)
+        tab = open_tab(server.url + "/")
+        creations: list[float] = []
+
+        def creation(route: Any) -> None:  # held until handled here: the next one comes after the wait
+            creations.append(time.monotonic())
+            route.continue_()
+
+        tab.page.route("**/files", creation)
+        tab.page.set_input_files("#picker", str(pieces))
+        row = tab.row("pieces.bin")
+        expect(row.locator(".stats")).to_contain_text("The server answered 503; trying again in 1.0 s")
+        deadline = time.monotonic() + 10
+        while len(creations) < 2 and time.monotonic() < deadline:
+            tab.page.wait_for_timeout(50)  # the sync API runs the route handler only inside its calls
+        assert creations[1] - creations[0] >= 0.95
+        status, _ = held.finish()
+        assert status == 201
+        held.close()
+        expect(row).to_have_attribute("data-state", "done")
+        pieces_id = row.locator("td.id code").text_content()
+    assert_stored(upload_dir, stored_record(upload_dir, pieces_id), data)
+
+
 def test_a_file_over_the_request_limit_goes_in_pieces_within_it(open_tab, expect, tmp_path, upload_dir):
     """UPLOAD_MAX_REQUEST_SIZE below UPLOAD_MAX_FILE_SIZE (a proxy's body limit, say): a file one POST
     would carry past the request limit goes resumably, in PATCHes within it; only the file limit
