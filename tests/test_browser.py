@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,6 +340,32 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
     kept_ids = [i for i in stored_ids(upload_dir) if stored_record(upload_dir, i)["filename"] == "kept.txt"]
     assert len(kept_ids) == 1 and len(stored_ids(upload_dir)) == 6  # held.bin, kept.txt, late.txt, m0-m2
     assert_stored(upload_dir, stored_record(upload_dir, kept_ids[0]), kept_data)
+
+
+def test_a_stalled_upload_says_so_instead_of_its_last_speed(open_tab, expect, tmp_path, upload_dir):
+    """A stalled connection sends no progress events: the row's speed must not stay as it was. The
+    server stops reading (its worker stopped), the row says "stalled"; then the upload goes on."""
+    data = os.urandom(24 * MiB)
+    slow = write_file(tmp_path / "files", "slow.bin", data)
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}) as server:
+        tab = open_tab(server.url + "/")
+        tab.throttle(2_000_000)  # ~12 s in all: the stall comes long before the end
+        tab.page.set_input_files("#picker", str(slow))
+        row = tab.row("slow.bin")
+        expect(row.locator(".stats")).to_contain_text("/s \u00b7")  # a speed, while bytes flow
+        workers = server.pids()[1:]
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            expect(row.locator(".stats")).to_contain_text("\u00b7 stalled", timeout=30_000)
+            expect(row.locator(".stats")).not_to_contain_text("/s")
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        expect(row.locator(".stats")).to_contain_text("/s \u00b7")
+        expect(row).to_have_attribute("data-state", "done", timeout=60_000)
+        slow_id = row.locator("td.id code").text_content()
+    assert_stored(upload_dir, stored_record(upload_dir, slow_id), data)
 
 
 def test_a_file_in_pieces_waits_out_a_busy_server_s_retry_after(open_tab, expect, tmp_path, upload_dir):
