@@ -15,8 +15,8 @@ Routes, relative to `scope["root_path"]`:
     GET  /files            records newest first, ?limit= and ?cursor= (upload_service/files.py)
     OPTIONS, POST /files; HEAD, PATCH, DELETE /files/<id>
                            resumable uploads: tus 1.0.0 and the IETF draft (upload_service/resumable.py);
-                           GET /files/<id> of one under way -> 409 upload_incomplete; there a POST
-                           with X-HTTP-Method-Override is the method it names (tus core)
+                           GET /files/<id> of one under way -> 409 upload_incomplete; on /files and
+                           /files/<id> a POST with X-HTTP-Method-Override: PATCH or DELETE is that method
 
 A 201 carries `Location: <root_path>/files/<id>` (the first file's). A record is
 {"id", "filename", "content_type", "size", "sha256", "description", "created"};
@@ -40,7 +40,9 @@ Errors are {"error": code, "detail": text}:
 An embedding app's `before_upload` hook may refuse a request with any 4xx/5xx
 (`UploadRefused`) before a body byte is read.
 
-A failed request leaves nothing stored; a client that disconnects gets no answer.
+A refused or failed form upload leaves nothing stored (unless the `on_upload` hook fails
+after the commit: 500, the files stay); a resumable PATCH keeps the bytes that arrived.
+A client that disconnects gets no answer.
 The concerns live in `upload_service/` (README "Architecture"); this module routes
 requests to them and turns every error into its answer.
 """
@@ -281,8 +283,8 @@ class UploadApp:
     ) -> None:
         """Run a handler; answer an error it raises before its answer began.
 
-        The upload handlers answer their own errors (they drain a body first); the
-        others raise. An error after the answer began goes up: the server then cuts the
+        The upload and resumable handlers answer their own errors (they drain a body
+        first, and add the protocol's headers); the files resource's raise. An error after the answer began goes up: the server then cuts the
         connection, so a client never takes a short body for a whole one.
         """
         started = False

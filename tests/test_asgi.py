@@ -270,7 +270,7 @@ async def test_root_path_gets(app, root_path, path, status):
         pytest.param("http://example.com", 200, id="no-path-is-the-page"),
         pytest.param("http://example.com/files/health", 200, id="under-root"),
         pytest.param("ftp://example.com/health", 404, id="not-http"),
-        pytest.param("*", 404, id="asterisk-form"),
+        pytest.param("*", 405, id="asterisk-form-is-options-only"),
     ],
 )
 async def test_absolute_form_targets(app, path, status):

@@ -179,19 +179,19 @@ def test_a_sweep_keeps_an_upload_another_workers_sweep_moved_back(
     upload_id = left_inside_finish(rstore, upload_dir, data)
     other = LocalResumableStore(upload_dir, True)
     if moved_back == "before this sweep looks":
-        assert other._being_finished(upload_id)
+        assert other._finishing_or_restored(upload_id)
     else:
-        held_by_nobody = localresumable.held_by_nobody
+        lock_if_unheld = localresumable.lock_if_unheld
 
         def opened_then_moved_back(path: str) -> int:
-            monkeypatch.setattr(localresumable, "held_by_nobody", held_by_nobody)  # the other's own
+            monkeypatch.setattr(localresumable, "lock_if_unheld", lock_if_unheld)  # the other's own
             fd = os.open(path, os.O_RDONLY)
-            assert other._being_finished(upload_id)
+            assert other._finishing_or_restored(upload_id)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return fd
 
-        monkeypatch.setattr(localresumable, "held_by_nobody", opened_then_moved_back)
-    assert rstore._being_finished(upload_id)
+        monkeypatch.setattr(localresumable, "lock_if_unheld", opened_then_moved_back)
+    assert rstore._finishing_or_restored(upload_id)
     rstore.sweep(time.time())
     assert is_whole_again(rstore, upload_id, data)
     assert sorted(os.listdir(upload_dir)) == [".partial", ".resumable"]

@@ -331,7 +331,7 @@ def test_a_cheap_commit_runs_on_the_loop_and_others_on_a_thread(tmp_path, monkey
 
 
 def test_a_lock_that_fails_otherwise_than_busy_closes_what_it_opened(tmp_path, monkeypatch) -> None:
-    """held_by_nobody: a flock failing with another error (ENOLCK on some network file systems) is
+    """lock_if_unheld: a flock failing with another error (ENOLCK on some network file systems) is
     raised, and its fd does not stay open (a sweep of many markers would run out of fds)."""
     marker = tmp_path / "x.commit"
     marker.write_bytes(b"")
@@ -343,5 +343,5 @@ def test_a_lock_that_fails_otherwise_than_busy_closes_what_it_opened(tmp_path, m
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
         with pytest.raises(OSError):
-            localstore.held_by_nobody(str(marker))
+            localstore.lock_if_unheld(str(marker))
     assert len(os.listdir("/proc/self/fd")) == before

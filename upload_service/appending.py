@@ -30,8 +30,9 @@ class AppendBody:
     counts it into the whole-file SHA-256), in order, while the loop reads on.
     Unlike a form's file, a part block does not wait for more: when the body pauses
     for IDLE_HAND_OFF_SECONDS, what arrived is handed off, so a client that stops
-    mid-`PATCH` has its bytes on disk, in the offset a `HEAD` reports, kept if the
-    server dies.
+    mid-`PATCH` has its bytes written (kept by `keep`; the store says when they count
+    in the offset a `HEAD` reports: a body that may be refused whole is not counted
+    until it ends).
     """
 
     def __init__(self, upload: ResumableUpload, pool: WriterPool, checksum: str | None) -> None:

@@ -53,10 +53,9 @@ def utf8_header(scope: Scope, name: bytes) -> str | None:
 def route_path(scope: Scope) -> str:
     """Return the path relative to the mount point.
 
-    Hosts disagree on whether `path` includes `root_path` (Starlette's Mount and
-    hypercorn's DispatcherMiddleware keep it, `hypercorn --root-path` behind a
-    prefix-stripping proxy does not), so strip it only when it is there, at a `/`
-    boundary.
+    Hosts disagree on whether `path` includes `root_path` (Starlette's Mount,
+    hypercorn's DispatcherMiddleware, `hypercorn --root-path` and uvicorn keep it;
+    older servers do not), so strip it only when it is there, at a `/` boundary.
     """
     path = scope.get("path") or "/"
     if not path.startswith("/"):

@@ -30,8 +30,8 @@ class BodyProgress:
 
 @dataclass
 class RateFloor:
-    """UPLOAD_MIN_RATE: once `grace` seconds have passed, a body must have averaged
-    `rate` bytes a second since `started`, not counting the time we made it wait."""
+    """UPLOAD_MIN_RATE: once `grace` seconds have passed, a body must have sent `rate`
+    bytes for each second after them, not counting the time we made it wait."""
 
     rate: int
     grace: float

@@ -102,7 +102,8 @@ class Dialect:
         return [(b"tus-resumable", tus.TUS_VERSION.encode())]
 
     def refusal_headers(self) -> Headers:
-        """The headers of a refusal: the protocol's, and in version 9 `Upload-Complete: ?0`."""
+        """The headers of a refusal: the protocol's, and `Upload-Complete: ?0` where the version says
+        so (`refusals_say_incomplete`: 7 and 9)."""
         headers = self.headers()
         if self.refusals_say_incomplete:
             headers.append(self.completeness(False))

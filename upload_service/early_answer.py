@@ -41,8 +41,8 @@ async def drain_body(receive: Receive, max_bytes: int, seconds: float, pause: fl
     it ended (or the client left).
 
     Hypercorn 0.18 stops reading a connection whose app returned while its receive
-    queue was full; draining lets it deliver our answer and then close. Over HTTP/2
-    it also keeps hypercorn from dropping the connection (see answer_error).
+    queue was full; draining lets it deliver our answer and then close. (HTTP/2:
+    `answer_before_body_end` drains while data comes instead.)
     """
     drained = 0
     try:

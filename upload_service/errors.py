@@ -1,7 +1,7 @@
 """Errors that carry their own status and machine code, so one boundary answers any of them.
 
-`FormError` and `LimitExceeded` come from reading a body (no HTTP in them); the front
-door's `as_upload_error` turns them, and anything else, into an `UploadError`.
+`FormError` and `LimitExceeded` come from reading a body (no HTTP in them);
+`as_upload_error` (below) turns them, and anything else, into an `UploadError`.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from upload_service.localstore import (
-    RESUMABLE_DIR_NAME, create_locked, held_by_nobody, remove_quietly, sync_dir, write_all, write_sidecar,
+    RESUMABLE_DIR_NAME, create_locked, lock_if_unheld, remove_quietly, sync_dir, write_all, write_sidecar,
 )
 from upload_service.storage import (
     DigestCache,
@@ -174,7 +174,7 @@ class LocalResumableStore(ResumableStore):
         try:
             fd = os.open(self.data_path(upload_id), os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            return self.acquire(upload_id) if self.back_after_finishing(upload_id) else None
+            return self.acquire(upload_id) if self.wait_out_finishing(upload_id) else None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -222,11 +222,11 @@ class LocalResumableStore(ResumableStore):
         try:
             size = os.stat(self.data_path(upload_id)).st_size
         except FileNotFoundError:
-            return self.peek(upload_id) if self.back_after_finishing(upload_id) else None
+            return self.peek(upload_id) if self.wait_out_finishing(upload_id) else None
         info.offset = size if unverified_from is None else min(size, unverified_from)
         return info
 
-    def back_after_finishing(self, upload_id: str) -> bool:
+    def wait_out_finishing(self, upload_id: str) -> bool:
         """An upload with an info but no data file is being finished or terminated: wait until
         that is done (its info removed), then say whether it is still an upload (a finish that
         failed moves the data back). Not answering at once: a stored file without its record yet
@@ -267,12 +267,12 @@ class LocalResumableStore(ResumableStore):
             stem, _, suffix = name.partition(".")
             if suffix not in ("info", "stop", "json") or stem in names or not is_file_id(stem):
                 continue
-            if self.data_path(stem).exists() or (f"{stem}.info" in names and self._being_finished(stem)):
+            if self.data_path(stem).exists() or (f"{stem}.info" in names and self._finishing_or_restored(stem)):
                 continue
             remove_quietly(self.resumable_dir / name)
         return removed
 
-    def _being_finished(self, upload_id: str) -> bool:
+    def _finishing_or_restored(self, upload_id: str) -> bool:
         """Whether the bytes of an upload with an info are in the upload dir without their record:
         being finished now (held), or left so by a process killed inside `finish`; then move them
         back (the upload is whole again, and its next HEAD or PATCH finishes it). Workers starting
@@ -283,7 +283,7 @@ class LocalResumableStore(ResumableStore):
             return False
         if not final.exists():
             return self.data_path(upload_id).exists()  # moved back since
-        if (fd := held_by_nobody(str(final))) is None:
+        if (fd := lock_if_unheld(str(final))) is None:
             return True  # being finished now
         try:
             if record.exists():  # finished between the look and the lock

@@ -321,6 +321,8 @@ class LocalStore(Store):
         return await asyncio.to_thread(self._health)
 
     def _health(self) -> dict[str, Any]:
+        """Make the dirs again if they went (a restore, an `rm -r`), then say whether files can be
+        written there and how much room is left."""
         self.prepare()
         if not self.partial_dir.is_dir():
             prepare_upload_dir(self.upload_dir)
@@ -434,7 +436,7 @@ def check_commits_work(upload_dir: Path, partial_dir: Path) -> None:
         os.close(fd)
 
 
-def held_by_nobody(path: str) -> int | None:
+def lock_if_unheld(path: str) -> int | None:
     """An fd holding `path`'s exclusive flock if no live process holds it (close it), else None.
 
     None too for a file removed between the open and the lock: its holder was done with it
@@ -460,7 +462,7 @@ def held_by_nobody(path: str) -> int | None:
 def undo_dead_commits(upload_dir: Path, partial_dir: Path) -> None:
     """Remove every file (and record) named by a commit marker no live process holds."""
     for entry in os.scandir(partial_dir):
-        if not entry.name.endswith(".commit") or (fd := held_by_nobody(entry.path)) is None:
+        if not entry.name.endswith(".commit") or (fd := lock_if_unheld(entry.path)) is None:
             continue
         try:
             ids = [i for i in os.read(fd, 1 << 20).decode("ascii", "replace").split("\n") if is_file_id(i)]
@@ -483,7 +485,7 @@ def sweep_files_without_records(upload_dir: Path) -> None:
             continue
         if os.path.exists(upload_dir / RESUMABLE_DIR_NAME / f"{name}.info"):
             continue  # localresumable's sweep moves it back
-        if (fd := held_by_nobody(str(upload_dir / name))) is not None:
+        if (fd := lock_if_unheld(str(upload_dir / name))) is not None:
             try:
                 if not (upload_dir / f"{name}.json").exists():
                     remove_quietly(upload_dir / name)
@@ -495,7 +497,7 @@ def sweep_stale_partials(partial_dir: Path) -> int:
     """Remove partial files no live process holds a lock on; return how many."""
     removed = 0
     for entry in os.scandir(partial_dir):
-        if (fd := held_by_nobody(entry.path)) is not None:  # else another worker is writing it
+        if (fd := lock_if_unheld(entry.path)) is not None:  # else another worker is writing it
             remove_quietly(entry.path)
             removed += 1
             os.close(fd)

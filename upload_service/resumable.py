@@ -10,7 +10,7 @@
     GET     /files/<id>    409 upload_incomplete while it is one (410 once expired); to the
                            draft's version 9, as HEAD
 
-A request carrying an `Upload-Draft-Interop-Version` we speak (3 to 9, dialects.py) speaks
+A request carrying an `Upload-Draft-Interop-Version` we speak (3 to 9, `tus.DRAFT_VERSIONS`) speaks
 the draft; any other, tus (and so needs `Tus-Resumable: 1.0.0`). The bytes go through the same
 body reader as a form (limits, idle timeout, rate floor, backpressure) into a
 `ResumableUpload` held for this request alone; once all of them are there, the
@@ -230,8 +230,8 @@ class ResumableHandlers:
 
     def headers_for_error(self, exc: Exception, dialect: Dialect) -> Headers:
         """The protocol's headers on an error; the draft's 413 for a limit of ours also names the
-        size limits (not the time left: a refused PATCH does not renew the upload); version 9 says
-        whose answer it is."""
+        size limits (not the time left: a refused PATCH does not renew the upload); versions 7 and 9
+        say whose answer it is (`Upload-Complete`, `Dialect.refusals_say_incomplete`)."""
         says_complete = any(name == b"upload-complete" for name, _ in getattr(exc, "headers", ()))
         headers = dialect.headers() if says_complete else dialect.refusal_headers()  # a 422 is the file's: ?1
         if dialect.draft is not None and isinstance(exc, PayloadTooLarge):
@@ -576,7 +576,7 @@ class ResumableHandlers:
         # A body that may yet be refused whole (a checksum; no length, so it may pass the
         # limit) is marked durably: meanwhile a HEAD says the offset before it, so the offset
         # it said never goes back (the draft: MUST NOT), and a crash takes the body back.
-        await self.hashing(upload, upload.mark, checksum is not None or body_length is None)
+        await self.run_store_work(upload, upload.mark, checksum is not None or body_length is None)
         consumer = AppendBody(upload, self.app.write_executor(), checksum[0] if checksum else None)
         self.app.metrics.in_flight += 1
         try:
@@ -626,7 +626,7 @@ class ResumableHandlers:
         """All bytes are there: check the declared digest, store the file like a form's."""
         info = upload.info
         started = time.monotonic()
-        sha256 = await self.hashing(upload, upload.sha256, finishing=True)
+        sha256 = await self.run_store_work(upload, upload.sha256, finishing=True)
         self.count_rehash(upload)
         if info.sha256 is not None and info.sha256 != sha256:
             await run_blocking(upload.terminate)
@@ -644,7 +644,7 @@ class ResumableHandlers:
         logger.debug("resumable upload %s stored in %.3f s", info.id, time.monotonic() - started)
         await self.app.notify([record], scope)
 
-    async def hashing(self, upload: ResumableUpload, fn: Callable[..., T], *args: Any, finishing: bool = False) -> T:
+    async def run_store_work(self, upload: ResumableUpload, fn: Callable[..., T], *args: Any, finishing: bool = False) -> T:
         """Run store work `fn` on a thread: on threads of their own if it first re-reads the whole
         upload to hash it (written by another worker or before a restart; on S3 when finishing), so
         that re-reads of big uploads never fill the default executor every request's file work shares."""
@@ -740,11 +740,11 @@ class Outcome:
     stored: Record | None = None
 
 
-async def send_empty(send: Send, status: int, headers: Any, length: int | None = 0) -> None:
-    """An answer without a body (RFC 9110: a 204 has no Content-Length; a HEAD may give the GET's)."""
+async def send_empty(send: Send, status: int, headers: Any) -> None:
+    """An answer without a body (RFC 9110: a 204 has no Content-Length)."""
     headers = list(headers)
-    if status != 204 and length is not None:
-        headers.append((b"content-length", str(length).encode()))
+    if status != 204:
+        headers.append((b"content-length", b"0"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b""})
 

@@ -8,8 +8,9 @@ request (less than a part) is kept as a tail object. Under `<prefix>/.resumable/
                    parts (number, ETag, size), the tail (key, size), a generation. The
                    commit point: written (If-Match its last ETag) only after the parts
                    and the tail it names are in the bucket; offset = parts + tail.
-    <id>.tail-<g>  the bytes after the last part; a new one per generation, so the one
-                   the info names is never overwritten; the old one goes after the commit.
+    <id>.tail-<g>-<t>  the bytes after the last part; a new one per generation (<g>)
+                   and writer (<t>, random), so the one the info names is never
+                   overwritten; the old one goes after the commit.
     <id>.lock      the lease: one writer at a time across servers, and
     <id>.stop      a request elsewhere asking its holder to let go (`s3leases.py`).
 

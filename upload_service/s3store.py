@@ -495,9 +495,6 @@ class S3Store(Store):
         await settle(None)
         return swept
 
-    def describe_problem(self, exc: OSError) -> str:
-        return str(exc)
-
     def new_file(self) -> S3Sink:
         return S3Sink(self, asyncio.get_running_loop())
 

@@ -115,10 +115,6 @@ def parse_token(text: str) -> str:
     return text
 
 
-def parse_text(text: str) -> str:
-    return text.strip()
-
-
 # s3://<bucket>/<prefix>: a bucket name as S3 allows it (3-63 of a-z 0-9 . -), any prefix.
 S3_URL_RE = re.compile(r"s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?")
 
@@ -209,12 +205,6 @@ def check_token(value: Any) -> str | None:
     if not isinstance(value, str):
         raise TypeError("the token must be a string")
     return parse_token(value)
-
-
-def check_text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{value!r} is not text")
-    return value
 
 
 def check_storage(value: Any) -> str:

@@ -99,7 +99,7 @@ class FileSink(ABC):
 
     @abstractmethod
     def open(self) -> None:
-        """Begin the file (create the partial file, start the multipart upload)."""
+        """Begin the file (create the partial file; S3 starts its multipart upload at the first part)."""
 
     @abstractmethod
     def write(self, data: bytes) -> None:
@@ -146,7 +146,8 @@ class Store(ABC):
 
     @abstractmethod
     def prepare(self) -> None:
-        """Make the store ready and sweep a crashed process's leftovers; blocking, at startup."""
+        """Make the store ready and sweep a crashed process's leftovers (at lifespan startup, or
+        at first use when a host skips lifespan). Called before each use: a no-op once ready."""
 
     @abstractmethod
     def new_file(self) -> FileSink:
@@ -157,8 +158,9 @@ class Store(ABC):
         """Store every file with its record, all or none; if cancelled, store none.
 
         `before` is blocking work the files still need (writing a small file's bytes,
-        at most targets.HELD_FILE_SIZE): it runs first, where the commit runs (in its
-        thread job, or on the loop when the commit is that cheap).
+        at most targets.HELD_FILE_SIZE): it runs first, off the loop unless the store
+        knows it is cheap (the local store: in the commit's thread job, or on the loop
+        when the commit is that cheap; S3: on a thread, before the commit).
         """
 
     @abstractmethod
