@@ -459,18 +459,7 @@ class ResumableHandlers:
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
         dialect: Dialect, file_id: str,
     ) -> None:
-        self.check_writer(scope, dialect)
-        media_type = tus.media_type_of(header(scope, b"content-type"))
-        wanted = dialect.append_media_type
-        if wanted is not None and media_type != wanted:
-            raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {media_type!r}")
-        will_complete = dialect.will_complete(scope, appending=True)
-        offset = tus.parse_number(list_header(scope, b"upload-offset"), "Upload-Offset", dialect.draft is not None)
-        new_length = list_header(scope, b"upload-length")
-        if not progress.complete and declared_length(scope) == 0 and await has_bytes(receive, progress):
-            # HTTP/2: its end read here (asgi.body_known_empty); h2 itself refuses bytes past the length.
-            raise tus.InvalidHeader("Content-Length is 0 but the body has bytes")
-        self.check_request_size(scope)
+        will_complete, offset, new_length = await self.check_patch(scope, receive, progress, dialect)
         await self.app.ask_before_upload(scope)
         self.check_capacity()
         try:
@@ -485,29 +474,7 @@ class ResumableHandlers:
             await send_record(send, 200, stored.record, self.finished_headers(stored.record, dialect))
             return
         try:
-            if upload.info.expires <= time.time():
-                await run_blocking(upload.terminate)
-                raise tus.UploadExpired(f"upload {file_id} expired and was removed")
-            if offset != upload.info.offset:
-                raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
-            declared = False
-            if new_length is not None:
-                length = tus.parse_number(new_length, "Upload-Length", dialect.draft is not None)
-                # tus: declared whatever becomes of the body (as tusd); the draft: with the body, as a
-                # refused request's lengths must not stay ("their indicated lengths MUST match").
-                declared = self.declare_length(upload.info, length, dialect) and dialect.draft is None
-                if declared:
-                    await run_blocking(upload.save_info)
-            try:
-                await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
-            except UploadError:
-                if declared and completes(upload.info, will_complete, dialect):
-                    # The length that stays made the upload complete by itself: store it now (no
-                    # PATCH could add a byte, and a file with every byte must not wait for a HEAD).
-                    await self.finish(scope, upload, outcome, dialect)
-                raise
-            if completes(upload.info, will_complete, dialect):
-                await self.finish(scope, upload, outcome, dialect)
+            await self.write_patch(scope, receive, upload, progress, outcome, dialect, offset, new_length, will_complete)
         finally:
             await run_blocking(upload.release)
         headers = [*dialect.headers(), *self.state_headers(upload.info, dialect, stored=bool(outcome.stored))]
@@ -515,6 +482,54 @@ class ResumableHandlers:
             await send_record(send, 200, outcome.stored, headers)
         else:
             await send_empty(send, 204, headers)
+
+    async def check_patch(
+        self, scope: Scope, receive: Receive, progress: BodyProgress, dialect: Dialect
+    ) -> tuple[bool | None, int, str | None]:
+        """Refuse what a PATCH's headers already tell; return whether it says it completes the
+        upload, its offset, and the length it declares (unparsed: it counts only once held)."""
+        self.check_writer(scope, dialect)
+        media_type = tus.media_type_of(header(scope, b"content-type"))
+        wanted = dialect.append_media_type
+        if wanted is not None and media_type != wanted:
+            raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {media_type!r}")
+        will_complete = dialect.will_complete(scope, appending=True)
+        offset = tus.parse_number(list_header(scope, b"upload-offset"), "Upload-Offset", dialect.draft is not None)
+        new_length = list_header(scope, b"upload-length")
+        if not progress.complete and declared_length(scope) == 0 and await has_bytes(receive, progress):
+            # HTTP/2: its end read here (asgi.body_known_empty); h2 itself refuses bytes past the length.
+            raise tus.InvalidHeader("Content-Length is 0 but the body has bytes")
+        self.check_request_size(scope)
+        return will_complete, offset, new_length
+
+    async def write_patch(
+        self, scope: Scope, receive: Receive, upload: ResumableUpload, progress: BodyProgress, outcome: Outcome,
+        dialect: Dialect, offset: int, new_length: str | None, will_complete: bool | None,
+    ) -> None:
+        """The held upload: check it still takes this PATCH, append its body, store it when complete."""
+        if upload.info.expires <= time.time():
+            await run_blocking(upload.terminate)
+            raise tus.UploadExpired(f"upload {upload.info.id} expired and was removed")
+        if offset != upload.info.offset:
+            raise tus.offset_mismatch(dialect.draft is not None, upload.info.offset, offset)
+        declared = False
+        if new_length is not None:
+            length = tus.parse_number(new_length, "Upload-Length", dialect.draft is not None)
+            # tus: declared whatever becomes of the body (as tusd); the draft: with the body, as a
+            # refused request's lengths must not stay ("their indicated lengths MUST match").
+            declared = self.declare_length(upload.info, length, dialect) and dialect.draft is None
+            if declared:
+                await run_blocking(upload.save_info)
+        try:
+            await self.append(scope, receive, upload, progress, outcome, dialect, will_complete)
+        except UploadError:
+            if declared and completes(upload.info, will_complete, dialect):
+                # The length that stays made the upload complete by itself: store it now (no
+                # PATCH could add a byte, and a file with every byte must not wait for a HEAD).
+                await self.finish(scope, upload, outcome, dialect)
+            raise
+        if completes(upload.info, will_complete, dialect):
+            await self.finish(scope, upload, outcome, dialect)
 
     async def acquire(self, file_id: str, dialect: Dialect, offset: int, progress: BodyProgress) -> ResumableUpload:
         """Hold the upload for this request, or say why not (busy, complete, unknown)."""
