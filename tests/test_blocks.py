@@ -48,6 +48,30 @@ def test_chunks_become_whole_blocks_in_order_and_the_rest_one_last_block():
     assert queue.written
 
 
+def test_tiny_chunks_are_held_together_not_one_object_each():
+    """1-byte chunks (chunked coding, HTTP/2 DATA frames) once held ~57 bytes of memory a byte, one
+    object each: a block in the making is a few objects whatever the chunks, and written whole."""
+    import tracemalloc
+
+    writer = GatedWriter()
+    writer.gate.set()
+    queue = BlockQueue(WriterPool(2), writer)
+    data = bytes(range(256)) * 2000 + b"x" * 5000 + bytes(range(100))  # 517,100 bytes
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(len(data) - 5100):
+        queue.add(data[i : i + 1])
+    queue.add(data[-5100:-100])  # one not small: kept as it is
+    for i in range(len(data) - 100, len(data)):
+        queue.add(data[i : i + 1])
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(queue.chunks) == 3 and held < 2 * len(data)
+    queue.end()
+    queue.last.result(5)
+    assert writer.blocks == [data]
+
+
 def test_backlog_names_the_oldest_block_once_the_writer_has_its_share():
     writer = GatedWriter()
     queue = BlockQueue(WriterPool(2), writer)
