@@ -78,7 +78,10 @@ def path_of_absolute_form(target: str) -> str:
 def declared_length(scope: Scope) -> int | None:
     text = header(scope, b"content-length")
     text = (text or "").strip()
-    return int(text) if text.isascii() and text.isdigit() else None
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0") or "0"  # leading zeros are allowed, as many as a server lets through
+    return int(digits) if len(digits) <= 18 else 10**18  # past any limit (int() refuses 4301 digits)
 
 
 def says_body(scope: Scope) -> bool:
