@@ -168,6 +168,11 @@ def refusal_header(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]
     return name, value
 
 
+def shown(text: str, most: int = 40) -> str:
+    """`text` quoted for an error's detail, cut after `most` characters: a header may be megabytes."""
+    return repr(text if len(text) <= most else text[:most] + "...")
+
+
 def as_latin1(text: str | bytes) -> bytes:
     return text if isinstance(text, bytes) else text.encode("latin-1")
 

@@ -17,7 +17,7 @@ from typing import Any
 from targets import FormLimits, FormReader, UploadFileTarget
 from upload_service.asgi import Receive
 from upload_service.body import BodyProgress, read_body
-from upload_service.errors import ChecksumMismatch, InvalidField, MissingBoundary, NoFile, UnsupportedMediaType
+from upload_service.errors import ChecksumMismatch, InvalidField, MissingBoundary, NoFile, UnsupportedMediaType, shown
 from upload_service.framing import parse_header_params
 from upload_service.settings import Config
 from upload_service.storage import DECLARED_SHA256_RE, Record, Store
@@ -50,7 +50,7 @@ def boundary_of(content_type: str | None) -> bytes:
         raise UnsupportedMediaType("Content-Type must be multipart/form-data")
     media_type, params = parse_header_params(content_type)
     if media_type != "multipart/form-data":
-        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data, not {media_type!r}")
+        raise UnsupportedMediaType(f"Content-Type must be multipart/form-data, not {shown(media_type)}")
     boundary = params.get("boundary")
     if not boundary:
         raise MissingBoundary("the multipart/form-data Content-Type has no boundary")

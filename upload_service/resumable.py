@@ -60,6 +60,7 @@ from upload_service.errors import (
     UploadInterrupted,
     UploadLocked,
     as_upload_error,
+    shown,
 )
 from upload_service.files import FilesResource, check_preconditions, has_preconditions, mount_url, send_stored
 from upload_service.forms import utc_now
@@ -364,14 +365,15 @@ class ResumableHandlers:
         if length is not None:
             self.check_length(length)
         # The representation's own headers name it; tus-js-client's draft mode sends
-        # Upload-Metadata instead (and the append type as the Content-Type).
+        # Upload-Metadata instead (and the append type as the Content-Type). Kept as the record
+        # will keep them (bounded: unlike Upload-Metadata's 8 KiB, a header may be megabytes).
         values = {}
         filename = tus.filename_of(utf8_header(scope, b"content-disposition"))
         if filename:
-            values["filename"] = filename
+            values["filename"] = clean_filename(filename)
         content_type = header(scope, b"content-type")
         if content_type and tus.media_type_of(content_type) != tus.DRAFT_CONTENT_TYPE:
-            values["filetype"] = content_type.strip()  # as a form part's: its parameters kept
+            values["filetype"] = clean_content_type(content_type)  # as a form part's: its parameters kept
         metadata = tus.parse_metadata(list_header(scope, b"upload-metadata"))
         return length, {**metadata, **tus.encode_metadata(values)}, will_complete
 
@@ -492,7 +494,7 @@ class ResumableHandlers:
         media_type = tus.media_type_of(header(scope, b"content-type"))
         wanted = dialect.append_media_type
         if wanted is not None and media_type != wanted:
-            raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {media_type!r}")
+            raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {'None' if media_type is None else shown(media_type)}")
         will_complete = dialect.will_complete(scope, appending=True)
         offset = tus.parse_number(list_header(scope, b"upload-offset"), "Upload-Offset", dialect.draft is not None)
         new_length = list_header(scope, b"upload-length")

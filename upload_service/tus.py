@@ -18,7 +18,7 @@ import hashlib
 import re
 from typing import Any
 
-from upload_service.errors import PayloadTooLarge, UploadError
+from upload_service.errors import PayloadTooLarge, UploadError, shown
 from upload_service.framing import decode_ext_value, disposition_filename, parse_header_params
 from upload_service.storage import DECLARED_SHA256_RE
 
@@ -142,18 +142,17 @@ def parse_number(text: str | None, name: str, structured: bool = False) -> int:
     """A non-negative integer header (Upload-Length, Upload-Offset), or 400. `structured`: the
     draft's RFC 9651 integer (at most 15 digits, its parameters checked, then ignored)."""
     value = (text or "").strip()
-    match = (SF_INTEGER_RE if structured else NUMBER_RE).fullmatch(value)
+    match = sf_match(SF_INTEGER_RE, value) if structured else NUMBER_RE.fullmatch(value)
     if match is None or int(match[1]) > MAX_NUMBER:
-        shown = value if len(value) <= 40 else value[:40] + "..."
         kind = "structured integer of at most 15 digits" if structured else "integer below 2^63"
-        raise InvalidHeader(f"{name} must be a non-negative {kind}, not {shown!r}")
+        raise InvalidHeader(f"{name} must be a non-negative {kind}, not {shown(value)}")
     return int(match[1])
 
 
 def check_tus_resumable(text: str | None) -> None:
     """Every tus request but OPTIONS names the protocol version; we speak 1.0.0 only (412)."""
     if text is None or text.strip() != TUS_VERSION:
-        raise UnsupportedVersion(f"Tus-Resumable must be {TUS_VERSION}, not {text!r}")
+        raise UnsupportedVersion(f"Tus-Resumable must be {TUS_VERSION}, not {'None' if text is None else shown(text)}")
 
 
 def parse_metadata(text: str | None) -> dict[str, str]:
@@ -274,11 +273,19 @@ SF_BARE_ITEM = (
 SF_PARAMETERS = rf"(?:; *{SF_KEY}(?:={SF_BARE_ITEM})?)*"
 SF_BOOLEAN_RE = re.compile(rf"\?([01]){SF_PARAMETERS}")
 SF_INTEGER_RE = re.compile(rf"([0-9]{{1,15}}){SF_PARAMETERS}")
+# Longer values are refused unread: the patterns above take ~200 bytes of memory a character
+# (a server may pass headers of megabytes), and no client needs parameters this long.
+SF_MAX_LENGTH = 1024
+
+
+def sf_match(pattern: re.Pattern[str], text: str | None) -> re.Match[str] | None:
+    value = (text or "").strip(" ")
+    return pattern.fullmatch(value) if len(value) <= SF_MAX_LENGTH else None
 
 
 def parse_boolean(text: str | None, name: str) -> bool:
     """A structured-field boolean (RFC 9651): `?1` or `?0`, its parameters (`;key=value`) checked, then ignored."""
-    match = SF_BOOLEAN_RE.fullmatch((text or "").strip(" "))
+    match = sf_match(SF_BOOLEAN_RE, text)
     if match is None:
         raise InvalidHeader(f"{name} must be ?1 or ?0")
     return match[1] == "1"
@@ -290,7 +297,7 @@ def format_boolean(value: bool) -> bytes:
 
 def draft_version(text: str | None) -> str | None:
     """The IETF draft interop version a request speaks, if one we accept; else None (tus)."""
-    match = SF_INTEGER_RE.fullmatch((text or "").strip())  # an RFC 9651 integer: "08" is 8
+    match = sf_match(SF_INTEGER_RE, text)  # an RFC 9651 integer: "08" is 8
     version = None if match is None else str(int(match[1]))
     return version if version in DRAFT_VERSIONS else None
 
