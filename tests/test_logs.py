@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 import upload_asgi
-from support import ROOT, Server, file_part, form_body, form_content_type, free_port
+from support import ROOT, Server, call_app, file_part, form_body, form_content_type, free_port, http_scope
 from upload_service import logs
 from upload_service.errors import ConfigError
 from upload_service.settings import Config
@@ -214,3 +214,15 @@ def test_the_lines_go_to_stderr_not_stdout(upload_dir, tmp_path):
         err.close()
     assert [level for level, _ in app_lines((tmp_path / "stderr").read_text())] == ["INFO"]
     assert (tmp_path / "stdout").read_text() == ""
+
+
+async def test_a_client_cannot_write_control_characters_into_the_log(caplog, upload_dir):
+    """A path, a header: text a client chose reaches the lines; its line feeds, escapes and bells are
+    written as escapes (a forged line, a coloured terminal), and what is printable stays."""
+    app = upload_asgi.create_app(Config(upload_dir=upload_dir))
+    headers = [("tus-resumable", "1.0.0"), ("content-type", "application/offset+octet-stream"), ("upload-offset", "0")]
+    with caplog.at_level(logging.INFO, logger="upload_asgi"):
+        reply = await call_app(app, http_scope("/files/x\n[INFO] forged \x1b[31mé\x07", "PATCH", headers))
+    assert reply.status == 404
+    (line,) = [r.getMessage() for r in caplog.records if "no upload" in r.getMessage()]
+    assert line.endswith("no upload x\\x0a[INFO] forged \\x1b[31mé\\x07")

@@ -13,6 +13,10 @@ handler. The rule (README "Logs"):
   at our level and with a format. A host that configures logging (`basicConfig`,
   `dictConfig`, hypercorn's `--log-config`), before or after the app is created,
   gets the records in its own handlers and none from us.
+
+Text a client chose (a path, a header's value in an error's detail) reaches our lines as
+arguments: `EscapeControls` writes their control characters as escapes, so a line can
+neither end early and forge the next nor colour a terminal.
 """
 
 from __future__ import annotations
@@ -30,6 +34,26 @@ LINE_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"
 
 logger = logging.getLogger(LOGGER_NAME)
+
+# C0 controls but tab, DEL, C1 controls, and the Unicode line and paragraph separators.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09}
+_CONTROLS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_controls(text: str) -> str:
+    return text if text.isprintable() else text.translate(_CONTROLS)
+
+
+class EscapeControls(logging.Filter):
+    """Escape the control characters of a record's text arguments (its message is ours)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple):
+            record.args = tuple(escape_controls(a) if isinstance(a, str) else a for a in args)
+        elif isinstance(args, dict):
+            record.args = {k: escape_controls(a) if isinstance(a, str) else a for k, a in args.items()}
+        return True
 
 
 def parse_log_level(text: str) -> str:
@@ -80,6 +104,8 @@ def set_up_logging(level: str) -> None:
     global _level_is_ours
     if not any(isinstance(h, FallbackHandler) for h in logger.handlers):
         logger.addHandler(FallbackHandler())
+    if not any(isinstance(f, EscapeControls) for f in logger.filters):
+        logger.addFilter(EscapeControls())
     if logger.level == logging.NOTSET or _level_is_ours:
         logger.setLevel(level.upper())
         _level_is_ours = True
