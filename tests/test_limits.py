@@ -174,6 +174,30 @@ async def test_text_field_at_its_limit_is_kept(make_backend_app, backend):
     backend.assert_stored(trace.reply.json(), data)
 
 
+@pytest.mark.parametrize("description, files, status", [
+    ("\x01" * (64 * KiB), 3, 413),  # 393 KB as JSON each: past 1 MiB on three records
+    ("\x01" * (64 * KiB), 2, 201),
+    ("d" * (10 * KiB), 100, 201),  # 10 KiB on each of 100 files: within it
+])
+async def test_a_description_on_every_record_of_many_files_has_a_budget(
+    make_backend_app, backend, description, files, status
+):
+    """The description goes on each record (answer and sidecar): at most 1 MiB of it as JSON in all."""
+    app = make_backend_app()
+    datas = [noise(100) for _ in range(files)]
+    parts = [field_part("description", description), *(file_part(d, filename=f"f{i}", name="files") for i, d in enumerate(datas))]
+    trace = await call_traced(app, upload_scope("/upload-multiple"), chunks_of(form_body(parts), 65536))
+    reply = trace.reply
+    assert reply.status == status, reply.body[:300]
+    if status == 413:
+        assert reply.json()["limit"] == "descriptions" and reply.json()["max"] == MiB
+        backend.assert_nothing_stored()
+    else:
+        for record, data in zip(reply.json()["files"], datas):
+            assert record["description"] == description
+            backend.assert_stored(record, data)
+
+
 async def test_unregistered_field_is_bounded_like_a_text_field(make_backend_app, backend):
     app = make_backend_app(max_field_size=1 * KiB)
     body = form_body([field_part("junk", b"j" * (MiB)), file_part(b"x")])
