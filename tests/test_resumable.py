@@ -31,7 +31,7 @@ import pytest
 import upload_asgi
 from backends import close_app
 from support import ROOT, Reply, Server, call_app, field_part, file_part, form_body, form_content_type, http_scope, stored_ids
-from upload_service.storage import ResumableUpload, UploadBusy
+from upload_service.storage import DigestCache, ResumableUpload, UploadBusy
 from upload_service.units import MiB
 
 TUS = {"Tus-Resumable": "1.0.0"}
@@ -462,6 +462,24 @@ async def test_headers_of_megabytes_are_refused_unread_and_never_echoed_whole(
     assert reply.status_code == 200, reply.text
     record = reply.json()
     assert record["content_type"] == "image/png" and record["filename"] == "n" * 255
+
+
+async def test_creations_nobody_pays_for_do_not_push_out_a_big_upload_s_hash_state(
+    app: upload_asgi.UploadApp, client: httpx.AsyncClient, backend: Any
+) -> None:
+    """Each worker keeps the SHA-256 states of the uploads it wrote (1024 by default, 8 here): past
+    that, the one cheapest to re-read goes. Empty creations (no token needed) once pushed out the
+    state of an upload in progress, whose next PATCH then re-read everything so far."""
+    app.resumable.store.digests = DigestCache(8)
+    data = payload(3_000_000)
+    location = await create(client, len(data))
+    assert (await patch(client, location, 0, data[:2_000_000])).status_code == 204
+    for _ in range(20):
+        small = await create(client, 10)
+        assert (await patch(client, small, 0, b"x")).status_code == 204
+    assert (await patch(client, location, 2_000_000, data[2_000_000:])).status_code == 204
+    assert metric((await client.get("/metrics")).text, "upload_asgi_resumable_rehashed_bytes_total") == 0
+    assert (await record_of(client, location))["sha256"] == sha(data)
 
 
 async def test_checksummed_chunks(client: httpx.AsyncClient, backend: Any) -> None:

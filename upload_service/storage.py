@@ -350,8 +350,10 @@ class ResumableUpload(ABC):
 
 
 class DigestCache:
-    """SHA-256 states of uploads this process wrote last, kept between requests (~400 bytes
-    each, the oldest dropped past `size`); one not kept is re-read from the store."""
+    """SHA-256 states of uploads this process wrote, kept between requests (~400 bytes each);
+    one not kept is re-read from the store. Past `size`, the one cheapest to re-read goes (the
+    smallest offset; of those, the oldest): creations nobody pays for cannot push out the state
+    of a big upload in progress."""
 
     def __init__(self, size: int = 1024) -> None:
         self._size = size
@@ -364,8 +366,9 @@ class DigestCache:
         with self._lock:
             self._kept[upload_id] = (offset, digest)
             self._kept.move_to_end(upload_id)
-            while len(self._kept) > self._size:
-                self._kept.popitem(last=False)
+            if len(self._kept) > self._size:
+                cheapest = min(self._kept, key=lambda kept_id: self._kept[kept_id][0])
+                del self._kept[cheapest]
 
     def take(self, upload_id: str, offset: int) -> Any | None:
         """The kept state if it covers exactly `offset` bytes (else someone else wrote since)."""
