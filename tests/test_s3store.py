@@ -715,6 +715,36 @@ async def test_health_of_a_store_that_hangs_is_quick_and_one_probe(
     assert all(isinstance(r, StorageUnavailable) and "did not answer" in str(r) for r in results), results
 
 
+async def test_a_store_that_takes_a_write_and_never_answers_fails_it_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """botocore sends a PutObject or UploadPart with `Expect: 100-continue`, and aiohttp then waits for
+    the `100` with no read timeout: a store that accepted the connection and hung held the upload for
+    as long (600 s and more). Every call now ends within CALL_SECONDS plus its body at STORE_MIN_RATE."""
+    heads: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        await reader.read()  # never answers
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setattr(s3store, "CALL_SECONDS", 1.0)
+    store = S3Store(BUCKET, "p", endpoint_url=f"http://127.0.0.1:{port}")
+    try:
+        for operation, params in (("put_object", {}), ("upload_part", {"UploadId": "u", "PartNumber": 1})):
+            started = time.monotonic()
+            with pytest.raises(StorageUnavailable, match="cannot reach"):
+                await store.call(operation, Key="k", Body=b"x" * (2 * MiB), **params)
+            assert time.monotonic() - started < 1.0 + 2.0 + 1.5  # 2 MiB at 1 MiB/s, and some slack
+        assert any(b"100-continue" in head.lower() for head in heads)
+    finally:
+        await store.aclose()
+        server.close()
+
+
 async def test_no_credentials_is_refused_naming_them(
     seaweedfs: SeaweedFS, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -57,8 +57,13 @@ HEALTH_TTL = 5.0  # seconds a HeadBucket answer (or failure) stands for /health
 # (the client's own timeouts and retries would take minutes).
 HEALTH_TIMEOUT = 3.0
 SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
-# A writer thread waits for the loop's S3 calls at most this long: botocore's own
-# timeouts and retries end a call sooner; this only frees the thread if the loop is gone.
+# Every S3 call ends within this, plus its body's bytes at STORE_MIN_RATE, retries included:
+# botocore's read timeout never fires while a write waits for `100 Continue` (aiohttp sends
+# no body before it), so a store that accepts and then hangs held an upload for as long.
+CALL_SECONDS = 90.0
+STORE_MIN_RATE = 1 * MiB  # bytes a second
+# A writer thread waits for the loop's S3 calls at most this long: a call ends sooner
+# (CALL_SECONDS); this only frees the thread if the loop is gone.
 THREAD_WAIT_SECONDS = 600.0
 RECORD_READS = 16  # records fetched at once for a page of the listing
 # A cleanup the store was not there for (an abort, a lease's release) is tried again in the
@@ -329,9 +334,11 @@ class S3Store(Store):
 
     async def call(self, operation: str, **params: Any) -> Any:
         """One S3 call on this bucket; any failure as a StorageUnavailable or StorageRefused."""
+        body = params.get("Body")
         try:
             client = await self.client()
-            return await getattr(client, operation)(Bucket=self.bucket, **params)
+            async with asyncio.timeout(CALL_SECONDS + (len(body) if body is not None else 0) / STORE_MIN_RATE):
+                return await getattr(client, operation)(Bucket=self.bucket, **params)
         except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             if isinstance(exc, StorageUnavailable):
                 raise
