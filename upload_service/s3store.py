@@ -62,6 +62,7 @@ SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
 # no body before it), so a store that accepts and then hangs held an upload for as long.
 CALL_SECONDS = 90.0
 STORE_MIN_RATE = 1 * MiB  # bytes a second
+COMPLETE_SECONDS = 540.0  # S3 may take minutes to complete a big multipart upload (AWS says so)
 # A writer thread waits for the loop's S3 calls at most this long: a call ends sooner
 # (CALL_SECONDS); this only frees the thread if the loop is gone.
 THREAD_WAIT_SECONDS = 600.0
@@ -335,9 +336,10 @@ class S3Store(Store):
     async def call(self, operation: str, **params: Any) -> Any:
         """One S3 call on this bucket; any failure as a StorageUnavailable or StorageRefused."""
         body = params.get("Body")
+        seconds = COMPLETE_SECONDS if operation == "complete_multipart_upload" else CALL_SECONDS
         try:
             client = await self.client()
-            async with asyncio.timeout(CALL_SECONDS + (len(body) if body is not None else 0) / STORE_MIN_RATE):
+            async with asyncio.timeout(seconds + (len(body) if body is not None else 0) / STORE_MIN_RATE):
                 return await getattr(client, operation)(Bucket=self.bucket, **params)
         except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             if isinstance(exc, StorageUnavailable):
