@@ -657,8 +657,11 @@ async def test_a_store_that_ignores_conditional_writes_is_refused(
 
 @pytest.mark.parametrize("problem, status, code", [("no_bucket", 502, "storage_refused"),
                                                    ("unreachable", 503, "storage_unavailable")])
-async def test_a_store_that_cannot_be_used(bucket: S3Backend, tmp_path: Path, problem: str, status: int, code: str) -> None:
-    """Startup does not wait for the bucket (its sweep runs in the background); creation is a clear 5xx."""
+async def test_a_store_that_cannot_be_used(
+    bucket: S3Backend, tmp_path: Path, problem: str, status: int, code: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Startup does not wait for the bucket (its sweep runs in the background); creation is a clear 5xx,
+    and so is a HEAD, logged with the detail that names the problem, not a traceback."""
     from support import free_port
 
     config = dataclasses.replace(bucket.config(fsync=False), upload_dir=tmp_path / "u")
@@ -685,8 +688,12 @@ async def test_a_store_that_cannot_be_used(bucket: S3Backend, tmp_path: Path, pr
         async with client_of(app) as client:
             reply = await client.post("/files", content=b"abc", headers={**OCTETS, "Upload-Length": "3"})
             assert (reply.status_code, reply.json()["error"]) == (status, code), reply.text
+            head = await client.head("/files/" + "0" * 32, headers={"Tus-Resumable": "1.0.0"})
+            assert head.status_code == status
     finally:
         lifespan.cancel()
         await close_app(app)
+    failures = [r for r in caplog.records if r.getMessage().startswith("HEAD /files/")]
+    assert failures and all(r.exc_info is None for r in failures), [r.getMessage() for r in failures]
     bucket.assert_nothing_stored()
     assert not (tmp_path / "u").exists()

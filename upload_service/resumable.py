@@ -250,8 +250,9 @@ class ResumableHandlers:
     ) -> None:
         """Answer a HEAD or DELETE that failed: logged as that request, never as a failed upload."""
         answer = as_upload_error(exc, unexpected="the server failed to answer")
-        if is_server_fault(answer):
-            logger.error("%s %s failed: %s", scope["method"], route_path(scope), answer.detail, exc_info=exc)
+        if is_server_fault(answer):  # a traceback for the unexpected, not for a store that is down
+            logger.error("%s %s failed: %s", scope["method"], route_path(scope), answer.detail,
+                         exc_info=exc if answer is not exc else None)
         if scope["method"] == "HEAD":  # the error's status and headers, no body
             await send_error(send, answer, headers=headers, head_only=True)
         else:
