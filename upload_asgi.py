@@ -284,8 +284,9 @@ class UploadApp:
         """Run a handler; answer an error it raises before its answer began.
 
         The upload and resumable handlers answer their own errors (they drain a body
-        first, and add the protocol's headers); the files resource's raise. An error after the answer began goes up: the server then cuts the
-        connection, so a client never takes a short body for a whole one.
+        first, and add the protocol's headers); the files resource's raise. An error
+        after the answer began goes up: the server then cuts the connection, so a
+        client never takes a short body for a whole one.
         """
         started = False
 

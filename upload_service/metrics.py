@@ -23,7 +23,8 @@ from upload_service.storage import Record
 logger = logging.getLogger("upload_asgi")
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0)
-OUTCOMES = ("stored", "partial", "rejected", "failed", "disconnected")  # partial: a resumable PATCH (or creation with a body) that kept its bytes
+# partial: a resumable PATCH (or a creation with a body) that kept its bytes
+OUTCOMES = ("stored", "partial", "rejected", "failed", "disconnected")
 
 
 class Series:
