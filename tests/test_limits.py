@@ -185,8 +185,8 @@ async def test_a_description_on_every_record_of_many_files_has_a_budget(
     """The description goes on each record (answer and sidecar): at most 1 MiB of it as JSON in all."""
     app = make_backend_app()
     datas = [noise(100) for _ in range(files)]
-    files = [file_part(data, filename=f"f{i}", name="files") for i, data in enumerate(datas)]
-    parts = [field_part("description", description), *files]
+    file_parts = [file_part(data, filename=f"f{i}", name="files") for i, data in enumerate(datas)]
+    parts = [field_part("description", description), *file_parts]
     trace = await call_traced(app, upload_scope("/upload-multiple"), chunks_of(form_body(parts), 65536))
     reply = trace.reply
     assert reply.status == status, reply.body[:300]
