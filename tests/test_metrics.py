@@ -659,6 +659,46 @@ def test_a_fold_waits_for_a_scrape_that_is_reading(tmp_path):
     assert folded_kinds(tmp_path) == {"counter_archive-1.db", "histogram_archive-1.db"}
 
 
+def test_an_unreadable_file_of_an_exited_worker_is_set_aside_not_a_failed_start(tmp_path):
+    """A worker killed as it made its file leaves it empty or torn: prometheus-client cannot read it
+    (a scrape failed on it for good, and a fold that raised stopped the next worker's start)."""
+    shared = SharedDir(str(tmp_path), ours=True)
+    worker_that_exited(tmp_path, 100)
+    good = scraped(tmp_path)
+    dead = subprocess_pid_that_exited()
+    (tmp_path / f"counter_{dead}.db").write_bytes(b"")
+    (tmp_path / f"histogram_{dead}.db").write_bytes(b"\xff\xff\x00\x00" + bytes(60))  # says more than it holds
+    shared.fold_exited_workers()
+    assert folded_kinds(tmp_path) == {"counter_archive-1.db", "histogram_archive-1.db"}
+    assert {p.name for p in tmp_path.glob("*.unreadable")} == {f".counter_{dead}.db.unreadable", f".histogram_{dead}.db.unreadable"}
+    assert sorted(scraped(tmp_path).splitlines()) == sorted(good.splitlines())
+
+
+def test_a_lock_held_by_a_stopped_process_delays_a_scrape_or_a_fold_a_moment_only(tmp_path, monkeypatch, caplog):
+    """A process stopped while it holds the lock (SIGSTOP, a debugger) froze every scrape and held
+    the next worker's start: each waits LOCK_WAIT_SECONDS, then reads without it or folds later."""
+    import fcntl
+
+    from upload_service import metricsdir
+
+    monkeypatch.setattr(metricsdir, "LOCK_WAIT_SECONDS", 0.3)
+    shared = SharedDir(str(tmp_path), ours=True)
+    worker_that_exited(tmp_path, 100)
+    unfolded = folded_kinds(tmp_path)
+    with open(tmp_path / ".lock", "ab") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        shared.fold_exited_workers()
+        with shared.reading():
+            pass
+        assert time.monotonic() - started < 2
+    assert folded_kinds(tmp_path) == unfolded
+    assert "folded later" in caplog.text and "reads without the lock" in caplog.text
+    shutil.rmtree(tmp_path)
+    with shared.reading():  # the directory gone (a tmp cleaner): a scrape still answers
+        pass
+
+
 def subprocess_pid_that_exited() -> int:
     import subprocess
     import sys

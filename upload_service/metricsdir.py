@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,10 @@ RUN_DIR_PREFIX = "upload-asgi-metrics-"
 LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 FOLDED_KINDS = ("counter", "histogram")  # summed over every worker that ever ran
 LOCK_FILE = ".lock"  # not `*.db`: prometheus-client reads only those
+# How long a scrape or a fold waits for the lock: a process stopped while holding it (SIGSTOP,
+# a debugger) must not freeze the others. A scrape then reads without it (a total may count a
+# folding worker twice, once); a fold is left to the next worker that starts.
+LOCK_WAIT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,17 @@ class SharedDir:
         if not self.ours:
             yield
             return
-        with locked(self.path, fcntl.LOCK_SH):
+        with locked(self.path, fcntl.LOCK_SH) as held:
+            if not held:
+                logger.warning("metrics: %s stayed locked; this scrape reads without the lock", self.path)
             yield
 
     def fold_exited_workers(self) -> None:
         """Fold the counter and histogram files of workers that exited into one archive per kind."""
-        with locked(self.path, fcntl.LOCK_EX):
+        with locked(self.path, fcntl.LOCK_EX) as held:
+            if not held:
+                logger.warning("metrics: %s stayed locked; exited workers are folded later", self.path)
+                return
             for kind in FOLDED_KINDS:
                 fold(Path(self.path), kind)
 
@@ -80,8 +90,8 @@ def shared_dir() -> SharedDir | None:
     shared = SharedDir(str(path), ours=True)
     try:
         shared.fold_exited_workers()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: prometheus-client read a torn file
-        logger.warning("metrics of exited workers stay unfolded in %s (%s)", path, exc)
+    except Exception:  # never a reason for a worker not to start
+        logger.warning("metrics of exited workers stay unfolded in %s", path, exc_info=True)
     return shared
 
 
@@ -150,10 +160,26 @@ def forget_dead_workers(path: str) -> None:
 
 
 @contextmanager
-def locked(path: str, how: int) -> Iterator[None]:
-    with open(os.path.join(path, LOCK_FILE), "ab") as lock:
-        fcntl.flock(lock, how)  # let go when the file closes, or the process dies
-        yield
+def locked(path: str, how: int) -> Iterator[bool]:
+    """Hold the directory's lock (let go when the file closes, or the process dies); say whether
+    it was had within LOCK_WAIT_SECONDS. A directory gone (a tmp cleaner) is not locked either."""
+    try:
+        lock = open(os.path.join(path, LOCK_FILE), "ab")
+    except OSError:
+        yield False
+        return
+    with lock:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(lock, how | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    yield False
+                    return
+                time.sleep(0.01)
+        yield True
 
 
 def fold(path: Path, kind: str) -> None:
@@ -173,7 +199,13 @@ def fold(path: Path, kind: str) -> None:
     staging.mkdir()
     for file in exited:
         file.rename(staging / file.name)
-    totals = summed([*([archive] if archive else []), *staging.iterdir()])
+    totals = summed([archive]) if archive else {}
+    for file in staging.iterdir():
+        try:
+            add_values(totals, file)
+        except Exception as exc:  # empty or torn (a worker killed as it made it): set aside
+            file.rename(path / f".{file.name}.unreadable")
+            logger.warning("metrics: %s of an exited worker cannot be read (%r); its counts are left out", file.name, exc)
     temporary = path / f".{kind}_archive-{generation}.tmp"
     write_values(temporary, totals)
     temporary.rename(path / f"{kind}_archive-{generation}.db")
@@ -215,9 +247,14 @@ def summed(files: Iterable[Path]) -> dict[str, float]:
     """Each series' value summed over `files`, as a scrape sums counters and histogram buckets."""
     totals: dict[str, float] = {}
     for file in files:
-        for key, value, *_timestamp_and_position in MmapedDict.read_all_values_from_file(str(file)):
-            totals[key] = totals.get(key, 0.0) + value
+        add_values(totals, file)
     return totals
+
+
+def add_values(totals: dict[str, float], file: Path) -> None:
+    values = {key: value for key, value, *_ in MmapedDict.read_all_values_from_file(str(file))}  # all, or raise
+    for key, value in values.items():
+        totals[key] = totals.get(key, 0.0) + value
 
 
 def write_values(file: Path, totals: dict[str, float]) -> None:
