@@ -9,7 +9,7 @@ import bisect
 import itertools
 import os
 from datetime import datetime
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from upload_service.errors import ConfigError, StorageRefused, StorageUnavailable
 
@@ -137,6 +137,7 @@ class PartBody:
         self._blocks = blocks
         self._starts = list(itertools.accumulate((len(b) for b in blocks), initial=0))  # offsets, and the size
         self._position = 0
+        self.on_sent: Callable[[], None] | None = None  # called as each piece has gone out
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -168,4 +169,6 @@ class PartBody:
         for block in self._blocks:
             view = memoryview(block)
             for start in range(0, len(view), self.SEND_CHUNK_SIZE):
-                yield view[start : start + self.SEND_CHUNK_SIZE]
+                yield view[start : start + self.SEND_CHUNK_SIZE]  # resumed once written and drained
+                if self.on_sent is not None:
+                    self.on_sent()

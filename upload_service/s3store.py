@@ -57,12 +57,14 @@ HEALTH_TTL = 5.0  # seconds a HeadBucket answer (or failure) stands for /health
 # (the client's own timeouts and retries would take minutes).
 HEALTH_TIMEOUT = 3.0
 SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
-# Every S3 call ends within this, plus its body's bytes at STORE_MIN_RATE, retries included:
-# botocore's read timeout never fires while a write waits for `100 Continue` (aiohttp sends
-# no body before it), so a store that accepts and then hangs held an upload for as long.
+# Every S3 call ends once this long passed with no answer and none of its body taken, retries
+# included: botocore's read timeout never fires while a write waits for `100 Continue` (aiohttp
+# sends no body before it), so a store that accepts and then hangs held an upload for as long.
 CALL_SECONDS = 90.0
-STORE_MIN_RATE = 1 * MiB  # bytes a second
 COMPLETE_SECONDS = 540.0  # S3 may take minutes to complete a big multipart upload (AWS says so)
+# A failed upload's answer waits this long for its multipart upload's abort (the store may be
+# what failed); then the abort is tried again in the background.
+ABORT_WAIT_SECONDS = 5.0
 # A writer thread waits for the loop's S3 calls at most this long: a call ends sooner
 # (CALL_SECONDS); this only frees the thread if the loop is gone.
 THREAD_WAIT_SECONDS = 600.0
@@ -187,7 +189,7 @@ class S3Sink(FileSink):
             await asyncio.wait([asyncio.wrap_future(f) for f in self._parts])
         if self._upload_id is not None:
             try:
-                await self._store.abort_multipart(self.key, self._upload_id)
+                await self._store.abort_multipart(self.key, self._upload_id, within=ABORT_WAIT_SECONDS)
             except StorageUnavailable:
                 self._store.retry_abort_later(self.key, self._upload_id)
                 raise
@@ -206,7 +208,7 @@ class S3Sink(FileSink):
         concurrent.futures.wait(self._parts, THREAD_WAIT_SECONDS)
         if self._upload_id is not None:
             try:
-                self._wait(self._store.abort_multipart(self.key, self._upload_id))
+                self._wait(self._store.abort_multipart(self.key, self._upload_id, within=ABORT_WAIT_SECONDS))
             except Exception as exc:
                 logger.warning("aborting multipart upload %s failed (tried again later): %s", self.key, exc)
                 with contextlib.suppress(RuntimeError):  # the loop is closed: then it is the sweep's
@@ -335,11 +337,18 @@ class S3Store(Store):
 
     async def call(self, operation: str, **params: Any) -> Any:
         """One S3 call on this bucket; any failure as a StorageUnavailable or StorageRefused."""
-        body = params.get("Body")
         seconds = COMPLETE_SECONDS if operation == "complete_multipart_upload" else CALL_SECONDS
         try:
             client = await self.client()
-            async with asyncio.timeout(seconds + (len(body) if body is not None else 0) / STORE_MIN_RATE):
+            async with asyncio.timeout(None) as deadline:
+                loop = asyncio.get_running_loop()
+
+                def moved() -> None:  # the store took a piece of the body: not hung
+                    deadline.reschedule(loop.time() + seconds)
+
+                moved()
+                if isinstance(params.get("Body"), PartBody):
+                    params["Body"].on_sent = moved
                 return await getattr(client, operation)(Bucket=self.bucket, **params)
         except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             if isinstance(exc, StorageUnavailable):
@@ -412,9 +421,12 @@ class S3Store(Store):
         head = await self.call_or_none("head_object", Key=key)
         return None if head is None else head["ContentLength"]
 
-    async def abort_multipart(self, key: str, upload_id: str) -> None:
+    async def abort_multipart(self, key: str, upload_id: str, within: float | None = None) -> None:
         try:
-            await self.call("abort_multipart_upload", Key=key, UploadId=upload_id)
+            async with asyncio.timeout(within):
+                await self.call("abort_multipart_upload", Key=key, UploadId=upload_id)
+        except TimeoutError as exc:
+            raise StorageUnavailable(f"aborting {key} took over {within:g} s") from exc
         except StorageUnavailable as exc:
             if error_code(exc.__cause__) != "NoSuchUpload":  # already gone (a sweep, a retry)
                 raise
