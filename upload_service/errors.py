@@ -30,6 +30,12 @@ class MalformedBody(UploadError):
     status, code = 400, "malformed_multipart"
 
 
+class HeadersTooLarge(UploadError):
+    """The request's header fields pass MAX_HEADER_BYTES (uvicorn and granian pass megabytes on)."""
+
+    status, code = 431, "request_header_fields_too_large"
+
+
 class AmbiguousLength(UploadError):
     """RFC 9112 §6.1: both Transfer-Encoding and Content-Length, a sign of request smuggling
     (hypercorn 0.18 takes the chunked body and keeps the connection): refused, the connection closed."""
