@@ -85,6 +85,7 @@ from upload_service.errors import (
     UploadError,
     UploadRefused,
     as_upload_error,
+    cut,
 )
 from upload_service.files import FilesResource, mount_url
 from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
@@ -257,13 +258,13 @@ class UploadApp:
             return
         head_only = method == "HEAD"
         if route is None:
-            await send_error(send, NotFound(f"no route for {path}"), head_only=head_only)
+            await send_error(send, NotFound(f"no route for {cut(path)}"), head_only=head_only)
             return
         methods, params = route
         if handler is None:
             await send_error(
                 send,
-                MethodNotAllowed(f"{method} is not allowed on {path}"),
+                MethodNotAllowed(f"{cut(method, 40)} is not allowed on {cut(path)}"),
                 headers=[(b"allow", allowed_methods(methods).encode()), *protocol_headers(scope, refusal=True)],
                 head_only=head_only,
             )

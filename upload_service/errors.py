@@ -176,7 +176,12 @@ def refusal_header(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]
 
 def shown(text: str, most: int = 40) -> str:
     """`text` quoted for an error's detail, cut after `most` characters: a header may be megabytes."""
-    return repr(text if len(text) <= most else text[:most] + "...")
+    return repr(cut(text, most))
+
+
+def cut(text: str, most: int = 200) -> str:
+    """`text` for an error's detail, cut after `most` characters (a path may be 60 KB)."""
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def as_latin1(text: str | bytes) -> bytes:

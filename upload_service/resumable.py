@@ -60,6 +60,7 @@ from upload_service.errors import (
     UploadInterrupted,
     UploadLocked,
     as_upload_error,
+    cut,
     shown,
 )
 from upload_service.files import FilesResource, check_preconditions, has_preconditions, mount_url, send_stored
@@ -542,7 +543,7 @@ class ResumableHandlers:
         try:
             record = await self.files.read_record(file_id)
         except NotFound:
-            raise NotFound(f"no upload {file_id}") from None
+            raise NotFound(f"no upload {cut(file_id)}") from None
         detail = f"upload {file_id} is already complete ({record['size']} bytes)"
         if dialect.draft is None:
             error = tus.UploadComplete(detail, offset=record["size"])
