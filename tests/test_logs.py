@@ -226,3 +226,21 @@ async def test_a_client_cannot_write_control_characters_into_the_log(caplog, upl
     assert reply.status == 404
     (line,) = [r.getMessage() for r in caplog.records if "no upload" in r.getMessage()]
     assert line.endswith("no upload x\\x0a[INFO] forged \\x1b[31mé\\x07")
+
+
+async def test_a_traceback_quoting_a_client_is_escaped_too(caplog, upload_dir):
+    """An embedding app's hook that raises with a header's value in its message: the traceback's escape
+    codes are written as escapes, its lines stay lines. And bidirectional overrides (U+202E shows what
+    follows reversed) are escaped wherever they come from."""
+    def refuse(scope, headers):
+        raise LookupError(f"unknown user {headers.get('x-user')}")
+
+    app = upload_asgi.create_app(Config(upload_dir=upload_dir), before_upload=refuse)
+    user = "\x1b[2J\x1b[31mmallory\x1b[0m"
+    with caplog.at_level(logging.INFO, logger="upload_asgi"):
+        headers = [("x-user", user), ("content-type", form_content_type())]
+        reply = await call_app(app, http_scope("/upload", "POST", headers), [form_body([file_part(b"x", "a.txt")])])
+    assert reply.status == 500
+    assert "LookupError: unknown user \\x1b[2J\\x1b[31mmallory\\x1b[0m\n" in caplog.text + "\n"
+    assert "\x1b" not in caplog.text and "Traceback (most recent call last):\n" in caplog.text
+    assert logs.escape_controls("report\u202efdp.exe") == "report\\u202efdp.exe"

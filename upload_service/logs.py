@@ -35,17 +35,21 @@ DATE_FORMAT = "[%Y-%m-%d %H:%M:%S %z]"
 
 logger = logging.getLogger(LOGGER_NAME)
 
-# C0 controls but tab, DEL, C1 controls, and the Unicode line and paragraph separators.
+# C0 controls but tab, DEL, C1 controls; the Unicode line and paragraph separators, and the
+# bidirectional controls (U+202E shows what follows reversed).
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09}
-_CONTROLS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+_CONTROLS.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+                                               *range(0x2066, 0x206A))})
+_TRACEBACK_CONTROLS = {c: escaped for c, escaped in _CONTROLS.items() if c != 0x0A}  # its lines stay lines
 
 
-def escape_controls(text: str) -> str:
-    return text if text.isprintable() else text.translate(_CONTROLS)
+def escape_controls(text: str, controls: dict[int, str] = _CONTROLS) -> str:
+    return text if text.isprintable() else text.translate(controls)
 
 
 class EscapeControls(logging.Filter):
-    """Escape the control characters of a record's text arguments (its message is ours)."""
+    """Escape the control characters of a record's text arguments (its message is ours) and of its
+    traceback (but its line feeds)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
@@ -53,7 +57,12 @@ class EscapeControls(logging.Filter):
             record.args = tuple(escape_controls(a) if isinstance(a, str) else a for a in args)
         elif isinstance(args, dict):
             record.args = {k: escape_controls(a) if isinstance(a, str) else a for k, a in args.items()}
+        if record.exc_info and record.exc_text is None:  # an exception's message may quote a client
+            record.exc_text = escape_controls(_formatter.formatException(record.exc_info), _TRACEBACK_CONTROLS)
         return True
+
+
+_formatter = logging.Formatter()
 
 
 def parse_log_level(text: str) -> str:
