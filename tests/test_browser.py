@@ -297,6 +297,17 @@ def test_over_limit_file_shows_the_servers_413(open_tab, expect, tmp_path, uploa
     assert stored_ids(upload_dir) == [only]
 
 
+def take_the_only_slot(server: Server) -> HeldUpload:
+    """An upload held part-way, in the one slot of UPLOAD_MAX_CONCURRENT=1."""
+    held = HeldUpload(server.port, form_body([file_part(b"x" * 100_000, "held.bin")]), 1000)
+    with server.client() as http:
+        def slot_taken() -> None:
+            assert http.get("/health").json()["uploads_in_flight"] == 1
+
+        wait_until(slot_taken)
+    return held
+
+
 def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expect, tmp_path, upload_dir):
     """Every upload slot taken (UPLOAD_MAX_CONCURRENT): the server answers 503 with Retry-After before
     storing anything. The page sends the file again after that wait, and it is stored once a slot is
@@ -306,12 +317,7 @@ def test_a_busy_server_gets_the_file_again_after_its_retry_after(open_tab, expec
     dropped = write_file(tmp_path / "files", "dropped.txt", b"never stored")
     late = write_file(tmp_path / "files", "late.txt", b"picked while the others wait")
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0", "UPLOAD_MAX_CONCURRENT": "1"}) as server:
-        held = HeldUpload(server.port, form_body([file_part(b"x" * 100_000, "held.bin")]), 1000)
-        with server.client() as http:
-            def slot_taken() -> None:
-                assert http.get("/health").json()["uploads_in_flight"] == 1
-
-            wait_until(slot_taken)
+        held = take_the_only_slot(server)
         tab = open_tab(server.url + "/")
         tab.page.set_input_files("#picker", [str(kept), str(dropped)])
         for name in ("kept.txt", "dropped.txt"):
@@ -375,12 +381,7 @@ def test_a_file_in_pieces_waits_out_a_busy_server_s_retry_after(open_tab, expect
     pieces = write_file(tmp_path / "files", "pieces.bin", data)
     env = {"UPLOAD_FSYNC": "0", "UPLOAD_MAX_CONCURRENT": "1", "UPLOAD_MAX_REQUEST_SIZE": "1M"}
     with Server(upload_dir, env=env) as server:
-        held = HeldUpload(server.port, form_body([file_part(b"x" * 100_000, "held.bin")]), 1000)
-        with server.client() as http:
-            def slot_taken() -> None:
-                assert http.get("/health").json()["uploads_in_flight"] == 1
-
-            wait_until(slot_taken)
+        held = take_the_only_slot(server)
         tab = open_tab(server.url + "/")
         creations: list[float] = []
 
