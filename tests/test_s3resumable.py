@@ -605,7 +605,7 @@ async def test_a_multipart_upload_the_store_was_away_for_is_aborted_once_it_is_b
     real_abort = s3.abort_multipart
     failed: list[str] = []
 
-    async def away_once(key: str, upload_id: str) -> None:
+    async def away_once(key: str, upload_id: str, within: float | None = None) -> None:
         if not failed:
             failed.append(upload_id)
             raise StorageUnavailable("down")
@@ -625,6 +625,48 @@ async def test_a_multipart_upload_the_store_was_away_for_is_aborted_once_it_is_b
             await asyncio.sleep(0.05)
         assert (await patch(a, location, 0, data)).status_code == 204
         record = (await a.get(f"{location}/record")).json()
+    assert_only_stored(bucket, record, data)
+
+
+async def test_clean_up_calls_the_store_does_not_answer_hold_the_answer_a_moment_only(
+    bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that hangs: the PATCH's own call ends at its deadline, then its clean-up (the abort of
+    what it began, the lease's release) would wait as long again each (a 503 after ~271 s). Each waits
+    CLEANUP_WAIT_SECONDS, then goes on in the background."""
+    from upload_service import s3store
+
+    monkeypatch.setattr(s3store, "CLEANUP_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
+    first, _ = two_apps
+    s3 = first.resumable.store.s3
+    real_call = s3.call
+    hung: list[str] = []
+
+    async def hanging_once(operation: str, **params: Any) -> Any:
+        release = operation == "delete_object" and params["Key"].endswith(".lock") and "IfMatch" in params
+        if operation == "abort_multipart_upload" or release:
+            if operation not in hung:
+                hung.append(operation)
+                await asyncio.Event().wait()
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(s3, "call", hanging_once)
+    data = payload(12 * MiB, seed=18)
+    wrong = "sha256 " + base64.b64encode(hashlib.sha256(b"other").digest()).decode()
+    async with client_of(first) as a:
+        location = await create(a, len(data))  # its lease's release hangs: let go in the background
+        started = time.monotonic()
+        reply = await patch(a, location, 0, data, **{"Upload-Checksum": wrong})
+        assert reply.status_code == 460, reply.text
+        assert time.monotonic() - started < 5 and sorted(hung) == ["abort_multipart_upload", "delete_object"]
+        deadline = time.monotonic() + 10
+        while bucket.uploads_in_progress() or any(n.endswith(".lock") for n in bucket.objects()):
+            assert time.monotonic() < deadline, "the multipart upload or the lease stayed"
+            await asyncio.sleep(0.05)
+        assert (await patch(a, location, 0, data)).status_code == 204
+        record = (await a.get(f"{location}/record")).json()
+    assert "tried again later" in caplog.text
     assert_only_stored(bucket, record, data)
 
 

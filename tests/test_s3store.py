@@ -875,8 +875,8 @@ async def test_an_abort_the_store_does_not_answer_holds_the_answer_a_moment_only
     store: S3Store, bucket: S3Backend, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A store that hangs failed the upload; its abort would hang as long (a second 90 s before the
-    503): the answer waits ABORT_WAIT_SECONDS for it, then the abort goes on in the background."""
-    monkeypatch.setattr(s3store, "ABORT_WAIT_SECONDS", 0.3)
+    503): the answer waits CLEANUP_WAIT_SECONDS for it, then the abort goes on in the background."""
+    monkeypatch.setattr(s3store, "CLEANUP_WAIT_SECONDS", 0.3)
     monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
     sink = store.new_file()
     await write(sink, os.urandom(PART))

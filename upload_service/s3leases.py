@@ -13,6 +13,7 @@ Under `<prefix>/.resumable/`:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from upload_service.errors import StorageRefused, StorageUnavailable, UploadLocked
 from upload_service.s3client import Conflict
+from upload_service import s3store
 from upload_service.storage import UploadBusy, is_file_id, new_file_id
 
 if TYPE_CHECKING:
@@ -108,7 +110,7 @@ class Leases:
         the lease would be stale anyway: the upload must not stay locked (423) after a blip."""
         store = self._store
         try:
-            store.run(self.remove(upload_id, lease))
+            store.run(asyncio.wait_for(self.remove(upload_id, lease), s3store.CLEANUP_WAIT_SECONDS))
         except Exception as exc:
             logger.warning("releasing the lease of resumable upload %s failed (tried again later): %s", upload_id, exc)
             what = f"releasing the lease of resumable upload {upload_id}"

@@ -62,9 +62,9 @@ SWEEP_INTERVAL = 3600.0  # seconds between sweeps of abandoned multipart uploads
 # sends no body before it), so a store that accepts and then hangs held an upload for as long.
 CALL_SECONDS = 90.0
 COMPLETE_SECONDS = 540.0  # S3 may take minutes to complete a big multipart upload (AWS says so)
-# A failed upload's answer waits this long for its multipart upload's abort (the store may be
-# what failed); then the abort is tried again in the background.
-ABORT_WAIT_SECONDS = 5.0
+# A request waits this long for each of its clean-up calls (aborting a multipart upload,
+# letting go of a lease: the store may be what failed); then they go on in the background.
+CLEANUP_WAIT_SECONDS = 5.0
 # A writer thread waits for the loop's S3 calls at most this long: a call ends sooner
 # (CALL_SECONDS); this only frees the thread if the loop is gone.
 THREAD_WAIT_SECONDS = 600.0
@@ -189,7 +189,7 @@ class S3Sink(FileSink):
             await asyncio.wait([asyncio.wrap_future(f) for f in self._parts])
         if self._upload_id is not None:
             try:
-                await self._store.abort_multipart(self.key, self._upload_id, within=ABORT_WAIT_SECONDS)
+                await self._store.abort_multipart(self.key, self._upload_id, within=CLEANUP_WAIT_SECONDS)
             except StorageUnavailable:
                 self._store.retry_abort_later(self.key, self._upload_id)
                 raise
@@ -208,7 +208,7 @@ class S3Sink(FileSink):
         concurrent.futures.wait(self._parts, THREAD_WAIT_SECONDS)
         if self._upload_id is not None:
             try:
-                self._wait(self._store.abort_multipart(self.key, self._upload_id, within=ABORT_WAIT_SECONDS))
+                self._wait(self._store.abort_multipart(self.key, self._upload_id, within=CLEANUP_WAIT_SECONDS))
             except Exception as exc:
                 logger.warning("aborting multipart upload %s failed (tried again later): %s", self.key, exc)
                 with contextlib.suppress(RuntimeError):  # the loop is closed: then it is the sweep's
