@@ -343,8 +343,7 @@ class UploadApp:
             self.unavailable = (problem, now)
 
     async def handle_metrics(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:
-        # Off the loop: with workers it reads their files, and may wait for their lock.
-        body = (await asyncio.to_thread(self.metrics.exposition)).encode()
+        body = self.metrics.exposition().encode()
         await send_body(send, 200, body, b"text/plain; version=0.0.4; charset=utf-8", head_only=head_only)
 
     async def handle_upload(self, scope: Scope, receive: Receive, send: Send, head_only: bool = False) -> None:

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from upload_service.errors import ClientGone, ServiceUnavailable, UploadError, UploadRefused, as_upload_error
-from upload_service.metricsdir import SharedDir, forget_dead_workers, use_multiprocess_values
+from upload_service.metricsdir import SharedDir, use_multiprocess_values
 from upload_service.storage import Record
 
 logger = logging.getLogger("upload_asgi")
@@ -153,7 +153,7 @@ class Metrics:
         """Prometheus text: this app's series, or every worker's summed in multiprocess mode."""
         if self.shared is None:
             return generate_latest(WithoutCreated(self._registry)).decode()
-        forget_dead_workers(self.shared.path)
+        self.shared.before_scrape()
         with self.shared.reading():
             return generate_latest(self._registry).decode()
 

@@ -40,9 +40,10 @@ RUN_DIR_PREFIX = "upload-asgi-metrics-"
 LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 FOLDED_KINDS = ("counter", "histogram")  # summed over every worker that ever ran
 LOCK_FILE = ".lock"  # not `*.db`: prometheus-client reads only those
-# How long a scrape or a fold waits for the lock: a process stopped while holding it (SIGSTOP,
-# a debugger) must not freeze the others. A scrape then reads without it (a total may count a
-# folding worker twice, once); a fold is left to the next worker that starts.
+# How long a starting worker's fold waits for the lock: a process stopped while holding it
+# (SIGSTOP, a debugger) must not hold the start; the fold is then left for later. A scrape
+# never waits: it tries once, and reads without the lock if a fold holds it (a total may
+# then count a folding worker twice, in that one scrape).
 LOCK_WAIT_SECONDS = 2.0
 
 
@@ -57,19 +58,24 @@ class SharedDir:
         if not self.ours:
             yield
             return
-        with locked(self.path, fcntl.LOCK_SH) as held:
-            if not held:
-                logger.warning("metrics: %s stayed locked; this scrape reads without the lock", self.path)
+        with locked(self.path, fcntl.LOCK_SH, wait=0.0):
             yield
 
-    def fold_exited_workers(self) -> None:
-        """Fold the counter and histogram files of workers that exited into one archive per kind."""
-        with locked(self.path, fcntl.LOCK_EX) as held:
-            if not held:
-                logger.warning("metrics: %s stayed locked; exited workers are folded later", self.path)
-                return
-            for kind in FOLDED_KINDS:
-                fold(Path(self.path), kind)
+    def fold_exited_workers(self, wait: float = LOCK_WAIT_SECONDS) -> bool:
+        """Fold the counter and histogram files of workers that exited into one archive per kind;
+        False if another process held the lock past `wait` (the next start or scrape will)."""
+        with locked(self.path, fcntl.LOCK_EX, wait) as held:
+            if held:
+                for kind in FOLDED_KINDS:
+                    fold(Path(self.path), kind)
+            return held
+
+    def before_scrape(self) -> None:
+        """Drop the in-flight gauges of workers gone; fold exited workers' files if there are any
+        (one that cannot be read, a worker killed as it made it, would fail every scrape)."""
+        forget_dead_workers(self.path)
+        if self.ours and any_exited_worker(Path(self.path)):
+            self.fold_exited_workers(wait=0.0)
 
 
 def shared_dir() -> SharedDir | None:
@@ -89,7 +95,8 @@ def shared_dir() -> SharedDir | None:
     remove_dead_runs(path.parent)
     shared = SharedDir(str(path), ours=True)
     try:
-        shared.fold_exited_workers()
+        if not shared.fold_exited_workers():
+            logger.warning("metrics: %s stayed locked; exited workers are folded later", path)
     except Exception:  # never a reason for a worker not to start
         logger.warning("metrics of exited workers stay unfolded in %s", path, exc_info=True)
     return shared
@@ -160,16 +167,16 @@ def forget_dead_workers(path: str) -> None:
 
 
 @contextmanager
-def locked(path: str, how: int) -> Iterator[bool]:
+def locked(path: str, how: int, wait: float) -> Iterator[bool]:
     """Hold the directory's lock (let go when the file closes, or the process dies); say whether
-    it was had within LOCK_WAIT_SECONDS. A directory gone (a tmp cleaner) is not locked either."""
+    it was had within `wait` seconds. A directory gone (a tmp cleaner) is not locked either."""
     try:
         lock = open(os.path.join(path, LOCK_FILE), "ab")
     except OSError:
         yield False
         return
     with lock:
-        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        deadline = time.monotonic() + wait
         while True:
             try:
                 fcntl.flock(lock, how | fcntl.LOCK_NB)
@@ -227,6 +234,10 @@ def finish_cut_short_fold(path: Path, kind: str) -> None:
         shutil.rmtree(staging)
     for temporary in path.glob(f".{kind}_archive-*.tmp"):
         temporary.unlink()
+
+
+def any_exited_worker(path: Path) -> bool:
+    return any((pid := worker_of(f, kind)) and not is_alive(pid) for kind in FOLDED_KINDS for f in path.glob(f"{kind}_*.db"))
 
 
 def worker_of(file: Path, kind: str) -> int | None:
