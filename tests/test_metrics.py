@@ -674,12 +674,10 @@ def test_an_unreadable_file_of_an_exited_worker_is_set_aside_not_a_failed_start(
     assert sorted(scraped(tmp_path).splitlines()) == sorted(good.splitlines())
 
 
-def test_a_lock_held_by_a_stopped_process_never_blocks_a_scrape_and_delays_a_fold_a_moment(
-    tmp_path, monkeypatch
-):
+def test_a_lock_held_by_a_stopped_process_delays_a_scrape_or_a_fold_a_moment_only(tmp_path, monkeypatch):
     """A process stopped while it holds the lock (SIGSTOP, a debugger) froze every scrape and held
-    the next worker's start: a scrape now never waits (it reads without the lock), a fold waits
-    LOCK_WAIT_SECONDS and is left for later."""
+    the next worker's start: a scrape now waits SCRAPE_LOCK_WAIT_SECONDS (50 ms) and reads without
+    the lock, a fold waits LOCK_WAIT_SECONDS and is left for later."""
     import fcntl
 
     from upload_service import metricsdir
@@ -693,7 +691,7 @@ def test_a_lock_held_by_a_stopped_process_never_blocks_a_scrape_and_delays_a_fol
         started = time.monotonic()
         with shared.reading():
             pass
-        assert time.monotonic() - started < 0.1
+        assert time.monotonic() - started < 0.5
         assert shared.fold_exited_workers(wait=metricsdir.LOCK_WAIT_SECONDS) is False
         assert time.monotonic() - started < 2
     assert folded_kinds(tmp_path) == unfolded

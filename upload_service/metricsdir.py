@@ -41,10 +41,11 @@ LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db")
 FOLDED_KINDS = ("counter", "histogram")  # summed over every worker that ever ran
 LOCK_FILE = ".lock"  # not `*.db`: prometheus-client reads only those
 # How long a starting worker's fold waits for the lock: a process stopped while holding it
-# (SIGSTOP, a debugger) must not hold the start; the fold is then left for later. A scrape
-# never waits: it tries once, and reads without the lock if a fold holds it (a total may
-# then count a folding worker twice, in that one scrape).
+# (SIGSTOP, a debugger) must not hold the start; the fold is then left for later.
 LOCK_WAIT_SECONDS = 2.0
+# A scrape, on the event loop, waits as long as a fold takes (milliseconds), then reads without
+# the lock (that one scrape may count a folding worker twice or not at all) and folds nothing.
+SCRAPE_LOCK_WAIT_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class SharedDir:
         if not self.ours:
             yield
             return
-        with locked(self.path, fcntl.LOCK_SH, wait=0.0):
+        with locked(self.path, fcntl.LOCK_SH, SCRAPE_LOCK_WAIT_SECONDS):
             yield
 
     def fold_exited_workers(self, wait: float = LOCK_WAIT_SECONDS) -> bool:
@@ -75,7 +76,10 @@ class SharedDir:
         (one that cannot be read, a worker killed as it made it, would fail every scrape)."""
         forget_dead_workers(self.path)
         if self.ours and any_exited_worker(Path(self.path)):
-            self.fold_exited_workers(wait=0.0)
+            try:
+                self.fold_exited_workers(SCRAPE_LOCK_WAIT_SECONDS)
+            except Exception:  # the scrape answers all the same
+                logger.warning("metrics: folding exited workers in %s failed", self.path, exc_info=True)
 
 
 def shared_dir() -> SharedDir | None:
