@@ -174,9 +174,9 @@ def refusal_header(name: str | bytes, value: str | bytes) -> tuple[bytes, bytes]
     return name, value
 
 
-def shown(text: str, most: int = 40) -> str:
+def shown(text: str | None, most: int = 40) -> str:
     """`text` quoted for an error's detail, cut after `most` characters: a header may be megabytes."""
-    return repr(cut(text, most))
+    return repr(text if text is None else cut(text, most))
 
 
 def cut(text: str, most: int = 200) -> str:

@@ -41,6 +41,7 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) 
 _CONTROLS.update({c: f"\\u{c:04x}" for c in (0x061C, 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
                                                *range(0x2066, 0x206A))})
 _TRACEBACK_CONTROLS = {c: escaped for c, escaped in _CONTROLS.items() if c != 0x0A}  # its lines stay lines
+_formatter = logging.Formatter()  # formats a traceback as a handler's would
 
 
 def escape_controls(text: str, controls: dict[int, str] = _CONTROLS) -> str:
@@ -60,9 +61,6 @@ class EscapeControls(logging.Filter):
         if record.exc_info and record.exc_text is None:  # an exception's message may quote a client
             record.exc_text = escape_controls(_formatter.formatException(record.exc_info), _TRACEBACK_CONTROLS)
         return True
-
-
-_formatter = logging.Formatter()
 
 
 def parse_log_level(text: str) -> str:

@@ -496,7 +496,7 @@ class ResumableHandlers:
         media_type = tus.media_type_of(header(scope, b"content-type"))
         wanted = dialect.append_media_type
         if wanted is not None and media_type != wanted:
-            raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {'None' if media_type is None else shown(media_type)}")
+            raise UnsupportedMediaType(f"a PATCH body must be {wanted}, not {shown(media_type)}")
         will_complete = dialect.will_complete(scope, appending=True)
         offset = tus.parse_number(list_header(scope, b"upload-offset"), "Upload-Offset", dialect.draft is not None)
         new_length = list_header(scope, b"upload-length")

@@ -347,9 +347,14 @@ class S3Store(Store):
                     deadline.reschedule(loop.time() + seconds)
 
                 moved()
-                if isinstance(params.get("Body"), PartBody):
-                    params["Body"].on_sent = moved
-                return await getattr(client, operation)(Bucket=self.bucket, **params)
+                body = params.get("Body")
+                if isinstance(body, PartBody):
+                    body.on_sent = moved
+                try:
+                    return await getattr(client, operation)(Bucket=self.bucket, **params)
+                finally:
+                    if isinstance(body, PartBody):
+                        body.on_sent = None  # a later call's deadline is its own
         except (ClientError, BotoCoreError, aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             if isinstance(exc, StorageUnavailable):
                 raise

@@ -152,7 +152,7 @@ def parse_number(text: str | None, name: str, structured: bool = False) -> int:
 def check_tus_resumable(text: str | None) -> None:
     """Every tus request but OPTIONS names the protocol version; we speak 1.0.0 only (412)."""
     if text is None or text.strip() != TUS_VERSION:
-        raise UnsupportedVersion(f"Tus-Resumable must be {TUS_VERSION}, not {'None' if text is None else shown(text)}")
+        raise UnsupportedVersion(f"Tus-Resumable must be {TUS_VERSION}, not {shown(text)}")
 
 
 def parse_metadata(text: str | None) -> dict[str, str]:
