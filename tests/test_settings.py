@@ -124,6 +124,7 @@ BAD_VALUES = [
     pytest.param("UPLOAD_DIR", "/srv/uploads ", id="dir-trailing-space"),
     pytest.param("UPLOAD_DIR", " /srv/uploads", id="dir-leading-space"),
     pytest.param("UPLOAD_DIR", "~/uploads", id="dir-tilde"),
+    pytest.param("UPLOAD_DIR", "s3://uploads", id="dir-url"),
     pytest.param("UPLOAD_MAX_FILE_SIZE", "lots", id="file-word"),
     pytest.param("UPLOAD_MAX_FILE_SIZE", "0", id="file-zero"),
     pytest.param("UPLOAD_MAX_FILE_SIZE", "1.5G", id="file-fraction"),

@@ -105,6 +105,8 @@ def parse_dir(text: str) -> Path:
         raise ValueError(f"{text!r} begins or ends with white space")
     if text.startswith("~"):  # only a shell expands it; env files and systemd do not
         raise ValueError(f"{text!r} begins with '~': write the full path")
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):  # it would store under ./s3:/bucket
+        raise ValueError(f"{text!r} is a URL, not a directory: an object store goes in UPLOAD_STORAGE")
     return Path(text)
 
 
