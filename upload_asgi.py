@@ -143,6 +143,7 @@ class UploadApp:
         if self.store is not None:
             self.resumable = ResumableHandlers(self, make_resumable_store(config, self.store), files)
         resumable = self.resumable or ResumableHandlers(self, None, files)  # misconfigured: the routes answer 500
+        collection = {"GET": files.handle_list, "POST": resumable.handle_create, "OPTIONS": resumable.handle_options}
         # Path template -> method -> handler; a {name} segment is passed as a keyword.
         # HEAD is answered by GET unless a route names its own (/files/<id>: the tus HEAD).
         self.routes = Routes({
@@ -151,7 +152,8 @@ class UploadApp:
             "/metrics": {"GET": self.handle_metrics},
             "/upload": {"POST": self.handle_upload},
             "/upload-multiple": {"POST": self.handle_upload_multiple},
-            "/files": {"GET": files.handle_list, "POST": resumable.handle_create, "OPTIONS": resumable.handle_options},
+            "/files": collection,
+            "/files/": collection,  # tusd's base path: tus clients' examples name the endpoint so
             "/files/{file_id}": {
                 "GET": resumable.handle_get,
                 "HEAD": resumable.handle_head,

@@ -153,6 +153,21 @@ async def test_options(client: httpx.AsyncClient) -> None:
         assert reply.headers["tus-checksum-algorithm"] == "sha1,sha256"
 
 
+async def test_the_endpoint_with_a_trailing_slash_is_the_same(client: httpx.AsyncClient, backend: Any) -> None:
+    """tusd's base path is `/files/`, and tus-js-client's and tuspy's examples name the endpoint so."""
+    reply = await client.options("/files/")
+    assert reply.status_code == 204
+    assert reply.headers["tus-version"] == "1.0.0"
+    reply = await client.post("/files/", headers={**TUS, "Upload-Length": "3"})
+    assert reply.status_code == 201, reply.text
+    location = reply.headers["location"]
+    assert location.startswith("/files/") and len(location) == len("/files/") + 32
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    listed = (await client.get("/files/")).json()
+    assert [r["id"] for r in listed["files"]] == [location.rsplit("/", 1)[1]]
+    assert backend.stored_bytes(location.rsplit("/", 1)[1]) == b"abc"
+
+
 async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(2_345_679)
     metadata = f"filename {b64('../dir/report é.pdf')},filetype {b64('application/pdf')},description {b64('Q3')}"
