@@ -371,7 +371,8 @@ class UploadApp:
                 self.metrics.in_flight += 1
                 try:
                     stored = await store_form(
-                        self.config, self.prepare(), self.write_executor(), boundary, receive, route, progress
+                        self.config, self.prepare(), self.write_executor(), boundary, receive, route, progress,
+                        declared_length(scope),
                     )
                 finally:
                     self.metrics.in_flight -= 1

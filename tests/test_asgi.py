@@ -163,6 +163,18 @@ async def test_disconnect_after_some_complete_files_stores_none(backend_app, bac
     assert check_json(reply, 201)["count"] == 3
 
 
+@pytest.mark.parametrize("cut", disconnect_points(DISCONNECT_BODY)[:-1])  # not the whole body
+async def test_a_body_the_server_ends_short_of_its_length_is_refused(backend_app, backend, cut):
+    """A server that ends the body before its Content-Length (uvicorn's httptools, for a request
+    with `Upgrade`) lost bytes the client sent: 400 incomplete_body, never a file cut short."""
+    chunks = chunks_of(DISCONNECT_BODY[:cut], 16 * 1024) if cut else []
+    reply = await call_app(backend_app, upload_scope(length=len(DISCONNECT_BODY)), chunks)
+    detail = check_json(reply, 400)
+    assert detail["error"] == "incomplete_body"
+    assert f"after {cut} of the {len(DISCONNECT_BODY)} bytes" in detail["detail"]
+    backend.assert_nothing_stored()
+
+
 # -- lifespan ------------------------------------------------------------------------------
 
 

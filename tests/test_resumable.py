@@ -168,6 +168,21 @@ async def test_the_endpoint_with_a_trailing_slash_is_the_same(client: httpx.Asyn
     assert backend.stored_bytes(location.rsplit("/", 1)[1]) == b"abc"
 
 
+@pytest.mark.parametrize("sent", [b"", b"0123"])
+async def test_a_patch_body_the_server_ends_short_of_its_length_is_refused(
+    app: upload_asgi.UploadApp, client: httpx.AsyncClient, sent: bytes
+) -> None:
+    """uvicorn's httptools passes none of the body of a request with `Upgrade` (Java's HttpClient
+    asks for h2c): not a 204 at offset 0 for a PATCH of 10 bytes, and nothing of it kept."""
+    location = await create(client, 10)
+    headers = {**OCTETS, "Upload-Offset": "0", "Content-Length": "10"}
+    reply = await call_app(app, http_scope(location, "PATCH", headers.items()), [sent] if sent else [])
+    assert reply.status == 400 and reply.json()["error"] == "incomplete_body"
+    assert reply.headers["tus-resumable"] == "1.0.0"
+    assert await offset_of(client, location) == 0
+    assert (await patch(client, location, 0, b"0123456789")).status_code == 204
+
+
 async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncClient, backend: Any) -> None:
     data = payload(2_345_679)
     metadata = f"filename {b64('../dir/report é.pdf')},filetype {b64('application/pdf')},description {b64('Q3')}"

@@ -115,6 +115,27 @@ def test_an_absolute_form_target_is_routed_by_its_path(kind, upload_dir):
         assert download.status == 200 and download.body == data
 
 
+@pytest.mark.parametrize("kind", ["hypercorn", "uvicorn", "granian"])
+def test_an_upgrade_request_is_stored_or_refused_never_taken_short(kind, upload_dir):
+    """`curl --http2` on http:// and Java's HttpClient ask for h2c with `Upgrade`. uvicorn's httptools
+    passes the app none of such a request's body: a 400 saying so, not a form "with no boundary line"
+    (nor a tus PATCH of "0 bytes"); hypercorn and granian pass the body on."""
+    data = b"asked for h2c"
+    body = form_body([file_part(data)])
+    upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, kind=kind) as server:
+        head = request_head(body).replace(b"Host: x\r\n", b"Host: x\r\n" + upgrade, 1)
+        reply = raw_request(server.port, head, [body])
+        if reply.status == 201:
+            assert kind != "uvicorn"
+            assert_stored(upload_dir, reply.json(), data)
+        else:
+            assert kind == "uvicorn" and reply.status == 400, reply.body
+            assert reply.json()["error"] == "incomplete_body"
+            assert f"after 0 of the {len(body)} bytes" in reply.json()["detail"]
+            assert_nothing_stored(upload_dir)
+
+
 def test_an_early_answer_reaches_a_client_that_keeps_sending(served, upload_dir):
     """A file over UPLOAD_MAX_FILE_SIZE: 413 while the client is still sending, nothing stored."""
     body = form_body([file_part(os.urandom(20 * MiB))])

@@ -44,6 +44,13 @@ class AmbiguousLength(UploadError):
     headers = ((b"connection", b"close"),)
 
 
+class IncompleteBody(UploadError):
+    """The server ended the body short of its Content-Length (uvicorn's httptools passes none of the
+    body of a request with `Upgrade`): what arrived is not what the client sent."""
+
+    status, code = 400, "incomplete_body"
+
+
 class MissingBoundary(UploadError):
     status, code = 400, "missing_boundary"
 

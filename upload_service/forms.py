@@ -108,6 +108,7 @@ async def store_form(
     receive: Receive,
     route: UploadRoute,
     progress: BodyProgress,
+    declared: int | None = None,
 ) -> list[Record]:
     """Read the body into the store and commit its files; on any failure, leave nothing."""
     reader = FormReader(
@@ -115,7 +116,9 @@ async def store_form(
         file_field=route.file_field, text_fields=route.text_fields, executor=writer,
     )
     try:
-        await read_body(receive, reader, progress, config.max_request_size, config.idle_timeout, config.min_rate)
+        await read_body(
+            receive, reader, progress, config.max_request_size, config.idle_timeout, config.min_rate, declared=declared
+        )
         reader.close()
         for target in reader.files:  # the last block of each file
             if target.job is not None:

@@ -601,7 +601,7 @@ class ResumableHandlers:
         try:
             try:
                 await self.writers.read_body(receive, upload, consumer, progress, min(limit, config.max_request_size),
-                                             config.idle_timeout, config.min_rate)
+                                             config.idle_timeout, config.min_rate, body_length)
                 await consumer.flush()
             except (ClientGone, RequestTimeout, UploadInterrupted, asyncio.CancelledError) as exc:
                 # What arrived before the client left, or another request took over, or the server
