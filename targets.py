@@ -19,7 +19,7 @@ from streaming_form_data.targets import BaseTarget
 from upload_service.blocks import BlockQueue
 from upload_service.errors import FormError, LimitExceeded, NoFile
 from upload_service.framing import (
-    Framer, PartInfo, clean_filename, field_charset, parse_header_params, transfer_decoder,
+    Framer, PartInfo, clean_filename, field_charset, parse_header_params, read_undecoded, transfer_decoder,
 )
 from upload_service.storage import FileSink, Store
 from upload_service.threads import WriterPool
@@ -51,7 +51,8 @@ class UploadFileTarget(BaseTarget):
         super().__init__()
         self.sink = sink
         self.id = sink.id
-        self.filename = clean_filename(info.filename or "")
+        self.raw_filename = info.filename or ""
+        self.filename = clean_filename(self.raw_filename)
         self.content_type = info.content_type
         self.max_size = max_size
         self.size = 0
@@ -94,6 +95,11 @@ class UploadFileTarget(BaseTarget):
             blocks.end()
         elif self.size == 0 and not self._sink_open:
             self._open_sink()  # an empty file: no chunk created it
+
+    def record_filename(self, form_charset: str | None) -> str:
+        """The filename for the record: one whose bytes were not UTF-8 read in the form's charset."""
+        decoded = read_undecoded(self.raw_filename, form_charset)
+        return self.filename if decoded is self.raw_filename else clean_filename(decoded)
 
     def write_held(self) -> None:
         """Create the file if no block did, and write the bytes held for the commit (blocking)."""
@@ -314,10 +320,12 @@ class FormReader:
 
     def field(self, name: str) -> str | None:
         target = self.fields.get(name)
-        if target is None:
-            return None
-        form_charset = self.fields.get(CHARSET_FIELD)
-        return target.text(field_charset(form_charset.text("latin-1")) if form_charset else None)
+        return None if target is None else target.text(self.form_charset())
+
+    def form_charset(self) -> str | None:
+        """The codec of the charset the form's `_charset_` field names, if any."""
+        named = self.fields.get(CHARSET_FIELD)
+        return field_charset(named.text("latin-1")) if named else None
 
     def _open_target(self, info: PartInfo) -> BaseTarget:
         for held in self._writing:  # another part follows: a file held for the commit is written now

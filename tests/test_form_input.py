@@ -364,6 +364,70 @@ async def test_a_form_charset_field_says_how_to_read_the_text_fields(backend_app
     assert backend.stored_ids() == stored
 
 
+def legacy_file_part(name: str, charset: str, field: str = "file") -> Part:
+    """What a browser sends for a file input on a page in `charset`: the filename in that charset."""
+    return Part(field, b"data", headers=[b'Content-Disposition: form-data; name="' + field.encode() + b'"; filename="'
+                                         + name.encode(charset) + b'"', b"Content-Type: text/plain"])
+
+
+@pytest.mark.parametrize("charset, name", [
+    ("windows-1252", "résumé €.txt"),
+    ("shift_jis", "日本語の表.txt"),  # 表 is 0x95 0x5C: its second byte is a backslash
+    ("euc-kr", "한국어.txt"),
+])
+async def test_a_filename_in_the_forms_charset_is_read_in_it(backend_app, backend, charset, name):
+    """A browser's form on a page in a legacy charset writes the filename in that charset (Chromium
+    does; RFC 7578 §4.6 `_charset_` names it), before or after the `_charset_` field."""
+    for parts in ([field_part("_charset_", charset), legacy_file_part(name, charset)],
+                  [legacy_file_part(name, charset), field_part("_charset_", charset)]):
+        reply = await call_app(backend_app, upload_scope(), [form_body(parts)])
+        assert reply.status == 201, reply.body
+        assert reply.json()["filename"] == name
+        assert backend.stored_record(reply.json()["id"])["filename"] == name
+    files = [legacy_file_part(f"{i} {name}", charset, "files") for i in range(3)]
+    reply = await call_app(backend_app, upload_scope("/upload-multiple"), [form_body([*files, field_part("_charset_", charset)])])
+    assert [r["filename"] for r in reply.json()["files"]] == [f"{i} {name}" for i in range(3)]
+
+
+@pytest.mark.parametrize("raw, name", [
+    (b"caf\xe9.txt", "café.txt"),  # Apache HttpClient's browser-compatible mode, ISO-8859-1
+    (b"\xff\xfe\xfd", "ÿþý"),
+    (b"a\x85b.txt", "ab.txt"),  # a C1 control as ISO-8859-1: removed as any control character
+])
+async def test_a_filename_not_utf8_without_a_form_charset_is_read_as_iso_8859_1(backend_app, backend, raw, name):
+    """HTTP's historical reading of header bytes (the draft's Content-Disposition is read so too)."""
+    part = Part("file", b"data", headers=[b'Content-Disposition: form-data; name="file"; filename="' + raw + b'"'])
+    reply = await call_app(backend_app, upload_scope(), [form_body([part])])
+    assert reply.status == 201, reply.body
+    assert reply.json()["filename"] == name
+
+
+async def test_a_filename_that_does_not_decode_in_the_forms_charset_keeps_what_does(backend_app, backend):
+    parts = [field_part("_charset_", "shift_jis"),
+             Part("file", b"data", headers=[b'Content-Disposition: form-data; name="file"; filename="a\xff.txt"'])]
+    reply = await call_app(backend_app, upload_scope(), [form_body(parts)])
+    assert reply.status == 201, reply.body
+    assert reply.json()["filename"] == "a\ufffd.txt"
+
+
+@pytest.mark.parametrize("params, filename", [
+    ("filename*0*=utf-8''%C3%A9t%C3%A9; filename*1=\".txt\"", "été.txt"),
+    ('filename*0="abc"; filename*1="def.txt"', "abcdef.txt"),
+    ("filename*0*=iso-8859-1''caf%E9; filename*1*=%20au%20lait.txt", "café au lait.txt"),
+    ('filename*1="ignored.txt"', None),  # no piece 0: no filename
+    ("filename=\"plain.txt\"; filename*0*=utf-8''other.txt", "plain.txt"),  # filename wins
+])
+async def test_rfc_2231_continuations_are_joined(backend_app, backend, params, filename):
+    """RFC 2231 §3-4 (JavaMail writes them; werkzeug, aiohttp, Django and the email package read them)."""
+    part = Part("file", b"data", headers=[f'Content-Disposition: form-data; name="file"; {params}'.encode()])
+    reply = await call_app(backend_app, upload_scope(), [form_body([part])])
+    if filename is None:
+        assert_error(reply, 422, "no_file")
+    else:
+        assert reply.status == 201, reply.body
+        assert reply.json()["filename"] == filename
+
+
 @pytest.mark.parametrize("disposition, filename", [
     # Node's form-data (axios, got) does not escape quotes in a filename
     ('form-data; name="file"; filename="my "quoted" file.txt"', 'my "quoted" file.txt'),

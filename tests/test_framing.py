@@ -28,6 +28,7 @@ from upload_service.framing import (
     parse_header_params,
     parse_params_slowly,
     read_part_headers,
+    read_undecoded,
 )
 
 B = BOUNDARY.encode()
@@ -234,7 +235,6 @@ def test_read_part_headers_parts_to_skip(block):
                      id="two-content-dispositions"),
         pytest.param(b'Content-Disposition: attachment; name="a"', id="not-form-data"),
         pytest.param(b'Content-Disposition: form-data; name="a";\r\n filename="x"', id="folded"),
-        pytest.param(b'Content-Disposition: form-data; name="a"; filename="\xff\xfe"', id="not-utf-8"),
         pytest.param(b'Content-Disposition: form-data; name="a"\rX: y', id="bare-cr"),
         pytest.param(b'Content-Disposition: form-data; name="a"' + b"\r\nX-A: b" * MAX_PART_HEADER_LINES,
                      id="too-many-lines"),
@@ -243,6 +243,15 @@ def test_read_part_headers_parts_to_skip(block):
 def test_read_part_headers_refuses(block):
     with pytest.raises(FormError):
         read_part_headers(block)
+
+
+def test_a_filename_not_utf8_is_kept_as_escapes_to_read_in_the_forms_charset():
+    name = "表.txt".encode("shift_jis")  # 0x95 0x5C: a backslash inside
+    info = read_part_headers(b'Content-Disposition: form-data; name="file"; filename="' + name + b'"')
+    assert info.name == "file"
+    assert read_undecoded(info.filename, "shift_jis") == "表.txt"
+    assert read_undecoded(info.filename, None) == name.decode("iso-8859-1")
+    assert read_undecoded("été", "shift_jis") == "été"  # UTF-8 already: as it is
 
 
 # -- Framer --------------------------------------------------------------------

@@ -76,10 +76,12 @@ def form_limits(config: Config, route: UploadRoute) -> FormLimits:
     )
 
 
-def make_record(target: UploadFileTarget, description: str | None, created: str | None = None) -> Record:
+def make_record(
+    target: UploadFileTarget, description: str | None, created: str | None = None, form_charset: str | None = None
+) -> Record:
     return {
         "id": target.id,
-        "filename": target.filename,
+        "filename": target.record_filename(form_charset),
         "content_type": target.content_type,
         "size": target.size,
         "sha256": target.sha256,
@@ -148,7 +150,8 @@ def check_form(reader: FormReader, route: UploadRoute) -> list[Record]:
     if description is not None and len(reader.files) > 1:
         check_descriptions(description, len(reader.files))
     created = utc_now()  # one moment for all the files of a request
-    records = [make_record(target, description, created) for target in reader.files]
+    charset = reader.form_charset()
+    records = [make_record(target, description, created, charset) for target in reader.files]
     expected = reader.field("sha256") if "sha256" in route.text_fields else None
     if expected is not None:
         # The field, or a digest file's first word (`sha256sum` writes "<hex>  <name>").

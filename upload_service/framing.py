@@ -22,7 +22,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 from upload_service.errors import TOKEN, FormError, LimitExceeded
 from upload_service.units import KiB
@@ -149,12 +149,33 @@ def parse_params_slowly(rest: str) -> dict[str, str]:
 
 def decode_ext_value(value: str) -> str:
     """Decode an RFC 5987 `charset'language'percent-encoded` value."""
+    encoding, encoded = split_ext_value(value)
+    return unquote(encoded, encoding=encoding, errors="replace")
+
+
+def split_ext_value(value: str) -> tuple[str, str]:
+    """The codec and the percent-encoded text of `charset'language'text`."""
     charset, _, rest = value.partition("'")
     _, _, encoded = rest.partition("'")
     # RFC 5987 §3.2.1 names these two; any other (or none) is read as UTF-8, never
     # handed to a codec of the client's choosing (idna, punycode... raise on bad input).
-    encoding = "iso-8859-1" if charset.strip().lower() == "iso-8859-1" else "utf-8"
-    return unquote(encoded, encoding=encoding, errors="replace")
+    return ("iso-8859-1" if charset.strip().lower() == "iso-8859-1" else "utf-8"), encoded
+
+
+def decode_continuations(params: dict[str, str], name: str) -> str | None:
+    """RFC 2231 §3-4: `filename*0*=utf-8''%C3%A9t; filename*1=".txt"`, the pieces joined in order
+    (percent-decoded where the name ends in `*`), read in the first piece's charset."""
+    pieces: list[bytes] = []
+    encoding = "utf-8"
+    while (plain := params.get(f"{name}*{len(pieces)}")) is not None \
+            or (encoded := params.get(f"{name}*{len(pieces)}*")) is not None:
+        if plain is not None:
+            pieces.append(plain.encode("utf-8", "surrogateescape"))
+            continue
+        if not pieces:
+            encoding, encoded = split_ext_value(encoded)
+        pieces.append(unquote_to_bytes(encoded))
+    return b"".join(pieces).decode(encoding, "replace") if pieces else None
 
 
 def decode_encoded_word(value: str) -> str:
@@ -175,12 +196,21 @@ def decode_encoded_word(value: str) -> str:
 
 def disposition_filename(params: dict[str, str]) -> str | None:
     """The filename a Content-Disposition's parameters name: `filename` (one RFC 2047 word decoded),
-    else `filename*` decoded."""
+    else `filename*` decoded, else RFC 2231 continuations joined."""
     if "filename" in params:  # RFC 7578 §4.2: filename* is not for form data
         return decode_encoded_word(params["filename"])
     if "filename*" in params:
         return decode_ext_value(params["filename*"])
-    return None
+    return decode_continuations(params, "filename")
+
+
+def read_undecoded(text: str, charset: str | None) -> str:
+    """`text` whose header bytes were not UTF-8 (kept as surrogate escapes) read in `charset` (a
+    form's `_charset_`: a browser writes names in its page's charset), else ISO-8859-1, as HTTP
+    historically reads header bytes; `text` itself when it was UTF-8."""
+    if text.isascii() or not any("\udc80" <= c <= "\udcff" for c in text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode(charset or "iso-8859-1", "replace")
 
 
 def field_charset(label: str | None) -> str | None:
@@ -216,7 +246,7 @@ class PartInfo:
     """What a part's headers say about it."""
 
     name: str
-    filename: str | None  # None for a text field; "" for an empty file input
+    filename: str | None  # None for a text field; "" for an empty file input; bytes not UTF-8 as surrogate escapes
     content_type: str
     transfer_encoding: str = ""  # "base64" or "quoted-printable" to undo; "" for none
 
@@ -238,8 +268,8 @@ def read_part_headers(block: bytes) -> PartInfo | None:
             raise FormError("a part header line is malformed (bare CR/LF or folded)")
         try:
             line = raw_line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FormError("a part header is not valid UTF-8") from None
+        except UnicodeDecodeError:  # a filename in a legacy charset: read once the form's is known
+            line = raw_line.decode("utf-8", "surrogateescape")
         header_name, colon, raw_value = line.partition(":")
         if not colon or not _TOKEN_RE.fullmatch(header_name):
             raise FormError("a part header line is not 'name: value' (RFC 9110 §5.1)")
