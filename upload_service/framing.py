@@ -167,15 +167,16 @@ def decode_continuations(params: dict[str, str], name: str) -> str | None:
     (percent-decoded where the name ends in `*`), read in the first piece's charset."""
     pieces: list[bytes] = []
     encoding = "utf-8"
-    while (plain := params.get(f"{name}*{len(pieces)}")) is not None \
-            or (encoded := params.get(f"{name}*{len(pieces)}*")) is not None:
-        if plain is not None:
+    while True:
+        index = len(pieces)
+        if (plain := params.get(f"{name}*{index}")) is not None:
             pieces.append(plain.encode("utf-8", "surrogateescape"))
-            continue
-        if not pieces:
-            encoding, encoded = split_ext_value(encoded)
-        pieces.append(unquote_to_bytes(encoded))
-    return b"".join(pieces).decode(encoding, "replace") if pieces else None
+        elif (encoded := params.get(f"{name}*{index}*")) is not None:
+            if index == 0:
+                encoding, encoded = split_ext_value(encoded)
+            pieces.append(unquote_to_bytes(encoded))
+        else:
+            return b"".join(pieces).decode(encoding, "replace") if pieces else None
 
 
 def decode_encoded_word(value: str) -> str:
