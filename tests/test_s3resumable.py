@@ -634,9 +634,9 @@ async def test_clean_up_calls_the_store_does_not_answer_hold_the_answer_a_moment
     """A store that hangs: the PATCH's own call ends at its deadline, then its clean-up (the abort of
     what it began, the lease's release) would wait as long again each (a 503 after ~271 s). Each waits
     CLEANUP_WAIT_SECONDS, then goes on in the background."""
-    from upload_service import s3store
+    from upload_service import s3io, s3store
 
-    monkeypatch.setattr(s3store, "CLEANUP_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(s3io, "CLEANUP_WAIT_SECONDS", 0.3)
     monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
     first, _ = two_apps
     s3 = first.resumable.store.s3

@@ -37,7 +37,7 @@ from support import (
     request_head,
     serving_pid,
 )
-from upload_service import s3store
+from upload_service import s3io, s3store
 from upload_service.errors import StorageRefused, StorageUnavailable
 from upload_service.s3client import PartBody
 from upload_service.s3store import S3Store
@@ -814,7 +814,7 @@ async def test_a_store_that_never_takes_a_part_frees_the_writer(
     store: S3Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The writer waits for parts in flight, not for ever: it fails with a 503."""
-    monkeypatch.setattr(s3store, "THREAD_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(s3io, "THREAD_WAIT_SECONDS", 0.5)
     never = asyncio.Event()
 
     async def hanging_upload_part(key: str, upload_id: str, number: int, part: Any) -> str:
@@ -876,7 +876,7 @@ async def test_an_abort_the_store_does_not_answer_holds_the_answer_a_moment_only
 ) -> None:
     """A store that hangs failed the upload; its abort would hang as long (a second 90 s before the
     503): the answer waits CLEANUP_WAIT_SECONDS for it, then the abort goes on in the background."""
-    monkeypatch.setattr(s3store, "CLEANUP_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(s3io, "CLEANUP_WAIT_SECONDS", 0.3)
     monkeypatch.setattr(s3store, "CLEANUP_RETRY_SECONDS", 0.05)
     sink = store.new_file()
     await write(sink, os.urandom(PART))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from upload_service.errors import StorageRefused, StorageUnavailable, UploadLocked
 from upload_service.s3client import Conflict
-from upload_service import s3store
+from upload_service import s3io
 from upload_service.storage import UploadBusy, is_file_id, new_file_id
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class Leases:
         the lease would be stale anyway: the upload must not stay locked (423) after a blip."""
         store = self._store
         try:
-            store.run(asyncio.wait_for(self.remove(upload_id, lease), s3store.CLEANUP_WAIT_SECONDS))
+            store.run(asyncio.wait_for(self.remove(upload_id, lease), s3io.CLEANUP_WAIT_SECONDS))
         except Exception as exc:
             logger.warning("releasing the lease of resumable upload %s failed (tried again later): %s", upload_id, exc)
             what = f"releasing the lease of resumable upload {upload_id}"

@@ -46,9 +46,10 @@ from upload_service.errors import StorageUnavailable, UploadLocked
 from upload_service.s3client import (
     CONFLICT_CODES, MISSING_CODES, BotoCoreError, Conflict, PartBody, aiohttp, error_code,
 )
+from upload_service import s3io
+from upload_service.s3io import THREAD_WAIT_SECONDS, wait_for_room
 from upload_service.s3leases import Leases
-from upload_service import s3store
-from upload_service.s3store import RESUMABLE_DIR, THREAD_WAIT_SECONDS, S3Store, wait_for_room
+from upload_service.s3store import RESUMABLE_DIR, S3Store
 from upload_service.storage import (
     DigestCache, Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo, is_file_id, new_file_id, record_json,
 )
@@ -412,7 +413,7 @@ class S3ResumableStore(ResumableStore):
         """Abort a multipart upload no info names. If the store is not there, try again in the
         background: the sweep leaves an upload's key alone while its info is there."""
         try:
-            self.run(self.s3.abort_multipart(key, upload_id, within=s3store.CLEANUP_WAIT_SECONDS))
+            self.run(self.s3.abort_multipart(key, upload_id, within=s3io.CLEANUP_WAIT_SECONDS))
         except Exception as exc:
             logger.warning("aborting multipart upload %s failed (tried again later): %s", key, exc)
             with contextlib.suppress(StorageUnavailable, RuntimeError):  # closed: nothing runs any more
