@@ -19,7 +19,7 @@ from streaming_form_data.targets import BaseTarget
 from upload_service.blocks import BlockQueue
 from upload_service.errors import FormError, LimitExceeded, NoFile
 from upload_service.framing import (
-    Framer, PartInfo, clean_filename, field_charset, parse_header_params, read_undecoded, transfer_decoder,
+    Framer, PartInfo, clean_filename, field_charset, parse_header_params, read_in_charset, transfer_decoder,
 )
 from upload_service.storage import FileSink, Store
 from upload_service.threads import WriterPool
@@ -97,8 +97,8 @@ class UploadFileTarget(BaseTarget):
             self._open_sink()  # an empty file: no chunk created it
 
     def record_filename(self, form_charset: str | None) -> str:
-        """The filename for the record: one whose bytes were not UTF-8 read in the form's charset."""
-        decoded = read_undecoded(self.raw_filename, form_charset)
+        """The filename for the record, read in the form's charset (`_charset_`)."""
+        decoded = read_in_charset(self.raw_filename, form_charset)
         return self.filename if decoded is self.raw_filename else clean_filename(decoded)
 
     def write_held(self) -> None:

@@ -65,6 +65,7 @@ from upload_service.asgi import (
     check_framing,
     declared_length,
     header,
+    promised_length,
     route_path,
     send_body,
     send_error,
@@ -372,7 +373,7 @@ class UploadApp:
                 try:
                     stored = await store_form(
                         self.config, self.prepare(), self.write_executor(), boundary, receive, route, progress,
-                        declared_length(scope),
+                        promised_length(scope),
                     )
                 finally:
                     self.metrics.in_flight -= 1

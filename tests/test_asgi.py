@@ -171,7 +171,7 @@ async def test_a_body_the_server_ends_short_of_its_length_is_refused(backend_app
     reply = await call_app(backend_app, upload_scope(length=len(DISCONNECT_BODY)), chunks)
     detail = check_json(reply, 400)
     assert detail["error"] == "incomplete_body"
-    assert f"after {cut} of the {len(DISCONNECT_BODY)} bytes" in detail["detail"]
+    assert f"after {cut} bytes, short of the {len(DISCONNECT_BODY)} its headers promise" in detail["detail"]
     backend.assert_nothing_stored()
 
 

@@ -373,7 +373,10 @@ def legacy_file_part(name: str, charset: str, field: str = "file") -> Part:
 @pytest.mark.parametrize("charset, name", [
     ("windows-1252", "résumé €.txt"),
     ("shift_jis", "日本語の表.txt"),  # 表 is 0x95 0x5C: its second byte is a backslash
+    ("shift_jis", "予定表"),  # ... and here it stands before the closing quote
     ("euc-kr", "한국어.txt"),
+    ("gbk", "图片.jpg"),  # bytes that happen to be valid UTF-8
+    ("iso-2022-jp", "日本語.txt"),  # 7-bit: ESC sequences and ASCII bytes
 ])
 async def test_a_filename_in_the_forms_charset_is_read_in_it(backend_app, backend, charset, name):
     """A browser's form on a page in a legacy charset writes the filename in that charset (Chromium
@@ -392,10 +395,11 @@ async def test_a_filename_in_the_forms_charset_is_read_in_it(backend_app, backen
 @pytest.mark.parametrize("raw, name", [
     (b"caf\xe9.txt", "café.txt"),  # Apache HttpClient's browser-compatible mode, ISO-8859-1
     (b"\xff\xfe\xfd", "ÿþý"),
-    (b"a\x85b.txt", "ab.txt"),  # a C1 control as ISO-8859-1: removed as any control character
+    (b"a\x85b \x93q\x94 \x96 \x80.txt", "a\u2026b \u201cq\u201d \u2013 \u20ac.txt"),  # windows-1252's own
+    (b"a\x81b.txt", "a\ufffdb.txt"),  # undefined in windows-1252
 ])
-async def test_a_filename_not_utf8_without_a_form_charset_is_read_as_iso_8859_1(backend_app, backend, raw, name):
-    """HTTP's historical reading of header bytes (the draft's Content-Disposition is read so too)."""
+async def test_a_filename_not_utf8_without_a_form_charset_is_read_as_windows_1252(backend_app, backend, raw, name):
+    """What browsers take ISO-8859-1, HTTP's historical reading of header bytes, for."""
     part = Part("file", b"data", headers=[b'Content-Disposition: form-data; name="file"; filename="' + raw + b'"'])
     reply = await call_app(backend_app, upload_scope(), [form_body([part])])
     assert reply.status == 201, reply.body
@@ -426,6 +430,13 @@ async def test_rfc_2231_continuations_are_joined(backend_app, backend, params, f
     else:
         assert reply.status == 201, reply.body
         assert reply.json()["filename"] == filename
+
+
+async def test_an_rfc_2231_piece_with_raw_bytes_is_read(backend_app, backend):
+    part = Part("file", b"data", headers=[b"Content-Disposition: form-data; name=\"file\"; filename*0*=utf-8''%41\xe9"])
+    reply = await call_app(backend_app, upload_scope(), [form_body([part])])
+    assert reply.status == 201, reply.body
+    assert reply.json()["filename"] == "A\ufffd"
 
 
 @pytest.mark.parametrize("disposition, filename", [

@@ -28,7 +28,7 @@ from upload_service.framing import (
     parse_header_params,
     parse_params_slowly,
     read_part_headers,
-    read_undecoded,
+    read_in_charset,
 )
 
 B = BOUNDARY.encode()
@@ -245,13 +245,25 @@ def test_read_part_headers_refuses(block):
         read_part_headers(block)
 
 
-def test_a_filename_not_utf8_is_kept_as_escapes_to_read_in_the_forms_charset():
-    name = "表.txt".encode("shift_jis")  # 0x95 0x5C: a backslash inside
-    info = read_part_headers(b'Content-Disposition: form-data; name="file"; filename="' + name + b'"')
+@pytest.mark.parametrize("name", ["表.txt", "予定表"])  # 表 is 0x95 0x5C: a backslash, before the quote in the 2nd
+def test_a_filename_not_utf8_is_kept_as_escapes_to_read_in_the_forms_charset(name):
+    raw = name.encode("shift_jis")
+    info = read_part_headers(b'Content-Disposition: form-data; name="file"; filename="' + raw + b'"; x="y"')
     assert info.name == "file"
-    assert read_undecoded(info.filename, "shift_jis") == "表.txt"
-    assert read_undecoded(info.filename, None) == name.decode("iso-8859-1")
-    assert read_undecoded("été", "shift_jis") == "été"  # UTF-8 already: as it is
+    assert read_in_charset(info.filename, "shift_jis") == name
+    assert read_in_charset(info.filename, None) == raw.decode("cp1252", "replace")
+
+
+@pytest.mark.parametrize("text, charset, read", [
+    ("été", None, "été"),  # UTF-8, no form charset: as it is
+    ("été", "utf-8", "été"),
+    ("plain.txt", "shift_jis", "plain.txt"),
+    ("图片.jpg".encode("gbk").decode("utf-8"), "gbk", "图片.jpg"),  # GBK bytes that are valid UTF-8
+    ("日本語.txt".encode("iso2022_jp").decode("ascii"), "iso2022_jp", "日本語.txt"),  # 7-bit, with ESC
+    ("\u201cq\u201d \u2013 \u20ac".encode("cp1252").decode("utf-8", "surrogateescape"), None, "\u201cq\u201d \u2013 \u20ac"),
+])
+def test_read_in_charset(text, charset, read):
+    assert read_in_charset(text, charset) == read
 
 
 # -- Framer --------------------------------------------------------------------

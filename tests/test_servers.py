@@ -123,17 +123,21 @@ def test_an_upgrade_request_is_stored_or_refused_never_taken_short(kind, upload_
     data = b"asked for h2c"
     body = form_body([file_part(data)])
     upgrade = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    chunked_head = (f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: {form_content_type()}\r\n"
+                    "Transfer-Encoding: chunked\r\n").encode() + upgrade + b"\r\n"
+    chunked_body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     with Server(upload_dir, env={"UPLOAD_FSYNC": "0"}, kind=kind) as server:
         head = request_head(body).replace(b"Host: x\r\n", b"Host: x\r\n" + upgrade, 1)
-        reply = raw_request(server.port, head, [body])
-        if reply.status == 201:
-            assert kind != "uvicorn"
-            assert_stored(upload_dir, reply.json(), data)
-        else:
-            assert kind == "uvicorn" and reply.status == 400, reply.body
-            assert reply.json()["error"] == "incomplete_body"
-            assert f"after 0 of the {len(body)} bytes" in reply.json()["detail"]
-            assert_nothing_stored(upload_dir)
+        for head, sent in ((head, body), (chunked_head, chunked_body)):
+            reply = raw_request(server.port, head, [sent])
+            if reply.status == 201:
+                assert kind != "uvicorn"
+                assert_stored(upload_dir, reply.json(), data)
+            else:
+                assert kind == "uvicorn" and reply.status == 400, reply.body
+                assert reply.json()["error"] == "incomplete_body"
+                assert "after 0 bytes, short of the" in reply.json()["detail"]
+                assert_nothing_stored(upload_dir)
 
 
 def test_an_early_answer_reaches_a_client_that_keeps_sending(served, upload_dir):

@@ -88,6 +88,15 @@ def declared_length(scope: Scope) -> int | None:
     return int(digits) if len(digits) <= 18 else 10**18  # past any limit (int() refuses 4301 digits)
 
 
+def promised_length(scope: Scope) -> int | None:
+    """The fewest body bytes the request's headers promise: its Content-Length, or one for a chunked
+    body that asks to switch protocols (uvicorn's httptools passes none of such a body on)."""
+    length = declared_length(scope)
+    if length is None and header(scope, b"upgrade") is not None and header(scope, b"transfer-encoding") is not None:
+        return 1
+    return length
+
+
 def says_body(scope: Scope) -> bool:
     """Whether the request says it carries a body: a Content-Length above 0, or chunked coding."""
     length = declared_length(scope)

@@ -85,11 +85,11 @@ def check_interrupt(interrupt: Interrupt | None) -> None:
 
 async def read_body(
     receive: Receive, consumer: BodyConsumer, progress: BodyProgress, limit: int, idle: float, min_rate: int,
-    interrupt: Interrupt | None = None, declared: int | None = None,
+    interrupt: Interrupt | None = None, promised: int | None = None,
 ) -> None:
     """Feed every http.request body chunk to `consumer`: at most `limit` bytes, none
     `idle` seconds apart, at `min_rate` bytes a second on average after the first `idle`;
-    until `interrupt` is requested, if one is given; all `declared` bytes (Content-Length)."""
+    until `interrupt` is requested, if one is given; at least `promised` (`asgi.promised_length`)."""
     check_interrupt(interrupt)
     loop = asyncio.get_running_loop()
     floor = RateFloor(min_rate, grace=idle, started=loop.time())
@@ -126,10 +126,11 @@ async def read_body(
                 # www.rst: more_body defaults to False.
                 if not message.get("more_body", False):
                     progress.complete = True
-                    if declared is not None and progress.received < declared:
+                    if promised is not None and progress.received < promised:
                         raise IncompleteBody(
-                            f"the request body ended after {progress.received} of the {declared} bytes its"
-                            " Content-Length declares: the server passed on no more"
+                            f"the request body ended after {progress.received} bytes, short of the {promised} its"
+                            " headers promise (Content-Length; a chunked body asking to switch protocols, at"
+                            " least 1): the server passed on no more"
                         )
                     return
                 now = loop.time()

@@ -14,7 +14,7 @@ from upload_service.storage import UploadInfo
 
 Headers = list[tuple[bytes, bytes]]
 
-RESUMABLE_PATH_RE = re.compile(r"/files(?:/[^/]+)?")  # /files and /files/<id>: where tus is spoken
+RESUMABLE_PATH_RE = re.compile(r"/files(?:/[^/]*)?")  # /files, /files/ and /files/<id>: where tus is spoken
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,7 @@ async def store_form(
     receive: Receive,
     route: UploadRoute,
     progress: BodyProgress,
-    declared: int | None = None,
+    promised: int | None = None,
 ) -> list[Record]:
     """Read the body into the store and commit its files; on any failure, leave nothing."""
     reader = FormReader(
@@ -119,7 +119,7 @@ async def store_form(
     )
     try:
         await read_body(
-            receive, reader, progress, config.max_request_size, config.idle_timeout, config.min_rate, declared=declared
+            receive, reader, progress, config.max_request_size, config.idle_timeout, config.min_rate, promised=promised
         )
         reader.close()
         for target in reader.files:  # the last block of each file

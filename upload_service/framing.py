@@ -85,11 +85,12 @@ _PLAIN_PARAMS_RE = re.compile(f"(?:{_PLAIN_PARAM_RE.pattern})*+[ \t]*+")
 # -- small pure helpers ----------------------------------------------------------
 
 
-def parse_header_params(value: str) -> tuple[str, dict[str, str]]:
+def parse_header_params(value: str, escapes: bool = True) -> tuple[str, dict[str, str]]:
     """Split `type; a=b; c="d"` into its first token and parameters (first one wins).
 
     Inside a quoted string only `\\"` and `\\\\` are escapes: a Windows path such as
-    `C:\\Users\\a.txt`, which old browsers sent unescaped, keeps its separators.
+    `C:\\Users\\a.txt`, which old browsers sent unescaped, keeps its separators. Without
+    `escapes` none is (a legacy charset's second byte may be 0x5C, before the closing quote).
     """
     head, _, rest = value.partition(";")
     if _PLAIN_PARAMS_RE.fullmatch(value, len(head)):  # what clients send: read by one regex
@@ -97,10 +98,10 @@ def parse_header_params(value: str) -> tuple[str, dict[str, str]]:
         for key, quoted, token in _PLAIN_PARAM_RE.findall(value, len(head)):
             params.setdefault(key.lower(), token or quoted)
         return head.strip().lower(), params
-    return head.strip().lower(), parse_params_slowly(rest)
+    return head.strip().lower(), parse_params_slowly(rest, escapes)
 
 
-def parse_params_slowly(rest: str) -> dict[str, str]:
+def parse_params_slowly(rest: str, escapes: bool = True) -> dict[str, str]:
     """The parameters after a header value's first `;`, however loosely written."""
     params: dict[str, str] = {}
     i, n = 0, len(rest)
@@ -123,7 +124,7 @@ def parse_params_slowly(rest: str) -> dict[str, str]:
             i += 1
             chars = []
             while i < n and rest[i] != '"':
-                if rest[i] == "\\" and i + 1 < n and rest[i + 1] in '"\\':
+                if escapes and rest[i] == "\\" and i + 1 < n and rest[i + 1] in '"\\':
                     i += 1
                 chars.append(rest[i])
                 i += 1
@@ -135,7 +136,8 @@ def parse_params_slowly(rest: str) -> dict[str, str]:
             if tail.endswith('"'):
                 # `"my "quoted" name"`: Node's form-data (axios, got) leaves inner quotes
                 # unescaped; the value runs to the last quote before the next `;`.
-                param = _ESCAPED_RE.sub(r"\1", rest[opened + 1 : i + len(tail) - 1])
+                param = rest[opened + 1 : i + len(tail) - 1]
+                param = _ESCAPED_RE.sub(r"\1", param) if escapes else param
             i = end
         else:
             start = i
@@ -174,7 +176,7 @@ def decode_continuations(params: dict[str, str], name: str) -> str | None:
         elif (encoded := params.get(f"{name}*{index}*")) is not None:
             if index == 0:
                 encoding, encoded = split_ext_value(encoded)
-            pieces.append(unquote_to_bytes(encoded))
+            pieces.append(unquote_to_bytes(encoded.encode("utf-8", "surrogateescape")))
         else:
             return b"".join(pieces).decode(encoding, "replace") if pieces else None
 
@@ -205,13 +207,17 @@ def disposition_filename(params: dict[str, str]) -> str | None:
     return decode_continuations(params, "filename")
 
 
-def read_undecoded(text: str, charset: str | None) -> str:
-    """`text` whose header bytes were not UTF-8 (kept as surrogate escapes) read in `charset` (a
-    form's `_charset_`: a browser writes names in its page's charset), else ISO-8859-1, as HTTP
-    historically reads header bytes; `text` itself when it was UTF-8."""
-    if text.isascii() or not any("\udc80" <= c <= "\udcff" for c in text):
+def read_in_charset(text: str, charset: str | None) -> str:
+    """A header value's bytes (those not UTF-8 kept as surrogate escapes) read in `charset`, a form's
+    `_charset_` (a browser writes filenames in its page's charset); without one, bytes that were not
+    UTF-8 in windows-1252 (what browsers take ISO-8859-1 for). `text` itself when nothing changes."""
+    if charset in (None, "utf-8", "ascii"):
+        if text.isascii() or not any("\udc80" <= c <= "\udcff" for c in text):
+            return text
+        charset = "cp1252"
+    elif text.isascii() and not (charset == "iso2022_jp" and "\x1b" in text):  # ISO-2022-JP is 7-bit
         return text
-    return text.encode("utf-8", "surrogateescape").decode(charset or "iso-8859-1", "replace")
+    return text.encode("utf-8", "surrogateescape").decode(charset, "replace")
 
 
 def field_charset(label: str | None) -> str | None:
@@ -268,9 +274,9 @@ def read_part_headers(block: bytes) -> PartInfo | None:
         if b"\r" in raw_line or b"\n" in raw_line or raw_line[:1] in (b" ", b"\t"):
             raise FormError("a part header line is malformed (bare CR/LF or folded)")
         try:
-            line = raw_line.decode("utf-8")
+            line, escapes = raw_line.decode("utf-8"), True
         except UnicodeDecodeError:  # a filename in a legacy charset: read once the form's is known
-            line = raw_line.decode("utf-8", "surrogateescape")
+            line, escapes = raw_line.decode("utf-8", "surrogateescape"), False
         header_name, colon, raw_value = line.partition(":")
         if not colon or not _TOKEN_RE.fullmatch(header_name):
             raise FormError("a part header line is not 'name: value' (RFC 9110 §5.1)")
@@ -280,7 +286,7 @@ def read_part_headers(block: bytes) -> PartInfo | None:
         if header_name == "content-disposition":
             if disposition is not None:
                 raise FormError("a part has two Content-Disposition headers")
-            kind, disposition = parse_header_params(raw_value)
+            kind, disposition = parse_header_params(raw_value, escapes)
             if kind != "form-data":
                 raise FormError("a part's Content-Disposition is not form-data")
         elif header_name == "content-type" and content_type is None:

@@ -41,6 +41,7 @@ from upload_service.asgi import (
     header,
     json_bytes,
     list_header,
+    promised_length,
     route_path,
     says_body,
     send_error,
@@ -50,6 +51,7 @@ from upload_service.body import BodyProgress, has_bytes
 from upload_service.dialects import Dialect, completes, protocol_headers
 from upload_service.errors import (
     ClientGone,
+    IncompleteBody,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
@@ -601,11 +603,12 @@ class ResumableHandlers:
         try:
             try:
                 await self.writers.read_body(receive, upload, consumer, progress, min(limit, config.max_request_size),
-                                             config.idle_timeout, config.min_rate, body_length)
+                                             config.idle_timeout, config.min_rate, promised_length(scope))
                 await consumer.flush()
-            except (ClientGone, RequestTimeout, UploadInterrupted, asyncio.CancelledError) as exc:
-                # What arrived before the client left, or another request took over, or the server
-                # stopped (cancelled at its graceful timeout), stays: the upload resumes from there.
+            except (ClientGone, IncompleteBody, RequestTimeout, UploadInterrupted, asyncio.CancelledError) as exc:
+                # What arrived before the client left (granian ends an HTTP/2 body the client reset:
+                # short of its length), or another request took over, or the server stopped (cancelled
+                # at its graceful timeout), stays: the upload resumes from there.
                 # Not a body HEAD has not counted (no length) that another request took over from:
                 # the newcomer resumes at the offset HEAD gave, which the draft says MUST be accepted.
                 taken_over_uncounted = isinstance(exc, UploadInterrupted) and body_length is None

@@ -53,7 +53,7 @@ class Writers:
 
     async def read_body(
         self, receive: Receive, upload: ResumableUpload, consumer: BodyConsumer, progress: BodyProgress,
-        limit: int, idle: float, min_rate: int, declared: int | None = None,
+        limit: int, idle: float, min_rate: int, promised: int | None = None,
     ) -> None:
         """`body.read_body` onto the upload, until the body ends or another request asks for the upload."""
         interrupt = Interrupt()
@@ -61,7 +61,7 @@ class Writers:
         self._reading[file_id] = interrupt
         interrupt.watch(upload.stop_asked, STOP_CHECK_SECONDS)
         try:
-            await read_body(receive, consumer, progress, limit, idle, min_rate, interrupt, declared)
+            await read_body(receive, consumer, progress, limit, idle, min_rate, interrupt, promised)
         finally:
             interrupt.unwatch()
             if self._reading.get(file_id) is interrupt:
