@@ -135,8 +135,10 @@ def test_an_upgrade_request_is_stored_or_refused_never_taken_short(kind, upload_
                 assert_stored(upload_dir, reply.json(), data)
             else:
                 assert kind == "uvicorn" and reply.status == 400, reply.body
-                assert reply.json()["error"] == "incomplete_body"
-                assert "after 0 bytes, short of the" in reply.json()["detail"]
+                # uvicorn may answer first itself: it parses the body bytes it did not pass on as a request
+                if reply.body != b"Invalid HTTP request received.":
+                    assert reply.json()["error"] == "incomplete_body"
+                    assert "after 0 bytes, short of the" in reply.json()["detail"]
                 assert_nothing_stored(upload_dir)
 
 

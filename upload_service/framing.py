@@ -166,7 +166,8 @@ def split_ext_value(value: str) -> tuple[str, str]:
 
 def decode_continuations(params: dict[str, str], name: str) -> str | None:
     """RFC 2231 §3-4: `filename*0*=utf-8''%C3%A9t; filename*1=".txt"`, the pieces joined in order
-    (percent-decoded where the name ends in `*`), read in the first piece's charset."""
+    (percent-decoded where the name ends in `*`), read in the first piece's charset; bytes that are
+    not UTF-8 kept as surrogate escapes, for the form's charset (`read_in_charset`)."""
     pieces: list[bytes] = []
     encoding = "utf-8"
     while True:
@@ -178,7 +179,7 @@ def decode_continuations(params: dict[str, str], name: str) -> str | None:
                 encoding, encoded = split_ext_value(encoded)
             pieces.append(unquote_to_bytes(encoded.encode("utf-8", "surrogateescape")))
         else:
-            return b"".join(pieces).decode(encoding, "replace") if pieces else None
+            return b"".join(pieces).decode(encoding, "surrogateescape") if pieces else None
 
 
 def decode_encoded_word(value: str) -> str:
