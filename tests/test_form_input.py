@@ -364,6 +364,17 @@ async def test_a_form_charset_field_says_how_to_read_the_text_fields(backend_app
     assert backend.stored_ids() == stored
 
 
+def named_part(params: bytes) -> Part:
+    """A file part whose Content-Disposition has these parameters after its name."""
+    return Part("file", b"data", headers=[b'Content-Disposition: form-data; name="file"; ' + params])
+
+
+async def stored_filename(app, parts: list[Part]) -> str:
+    reply = await call_app(app, upload_scope(), [form_body(parts)])
+    assert reply.status == 201, reply.body
+    return reply.json()["filename"]
+
+
 def legacy_file_part(name: str, charset: str, field: str = "file") -> Part:
     """What a browser sends for a file input on a page in `charset`: the filename in that charset."""
     return Part(field, b"data", headers=[b'Content-Disposition: form-data; name="' + field.encode() + b'"; filename="'
@@ -400,18 +411,12 @@ async def test_a_filename_in_the_forms_charset_is_read_in_it(backend_app, backen
 ])
 async def test_a_filename_not_utf8_without_a_form_charset_is_read_as_windows_1252(backend_app, backend, raw, name):
     """What browsers take ISO-8859-1, HTTP's historical reading of header bytes, for."""
-    part = Part("file", b"data", headers=[b'Content-Disposition: form-data; name="file"; filename="' + raw + b'"'])
-    reply = await call_app(backend_app, upload_scope(), [form_body([part])])
-    assert reply.status == 201, reply.body
-    assert reply.json()["filename"] == name
+    assert await stored_filename(backend_app, [named_part(b'filename="' + raw + b'"')]) == name
 
 
 async def test_a_filename_that_does_not_decode_in_the_forms_charset_keeps_what_does(backend_app, backend):
-    parts = [field_part("_charset_", "shift_jis"),
-             Part("file", b"data", headers=[b'Content-Disposition: form-data; name="file"; filename="a\xff.txt"'])]
-    reply = await call_app(backend_app, upload_scope(), [form_body(parts)])
-    assert reply.status == 201, reply.body
-    assert reply.json()["filename"] == "a\ufffd.txt"
+    parts = [field_part("_charset_", "shift_jis"), named_part(b'filename="a\xff.txt"')]
+    assert await stored_filename(backend_app, parts) == "a\ufffd.txt"
 
 
 @pytest.mark.parametrize("params, filename", [
@@ -423,25 +428,17 @@ async def test_a_filename_that_does_not_decode_in_the_forms_charset_keeps_what_d
 ])
 async def test_rfc_2231_continuations_are_joined(backend_app, backend, params, filename):
     """RFC 2231 §3-4 (JavaMail writes them; werkzeug, aiohttp, Django and the email package read them)."""
-    part = Part("file", b"data", headers=[f'Content-Disposition: form-data; name="file"; {params}'.encode()])
-    reply = await call_app(backend_app, upload_scope(), [form_body([part])])
     if filename is None:
-        assert_error(reply, 422, "no_file")
+        assert_error(await call_app(backend_app, upload_scope(), [form_body([named_part(params.encode())])]), 422, "no_file")
     else:
-        assert reply.status == 201, reply.body
-        assert reply.json()["filename"] == filename
+        assert await stored_filename(backend_app, [named_part(params.encode())]) == filename
 
 
 async def test_an_rfc_2231_piece_with_raw_bytes_is_read(backend_app, backend):
-    part = Part("file", b"data", headers=[b"Content-Disposition: form-data; name=\"file\"; filename*0*=utf-8''%41\xe9"])
-    reply = await call_app(backend_app, upload_scope(), [form_body([part])])
-    assert reply.status == 201, reply.body
-    assert reply.json()["filename"] == "A\xe9"  # windows-1252, as a filename= of such bytes
-    parts = [field_part("_charset_", "windows-1252"),
-             Part("file", b"data", headers=[b'Content-Disposition: form-data; name="file"; filename*0="caf\xe9"; filename*1=".txt"'])]
-    reply = await call_app(backend_app, upload_scope(), [form_body(parts)])
-    assert reply.status == 201, reply.body
-    assert reply.json()["filename"] == "caf\xe9.txt"
+    # windows-1252 without a form charset, as a filename= of such bytes; else the form's
+    assert await stored_filename(backend_app, [named_part(b"filename*0*=utf-8''%41\xe9")]) == "A\xe9"
+    parts = [field_part("_charset_", "windows-1252"), named_part(b'filename*0="caf\xe9"; filename*1=".txt"')]
+    assert await stored_filename(backend_app, parts) == "caf\xe9.txt"
 
 
 @pytest.mark.parametrize("disposition, filename", [
