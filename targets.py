@@ -53,6 +53,7 @@ class UploadFileTarget(BaseTarget):
         self.id = sink.id
         self.raw_filename = info.filename or ""
         self.filename = clean_filename(self.raw_filename)
+        self._name_in_form_charset = info.filename_as_sent
         self.content_type = info.content_type
         self.max_size = max_size
         self.size = 0
@@ -97,8 +98,8 @@ class UploadFileTarget(BaseTarget):
             self._open_sink()  # an empty file: no chunk created it
 
     def record_filename(self, form_charset: str | None) -> str:
-        """The filename for the record, read in the form's charset (`_charset_`)."""
-        decoded = read_in_charset(self.raw_filename, form_charset)
+        """The filename for the record: a name as sent read in the form's charset (`_charset_`)."""
+        decoded = read_in_charset(self.raw_filename, form_charset if self._name_in_form_charset else None)
         return self.filename if decoded is self.raw_filename else clean_filename(decoded)
 
     def write_held(self) -> None:

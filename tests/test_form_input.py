@@ -414,6 +414,16 @@ async def test_a_filename_not_utf8_without_a_form_charset_is_read_as_windows_125
     assert await stored_filename(backend_app, [named_part(b'filename="' + raw + b'"')]) == name
 
 
+@pytest.mark.parametrize("params", [
+    b'filename="=?utf-8?B?w6l0w6kudHh0?="',  # .NET's RFC 2047 word
+    b"filename*=UTF-8''%C3%A9t%C3%A9.txt",
+    b"filename*0*=UTF-8''%C3%A9t%C3%A9; filename*1=.txt",
+])
+async def test_a_filename_that_names_its_charset_is_not_read_in_the_forms(backend_app, backend, params):
+    parts = [field_part("_charset_", "windows-1252"), named_part(params)]
+    assert await stored_filename(backend_app, parts) == "été.txt"
+
+
 async def test_a_filename_that_does_not_decode_in_the_forms_charset_keeps_what_does(backend_app, backend):
     parts = [field_part("_charset_", "shift_jis"), named_part(b'filename="a\xff.txt"')]
     assert await stored_filename(backend_app, parts) == "a\ufffd.txt"

@@ -257,6 +257,9 @@ class PartInfo:
     filename: str | None  # None for a text field; "" for an empty file input; bytes not UTF-8 as surrogate escapes
     content_type: str
     transfer_encoding: str = ""  # "base64" or "quoted-printable" to undo; "" for none
+    # The filename is the header's own bytes (a plain `filename=`), in the form's charset; one an
+    # RFC 2047 word, `filename*` or RFC 2231 pieces gave names its charset itself.
+    filename_as_sent: bool = True
 
 
 def read_part_headers(block: bytes) -> PartInfo | None:
@@ -298,7 +301,8 @@ def read_part_headers(block: bytes) -> PartInfo | None:
     if not name:
         return None
     filename = disposition_filename(disposition)
-    return PartInfo(name, filename, clean_content_type(content_type or ""), transfer_encoding or "")
+    as_sent = filename is not None and filename == disposition.get("filename")
+    return PartInfo(name, filename, clean_content_type(content_type or ""), transfer_encoding or "", as_sent)
 
 
 def read_transfer_encoding(value: str) -> str:
