@@ -301,7 +301,7 @@ def read_part_headers(block: bytes) -> PartInfo | None:
     if not name:
         return None
     filename = disposition_filename(disposition)
-    as_sent = filename is not None and filename == disposition.get("filename")
+    as_sent = filename is None or filename == disposition.get("filename")
     return PartInfo(name, filename, clean_content_type(content_type or ""), transfer_encoding or "", as_sent)
 
 
