@@ -666,9 +666,12 @@ async def test_an_overflowing_date_is_ignored(backend_client, method, date):
     "data", [b"", b'{"id": "', b"\xff\xfe{}", b"[]", b"null", b'{"id": "x"}',
              b'{"sha256": "zz", "size": 4}', b'{"sha256": "%s", "size": 4, "filename": 123}' % (b"a" * 64),
              b'{"sha256": "%s", "size": -1}' % (b"a" * 64),
-             b'{"sha256": "%s", "size": 4, "filename": "\\udc80"}' % (b"a" * 64)],
+             b'{"sha256": "%s", "size": 4, "filename": "\\udc80"}' % (b"a" * 64),
+             b'{"sha256": "%s", "size": 4, "metadata": ["a"]}' % (b"a" * 64),
+             b'{"sha256": "%s", "size": 4, "metadata": {"a": null}}' % (b"a" * 64),
+             b'{"sha256": "%s", "size": 4, "metadata": {"\\udc80": "a"}}' % (b"a" * 64)],
     ids=["empty", "cut-short", "not-utf8", "list", "null", "no-digest", "digest-not-hex", "filename-not-text",
-         "negative-size", "lone-surrogate"],
+         "negative-size", "lone-surrogate", "metadata-not-object", "metadata-value-not-text", "metadata-key-not-text"],
 )
 async def test_an_unreadable_record_is_a_missing_file(backend_client, backend, caplog, data):
     record = await upload(backend_client)

@@ -236,6 +236,7 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
         "size": len(data),
         "sha256": sha(data),
         "description": "Q3",
+        "metadata": {"filename": "../dir/report é.pdf", "filetype": "application/pdf", "description": "Q3"},
     }
     backend.assert_stored(await record_of(client, location), data)
     assert leftovers(backend) == []
@@ -246,10 +247,7 @@ async def test_upload_in_pieces_stores_a_file_like_a_form(client: httpx.AsyncCli
     assert reply.headers["content-disposition"] == "attachment; filename=\"report e.pdf\"; filename*=UTF-8''report%20%C3%A9.pdf"
     reply = await client.head(location, headers=TUS)  # a finished upload still says where it stands
     assert reply.headers["upload-offset"] == reply.headers["upload-length"] == str(len(data))
-    # and, as tus says a HEAD MUST, its metadata: what the record kept of it
-    metadata = dict(pair.split(" ") for pair in reply.headers["upload-metadata"].split(","))
-    assert {key: base64.b64decode(value).decode() for key, value in metadata.items()} == {
-        "filename": "report é.pdf", "filetype": "application/pdf", "description": "Q3"}
+    assert reply.headers["upload-metadata"] == metadata  # as tus says a HEAD MUST: as the creation sent it
     assert "upload-metadata" not in (await client.head(location, headers=draft("8"))).headers
     metrics = (await client.get("/metrics")).text
     assert metric(metrics, 'upload_asgi_uploads_total{outcome="stored"}') == 1
@@ -268,6 +266,29 @@ async def test_a_resumable_head_of_a_finished_upload_is_never_cached(client: htt
         reply = await client.head(location, headers=speaks)
         assert reply.status_code == status and reply.headers.get_list("cache-control") == ["no-store"]
     assert (await client.head(location)).headers.get_list("cache-control") == ["no-cache"]
+
+
+async def test_a_finished_upload_keeps_the_metadata_its_creation_sent(client: httpx.AsyncClient, backend: Any) -> None:
+    """tus 1.0.0: a HEAD MUST include Upload-Metadata "as specified by the Client during the creation", and
+    so once the upload is a stored file too; its record keeps every key (for the embedding app's hooks),
+    and one created without metadata says none. The draft's record: what its headers named."""
+    sent = f"user:id {b64('7')},filename {b64('../../etc/passwd')},bare,note {b64('é')}"
+    location = await create(client, 3, sent)
+    assert (await patch(client, location, 0, b"abc")).status_code == 204
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200 and reply.headers["upload-metadata"] == sent
+    record = await record_of(client, location)
+    assert record["filename"] == "passwd" and record["content_type"] == "application/octet-stream"
+    assert record["metadata"] == {"user:id": "7", "filename": "../../etc/passwd", "bare": "", "note": "é"}
+    assert (await client.get("/files")).json()["files"][0]["metadata"] == record["metadata"]
+    location = await create(client, 0)  # stored at its creation
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200 and "upload-metadata" not in reply.headers
+    assert (await record_of(client, location))["metadata"] == {}
+    headers = draft("8", upload_complete="?1", content_type="text/plain", content_disposition='attachment; filename="a.txt"')
+    reply = await client.post("/files", content=b"abc", headers=headers)
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["metadata"] == {"filename": "a.txt", "filetype": "text/plain"}
 
 
 async def test_a_finished_uploads_metadata_stays_within_what_a_creation_may_send(
@@ -719,7 +740,7 @@ async def test_an_upload_being_finished_is_never_a_404(
     backend.assert_stored(await record_of(client, location), data)
 
 
-async def start_silent_patch(client: httpx.AsyncClient, location: str, data: bytes, sent: int) -> asyncio.Task:
+async def start_silent_patch(client: httpx.AsyncClient, location: str, data: bytes, sent: int, **headers: str) -> asyncio.Task:
     """A PATCH of all of `data` whose client loses its connection unseen once the app has read
     `sent` bytes: nothing more comes, and the server cannot tell."""
     read = asyncio.Event()
@@ -729,7 +750,7 @@ async def start_silent_patch(client: httpx.AsyncClient, location: str, data: byt
         read.set()  # the app asked for more: it has the first `sent` bytes
         await asyncio.Event().wait()
 
-    headers = {**OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data))}
+    headers = {**OCTETS, "Upload-Offset": "0", "Content-Length": str(len(data)), **headers}
     task = asyncio.create_task(client.patch(location, content=body(), headers=headers))
     await asyncio.wait_for(read.wait(), 20)
     return task
@@ -771,6 +792,61 @@ async def test_a_patch_takes_over_from_a_writer_gone_silent(
         assert leftovers(backend) == []  # the stop file or object too
     if other is not app:
         await close_app(other)
+
+
+async def test_a_chunk_with_a_checksum_taken_over_is_dropped_and_says_so(client: httpx.AsyncClient, backend: Any) -> None:
+    """tus: a chunk whose checksum cannot be checked MUST be discarded; the request that sent it is
+    told so, not that what it sent is kept."""
+    data = payload(2 * MiB, seed=24)
+    location = await create(client, len(data))
+    checksum = {"Upload-Checksum": "sha1 " + b64(hashlib.sha1(data).digest())}
+    silent = await start_silent_patch(client, location, data, MiB, **checksum)
+    assert await offset_of(client, location) == 0
+    reply = await resume(client, location, data)
+    assert reply.status_code == 204, reply.text
+    detail = check_error(await silent, 400, "upload_interrupted")["detail"]
+    assert "dropped" in detail and "kept" not in detail, detail
+    backend.assert_stored(await record_of(client, location), data)
+
+
+async def test_a_head_while_a_patch_writes_never_says_the_upload_expired(
+    app: upload_asgi.UploadApp, client: httpx.AsyncClient, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its expiry passed while a PATCH is still writing it (a long body): the upload lives on, its
+    request renews it at its end; HEAD says so, not an Upload-Expires already past."""
+    data = payload(2 * MiB, seed=25)
+    location = await create(client, len(data))
+    silent = await start_silent_patch(client, location, data, MiB)
+    store, real_peek = app.resumable.store, app.resumable.store.peek
+
+    def expired(upload_id: str) -> Any:
+        info = real_peek(upload_id)
+        if info is not None:
+            info.expires = time.time() - 1  # the PATCH began longer ago than the expiry
+        return info
+
+    monkeypatch.setattr(store, "peek", expired)
+    asked = time.time()
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200, reply.text
+    assert expires_of(reply) >= int(asked + app.config.resumable_expiry) - 1  # an HTTP-date: to the second
+    monkeypatch.undo()
+    assert (await resume(client, location, data)).status_code == 204
+    check_error(await silent, 400, "upload_interrupted")
+    backend.assert_stored(await record_of(client, location), data)
+
+
+async def test_a_plain_head_of_an_upload_under_way_answers_as_get(client: httpx.AsyncClient, backend: Any) -> None:
+    """HEAD is GET without the body (RFC 9110 §9.3.2): one that speaks neither protocol (curl -I, a
+    link checker) is told 409 as GET is, not an empty file's 200; a tus client where it stands."""
+    location = await create(client, 10)
+    assert (await patch(client, location, 0, b"01234")).status_code == 204
+    get, head = await client.get(location), await client.head(location)
+    check_error(get, 409, "upload_incomplete")
+    assert head.status_code == 409 and head.content == b""
+    assert {**head.headers, "date": ""} == {**get.headers, "date": ""}
+    reply = await client.head(location, headers=TUS)
+    assert reply.status_code == 200 and reply.headers["upload-offset"] == "5"
 
 
 async def test_a_termination_takes_over_from_a_writer_gone_silent(client: httpx.AsyncClient, backend: Any) -> None:

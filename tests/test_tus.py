@@ -111,10 +111,10 @@ def test_upload_limit_names_the_lifetime_as_the_version_does(version: str, age: 
 
 
 def test_a_stored_files_metadata_is_what_its_record_keeps() -> None:
-    assert tus.stored_metadata("a.txt", "text/plain", "Q3") == f"filename {b64(b'a.txt')},filetype {b64(b'text/plain')},description {b64(b'Q3')}"
-    assert tus.stored_metadata("a.txt", None, "") == f"filename {b64(b'a.txt')}"
-    assert tus.stored_metadata(None, None, None) == ""
-    long = tus.stored_metadata("é" * 255, "t/" + "x" * 253, "d" * 6000)
+    assert tus.form_file_metadata("a.txt", "text/plain", "Q3") == f"filename {b64(b'a.txt')},filetype {b64(b'text/plain')},description {b64(b'Q3')}"
+    assert tus.form_file_metadata("a.txt", None, "") == f"filename {b64(b'a.txt')}"
+    assert tus.form_file_metadata(None, None, None) == ""
+    long = tus.form_file_metadata("é" * 255, "t/" + "x" * 253, "d" * 6000)
     assert long == f"filename {b64(('é' * 255).encode())},filetype {b64(('t/' + 'x' * 253).encode())}"
 
 

@@ -3,7 +3,8 @@
     OPTIONS /files[/<id>]  what the server speaks (Tus-Version, Tus-Extension, Tus-Max-Size)
     POST    /files         create an upload (tus creation, creation-with-upload,
                            creation-defer-length; the draft's creation with its first bytes)
-    HEAD    /files/<id>    where it stands (Upload-Offset, Upload-Length, Upload-Expires)
+    HEAD    /files/<id>    where it stands (Upload-Offset, Upload-Length, Upload-Expires); to a
+                           request that speaks neither protocol, as GET
     PATCH   /files/<id>    append at Upload-Offset (tus: application/offset+octet-stream,
                            the draft: application/partial-upload)
     DELETE  /files/<id>    terminate it (or delete the stored file)
@@ -25,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -91,7 +92,8 @@ T = TypeVar("T")
 
 def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
     """The stored file's record: tus `filename`/`filetype` metadata (or the draft's headers),
-    cleaned as a form part's filename and Content-Type are (SPEC §10: the same records)."""
+    cleaned as a form part's filename and Content-Type are (SPEC §10: the same records); and
+    all the upload's metadata as text, for the embedding app's hooks and for tus' HEAD."""
     filename = tus.metadata_text(info.metadata, "filename")
     content_type = tus.metadata_text(info.metadata, "filetype")
     description = tus.metadata_text(info.metadata, "description")
@@ -103,6 +105,7 @@ def record_of(info: UploadInfo, size: int, sha256: str) -> Record:
         "sha256": sha256,
         "description": description,
         "created": utc_now(),
+        "metadata": {key: tus.metadata_text(info.metadata, key) for key in info.metadata},
     }
 
 
@@ -188,7 +191,7 @@ class ResumableHandlers:
                 if info is not None and info.expires <= time.time():
                     info = await self.expire(file_id, info)  # 410 and removed, as HEAD and PATCH answer
                 if info is not None:
-                    raise tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it for its offset") from None
+                    raise not_complete_yet(file_id) from None
                 if not await self.files.is_stored(file_id):
                     raise missing
             except UploadError as exc:  # a refusal: the protocol's headers, as every resumable answer has
@@ -215,7 +218,9 @@ class ResumableHandlers:
             error = exc
         except Exception as exc:
             error = exc
-            headers = self.headers_for_error(exc, dialect)
+            # A HEAD that speaks neither protocol is answered as GET would be: without them.
+            plain_head = scope["method"] == "HEAD" and Dialect.spoken(scope) is None
+            headers = [] if plain_head else self.headers_for_error(exc, dialect)
             if counted:  # an upload: creation, PATCH
                 await self.app.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"), headers)
             else:
@@ -396,6 +401,8 @@ class ResumableHandlers:
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
             info = await self.expire(file_id, info)
+        if info is not None and Dialect.spoken(scope) is None:  # not a resumable client: as GET answers
+            raise not_complete_yet(file_id)
         if info is not None and info.complete and dialect.completes_at_length and self.may_write(scope) \
                 and self.storable(info):
             info = await self.finish_cut_short(scope, outcome, dialect, file_id)
@@ -424,8 +431,7 @@ class ResumableHandlers:
         if dialect.draft is not None:
             headers.append(dialect.completeness(True))
             headers.append((b"upload-limit", self.format_upload_limit(dialect.draft)))  # the draft: a HEAD MUST
-        elif metadata := tus.stored_metadata(record.get("filename"), record.get("content_type"), record.get("description")):
-            # tus: a HEAD MUST say the upload's metadata; what the record kept of it
+        elif metadata := stored_metadata(record):  # tus: a HEAD MUST say the upload's metadata
             headers.append((b"upload-metadata", metadata.encode()))
         return headers
 
@@ -615,6 +621,9 @@ class ResumableHandlers:
                 if checksum is None and not taken_over_uncounted:
                     await consumer.flush()
                     await self.keep(upload, outcome)
+                elif isinstance(exc, UploadInterrupted):
+                    raise UploadInterrupted("another request for this upload took it over; this one's chunk (with an"
+                                            " Upload-Checksum, or without a length) is dropped") from None
                 raise
             except PayloadTooLarge:
                 if progress.received > limit:
@@ -711,8 +720,8 @@ class ResumableHandlers:
         renewed it since `info` was read: then its info as it is now (None once stored or gone)."""
         try:
             upload = await run_blocking(self.store.acquire, file_id)
-        except UploadBusy:
-            return info  # being written: its request renews the expiry
+        except UploadBusy:  # being written: its request renews the expiry, at its end
+            return replace(info, expires=time.time() + self.config.resumable_expiry)
         if upload is None:
             return None
         try:
@@ -737,6 +746,18 @@ class ResumableHandlers:
         elif not info.complete:
             headers.append((b"upload-expires", tus.format_expires(info.expires).encode()))
         return headers
+
+
+def not_complete_yet(file_id: str) -> tus.UploadIncomplete:
+    """What GET, and a HEAD that speaks neither protocol, answer for an upload under way."""
+    return tus.UploadIncomplete(f"upload {file_id} is not complete yet; HEAD it with Tus-Resumable for its offset")
+
+
+def stored_metadata(record: Record) -> str:
+    """A stored file's Upload-Metadata: as its creation sent it, or a form's file's from its record."""
+    if (kept := record.get("metadata")) is not None:
+        return tus.format_metadata(tus.encode_metadata(kept))
+    return tus.form_file_metadata(record.get("filename"), record.get("content_type"), record.get("description"))
 
 
 class StoredAtLength(Exception):

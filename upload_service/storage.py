@@ -76,13 +76,18 @@ def parse_record(data: bytes) -> Record:
         raise UnreadableRecord("no size of 0 or more")
     if not all(is_text_or_none(record.get(key)) for key in TEXT_FIELDS):
         raise UnreadableRecord(f"one of {', '.join(TEXT_FIELDS)} is not text")
+    metadata = record.get("metadata")  # a resumable upload's
+    if metadata is not None and not (isinstance(metadata, dict) and all(map(is_text, [*metadata, *metadata.values()]))):
+        raise UnreadableRecord("metadata is not an object of text values")
     return record
 
 
 def is_text_or_none(value: Any) -> bool:
-    """A string that is all Unicode text (JSON's `\\udc80` decodes to a lone surrogate), or None."""
-    if value is None:
-        return True
+    return value is None or is_text(value)
+
+
+def is_text(value: Any) -> bool:
+    """A string that is all Unicode text (JSON's `\\udc80` decodes to a lone surrogate)."""
     if not isinstance(value, str):
         return False
     try:

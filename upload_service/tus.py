@@ -200,9 +200,9 @@ def encode_metadata(values: dict[str, str]) -> dict[str, str]:
     return {key: base64.b64encode(value.encode()).decode("ascii") for key, value in values.items()}
 
 
-def stored_metadata(filename: str | None, filetype: str | None, description: str | None) -> str:
-    """Upload-Metadata of a stored file, from what its record keeps. The description is left out
-    when it would make the header longer than a creation may send (a form's may be 64 KiB)."""
+def form_file_metadata(filename: str | None, filetype: str | None, description: str | None) -> str:
+    """Upload-Metadata of a file a form stored, from what its record keeps. The description is left
+    out when it would make the header longer than a creation may send (a form's may be 64 KiB)."""
     values = {"filename": filename, "filetype": filetype, "description": description}
     metadata = encode_metadata({key: value for key, value in values.items() if value})
     if len(format_metadata(metadata)) > MAX_METADATA_BYTES:
