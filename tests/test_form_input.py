@@ -424,9 +424,30 @@ async def test_a_filename_that_names_its_charset_is_not_read_in_the_forms(backen
     assert await stored_filename(backend_app, parts) == "été.txt"
 
 
+@pytest.mark.parametrize("label, codec, text", [
+    ("shift_jis", "cp932", "①～－∥"),  # NEC row 13, and U+FF5E (not U+301C) as Windows and browsers write ～
+    ("windows-31j", "cp932", "表示"),  # Java's name for it (Apache HttpClient)
+    ("euc-kr", "cp949", "똠"),  # browsers' EUC-KR is windows-949
+    ("ks_c_5601-1987", "cp949", "한국어"),  # Microsoft's label
+    ("big5", "cp950", "€ 說明"),  # browsers' Big5 has the euro sign
+    ("x-gbk", "gb18030", "说明"),
+    ("windows-1253", "cp1253", "Γεια"),
+    ("iso-8859-1", "cp1252", "€ café"),  # browsers read ISO-8859-1 as windows-1252
+])
+async def test_a_legacy_charset_is_read_as_browsers_write_it(backend_app, backend, label, codec, text):
+    """The WHATWG Encoding standard's labels and decoders: a browser on a page in such a charset writes
+    its filenames and text fields so. Python's codecs of the same names refused ① or € in a text field
+    (400) and turned them into U+FFFD in a filename."""
+    parts = [field_part("_charset_", label), field_part("description", text.encode(codec)),
+             legacy_file_part(f"{text}.txt", codec)]
+    reply = await call_app(backend_app, upload_scope(), [form_body(parts)])
+    assert reply.status == 201, reply.body
+    assert (reply.json()["filename"], reply.json()["description"]) == (f"{text}.txt", text)
+
+
 async def test_a_filename_that_does_not_decode_in_the_forms_charset_keeps_what_does(backend_app, backend):
-    parts = [field_part("_charset_", "shift_jis"), named_part(b'filename="a\xff.txt"')]
-    assert await stored_filename(backend_app, parts) == "a\ufffd.txt"
+    parts = [field_part("_charset_", "shift_jis"), named_part(b'filename="a\x85\x40.txt"')]  # 0x8540: no character
+    assert await stored_filename(backend_app, parts) == "a\ufffd@.txt"
 
 
 @pytest.mark.parametrize("params, filename", [

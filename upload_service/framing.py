@@ -42,15 +42,27 @@ MAX_CONTENT_TYPE_CHARS = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # The charsets a text field may declare (RFC 7578 §4.4: Apache HttpClient's text parts say
 # ISO-8859-1) or a form's `_charset_` field may name (§4.6: a browser's, from a page in a
-# legacy charset), by label, and the codec that reads each; any other label counts as none.
+# legacy charset): the WHATWG Encoding labels browsers use, and the codec that reads each as
+# browsers write it (their Shift_JIS is Windows' cp932, EUC-KR cp949, Big5 cp950, GBK the
+# GB18030 decoder, ISO-8859-1 and US-ASCII windows-1252); any other label counts as none.
 # A fixed table: a client's label never picks a codec of its own (idna, rot13, base64...).
-FIELD_CHARSETS = {
-    "utf-8": "utf-8", "utf8": "utf-8", "us-ascii": "ascii", "ascii": "ascii",
-    "iso-8859-1": "latin-1", "latin1": "latin-1", "iso-8859-2": "iso8859-2", "iso-8859-15": "iso8859-15",
-    "windows-1250": "cp1250", "windows-1251": "cp1251", "windows-1252": "cp1252", "cp1252": "cp1252",
-    "koi8-r": "koi8-r", "shift_jis": "shift_jis", "euc-jp": "euc_jp", "iso-2022-jp": "iso2022_jp",
-    "gb2312": "gbk", "gbk": "gbk", "gb18030": "gb18030", "big5": "big5", "euc-kr": "euc_kr",
+_CHARSET_LABELS = {
+    "utf-8": "utf-8 utf8 unicode-1-1-utf-8",
+    "cp1252": "windows-1252 cp1252 x-cp1252 iso-8859-1 iso8859-1 iso88591 iso_8859-1 latin1 l1 cp819 ibm819"
+              " csisolatin1 us-ascii ascii ansi_x3.4-1968",
+    **{f"cp{n}": f"windows-{n} cp{n} x-cp{n}" for n in range(1250, 1259) if n != 1252},
+    **{f"iso8859_{n}": f"iso-8859-{n} iso8859-{n} iso_8859-{n}" for n in (2, 3, 4, 5, 6, 7, 8, 10, 13, 14, 15, 16)},
+    "cp874": "windows-874 dos-874 iso-8859-11 tis-620",
+    "koi8_r": "koi8-r koi8_r koi8 cskoi8r", "koi8_u": "koi8-u koi8-ru", "cp866": "ibm866 cp866 866 csibm866",
+    "mac_roman": "macintosh mac x-mac-roman csmacintosh", "mac_cyrillic": "x-mac-cyrillic x-mac-ukrainian",
+    "cp932": "shift_jis shift-jis sjis x-sjis ms_kanji ms932 windows-31j csshiftjis",
+    "euc_jp": "euc-jp x-euc-jp cseucpkdfmtjapanese", "iso2022_jp": "iso-2022-jp csiso2022jp",
+    "gb18030": "gbk gb2312 gb_2312 gb_2312-80 x-gbk chinese csgb2312 csiso58gb231280 iso-ir-58 gb18030",
+    "cp950": "big5 big5-hkscs cn-big5 csbig5 x-x-big5",
+    "cp949": "euc-kr cseuckr korean ks_c_5601-1987 ks_c_5601-1989 ksc5601 ksc_5601 csksc56011987 iso-ir-149"
+             " windows-949 x-windows-949",
 }
+FIELD_CHARSETS = {label: codec for codec, labels in _CHARSET_LABELS.items() for label in labels.split()}
 
 CRLF = b"\r\n"
 # A real Content-Type or Content-Disposition has a handful of parameters. Values with
@@ -212,7 +224,7 @@ def read_in_charset(text: str, charset: str | None) -> str:
     """A header value's bytes (those not UTF-8 kept as surrogate escapes) read in `charset`, a form's
     `_charset_` (a browser writes filenames in its page's charset); without one, bytes that were not
     UTF-8 in windows-1252 (what browsers take ISO-8859-1 for). `text` itself when nothing changes."""
-    if charset in (None, "utf-8", "ascii"):
+    if charset in (None, "utf-8"):
         if text.isascii() or not any("\udc80" <= c <= "\udcff" for c in text):
             return text
         charset = "cp1252"
