@@ -14,7 +14,7 @@ from upload_service.errors import FormError, LimitExceeded
 from upload_service.framing import (
     DEFAULT_CONTENT_TYPE,
     MAX_CONTENT_TYPE_CHARS,
-    MAX_FILENAME_CHARS,
+    MAX_FILENAME_BYTES,
     MAX_PART_HEADER_BYTES,
     MAX_PART_HEADER_LINES,
     MAX_PREAMBLE,
@@ -154,7 +154,12 @@ def test_decode_ext_value(value, expected):
         pytest.param("", "unnamed", id="empty"),
         pytest.param("  spaced.txt  ", "spaced.txt", id="outer-space"),
         pytest.param("ünïcödé 文件.txt", "ünïcödé 文件.txt", id="non-ascii"),
-        pytest.param("x" * 1000, "x" * MAX_FILENAME_CHARS, id="capped"),
+        pytest.param("x" * 1000, "x" * MAX_FILENAME_BYTES, id="capped"),
+        pytest.param("x" * 1000 + ".tar.gz", "x" * 252 + ".gz", id="capped-extension-kept"),
+        # Linux's NAME_MAX is 255 bytes: 100 CJK characters are 300 (aria2c and rclone could not save it)
+        pytest.param("日" * 100 + ".txt", "日" * 83 + ".txt", id="capped-in-bytes-at-a-character"),
+        pytest.param("日" * 100 + "." + "x" * 17, ("日" * 100 + "." + "x" * 17).encode()[:255].decode(errors="ignore"),
+                     id="capped-no-extension-that-long"),
     ],
 )
 def test_clean_filename(raw, expected):

@@ -34,8 +34,10 @@ MAX_PREAMBLE = 64 * KiB
 # 16 KiB for a whole request head by default, so we allow the same per part.
 MAX_PART_HEADER_BYTES = 16 * KiB
 MAX_PART_HEADER_LINES = 32
-# A display name longer than any filesystem's NAME_MAX (255) is not a real filename.
-MAX_FILENAME_CHARS = 255
+# A display name longer than a filesystem's NAME_MAX (255 bytes on Linux) is not a real filename,
+# and a client saving a download under it fails. Past it, a name keeps an extension this long.
+MAX_FILENAME_BYTES = 255
+MAX_EXTENSION_CHARS = 16
 # A stored content type is served as a header (and in a tus HEAD's metadata): a media type
 # is at most 255 characters (RFC 6838 §4.2: 127 for a type and for a subtype).
 MAX_CONTENT_TYPE_CHARS = 255
@@ -70,7 +72,7 @@ CRLF = b"\r\n"
 # cost the email package seconds a part, and nothing real sends them. A quoted value
 # may hold more runs of white space than a 255-character name can.
 MAX_HEADER_SPECIALS = 64
-MAX_HEADER_SPACE_RUNS = 2 * MAX_FILENAME_CHARS
+MAX_HEADER_SPACE_RUNS = 2 * MAX_FILENAME_BYTES
 _STRUCTURED_HEADERS = ("content-type", "content-disposition")
 # What a part's Content-Transfer-Encoding may say: identity ones, and the two with a decoder.
 IDENTITY_ENCODINGS = ("7bit", "8bit", "binary")
@@ -244,7 +246,19 @@ def clean_filename(raw: str) -> str:
     name = "".join(c for c in name if unicodedata.category(c) != "Cc" and c not in _BIDI_CONTROLS).strip()
     if name in (".", ".."):
         name = ""
-    return name[:MAX_FILENAME_CHARS] or "unnamed"
+    return fit_name_max(name) or "unnamed"
+
+
+def fit_name_max(name: str) -> str:
+    """`name` cut to MAX_FILENAME_BYTES of UTF-8, at a character, its extension kept."""
+    if len(name.encode("utf-8", "surrogatepass")) <= MAX_FILENAME_BYTES:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    if not stem or len(extension) > MAX_EXTENSION_CHARS:
+        stem, dot, extension = name, "", ""
+    suffix = dot + extension
+    room = MAX_FILENAME_BYTES - len(suffix.encode("utf-8", "surrogatepass"))
+    return stem.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore") + suffix
 
 
 def clean_content_type(raw: str) -> str:
