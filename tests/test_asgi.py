@@ -250,6 +250,7 @@ async def test_upload_works_without_lifespan(backend_app, backend):
         pytest.param("/files", "/files/upload", id="path-includes-root"),
         pytest.param("/files", "/upload", id="path-without-root"),
         pytest.param("/a/b/", "/a/b/upload", id="root-with-slash"),
+        pytest.param("/a/b/", "/a/b//upload", id="root-with-slash-joined"),  # uvicorn --root-path /a/b/
     ],
 )
 async def test_root_path_routing(backend_app, backend, root_path, path):

@@ -65,8 +65,11 @@ def route_path(scope: Scope) -> str:
     if not path.startswith("/"):
         path = path_of_absolute_form(path)
     root = scope.get("root_path") or ""
-    if root and (path == root or path.startswith(root.rstrip("/") + "/")):
-        path = path[len(root.rstrip("/")):]
+    base = root.rstrip("/")
+    if base and (path == base or path.startswith(base + "/")):
+        path = path[len(base):]
+        if root.endswith("/") and path.startswith("//"):  # `uvicorn --root-path /up/` makes `/up//health`
+            path = path[1:]
     return path or "/"
 
 
