@@ -62,6 +62,7 @@ from upload_service.asgi import (
     Send,
     bearer_token_matches,
     body_known_empty,
+    came_through_a_proxy,
     check_framing,
     declared_length,
     header,
@@ -246,15 +247,13 @@ class UploadApp:
         except UploadError as exc:
             if self.is_upload(path, scope["method"]):  # counted and logged as an upload refused
                 self.record_outcome(exc, time.monotonic(), BodyProgress(), [])
-            await self.answer_draining(
-                receive, send, exc, BodyProgress(), scope.get("http_version", "1.1"), protocol_headers(scope, refusal=True)
-            )
+            await self.answer_draining(receive, send, exc, BodyProgress(), scope, protocol_headers(scope, refusal=True))
             return
         route = self.routes.match(path)
         method = scope["method"]
         handler = None if route is None else pick_handler(route[0], method)
         if handler not in self.body_readers and not body_known_empty(scope) and (error := await discard_body(receive)):
-            await self.answer_draining(receive, send, error, BodyProgress(), scope.get("http_version", "1.1"))
+            await self.answer_draining(receive, send, error, BodyProgress(), scope)
             return
         if self.cors is not None and (origin := header(scope, b"origin")) is not None and is_preflight(scope):
             await self.cors.answer_preflight(scope, plain_send, origin)
@@ -391,7 +390,7 @@ class UploadApp:
         except ClientGone:
             pass
         except Exception as exc:
-            await self.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"))
+            await self.answer_error(receive, send, exc, progress, scope)
 
     def record_outcome(
         self, error: BaseException | None, started: float, progress: BodyProgress, stored: list[Record]
@@ -449,17 +448,17 @@ class UploadApp:
                 ) from None
 
     async def answer_error(
-        self, receive: Receive, send: Send, exc: BaseException, progress: BodyProgress, http_version: str,
+        self, receive: Receive, send: Send, exc: BaseException, progress: BodyProgress, scope: Scope,
         headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
     ) -> None:
         """The error-to-response boundary of an upload: log a failure as the upload's, and answer."""
         error = as_upload_error(exc)
         if is_server_fault(error):
             logger.error("upload failed: %s", error.detail, exc_info=exc if error is not exc else None)
-        await self.answer_draining(receive, send, error, progress, http_version, headers)
+        await self.answer_draining(receive, send, error, progress, scope, headers)
 
     async def answer_draining(
-        self, receive: Receive, send: Send, error: UploadError, progress: BodyProgress, http_version: str,
+        self, receive: Receive, send: Send, error: UploadError, progress: BodyProgress, scope: Scope,
         headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
     ) -> None:
         """Answer with `error`; drain a body not read to its end."""
@@ -467,7 +466,10 @@ class UploadApp:
             await send_error(send, error, headers=headers)
             return
         config = self.config
-        await answer_before_body_end(receive, send, error, http_version, config.min_rate, config.idle_timeout, tuple(headers))
+        await answer_before_body_end(
+            receive, send, error, scope.get("http_version", "1.1"), config.min_rate, config.idle_timeout,
+            tuple(headers), hold_last_byte=not came_through_a_proxy(scope),
+        )
 
 
 def public_reason(exc: OSError) -> str:

@@ -114,6 +114,33 @@ async def test_token_missing_or_wrong_is_401(token_app, backend, path, authoriza
     backend.assert_nothing_stored()
 
 
+@pytest.mark.parametrize("proxy_header", [
+    None, ("x-forwarded-for", "203.0.113.7"), ("forwarded", "for=203.0.113.7"), ("via", "1.1 proxy"),
+    ("x-real-ip", "203.0.113.7"), ("x-forwarded-proto", "https"),
+])
+async def test_an_early_answer_holds_its_last_byte_unless_a_proxy_passed_the_request_on(token_app, backend, proxy_header):
+    """HTTP/1.1: while the rest of the body is read and dropped, the answer's last byte waits, so that a
+    client reading only once its body is sent gets the answer, not a reset. A reverse proxy reads while
+    it sends, but passes on no answer it has not got whole (nginx and HAProxy dropped a held one when
+    the close came, or answered 502): behind one, all of it goes out at once."""
+    chunks = [b"x" * 65536] * 8
+    sent_before_drain: list[bytes] = []
+    reply = Reply()
+
+    async def receive():
+        if reply.status is not None and not sent_before_drain:
+            sent_before_drain.append(reply.body)
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(), "more_body": True}
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = upload_scope(headers=[proxy_header] if proxy_header else [], length=8 * 65536)
+    await token_app(scope, receive, reply.record)
+    assert_error(reply, 401, "unauthorized")
+    assert not chunks  # drained
+    assert sent_before_drain == [reply.body if proxy_header else reply.body[:-1]]
+
+
 @pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER"])
 async def test_right_token_uploads(token_app, backend, scheme):
     data = b"authorised"

@@ -118,6 +118,15 @@ def check_framing(scope: Scope) -> None:
         raise AmbiguousLength("the request has both Transfer-Encoding and Content-Length")
 
 
+# What reverse proxies add to a request they pass on (nginx as configured in the README; HAProxy's
+# forwardfor, Caddy, Apache, Traefik by default).
+PROXY_HEADERS = frozenset((b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-real-ip", b"via"))
+
+
+def came_through_a_proxy(scope: Scope) -> bool:
+    return any(name in PROXY_HEADERS for name, _ in scope.get("headers", ()))
+
+
 def body_known_empty(scope: Scope) -> bool:
     """Whether the request has no body at all, its end included. Over HTTP/2, never before it is read:
     a body needs no Content-Length, and after `content-length: 0` the stream may end in a DATA frame of

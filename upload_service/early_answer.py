@@ -91,9 +91,10 @@ async def drain_while_coming(receive: Receive, pause: float, floor: RateFloor) -
 
 async def answer_before_body_end(
     receive: Receive, send: Send, error: UploadError, http_version: str, min_rate: int, idle_timeout: float,
-    headers: tuple[tuple[bytes, bytes], ...] = (),
+    headers: tuple[tuple[bytes, bytes], ...] = (), hold_last_byte: bool = True,
 ) -> None:
-    """Answer `error` to a request whose body was not read to its end, and drain the rest."""
+    """Answer `error` to a request whose body was not read to its end, and drain the rest;
+    on HTTP/1.1, holding the answer's last byte meanwhile unless told not to (a proxy's request)."""
     if http_version == "2":
         # Hypercorn 0.18 forgets an HTTP/2 stream as soon as its response ends, and a DATA
         # frame the client still sends then raises KeyError in its h2 protocol: the
@@ -113,7 +114,9 @@ async def answer_before_body_end(
     # drop a bounded rest of the body. A server closes a `Connection: close` connection as soon
     # as the answer's Content-Length is sent (all three servers), and a client still sending
     # (one that reads only once its body is sent, as `requests` does) got a reset, not the answer.
-    held = HeldLastByte(send)
+    # A reverse proxy reads while it sends but passes on no answer it has not got whole: nginx
+    # and HAProxy dropped a held one (or made it a 502) when the close came. It gets it whole.
+    held = HeldLastByte(send, holding=hold_last_byte)
     answer = send_error(held.send, error, headers=((b"connection", b"close"), *headers), more_body=True)
     if not await send_while_reading(receive, answer):
         await drain_body(receive, DRAIN_LIMIT_BYTES, DRAIN_LIMIT_SECONDS, pause=DRAIN_PAUSE_SECONDS)
@@ -121,14 +124,15 @@ async def answer_before_body_end(
 
 
 class HeldLastByte:
-    """A `send` that holds back the last byte of the response body, until `end`."""
+    """A `send` that holds back the last byte of the response body (when `holding`), until `end`."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, holding: bool = True) -> None:
         self._send = send
+        self._holding = holding
         self._last = b""
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
+        if self._holding and message["type"] == "http.response.body" and message.get("body"):
             body = message["body"]
             self._last = body[-1:]
             message = {**message, "body": body[:-1]}

@@ -222,7 +222,7 @@ class ResumableHandlers:
             plain_head = scope["method"] == "HEAD" and Dialect.spoken(scope) is None
             headers = [] if plain_head else self.headers_for_error(exc, dialect)
             if counted:  # an upload: creation, PATCH
-                await self.app.answer_error(receive, send, exc, progress, scope.get("http_version", "1.1"), headers)
+                await self.app.answer_error(receive, send, exc, progress, scope, headers)
             else:
                 await self.answer_failure(scope, receive, send, exc, progress, headers)
         except BaseException as exc:
@@ -264,8 +264,7 @@ class ResumableHandlers:
         if scope["method"] == "HEAD":  # the error's status and headers, no body
             await send_error(send, answer, headers=headers, head_only=True)
         else:
-            http_version = scope.get("http_version", "1.1")
-            await self.app.answer_draining(receive, send, answer, progress, http_version, headers)
+            await self.app.answer_draining(receive, send, answer, progress, scope, headers)
 
     def check_writer(self, scope: Scope, dialect: Dialect) -> None:
         """What every write (create, PATCH, DELETE) must show: the token, the protocol version."""
