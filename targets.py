@@ -243,6 +243,7 @@ class FormReader:
     With an `executor`, files are hashed and written on its threads: after each
     `feed`, wait for `write_backlog()` until it is None; after `close`, wait for
     every file's `job` before reading its digest, and have the commit run `write_held`.
+    `charset`: the codec the request's Content-Type names, for a form without `_charset_`.
     """
 
     def __init__(
@@ -253,8 +254,10 @@ class FormReader:
         file_field: str,
         text_fields: tuple[str, ...],
         executor: WriterPool | None = None,
+        charset: str | None = None,
     ) -> None:
         self.files: list[UploadFileTarget] = []
+        self._request_charset = charset
         self._executor = executor
         self._writing: list[UploadFileTarget] = []  # files not yet fully written
         self.fields: dict[str, FieldTarget] = {}
@@ -324,9 +327,9 @@ class FormReader:
         return None if target is None else target.text(self.form_charset())
 
     def form_charset(self) -> str | None:
-        """The codec of the charset the form's `_charset_` field names, if any."""
+        """The codec of the charset the form's `_charset_` field names, else the request's Content-Type."""
         named = self.fields.get(CHARSET_FIELD)
-        return field_charset(named.text("latin-1")) if named else None
+        return (field_charset(named.text("latin-1")) if named else None) or self._request_charset
 
     def _open_target(self, info: PartInfo) -> BaseTarget:
         for held in self._writing:  # another part follows: a file held for the commit is written now

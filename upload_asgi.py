@@ -90,7 +90,7 @@ from upload_service.errors import (
     cut,
 )
 from upload_service.files import FilesResource, mount_url
-from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, UploadRoute, boundary_of, form_answer, store_form
+from upload_service.forms import UPLOAD_MULTIPLE_ROUTE, UPLOAD_ROUTE, FormType, UploadRoute, form_answer, form_type_of, store_form
 from upload_service.hooks import BeforeUpload, UploadCallback
 from upload_service.lifespan import fail_startup, finish_uploads_on_sigterm
 from upload_service.logs import set_up_logging
@@ -362,7 +362,7 @@ class UploadApp:
         stored: list[Record] = []
         try:
             try:
-                boundary = self.check_request(scope)
+                form = self.check_request(scope)
                 await self.ask_before_upload(scope)
                 self.check_capacity()
                 # Only uploads that are being stored count against UPLOAD_MAX_CONCURRENT:
@@ -371,7 +371,7 @@ class UploadApp:
                 self.metrics.in_flight += 1
                 try:
                     stored = await store_form(
-                        self.config, self.prepare(), self.write_executor(), boundary, receive, route, progress,
+                        self.config, self.prepare(), self.write_executor(), form, receive, route, progress,
                         promised_length(scope),
                     )
                 finally:
@@ -400,19 +400,19 @@ class UploadApp:
         self.metrics.observe(outcome_of(error), seconds)
         log_outcome(error, progress.received, seconds, stored)
 
-    def check_request(self, scope: Scope) -> bytes:
-        """Refuse what the headers alone already tell, before any body byte; return the boundary."""
+    def check_request(self, scope: Scope) -> FormType:
+        """Refuse what the headers alone already tell, before any body byte; return the form's type."""
         config = self.config
         if config.token is not None and not bearer_token_matches(scope, config.token):
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
-        boundary = boundary_of(header(scope, b"content-type"))
+        form = form_type_of(header(scope, b"content-type"))
         length = declared_length(scope)
         if length is not None and length > config.max_request_size:
             raise PayloadTooLarge(
                 f"the request body is larger than {config.max_request_size} bytes",
                 limit="request_size", max=config.max_request_size,
             )
-        return boundary
+        return form
 
     async def ask_before_upload(self, scope: Scope) -> None:
         """Let the embedding app refuse the request (UploadRefused) before any body byte."""

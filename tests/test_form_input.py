@@ -26,6 +26,7 @@ from support import (
     field_part,
     file_part,
     form_body,
+    http_scope,
 )
 
 MiB = 1024 * 1024
@@ -336,6 +337,20 @@ async def test_a_text_field_is_read_in_the_charset_its_part_declares(backend_app
     reply = await call_app(backend_app, upload_scope(), [body])
     assert reply.status == 201, reply.body
     assert reply.json()["description"] == description
+
+
+async def test_the_requests_charset_is_the_forms_without_a_charset_field(backend_app, backend):
+    """Apache HttpClient's browser-compatible mode (LEGACY) names the form's charset on the request's
+    Content-Type and none on its text parts; a part's own charset and `_charset_` still come first."""
+    content_type = f"multipart/form-data; charset=ISO-8859-1; boundary={BOUNDARY}"
+    for parts, expected in (
+        ([field_part("description", "dé".encode("latin-1")), legacy_file_part("é.txt", "latin-1")], ("dé", "é.txt")),
+        ([field_part("_charset_", "utf-8"), field_part("description", "dé".encode()), file_part(b"data")], ("dé", "data.bin")),
+        ([charset_part("description", "dé".encode(), "text/plain; charset=UTF-8"), file_part(b"data")], ("dé", "data.bin")),
+    ):
+        reply = await call_app(backend_app, http_scope(content_type=content_type), [form_body(parts)])
+        assert reply.status == 201, reply.body
+        assert (reply.json()["description"], reply.json()["filename"]) == expected
 
 
 async def test_a_text_field_that_does_not_decode_in_its_charset_is_a_400(backend_app, backend):

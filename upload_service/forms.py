@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from targets import FormLimits, FormReader, UploadFileTarget
 from upload_service.asgi import Receive
@@ -21,7 +21,7 @@ from upload_service.body import BodyProgress, read_body
 from upload_service.errors import (
     ChecksumMismatch, InvalidField, MissingBoundary, NoFile, PayloadTooLarge, UnsupportedMediaType, shown,
 )
-from upload_service.framing import parse_header_params
+from upload_service.framing import field_charset, parse_header_params
 from upload_service.settings import Config
 from upload_service.storage import DECLARED_SHA256_RE, Record, Store
 from upload_service.threads import WriterPool, wait_through_cancel
@@ -52,8 +52,15 @@ UPLOAD_ROUTE = UploadRoute("file", single=True, text_fields=("description", "sha
 UPLOAD_MULTIPLE_ROUTE = UploadRoute("files", single=False, text_fields=("description",))
 
 
-def boundary_of(content_type: str | None) -> bytes:
-    """Return the multipart boundary of a request Content-Type, or raise the error."""
+class FormType(NamedTuple):
+    """What a request's Content-Type says of its form."""
+
+    boundary: bytes
+    charset: str | None  # the codec of its `charset` parameter (Apache HttpClient's browser mode), if one we read
+
+
+def form_type_of(content_type: str | None) -> FormType:
+    """The multipart boundary and charset of a request Content-Type, or raise the error."""
     if not content_type:
         raise UnsupportedMediaType("Content-Type must be multipart/form-data")
     media_type, params = parse_header_params(content_type)
@@ -64,7 +71,7 @@ def boundary_of(content_type: str | None) -> bytes:
         raise MissingBoundary("the multipart/form-data Content-Type has no boundary")
     if not BOUNDARY_RE.fullmatch(boundary):
         raise MissingBoundary("the multipart boundary is not valid (RFC 2046 §5.1.1)")
-    return boundary.encode("ascii")
+    return FormType(boundary.encode("ascii"), field_charset(params.get("charset")))
 
 
 def form_limits(config: Config, route: UploadRoute) -> FormLimits:
@@ -106,7 +113,7 @@ async def store_form(
     config: Config,
     store: Store,
     writer: WriterPool,
-    boundary: bytes,
+    form: FormType,
     receive: Receive,
     route: UploadRoute,
     progress: BodyProgress,
@@ -114,8 +121,8 @@ async def store_form(
 ) -> list[Record]:
     """Read the body into the store and commit its files; on any failure, leave nothing."""
     reader = FormReader(
-        boundary, store, form_limits(config, route),
-        file_field=route.file_field, text_fields=route.text_fields, executor=writer,
+        form.boundary, store, form_limits(config, route),
+        file_field=route.file_field, text_fields=route.text_fields, executor=writer, charset=form.charset,
     )
     try:
         await read_body(
