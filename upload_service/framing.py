@@ -70,7 +70,7 @@ CRLF = b"\r\n"
 # A real Content-Type or Content-Disposition has a handful of parameters. Values with
 # thousands of separators, quotes, comments or RFC 2047 words are refused: they once
 # cost the email package seconds a part, and nothing real sends them. A quoted value
-# may hold more runs of white space than a 255-character name can.
+# may hold more runs of white space than a 255-byte name can.
 MAX_HEADER_SPECIALS = 64
 MAX_HEADER_SPACE_RUNS = 2 * MAX_FILENAME_BYTES
 _STRUCTURED_HEADERS = ("content-type", "content-disposition")
