@@ -1495,6 +1495,10 @@ async def test_draft_filename_from_content_disposition(client: httpx.AsyncClient
         ('attachment; filename="€ rates.txt"'.encode(), "€ rates.txt"),
         (b'attachment; filename="\xe9t\xe9.txt"', "été.txt"),  # not UTF-8: latin-1, as HTTP defines it
         ("attachment; filename=\"plain.txt\"; filename*=UTF-8''%E2%82%AC.txt", "€.txt"),  # RFC 6266 §4.3
+        # RFC 2231 pieces whose bytes are not UTF-8 (a 500): windows-1252, as a form part's without a charset
+        ("attachment; filename*0*=utf-8''%FF%FE.txt", "ÿþ.txt"),
+        (b'attachment; filename*0="\xff\xfe.txt"', "ÿþ.txt"),
+        ("attachment; filename*0*=utf-8''" + "%FF" * 300 + ".txt", "ÿ" * 125 + ".txt"),  # 255 bytes, its stem kept
     ]
     for disposition, filename in cases:
         headers = {**draft("8", Upload_Complete="?1"), "Content-Disposition": disposition}

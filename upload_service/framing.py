@@ -258,7 +258,13 @@ def fit_name_max(name: str) -> str:
         stem, dot, extension = name, "", ""
     suffix = dot + extension
     room = MAX_FILENAME_BYTES - len(suffix.encode("utf-8", "surrogatepass"))
-    return stem.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore") + suffix
+    kept = []
+    for char in stem:
+        room -= len(char.encode("utf-8", "surrogatepass"))
+        if room < 0:
+            break
+        kept.append(char)
+    return "".join(kept) + suffix
 
 
 def clean_content_type(raw: str) -> str:

@@ -19,7 +19,7 @@ import re
 from typing import Any
 
 from upload_service.errors import PayloadTooLarge, UploadError, shown
-from upload_service.framing import decode_ext_value, disposition_filename, parse_header_params
+from upload_service.framing import decode_ext_value, disposition_filename, parse_header_params, read_in_charset
 from upload_service.storage import DECLARED_SHA256_RE
 
 TUS_VERSION = "1.0.0"
@@ -325,9 +325,10 @@ def filename_of(content_disposition: str | None) -> str | None:
     if not content_disposition:
         return None
     _, params = parse_header_params(content_disposition)
-    if "filename*" in params and (name := decode_ext_value(params["filename*"])) and "\ufffd" not in name:
-        return name
-    return disposition_filename(params)  # `filename` if there is one, else `filename*` as it decodes
+    name = decode_ext_value(params["filename*"]) if "filename*" in params else None
+    if not name or "\ufffd" in name:
+        name = disposition_filename(params)  # `filename` if there is one, else `filename*` as it decodes
+    return None if name is None else read_in_charset(name, None)  # bytes not UTF-8 as windows-1252, as a form's
 
 
 def media_type_of(content_type: str | None) -> str | None:
