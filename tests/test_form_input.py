@@ -324,6 +324,7 @@ def charset_part(name: str, data: bytes, content_type: str) -> Part:
 
 @pytest.mark.parametrize("content_type, data, description", [
     ("text/plain; charset=ISO-8859-1", "café".encode("latin-1"), "café"),  # Apache HttpClient's addTextBody
+    ("text/plain; charset=ISO-8859-1", b"\x81 \x9d", "\x81 \x9d"),  # as meant: no windows-1252 characters
     ('text/plain; charset="windows-1252"', "€ 5".encode("cp1252"), "€ 5"),
     ("text/plain; charset=Shift_JIS", "説明".encode("shift_jis"), "説明"),
     ("text/plain; charset=UTF-8", "café".encode(), "café"),
@@ -447,7 +448,7 @@ async def test_a_filename_that_names_its_charset_is_not_read_in_the_forms(backen
     ("big5", "cp950", "€ 說明"),  # browsers' Big5 has the euro sign
     ("x-gbk", "gb18030", "说明"),
     ("windows-1253", "cp1253", "Γεια"),
-    ("iso-8859-1", "cp1252", "€ café"),  # browsers read ISO-8859-1 as windows-1252
+    ("windows-1252", "cp1252", "€ café"),  # what browsers name a page in ISO-8859-1
 ])
 async def test_a_legacy_charset_is_read_as_browsers_write_it(backend_app, backend, label, codec, text):
     """The WHATWG Encoding standard's labels and decoders: a browser on a page in such a charset writes

@@ -44,14 +44,16 @@ MAX_CONTENT_TYPE_CHARS = 255
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 # The charsets a text field may declare (RFC 7578 §4.4: Apache HttpClient's text parts say
 # ISO-8859-1) or a form's `_charset_` field may name (§4.6: a browser's, from a page in a
-# legacy charset): the WHATWG Encoding labels browsers use, and the codec that reads each as
-# browsers write it (their Shift_JIS is Windows' cp932, EUC-KR cp949, Big5 cp950, GBK the
-# GB18030 decoder, ISO-8859-1 and US-ASCII windows-1252); any other label counts as none.
+# legacy charset): the WHATWG Encoding labels, and the codec that reads each as browsers write it
+# (their Shift_JIS is Windows' cp932, EUC-KR cp949, Big5 cp950, GBK the GB18030 decoder); but
+# ISO-8859-1 and US-ASCII as themselves: browsers name windows-1252 by its own name, and who says
+# ISO-8859-1 (Java's clients) means it; any other label counts as none.
 # A fixed table: a client's label never picks a codec of its own (idna, rot13, base64...).
 _CHARSET_LABELS = {
     "utf-8": "utf-8 utf8 unicode-1-1-utf-8",
-    "cp1252": "windows-1252 cp1252 x-cp1252 iso-8859-1 iso8859-1 iso88591 iso_8859-1 latin1 l1 cp819 ibm819"
-              " csisolatin1 us-ascii ascii ansi_x3.4-1968",
+    "cp1252": "windows-1252 cp1252 x-cp1252",
+    "latin-1": "iso-8859-1 iso8859-1 iso88591 iso_8859-1 latin1 l1 cp819 ibm819 csisolatin1",
+    "ascii": "us-ascii ascii ansi_x3.4-1968",
     **{f"cp{n}": f"windows-{n} cp{n} x-cp{n}" for n in range(1250, 1259) if n != 1252},
     **{f"iso8859_{n}": f"iso-8859-{n} iso8859-{n} iso_8859-{n}" for n in (2, 3, 4, 5, 6, 7, 8, 10, 13, 14, 15, 16)},
     "cp874": "windows-874 dos-874 iso-8859-11 tis-620",
@@ -226,7 +228,7 @@ def read_in_charset(text: str, charset: str | None) -> str:
     """A header value's bytes (those not UTF-8 kept as surrogate escapes) read in `charset`, a form's
     `_charset_` (a browser writes filenames in its page's charset); without one, bytes that were not
     UTF-8 in windows-1252 (what browsers take ISO-8859-1 for). `text` itself when nothing changes."""
-    if charset in (None, "utf-8"):
+    if charset in (None, "utf-8", "ascii"):
         if text.isascii() or not any("\udc80" <= c <= "\udcff" for c in text):
             return text
         charset = "cp1252"
