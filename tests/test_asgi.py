@@ -251,6 +251,8 @@ async def test_upload_works_without_lifespan(backend_app, backend):
         pytest.param("/files", "/upload", id="path-without-root"),
         pytest.param("/a/b/", "/a/b/upload", id="root-with-slash"),
         pytest.param("/a/b/", "/a/b//upload", id="root-with-slash-joined"),  # uvicorn --root-path /a/b/
+        pytest.param("/", "//upload", id="root-slash-joined"),  # uvicorn --root-path /
+        pytest.param("/a//", "/a///upload", id="root-with-slashes-joined"),
     ],
 )
 async def test_root_path_routing(backend_app, backend, root_path, path):

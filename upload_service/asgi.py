@@ -66,10 +66,10 @@ def route_path(scope: Scope) -> str:
         path = path_of_absolute_form(path)
     root = scope.get("root_path") or ""
     base = root.rstrip("/")
-    if base and (path == base or path.startswith(base + "/")):
+    if root and (path == base or path.startswith(base + "/")):
         path = path[len(base):]
-        if root.endswith("/") and path.startswith("//"):  # `uvicorn --root-path /up/` makes `/up//health`
-            path = path[1:]
+        if root.endswith("/"):  # `uvicorn --root-path /up/` makes `/up//health`, `--root-path /` `//health`
+            path = "/" + path.lstrip("/")
     return path or "/"
 
 

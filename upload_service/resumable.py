@@ -755,7 +755,10 @@ def not_complete_yet(file_id: str) -> tus.UploadIncomplete:
 def stored_metadata(record: Record) -> str:
     """A stored file's Upload-Metadata: as its creation sent it, or a form's file's from its record."""
     if (kept := record.get("metadata")) is not None:
-        return tus.format_metadata(tus.encode_metadata(kept))
+        metadata = tus.encode_metadata({key: value for key, value in kept.items() if tus.KEY_RE.fullmatch(key)})
+        while len(tus.format_metadata(metadata)) > tus.MAX_METADATA_BYTES:  # values not UTF-8 come back longer
+            metadata.popitem()
+        return tus.format_metadata(metadata)
     return tus.form_file_metadata(record.get("filename"), record.get("content_type"), record.get("description"))
 
 
