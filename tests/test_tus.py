@@ -111,10 +111,15 @@ def test_upload_limit_names_the_lifetime_as_the_version_does(version: str, age: 
 
 
 def test_a_stored_files_metadata_is_what_its_record_keeps() -> None:
-    assert tus.form_file_metadata("a.txt", "text/plain", "Q3") == f"filename {b64(b'a.txt')},filetype {b64(b'text/plain')},description {b64(b'Q3')}"
-    assert tus.form_file_metadata("a.txt", None, "") == f"filename {b64(b'a.txt')}"
-    assert tus.form_file_metadata(None, None, None) == ""
-    long = tus.form_file_metadata("é" * 255, "t/" + "x" * 253, "d" * 6000)
+    assert tus.bounded_metadata({"filename": "a.txt", "filetype": "text/plain", "description": "Q3"}) == \
+        f"filename {b64(b'a.txt')},filetype {b64(b'text/plain')},description {b64(b'Q3')}"
+    assert tus.bounded_metadata({"filename": "a.txt", "bare": ""}) == f"filename {b64(b'a.txt')},bare"
+    assert tus.bounded_metadata({}) == ""
+    assert tus.bounded_metadata({"a\r\nb": "x", "k ey": "x", "ok": "y"}) == f"ok {b64(b'y')}"  # keys a header can carry
+    assert len(tus.bounded_metadata({f"k{i}": "v" for i in range(40)}).split(",")) == 32
+    # the longest value goes first: the small ones after it stay
+    assert tus.bounded_metadata({"thumb": "\ufffd" * 5000, "filename": "photo.jpg"}) == f"filename {b64(b'photo.jpg')}"
+    long = tus.bounded_metadata({"filename": "é" * 255, "filetype": "t/" + "x" * 253, "description": "d" * 6000})
     assert long == f"filename {b64(('é' * 255).encode())},filetype {b64(('t/' + 'x' * 253).encode())}"
 
 

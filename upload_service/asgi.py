@@ -68,8 +68,9 @@ def route_path(scope: Scope) -> str:
     base = root.rstrip("/")
     if root and (path == base or path.startswith(base + "/")):
         path = path[len(base):]
-        if root.endswith("/"):  # `uvicorn --root-path /up/` makes `/up//health`, `--root-path /` `//health`
-            path = "/" + path.lstrip("/")
+        joined = "/" * (len(root) - len(base) + 1)  # `uvicorn --root-path /up/` makes `/up//health`
+        if path.startswith(joined):
+            path = path[len(joined) - 1:]
     return path or "/"
 
 

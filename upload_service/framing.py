@@ -67,7 +67,7 @@ _CHARSET_LABELS = {
              " windows-949 x-windows-949",
 }
 FIELD_CHARSETS = {label: codec for codec, labels in _CHARSET_LABELS.items() for label in labels.split()}
-FIELD_CHARSETS["iso-8859-8-i"] = "iso8859_8"  # Hebrew in logical order: the same bytes
+FIELD_CHARSETS.update(dict.fromkeys(["iso-8859-8-i", "csiso88598i", "logical"], "iso8859_8"))  # Hebrew, logical order
 
 CRLF = b"\r\n"
 # A real Content-Type or Content-Disposition has a handful of parameters. Values with

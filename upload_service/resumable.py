@@ -754,12 +754,12 @@ def not_complete_yet(file_id: str) -> tus.UploadIncomplete:
 
 def stored_metadata(record: Record) -> str:
     """A stored file's Upload-Metadata: as its creation sent it, or a form's file's from its record."""
-    if (kept := record.get("metadata")) is not None:
-        metadata = tus.encode_metadata({key: value for key, value in kept.items() if tus.KEY_RE.fullmatch(key)})
-        while len(tus.format_metadata(metadata)) > tus.MAX_METADATA_BYTES:  # values not UTF-8 come back longer
-            metadata.popitem()
-        return tus.format_metadata(metadata)
-    return tus.form_file_metadata(record.get("filename"), record.get("content_type"), record.get("description"))
+    values = record.get("metadata")
+    if values is None:
+        fields = {"filename": record.get("filename"), "filetype": record.get("content_type"),
+                  "description": record.get("description")}
+        values = {key: value for key, value in fields.items() if value}
+    return tus.bounded_metadata(values)
 
 
 class StoredAtLength(Exception):

@@ -200,13 +200,13 @@ def encode_metadata(values: dict[str, str]) -> dict[str, str]:
     return {key: base64.b64encode(value.encode()).decode("ascii") for key, value in values.items()}
 
 
-def form_file_metadata(filename: str | None, filetype: str | None, description: str | None) -> str:
-    """Upload-Metadata of a file a form stored, from what its record keeps. The description is left
-    out when it would make the header longer than a creation may send (a form's may be 64 KiB)."""
-    values = {"filename": filename, "filetype": filetype, "description": description}
-    metadata = encode_metadata({key: value for key, value in values.items() if value})
-    if len(format_metadata(metadata)) > MAX_METADATA_BYTES:
-        metadata.pop("description", None)  # a record's filename and type are short (255 characters)
+def bounded_metadata(values: dict[str, str]) -> str:
+    """Upload-Metadata of text values, as a creation may send it: keys a header can carry, at most
+    MAX_METADATA_PAIRS of them and MAX_METADATA_BYTES in all, the longest values left out first
+    (a stored form's description may be 64 KiB; a value that was not UTF-8 comes back longer)."""
+    metadata = encode_metadata({key: value for key, value in values.items() if KEY_RE.fullmatch(key)})
+    while metadata and (len(metadata) > MAX_METADATA_PAIRS or len(format_metadata(metadata)) > MAX_METADATA_BYTES):
+        del metadata[max(reversed(metadata), key=lambda key: len(metadata[key]))]  # ties: the last
     return format_metadata(metadata)
 
 
