@@ -26,11 +26,12 @@ UPLOAD_STORAGE=s3://<bucket>/<prefix> the objects `<prefix>/<id>` and `<prefix>/
 Errors are {"error": code, "detail": text}:
 
     400 malformed body, no boundary         401 token missing or wrong
-        (or a bad ?limit=, ?cursor=)
+        (or a bad ?limit=, ?cursor=)        403 a CORS preflight from an origin not allowed
     404 unknown path or file                405 other method on a known path
     408 client idle or too slow             412 a /files/<id> precondition failed
     413 a limit passed                      415 not multipart/form-data
     416 a range outside the file            422 no file, or sha256 mismatch
+    431 header fields too large
     500 unexpected (logged)                 503 too many uploads at once
     507 no space left on the device (or the file too large for it)
     502/503 the S3 store refused / the store is unreachable or read-only
@@ -287,7 +288,8 @@ class UploadApp:
         """Run a handler; answer an error it raises before its answer began.
 
         The upload and resumable handlers answer their own errors (they drain a body
-        first, and add the protocol's headers); the files resource's raise. An error
+        first, and add the protocol's headers), but for a GET of /files/<id>, which
+        raises as the files resource's handlers do. An error
         after the answer began goes up: the server then cuts the connection, so a
         client never takes a short body for a whole one.
         """

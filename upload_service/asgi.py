@@ -182,6 +182,15 @@ async def send_json(send: Send, status: int, payload: Any, headers: Headers = ()
     await send_body(send, status, json_bytes(payload), b"application/json", headers, head_only)
 
 
+async def send_empty(send: Send, status: int, headers: Headers = ()) -> None:
+    """An answer without a body (RFC 9110 §8.6: a 204 has no Content-Length)."""
+    headers = list(headers)
+    if status != 204:
+        headers.append((b"content-length", b"0"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b""})
+
+
 async def send_error(
     send: Send, error: UploadError, headers: Headers = (), head_only: bool = False, more_body: bool = False
 ) -> None:

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", "-w", type=int, default=1, metavar="N",
                         help="worker processes (default 1); /metrics sums them all")
     parser.add_argument("--root-path", default="", metavar="PATH",
-                        help="the prefix the app is mounted under, which the proxy keeps in the path, e.g. /files (default none)")
+                        help="the prefix the app is mounted under, which the proxy keeps in the path, e.g. /uploads (default none)")
     parser.add_argument("--dir", metavar="PATH", help="upload directory: sets UPLOAD_DIR (default ./uploads)")
     parser.add_argument("--graceful-timeout", type=int, default=DEFAULT_GRACEFUL_TIMEOUT, metavar="SECONDS",
                         help=f"how long uploads in flight may take to finish at SIGTERM, whole seconds "

@@ -23,7 +23,7 @@ import re
 from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from upload_service.asgi import Scope, Send, header, list_header, send_error
+from upload_service.asgi import Scope, Send, header, list_header, send_empty, send_error
 from upload_service.errors import TOKEN, UploadError
 
 ALLOW_METHODS = b"GET, HEAD, POST, PATCH, DELETE, OPTIONS"
@@ -139,10 +139,8 @@ class Cors:
             (b"access-control-allow-methods", ALLOW_METHODS),
             (b"access-control-allow-headers", allow_headers(scope)),
             (b"access-control-max-age", MAX_AGE_SECONDS),
-            (b"content-length", b"0"),
         ]
-        await send({"type": "http.response.start", "status": 204, "headers": headers})
-        await send({"type": "http.response.body", "body": b""})
+        await send_empty(send, 204, headers)
 
     def wrap_send(self, origin: str | None, send: Send) -> Send:
         """A send that adds the origin's CORS headers to the response head. With a list of

@@ -26,7 +26,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, quote
 
 from upload_service.asgi import (
-    Headers, Message, Receive, Scope, Send, bearer_token_matches, header, list_header, send_json, url_root,
+    Headers, Message, Receive, Scope, Send, bearer_token_matches, header, list_header, send_empty, send_json,
+    url_root,
 )
 from upload_service.errors import TOKEN, NotFound, PreconditionFailed, Unauthorized, UploadError
 from upload_service.settings import Config
@@ -405,9 +406,7 @@ class FilesResource:
             check_preconditions(scope, entity_tag(record["sha256"]), last_modified(record))
         if not await self.store().delete(file_id):
             raise NotFound("no such file")
-        # RFC 9110 §8.6: no Content-Length in a 204.
-        await send({"type": "http.response.start", "status": 204, "headers": list(headers)})
-        await send({"type": "http.response.body", "body": b""})
+        await send_empty(send, 204, headers)
 
 
 def log_unreadable(file_id: str, exc: UnreadableRecord) -> None:

@@ -29,13 +29,12 @@ from upload_service.units import MiB
 
 logger = logging.getLogger("upload_asgi")
 
+# The description goes on every record of an /upload-multiple request, in the answer and in
+# each sidecar: in all, at most this much of it as JSON.
+DESCRIPTIONS_BUDGET = 1 * MiB
 # RFC 2046 §5.1.1: 1-70 characters from bchars, not ending in a space; and the token characters
 # it leaves out (RFC 9110 §5.6.2: `!#$%&*^`|~`), as clients send them (Android's well-known
 # HttpURLConnection snippet: `*****`) and other multipart readers take them.
-# The description goes on every record of an /upload-multiple request, in the answer and in
-# each sidecar: in all, at most this much of it as JSON (a 64 KiB one of control characters
-# on 100 files was a 39 MB answer for a 73 KB request).
-DESCRIPTIONS_BUDGET = 1 * MiB
 BOUNDARY_RE = re.compile(r"[0-9A-Za-z'()+_,\-./:=? !#$%&*^`|~]{0,69}[0-9A-Za-z'()+_,\-./:=?!#$%&*^`|~]")
 
 

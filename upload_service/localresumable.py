@@ -2,7 +2,8 @@
 
 An upload is two files: `<id>` (the bytes so far: its size is the offset) and
 `<id>.info` (JSON: length, metadata, expiry, declared digest, and where unverified
-bytes begin while a chunk with a checksum is being written). A request writes an
+bytes begin while a body that may be refused whole is written: one with a checksum, or
+of no declared length). A request writes an
 upload only while it holds an exclusive flock on `<id>`, taken without waiting: a
 second writer, in this worker or another, is refused (`UploadBusy`), and the lock
 goes when its process dies, so a crash never leaves an upload locked. A request in
@@ -190,7 +191,7 @@ class LocalResumableStore(ResumableStore):
                 return None
             info, unverified_from = saved
             if unverified_from is not None:
-                # A chunk with a checksum was being written when its process died: never verified.
+                # Its process died while writing a body that may be refused whole: never verified.
                 os.ftruncate(fd, unverified_from)
                 self.write_info(info, None)
             info.offset = os.fstat(fd).st_size

@@ -75,7 +75,7 @@ _process_series: Series | None = None  # multiprocess mode: one set per process,
 class Metrics:
     """The counters behind /metrics and /health.
 
-    `in_flight`, `files_stored`, `bytes_stored`, `bytes_received` and `outcomes` are
+    `in_flight`, `files_stored`, `bytes_stored`, `bytes_received`, `rehashed_bytes` and `outcomes` are
     this app's own numbers (`in_flight` bounds UPLOAD_MAX_CONCURRENT per worker); each
     change also moves the Prometheus series, which `exposition()` writes out, summed
     over every worker in multiprocess mode.
@@ -103,7 +103,7 @@ class Metrics:
         self._series.uploads.labels(outcome).inc()
         self._series.duration.observe(seconds)
 
-    # Each counter is read and added to (`metrics.bytes_stored += n`) by the front door.
+    # Each counter is read and added to (`metrics.bytes_stored += n`) by the handlers.
     @property
     def in_flight(self) -> int:
         return self._in_flight

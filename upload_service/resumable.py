@@ -40,12 +40,13 @@ from upload_service.asgi import (
     body_known_empty,
     declared_length,
     header,
-    json_bytes,
     list_header,
     promised_length,
     route_path,
     says_body,
+    send_empty,
     send_error,
+    send_json,
     utf8_header,
 )
 from upload_service.body import BodyProgress, has_bytes
@@ -341,7 +342,7 @@ class ResumableHandlers:
         headers = [*dialect.headers(), (b"location", location),
                    *self.state_headers(upload.info, dialect, stored=bool(outcome.stored))]
         if outcome.stored and dialect.draft is not None:
-            await send_record(send, 201, outcome.stored, headers)
+            await send_json(send, 201, outcome.stored, headers)
         else:
             await send_empty(send, 201, headers)
 
@@ -482,7 +483,7 @@ class ResumableHandlers:
             await send_empty(send, 204, [*dialect.headers(), *complete.headers])
             return
         except StoredAtLength as stored:
-            await send_record(send, 200, stored.record, self.finished_headers(stored.record, dialect))
+            await send_json(send, 200, stored.record, self.finished_headers(stored.record, dialect))
             return
         try:
             await self.write_patch(scope, receive, upload, progress, outcome, dialect, offset, new_length, will_complete)
@@ -490,7 +491,7 @@ class ResumableHandlers:
             await run_blocking(upload.release)
         headers = [*dialect.headers(), *self.state_headers(upload.info, dialect, stored=bool(outcome.stored))]
         if outcome.stored and dialect.draft is not None:
-            await send_record(send, 200, outcome.stored, headers)
+            await send_json(send, 200, outcome.stored, headers)
         else:
             await send_empty(send, 204, headers)
 
@@ -785,21 +786,4 @@ class Outcome:
     stored: Record | None = None
 
 
-async def send_empty(send: Send, status: int, headers: Any) -> None:
-    """An answer without a body (RFC 9110: a 204 has no Content-Length)."""
-    headers = list(headers)
-    if status != 204:
-        headers.append((b"content-length", b"0"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def send_record(send: Send, status: int, record: Record, headers: Headers) -> None:
-    body = json_bytes(record)
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
-    })
-    await send({"type": "http.response.body", "body": body})
 
