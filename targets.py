@@ -60,7 +60,7 @@ class UploadFileTarget(BaseTarget):
         self.finished = False
         self._hash = hashlib.sha256()
         self._sink_open = False  # opened with the first block, on the writer thread
-        self._blocks = BlockQueue(executor, self._store) if executor is not None else None
+        self._blocks = BlockQueue(executor, self._hash_and_write) if executor is not None else None
         self._held = b""  # a small file's bytes, hashed, for `write_held`
 
     @property
@@ -82,7 +82,7 @@ class UploadFileTarget(BaseTarget):
                 f"file {self.filename!r} is larger than {self.max_size} bytes",
             )
         if self._blocks is None:
-            self._store(chunk)
+            self._hash_and_write(chunk)
         else:
             self._blocks.add(chunk)
 
@@ -122,7 +122,7 @@ class UploadFileTarget(BaseTarget):
         """The part has ended and every byte of it is hashed and written."""
         return self.finished and not self._held and self._blocks.written
 
-    def _store(self, data: bytes, started: threading.Event | None = None) -> None:
+    def _hash_and_write(self, data: bytes, started: threading.Event | None = None) -> None:
         """Hash and write a block (on an executor thread) or a chunk (inline), in order."""
         if started is not None:
             started.set()  # WriterPool: the loop may go on; we let go of the GIL now

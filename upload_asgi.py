@@ -61,11 +61,11 @@ from upload_service.asgi import (
     Receive,
     Scope,
     Send,
-    bearer_token_matches,
     body_known_empty,
     came_through_a_proxy,
+    check_declared_size,
     check_framing,
-    declared_length,
+    check_write_token,
     header,
     promised_length,
     route_path,
@@ -82,9 +82,7 @@ from upload_service.errors import (
     InternalError,
     MethodNotAllowed,
     NotFound,
-    PayloadTooLarge,
     ServiceUnavailable,
-    Unauthorized,
     UploadError,
     UploadRefused,
     as_upload_error,
@@ -395,25 +393,20 @@ class UploadApp:
             await self.answer_error(receive, send, exc, progress, scope)
 
     def record_outcome(
-        self, error: BaseException | None, started: float, progress: BodyProgress, stored: list[Record]
+        self, error: BaseException | None, started: float, progress: BodyProgress, stored: list[Record],
+        partial: bool = False,
     ) -> None:
+        """Count and log an upload's end (`partial`: a PATCH that appended without finishing)."""
         seconds = time.monotonic() - started
         self.metrics.bytes_received += progress.received
-        self.metrics.observe(outcome_of(error), seconds)
+        self.metrics.observe("partial" if partial else outcome_of(error), seconds)
         log_outcome(error, progress.received, seconds, stored)
 
     def check_request(self, scope: Scope) -> FormType:
         """Refuse what the headers alone already tell, before any body byte; return the form's type."""
-        config = self.config
-        if config.token is not None and not bearer_token_matches(scope, config.token):
-            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+        check_write_token(scope, self.config.token)
         form = form_type_of(header(scope, b"content-type"))
-        length = declared_length(scope)
-        if length is not None and length > config.max_request_size:
-            raise PayloadTooLarge(
-                f"the request body is larger than {config.max_request_size} bytes",
-                limit="request_size", max=config.max_request_size,
-            )
+        check_declared_size(scope, self.config.max_request_size)
         return form
 
     async def ask_before_upload(self, scope: Scope) -> None:

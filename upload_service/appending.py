@@ -9,14 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
-from concurrent.futures import Executor, Future
-from typing import Any, Callable, TypeVar
+from concurrent.futures import Future
 
 from upload_service.blocks import BlockQueue
 from upload_service.storage import ResumableUpload
 from upload_service.threads import WriterPool, wait_through_cancel
-
-T = TypeVar("T")
 
 # A body that pauses this long has what arrived written, without waiting for a full block.
 IDLE_HAND_OFF_SECONDS = 0.05
@@ -91,13 +88,3 @@ class AppendBody:
         if self.checksum is not None:
             self.checksum.update(data)
         self.upload.append(data)
-
-
-async def run_blocking(fn: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
-    """Run store work on a thread (of `executor`, else the loop's default); if cancelled meanwhile,
-    let it finish first (it holds a lock)."""
-    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-    if await wait_through_cancel(future):
-        raise asyncio.CancelledError
-    return future.result()
-

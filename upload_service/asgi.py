@@ -7,7 +7,7 @@ import json
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 from urllib.parse import quote
 
-from upload_service.errors import AmbiguousLength, HeadersTooLarge, UploadError
+from upload_service.errors import AmbiguousLength, HeadersTooLarge, PayloadTooLarge, Unauthorized, UploadError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -139,6 +139,19 @@ def bearer_token_matches(scope: Scope, token: str) -> bool:
     """Compare the request's bearer token with ours in constant time."""
     scheme, _, given = (header(scope, b"authorization") or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def check_write_token(scope: Scope, token: str | None) -> None:
+    """What every write (an upload, a PATCH, a DELETE) must show when UPLOAD_TOKEN is set."""
+    if token is not None and not bearer_token_matches(scope, token):
+        raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+
+
+def check_declared_size(scope: Scope, limit: int) -> None:
+    """A body whose Content-Length is over UPLOAD_MAX_REQUEST_SIZE: refused on its headers."""
+    length = declared_length(scope)
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes", limit="request_size", max=limit)
 
 
 # One encoder for every answer: json.dumps with arguments builds a new one each call.

@@ -26,8 +26,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, quote
 
 from upload_service.asgi import (
-    Headers, Message, Receive, Scope, Send, bearer_token_matches, header, list_header, send_empty, send_json,
-    url_root,
+    Headers, Message, Receive, Scope, Send, bearer_token_matches, check_write_token, header, list_header, send_empty,
+    send_json, url_root,
 )
 from upload_service.errors import TOKEN, NotFound, PreconditionFailed, Unauthorized, UploadError
 from upload_service.settings import Config
@@ -314,11 +314,11 @@ def file_headers(record: Record, etag: str, modified: datetime | None) -> list[t
 
 
 class FilesResource:
-    """The /files handlers on one store; `store()` makes it ready on first use."""
+    """The /files handlers on one store; `ready_store()` gives it, made ready on first use."""
 
-    def __init__(self, config: Config | None, store: Callable[[], Store]) -> None:
+    def __init__(self, config: Config | None, ready_store: Callable[[], Store]) -> None:
         self.config = config
-        self.store = store
+        self.ready_store = ready_store
 
     def check_read(self, scope: Scope) -> None:
         read_token = self.config.read_token
@@ -328,23 +328,18 @@ class FilesResource:
         if not any([bearer_token_matches(scope, t) for t in tokens]):  # both compared, always
             raise Unauthorized("reading files needs 'Authorization: Bearer <token>'")
 
-    def check_write(self, scope: Scope) -> None:
-        token = self.config.token
-        if token is not None and not bearer_token_matches(scope, token):
-            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
-
     async def open_file(self, file_id: str) -> StoredFile:
         """The stored file, or NotFound (an id that is not one never reaches the store)."""
-        return await self.look_up(file_id, self.store().open)
+        return await self.look_up(file_id, self.ready_store().open)
 
     async def read_record(self, file_id: str) -> Record:
         """The stored file's record, or NotFound."""
-        return await self.look_up(file_id, self.store().record)
+        return await self.look_up(file_id, self.ready_store().record)
 
     async def is_stored(self, file_id: str) -> bool:
         """Whether a readable record is there now (quietly: for a second look)."""
         try:
-            return is_file_id(file_id) and await self.store().record(file_id) is not None
+            return is_file_id(file_id) and await self.ready_store().record(file_id) is not None
         except UnreadableRecord:
             return False
 
@@ -384,7 +379,7 @@ class FilesResource:
             raise InvalidQuery("give one cursor")
         cursor = cursors[0] or None
         try:
-            page = await self.store().list(limit, cursor)
+            page = await self.ready_store().list(limit, cursor)
         except BadCursor:
             raise InvalidQuery("cursor is not one this server gave out") from None
         headers = []
@@ -398,13 +393,13 @@ class FilesResource:
         self, scope: Scope, receive: Receive, send: Send, head_only: bool = False, file_id: str = "",
         headers: Headers = (),
     ) -> None:
-        self.check_write(scope)
+        check_write_token(scope, self.config.token)
         if not is_file_id(file_id):
             raise NotFound("no such file")
         if has_preconditions(scope):  # a missing file is 404 first, whatever they say
             record = await self.read_record(file_id)
             check_preconditions(scope, entity_tag(record["sha256"]), last_modified(record))
-        if not await self.store().delete(file_id):
+        if not await self.ready_store().delete(file_id):
             raise NotFound("no such file")
         await send_empty(send, 204, headers)
 

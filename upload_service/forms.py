@@ -82,9 +82,7 @@ def form_limits(config: Config, route: UploadRoute) -> FormLimits:
     )
 
 
-def make_record(
-    target: UploadFileTarget, description: str | None, created: str | None = None, form_charset: str | None = None
-) -> Record:
+def make_record(target: UploadFileTarget, description: str | None, created: str, form_charset: str | None) -> Record:
     return {
         "id": target.id,
         "filename": target.record_filename(form_charset),
@@ -92,7 +90,7 @@ def make_record(
         "size": target.size,
         "sha256": target.sha256,
         "description": description,
-        "created": created or utc_now(),
+        "created": created,
     }
 
 

@@ -50,7 +50,7 @@ KEPT_DIGESTS = 1024
 STALE_TEMP_SECONDS = 3600
 # How long a request waits for an upload that is being finished (its data file is moved into
 # the upload dir before its record is written) before it takes it as gone.
-FINISH_WAIT_SECONDS = 2.0
+RECORD_WAIT_SECONDS = 2.0
 
 
 class LocalUpload(ResumableUpload):
@@ -232,7 +232,7 @@ class LocalResumableStore(ResumableStore):
         that is done (its info removed), then say whether it is still an upload (a finish that
         failed moves the data back). Not answering at once: a stored file without its record yet
         would be a 404, and a tus client takes a 404 as gone and sends the whole file anew."""
-        deadline = time.monotonic() + FINISH_WAIT_SECONDS
+        deadline = time.monotonic() + RECORD_WAIT_SECONDS
         while self.info_path(upload_id).exists() and time.monotonic() < deadline:
             if self.data_path(upload_id).exists():
                 return True
@@ -316,7 +316,7 @@ class LocalResumableStore(ResumableStore):
             remove_quietly(self.data_path(upload_id))
             remove_quietly(self.info_path(upload_id))
             remove_quietly(self.stop_path(upload_id))
-            self.digests.take(upload_id, -1)
+            self.digests.forget(upload_id)
             return True
         finally:
             os.close(fd)

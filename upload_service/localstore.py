@@ -17,15 +17,14 @@ import fcntl
 import heapq
 import logging
 import os
-import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 from upload_service.storage import (
-    PAGE_BYTES, BadCursor, FileSink, Page, Record, Store, StoredFile, is_file_id, new_file_id, parse_record,
-    record_json,
+    PAGE_BYTES, FileSink, Page, Record, Store, StoredFile, format_cursor, is_file_id, new_file_id, parse_cursor,
+    parse_record, record_json,
 )
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
@@ -330,23 +329,6 @@ class LocalStore(Store):
             code = errno.EROFS if os.statvfs(self.partial_dir).f_flag & os.ST_RDONLY else errno.EACCES
             raise OSError(code, os.strerror(code))
         return {"free_bytes": shutil.disk_usage(self.partial_dir).free}
-
-
-CURSOR_RE = re.compile(r"([0-9]{1,20})-([0-9a-f]{32})")
-
-
-def parse_cursor(cursor: str | None) -> tuple[int, str] | None:
-    """A cursor is `<mtime_ns>-<id>` of the last record of the previous page."""
-    if not cursor:
-        return None
-    match = CURSOR_RE.fullmatch(cursor)
-    if match is None:
-        raise BadCursor("not a cursor this server made")
-    return int(match[1]), match[2]
-
-
-def format_cursor(key: tuple[int, str]) -> str:
-    return f"{key[0]}-{key[1]}"
 
 
 def read_record(path: Path) -> Record | None:

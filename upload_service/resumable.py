@@ -31,13 +31,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from upload_service import tus
-from upload_service.appending import AppendBody, run_blocking
+from upload_service.appending import AppendBody
 from upload_service.asgi import (
     Receive,
     Scope,
     Send,
     bearer_token_matches,
     body_known_empty,
+    check_declared_size,
+    check_write_token,
     declared_length,
     header,
     list_header,
@@ -57,8 +59,6 @@ from upload_service.errors import (
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
-    ServiceUnavailable,
-    Unauthorized,
     UnsupportedMediaType,
     UploadError,
     UploadInterrupted,
@@ -70,8 +70,9 @@ from upload_service.errors import (
 from upload_service.files import FilesResource, check_preconditions, has_preconditions, mount_url, send_stored
 from upload_service.forms import utc_now
 from upload_service.framing import clean_content_type, clean_filename
-from upload_service.metrics import is_server_fault, log_outcome, outcome_of
+from upload_service.metrics import is_server_fault
 from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
+from upload_service.threads import run_blocking
 from upload_service.writers import Writers
 
 if TYPE_CHECKING:
@@ -230,13 +231,9 @@ class ResumableHandlers:
             error = exc
             raise
         finally:
-            if counted and (outcome.received or error is not None or outcome.stored):
-                metrics = self.app.metrics
-                metrics.bytes_received += progress.received
-                seconds = time.monotonic() - started
-                name = outcome_of(error) if error is not None or outcome.stored else "partial"
-                metrics.observe(name, seconds)
-                log_outcome(error, progress.received, seconds, [outcome.stored] if outcome.stored else [])
+            if counted and (outcome.kept_bytes or error is not None or outcome.stored):
+                stored = [outcome.stored] if outcome.stored else []
+                self.app.record_outcome(error, started, progress, stored, partial=error is None and not stored)
 
     def headers_for_error(self, exc: Exception, dialect: Dialect) -> Headers:
         """The protocol's headers on an error; the draft's 413 for a limit of ours also names the
@@ -269,8 +266,7 @@ class ResumableHandlers:
 
     def check_writer(self, scope: Scope, dialect: Dialect) -> None:
         """What every write (create, PATCH, DELETE) must show: the token, the protocol version."""
-        if not self.may_write(scope):
-            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+        check_write_token(scope, self.config.token)
         if dialect.draft is None:
             tus.check_tus_resumable(list_header(scope, b"tus-resumable"))
 
@@ -280,13 +276,6 @@ class ResumableHandlers:
                 f"Upload-Length {length} is larger than the file limit of {self.config.max_file_size} bytes",
                 limit="file_size", max=self.config.max_file_size,
             )
-
-    def check_request_size(self, scope: Scope) -> None:
-        """A body declared over UPLOAD_MAX_REQUEST_SIZE: refused on its headers, before the hook."""
-        length, limit = declared_length(scope), self.config.max_request_size
-        if length is not None and length > limit:
-            raise PayloadTooLarge(f"the body is larger than the request limit of {limit} bytes",
-                                  limit="request_size", max=limit)
 
     def storable(self, info: UploadInfo) -> bool:
         """Whether the upload's length (or offset so far) fits the file limit, which may have been
@@ -316,9 +305,9 @@ class ResumableHandlers:
             length, metadata, will_complete = self.draft_creation(scope, dialect)
             with_upload = True
         sha256 = tus.declared_sha256(metadata, repr_digest)
-        self.check_request_size(scope)
+        check_declared_size(scope, self.config.max_request_size)
         await self.app.ask_before_upload(scope)
-        self.check_capacity()
+        self.app.check_capacity()
         expires = time.time() + self.config.resumable_expiry
         self.app.prepare()
         upload = await run_blocking(self.store.create, length, metadata, expires, sha256)
@@ -385,10 +374,6 @@ class ResumableHandlers:
             values["filetype"] = clean_content_type(content_type)  # as a form part's: its parameters kept
         metadata = tus.parse_metadata(list_header(scope, b"upload-metadata"))
         return length, {**metadata, **tus.encode_metadata(values)}, will_complete
-
-    def check_capacity(self) -> None:
-        if self.app.metrics.in_flight >= self.config.max_concurrent:
-            raise ServiceUnavailable(f"more than {self.config.max_concurrent} uploads in flight; retry soon")
 
     async def head(
         self, scope: Scope, receive: Receive, send: Send, progress: BodyProgress, outcome: Outcome,
@@ -473,7 +458,7 @@ class ResumableHandlers:
     ) -> None:
         will_complete, offset, new_length = await self.check_patch(scope, receive, progress, dialect)
         await self.app.ask_before_upload(scope)
-        self.check_capacity()
+        self.app.check_capacity()
         try:
             upload = await self.acquire(file_id, dialect, offset, progress)
         except tus.UploadComplete as complete:
@@ -511,7 +496,7 @@ class ResumableHandlers:
         if not progress.complete and declared_length(scope) == 0 and await has_bytes(receive, progress):
             # HTTP/2: its end read here (asgi.body_known_empty); h2 itself refuses bytes past the length.
             raise tus.InvalidHeader("Content-Length is 0 but the body has bytes")
-        self.check_request_size(scope)
+        check_declared_size(scope, self.config.max_request_size)
         return will_complete, offset, new_length
 
     async def write_patch(
@@ -650,7 +635,7 @@ class ResumableHandlers:
         # expiry (or was cut off after it) must not leave an upload already expired.
         upload.info.expires = time.time() + self.config.resumable_expiry
         await run_blocking(upload.keep)
-        outcome.received = True
+        outcome.kept_bytes = True
         await run_blocking(upload.save_info, False)
 
     async def finish(self, scope: Scope, upload: ResumableUpload, outcome: Outcome, dialect: Dialect) -> None:
@@ -782,7 +767,7 @@ def log_sweep_failure(future: asyncio.Future[int]) -> None:
 class Outcome:
     """What a request did, for metrics and the log: bytes appended, a file stored."""
 
-    received: bool = False
+    kept_bytes: bool = False
     stored: Record | None = None
 
 

@@ -623,7 +623,7 @@ class S3ResumableStore(ResumableStore):
             return 0
         if not (saved.completed and await self.s3.record(upload_id) is not None):
             await self.remove_bytes(upload_id, saved, None)  # (else finished: the info only stayed)
-        self.digests.take(upload_id, -1)
+        self.digests.forget(upload_id)
         return 1
 
     async def _objects(self) -> Any:

@@ -24,7 +24,6 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 from upload_service.errors import StorageUnavailable
-from upload_service.localstore import parse_cursor
 from upload_service.s3client import (
     MISSING_CODES,
     BotoCoreError,
@@ -37,7 +36,7 @@ from upload_service.s3client import (
 )
 from upload_service.s3io import S3File, S3Sink
 from upload_service.storage import (
-    PAGE_BYTES, FileSink, Page, Record, Store, is_file_id, parse_record, record_json,
+    PAGE_BYTES, FileSink, Page, Record, Store, format_cursor, is_file_id, parse_cursor, parse_record, record_json,
 )
 from upload_service.threads import wait_through_cancel
 from upload_service.units import MiB
@@ -459,7 +458,7 @@ class S3Store(Store):
                     size += found[1]
                 if size >= PAGE_BYTES:
                     break
-        next_cursor = f"{newest[taken - 1][0]}-{newest[taken - 1][1]}" if taken < len(newest) else None
+        next_cursor = format_cursor(newest[taken - 1]) if taken < len(newest) else None
         return Page(records, next_cursor)
 
     async def _listed_record(self, file_id: str) -> tuple[Record, int] | None:

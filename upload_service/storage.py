@@ -57,6 +57,24 @@ class BadCursor(ValueError):
     """A list cursor this store did not give out (the client sees a 400)."""
 
 
+CURSOR_RE = re.compile(r"([0-9]{1,20})-([0-9a-f]{32})")
+
+
+def parse_cursor(cursor: str | None) -> tuple[int, str] | None:
+    """A cursor is `<time>-<id>` of the last record of the previous page (the time in the
+    store's own unit: nanoseconds locally, seconds on S3)."""
+    if not cursor:
+        return None
+    match = CURSOR_RE.fullmatch(cursor)
+    if match is None:
+        raise BadCursor("not a cursor this server made")
+    return int(match[1]), match[2]
+
+
+def format_cursor(key: tuple[int, str]) -> str:
+    return f"{key[0]}-{key[1]}"
+
+
 class UnreadableRecord(ValueError):
     """A stored record that is not a JSON object with a size and a sha256 (a crash with UPLOAD_FSYNC=0 can leave it empty)."""
 
@@ -380,6 +398,10 @@ class DigestCache:
         with self._lock:
             kept = self._kept.pop(upload_id, None)
         return kept[1] if kept is not None and kept[0] == offset else None
+
+    def forget(self, upload_id: str) -> None:
+        with self._lock:
+            self._kept.pop(upload_id, None)
 
 
 class ResumableStore(ABC):

@@ -9,8 +9,10 @@ import asyncio
 import os
 import threading
 from collections import deque
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from typing import Any, Callable
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 # Threads that hash and write files (blocks.BLOCK_SIZE blocks), per app: the
 # event loop parses while they work, mostly without the GIL. No more than the cores:
@@ -159,3 +161,12 @@ async def wait_through_cancel(future: asyncio.Future[Any]) -> bool:
     if not future.cancelled():
         future.exception()  # read: callers take the outcome from the thread's own future
     return cancelled
+
+
+async def run_blocking(fn: Callable[..., T], *args: Any, executor: Executor | None = None) -> T:
+    """Run store work on a thread (of `executor`, else the loop's default); if cancelled meanwhile,
+    let it finish first (it holds a lock)."""
+    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    if await wait_through_cancel(future):
+        raise asyncio.CancelledError
+    return future.result()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from upload_service.appending import run_blocking
+from upload_service.threads import run_blocking
 from upload_service.asgi import Receive
 from upload_service.body import BodyConsumer, BodyProgress, Interrupt, read_body
 from upload_service.errors import UploadLocked
