@@ -26,7 +26,7 @@ from upload_service.threads import WriterPool
 from upload_service.units import KiB
 
 # A file that ends before a block was handed off and is at most this big is hashed on
-# the event loop (16 KiB: ~10 µs, 64 KiB: ~30 µs) and held: if it is the last part, the store's commit
+# the event loop (tens of µs) and held: if it is the last part, the store's commit
 # writes it in its own thread job (one thread hand-off for a small upload instead of
 # two); when another part begins, it goes to the executor like any block.
 HELD_FILE_SIZE = 64 * KiB

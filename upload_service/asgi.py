@@ -15,8 +15,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = Iterable[tuple[bytes, bytes]]
 
-# Header fields in all, names and values: about hypercorn's own limit (h11's 64 KiB). uvicorn
-# passed 8 MB on, and each header the app parses cost CPU on the loop per byte (0.4-1.7 s).
+# Header fields in all, names and values: about hypercorn's own limit (h11's 64 KiB); other
+# servers pass megabytes on, and the headers the app parses cost CPU on the loop per byte.
 MAX_HEADER_BYTES = 64 * 1024
 
 

@@ -25,7 +25,7 @@ BLOCK_SIZE = 1 * MiB
 # writer goes on to it without waiting for the event loop (threads.InOrder).
 BLOCKS_IN_FLIGHT = 2
 # Chunks smaller than this are copied together as they come: kept one object each, a
-# block of 1-byte chunks (chunked coding, HTTP/2 DATA frames) held ~57 bytes a byte.
+# block of 1-byte chunks (chunked coding, HTTP/2 DATA frames) held dozens of bytes a byte.
 SMALL_CHUNK = 4096
 
 

@@ -96,26 +96,20 @@ async def answer_before_body_end(
     """Answer `error` to a request whose body was not read to its end, and drain the rest;
     on HTTP/1.1, holding the answer's last byte meanwhile unless told not to (a proxy's request)."""
     if http_version == "2":
-        # Hypercorn 0.18 forgets an HTTP/2 stream as soon as its response ends, and a DATA
-        # frame the client still sends then raises KeyError in its h2 protocol: the
-        # connection is dropped, or with another stream's app running, wedged for good (that
-        # app's answer never goes out, the worker no longer stops on SIGTERM). No byte or
-        # time bound is safe, and an app cannot reset a stream; so the answer stays open
-        # while we read and drop the rest of the body for as long as it keeps coming at the
-        # rate a stored body must keep (a declared Content-Length bounds it: h2 refuses more).
-        # A client that stopped when it saw the answer gets the end of it after
-        # DRAIN_LIMIT_SECONDS of silence.
+        # Hypercorn 0.18 forgets an HTTP/2 stream when its response ends, and a DATA frame the
+        # client still sends then drops or wedges the whole connection (README, "Running in
+        # production"). An app cannot reset a stream: the answer stays open while we drop the
+        # rest of the body, for as long as it keeps coming at a stored body's rate; a client
+        # that stopped gets the answer's end after DRAIN_LIMIT_SECONDS of silence.
         await send_error(send, error, headers=headers, more_body=True)
         floor = RateFloor(min_rate, grace=idle_timeout, started=asyncio.get_running_loop().time())
         await drain_while_coming(receive, DRAIN_LIMIT_SECONDS, floor)
         await send({"type": "http.response.body", "body": b""})
         return
-    # HTTP/1.1: the answer goes out now but for its last byte, which waits while we read and
-    # drop a bounded rest of the body. A server closes a `Connection: close` connection as soon
-    # as the answer's Content-Length is sent (all three servers), and a client still sending
-    # (one that reads only once its body is sent, as `requests` does) got a reset, not the answer.
-    # A reverse proxy reads while it sends but passes on no answer it has not got whole: nginx
-    # and HAProxy dropped a held one (or made it a 502) when the close came. It gets it whole.
+    # HTTP/1.1: the answer goes out now but for its last byte, which waits while we drop a
+    # bounded rest of the body: the servers close a `Connection: close` connection once the
+    # answer is whole, and a client still sending (as `requests` does) got a reset instead.
+    # A reverse proxy passes on no answer it has not got whole: it gets it whole at once.
     held = HeldLastByte(send, holding=hold_last_byte)
     answer = send_error(held.send, error, headers=((b"connection", b"close"), *headers), more_body=True)
     if not await send_while_reading(receive, answer):

@@ -1,7 +1,7 @@
 """Multipart framing, sans-IO: bytes in, each part's headers and body bytes out.
 
-A `Framer` is the one scan of a form's body: `bytes.find` for each delimiter (~8 GB/s
-here, against ~2 GB/s for SHA-256), with every part's headers read here, strictly:
+A `Framer` is the one scan of a form's body: `bytes.find` for each delimiter (several
+times SHA-256's speed), with every part's headers read here, strictly:
 
 - a preamble before the first boundary is skipped (bounded), the epilogue ignored;
 - a part header line must be `name: value`, a header block is bounded, and a body of
@@ -71,8 +71,8 @@ FIELD_CHARSETS.update(dict.fromkeys(["iso-8859-8-i", "csiso88598i", "logical"], 
 
 CRLF = b"\r\n"
 # A real Content-Type or Content-Disposition has a handful of parameters. Values with
-# thousands of separators, quotes, comments or RFC 2047 words are refused: they once
-# cost the email package seconds a part, and nothing real sends them. A quoted value
+# thousands of separators, quotes, comments or RFC 2047 words are refused: reading them
+# costs CPU on the loop, and nothing real sends them. A quoted value
 # may hold more runs of white space than a 255-byte name can.
 MAX_HEADER_SPECIALS = 64
 MAX_HEADER_SPACE_RUNS = 2 * MAX_FILENAME_BYTES

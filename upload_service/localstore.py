@@ -36,8 +36,7 @@ RESUMABLE_DIR_NAME = ".resumable"  # localresumable's: an upload being finished 
 READ_CHUNK_SIZE = 1 * MiB  # a download's reads: one thread hop per MiB
 # Without fsync, a commit of this many files and bytes (at most one small file's bytes
 # still to write: targets.HELD_FILE_SIZE) is a few metadata syscalls, and runs on the
-# event loop: with uploads at once, handing it to a thread cost 3-10x more CPU than the
-# work (GIL and directory-lock contention between the threads; bench/README). The bytes
+# event loop: a hand-off to a thread costs more than the work (bench/README). The bytes
 # bound: on NFS a close flushes what the file still has in the page cache.
 INLINE_COMMIT_FILES = 4
 INLINE_COMMIT_BYTES = 1 * MiB
@@ -247,7 +246,7 @@ class LocalStore(Store):
     async def list(self, limit: int, cursor: str | None = None) -> Page:
         # One scan at a time, on a thread of its own: with many files, listings in the default
         # pool took all its threads, and downloads, deletes, /health and resumable uploads
-        # waited behind them (a 20 MiB download 150 s with 30 clients paging through 30,000).
+        # waited behind them.
         if self._scanner is None:
             self._scanner = ThreadPoolExecutor(1, thread_name_prefix="upload-asgi-list")
         return await asyncio.get_running_loop().run_in_executor(self._scanner, self._list, limit, cursor)

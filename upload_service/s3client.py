@@ -61,8 +61,8 @@ async def open_client(endpoint_url: str | None, max_connections: int) -> Any:
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     session = get_session()
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
-    # Parsing S3's model files takes ~0.1 s: on a thread, the loop goes on serving (a file's
-    # parse still holds the GIL up to ~20 ms); making the client then finds them parsed.
+    # Parsing S3's model files takes a while: on a thread, the loop goes on serving; making the
+    # client then finds them parsed.
     await asyncio.to_thread(load_s3_model, session)
     context = session.create_client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
     return await context.__aenter__()
@@ -70,8 +70,8 @@ async def open_client(endpoint_url: str | None, max_connections: int) -> Any:
 
 def parse_timestamp(value: Any) -> Any:
     """S3's own form (`2026-12-01T19:45:22.000Z`, each key's LastModified in a listing) by
-    `fromisoformat`, anything else as botocore parses it: botocore's dateutil took three quarters
-    of the ~130 ms a 1000-key listing page held the event loop (then ~30 ms)."""
+    `fromisoformat`, anything else as botocore parses it: botocore's dateutil was most of the
+    time a listing page held the event loop."""
     if isinstance(value, str) and len(value) == 24 and value[10] == "T" and value[-1] == "Z":
         return datetime.fromisoformat(value)
     return DEFAULT_TIMESTAMP_PARSER(value)

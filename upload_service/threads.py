@@ -15,8 +15,8 @@ from typing import Any, Callable, TypeVar
 T = TypeVar("T")
 
 # Threads that hash and write files (blocks.BLOCK_SIZE blocks), per app: the
-# event loop parses while they work, mostly without the GIL. No more than the cores:
-# on 2 cores, 32 uploads at once went 744 MB/s with 2 threads, 628 with 4 (bench/).
+# event loop parses while they work, mostly without the GIL. No more than the cores
+# (more were slower with many uploads at once: bench/README).
 WRITE_THREADS = min(4, os.cpu_count() or 1)
 
 
@@ -29,8 +29,7 @@ class WriterPool:
     side by side (in process, CPU time = wall time). So when a thread is free,
     `submit` waits, off the GIL and for at most HANDSHAKE_SECONDS, until the job says
     it is about to hash. With every thread busy it does not wait: the loop must never
-    stall behind other uploads' blocks. Measured in process: 850 -> 1200 MB/s, CPU
-    1.45x wall; through hypercorn no change (its loop blocks on every read anyway).
+    stall behind other uploads' blocks.
     """
 
     HANDSHAKE_SECONDS = 0.002
@@ -78,9 +77,8 @@ class InOrder:
     """One file's write jobs, run on the pool in the order given, one at a time.
 
     A job handed in while the last one runs is taken by the same thread as soon as
-    that one ends, without a trip back to the event loop (its wake-up and the next
-    hand-off cost ~0.1 ms a block in process, a seventh of the block's hash and
-    write). When other jobs wait for a thread, the rest goes to the back of the
+    that one ends, without a trip back to the event loop (a wake-up and a hand-off
+    per block). When other jobs wait for a thread, the rest goes to the back of the
     pool's queue instead, so that a long upload never keeps a thread from the others.
     Once a job fails or is cancelled, every later job fails or is cancelled unrun: no
     block is written after a missing one.
