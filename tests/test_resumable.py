@@ -792,9 +792,9 @@ async def test_a_patch_takes_over_from_a_writer_gone_silent(
     request still holding the upload to stop, which keeps what it got (as tusd does), instead of a
     423 until the idle timeout. Another app on the same upload dir is another worker (a stop file);
     on S3 another worker or server (a stop object naming the holder's lease)."""
-    from upload_service import writers
+    from upload_service import takeover
 
-    monkeypatch.setattr(writers, "TAKEOVER_WAIT_SECONDS", 2.0)
+    monkeypatch.setattr(takeover, "TAKEOVER_WAIT_SECONDS", 2.0)
     data = payload(3 * MiB, seed=21)
     sent = MiB + 5
     other = app if through == "same app" else upload_asgi.create_app(config)

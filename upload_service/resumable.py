@@ -72,8 +72,8 @@ from upload_service.forms import utc_now
 from upload_service.framing import clean_content_type, clean_filename
 from upload_service.metrics import is_server_fault
 from upload_service.storage import Record, ResumableStore, ResumableUpload, UploadBusy, UploadInfo
+from upload_service.takeover import Holders
 from upload_service.threads import run_blocking
-from upload_service.writers import Writers
 
 if TYPE_CHECKING:
     from upload_asgi import UploadApp
@@ -119,7 +119,7 @@ class ResumableHandlers:
         self.store = store
         self.files = files  # a stored file (a finished upload) is served and deleted by it
         self._last_sweep = float("-inf")
-        self.writers = Writers(store)  # one writer per upload, and taking an upload over
+        self.holders = Holders(store)  # one writer per upload, and taking an upload over
         self._rehasher: ThreadPoolExecutor | None = None
 
     @property
@@ -530,7 +530,7 @@ class ResumableHandlers:
 
     async def acquire(self, file_id: str, dialect: Dialect, offset: int, progress: BodyProgress) -> ResumableUpload:
         """Hold the upload for this request, or say why not (busy, complete, unknown)."""
-        upload = await self.writers.take_over(file_id)
+        upload = await self.holders.take_over(file_id)
         if upload is not None:
             return upload
         try:
@@ -593,7 +593,7 @@ class ResumableHandlers:
         self.app.metrics.in_flight += 1
         try:
             try:
-                await self.writers.read_body(receive, upload, consumer, progress, min(limit, config.max_request_size),
+                await self.holders.read_body(receive, upload, consumer, progress, min(limit, config.max_request_size),
                                              config.idle_timeout, config.min_rate, promised_length(scope))
                 await consumer.flush()
             except (ClientGone, IncompleteBody, RequestTimeout, UploadInterrupted, asyncio.CancelledError) as exc:
@@ -690,7 +690,7 @@ class ResumableHandlers:
         self.check_writer(scope, dialect)
         if has_preconditions(scope):  # as for a stored file; an upload under way has no entity tag yet
             check_preconditions(scope, None, None)
-        upload = await self.writers.take_over(file_id)
+        upload = await self.holders.take_over(file_id)
         if upload is None:  # finished or terminated meanwhile
             await self.files.handle_delete(scope, receive, send, file_id=file_id, headers=protocol_headers(scope))
             return

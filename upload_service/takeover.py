@@ -1,4 +1,4 @@
-"""One writer per resumable upload, and taking an upload over from a writer gone silent.
+"""One writer per resumable upload, and taking an upload over from a holder gone silent.
 
 A request writes an upload only while it holds it (the store's lock, or on S3 its lease). A
 connection that dropped unseen (a phone changing networks, a NAT forgetting it) leaves its
@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from upload_service.threads import run_blocking
 from upload_service.asgi import Receive
 from upload_service.body import BodyConsumer, BodyProgress, Interrupt, read_body
 from upload_service.errors import UploadLocked
 from upload_service.storage import ResumableStore, ResumableUpload, UploadBusy
+from upload_service.threads import run_blocking
 
 # How long a request waits for the holder to let go (polling), and how often a holder checks
 # for a request from another worker.
@@ -27,12 +27,12 @@ TAKEOVER_POLL_SECONDS = 0.2
 STOP_CHECK_SECONDS = 1.0
 
 
-class Writers:
+class Holders:
     """The body reads of the uploads this process writes, each ready to be asked to stop."""
 
     def __init__(self, store: ResumableStore) -> None:
         self.store = store
-        self._reading: dict[str, Interrupt] = {}  # upload id -> its writer's body read
+        self._reading: dict[str, Interrupt] = {}  # upload id -> its holder's body read
 
     async def take_over(self, file_id: str) -> ResumableUpload | None:
         """Hold the upload (None if there is none), asking a request that holds it to stop. 423 if
