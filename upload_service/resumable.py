@@ -575,15 +575,7 @@ class ResumableHandlers:
     ) -> None:
         """Read this request's body onto the end of the upload; take all of it back if it is wrong."""
         info, config = upload.info, self.config
-        self.check_still_storable(info)
-        limit = (info.length if info.length is not None else config.max_file_size) - info.offset
-        body_length = declared_length(scope)
-        if body_length is not None and body_length > limit:
-            raise tus.past_length(dialect.draft is not None, info.length, limit, config.max_file_size)
-        if will_complete and info.length is not None and body_length is not None \
-                and info.offset + body_length != info.length:
-            raise tus.inconsistent_length(
-                f"said complete with {body_length} bytes at offset {info.offset} of {info.length}")
+        limit, body_length = self.check_append(info, scope, dialect, will_complete)
         checksum = tus.parse_checksum(list_header(scope, b"upload-checksum")) if dialect.draft is None else None
         # A body that may yet be refused whole (a checksum; no length, so it may pass the
         # limit) is marked durably: meanwhile a HEAD says the offset before it, so the offset
@@ -597,18 +589,7 @@ class ResumableHandlers:
                                              config.idle_timeout, config.min_rate, promised_length(scope))
                 await consumer.flush()
             except (ClientGone, IncompleteBody, RequestTimeout, UploadInterrupted, asyncio.CancelledError) as exc:
-                # What arrived before the client left (granian ends an HTTP/2 body the client reset:
-                # short of its length), or another request took over, or the server stopped (cancelled
-                # at its graceful timeout), stays: the upload resumes from there.
-                # Not a body HEAD has not counted (no length) that another request took over from:
-                # the newcomer resumes at the offset HEAD gave, which the draft says MUST be accepted.
-                taken_over_uncounted = isinstance(exc, UploadInterrupted) and body_length is None
-                if checksum is None and not taken_over_uncounted:
-                    await consumer.flush()
-                    await self.keep(upload, outcome)
-                elif isinstance(exc, UploadInterrupted):
-                    raise UploadInterrupted("another request for this upload took it over; this one's chunk (with an"
-                                            " Upload-Checksum, or without a length) is dropped") from None
+                await self.keep_what_arrived(exc, upload, consumer, outcome, checksum is not None, body_length is not None)
                 raise
             except PayloadTooLarge:
                 if progress.received > limit:
@@ -628,6 +609,39 @@ class ResumableHandlers:
         finally:
             self.app.metrics.in_flight -= 1
             self.count_rehash(upload)
+
+    def check_append(
+        self, info: UploadInfo, scope: Scope, dialect: Dialect, will_complete: bool | None
+    ) -> tuple[int, int | None]:
+        """Refuse on its headers a body that cannot fit; return the room left and the body's length."""
+        config = self.config
+        self.check_still_storable(info)
+        limit = (info.length if info.length is not None else config.max_file_size) - info.offset
+        body_length = declared_length(scope)
+        if body_length is not None and body_length > limit:
+            raise tus.past_length(dialect.draft is not None, info.length, limit, config.max_file_size)
+        if will_complete and info.length is not None and body_length is not None \
+                and info.offset + body_length != info.length:
+            raise tus.inconsistent_length(
+                f"said complete with {body_length} bytes at offset {info.offset} of {info.length}")
+        return limit, body_length
+
+    async def keep_what_arrived(
+        self, exc: BaseException, upload: ResumableUpload, consumer: AppendBody, outcome: Outcome,
+        checksummed: bool, counted: bool,
+    ) -> None:
+        """A body cut short: the client left (granian ends an HTTP/2 body the client reset short of
+        its length), another request took over, or the server stopped (cancelled at its graceful
+        timeout). What arrived stays, and the upload resumes from there; but not a chunk with a
+        checksum, nor a body HEAD has not counted (no length) that another request took over from:
+        the newcomer resumes at the offset HEAD gave, which the draft says MUST be accepted."""
+        taken_over = isinstance(exc, UploadInterrupted)
+        if not checksummed and not (taken_over and not counted):
+            await consumer.flush()
+            await self.keep(upload, outcome)
+        elif taken_over:
+            raise UploadInterrupted("another request for this upload took it over; this one's chunk (with an"
+                                    " Upload-Checksum, or without a length) is dropped") from None
 
     async def keep(self, upload: ResumableUpload, outcome: Outcome) -> None:
         """Keep this request's bytes, however it ended; the upload expires UPLOAD_RESUMABLE_EXPIRY from now."""
