@@ -83,6 +83,25 @@ def check_interrupt(interrupt: Interrupt | None) -> None:
         raise UploadInterrupted("another request for this upload took it over; what this one sent is kept")
 
 
+async def wait_for_the_disk(consumer: BodyConsumer, job: Future[None] | None, floor: RateFloor) -> None:
+    """Backpressure: the writers are behind. The time waited does not count against the client's rate."""
+    loop = asyncio.get_running_loop()
+    waiting_since = loop.time()
+    while job is not None:
+        await asyncio.wrap_future(job)
+        job = consumer.write_backlog()
+    floor.paused += loop.time() - waiting_since
+
+
+def check_promised(progress: BodyProgress, promised: int | None) -> None:
+    if promised is not None and progress.received < promised:
+        raise IncompleteBody(
+            f"the request body ended after {progress.received} bytes, short of the {promised} its"
+            " headers promise (Content-Length; a chunked body asking to switch protocols, at"
+            " least 1): the server passed on no more"
+        )
+
+
 async def read_body(
     receive: Receive, consumer: BodyConsumer, progress: BodyProgress, limit: int, idle: float, min_rate: int,
     interrupt: Interrupt | None = None, promised: int | None = None,
@@ -118,20 +137,11 @@ async def read_body(
                     if (job := consumer.write_backlog()) is not None:
                         deadline.reschedule(None)  # a slow disk is not an idle client
                         moved = -math.inf
-                        waiting_since = loop.time()
-                        while job is not None:  # backpressure: the disk is behind
-                            await asyncio.wrap_future(job)
-                            job = consumer.write_backlog()
-                        floor.paused += loop.time() - waiting_since  # nor a slow one
+                        await wait_for_the_disk(consumer, job, floor)
                 # www.rst: more_body defaults to False.
                 if not message.get("more_body", False):
                     progress.complete = True
-                    if promised is not None and progress.received < promised:
-                        raise IncompleteBody(
-                            f"the request body ended after {progress.received} bytes, short of the {promised} its"
-                            " headers promise (Content-Length; a chunked body asking to switch protocols, at"
-                            " least 1): the server passed on no more"
-                        )
+                    check_promised(progress, promised)
                     return
                 now = loop.time()
                 floor.check(progress.received, now)
