@@ -25,7 +25,9 @@ from support import Reply, http_scope
 from upload_service.storage import is_file_id
 
 TUS = [("Tus-Resumable", "1.0.0")]
-DRAFT = [("Upload-Draft-Interop-Version", "8")]
+# The draft's interop versions: 6 (drafts -03 to -05, tus-js-client's) also completes an upload
+# whose offset reaches its known length; from 7 on only the client's `Upload-Complete: ?1` does.
+DRAFT_VERSIONS = ("6", "8", "9")
 MAX_LENGTH = 2_300_000  # past two of the writers' 1 MiB blocks
 STREAM = hashlib.shake_256(b"model").digest(MAX_LENGTH + 1000)
 
@@ -68,7 +70,7 @@ async def exchange(app: Any, scope: dict[str, Any], chunks: list[bytes], cut: bo
 @dataclass
 class Upload:
     path: str
-    protocol: str  # "tus" or "draft"
+    protocol: str  # "tus" or the draft's interop version
     seed: int
     length: int | None
     offset: int
@@ -76,7 +78,15 @@ class Upload:
 
     @property
     def headers(self) -> list[tuple[str, str]]:
-        return TUS if self.protocol == "tus" else DRAFT
+        return TUS if self.protocol == "tus" else [("Upload-Draft-Interop-Version", self.protocol)]
+
+    @property
+    def is_draft(self) -> bool:
+        return self.protocol != "tus"
+
+    def completes_at(self, offset: int) -> bool:
+        """Whether reaching `offset` stores the file without the client saying so."""
+        return offset == self.length and self.protocol in ("tus", "6")
 
 
 class ResumableModel(RuleBasedStateMachine):
@@ -139,12 +149,12 @@ class ResumableModel(RuleBasedStateMachine):
             self.stored(upload, reply)
         return upload
 
-    @rule(target=uploads, length=st.one_of(st.none(), lengths), first=lengths, complete=st.booleans(),
-          piece=chunk_sizes)
-    def create_draft(self, length: int | None, first: int, complete: bool, piece: int) -> Upload:
-        upload = self.new_upload("draft", length)
+    @rule(target=uploads, version=st.sampled_from(DRAFT_VERSIONS), length=st.one_of(st.none(), lengths),
+          first=lengths, complete=st.booleans(), piece=chunk_sizes)
+    def create_draft(self, version: str, length: int | None, first: int, complete: bool, piece: int) -> Upload:
+        upload = self.new_upload(version, length)
         first = length if complete and length is not None else min(first, MAX_LENGTH if length is None else length)
-        headers = [*DRAFT, ("Upload-Complete", "?1" if complete else "?0")]
+        headers = [*upload.headers, ("Upload-Complete", "?1" if complete else "?0")]
         if length is not None:
             headers.append(("Upload-Length", str(length)))
         reply = self.call("/files", "POST", headers, content(upload, 0, first), piece)
@@ -152,7 +162,7 @@ class ResumableModel(RuleBasedStateMachine):
         assert int(reply.headers["upload-offset"]) == first
         upload.path, upload.offset = reply.headers["location"], first
         self.live[upload.path] = upload
-        if complete:
+        if complete or upload.completes_at(first):
             upload.length = first
             self.stored(upload, reply)
         return upload
@@ -160,7 +170,7 @@ class ResumableModel(RuleBasedStateMachine):
     # -- appends -------------------------------------------------------------------
 
     def patch_headers(self, upload: Upload, offset: int) -> list[tuple[str, str]]:
-        kind = "application/offset+octet-stream" if upload.protocol == "tus" else "application/partial-upload"
+        kind = "application/offset+octet-stream" if not upload.is_draft else "application/partial-upload"
         return [*upload.headers, ("Upload-Offset", str(offset)), ("Content-Type", kind)]
 
     def room(self, upload: Upload) -> int:
@@ -174,7 +184,7 @@ class ResumableModel(RuleBasedStateMachine):
         size = min(size, self.room(upload))
         headers = self.patch_headers(upload, upload.offset)
         end = upload.offset + size
-        if upload.protocol == "draft":
+        if upload.is_draft:
             finish = finish or (upload.length is not None and end == upload.length and data.draw(st.booleans()))
             headers.append(("Upload-Complete", "?1" if finish and (upload.length in (None, end)) else "?0"))
         elif upload.length is None and finish:
@@ -182,14 +192,14 @@ class ResumableModel(RuleBasedStateMachine):
             upload.length = end
         reply = self.call(upload.path, "PATCH", headers, content(upload, upload.offset, end), piece)
         upload.offset = end
-        if upload.protocol == "draft" and ("Upload-Complete", "?1") in headers:
+        if upload.is_draft and (("Upload-Complete", "?1") in headers or upload.completes_at(end)):
             assert reply.status == 200, (reply.status, reply.body)
             upload.length = end
             self.stored(upload, reply)
             return
         assert reply.status == 204, (reply.status, reply.body)
         assert int(reply.headers["upload-offset"]) == end
-        if upload.protocol == "tus" and end == upload.length:
+        if upload.completes_at(end):
             self.stored(upload, reply)
 
     @precondition(lambda self: any(u.record is None for u in self.live.values()))
@@ -202,7 +212,7 @@ class ResumableModel(RuleBasedStateMachine):
             return
         cut_at = min(size - 1, int(size * cut))
         headers = self.patch_headers(upload, upload.offset)
-        if upload.protocol == "draft":
+        if upload.is_draft:
             headers.append(("Upload-Complete", "?0"))
         end = upload.offset + size
         reply = self.call(upload.path, "PATCH", headers, content(upload, upload.offset, end), piece, cut_at)
@@ -236,7 +246,7 @@ class ResumableModel(RuleBasedStateMachine):
         if offset == upload.offset:
             return
         headers = self.patch_headers(upload, offset)
-        if upload.protocol == "draft":
+        if upload.is_draft:
             headers.append(("Upload-Complete", "?0"))
         reply = self.call(upload.path, "PATCH", headers, bytes(size))
         assert reply.status == 409, (reply.status, reply.body)
@@ -247,20 +257,20 @@ class ResumableModel(RuleBasedStateMachine):
     def patch_past_the_length(self, data: Any, over: int) -> None:
         upload = data.draw(st.sampled_from([u for u in self.live.values() if u.record is None and u.length is not None]))
         headers = self.patch_headers(upload, upload.offset)
-        if upload.protocol == "draft":
+        if upload.is_draft:
             headers.append(("Upload-Complete", "?0"))
         reply = self.call(upload.path, "PATCH", headers, bytes(upload.length - upload.offset + over))
-        assert reply.status == (413 if upload.protocol == "tus" else 400), (reply.status, reply.body)
+        assert reply.status == (400 if upload.is_draft else 413), (reply.status, reply.body)
 
     @precondition(lambda self: any(u.record is not None for u in self.live.values()))
     @rule(data=st.data(), size=st.integers(1, 100))
     def patch_a_stored_file(self, data: Any, size: int) -> None:
         upload = data.draw(st.sampled_from([u for u in self.live.values() if u.record is not None]))
         headers = self.patch_headers(upload, upload.offset)
-        if upload.protocol == "draft":
+        if upload.is_draft:
             headers.append(("Upload-Complete", "?0"))
         reply = self.call(upload.path, "PATCH", headers, bytes(size))
-        assert reply.status == (409 if upload.protocol == "tus" else 400), (reply.status, reply.body)
+        assert reply.status == (400 if upload.is_draft else 409), (reply.status, reply.body)
 
     # -- reads and deletes ---------------------------------------------------------
 
@@ -270,10 +280,10 @@ class ResumableModel(RuleBasedStateMachine):
         if upload.path not in self.live:
             assert reply.status == 404, reply.status
             return
-        expected = 200 if upload.protocol == "tus" or upload.record is not None else 204
+        expected = 200 if not upload.is_draft or upload.record is not None else 204
         assert reply.status == expected, (reply.status, reply.headers)
         assert int(reply.headers["upload-offset"]) == upload.offset
-        if upload.protocol == "draft":
+        if upload.is_draft:
             assert reply.headers["upload-complete"] == ("?1" if upload.record is not None else "?0")
 
     @rule(upload=uploads, start=st.integers(0, MAX_LENGTH))
