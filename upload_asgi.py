@@ -287,9 +287,9 @@ class UploadApp:
 
         The upload and resumable handlers answer their own errors (they drain a body
         first, and add the protocol's headers), but for a GET of /files/<id>, which
-        raises as the files resource's handlers do. An error
-        after the answer began goes up: the server then cuts the connection, so a
-        client never takes a short body for a whole one.
+        raises as the files resource's handlers do. An error after the answer began
+        goes up: the server then cuts the connection, so a client never takes a short
+        body for a whole one.
         """
         started = False
 

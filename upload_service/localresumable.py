@@ -3,10 +3,10 @@
 An upload is two files: `<id>` (the bytes so far: its size is the offset) and
 `<id>.info` (JSON: length, metadata, expiry, declared digest, and where unverified
 bytes begin while a body that may be refused whole is written: one with a checksum, or
-of no declared length). A request writes an
-upload only while it holds an exclusive flock on `<id>`, taken without waiting: a
-second writer, in this worker or another, is refused (`UploadBusy`), and the lock
-goes when its process dies, so a crash never leaves an upload locked. A request in
+of no declared length). A request writes an upload only while it holds an exclusive
+flock on `<id>`, taken without waiting: a second writer, in this worker or another, is
+refused (`UploadBusy`), and the lock goes when its process dies, so a crash never leaves
+an upload locked. A request in
 another worker asks the holder to let go by creating `<id>.stop`. Nothing here
 lives in memory but the SHA-256 state of uploads this process wrote last, so an
 upload survives a restart and a switch of worker. `finish` moves the bytes into
