@@ -1,6 +1,7 @@
 """Resumable uploads against a model (hypothesis stateful): random sequences of tus and draft
 creations, PATCHes (right, at a wrong offset, past the length, cut off mid-body, with a good or a
-bad checksum), HEADs, GETs, DELETEs and restarts, in process on each backend.
+bad checksum), form uploads, HEADs, GETs, DELETEs, whole listings and restarts, in process on
+each backend.
 
 After every step the store holds exactly the files the model says were completed, each with the
 bytes sent; locally, `.resumable/` holds exactly the uploads under way and `.partial/` nothing.
@@ -17,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, precondition, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule
 
 import upload_asgi
 from backends import close_app
-from support import Reply, http_scope
+from support import Reply, file_part, form_body, form_content_type, http_scope
 from upload_service.storage import is_file_id
 
 TUS = [("Tus-Resumable", "1.0.0")]
@@ -70,7 +71,7 @@ async def exchange(app: Any, scope: dict[str, Any], chunks: list[bytes], cut: bo
 @dataclass
 class Upload:
     path: str
-    protocol: str  # "tus" or the draft's interop version
+    protocol: str  # "tus", the draft's interop version, or "form"
     seed: int
     length: int | None
     offset: int
@@ -78,11 +79,13 @@ class Upload:
 
     @property
     def headers(self) -> list[tuple[str, str]]:
+        if self.protocol == "form":
+            return []
         return TUS if self.protocol == "tus" else [("Upload-Draft-Interop-Version", self.protocol)]
 
     @property
     def is_draft(self) -> bool:
-        return self.protocol != "tus"
+        return self.protocol not in ("tus", "form")
 
     def completes_at(self, offset: int) -> bool:
         """Whether reaching `offset` stores the file without the client saying so."""
@@ -105,12 +108,13 @@ class ResumableModel(RuleBasedStateMachine):
         return upload_asgi.create_app(self.backend.config(fsync=False, max_file_size=MAX_LENGTH))
 
     def call(self, path: str, method: str, headers: list[tuple[str, str]], body: bytes = b"",
-             piece: int = 65536, cut_at: int | None = None) -> Reply:
+             piece: int = 65536, cut_at: int | None = None, query: str = "") -> Reply:
         """One request; with `cut_at`, the client goes away after that many bytes of the body."""
         sent = body if cut_at is None else body[:cut_at]
         if body or method in ("POST", "PATCH"):
             headers = [*headers, ("Content-Length", str(len(body)))]
         scope = http_scope(path, method, headers)
+        scope["query_string"] = query.lstrip("?").encode()
         piece = max(piece, len(body) // 64)  # a bounded number of events
         reply = self.loop.run_until_complete(exchange(self.app, scope, pieces(sent, piece), cut_at is not None))
         assert reply.status is None or reply.status < 500, (reply.status, reply.body)
@@ -120,8 +124,9 @@ class ResumableModel(RuleBasedStateMachine):
         self.seeds += 1
         return Upload("", protocol, self.seeds * 7919 % 1000, length, 0)
 
-    def stored(self, upload: Upload, reply: Reply) -> None:
-        record = json.loads(reply.body) if reply.body else self.record_of(upload)
+    def stored(self, upload: Upload, reply: Reply | None, record: dict[str, Any] | None = None) -> None:
+        if record is None:
+            record = json.loads(reply.body) if reply.body else self.record_of(upload)
         data = content(upload, 0, upload.offset)
         assert record["size"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
         upload.record = record
@@ -166,6 +171,18 @@ class ResumableModel(RuleBasedStateMachine):
             upload.length = first
             self.stored(upload, reply)
         return upload
+
+    @rule(target=uploads, sizes=st.lists(st.integers(0, 70_000), min_size=1, max_size=3), piece=chunk_sizes)
+    def upload_a_form(self, sizes: list[int], piece: int) -> Any:
+        files = [self.new_upload("form", size) for size in sizes]
+        body = form_body(file_part(content(f, 0, f.length), f"f{i}.bin", "files") for i, f in enumerate(files))
+        reply = self.call("/upload-multiple", "POST", [("Content-Type", form_content_type())], body, piece)
+        assert reply.status == 201, (reply.status, reply.body)
+        for upload, record in zip(files, json.loads(reply.body)["files"]):
+            upload.path, upload.offset = f"/files/{record['id']}", upload.length
+            self.live[upload.path] = upload
+            self.stored(upload, reply=None, record=record)
+        return multiple(*files)
 
     # -- appends -------------------------------------------------------------------
 
@@ -262,10 +279,10 @@ class ResumableModel(RuleBasedStateMachine):
         reply = self.call(upload.path, "PATCH", headers, bytes(upload.length - upload.offset + over))
         assert reply.status == (400 if upload.is_draft else 413), (reply.status, reply.body)
 
-    @precondition(lambda self: any(u.record is not None for u in self.live.values()))
+    @precondition(lambda self: any(u.record is not None and u.protocol != "form" for u in self.live.values()))
     @rule(data=st.data(), size=st.integers(1, 100))
     def patch_a_stored_file(self, data: Any, size: int) -> None:
-        upload = data.draw(st.sampled_from([u for u in self.live.values() if u.record is not None]))
+        upload = data.draw(st.sampled_from([u for u in self.live.values() if u.record is not None and u.protocol != "form"]))
         headers = self.patch_headers(upload, upload.offset)
         if upload.is_draft:
             headers.append(("Upload-Complete", "?0"))
@@ -282,6 +299,9 @@ class ResumableModel(RuleBasedStateMachine):
             return
         expected = 200 if not upload.is_draft or upload.record is not None else 204
         assert reply.status == expected, (reply.status, reply.headers)
+        if upload.protocol == "form":  # no protocol spoken: the file's headers
+            assert int(reply.headers["content-length"]) == upload.offset
+            return
         assert int(reply.headers["upload-offset"]) == upload.offset
         if upload.is_draft:
             assert reply.headers["upload-complete"] == ("?1" if upload.record is not None else "?0")
@@ -304,6 +324,22 @@ class ResumableModel(RuleBasedStateMachine):
         reply = self.call(upload.path, "DELETE", upload.headers)
         assert reply.status == (204 if upload.path in self.live else 404), (reply.status, reply.body)
         self.live.pop(upload.path, None)
+
+    @rule(limit=st.integers(1, 7))
+    def list_everything(self, limit: int) -> None:
+        """Paging through the listing gives every stored file once, with its record."""
+        listed, cursor = [], None
+        while True:
+            query = f"?limit={limit}" + (f"&cursor={cursor}" if cursor else "")
+            reply = self.call("/files", "GET", [], query=query)
+            assert reply.status == 200, (reply.status, reply.body)
+            page = json.loads(reply.body)
+            listed += page["files"]
+            if (cursor := page.get("next_cursor")) is None:
+                break
+        stored = {u.record["id"]: u.record for u in self.live.values() if u.record is not None}
+        assert sorted(r["id"] for r in listed) == sorted(stored)
+        assert all(record == stored[record["id"]] for record in listed)
 
     @rule()
     def restart(self) -> None:
