@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 
 import upload_asgi
 from backends import S3Backend, close_app
@@ -644,7 +645,8 @@ async def test_clean_up_calls_the_store_does_not_answer_hold_the_answer_a_moment
     hung: list[str] = []
 
     async def hanging_once(operation: str, **params: Any) -> Any:
-        release = operation == "delete_object" and params["Key"].endswith(".lock") and "IfMatch" in params
+        release = operation == "delete_object" and params["Key"].endswith(".lock") \
+            and params.get("IfMatch", '"not-its-etag"') != '"not-its-etag"'  # (not the first lease's probe)
         if operation == "abort_multipart_upload" or release:
             if operation not in hung:
                 hung.append(operation)
@@ -678,10 +680,13 @@ async def test_a_store_that_ignores_conditional_writes_is_refused(
     s3 = first.resumable.store.s3
     real_call = s3.call
 
+    puts = []
+
     async def ignoring_conditions(operation: str, **params: Any) -> Any:
         if operation == "put_object":
             params.pop("IfMatch", None)
             params.pop("IfNoneMatch", None)
+            puts.append(params["Key"])
         return await real_call(operation, **params)
 
     monkeypatch.setattr(s3, "call", ignoring_conditions)
@@ -690,11 +695,113 @@ async def test_a_store_that_ignores_conditional_writes_is_refused(
             reply = await client.post("/files", headers={**TUS, "Upload-Length": "3"})
             assert (reply.status_code, reply.json()["error"]) == (502, "storage_refused"), reply.text
             assert "conditional writes" in reply.json()["detail"]
-        assert "ignores conditional writes" in caplog.text
+        assert caplog.text.count("ignores conditional writes: resumable uploads are refused") == 1  # checked once
+        assert len(puts) == 2  # the probe's first two, once
         bucket.assert_nothing_stored()
         reply = await client.post("/upload", files={"file": ("a.txt", b"abc")})  # forms need no conditions
         assert reply.status_code == 201, reply.text
     assert in_progress(bucket) == []
+
+
+def s3_error(s3: Any, code: str, operation: str) -> StorageUnavailable:
+    """What the S3 store raises when the store answers `code` (its cause, the ClientError, says it)."""
+    cause = ClientError({"Error": {"Code": code, "Message": code}}, operation)
+    error = s3.problem(cause, operation)
+    error.__cause__ = cause
+    return error
+
+
+async def upload_in_three_requests(client: httpx.AsyncClient, data: bytes) -> dict[str, Any]:
+    location = await create(client, len(data))
+    third = len(data) // 3
+    for start, stop in ((0, third), (third, 2 * third), (2 * third, len(data))):
+        reply = await patch(client, location, start, data[start:stop])
+        assert reply.status_code == 204, reply.text
+    assert await offset_of(client, location) == len(data)
+    return (await client.get(f"{location}/record")).json()
+
+
+async def test_a_conditional_put_whose_answer_was_lost_is_not_another_writer(
+    bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore sends a PUT again when its answer was lost: If-None-Match then finds our own lease
+    or info, If-Match our own new ETag. Every conditional PUT here lands twice; none is a 423 or 500."""
+    first, _ = two_apps
+    s3 = first.resumable.store.s3
+    real_call = s3.call
+    twice = []
+
+    async def answer_lost(operation: str, **params: Any) -> Any:
+        if operation == "put_object" and ("IfMatch" in params or "IfNoneMatch" in params):
+            twice.append(params["Key"].rsplit(".", 1)[-1])
+            await real_call(operation, **params)  # it landed; its answer did not
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(s3, "call", answer_lost)
+    data = payload(11 * MiB, seed=21)  # parts in each PATCH: the lease is renewed
+    async with client_of(first) as client:
+        record = await upload_in_three_requests(client, data)
+    assert {"lock", "info"} <= set(twice)
+    assert_only_stored(bucket, record, data)
+
+
+async def test_if_match_on_a_key_that_is_gone_is_a_lost_lease_not_a_refusal(
+    bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS answers a PUT with If-Match on a missing key 404 NoSuchKey (SeaweedFS: 412): a writer
+    whose lease another took over and let go meanwhile is told 423, not 502 storage_refused."""
+    first, _ = two_apps
+    store = first.resumable.store
+    real_call = store.s3.call
+
+    async def as_aws_answers(operation: str, **params: Any) -> Any:
+        if operation == "put_object" and "IfMatch" in params \
+                and await real_call("head_object", Key=params["Key"]) is None:
+            raise s3_error(store.s3, "NoSuchKey", operation)
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(store.s3, "call", as_aws_answers)
+    async with client_of(first) as client:
+        location = await create(client, 3)  # its lease let go at the end of the request
+    with pytest.raises(UploadLocked):
+        await asyncio.to_thread(store.run, store.leases.renew(location.rsplit("/", 1)[1], '"an-old-etag"'))
+
+
+@pytest.mark.parametrize("store_kind", ["refuses", "ignores"])
+async def test_a_store_without_conditional_deletes_keeps_uploads_moving(
+    bucket: S3Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    store_kind: str,
+) -> None:
+    """LocalStack answers a DELETE with If-Match 501; another store may delete whatever the ETag. The
+    lease, the stop and an expired info are then deleted after reading their ETag: no PATCH waits for
+    a lease its request let go (423 for minutes), nothing stays, and expired uploads are swept."""
+    app = app_on(bucket, tmp_path / "s", resumable_expiry=2)
+    store = app.resumable.store
+    real_call = store.s3.call
+
+    async def without_conditional_deletes(operation: str, **params: Any) -> Any:
+        if operation == "delete_object" and "IfMatch" in params:
+            if store_kind == "refuses":
+                raise s3_error(store.s3, "NotImplemented", operation)
+            del params["IfMatch"]
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(store.s3, "call", without_conditional_deletes)
+    data = payload(1000, seed=22)
+    try:
+        async with client_of(app) as client:
+            record = await upload_in_three_requests(client, data)
+            assert store.conditional_deletes is False
+            assert caplog.text.count("does not honour If-Match on DELETE") == 1
+            assert_only_stored(bucket, record, data)
+            expiring = await create(client, 10)
+            await asyncio.sleep(2.2)
+            assert await asyncio.to_thread(app.resumable.sweep) == 1
+            assert (await client.head(expiring, headers=TUS)).status_code == 404
+            assert (await client.delete(f"/files/{record['id']}")).status_code == 204
+    finally:
+        await close_app(app)
+    bucket.assert_nothing_stored()
 
 
 @pytest.mark.parametrize("problem, status, code", [("no_bucket", 502, "storage_refused"),

@@ -287,6 +287,24 @@ async def test_sweep_deletes_files_whose_record_never_came(store: S3Store, bucke
     assert (await store.open(kept)) is not None
 
 
+async def test_a_store_without_multipart_listings_still_gets_its_orphans_swept(
+    store: S3Store, bucket: S3Backend, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s3rver answers ListMultipartUploads with 501: the files without a record still go."""
+    real_call = store.call
+
+    async def without_multipart_listings(operation: str, **params: Any) -> Any:
+        if operation == "list_multipart_uploads":
+            missing = ClientError({"Error": {"Code": "NotImplemented", "Message": "no"}}, "ListMultipartUploads")
+            raise store.problem(missing, operation) from missing
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(store, "call", without_multipart_listings)
+    s3.put_object(Bucket=BUCKET, Key=store.key("0" * 32), Body=b"no record")
+    assert await store.sweep(now=time.time() + store.sweep_after + 60) == 1
+    assert bucket.objects() == []
+
+
 async def test_prepare_sweeps_at_startup(bucket: S3Backend, seaweedfs: SeaweedFS, s3: Any, prefix: str) -> None:
     s3.create_multipart_upload(Bucket=BUCKET, Key=f"{prefix}/{'c' * 32}")
     await asyncio.sleep(1.1)

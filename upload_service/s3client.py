@@ -27,12 +27,13 @@ except ImportError as exc:  # pragma: no cover - the extra not installed
     ) from None
 
 __all__ = [
-    "BotoCoreError", "CONFLICT_CODES", "ClientError", "Conflict", "MISSING_CODES", "PartBody", "aiohttp",
+    "BotoCoreError", "CONFLICT_CODES", "ClientError", "Conflict", "MISSING_CODES", "PartBody", "UNSUPPORTED_CODES", "aiohttp",
     "describe_failure", "error_code", "open_client",
 ]
 
 MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}  # a condition failed
+UNSUPPORTED_CODES = {"NotImplemented", "501"}  # a feature the store does not have
 REFUSED_CODES = {
     "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
     "AllAccessDisabled", "AccountProblem", "InvalidToken", "ExpiredToken",

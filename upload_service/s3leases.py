@@ -33,6 +33,13 @@ logger = logging.getLogger("upload_asgi")
 MAX_ASKED = 1000
 
 
+def refused_for_conditions() -> StorageRefused:
+    return StorageRefused(
+        "the object store ignores conditional writes (If-None-Match, If-Match), which resumable "
+        "uploads need to keep one writer at a time"
+    )
+
+
 class Leases:
     """The lease and stop objects of an `S3ResumableStore`'s uploads. Coroutines run on the
     store's loop; `let_go`, `ask_to_stop` and `forget_stop` block (the request's threads)."""
@@ -40,7 +47,7 @@ class Leases:
     def __init__(self, store: S3ResumableStore, seconds: float) -> None:
         self._store = store
         self.seconds = seconds
-        self._conditions_hold = False  # the store refuses a failed If-None-Match / If-Match (checked once)
+        self._conditions_hold: bool | None = None  # whether the store refuses a failed If-None-Match / If-Match
         self._asked: set[str] = set()  # uploads we put a stop for, until we hold them (or they are gone)
 
     def _new(self) -> dict[str, object]:
@@ -74,23 +81,25 @@ class Leases:
 
     async def check_conditional_writes(self) -> None:
         """Once: make sure the store refuses a PUT whose If-None-Match or If-Match fails. Some
-        S3-compatible stores ignore both, and then two writers could hold one lease (SPEC §10)."""
+        S3-compatible stores ignore both, and then two writers could hold one lease (SPEC §10).
+        Also find out whether it refuses such a DELETE (`S3ResumableStore.conditional_deletes`)."""
+        if self._conditions_hold is False:
+            raise refused_for_conditions()
         if self._conditions_hold:
             return
         store = self._store
         key = store.lock_key(new_file_id())  # a lease without an info: the sweep removes it if left
-        await store.put_json(key, {}, None)
+        await store.put_json(key, {"probe": 0}, None)
         try:
-            for if_match in (None, '"not-its-etag"'):
+            for step, if_match in enumerate((None, '"not-its-etag"'), 1):
                 try:
-                    await store.put_json(key, {}, if_match)
+                    await store.put_json(key, {"probe": step}, if_match)
                 except Conflict:
                     continue
                 logger.error("%s ignores conditional writes: resumable uploads are refused", store.s3.url)
-                raise StorageRefused(
-                    "the object store ignores conditional writes (If-None-Match, If-Match), which resumable "
-                    "uploads need to keep one writer at a time"
-                )
+                self._conditions_hold = False
+                raise refused_for_conditions()
+            await store.probe_conditional_delete(key)
         finally:
             await store.delete(key)
         self._conditions_hold = True

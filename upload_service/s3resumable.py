@@ -44,7 +44,7 @@ from typing import Any, Awaitable, Iterator, TypeVar
 
 from upload_service.errors import StorageUnavailable, UploadLocked
 from upload_service.s3client import (
-    CONFLICT_CODES, MISSING_CODES, BotoCoreError, Conflict, PartBody, aiohttp, error_code,
+    CONFLICT_CODES, MISSING_CODES, UNSUPPORTED_CODES, BotoCoreError, Conflict, PartBody, aiohttp, error_code,
 )
 from upload_service import s3io
 from upload_service.s3io import THREAD_WAIT_SECONDS, wait_for_room
@@ -355,6 +355,9 @@ class S3ResumableStore(ResumableStore):
     def __init__(self, s3: S3Store, lease_seconds: float, expiry: float = 0.0) -> None:
         self.s3 = s3
         self.leases = Leases(self, lease_seconds)
+        # Whether a DELETE with If-Match is refused when the ETag differs (None: not known yet);
+        # without it (LocalStack, older stores) a delete reads the ETag first.
+        self.conditional_deletes: bool | None = None
         self.expiry = expiry  # an info written less than this ago cannot have expired: the sweep skips it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -446,34 +449,80 @@ class S3ResumableStore(ResumableStore):
         except (aiohttp.ClientError, BotoCoreError, OSError, asyncio.TimeoutError) as exc:
             raise self.s3.problem(exc, "reading") from exc
 
-    async def get_json(self, key: str) -> tuple[dict[str, Any], str] | None:
+    async def get_bytes(self, key: str) -> tuple[bytes, str] | None:
         answer = await self.s3.call_or_none("get_object", Key=key)
         if answer is None:
             return None
         async with answer["Body"] as body:
-            return json.loads(await self.read_block(body, None)), answer["ETag"]
+            return await self.read_block(body, None), answer["ETag"]
+
+    async def get_json(self, key: str) -> tuple[dict[str, Any], str] | None:
+        found = await self.get_bytes(key)
+        return None if found is None else (json.loads(found[0]), found[1])
 
     async def put_json(self, key: str, value: dict[str, Any], if_match: str | None) -> str:
-        """PUT `value`; only over ETag `if_match`, or (None) only if there is none. Conflict if not so."""
+        """PUT `value`; only over ETag `if_match`, or (None) only if there is none. Conflict if not so.
+
+        A condition that fails with exactly these bytes in place is our own PUT landing twice: its
+        answer was lost and botocore sent it again. Then it is done. (If-Match on a key that is
+        gone: AWS answers 404, SeaweedFS 412; both are a conflict.)"""
+        body = json.dumps(value).encode()
         condition = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"}
         try:
-            answer = await self.s3.call("put_object", Key=key, Body=json.dumps(value).encode(),
-                                        ContentType="application/json", **condition)
+            answer = await self.s3.call("put_object", Key=key, Body=body, ContentType="application/json", **condition)
         except StorageUnavailable as exc:
-            if error_code(exc.__cause__) in CONFLICT_CODES:
-                raise Conflict(key) from None
-            raise
+            code = error_code(exc.__cause__)
+            if code not in CONFLICT_CODES and not (if_match and code in MISSING_CODES):
+                raise
+            landed = await self.get_bytes(key)
+            if landed is not None and landed[0] == body:
+                return landed[1]
+            raise Conflict(key) from None
         return answer["ETag"]
 
     async def delete(self, key: str, if_match: str | None = None) -> bool:
         """Delete `key` (only as it is at ETag `if_match`, if given); False if that no longer matches."""
+        if if_match and self.conditional_deletes is False:
+            return await self._delete_if_unchanged(key, if_match)
         try:
             await self.s3.call("delete_object", Key=key, **({"IfMatch": if_match} if if_match else {}))
         except StorageUnavailable as exc:
-            if error_code(exc.__cause__) not in CONFLICT_CODES | MISSING_CODES:  # taken over, or gone
+            code = error_code(exc.__cause__)
+            if if_match and code in UNSUPPORTED_CODES:
+                self.lacks_conditional_deletes()
+                return await self._delete_if_unchanged(key, if_match)
+            if code not in CONFLICT_CODES | MISSING_CODES:  # taken over, or gone
                 raise
             return False
         return True
+
+    def lacks_conditional_deletes(self) -> None:
+        if self.conditional_deletes is not False:
+            self.conditional_deletes = False
+            logger.warning("%s does not honour If-Match on DELETE: a lease, stop or info is deleted after "
+                           "reading its ETag instead", self.s3.url)
+
+    async def _delete_if_unchanged(self, key: str, if_match: str) -> bool:
+        """Without conditional deletes: delete `key` if its ETag is still `if_match`. A write between
+        the read and the delete is lost; info writes stay conditional, so no bytes are."""
+        answer = await self.s3.call_or_none("head_object", Key=key)
+        if answer is None or answer["ETag"] != if_match:
+            return False
+        await self.s3.call("delete_object", Key=key)
+        return True
+
+    async def probe_conditional_delete(self, key: str) -> None:
+        """Whether a DELETE whose If-Match fails leaves `key` in place (the store refuses it)."""
+        try:
+            await self.s3.call("delete_object", Key=key, IfMatch='"not-its-etag"')
+        except StorageUnavailable as exc:
+            code = error_code(exc.__cause__)
+            if code in CONFLICT_CODES:
+                self.conditional_deletes = True
+                return
+            if code not in UNSUPPORTED_CODES:
+                raise
+        self.lacks_conditional_deletes()  # refused as unknown, or deleted whatever its ETag
 
     async def write_info(self, info: UploadInfo, saved: Saved, etag: str | None) -> str:
         value = {

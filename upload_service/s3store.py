@@ -277,7 +277,12 @@ class S3Store(Store):
         crash between completing it and writing the record, or mid-delete) is deleted.
         """
         cutoff = (time.time() if now is None else now) - self.sweep_after
-        return await self._sweep_uploads(cutoff) + await self._sweep_orphans(cutoff)
+        try:
+            aborted = await self._sweep_uploads(cutoff)
+        except StorageUnavailable as exc:  # some stores have no ListMultipartUploads: the rest still goes
+            logger.warning("sweeping the multipart uploads under %s failed: %s", self.url, exc)
+            aborted = 0
+        return aborted + await self._sweep_orphans(cutoff)
 
     async def _is_resumable(self, name: str) -> bool:
         """Whether `name` is a resumable upload under way (its own sweep expires it)."""
