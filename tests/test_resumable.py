@@ -1027,6 +1027,30 @@ async def test_a_reader_without_its_token_cannot_expire_an_upload(backend: Any) 
     await close_app(app)
 
 
+@pytest.mark.parametrize("dialect", [TUS, {"Upload-Draft-Interop-Version": "6"}])
+async def test_with_a_read_token_alone_an_uploader_may_still_ask_where_its_upload_stands(
+    backend: Any, dialect: dict[str, str]
+) -> None:
+    """UPLOAD_READ_TOKEN without UPLOAD_TOKEN: uploads are open, and so is the HEAD a client resumes
+    with (tus-js-client took a 401 there as the upload gone, and sent the whole file again). A
+    stored file is still a reader's: 401 without the read token."""
+    app = upload_asgi.create_app(backend.config(fsync=False, read_token="r"))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        location = await create(client, 10)
+        assert (await client.patch(location, content=b"01234",
+                                   headers={**OCTETS, "Upload-Offset": "0"})).status_code == 204
+        reply = await client.head(location, headers=dialect)
+        assert reply.status_code in (200, 204) and reply.headers["upload-offset"] == "5", reply.headers
+        check_error(await client.head(location), 401, "")  # a plain HEAD: a read
+        check_error(await client.get(location), 401, "unauthorized")
+        assert (await client.patch(location, content=b"56789",
+                                   headers={**OCTETS, "Upload-Offset": "5"})).status_code == 204
+        check_error(await client.head(location, headers=dialect), 401, "")  # a stored file
+        reply = await client.head(location, headers={**dialect, "Authorization": "Bearer r"})
+        assert reply.status_code == 200 and reply.headers["upload-offset"] == "10"
+    await close_app(app)
+
+
 def trickling(pieces: list[bytes], pause: float, then: str) -> Any:
     """An ASGI receive: `pieces` a `pause` apart, then the body's end ("end"), the client
     leaving ("disconnect"), or silence ("silence": the idle timeout answers)."""

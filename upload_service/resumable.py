@@ -382,7 +382,11 @@ class ResumableHandlers:
         """Where an upload stands; a stored file's headers (`with_file`: a GET, and its bytes too)."""
         if dialect.draft is None and (version := list_header(scope, b"tus-resumable")) is not None:
             tus.check_tus_resumable(version)
-        self.files.check_read(scope)  # before the id is looked at: an expired upload is not a reader's to remove
+        # Whoever may write uploads may ask where one stands (a client resuming without the read
+        # token); anyone else must be a reader, checked before the id is looked at.
+        writer = Dialect.spoken(scope) is not None and self.may_write(scope)
+        if not writer:
+            self.files.check_read(scope)
         info = await run_blocking(self.store.peek, file_id)
         if info is not None and info.expires <= time.time():
             info = await self.expire(file_id, info)
@@ -399,6 +403,8 @@ class ResumableHandlers:
             return
         # A stored file: the download headers (HEAD is GET without the body), and for a
         # tus or draft client where the upload stands (it may be resuming a finished one).
+        if writer:
+            self.files.check_read(scope)
         stored = await self.files.open_file(file_id)
         try:
             extra = self.finished_headers(stored.record, dialect) if Dialect.spoken(scope) else []
