@@ -178,15 +178,18 @@ class FieldTarget(BaseTarget):
 class SkippedPartTarget(BaseTarget):
     """Count and drop a part nobody asked for, bounded like a text field.
 
-    `empty_input`: the file part of an empty file input (`filename=""`); content in it is
-    a file without a name (requests' `('', data)`, `curl -F 'f=@x;filename='`): 422 at once,
-    whatever its size, as for a file part without a filename."""
+    In the file field (`in_file_field`): the part of an empty file input (`filename=""`), whose
+    content would be a file without a name (requests' `('', data)`, `curl -F 'f=@x;filename='`):
+    422 at once, whatever its size; or a text part (`no_filename`), as FilePond sends its item's
+    metadata (`file={}`) before the file: dropped when small, a 422 past the field limit (a file
+    sent without its filename), not a 413."""
 
-    def __init__(self, name: str, max_size: int, empty_input: bool = False) -> None:
+    def __init__(self, name: str, max_size: int, in_file_field: bool = False, no_filename: bool = True) -> None:
         super().__init__()
         self.name = name
         self.max_size = max_size
-        self.empty_input = empty_input
+        self.empty_input = in_file_field and not no_filename
+        self.text_in_file_field = in_file_field and no_filename
         self.size = 0
 
     def on_data_received(self, chunk: bytes) -> None:
@@ -194,6 +197,8 @@ class SkippedPartTarget(BaseTarget):
             raise NoFile(f"the part named {self.name!r} has content but an empty filename: name the file")
         self.size += len(chunk)
         if self.size > self.max_size:
+            if self.text_in_file_field:
+                raise NoFile(f"the part named {self.name!r} has no filename: it is not a file")
             raise LimitExceeded(
                 "field_size",
                 self.max_size,
@@ -336,11 +341,8 @@ class FormReader:
             held.hand_off_held()
         limits = self._limits
         target: BaseTarget
-        if info.name == self._file_field and info.filename is None:
-            # A text part where the file belongs: refused now, whatever its size (read as a
-            # skipped part, a large one would be a 413 and a small one a 422).
-            raise NoFile(f"the part named {info.name!r} has no filename: it is not a file")
-        if info.name == self._file_field and info.filename:
+        in_file_field = is_field(info.name, self._file_field)
+        if in_file_field and info.filename:
             if len(self.files) >= limits.max_files:
                 raise LimitExceeded(
                     "files", limits.max_files, f"the form has more than {limits.max_files} files"
@@ -356,9 +358,19 @@ class FormReader:
             charset = field_charset(parse_header_params(info.content_type)[1].get("charset"))
             target = FieldTarget(info.name, limits.max_field_size, charset)
             self.fields[info.name] = target
-        else:  # an empty file input, or a part nobody asked for
-            empty_input = info.name == self._file_field
-            target = SkippedPartTarget(info.name, limits.max_field_size, empty_input)
+        else:  # an empty file input, a text part where the file belongs, or a part nobody asked for
+            target = SkippedPartTarget(info.name, limits.max_field_size, in_file_field, info.filename is None)
         if info.transfer_encoding and not isinstance(target, SkippedPartTarget):
             target = DecodedTarget(target, info.transfer_encoding)
         return target
+
+
+def is_field(name: str, field: str) -> bool:
+    """Whether a part named `name` is `field`: by that name, or PHP's `field[]` and `field[0]`,
+    which upload widgets send by default (Uppy's bundled XHR uploads, Dropzone's `uploadMultiple`)."""
+    if name == field:
+        return True
+    if not (name.startswith(f"{field}[") and name.endswith("]")):
+        return False
+    index = name[len(field) + 1 : -1]
+    return index == "" or (index.isascii() and index.isdigit())

@@ -502,3 +502,44 @@ async def test_a_filename_with_unescaped_quotes_is_read_whole(backend_app, backe
     assert reply.status == 201, reply.body
     assert reply.json()["filename"] == filename
 
+
+
+@pytest.mark.parametrize("names", [["files[]", "files[]"], ["files[0]", "files[1]"]])
+async def test_a_file_field_named_the_php_way_is_the_field(backend_app, backend, names):
+    """What upload widgets send by default: Uppy's bundled XHR uploads `files[]`, Dropzone's
+    `uploadMultiple` `files[0]`, `files[1]`."""
+    datas = [b"the first file", b"and the second"]
+    body = form_body([file_part(data, f"{i}.txt", name) for i, (data, name) in enumerate(zip(datas, names))])
+    reply = await call_app(backend_app, upload_scope("/upload-multiple"), [body])
+    assert reply.status == 201, reply.body
+    for record, data in zip(reply.json()["files"], datas):
+        backend.assert_stored(record, data)
+
+
+@pytest.mark.parametrize("name", ["files[a]", "files[1][2]", "files[", "filesx"])
+async def test_other_names_near_the_file_field_are_not_it(backend_app, backend, name):
+    reply = await call_app(backend_app, upload_scope("/upload-multiple"), [form_body([file_part(b"data", "a.txt", name)])])
+    assert_error(reply, 422, "no_file")
+    backend.assert_nothing_stored()
+
+
+async def test_a_small_text_part_in_the_file_field_is_dropped(backend_app, backend):
+    """FilePond sends its item's metadata (`file={}`) as a text part before the file itself."""
+    body = form_body([field_part("file", "{}"), file_part(b"the file", "a.txt", "file")])
+    reply = await call_app(backend_app, upload_scope(), [body])
+    assert reply.status == 201, reply.body
+    backend.assert_stored(reply.json(), b"the file")
+    reply = await call_app(backend_app, upload_scope(), [form_body([field_part("file", "{}")])])
+    assert_error(reply, 422, "no_file")
+
+
+async def test_a_text_part_in_the_file_field_past_the_field_limit_is_a_file_without_a_name(
+    make_backend_app, backend
+):
+    """A file sent without its filename: 422 no_file, not the 413 of an unread field."""
+    app = make_backend_app(max_field_size=100)
+    body = form_body([field_part("file", b"x" * 1000), file_part(b"data")])
+    reply = await call_app(app, upload_scope(), [body])
+    assert_error(reply, 422, "no_file")
+    assert "no filename" in reply.json()["detail"]
+    backend.assert_nothing_stored()
