@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from upload_service.errors import StorageUnavailable
 from upload_service.s3client import (
     MISSING_CODES,
+    UNSUPPORTED_CODES,
     BotoCoreError,
     ClientError,
     PartBody,
@@ -280,7 +281,9 @@ class S3Store(Store):
         try:
             aborted = await self._sweep_uploads(cutoff)
         except StorageUnavailable as exc:  # some stores have no ListMultipartUploads: the rest still goes
-            logger.warning("sweeping the multipart uploads under %s failed: %s", self.url, exc)
+            if error_code(exc.__cause__) not in UNSUPPORTED_CODES:
+                raise
+            logger.warning("%s cannot list multipart uploads (%s): none are swept", self.url, exc)
             aborted = 0
         return aborted + await self._sweep_orphans(cutoff)
 
