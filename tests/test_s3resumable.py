@@ -804,6 +804,40 @@ async def test_a_store_without_conditional_deletes_keeps_uploads_moving(
     bucket.assert_nothing_stored()
 
 
+async def test_without_conditional_deletes_letting_go_never_removes_a_lease_taken_over(
+    bucket: S3Backend, two_apps: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder held up past its lease lets go just as another server takes the lease over. Reading
+    the ETag, then deleting, removed the newcomer's lease: a third writer then shared the upload
+    with it, their parts numbered alike (InvalidPart, the upload lost). A release is a conditional
+    PUT there, and the newcomer's lease stays."""
+    first, _ = two_apps
+    store = first.resumable.store
+    real_call = store.s3.call
+    armed = False
+
+    async def taken_over_as_it_lets_go(operation: str, **params: Any) -> Any:
+        nonlocal armed
+        if operation == "delete_object" and "IfMatch" in params:
+            del params["IfMatch"]  # a store that deletes whatever the ETag
+        if armed and params.get("Key") == store.lock_key(upload_id) and operation in ("put_object", "delete_object"):
+            armed = False
+            held = await store.get_json(params["Key"])
+            await store.put_json(params["Key"], {"holder": "b", "expires": time.time() + 60}, held[1])
+        return await real_call(operation, **params)
+
+    monkeypatch.setattr(store.s3, "call", taken_over_as_it_lets_go)
+    async with client_of(first) as client:
+        upload_id = (await create(client, 10)).rsplit("/", 1)[1]
+    assert store.conditional_deletes is False
+    lease, taken_over = await asyncio.to_thread(store.run, store.leases.take(upload_id))
+    assert not taken_over  # its last holder let go: no late parts to fear
+    armed = True
+    await asyncio.to_thread(store.leases.let_go, upload_id, lease)
+    held = await asyncio.to_thread(store.run, store.get_json(store.lock_key(upload_id)))
+    assert held is not None and held[0]["holder"] == "b"
+
+
 @pytest.mark.parametrize("problem, status, code", [("no_bucket", 502, "storage_refused"),
                                                    ("unreachable", 503, "storage_unavailable")])
 async def test_a_store_that_cannot_be_used(

@@ -71,10 +71,11 @@ class Leases:
             held = await store.get_json(key)
             if held is None:
                 continue  # released meanwhile
-            if held[0].get("expires", 0) > time.time():
+            released = held[0].get("released", False)  # (on a store without conditional deletes)
+            if not released and held[0].get("expires", 0) > time.time():
                 raise UploadBusy(upload_id)
-            try:
-                return await store.put_json(key, self._new(), held[1]), True  # its holder died: take it over
+            try:  # let go, or its holder died: take it over
+                return await store.put_json(key, self._new(), held[1]), not released
             except Conflict:
                 raise UploadBusy(upload_id) from None
         raise UploadBusy(upload_id)
@@ -110,22 +111,32 @@ class Leases:
         except Conflict:
             raise UploadLocked(f"resumable upload {upload_id} was taken over by another writer") from None
 
-    async def remove(self, upload_id: str, lease: str | None) -> None:
-        """Delete the lease, only while it is `lease` (None: whatever it is)."""
-        await self._store.delete(self._store.lock_key(upload_id), if_match=lease)
+    async def remove(self, upload_id: str, lease: str | None, gone: bool = False) -> None:
+        """Let go of the lease: delete it, only while it is `lease` (None: whatever it is). On a store
+        without conditional deletes, while the upload is not `gone`, mark it released with a
+        conditional PUT instead: a DELETE after reading the ETag could remove a lease another server
+        took over in between, and a third writer would then share the upload with it. (Once the
+        upload is gone a newcomer finds no info and lets go: any delete will do.)"""
+        store = self._store
+        key = store.lock_key(upload_id)
+        if lease is None or gone or store.conditional_deletes is not False:
+            await store.delete(key, if_match=None if gone else lease)
+            return
+        with contextlib.suppress(Conflict):  # taken over meanwhile: no longer ours
+            await store.put_json(key, {"released": True}, lease)
 
-    def let_go(self, upload_id: str, lease: str) -> None:
-        """Delete our lease (blocking). If the store is not there, try again in the background until
+    def let_go(self, upload_id: str, lease: str, gone: bool = False) -> None:
+        """Let go of our lease (blocking). If the store is not there, try again in the background until
         the lease would be stale anyway: the upload must not stay locked (423) after a blip."""
         store = self._store
         try:
-            store.run(asyncio.wait_for(self.remove(upload_id, lease), s3io.CLEANUP_WAIT_SECONDS))
+            store.run(asyncio.wait_for(self.remove(upload_id, lease, gone), s3io.CLEANUP_WAIT_SECONDS))
         except Exception as exc:
             logger.warning("releasing the lease of resumable upload %s failed (tried again later): %s", upload_id, exc)
             what = f"releasing the lease of resumable upload {upload_id}"
             with contextlib.suppress(StorageUnavailable, RuntimeError):  # closed: nothing runs any more
                 store.loop().call_soon_threadsafe(
-                    store.s3.retry_later, what, lambda: self.remove(upload_id, lease), self.seconds
+                    store.s3.retry_later, what, lambda: self.remove(upload_id, lease, gone), self.seconds
                 )
 
     # -- the stop --

@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Iterator, TypeVar
 
-from upload_service.errors import StorageUnavailable, UploadLocked
+from upload_service.errors import StorageRefused, StorageUnavailable, UploadLocked
 from upload_service.s3client import (
     CONFLICT_CODES, MISSING_CODES, UNSUPPORTED_CODES, BotoCoreError, Conflict, PartBody, aiohttp, error_code,
 )
@@ -346,7 +346,7 @@ class S3Upload(ResumableUpload):
         self._chunks, self._buffered = [], 0
         if self._stopped:  # ours, unless another request has put one for the next holder since
             self._store.run_quietly(self._store.leases.drop_stop(self.info.id, lambda named: named in self._leases))
-        self._store.leases.let_go(self.info.id, lease)
+        self._store.leases.let_go(self.info.id, lease, self.gone)
 
 
 class S3ResumableStore(ResumableStore):
@@ -520,9 +520,9 @@ class S3ResumableStore(ResumableStore):
             if code in CONFLICT_CODES:
                 self.conditional_deletes = True
                 return
-            if code not in UNSUPPORTED_CODES:
-                raise
-        self.lacks_conditional_deletes()  # refused as unknown, or deleted whatever its ETag
+            if code not in UNSUPPORTED_CODES and not isinstance(exc, StorageRefused):
+                raise  # the store is down: the probe is tried again at the next lease
+        self.lacks_conditional_deletes()  # refused (501, or 400 as a header it does not take), or deleted anyway
 
     async def write_info(self, info: UploadInfo, saved: Saved, etag: str | None) -> str:
         value = {
@@ -584,7 +584,7 @@ class S3ResumableStore(ResumableStore):
         if found is None or (found[1].completed and self.run(self.s3.record(upload_id)) is not None):
             if found is not None:  # finished, but its process died before removing the info
                 self.run_quietly(self.delete(self.info_key(upload_id)))
-            self.run_quietly(self.leases.remove(upload_id, lease))
+            self.run_quietly(self.leases.remove(upload_id, lease, gone=True))
             self.leases.forget_stop(upload_id, lambda named: True)
             return None
         info, saved = found
@@ -651,10 +651,12 @@ class S3ResumableStore(ResumableStore):
                 lease, _ = await self.leases.take(upload_id)
             except UploadBusy:
                 return 0  # being written now: its request renews the expiry
+            removed = 0
             try:
-                return await self._remove_expired(upload_id, now)
+                removed = await self._remove_expired(upload_id, now)
             finally:
-                await self.leases.remove(upload_id, lease)
+                await self.leases.remove(upload_id, lease, gone=removed == 1)
+            return removed
         for name, modified in group:
             if now - modified > STALE_LEFTOVER_SECONDS:
                 await self.delete(self._name(upload_id, name[len(upload_id):]))
