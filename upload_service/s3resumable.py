@@ -356,7 +356,7 @@ class S3ResumableStore(ResumableStore):
         self.s3 = s3
         self.leases = Leases(self, lease_seconds)
         # Whether a DELETE with If-Match is refused when the ETag differs (None: not known yet);
-        # without it (LocalStack, older stores) a delete reads the ETag first.
+        # without it (LocalStack, older stores) leases are marked released, other deletes read the ETag first.
         self.conditional_deletes: bool | None = None
         self.expiry = expiry  # an info written less than this ago cannot have expired: the sweep skips it
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -499,12 +499,13 @@ class S3ResumableStore(ResumableStore):
     def lacks_conditional_deletes(self) -> None:
         if self.conditional_deletes is not False:
             self.conditional_deletes = False
-            logger.warning("%s does not honour If-Match on DELETE: a lease, stop or info is deleted after "
-                           "reading its ETag instead", self.s3.url)
+            logger.warning("%s does not honour If-Match on DELETE: leases are let go by marking them released, "
+                           "stop objects and expired infos deleted after reading their ETag", self.s3.url)
 
     async def _delete_if_unchanged(self, key: str, if_match: str) -> bool:
         """Without conditional deletes: delete `key` if its ETag is still `if_match`. A write between
-        the read and the delete is lost; info writes stay conditional, so no bytes are."""
+        the read and the delete is lost: never used for a lease (`Leases.remove`), only for a stop (put
+        again at each poll) and an expired info (the sweep holds the upload's lease)."""
         answer = await self.s3.call_or_none("head_object", Key=key)
         if answer is None or answer["ETag"] != if_match:
             return False
